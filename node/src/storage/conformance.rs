@@ -1,0 +1,169 @@
+//! The storage conformance suite: one set of checks that every
+//! [`GraphStore`] implementation must pass. Each implementation's tests call
+//! [`run_all`] with a constructor of fresh, empty stores.
+
+use super::GraphStore;
+use crate::model::{AbsorbedProfile, Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeCause, MergeRecord, Profile, TraitState};
+use std::collections::BTreeMap;
+
+fn profile(id: &str, ids: &[(&str, &str)]) -> Profile {
+    let mut traits = BTreeMap::new();
+    traits.insert("plan".to_string(), TraitState { value: serde_json::json!({"tier": "gold", "seats": 3}), ts: 5, event_id: "e1".into() });
+    Profile {
+        id: id.into(),
+        identifiers: ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
+        traits,
+        merged_from: vec!["p_old".into()],
+        lineage: vec!["m_1".into()],
+        created_ms: 1,
+        updated_ms: 2,
+        rule_version: "v1".into(),
+    }
+}
+
+fn one(c: Change) -> ChangeSet {
+    ChangeSet { changes: vec![c], counters: Counters::default() }
+}
+
+/// Every record kind written comes back equal; deletes remove it.
+pub fn records_round_trip<S: GraphStore>(s: &S) {
+    let id = Identifier::new("email", "a@b.co");
+    let p = profile("p_1", &[("email", "a@b.co"), ("user_id", "u\u{0}weird")]);
+    let m = MergeRecord {
+        id: "m_1".into(),
+        survivor: "p_1".into(),
+        absorbed: vec![AbsorbedProfile { profile: profile("p_2", &[("phone", "15550100000")]) }],
+        added: vec![id.clone()],
+        cause: MergeCause::Event { event_id: "e1".into(), source: "web".into() },
+        rule_version: "v1".into(),
+        at_ms: 9,
+        forced: false,
+        undone_at_ms: None,
+    };
+    let hub = HubRecord { colliding_profiles: vec!["p_1".into()], limit_type: "user_id".into(), listed_at_ms: Some(4), reason: "r".into() };
+    let ev = EventRecord { profile_id: "p_1".into(), applied_ms: 3 };
+    let cs = ChangeSet {
+        changes: vec![
+            Change::PutOwner(id.clone(), "p_1".into()),
+            Change::PutProfile(p.clone()),
+            Change::PutAlias("p_2".into(), "p_1".into()),
+            Change::PutEvent("e1".into(), ev.clone()),
+            Change::PutMerge(m.clone()),
+            Change::PutHub(id.clone(), hub.clone()),
+        ],
+        counters: Counters { profiles: 1, identifiers: 2, ..Default::default() },
+    };
+    s.apply(&cs).unwrap();
+    assert_eq!(s.owner(&id).unwrap().as_deref(), Some("p_1"));
+    assert_eq!(s.profile("p_1").unwrap(), Some(p.clone()));
+    assert_eq!(s.alias("p_2").unwrap().as_deref(), Some("p_1"));
+    assert_eq!(s.event("e1").unwrap(), Some(ev));
+    assert_eq!(s.merge_record("m_1").unwrap(), Some(m));
+    assert_eq!(s.hub(&id).unwrap(), Some(hub.clone()));
+    assert_eq!(s.listed_hubs(10).unwrap(), vec![(id.clone(), hub)]);
+    assert_eq!(s.all_profiles().unwrap(), vec![p]);
+    assert_eq!(s.counters().unwrap().identifiers, 2);
+
+    let cs = ChangeSet {
+        changes: vec![
+            Change::DeleteOwner(id.clone()),
+            Change::DeleteProfile("p_1".into()),
+            Change::DeleteAlias("p_2".into()),
+            Change::DeleteMerge("m_1".into()),
+            Change::DeleteHub(id.clone()),
+        ],
+        counters: Counters { profiles: -1, identifiers: -2, ..Default::default() },
+    };
+    s.apply(&cs).unwrap();
+    assert_eq!(s.owner(&id).unwrap(), None);
+    assert_eq!(s.profile("p_1").unwrap(), None);
+    assert_eq!(s.alias("p_2").unwrap(), None);
+    assert_eq!(s.merge_record("m_1").unwrap(), None);
+    assert_eq!(s.hub(&id).unwrap(), None);
+    assert!(s.listed_hubs(10).unwrap().is_empty());
+    assert_eq!(s.counters().unwrap(), Counters::default());
+}
+
+/// Within one change set, the last write to a key wins.
+pub fn last_write_in_a_change_set_wins<S: GraphStore>(s: &S) {
+    let id = Identifier::new("user_id", "u1");
+    let cs = ChangeSet {
+        changes: vec![Change::PutOwner(id.clone(), "p_a".into()), Change::DeleteOwner(id.clone()), Change::PutOwner(id.clone(), "p_b".into())],
+        counters: Counters::default(),
+    };
+    s.apply(&cs).unwrap();
+    assert_eq!(s.owner(&id).unwrap().as_deref(), Some("p_b"));
+}
+
+/// Keys of different tables and identifier types never collide.
+pub fn tables_are_separate<S: GraphStore>(s: &S) {
+    s.apply(&one(Change::PutOwner(Identifier::new("email", "x"), "p_email".into()))).unwrap();
+    s.apply(&one(Change::PutOwner(Identifier::new("emai", "lx"), "p_other".into()))).unwrap();
+    s.apply(&one(Change::PutAlias("x".into(), "p_alias".into()))).unwrap();
+    assert_eq!(s.owner(&Identifier::new("email", "x")).unwrap().as_deref(), Some("p_email"));
+    assert_eq!(s.owner(&Identifier::new("emai", "lx")).unwrap().as_deref(), Some("p_other"));
+    assert_eq!(s.profile("x").unwrap(), None);
+    assert_eq!(s.alias("x").unwrap().as_deref(), Some("p_alias"));
+}
+
+/// Counters add up over change sets; hubs not yet listed are not listed.
+pub fn counters_accumulate_and_unlisted_hubs_hide<S: GraphStore>(s: &S) {
+    for _ in 0..3 {
+        s.apply(&ChangeSet { changes: vec![], counters: Counters { events: 2, merges: 1, ..Default::default() } }).unwrap();
+    }
+    let c = s.counters().unwrap();
+    assert_eq!((c.events, c.merges), (6, 3));
+    s.apply(&one(Change::PutHub(Identifier::new("device_id", "d"), HubRecord::default()))).unwrap();
+    assert!(s.listed_hubs(10).unwrap().is_empty());
+    assert!(s.hub(&Identifier::new("device_id", "d")).unwrap().is_some());
+    s.flush().unwrap();
+}
+
+/// Runs the whole suite, each check on a fresh store.
+pub fn run_all<S: GraphStore>(mut fresh: impl FnMut() -> S) {
+    records_round_trip(&fresh());
+    last_write_in_a_change_set_wins(&fresh());
+    tables_are_separate(&fresh());
+    counters_accumulate_and_unlisted_hubs_hide(&fresh());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ShardId;
+    use crate::storage::{GraphRead, MemStore, SledDb};
+
+    #[test]
+    fn mem_store_conforms() {
+        run_all(MemStore::new);
+    }
+
+    #[test]
+    fn sled_store_conforms() {
+        let dirs: std::cell::RefCell<Vec<tempfile::TempDir>> = Default::default();
+        run_all(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SledDb::open(dir.path(), 1).unwrap().shard(ShardId(0)).unwrap();
+            dirs.borrow_mut().push(dir);
+            store
+        });
+    }
+
+    #[test]
+    fn sled_store_keeps_flushed_changes_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = SledDb::open(dir.path(), 1).unwrap();
+            let s = db.shard(ShardId(0)).unwrap();
+            s.apply(&one(Change::PutOwner(Identifier::new("email", "k@l.mn"), "p_9".into()))).unwrap();
+            s.flush().unwrap();
+        }
+        let db = SledDb::open(dir.path(), 1).unwrap();
+        let s = db.shard(ShardId(0)).unwrap();
+        assert_eq!(s.owner(&Identifier::new("email", "k@l.mn")).unwrap().as_deref(), Some("p_9"));
+        drop(s);
+        drop(db);
+        let err = SledDb::open(dir.path(), 4).err().expect("a different shard count is refused");
+        assert!(err.to_string().contains("shards"), "{err}");
+    }
+}

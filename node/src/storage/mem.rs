@@ -1,0 +1,102 @@
+//! An in-memory [`GraphStore`] for tests: the same semantics as the sled
+//! store, without durability.
+
+use super::{GraphRead, GraphStore, StoreError};
+use crate::model::{Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+#[derive(Default, Debug)]
+struct Tables {
+    owners: BTreeMap<Identifier, ProfileId>,
+    profiles: BTreeMap<ProfileId, Profile>,
+    aliases: BTreeMap<ProfileId, ProfileId>,
+    events: BTreeMap<String, EventRecord>,
+    merges: BTreeMap<String, MergeRecord>,
+    hubs: BTreeMap<Identifier, HubRecord>,
+    counters: Counters,
+}
+
+#[derive(Default, Debug)]
+pub struct MemStore {
+    tables: Mutex<Tables>,
+}
+
+impl MemStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Tables) -> T) -> Result<T, StoreError> {
+        let t = self.tables.lock().map_err(|_| StoreError::Io("memory store lock poisoned".into()))?;
+        Ok(f(&t))
+    }
+
+    /// Every identifier → owner pair (tests check invariants with it).
+    pub fn owners(&self) -> Vec<(Identifier, ProfileId)> {
+        self.with(|t| t.owners.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+    }
+
+    pub fn aliases(&self) -> Vec<(ProfileId, ProfileId)> {
+        self.with(|t| t.aliases.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+    }
+}
+
+impl GraphRead for MemStore {
+    fn owner(&self, id: &Identifier) -> Result<Option<ProfileId>, StoreError> {
+        self.with(|t| t.owners.get(id).cloned())
+    }
+    fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
+        self.with(|t| t.profiles.get(id).cloned())
+    }
+    fn alias(&self, id: &str) -> Result<Option<ProfileId>, StoreError> {
+        self.with(|t| t.aliases.get(id).cloned())
+    }
+    fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
+        self.with(|t| t.events.get(event_id).cloned())
+    }
+    fn merge_record(&self, id: &str) -> Result<Option<MergeRecord>, StoreError> {
+        self.with(|t| t.merges.get(id).cloned())
+    }
+    fn hub(&self, id: &Identifier) -> Result<Option<HubRecord>, StoreError> {
+        self.with(|t| t.hubs.get(id).cloned())
+    }
+    fn listed_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, StoreError> {
+        self.with(|t| {
+            t.hubs.iter().filter(|(_, h)| h.listed_at_ms.is_some()).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()
+        })
+    }
+    fn counters(&self) -> Result<Counters, StoreError> {
+        self.with(|t| t.counters)
+    }
+    fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
+        self.with(|t| t.profiles.values().cloned().collect())
+    }
+}
+
+impl GraphStore for MemStore {
+    fn apply(&self, cs: &ChangeSet) -> Result<(), StoreError> {
+        let mut t = self.tables.lock().map_err(|_| StoreError::Io("memory store lock poisoned".into()))?;
+        for c in &cs.changes {
+            match c {
+                Change::PutOwner(k, v) => drop(t.owners.insert(k.clone(), v.clone())),
+                Change::DeleteOwner(k) => drop(t.owners.remove(k)),
+                Change::PutProfile(p) => drop(t.profiles.insert(p.id.clone(), p.clone())),
+                Change::DeleteProfile(id) => drop(t.profiles.remove(id)),
+                Change::PutAlias(k, v) => drop(t.aliases.insert(k.clone(), v.clone())),
+                Change::DeleteAlias(k) => drop(t.aliases.remove(k)),
+                Change::PutEvent(k, v) => drop(t.events.insert(k.clone(), v.clone())),
+                Change::PutMerge(m) => drop(t.merges.insert(m.id.clone(), m.clone())),
+                Change::DeleteMerge(id) => drop(t.merges.remove(id)),
+                Change::PutHub(k, v) => drop(t.hubs.insert(k.clone(), v.clone())),
+                Change::DeleteHub(k) => drop(t.hubs.remove(k)),
+            }
+        }
+        t.counters.add(&cs.counters);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

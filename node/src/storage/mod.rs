@@ -1,0 +1,65 @@
+//! Storage of the identity graph, behind two traits so that the engine and
+//! the shard actors never name sled.
+//!
+//! - [`GraphRead`]: point reads the engine needs to decide.
+//! - [`GraphStore`]: applies one [`ChangeSet`] atomically (all or nothing,
+//!   also across a crash) and makes everything applied so far durable with
+//!   [`GraphStore::flush`]. A change is acknowledged to a client only after a
+//!   flush that followed it.
+//!
+//! Implementations: [`MemStore`] (tests, property tests) and [`SledStore`]
+//! (the node). [`conformance`] is one suite run against both.
+
+pub mod conformance;
+mod mem;
+mod sled_store;
+
+pub use mem::MemStore;
+pub use sled_store::{SledDb, SledStore};
+
+use crate::model::{ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage i/o failed: {0}")]
+    Io(String),
+    #[error("stored record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("storage layout mismatch: {0}")]
+    Layout(String),
+}
+
+pub trait GraphRead {
+    /// The live profile an identifier belongs to.
+    fn owner(&self, id: &Identifier) -> Result<Option<ProfileId>, StoreError>;
+    /// A live profile by id (merged-away ids are aliases, see [`Self::alias`]).
+    fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError>;
+    /// Where a merged-away profile id now points.
+    fn alias(&self, id: &str) -> Result<Option<ProfileId>, StoreError>;
+    fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError>;
+    fn merge_record(&self, id: &str) -> Result<Option<MergeRecord>, StoreError>;
+    fn hub(&self, id: &Identifier) -> Result<Option<HubRecord>, StoreError>;
+    /// Identifiers listed as hubs, at most `limit`.
+    fn listed_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, StoreError>;
+    fn counters(&self) -> Result<Counters, StoreError>;
+    /// Every live profile, in id order (for checks and digests; not a hot path).
+    fn all_profiles(&self) -> Result<Vec<Profile>, StoreError>;
+}
+
+pub trait GraphStore: GraphRead + Send + Sync + 'static {
+    /// Applies the whole change set atomically. Visible to reads at once,
+    /// durable only after the next [`Self::flush`].
+    fn apply(&self, changes: &ChangeSet) -> Result<(), StoreError>;
+    /// Makes every applied change durable (fsync).
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// Encoding of stored records: MessagePack with field names, so that records
+/// survive added fields.
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(v).expect("domain records always serialise")
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() })
+}

@@ -1,0 +1,199 @@
+//! The sled-backed [`GraphStore`].
+//!
+//! Layout: one sled database per node at `<data-dir>/db`; tree `meta` holds
+//! the layout version and the shard map; each shard has one tree named
+//! `shard-NNNN` whose keys start with a one-byte table tag:
+//!
+//! | tag | key                      | value          |
+//! |-----|--------------------------|----------------|
+//! | `i` | type `\0` value          | owner profile id |
+//! | `p` | profile id               | [`Profile`]    |
+//! | `a` | merged-away profile id   | survivor id    |
+//! | `e` | event id                 | [`EventRecord`] |
+//! | `m` | merge id                 | [`MergeRecord`] |
+//! | `h` | type `\0` value          | [`HubRecord`]  |
+//! | `c` | (empty)                  | [`Counters`]   |
+//!
+//! One change set is one `sled::Batch`, which sled applies atomically, also
+//! across a crash. sled by itself fsyncs only every 500 ms; [`GraphStore::flush`]
+//! fsyncs, and the shard actor calls it before any change is acknowledged.
+
+use super::{decode, encode, GraphRead, GraphStore, StoreError};
+use crate::model::{Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId};
+use std::path::Path;
+use std::sync::Mutex;
+
+const LAYOUT_VERSION: &str = "idgraph-layout-1";
+
+fn io(e: sled::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// The node's sled database: opened once per process, shared by its shards.
+#[derive(Clone)]
+pub struct SledDb {
+    db: sled::Db,
+}
+
+impl SledDb {
+    /// Opens (or creates) the database under `dir` and checks that it was
+    /// written by this layout with the same shard count.
+    pub fn open(dir: &Path, shard_count: u32) -> Result<SledDb, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| StoreError::Io(format!("cannot open {}: {e}", dir.join("db").display())))?;
+        let meta = db.open_tree("meta").map_err(io)?;
+        match meta.get("layout").map_err(io)? {
+            None => {
+                meta.insert("layout", LAYOUT_VERSION).map_err(io)?;
+                meta.insert("shards", shard_count.to_be_bytes().to_vec()).map_err(io)?;
+                db.flush().map_err(io)?;
+            }
+            Some(v) if v.as_ref() != LAYOUT_VERSION.as_bytes() => {
+                return Err(StoreError::Layout(format!("data directory has layout {}, this build reads {LAYOUT_VERSION}", String::from_utf8_lossy(&v))));
+            }
+            Some(_) => {
+                let stored = meta.get("shards").map_err(io)?.and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok()).map(u32::from_be_bytes);
+                if stored != Some(shard_count) {
+                    return Err(StoreError::Layout(format!("data directory was created with {stored:?} shards, configured {shard_count}")));
+                }
+            }
+        }
+        Ok(SledDb { db })
+    }
+
+    pub fn shard(&self, shard: ShardId) -> Result<SledStore, StoreError> {
+        let tree = self.db.open_tree(format!("shard-{shard}")).map_err(io)?;
+        Ok(SledStore { tree, write: Mutex::new(()) })
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(io)
+    }
+}
+
+/// One shard's tables in one sled tree.
+pub struct SledStore {
+    tree: sled::Tree,
+    /// Serialises `apply` (the counters are read, added to and written back).
+    write: Mutex<()>,
+}
+
+fn id_key(tag: u8, id: &Identifier) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + id.kind.len() + id.value.len());
+    k.push(tag);
+    k.extend_from_slice(id.kind.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.value.as_bytes());
+    k
+}
+
+fn str_key(tag: u8, s: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + s.len());
+    k.push(tag);
+    k.extend_from_slice(s.as_bytes());
+    k
+}
+
+fn parse_id_key(key: &[u8]) -> Option<Identifier> {
+    let body = key.get(1..)?;
+    let nul = body.iter().position(|b| *b == 0)?;
+    Some(Identifier::new(String::from_utf8(body[..nul].to_vec()).ok()?, String::from_utf8(body[nul + 1..].to_vec()).ok()?))
+}
+
+const COUNTERS_KEY: &[u8] = b"c";
+
+impl SledStore {
+    fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.tree.get(key).map_err(io)? {
+            Some(v) => decode(key, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn get_string(&self, key: &[u8]) -> Result<Option<String>, StoreError> {
+        match self.tree.get(key).map_err(io)? {
+            Some(v) => String::from_utf8(v.to_vec())
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() }),
+            None => Ok(None),
+        }
+    }
+}
+
+impl GraphRead for SledStore {
+    fn owner(&self, id: &Identifier) -> Result<Option<ProfileId>, StoreError> {
+        self.get_string(&id_key(b'i', id))
+    }
+    fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
+        self.get(&str_key(b'p', id))
+    }
+    fn alias(&self, id: &str) -> Result<Option<ProfileId>, StoreError> {
+        self.get_string(&str_key(b'a', id))
+    }
+    fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
+        self.get(&str_key(b'e', event_id))
+    }
+    fn merge_record(&self, id: &str) -> Result<Option<MergeRecord>, StoreError> {
+        self.get(&str_key(b'm', id))
+    }
+    fn hub(&self, id: &Identifier) -> Result<Option<HubRecord>, StoreError> {
+        self.get(&id_key(b'h', id))
+    }
+    fn listed_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([b'h']) {
+            let (k, v) = kv.map_err(io)?;
+            let rec: HubRecord = decode(&k, &v)?;
+            if rec.listed_at_ms.is_some() {
+                let id = parse_id_key(&k).ok_or_else(|| StoreError::Corrupt { key: String::from_utf8_lossy(&k).into_owned(), reason: "bad identifier key".into() })?;
+                out.push((id, rec));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+    fn counters(&self) -> Result<Counters, StoreError> {
+        Ok(self.get(COUNTERS_KEY)?.unwrap_or_default())
+    }
+    fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
+        self.tree.scan_prefix([b'p']).map(|kv| kv.map_err(io).and_then(|(k, v)| decode(&k, &v))).collect()
+    }
+}
+
+impl GraphStore for SledStore {
+    fn apply(&self, cs: &ChangeSet) -> Result<(), StoreError> {
+        let _guard = self.write.lock().map_err(|_| StoreError::Io("write lock poisoned".into()))?;
+        let mut batch = sled::Batch::default();
+        for c in &cs.changes {
+            match c {
+                Change::PutOwner(k, v) => batch.insert(id_key(b'i', k), v.as_bytes()),
+                Change::DeleteOwner(k) => batch.remove(id_key(b'i', k)),
+                Change::PutProfile(p) => batch.insert(str_key(b'p', &p.id), encode(p)),
+                Change::DeleteProfile(id) => batch.remove(str_key(b'p', id)),
+                Change::PutAlias(k, v) => batch.insert(str_key(b'a', k), v.as_bytes()),
+                Change::DeleteAlias(k) => batch.remove(str_key(b'a', k)),
+                Change::PutEvent(k, v) => batch.insert(str_key(b'e', k), encode(v)),
+                Change::PutMerge(m) => batch.insert(str_key(b'm', &m.id), encode(m)),
+                Change::DeleteMerge(id) => batch.remove(str_key(b'm', id)),
+                Change::PutHub(k, v) => batch.insert(id_key(b'h', k), encode(v)),
+                Change::DeleteHub(k) => batch.remove(id_key(b'h', k)),
+            }
+        }
+        if cs.counters != Counters::default() {
+            let mut counters = self.counters()?;
+            counters.add(&cs.counters);
+            batch.insert(COUNTERS_KEY, encode(&counters));
+        }
+        self.tree.apply_batch(batch).map_err(io)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.tree.flush().map(|_| ()).map_err(io)
+    }
+}
