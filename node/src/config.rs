@@ -1,0 +1,168 @@
+//! Node configuration: serde defaults, then a TOML file, then `IDGRAPH_*`
+//! environment variables, then command-line flags; validated once.
+//! `node/idgraph.example.toml` lists every field
+//! with its default and meaning.
+
+use crate::rules::{RuleSet, RuleSetError};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("rules file {path}: {source}")]
+    Rules { path: PathBuf, source: RuleSetError },
+    #[error("rules file {path}: {source}")]
+    RulesIo { path: PathBuf, source: std::io::Error },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// gRPC listen address; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Where the node keeps its data (created if missing).
+    pub data_dir: PathBuf,
+    /// A rule-set TOML file; none = the built-in rule set.
+    pub rules_file: Option<PathBuf>,
+    /// Shards of the graph, fixed when the data directory is created.
+    pub shards: u32,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Events of one IdentifyStream in flight at once.
+    pub stream_window: usize,
+    /// Deadline for one request inside the node, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter.
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("./idgraph-data"),
+            rules_file: None,
+            shards: 1,
+            max_message_bytes: 4 * 1024 * 1024,
+            stream_window: 256,
+            request_timeout_ms: 30_000,
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Values given on the command line; unset ones leave the lower layers be.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+/// Environment variables read (`IDGRAPH_` + the field name in capitals).
+const ENV_FIELDS: &[&str] =
+    &["listen", "data_dir", "rules_file", "shards", "max_message_bytes", "stream_window", "request_timeout_ms", "log_level", "log_format"];
+
+impl NodeConfig {
+    /// Defaults, then `file`, then `IDGRAPH_*` variables, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<NodeConfig, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(NodeConfig::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError::Invalid { field: "--config", reason: format!("{} does not exist", f.display()) });
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        fig = fig.merge(Env::prefixed("IDGRAPH_").only(ENV_FIELDS)).merge(Serialized::defaults(overrides));
+        let config: NodeConfig = fig.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
+        if self.shards != 1 {
+            return bad("shards", "a single node serves one shard; sharded clusters come with multi-node deployments");
+        }
+        if !(64 * 1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return bad("max_message_bytes", "must be 64 KiB to 64 MiB");
+        }
+        if !(1..=4096).contains(&self.stream_window) {
+            return bad("stream_window", "must be 1 to 4096");
+        }
+        if self.request_timeout_ms < 100 {
+            return bad("request_timeout_ms", "must be at least 100");
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir", "must not be empty");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return bad("log_level", "not a level or tracing filter");
+        }
+        Ok(())
+    }
+
+    /// The rule set the node runs: the configured file, or the built-in one.
+    pub fn rule_set(&self) -> Result<RuleSet, ConfigError> {
+        match &self.rules_file {
+            None => Ok(RuleSet::builtin()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::RulesIo { path: path.clone(), source })?;
+                RuleSet::from_toml(&text).map_err(|source| ConfigError::Rules { path: path.clone(), source })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags_override_defaults_and_unknown_fields_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("node.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:6000\"\nstream_window = 8\n").unwrap();
+        let c = NodeConfig::load(Some(&f), &Overrides { data_dir: Some("/tmp/x".into()), ..Default::default() }).unwrap();
+        assert_eq!(c.listen.port(), 6000);
+        assert_eq!(c.stream_window, 8);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.max_message_bytes, 4 * 1024 * 1024);
+
+        std::fs::write(&f, "listne = \"127.0.0.1:6000\"\n").unwrap();
+        let err = NodeConfig::load(Some(&f), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("listne"), "{err}");
+
+        std::fs::write(&f, "stream_window = 0\n").unwrap();
+        let err = NodeConfig::load(Some(&f), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("stream_window"), "{err}");
+    }
+
+    #[test]
+    fn example_config_is_the_defaults() {
+        let example = include_str!("../idgraph.example.toml");
+        let parsed: NodeConfig = Figment::from(Toml::string(example)).extract().unwrap();
+        assert_eq!(parsed, NodeConfig::default());
+    }
+}

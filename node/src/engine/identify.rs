@@ -106,7 +106,7 @@ fn normalize_all(rules: &RuleSet, ev: &IdentifyEvent) -> Result<(Vec<Identifier>
     Ok((usable, ignored))
 }
 
-pub(super) fn identify<R: GraphRead>(state: &R, rules: &RuleSet, at_ms: i64, ev: &IdentifyEvent) -> Result<(ChangeSet, IdentifyOutcome), EngineError> {
+pub(super) fn identify<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, at_ms: i64, ev: &IdentifyEvent) -> Result<(ChangeSet, IdentifyOutcome), EngineError> {
     validate(ev)?;
     let mut cs = ChangeSet::default();
     if let Some(rec) = state.event(&ev.event_id)? {
@@ -241,7 +241,7 @@ pub(super) fn identify<R: GraphRead>(state: &R, rules: &RuleSet, at_ms: i64, ev:
     Ok((cs, outcome))
 }
 
-fn record_collision<R: GraphRead>(state: &R, rules: &RuleSet, cs: &mut ChangeSet, id: &Identifier, other: &ProfileId, v: &Violation, at_ms: i64) -> Result<(), EngineError> {
+fn record_collision<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cs: &mut ChangeSet, id: &Identifier, other: &ProfileId, v: &Violation, at_ms: i64) -> Result<(), EngineError> {
     let mut hub = state.hub(id)?.unwrap_or_else(HubRecord::default);
     if hub.listed_at_ms.is_some() || hub.colliding_profiles.contains(other) {
         return Ok(());

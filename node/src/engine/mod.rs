@@ -223,7 +223,7 @@ pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> En
 
 /// Applies one command to the state it reads, returning the changes to
 /// store atomically and what to tell the caller.
-pub fn execute<R: GraphRead>(state: &R, rules: &RuleSet, cmd: &Command) -> Result<(ChangeSet, Outcome), EngineError> {
+pub fn execute<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command) -> Result<(ChangeSet, Outcome), EngineError> {
     match &cmd.kind {
         CommandKind::Identify(ev) => identify::identify(state, rules, cmd.at_ms, ev).map(|(cs, o)| (cs, Outcome::Identify(o))),
         CommandKind::Merge { profiles, force, reason } => {
@@ -244,7 +244,7 @@ pub struct FoundProfile {
 
 /// Looks a profile up by identifier or id (`field` names the request field
 /// in errors).
-pub fn find_profile<R: GraphRead>(state: &R, rules: &RuleSet, r: &ProfileRef, field: &str) -> Result<FoundProfile, EngineError> {
+pub fn find_profile<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, r: &ProfileRef, field: &str) -> Result<FoundProfile, EngineError> {
     match r {
         ProfileRef::Identifier(raw) => {
             let id = normalize_ref(rules, raw, field)?;
@@ -264,7 +264,7 @@ pub fn find_profile<R: GraphRead>(state: &R, rules: &RuleSet, r: &ProfileRef, fi
 
 /// Follows aliases from a (possibly merged-away) profile id to the live
 /// profile.
-pub fn resolve_profile_id<R: GraphRead>(state: &R, pid: &str) -> Result<Option<FoundProfile>, EngineError> {
+pub fn resolve_profile_id<R: GraphRead + ?Sized>(state: &R, pid: &str) -> Result<Option<FoundProfile>, EngineError> {
     let mut current = pid.to_string();
     for _ in 0..64 {
         if let Some(profile) = state.profile(&current)? {
@@ -312,7 +312,7 @@ pub(crate) fn make_id(prefix: &str, ts_ms: i64, seed: &[&str]) -> String {
 }
 
 /// Looks merge lineage up.
-pub fn find_merge<R: GraphRead>(state: &R, merge_id: &str) -> Result<MergeRecord, EngineError> {
+pub fn find_merge<R: GraphRead + ?Sized>(state: &R, merge_id: &str) -> Result<MergeRecord, EngineError> {
     if merge_id.trim().is_empty() {
         return Err(invalid("merge_id", "is empty"));
     }

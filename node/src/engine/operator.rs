@@ -143,7 +143,7 @@ pub(crate) fn merge_into(
     survivor
 }
 
-pub(super) fn merge<R: GraphRead>(state: &R, rules: &RuleSet, cmd: &Command, refs: &[ProfileRef], force: bool, reason: &str) -> Result<(ChangeSet, MergeOutcome), EngineError> {
+pub(super) fn merge<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command, refs: &[ProfileRef], force: bool, reason: &str) -> Result<(ChangeSet, MergeOutcome), EngineError> {
     if refs.len() < 2 {
         return Err(invalid("profiles", "name at least two profiles to merge"));
     }
@@ -187,7 +187,7 @@ pub(super) fn merge<R: GraphRead>(state: &R, rules: &RuleSet, cmd: &Command, ref
     Ok((cs, outcome))
 }
 
-pub(super) fn unmerge<R: GraphRead>(state: &R, rules: &RuleSet, cmd: &Command, target: &UnmergeTarget) -> Result<(ChangeSet, UnmergeOutcome), EngineError> {
+pub(super) fn unmerge<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command, target: &UnmergeTarget) -> Result<(ChangeSet, UnmergeOutcome), EngineError> {
     match target {
         UnmergeTarget::MergeId(merge_id) => undo_merge(state, rules, cmd, merge_id),
         UnmergeTarget::Split { profile_id, identifiers } => split(state, rules, cmd, profile_id, identifiers),
@@ -198,7 +198,7 @@ pub(super) fn unmerge<R: GraphRead>(state: &R, rules: &RuleSet, cmd: &Command, t
 /// its traits and lineage as of the merge, and those of its identifiers the
 /// survivor still holds. Identifiers that later events attached stay with
 /// the survivor, and so do the survivor's traits.
-fn undo_merge<R: GraphRead>(state: &R, rules: &RuleSet, cmd: &Command, merge_id: &str) -> Result<(ChangeSet, UnmergeOutcome), EngineError> {
+fn undo_merge<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command, merge_id: &str) -> Result<(ChangeSet, UnmergeOutcome), EngineError> {
     let mut rec = super::find_merge(state, merge_id)?;
     if rec.undone_at_ms.is_some() {
         return Err(EngineError::FailedPrecondition { reason: format!("merge {} was already undone", rec.id), limit: None });
@@ -260,7 +260,7 @@ fn undo_merge<R: GraphRead>(state: &R, rules: &RuleSet, cmd: &Command, merge_id:
 }
 
 /// Moves named identifiers out of a profile into a new profile.
-fn split<R: GraphRead>(state: &R, rules: &RuleSet, cmd: &Command, profile_id: &str, raw: &[super::RawIdentifier]) -> Result<(ChangeSet, UnmergeOutcome), EngineError> {
+fn split<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command, profile_id: &str, raw: &[super::RawIdentifier]) -> Result<(ChangeSet, UnmergeOutcome), EngineError> {
     if raw.is_empty() {
         return Err(invalid("split.identifiers", "name at least one identifier to split out"));
     }
@@ -307,7 +307,7 @@ fn split<R: GraphRead>(state: &R, rules: &RuleSet, cmd: &Command, profile_id: &s
 
 /// Erases a profile: identifiers, traits, aliases of its merged-away ids,
 /// merge lineage and hub history of its values.
-pub(super) fn delete<R: GraphRead>(state: &R, rules: &RuleSet, r: &ProfileRef) -> Result<(ChangeSet, DeleteOutcome), EngineError> {
+pub(super) fn delete<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, r: &ProfileRef) -> Result<(ChangeSet, DeleteOutcome), EngineError> {
     let field = match r {
         ProfileRef::Identifier(_) => "identifier",
         ProfileRef::ProfileId(_) => "profile_id",

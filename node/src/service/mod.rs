@@ -1,0 +1,206 @@
+//! gRPC adapters for `idgraph.v1`: decode, route, encode. No identity logic
+//! lives here; conversions are in [`convert`], error mapping in [`status`].
+
+pub mod convert;
+pub mod status;
+
+use crate::engine::{CommandKind, Outcome};
+use crate::router::ShardRouter;
+use futures::{Stream, StreamExt};
+use idgraph_proto::v1 as pb;
+use pb::admin_server::Admin;
+use pb::identity_graph_server::IdentityGraph;
+use status::ServiceError;
+use std::pin::Pin;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+
+/// The `IdentityGraph` service.
+#[derive(Clone)]
+pub struct IdentityGraphService {
+    router: ShardRouter,
+    stream_window: usize,
+}
+
+impl IdentityGraphService {
+    pub fn new(router: ShardRouter, stream_window: usize) -> Self {
+        IdentityGraphService { router, stream_window }
+    }
+}
+
+fn unexpected(o: Outcome) -> Status {
+    Status::internal(format!("the engine answered with an unexpected outcome: {o:?}"))
+}
+
+async fn identify(router: &ShardRouter, req: pb::IdentifyRequest) -> Result<pb::IdentifyResponse, ServiceError> {
+    let event = convert::identify_event(req)?;
+    match router.execute(CommandKind::Identify(event)).await? {
+        Outcome::Identify(o) => Ok(convert::identify_response(o)),
+        other => Err(ServiceError::Unavailable { shard: "?".into(), reason: format!("unexpected outcome {other:?}") }),
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::IdentifyResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl IdentityGraph for IdentityGraphService {
+    async fn identify(&self, request: Request<pb::IdentifyRequest>) -> Result<Response<pb::IdentifyResponse>, Status> {
+        let r = identify(&self.router, request.into_inner()).await.map_err(|e| {
+            debug!(error = %e, "identify refused");
+            Status::from(e)
+        })?;
+        Ok(Response::new(r))
+    }
+
+    type IdentifyStreamStream = ResponseStream;
+
+    async fn identify_stream(&self, request: Request<Streaming<pb::IdentifyRequest>>) -> Result<Response<ResponseStream>, Status> {
+        let router = self.router.clone();
+        let inbound = request.into_inner();
+        // Events are sent to the shard `stream_window` at a time (one fsync
+        // covers many of them); responses keep request order.
+        let out = inbound
+            .map(move |item| {
+                let router = router.clone();
+                async move {
+                    match item {
+                        Ok(req) => Ok(match identify(&router, req).await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                let s = Status::from(e);
+                                pb::IdentifyResponse { error: Some(pb::EventError { code: s.code() as i32, message: s.message().to_string() }), ..Default::default() }
+                            }
+                        }),
+                        Err(s) => Err(status::oversized_to_resource_exhausted(s)),
+                    }
+                }
+            })
+            .buffered(self.stream_window);
+        // A broken inbound stream ends the response stream after its error.
+        let out = out.scan(false, |failed, r| {
+            if *failed {
+                return futures::future::ready(None);
+            }
+            *failed = r.is_err();
+            futures::future::ready(Some(r))
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn get_profile(&self, request: Request<pb::GetProfileRequest>) -> Result<Response<pb::Profile>, Status> {
+        let key = convert::get_profile_key(request.into_inner()).map_err(|e| Status::from(ServiceError::from(e)))?;
+        let found = self.router.get_profile(key).await?;
+        Ok(Response::new(convert::found_profile(found)))
+    }
+
+    async fn merge(&self, request: Request<pb::MergeRequest>) -> Result<Response<pb::MergeResponse>, Status> {
+        let req = request.into_inner();
+        let profiles = req
+            .profiles
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| convert::profile_ref(r, &format!("profiles[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::from(ServiceError::from(e)))?;
+        match self.router.execute(CommandKind::Merge { profiles, force: req.force, reason: req.reason }).await? {
+            Outcome::Merge(o) => Ok(Response::new(pb::MergeResponse {
+                profile_id: o.profile_id,
+                merged_profile_ids: o.merged_profile_ids,
+                merge_id: o.merge_id.unwrap_or_default(),
+                forced_limits: o.forced_limits,
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn unmerge(&self, request: Request<pb::UnmergeRequest>) -> Result<Response<pb::UnmergeResponse>, Status> {
+        let req = request.into_inner();
+        let reason = req.reason.clone();
+        let target = convert::unmerge_target(req).map_err(|e| Status::from(ServiceError::from(e)))?;
+        match self.router.execute(CommandKind::Unmerge { target, reason }).await? {
+            Outcome::Unmerge(o) => Ok(Response::new(pb::UnmergeResponse { profile_id: o.profile_id, new_profile_ids: o.new_profile_ids, identifiers_moved: o.identifiers_moved })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delete_profile(&self, request: Request<pb::DeleteProfileRequest>) -> Result<Response<pb::DeleteProfileResponse>, Status> {
+        let key = convert::delete_key(request.into_inner()).map_err(|e| Status::from(ServiceError::from(e)))?;
+        match self.router.execute(CommandKind::Delete(key)).await? {
+            Outcome::Delete(o) => Ok(Response::new(pb::DeleteProfileResponse {
+                profile_id: o.profile_id,
+                identifiers_erased: o.identifiers_erased,
+                merge_records_erased: o.merge_records_erased,
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_merge_record(&self, request: Request<pb::GetMergeRecordRequest>) -> Result<Response<pb::MergeRecord>, Status> {
+        let rec = self.router.get_merge(request.into_inner().merge_id).await?;
+        Ok(Response::new(convert::merge_record(rec)))
+    }
+}
+
+/// The `Admin` service.
+#[derive(Clone)]
+pub struct AdminService {
+    router: ShardRouter,
+}
+
+impl AdminService {
+    pub fn new(router: ShardRouter) -> Self {
+        AdminService { router }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_hubs(&self, request: Request<pb::ListHubsRequest>) -> Result<Response<pb::ListHubsResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 100,
+            n => n.min(10_000) as usize,
+        };
+        let hubs = self.router.list_hubs(limit).await?;
+        let mut out = Vec::with_capacity(hubs.len());
+        for (id, h) in hubs {
+            let owner = self
+                .router
+                .get_profile(crate::engine::ProfileRef::Identifier(crate::engine::RawIdentifier::new(id.kind.clone(), id.value.clone())))
+                .await
+                .map(|f| f.profile.id)
+                .unwrap_or_default();
+            out.push(pb::Hub {
+                identifier: Some(convert::identifier(&id)),
+                reason: h.reason,
+                colliding_profiles: h.colliding_profiles.len() as u32,
+                limit_type: h.limit_type,
+                listed_at_ms: h.listed_at_ms.unwrap_or_default(),
+                profile_id: owner,
+            });
+        }
+        Ok(Response::new(pb::ListHubsResponse { hubs: out }))
+    }
+
+    async fn get_stats(&self, _request: Request<pb::GetStatsRequest>) -> Result<Response<pb::Stats>, Status> {
+        let c = self.router.counters().await?;
+        let u = |v: i64| v.max(0) as u64;
+        Ok(Response::new(pb::Stats {
+            profiles: u(c.profiles),
+            identifiers: u(c.identifiers),
+            events: u(c.events),
+            duplicates: u(c.duplicates),
+            merges: u(c.merges),
+            conflicts: u(c.conflicts),
+            unmerges: u(c.unmerges),
+            deletions: u(c.deletions),
+            hubs: u(c.hubs),
+            rule_version: self.router.rules().version().into(),
+            shards: self.router.map().count(),
+        }))
+    }
+
+    async fn get_rule_set(&self, _request: Request<pb::GetRuleSetRequest>) -> Result<Response<pb::RuleSetInfo>, Status> {
+        let rules = self.router.rules();
+        Ok(Response::new(pb::RuleSetInfo { version: rules.version().into(), toml: rules.source().into() }))
+    }
+}

@@ -1,0 +1,216 @@
+//! Conversions between the generated `idgraph.v1` types and the domain
+//! types. Generated types go no further into the node than this module.
+
+use crate::engine::{self, Conflict, ConflictKind, EngineError, FoundProfile, IdentifyEvent, IdentifyOutcome, Ignored, ProfileRef, RawIdentifier};
+use crate::model::{Identifier, MergeCause, MergeRecord, Profile};
+use idgraph_proto::v1 as pb;
+use prost_types::value::Kind;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+const MAX_TRAIT_DEPTH: usize = 16;
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> EngineError {
+    EngineError::InvalidArgument { field: field.into(), reason: reason.into() }
+}
+
+pub fn raw_identifier(id: pb::Identifier) -> RawIdentifier {
+    RawIdentifier { kind: id.r#type, value: id.value }
+}
+
+pub fn identifier(id: &Identifier) -> pb::Identifier {
+    pb::Identifier { r#type: id.kind.clone(), value: id.value.clone() }
+}
+
+fn raw_to_pb(id: &RawIdentifier) -> pb::Identifier {
+    pb::Identifier { r#type: id.kind.clone(), value: id.value.clone() }
+}
+
+/// A protobuf `Value` as JSON.
+fn json_value(v: prost_types::Value, field: &str, depth: usize) -> Result<Value, EngineError> {
+    if depth > MAX_TRAIT_DEPTH {
+        return Err(invalid(field, format!("nested deeper than {MAX_TRAIT_DEPTH} levels")));
+    }
+    Ok(match v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(b),
+        Some(Kind::StringValue(s)) => Value::String(s),
+        Some(Kind::NumberValue(n)) => {
+            if !n.is_finite() {
+                return Err(invalid(field, "numbers must be finite"));
+            }
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                Value::from(n as i64)
+            } else {
+                Value::from(n)
+            }
+        }
+        Some(Kind::StructValue(s)) => Value::Object(json_object(s, field, depth + 1)?.into_iter().collect()),
+        Some(Kind::ListValue(l)) => {
+            Value::Array(l.values.into_iter().enumerate().map(|(i, v)| json_value(v, &format!("{field}[{i}]"), depth + 1)).collect::<Result<_, _>>()?)
+        }
+    })
+}
+
+fn json_object(s: prost_types::Struct, field: &str, depth: usize) -> Result<BTreeMap<String, Value>, EngineError> {
+    s.fields.into_iter().map(|(k, v)| json_value(v, &format!("{field}.{k}"), depth).map(|j| (k, j))).collect()
+}
+
+/// JSON as a protobuf `Value`.
+pub fn pb_value(v: &Value) -> prost_types::Value {
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.iter().map(pb_value).collect() }),
+        Value::Object(o) => Kind::StructValue(prost_types::Struct { fields: o.iter().map(|(k, v)| (k.clone(), pb_value(v))).collect() }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+pub fn identify_event(req: pb::IdentifyRequest) -> Result<IdentifyEvent, EngineError> {
+    let traits = match req.traits {
+        Some(s) => json_object(s, "traits", 0)?,
+        None => BTreeMap::new(),
+    };
+    Ok(IdentifyEvent {
+        event_id: req.event_id,
+        timestamp_ms: req.timestamp_ms,
+        identifiers: req.identifiers.into_iter().map(raw_identifier).collect(),
+        traits,
+        source: req.source,
+    })
+}
+
+fn conflict(c: &Conflict) -> pb::RuleConflict {
+    let kind = match c.kind {
+        ConflictKind::TypeLimit => pb::rule_conflict::Kind::TypeLimit,
+        ConflictKind::ProfileCap => pb::rule_conflict::Kind::ProfileCap,
+        ConflictKind::Hub => pb::rule_conflict::Kind::Hub,
+    };
+    pb::RuleConflict {
+        kind: kind as i32,
+        identifier: Some(identifier(&c.identifier)),
+        limit_type: c.limit_type.clone(),
+        limit: c.limit,
+        kept_in_profile_id: c.kept_in.clone().unwrap_or_default(),
+        message: c.message.clone(),
+    }
+}
+
+fn ignored(i: &Ignored) -> pb::IgnoredIdentifier {
+    pb::IgnoredIdentifier { identifier: Some(raw_to_pb(&i.identifier)), reason: i.reason.as_str().into(), detail: i.detail.clone() }
+}
+
+pub fn identify_response(o: IdentifyOutcome) -> pb::IdentifyResponse {
+    pb::IdentifyResponse {
+        profile_id: o.profile_id,
+        created: o.created,
+        merged: o.merge_id.is_some(),
+        merged_profile_ids: o.merged_profile_ids,
+        merge_id: o.merge_id.unwrap_or_default(),
+        duplicate: o.duplicate,
+        conflicts: o.conflicts.iter().map(conflict).collect(),
+        ignored: o.ignored.iter().map(ignored).collect(),
+        identifiers_added: o.identifiers_added,
+        rule_version: o.rule_version,
+        error: None,
+    }
+}
+
+/// Which profile a `oneof key { Identifier identifier; string profile_id }`
+/// names.
+pub fn profile_key(identifier: Option<pb::Identifier>, profile_id: Option<String>, field: &str) -> Result<ProfileRef, EngineError> {
+    match (identifier, profile_id) {
+        (Some(id), _) => Ok(ProfileRef::Identifier(raw_identifier(id))),
+        (None, Some(pid)) => Ok(ProfileRef::ProfileId(pid)),
+        (None, None) => Err(invalid(field, "set either identifier or profile_id")),
+    }
+}
+
+pub fn get_profile_key(req: pb::GetProfileRequest) -> Result<ProfileRef, EngineError> {
+    use pb::get_profile_request::Key;
+    match req.key {
+        Some(Key::Identifier(id)) => profile_key(Some(id), None, "key"),
+        Some(Key::ProfileId(p)) => profile_key(None, Some(p), "key"),
+        None => profile_key(None, None, "key"),
+    }
+}
+
+pub fn delete_key(req: pb::DeleteProfileRequest) -> Result<ProfileRef, EngineError> {
+    use pb::delete_profile_request::Key;
+    match req.key {
+        Some(Key::Identifier(id)) => profile_key(Some(id), None, "key"),
+        Some(Key::ProfileId(p)) => profile_key(None, Some(p), "key"),
+        None => profile_key(None, None, "key"),
+    }
+}
+
+pub fn profile_ref(r: pb::ProfileRef, field: &str) -> Result<ProfileRef, EngineError> {
+    use pb::profile_ref::Key;
+    match r.key {
+        Some(Key::Identifier(id)) => profile_key(Some(id), None, field),
+        Some(Key::ProfileId(p)) => profile_key(None, Some(p), field),
+        None => profile_key(None, None, field),
+    }
+}
+
+pub fn profile(p: Profile, resolved_from: Option<String>) -> pb::Profile {
+    pb::Profile {
+        profile_id: p.id,
+        identifiers: p.identifiers.iter().map(identifier).collect(),
+        traits: Some(prost_types::Struct { fields: p.traits.iter().map(|(k, v)| (k.clone(), pb_value(&v.value))).collect() }),
+        merged_from: p.merged_from,
+        created_ms: p.created_ms,
+        updated_ms: p.updated_ms,
+        rule_version: p.rule_version,
+        merge_ids: p.lineage,
+        resolved_from: resolved_from.unwrap_or_default(),
+    }
+}
+
+pub fn found_profile(f: FoundProfile) -> pb::Profile {
+    profile(f.profile, f.resolved_from)
+}
+
+pub fn unmerge_target(req: pb::UnmergeRequest) -> Result<engine::UnmergeTarget, EngineError> {
+    use pb::unmerge_request::Target;
+    match req.target {
+        Some(Target::MergeId(m)) => Ok(engine::UnmergeTarget::MergeId(m)),
+        Some(Target::Split(s)) => {
+            Ok(engine::UnmergeTarget::Split { profile_id: s.profile_id, identifiers: s.identifiers.into_iter().map(raw_identifier).collect() })
+        }
+        None => Err(invalid("target", "set either merge_id or split")),
+    }
+}
+
+pub fn merge_record(m: MergeRecord) -> pb::MergeRecord {
+    let (cause, detail, source) = match m.cause {
+        MergeCause::Event { event_id, source } => ("event", event_id, source),
+        MergeCause::Operator { reason, request_id: _ } => ("operator", reason, String::new()),
+    };
+    pb::MergeRecord {
+        merge_id: m.id,
+        survivor_profile_id: m.survivor,
+        absorbed: m
+            .absorbed
+            .into_iter()
+            .map(|a| pb::AbsorbedProfile {
+                profile_id: a.profile.id,
+                identifiers: a.profile.identifiers.iter().map(identifier).collect(),
+                merged_from: a.profile.merged_from,
+                created_ms: a.profile.created_ms,
+            })
+            .collect(),
+        added: m.added.iter().map(identifier).collect(),
+        cause: cause.into(),
+        cause_detail: detail,
+        source,
+        rule_version: m.rule_version,
+        merged_at_ms: m.at_ms,
+        forced: m.forced,
+        undone: m.undone_at_ms.is_some(),
+        undone_at_ms: m.undone_at_ms.unwrap_or_default(),
+    }
+}

@@ -1,0 +1,75 @@
+//! The one place where errors become gRPC statuses.
+//!
+//! | error                                   | status              |
+//! |-----------------------------------------|---------------------|
+//! | `EngineError::InvalidArgument`          | INVALID_ARGUMENT (+ BadRequest field violation) |
+//! | `EngineError::NotFound`                 | NOT_FOUND           |
+//! | `EngineError::FailedPrecondition`       | FAILED_PRECONDITION (+ PreconditionFailure naming the limit) |
+//! | `StoreError::Io`, shard unavailable     | UNAVAILABLE (retry) |
+//! | request timed out inside the node       | DEADLINE_EXCEEDED   |
+//! | `StoreError::Corrupt` / `Layout`        | INTERNAL / FAILED_PRECONDITION |
+//! | oversized message (tonic's OUT_OF_RANGE) | RESOURCE_EXHAUSTED |
+
+use crate::engine::EngineError;
+use crate::storage::StoreError;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Errors of the service layer, classified by what the caller must do.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The shard cannot take requests now (restarting, stopping): retry.
+    #[error("shard {shard} is unavailable: {reason}")]
+    Unavailable { shard: String, reason: String },
+    #[error("request timed out after {ms} ms inside the node")]
+    Timeout { ms: u64 },
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Status {
+        match e {
+            ServiceError::Engine(EngineError::InvalidArgument { field, reason }) => Status::with_error_details(
+                Code::InvalidArgument,
+                format!("{field}: {reason}"),
+                ErrorDetails::with_bad_request_violation(field, reason),
+            ),
+            ServiceError::Engine(e @ EngineError::NotFound { .. }) => Status::not_found(e.to_string()),
+            ServiceError::Engine(EngineError::FailedPrecondition { reason, limit }) => match limit {
+                Some(limit) => Status::with_error_details(
+                    Code::FailedPrecondition,
+                    reason.clone(),
+                    ErrorDetails::with_precondition_failure_violation("LIMIT", limit, reason),
+                ),
+                None => Status::failed_precondition(reason),
+            },
+            ServiceError::Engine(EngineError::Store(e @ StoreError::Io(_))) => Status::unavailable(e.to_string()),
+            ServiceError::Engine(EngineError::Store(e @ StoreError::Layout(_))) => Status::failed_precondition(e.to_string()),
+            ServiceError::Engine(EngineError::Store(e @ StoreError::Corrupt { .. })) => Status::internal(e.to_string()),
+            e @ ServiceError::Unavailable { .. } => Status::unavailable(e.to_string()),
+            e @ ServiceError::Timeout { .. } => Status::deadline_exceeded(e.to_string()),
+        }
+    }
+}
+
+/// tonic refuses a message over the size limit with OUT_OF_RANGE; gRPC
+/// clients expect RESOURCE_EXHAUSTED for that.
+pub fn oversized_to_resource_exhausted(status: Status) -> Status {
+    if status.code() == Code::OutOfRange && status.message().contains("message length too large") {
+        Status::resource_exhausted(status.message().to_string())
+    } else {
+        status
+    }
+}
+
+/// The same for a trailers-only HTTP response (how a unary call fails
+/// before reaching its handler).
+pub fn fix_oversized_response<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let oversized = resp.headers().get("grpc-status").is_some_and(|v| v == "11")
+        && resp.headers().get("grpc-message").and_then(|v| v.to_str().ok()).is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+    if oversized {
+        resp.headers_mut().insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    resp
+}
