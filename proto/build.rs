@@ -17,6 +17,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Messages serialise to JSON (idgraphctl --output json); Struct
+        // fields go through `crate::json`.
+        .type_attribute(".idgraph.v1", "#[derive(serde::Serialize)]")
+        .field_attribute(".idgraph.v1.IdentifyRequest.traits", "#[serde(serialize_with = \"crate::json::serialize_struct\")]")
+        .field_attribute(".idgraph.v1.Profile.traits", "#[serde(serialize_with = \"crate::json::serialize_struct\")]")
+        .field_attribute(".idgraph.v1.RuleConflict.kind", "#[serde(serialize_with = \"crate::json::serialize_conflict_kind\")]")
         .compile_fds(fds)?;
     Ok(())
 }

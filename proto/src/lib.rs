@@ -5,6 +5,7 @@
 //!   from `proto/idgraph/v1/*.proto`.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, served by gRPC
 //!   reflection so that off-the-shelf tools (grpcurl, Postman) work.
+//! - [`json`]: `google.protobuf.Struct` to and from JSON.
 //!
 //! Generated types stay at the edge: the node converts them to its own
 //! domain types in `idgraph_node::service::convert`.
@@ -13,6 +14,8 @@
 pub mod v1 {
     tonic::include_proto!("idgraph.v1");
 }
+
+pub mod json;
 
 /// Encoded `FileDescriptorSet` of every idgraph proto file, for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

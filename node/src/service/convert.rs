@@ -56,19 +56,6 @@ fn json_object(s: prost_types::Struct, field: &str, depth: usize) -> Result<BTre
     s.fields.into_iter().map(|(k, v)| json_value(v, &format!("{field}.{k}"), depth).map(|j| (k, j))).collect()
 }
 
-/// JSON as a protobuf `Value`.
-pub fn pb_value(v: &Value) -> prost_types::Value {
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.iter().map(pb_value).collect() }),
-        Value::Object(o) => Kind::StructValue(prost_types::Struct { fields: o.iter().map(|(k, v)| (k.clone(), pb_value(v))).collect() }),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
-
 pub fn identify_event(req: pb::IdentifyRequest) -> Result<IdentifyEvent, EngineError> {
     let traits = match req.traits {
         Some(s) => json_object(s, "traits", 0)?,
@@ -160,7 +147,7 @@ pub fn profile(p: Profile, resolved_from: Option<String>) -> pb::Profile {
     pb::Profile {
         profile_id: p.id,
         identifiers: p.identifiers.iter().map(identifier).collect(),
-        traits: Some(prost_types::Struct { fields: p.traits.iter().map(|(k, v)| (k.clone(), pb_value(&v.value))).collect() }),
+        traits: Some(prost_types::Struct { fields: p.traits.iter().map(|(k, v)| (k.clone(), idgraph_proto::json::to_value(&v.value))).collect() }),
         merged_from: p.merged_from,
         created_ms: p.created_ms,
         updated_ms: p.updated_ms,
