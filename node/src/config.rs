@@ -46,6 +46,9 @@ pub struct NodeConfig {
     pub stream_window: usize,
     /// Deadline for one request inside the node, in milliseconds.
     pub request_timeout_ms: u64,
+    /// On shutdown, how long in-flight requests may take before connections
+    /// are cut, in milliseconds.
+    pub shutdown_grace_ms: u64,
     /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter.
     pub log_level: String,
     pub log_format: LogFormat,
@@ -61,6 +64,7 @@ impl Default for NodeConfig {
             max_message_bytes: 4 * 1024 * 1024,
             stream_window: 256,
             request_timeout_ms: 30_000,
+            shutdown_grace_ms: 10_000,
             log_level: "info".into(),
             log_format: LogFormat::Text,
         }
@@ -82,7 +86,7 @@ pub struct Overrides {
 
 /// Environment variables read (`IDGRAPH_` + the field name in capitals).
 const ENV_FIELDS: &[&str] =
-    &["listen", "data_dir", "rules_file", "shards", "max_message_bytes", "stream_window", "request_timeout_ms", "log_level", "log_format"];
+    &["listen", "data_dir", "rules_file", "shards", "max_message_bytes", "stream_window", "request_timeout_ms", "shutdown_grace_ms", "log_level", "log_format"];
 
 impl NodeConfig {
     /// Defaults, then `file`, then `IDGRAPH_*` variables, then `overrides`.

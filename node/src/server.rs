@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -40,6 +40,7 @@ pub struct RunningNode {
     db: SledDb,
     node: Arc<str>,
     shards: ShardMap,
+    grace: Duration,
     supervisor: ActorRef<()>,
     shutdown: Option<oneshot::Sender<()>>,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -77,7 +78,17 @@ impl RunningNode {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let served = (&mut self.serve).await;
+        // In-flight requests get a grace period; connections still open after
+        // it are cut. (hyper's HTTP/2 graceful shutdown can wait for idle
+        // client connections indefinitely: hyperium/hyper#4170.)
+        let served = match tokio::time::timeout(self.grace, &mut self.serve).await {
+            Ok(r) => r,
+            Err(_) => {
+                warn!(grace_ms = self.grace.as_millis() as u64, "connections still open after the grace period; closing them");
+                self.serve.abort();
+                Ok(Ok(()))
+            }
+        };
         self.stop_actors().await;
         self.db.flush()?;
         info!("stopped");
@@ -142,7 +153,8 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     let admin = AdminServer::new(AdminService::new(router.clone())).max_decoding_message_size(max);
 
     let (tx, rx) = oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Small request/response messages: no Nagle delay.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(60)));
     let serve = tokio::spawn(
         tonic::transport::Server::builder()
             .layer(tower::util::MapResponseLayer::new(status::fix_oversized_response))
@@ -156,5 +168,5 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
             }),
     );
     info!(%addr, data_dir = %config.data_dir.display(), rule_version = rules.version(), shards = shards.count(), "idgraph node serving");
-    Ok(RunningNode { addr, router, db, node, shards, supervisor, shutdown: Some(tx), serve })
+    Ok(RunningNode { addr, router, db, node, shards, grace: Duration::from_millis(config.shutdown_grace_ms), supervisor, shutdown: Some(tx), serve })
 }
