@@ -44,11 +44,10 @@ impl Client {
     pub async fn connect(endpoint: &str) -> Result<Client, ClientError> {
         let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
         let ep = Endpoint::from_shared(uri).map_err(|e| ClientError::Endpoint { endpoint: endpoint.into(), reason: e.to_string() })?;
-        let channel = ep
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| ClientError::Connect { endpoint: endpoint.into(), reason: format!("{e} ({})", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()) })?;
+        let channel = ep.connect_timeout(Duration::from_secs(5)).connect().await.map_err(|e| ClientError::Connect {
+            endpoint: endpoint.into(),
+            reason: format!("{e} ({})", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()),
+        })?;
         let max = 64 * 1024 * 1024;
         Ok(Client {
             graph: IdentityGraphClient::new(channel.clone()).max_decoding_message_size(max),

@@ -234,19 +234,26 @@ async fn run(cli: Cli) -> Result<()> {
                 source: a.source,
             };
             let r = client.graph().identify(req).await?.into_inner();
-            if json_out { print_json(&r)? } else { print_identify(&r) }
+            if json_out {
+                print_json(&r)?
+            } else {
+                print_identify(&r)
+            }
         }
         Command::Load(a) => {
             let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
             let events = parse_jsonl(&text)?;
             let bar = if a.quiet || json_out { ProgressBar::hidden() } else { ProgressBar::new(events.len() as u64) };
-            bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events ({per_sec}, eta {eta})")?);
+            bar.set_style(ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events ({per_sec}, eta {eta})",
+            )?);
             let s = load(&mut client, events, |n| bar.set_position(n)).await?;
             bar.finish_and_clear();
             if json_out {
                 print_json(&s)?;
             } else {
-                let mut t = table(&["events", "profiles created", "merges", "conflicts", "duplicates", "ignored ids", "failed", "events/s"]);
+                let mut t =
+                    table(&["events", "profiles created", "merges", "conflicts", "duplicates", "ignored ids", "failed", "events/s"]);
                 t.add_row(vec![
                     s.events.to_string(),
                     s.profiles_created.to_string(),
@@ -273,10 +280,15 @@ async fn run(cli: Cli) -> Result<()> {
                 (None, None) => bail!("name a profile with --id or --profile"),
             };
             let p = client.graph().get_profile(pb::GetProfileRequest { key: Some(key) }).await?.into_inner();
-            if json_out { print_json(&p)? } else { print_profile(&p) }
+            if json_out {
+                print_json(&p)?
+            } else {
+                print_profile(&p)
+            }
         }
         Command::Merge(a) => {
-            let mut profiles: Vec<pb::ProfileRef> = a.ids.into_iter().map(|i| pb::ProfileRef { key: Some(pb::profile_ref::Key::Identifier(i)) }).collect();
+            let mut profiles: Vec<pb::ProfileRef> =
+                a.ids.into_iter().map(|i| pb::ProfileRef { key: Some(pb::profile_ref::Key::Identifier(i)) }).collect();
             profiles.extend(a.profiles.into_iter().map(|p| pb::ProfileRef { key: Some(pb::profile_ref::Key::ProfileId(p)) }));
             if profiles.len() < 2 {
                 bail!("name at least two profiles with --id and/or --profile");
@@ -354,14 +366,29 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Rules(RulesCmd::Show) => {
             let r = client.admin().get_rule_set(pb::GetRuleSetRequest {}).await?.into_inner();
-            if json_out { print_json(&r)? } else { print!("{}", r.toml) }
+            if json_out {
+                print_json(&r)?
+            } else {
+                print!("{}", r.toml)
+            }
         }
         Command::Stats => {
             let s = client.admin().get_stats(pb::GetStatsRequest {}).await?.into_inner();
             if json_out {
                 print_json(&s)?
             } else {
-                let mut t = table(&["profiles", "identifiers", "events", "duplicates", "merges", "conflicts", "unmerges", "deletions", "hubs", "rule version"]);
+                let mut t = table(&[
+                    "profiles",
+                    "identifiers",
+                    "events",
+                    "duplicates",
+                    "merges",
+                    "conflicts",
+                    "unmerges",
+                    "deletions",
+                    "hubs",
+                    "rule version",
+                ]);
                 t.add_row(vec![
                     s.profiles.to_string(),
                     s.identifiers.to_string(),

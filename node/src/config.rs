@@ -85,8 +85,18 @@ pub struct Overrides {
 }
 
 /// Environment variables read (`IDGRAPH_` + the field name in capitals).
-const ENV_FIELDS: &[&str] =
-    &["listen", "data_dir", "rules_file", "shards", "max_message_bytes", "stream_window", "request_timeout_ms", "shutdown_grace_ms", "log_level", "log_format"];
+const ENV_FIELDS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "rules_file",
+    "shards",
+    "max_message_bytes",
+    "stream_window",
+    "request_timeout_ms",
+    "shutdown_grace_ms",
+    "log_level",
+    "log_format",
+];
 
 impl NodeConfig {
     /// Defaults, then `file`, then `IDGRAPH_*` variables, then `overrides`.

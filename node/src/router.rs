@@ -82,7 +82,10 @@ impl ShardRouter {
         match actor.call(msg, Some(self.timeout)).await {
             Ok(CallResult::Success(r)) => r.map_err(ServiceError::from),
             Ok(CallResult::Timeout) => Err(ServiceError::Timeout { ms: self.timeout.as_millis() as u64 }),
-            Ok(CallResult::SenderError) => Err(ServiceError::Unavailable { shard: shard.to_string(), reason: "the shard stopped while serving the request; its outcome is unknown".into() }),
+            Ok(CallResult::SenderError) => Err(ServiceError::Unavailable {
+                shard: shard.to_string(),
+                reason: "the shard stopped while serving the request; its outcome is unknown".into(),
+            }),
             Err(e) => Err(ServiceError::Unavailable { shard: shard.to_string(), reason: e.to_string() }),
         }
     }

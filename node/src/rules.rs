@@ -79,10 +79,7 @@ fn default_national_length() -> usize {
 
 impl Default for PhoneSpec {
     fn default() -> Self {
-        PhoneSpec {
-            default_country_code: default_country_code(),
-            national_number_length: default_national_length(),
-        }
+        PhoneSpec { default_country_code: default_country_code(), national_number_length: default_national_length() }
     }
 }
 
@@ -197,8 +194,7 @@ impl RuleSet {
     }
 
     pub fn from_spec(spec: RuleSetSpec) -> Result<RuleSet, RuleSetError> {
-        let source = toml::to_string_pretty(&spec)
-            .map_err(|e| invalid("<root>", format!("cannot render as TOML: {e}")))?;
+        let source = toml::to_string_pretty(&spec).map_err(|e| invalid("<root>", format!("cannot render as TOML: {e}")))?;
         RuleSet::compile(spec, source)
     }
 

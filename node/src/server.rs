@@ -129,7 +129,8 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     .map_err(|e| ServerError::Actors(e.to_string()))?;
     let router = ShardRouter::new(&node, shards.clone(), rules.clone(), Duration::from_millis(config.request_timeout_ms));
 
-    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -154,7 +155,8 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
 
     let (tx, rx) = oneshot::channel::<()>();
     // Small request/response messages: no Nagle delay.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(60)));
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(60)));
     let serve = tokio::spawn(
         tonic::transport::Server::builder()
             .layer(tower::util::MapResponseLayer::new(status::fix_oversized_response))
@@ -168,5 +170,15 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
             }),
     );
     info!(%addr, data_dir = %config.data_dir.display(), rule_version = rules.version(), shards = shards.count(), "idgraph node serving");
-    Ok(RunningNode { addr, router, db, node, shards, grace: Duration::from_millis(config.shutdown_grace_ms), supervisor, shutdown: Some(tx), serve })
+    Ok(RunningNode {
+        addr,
+        router,
+        db,
+        node,
+        shards,
+        grace: Duration::from_millis(config.shutdown_grace_ms),
+        supervisor,
+        shutdown: Some(tx),
+        serve,
+    })
 }

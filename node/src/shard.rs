@@ -185,14 +185,20 @@ impl Actor for NodeSupervisor {
     type Arguments = SupervisorArgs;
 
     async fn pre_start(&self, myself: ActorRef<()>, a: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
-        let args: Vec<ShardArgs> = a.shards.iter().map(|s| ShardArgs { node: a.node.clone(), shard: *s, open: a.open.clone(), rules: a.rules.clone() }).collect();
+        let args: Vec<ShardArgs> =
+            a.shards.iter().map(|s| ShardArgs { node: a.node.clone(), shard: *s, open: a.open.clone(), rules: a.rules.clone() }).collect();
         for sa in &args {
             spawn_shard(&myself, sa.clone()).await?;
         }
         Ok(SupervisorState { args, restarts: 0 })
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<()>, evt: SupervisionEvent, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<()>,
+        evt: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ActorFailed(cell, err) = evt {
             let name = cell.get_name().unwrap_or_default();
             if let Some(sa) = state.args.iter().find(|a| shard_actor_name(&a.node, a.shard) == name).cloned() {

@@ -18,7 +18,11 @@ async fn a_clean_restart_keeps_every_profile() {
     let mut g = graph(&node1).await;
     let mut ids = Vec::new();
     for i in 0..200 {
-        let r = g.identify(event(&format!("e{i}"), &[("email", &format!("p{}@shop.com", i % 50)), ("device_id", &format!("d{i}"))])).await.unwrap().into_inner();
+        let r = g
+            .identify(event(&format!("e{i}"), &[("email", &format!("p{}@shop.com", i % 50)), ("device_id", &format!("d{i}"))]))
+            .await
+            .unwrap()
+            .into_inner();
         ids.push(r.profile_id);
     }
     node1.shutdown().await.unwrap();
@@ -80,7 +84,8 @@ impl NodeProcess {
             .expect("spawn idgraph-node");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line.trim().strip_prefix("idgraph-node listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+        let addr =
+            line.trim().strip_prefix("idgraph-node listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
         NodeProcess { child, addr }
     }
 
@@ -117,7 +122,9 @@ async fn sigterm_stops_cleanly_and_kill_9_loses_no_acknowledged_event() {
     assert_eq!(g.get_profile(by_id("user_id", "u1")).await.unwrap().into_inner().profile_id, a.profile_id);
     // Acknowledged events, then kill -9 with no chance to flush.
     let mut acked = Vec::new();
-    let reqs: Vec<pb::IdentifyRequest> = (0..300).map(|i| event(&format!("k{i}"), &[("anonymous_id", &format!("anon-{i}")), ("email", &format!("k{}@shop.com", i % 30))])).collect();
+    let reqs: Vec<pb::IdentifyRequest> = (0..300)
+        .map(|i| event(&format!("k{i}"), &[("anonymous_id", &format!("anon-{i}")), ("email", &format!("k{}@shop.com", i % 30))]))
+        .collect();
     let mut stream = g.identify_stream(futures::stream::iter(reqs)).await.unwrap().into_inner();
     while let Some(r) = stream.message().await.unwrap() {
         acked.push(r.profile_id);
@@ -128,7 +135,8 @@ async fn sigterm_stops_cleanly_and_kill_9_loses_no_acknowledged_event() {
     let p = NodeProcess::start(dir.path());
     let mut g = p.client().await;
     for (i, pid) in acked.iter().enumerate() {
-        let got = g.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.expect("acknowledged event survives kill -9").into_inner();
+        let got =
+            g.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.expect("acknowledged event survives kill -9").into_inner();
         assert_eq!(&got.profile_id, pid);
     }
     let dup = g.identify(event("k5", &[("anonymous_id", "anon-5")])).await.unwrap().into_inner();

@@ -46,27 +46,51 @@ async fn merge_unmerge_and_delete_over_grpc() {
     let mut g = graph(&node).await;
     let u1 = g.identify(event("e1", &[("user_id", "u1"), ("email", "one@shop.com")])).await.unwrap().into_inner();
     let u2 = g.identify(event("e2", &[("user_id", "u2")])).await.unwrap().into_inner();
-    let refs = |a: &str, b: &str| vec![pb::ProfileRef { key: Some(pb::profile_ref::Key::ProfileId(a.into())) }, pb::ProfileRef { key: Some(pb::profile_ref::Key::ProfileId(b.into())) }];
+    let refs = |a: &str, b: &str| {
+        vec![
+            pb::ProfileRef { key: Some(pb::profile_ref::Key::ProfileId(a.into())) },
+            pb::ProfileRef { key: Some(pb::profile_ref::Key::ProfileId(b.into())) },
+        ]
+    };
 
-    let err = g.merge(pb::MergeRequest { profiles: refs(&u1.profile_id, &u2.profile_id), force: false, reason: "ticket 7".into() }).await.unwrap_err();
+    let err = g
+        .merge(pb::MergeRequest { profiles: refs(&u1.profile_id, &u2.profile_id), force: false, reason: "ticket 7".into() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("user_id limit"), "{}", err.message());
     let pf = err.get_details_precondition_failure().expect("precondition details");
     assert_eq!(pf.violations[0].subject, "user_id");
 
-    let m = g.merge(pb::MergeRequest { profiles: refs(&u2.profile_id, &u1.profile_id), force: true, reason: "ticket 7".into() }).await.unwrap().into_inner();
+    let m = g
+        .merge(pb::MergeRequest { profiles: refs(&u2.profile_id, &u1.profile_id), force: true, reason: "ticket 7".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(m.profile_id, u1.profile_id);
     assert_eq!(m.forced_limits.len(), 1);
-    let un = g.unmerge(pb::UnmergeRequest { target: Some(pb::unmerge_request::Target::MergeId(m.merge_id.clone())), reason: String::new() }).await.unwrap().into_inner();
+    let un = g
+        .unmerge(pb::UnmergeRequest { target: Some(pb::unmerge_request::Target::MergeId(m.merge_id.clone())), reason: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(un.new_profile_ids, vec![u2.profile_id.clone()]);
     assert_eq!(g.get_profile(by_id("user_id", "u2")).await.unwrap().into_inner().profile_id, u2.profile_id);
 
     let split = pb::SplitIdentifiers { profile_id: u1.profile_id.clone(), identifiers: vec![id("email", "one@shop.com")] };
-    let s = g.unmerge(pb::UnmergeRequest { target: Some(pb::unmerge_request::Target::Split(split)), reason: "false merge".into() }).await.unwrap().into_inner();
+    let s = g
+        .unmerge(pb::UnmergeRequest { target: Some(pb::unmerge_request::Target::Split(split)), reason: "false merge".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(s.identifiers_moved, 1);
     assert_eq!(g.get_profile(by_id("email", "one@shop.com")).await.unwrap().into_inner().profile_id, s.new_profile_ids[0]);
 
-    let d = g.delete_profile(pb::DeleteProfileRequest { key: Some(pb::delete_profile_request::Key::Identifier(id("user_id", "u1"))) }).await.unwrap().into_inner();
+    let d = g
+        .delete_profile(pb::DeleteProfileRequest { key: Some(pb::delete_profile_request::Key::Identifier(id("user_id", "u1"))) })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(d.profile_id, u1.profile_id);
     assert_eq!(g.get_profile(by_profile(&u1.profile_id)).await.unwrap_err().code(), Code::NotFound);
     assert_eq!(g.get_profile(by_id("user_id", "u1")).await.unwrap_err().code(), Code::NotFound);
@@ -91,7 +115,11 @@ async fn bad_input_gets_precise_statuses_and_changes_nothing() {
         (event("e", &[("shoe_size", "42")]), Code::InvalidArgument, "identifiers[0].type"),
         (event("e", &[("email", "a@b.co"), ("user_id", &big)]), Code::InvalidArgument, "identifiers[1].value"),
         (event("e", &many), Code::InvalidArgument, "identifiers"),
-        (event("e", &[("user_id", "undefined"), ("device_id", "00000000-0000-0000-0000-000000000000")]), Code::InvalidArgument, "identifiers"),
+        (
+            event("e", &[("user_id", "undefined"), ("device_id", "00000000-0000-0000-0000-000000000000")]),
+            Code::InvalidArgument,
+            "identifiers",
+        ),
         (pb::IdentifyRequest { timestamp_ms: -1, ..event("e", &[("email", "a@b.co")]) }, Code::InvalidArgument, "timestamp_ms"),
     ];
     for (req, code, field) in cases {
@@ -103,7 +131,10 @@ async fn bad_input_gets_precise_statuses_and_changes_nothing() {
     }
     // Over the message size limit (4 MiB by default).
     let huge = pb::IdentifyRequest {
-        traits: Some(prost_types::Struct { fields: [("blob".to_string(), prost_types::Value { kind: Some(prost_types::value::Kind::StringValue("x".repeat(5 << 20))) })].into() }),
+        traits: Some(prost_types::Struct {
+            fields: [("blob".to_string(), prost_types::Value { kind: Some(prost_types::value::Kind::StringValue("x".repeat(5 << 20))) })]
+                .into(),
+        }),
         ..event("e-huge", &[("email", "a@b.co")])
     };
     let s = g.identify(huge).await.unwrap_err();
@@ -143,7 +174,8 @@ async fn identify_stream_answers_in_order_with_per_event_errors() {
         }
     }
     let expected = reqs.clone();
-    let out: Vec<pb::IdentifyResponse> = g.identify_stream(futures::stream::iter(reqs)).await.unwrap().into_inner().map(|r| r.unwrap()).collect().await;
+    let out: Vec<pb::IdentifyResponse> =
+        g.identify_stream(futures::stream::iter(reqs)).await.unwrap().into_inner().map(|r| r.unwrap()).collect().await;
     assert_eq!(out.len(), expected.len());
     for (req, resp) in expected.iter().zip(&out) {
         if req.event_id.starts_with("bad") {
@@ -198,7 +230,11 @@ async fn hubs_are_listed_with_their_reason() {
     let mut g = graph(&node).await;
     g.identify(event("owner", &[("user_id", "parent"), ("device_id", "family-tablet")])).await.unwrap();
     for i in 0..5 {
-        let r = g.identify(event(&format!("kid{i}"), &[("user_id", &format!("kid{i}")), ("device_id", "family-tablet")])).await.unwrap().into_inner();
+        let r = g
+            .identify(event(&format!("kid{i}"), &[("user_id", &format!("kid{i}")), ("device_id", "family-tablet")]))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(r.conflicts.len(), 1);
     }
     let hubs = admin(&node).await.list_hubs(pb::ListHubsRequest { limit: 0 }).await.unwrap().into_inner().hubs;

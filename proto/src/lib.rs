@@ -18,8 +18,7 @@ pub mod v1 {
 pub mod json;
 
 /// Encoded `FileDescriptorSet` of every idgraph proto file, for reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/idgraph_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/idgraph_descriptor.bin"));
 
 pub use prost_types;
 pub use tonic;

@@ -1,7 +1,9 @@
 //! Applying one identity event (see the module essay in `engine`).
 
 use super::operator::{check_limits, merge_into, oldest_first, Violation};
-use super::{invalid, known_types, make_id, traits, Conflict, ConflictKind, EngineError, IdentifyEvent, IdentifyOutcome, Ignored, IgnoredReason};
+use super::{
+    invalid, known_types, make_id, traits, Conflict, ConflictKind, EngineError, IdentifyEvent, IdentifyOutcome, Ignored, IgnoredReason,
+};
 use crate::model::{Change, ChangeSet, EventRecord, HubRecord, Identifier, MergeCause, Profile, ProfileId};
 use crate::rules::{Rejection, RuleSet, UnknownTypePolicy};
 use crate::storage::GraphRead;
@@ -81,7 +83,11 @@ fn normalize_all(rules: &RuleSet, ev: &IdentifyEvent) -> Result<(Vec<Identifier>
                     ))
                 }
                 UnknownTypePolicy::Ignore => {
-                    ignored.push(Ignored { identifier: raw.clone(), reason: IgnoredReason::UnknownType, detail: format!("type {kind:?} is not in the rule set") });
+                    ignored.push(Ignored {
+                        identifier: raw.clone(),
+                        reason: IgnoredReason::UnknownType,
+                        detail: format!("type {kind:?} is not in the rule set"),
+                    });
                     continue;
                 }
             }
@@ -90,7 +96,11 @@ fn normalize_all(rules: &RuleSet, ev: &IdentifyEvent) -> Result<(Vec<Identifier>
             Ok(value) => {
                 let id = Identifier::new(kind, value);
                 if usable.contains(&id) {
-                    ignored.push(Ignored { identifier: raw.clone(), reason: IgnoredReason::Duplicate, detail: "same identifier twice in the event".into() });
+                    ignored.push(Ignored {
+                        identifier: raw.clone(),
+                        reason: IgnoredReason::Duplicate,
+                        detail: "same identifier twice in the event".into(),
+                    });
                 } else {
                     usable.push(id);
                 }
@@ -101,12 +111,20 @@ fn normalize_all(rules: &RuleSet, ev: &IdentifyEvent) -> Result<(Vec<Identifier>
     }
     if usable.is_empty() {
         let why: Vec<String> = ignored.iter().enumerate().map(|(i, g)| format!("#{i} {}", g.reason.as_str())).collect();
-        return Err(invalid("identifiers", format!("no usable identifier: every identifier was blocked, invalid or ignored ({})", why.join(", "))));
+        return Err(invalid(
+            "identifiers",
+            format!("no usable identifier: every identifier was blocked, invalid or ignored ({})", why.join(", ")),
+        ));
     }
     Ok((usable, ignored))
 }
 
-pub(super) fn identify<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, at_ms: i64, ev: &IdentifyEvent) -> Result<(ChangeSet, IdentifyOutcome), EngineError> {
+pub(super) fn identify<R: GraphRead + ?Sized>(
+    state: &R,
+    rules: &RuleSet,
+    at_ms: i64,
+    ev: &IdentifyEvent,
+) -> Result<(ChangeSet, IdentifyOutcome), EngineError> {
     validate(ev)?;
     let mut cs = ChangeSet::default();
     if let Some(rec) = state.event(&ev.event_id)? {
@@ -152,7 +170,10 @@ pub(super) fn identify<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, at_ms:
         let owner = state.owner(id)?;
         if let Some(pid) = &owner {
             if !profiles.contains_key(pid) {
-                let p = state.profile(pid)?.ok_or_else(|| crate::storage::StoreError::Corrupt { key: format!("p{pid}"), reason: "identifier points at a missing profile".into() })?;
+                let p = state.profile(pid)?.ok_or_else(|| crate::storage::StoreError::Corrupt {
+                    key: format!("p{pid}"),
+                    reason: "identifier points at a missing profile".into(),
+                })?;
                 profiles.insert(pid.clone(), p);
             }
         }
@@ -176,10 +197,12 @@ pub(super) fn identify<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, at_ms:
     }
 
     // The profiles the remaining identifiers belong to; the oldest survives.
-    let mut owners: Vec<Profile> = linking.iter().filter_map(|id| owner_of[id].clone()).collect::<BTreeSet<_>>().into_iter().map(|p| profiles[&p].clone()).collect();
+    let mut owners: Vec<Profile> =
+        linking.iter().filter_map(|id| owner_of[id].clone()).collect::<BTreeSet<_>>().into_iter().map(|p| profiles[&p].clone()).collect();
     owners.sort_by(oldest_first);
     let fresh: Vec<Identifier> = linking.iter().filter(|id| owner_of[*id].is_none()).cloned().collect();
-    let mut outcome = IdentifyOutcome { rule_version: rules.version().into(), ignored, identifiers_added: fresh.len() as u32, ..Default::default() };
+    let mut outcome =
+        IdentifyOutcome { rule_version: rules.version().into(), ignored, identifiers_added: fresh.len() as u32, ..Default::default() };
 
     let mut profile = if owners.is_empty() {
         outcome.created = true;
@@ -241,7 +264,15 @@ pub(super) fn identify<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, at_ms:
     Ok((cs, outcome))
 }
 
-fn record_collision<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cs: &mut ChangeSet, id: &Identifier, other: &ProfileId, v: &Violation, at_ms: i64) -> Result<(), EngineError> {
+fn record_collision<R: GraphRead + ?Sized>(
+    state: &R,
+    rules: &RuleSet,
+    cs: &mut ChangeSet,
+    id: &Identifier,
+    other: &ProfileId,
+    v: &Violation,
+    at_ms: i64,
+) -> Result<(), EngineError> {
     let mut hub = state.hub(id)?.unwrap_or_else(HubRecord::default);
     if hub.listed_at_ms.is_some() || hub.colliding_profiles.contains(other) {
         return Ok(());

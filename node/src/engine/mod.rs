@@ -248,8 +248,11 @@ pub fn find_profile<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, r: &Profi
     match r {
         ProfileRef::Identifier(raw) => {
             let id = normalize_ref(rules, raw, field)?;
-            let owner = state.owner(&id)?.ok_or_else(|| EngineError::NotFound { field: field.into(), what: format!("a profile holding this {}", id.kind) })?;
-            let profile = state.profile(&owner)?.ok_or_else(|| EngineError::NotFound { field: field.into(), what: format!("profile {owner}") })?;
+            let owner = state
+                .owner(&id)?
+                .ok_or_else(|| EngineError::NotFound { field: field.into(), what: format!("a profile holding this {}", id.kind) })?;
+            let profile =
+                state.profile(&owner)?.ok_or_else(|| EngineError::NotFound { field: field.into(), what: format!("profile {owner}") })?;
             Ok(FoundProfile { profile, resolved_from: None })
         }
         ProfileRef::ProfileId(pid) => {
@@ -282,9 +285,9 @@ pub fn resolve_profile_id<R: GraphRead + ?Sized>(state: &R, pid: &str) -> Result
 /// Normalises an identifier named in a look-up or operator request.
 pub(crate) fn normalize_ref(rules: &RuleSet, raw: &RawIdentifier, field: &str) -> Result<Identifier, EngineError> {
     let kind = raw.kind.trim().to_ascii_lowercase();
-    let rule = rules
-        .type_rule(&kind)
-        .ok_or_else(|| invalid(format!("{field}.type"), format!("unknown identifier type {kind:?}; the rule set knows {}", known_types(rules))))?;
+    let rule = rules.type_rule(&kind).ok_or_else(|| {
+        invalid(format!("{field}.type"), format!("unknown identifier type {kind:?}; the rule set knows {}", known_types(rules)))
+    })?;
     if raw.value.len() > MAX_VALUE_BYTES {
         return Err(invalid(format!("{field}.value"), format!("longer than {MAX_VALUE_BYTES} bytes")));
     }
@@ -316,5 +319,7 @@ pub fn find_merge<R: GraphRead + ?Sized>(state: &R, merge_id: &str) -> Result<Me
     if merge_id.trim().is_empty() {
         return Err(invalid("merge_id", "is empty"));
     }
-    state.merge_record(merge_id.trim())?.ok_or_else(|| EngineError::NotFound { field: "merge_id".into(), what: format!("merge {merge_id}") })
+    state
+        .merge_record(merge_id.trim())?
+        .ok_or_else(|| EngineError::NotFound { field: "merge_id".into(), what: format!("merge {merge_id}") })
 }

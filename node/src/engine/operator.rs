@@ -1,7 +1,10 @@
 //! Operator commands (merge, unmerge, delete) and the join of profiles that
 //! events and operators share.
 
-use super::{find_profile, invalid, make_id, normalize_ref, resolve_profile_id, traits, Command, ConflictKind, DeleteOutcome, EngineError, MergeOutcome, ProfileRef, UnmergeOutcome, UnmergeTarget};
+use super::{
+    find_profile, invalid, make_id, normalize_ref, resolve_profile_id, traits, Command, ConflictKind, DeleteOutcome, EngineError,
+    MergeOutcome, ProfileRef, UnmergeOutcome, UnmergeTarget,
+};
 use crate::model::{AbsorbedProfile, Change, ChangeSet, Identifier, MergeCause, MergeRecord, Profile};
 use crate::rules::RuleSet;
 use crate::storage::GraphRead;
@@ -21,8 +24,13 @@ pub(crate) struct Violation {
 impl Violation {
     pub fn message(&self, dropped_kind: &str) -> String {
         match self.kind {
-            ConflictKind::ProfileCap => format!("linking would put {} identifiers into one profile (cap {}); dropped the {dropped_kind}", self.count, self.limit),
-            _ => format!("linking would put {} identifiers of type {} into one profile (limit {}); dropped the {dropped_kind}", self.count, self.limit_type, self.limit),
+            ConflictKind::ProfileCap => {
+                format!("linking would put {} identifiers into one profile (cap {}); dropped the {dropped_kind}", self.count, self.limit)
+            }
+            _ => format!(
+                "linking would put {} identifiers of type {} into one profile (limit {}); dropped the {dropped_kind}",
+                self.count, self.limit_type, self.limit
+            ),
         }
     }
 
@@ -143,7 +151,14 @@ pub(crate) fn merge_into(
     survivor
 }
 
-pub(super) fn merge<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command, refs: &[ProfileRef], force: bool, reason: &str) -> Result<(ChangeSet, MergeOutcome), EngineError> {
+pub(super) fn merge<R: GraphRead + ?Sized>(
+    state: &R,
+    rules: &RuleSet,
+    cmd: &Command,
+    refs: &[ProfileRef],
+    force: bool,
+    reason: &str,
+) -> Result<(ChangeSet, MergeOutcome), EngineError> {
     if refs.len() < 2 {
         return Err(invalid("profiles", "name at least two profiles to merge"));
     }
@@ -187,7 +202,12 @@ pub(super) fn merge<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Com
     Ok((cs, outcome))
 }
 
-pub(super) fn unmerge<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command, target: &UnmergeTarget) -> Result<(ChangeSet, UnmergeOutcome), EngineError> {
+pub(super) fn unmerge<R: GraphRead + ?Sized>(
+    state: &R,
+    rules: &RuleSet,
+    cmd: &Command,
+    target: &UnmergeTarget,
+) -> Result<(ChangeSet, UnmergeOutcome), EngineError> {
     match target {
         UnmergeTarget::MergeId(merge_id) => undo_merge(state, rules, cmd, merge_id),
         UnmergeTarget::Split { profile_id, identifiers } => split(state, rules, cmd, profile_id, identifiers),
@@ -198,13 +218,21 @@ pub(super) fn unmerge<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &C
 /// its traits and lineage as of the merge, and those of its identifiers the
 /// survivor still holds. Identifiers that later events attached stay with
 /// the survivor, and so do the survivor's traits.
-fn undo_merge<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command, merge_id: &str) -> Result<(ChangeSet, UnmergeOutcome), EngineError> {
+fn undo_merge<R: GraphRead + ?Sized>(
+    state: &R,
+    rules: &RuleSet,
+    cmd: &Command,
+    merge_id: &str,
+) -> Result<(ChangeSet, UnmergeOutcome), EngineError> {
     let mut rec = super::find_merge(state, merge_id)?;
     if rec.undone_at_ms.is_some() {
         return Err(EngineError::FailedPrecondition { reason: format!("merge {} was already undone", rec.id), limit: None });
     }
     let mut holder = resolve_profile_id(state, &rec.survivor)?
-        .ok_or_else(|| EngineError::FailedPrecondition { reason: format!("the profile merge {} built no longer exists (erased)", rec.id), limit: None })?
+        .ok_or_else(|| EngineError::FailedPrecondition {
+            reason: format!("the profile merge {} built no longer exists (erased)", rec.id),
+            limit: None,
+        })?
         .profile;
     let mut cs = ChangeSet::default();
     let mut outcome = UnmergeOutcome { profile_id: holder.id.clone(), ..Default::default() };
@@ -245,10 +273,16 @@ fn undo_merge<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command, 
         cs.counters.profiles += 1;
     }
     if outcome.new_profile_ids.is_empty() {
-        return Err(EngineError::FailedPrecondition { reason: format!("nothing of merge {} is left to undo: its absorbed identifiers have all moved on", rec.id), limit: None });
+        return Err(EngineError::FailedPrecondition {
+            reason: format!("nothing of merge {} is left to undo: its absorbed identifiers have all moved on", rec.id),
+            limit: None,
+        });
     }
     if holder.identifiers.is_empty() {
-        return Err(EngineError::FailedPrecondition { reason: format!("undoing merge {} would leave profile {} without identifiers", rec.id, holder.id), limit: None });
+        return Err(EngineError::FailedPrecondition {
+            reason: format!("undoing merge {} would leave profile {} without identifiers", rec.id, holder.id),
+            limit: None,
+        });
     }
     holder.updated_ms = cmd.at_ms;
     holder.rule_version = rules.version().into();
@@ -260,7 +294,13 @@ fn undo_merge<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command, 
 }
 
 /// Moves named identifiers out of a profile into a new profile.
-fn split<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command, profile_id: &str, raw: &[super::RawIdentifier]) -> Result<(ChangeSet, UnmergeOutcome), EngineError> {
+fn split<R: GraphRead + ?Sized>(
+    state: &R,
+    rules: &RuleSet,
+    cmd: &Command,
+    profile_id: &str,
+    raw: &[super::RawIdentifier],
+) -> Result<(ChangeSet, UnmergeOutcome), EngineError> {
     if raw.is_empty() {
         return Err(invalid("split.identifiers", "name at least one identifier to split out"));
     }
@@ -273,12 +313,18 @@ fn split<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command, profi
         let field = format!("split.identifiers[{i}]");
         let id = normalize_ref(rules, r, &field)?;
         if !holder.holds(&id) {
-            return Err(EngineError::FailedPrecondition { reason: format!("{field}: profile {} does not hold this {}", holder.id, id.kind), limit: None });
+            return Err(EngineError::FailedPrecondition {
+                reason: format!("{field}: profile {} does not hold this {}", holder.id, id.kind),
+                limit: None,
+            });
         }
         moved.insert(id);
     }
     if moved.len() == holder.identifiers.len() {
-        return Err(EngineError::FailedPrecondition { reason: format!("split would leave profile {} without identifiers; delete it instead", holder.id), limit: None });
+        return Err(EngineError::FailedPrecondition {
+            reason: format!("split would leave profile {} without identifiers; delete it instead", holder.id),
+            limit: None,
+        });
     }
     let new_id = make_id("p", cmd.at_ms, &["split", &cmd.op_id]);
     holder.identifiers.retain(|id| !moved.contains(id));
@@ -288,7 +334,8 @@ fn split<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command, profi
     for id in &moved {
         cs.push(Change::PutOwner(id.clone(), new_id.clone()));
     }
-    let outcome = UnmergeOutcome { profile_id: holder.id.clone(), new_profile_ids: vec![new_id.clone()], identifiers_moved: moved.len() as u32 };
+    let outcome =
+        UnmergeOutcome { profile_id: holder.id.clone(), new_profile_ids: vec![new_id.clone()], identifiers_moved: moved.len() as u32 };
     cs.push(Change::PutProfile(Profile {
         id: new_id,
         identifiers: moved.into_iter().collect(),

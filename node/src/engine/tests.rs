@@ -113,7 +113,7 @@ fn check_invariants(store: &MemStore, rules: &RuleSet) {
 fn first_event_creates_a_profile_with_normalised_identifiers() {
     let mut g = Graph::new();
     let o = g.ok("e1", &[("email", " Ann@Shop.COM "), ("phone", "(555) 010-2233")]);
-    assert!(o.created && !o.merge_id.is_some() && !o.duplicate);
+    assert!(o.created && o.merge_id.is_none() && !o.duplicate);
     assert_eq!(o.identifiers_added, 2);
     let p = g.profile_of("email", "ann@shop.com");
     assert_eq!(p.id, o.profile_id);
@@ -160,7 +160,7 @@ fn limit_conflict_drops_the_lowest_priority_identifier() {
     // The shared tablet is seen with a second user: linking would put two
     // user_ids into one profile (limit 1).
     let o = g.ok("e2", &[("user_id", "u2"), ("device_id", "tablet")]);
-    assert!(!o.merge_id.is_some());
+    assert!(o.merge_id.is_none());
     assert!(o.created);
     assert_ne!(o.profile_id, u1.profile_id);
     assert_eq!(o.conflicts.len(), 1);
@@ -191,7 +191,8 @@ fn event_resolves_to_its_highest_priority_identifier_after_drops() {
 #[test]
 fn blocked_and_invalid_identifiers_are_reported_and_skipped() {
     let mut g = Graph::new();
-    let o = g.ok("e1", &[("email", "test@test.com"), ("user_id", "null"), ("phone", "12"), ("anonymous_id", "a-1"), ("anonymous_id", " a-1")]);
+    let o =
+        g.ok("e1", &[("email", "test@test.com"), ("user_id", "null"), ("phone", "12"), ("anonymous_id", "a-1"), ("anonymous_id", " a-1")]);
     let reasons: Vec<_> = o.ignored.iter().map(|i| i.reason).collect();
     assert_eq!(reasons, vec![IgnoredReason::Blocked, IgnoredReason::Blocked, IgnoredReason::Invalid, IgnoredReason::Duplicate]);
     assert_eq!(g.profile_of("anonymous_id", "a-1").identifiers.len(), 1);
@@ -203,7 +204,8 @@ fn bad_events_are_refused_with_the_field_named_and_change_nothing() {
     let long = "x".repeat(MAX_VALUE_BYTES + 1);
     let many: Vec<(String, String)> = (0..65).map(|i| ("anonymous_id".to_string(), format!("a{i}"))).collect();
     let many: Vec<(&str, &str)> = many.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         ("", vec![("email", "a@b.co")], "event_id"),
         ("e", vec![], "identifiers"),
         ("e", vec![("shoe_size", "42")], "identifiers[0].type"),
@@ -263,7 +265,7 @@ fn hub_value_is_listed_after_colliding_with_many_profiles_and_stops_merging() {
     let anon = g.ok("e-anon", &[("anonymous_id", "anon-z")]);
     let o = g.ok("e-last", &[("anonymous_id", "anon-z"), ("device_id", "family-tablet")]);
     assert_eq!(o.profile_id, anon.profile_id);
-    assert!(!o.merge_id.is_some());
+    assert!(o.merge_id.is_none());
     assert_eq!(o.conflicts[0].kind, ConflictKind::Hub);
     assert_eq!(g.store.counters().unwrap().hubs, 1);
 }
@@ -392,14 +394,23 @@ fn apply_all(g: &mut Graph, evs: &[(usize, EventSpec)]) {
             })
             .collect();
         let ids: Vec<(&str, &str)> = ids.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-        let traits: serde_json::Map<String, serde_json::Value> = traits.iter().map(|(k, v)| (TRAITS[*k as usize].to_string(), json!(v))).collect();
+        let traits: serde_json::Map<String, serde_json::Value> =
+            traits.iter().map(|(k, v)| (TRAITS[*k as usize].to_string(), json!(v))).collect();
         g.event(&format!("ev-{n}"), *ts, &ids, serde_json::Value::Object(traits)).unwrap();
     }
 }
 
 /// The partition of identifiers, each part with its traits' values.
-fn partition(g: &Graph) -> BTreeSet<(Vec<Identifier>, Vec<(String, String)>)> {
-    g.store.all_profiles().unwrap().into_iter().map(|p| (p.identifiers, p.traits.into_iter().map(|(k, v)| (k, v.value.to_string())).collect())).collect()
+/// One profile: its identifiers and its traits (name, value as JSON text).
+type Part = (Vec<Identifier>, Vec<(String, String)>);
+
+fn partition(g: &Graph) -> BTreeSet<Part> {
+    g.store
+        .all_profiles()
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.identifiers, p.traits.into_iter().map(|(k, v)| (k, v.value.to_string())).collect()))
+        .collect()
 }
 
 proptest! {

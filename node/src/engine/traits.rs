@@ -48,10 +48,34 @@ pub fn combine(policy: TraitPolicy, a: &TraitState, b: &TraitState) -> TraitStat
     let by_time = when(a).cmp(&when(b)).then_with(|| value_cmp(&a.value, &b.value));
     let by_value = value_cmp(&a.value, &b.value).then_with(|| when(a).cmp(&when(b)));
     match policy {
-        TraitPolicy::Last => if by_time == Ordering::Less { b.clone() } else { a.clone() },
-        TraitPolicy::First => if by_time == Ordering::Greater { b.clone() } else { a.clone() },
-        TraitPolicy::Max => if by_value == Ordering::Less { b.clone() } else { a.clone() },
-        TraitPolicy::Min => if by_value == Ordering::Greater { b.clone() } else { a.clone() },
+        TraitPolicy::Last => {
+            if by_time == Ordering::Less {
+                b.clone()
+            } else {
+                a.clone()
+            }
+        }
+        TraitPolicy::First => {
+            if by_time == Ordering::Greater {
+                b.clone()
+            } else {
+                a.clone()
+            }
+        }
+        TraitPolicy::Max => {
+            if by_value == Ordering::Less {
+                b.clone()
+            } else {
+                a.clone()
+            }
+        }
+        TraitPolicy::Min => {
+            if by_value == Ordering::Greater {
+                b.clone()
+            } else {
+                a.clone()
+            }
+        }
         TraitPolicy::Union => {
             let mut all = union_values(&a.value);
             all.extend(union_values(&b.value));

@@ -1,7 +1,9 @@
 //! Conversions between the generated `idgraph.v1` types and the domain
 //! types. Generated types go no further into the node than this module.
 
-use crate::engine::{self, Conflict, ConflictKind, EngineError, FoundProfile, IdentifyEvent, IdentifyOutcome, Ignored, ProfileRef, RawIdentifier};
+use crate::engine::{
+    self, Conflict, ConflictKind, EngineError, FoundProfile, IdentifyEvent, IdentifyOutcome, Ignored, ProfileRef, RawIdentifier,
+};
 use crate::model::{Identifier, MergeCause, MergeRecord, Profile};
 use idgraph_proto::v1 as pb;
 use prost_types::value::Kind;
@@ -46,9 +48,9 @@ fn json_value(v: prost_types::Value, field: &str, depth: usize) -> Result<Value,
             }
         }
         Some(Kind::StructValue(s)) => Value::Object(json_object(s, field, depth + 1)?.into_iter().collect()),
-        Some(Kind::ListValue(l)) => {
-            Value::Array(l.values.into_iter().enumerate().map(|(i, v)| json_value(v, &format!("{field}[{i}]"), depth + 1)).collect::<Result<_, _>>()?)
-        }
+        Some(Kind::ListValue(l)) => Value::Array(
+            l.values.into_iter().enumerate().map(|(i, v)| json_value(v, &format!("{field}[{i}]"), depth + 1)).collect::<Result<_, _>>()?,
+        ),
     })
 }
 
@@ -147,7 +149,9 @@ pub fn profile(p: Profile, resolved_from: Option<String>) -> pb::Profile {
     pb::Profile {
         profile_id: p.id,
         identifiers: p.identifiers.iter().map(identifier).collect(),
-        traits: Some(prost_types::Struct { fields: p.traits.iter().map(|(k, v)| (k.clone(), idgraph_proto::json::to_value(&v.value))).collect() }),
+        traits: Some(prost_types::Struct {
+            fields: p.traits.iter().map(|(k, v)| (k.clone(), idgraph_proto::json::to_value(&v.value))).collect(),
+        }),
         merged_from: p.merged_from,
         created_ms: p.created_ms,
         updated_ms: p.updated_ms,
@@ -165,9 +169,10 @@ pub fn unmerge_target(req: pb::UnmergeRequest) -> Result<engine::UnmergeTarget, 
     use pb::unmerge_request::Target;
     match req.target {
         Some(Target::MergeId(m)) => Ok(engine::UnmergeTarget::MergeId(m)),
-        Some(Target::Split(s)) => {
-            Ok(engine::UnmergeTarget::Split { profile_id: s.profile_id, identifiers: s.identifiers.into_iter().map(raw_identifier).collect() })
-        }
+        Some(Target::Split(s)) => Ok(engine::UnmergeTarget::Split {
+            profile_id: s.profile_id,
+            identifiers: s.identifiers.into_iter().map(raw_identifier).collect(),
+        }),
         None => Err(invalid("target", "set either merge_id or split")),
     }
 }

@@ -68,7 +68,10 @@ impl IdentityGraph for IdentityGraphService {
                             Ok(r) => r,
                             Err(e) => {
                                 let s = Status::from(e);
-                                pb::IdentifyResponse { error: Some(pb::EventError { code: s.code() as i32, message: s.message().to_string() }), ..Default::default() }
+                                pb::IdentifyResponse {
+                                    error: Some(pb::EventError { code: s.code() as i32, message: s.message().to_string() }),
+                                    ..Default::default()
+                                }
                             }
                         }),
                         Err(s) => Err(status::oversized_to_resource_exhausted(s)),
@@ -118,7 +121,11 @@ impl IdentityGraph for IdentityGraphService {
         let reason = req.reason.clone();
         let target = convert::unmerge_target(req).map_err(|e| Status::from(ServiceError::from(e)))?;
         match self.router.execute(CommandKind::Unmerge { target, reason }).await? {
-            Outcome::Unmerge(o) => Ok(Response::new(pb::UnmergeResponse { profile_id: o.profile_id, new_profile_ids: o.new_profile_ids, identifiers_moved: o.identifiers_moved })),
+            Outcome::Unmerge(o) => Ok(Response::new(pb::UnmergeResponse {
+                profile_id: o.profile_id,
+                new_profile_ids: o.new_profile_ids,
+                identifiers_moved: o.identifiers_moved,
+            })),
             other => Err(unexpected(other)),
         }
     }

@@ -67,7 +67,11 @@ pub fn oversized_to_resource_exhausted(status: Status) -> Status {
 /// before reaching its handler).
 pub fn fix_oversized_response<B>(mut resp: http::Response<B>) -> http::Response<B> {
     let oversized = resp.headers().get("grpc-status").is_some_and(|v| v == "11")
-        && resp.headers().get("grpc-message").and_then(|v| v.to_str().ok()).is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+        && resp
+            .headers()
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
     if oversized {
         resp.headers_mut().insert("grpc-status", http::HeaderValue::from_static("8"));
     }

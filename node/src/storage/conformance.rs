@@ -3,7 +3,9 @@
 //! [`run_all`] with a constructor of fresh, empty stores.
 
 use super::GraphStore;
-use crate::model::{AbsorbedProfile, Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeCause, MergeRecord, Profile, TraitState};
+use crate::model::{
+    AbsorbedProfile, Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeCause, MergeRecord, Profile, TraitState,
+};
 use std::collections::BTreeMap;
 
 fn profile(id: &str, ids: &[(&str, &str)]) -> Profile {
@@ -88,7 +90,11 @@ pub fn records_round_trip<S: GraphStore>(s: &S) {
 pub fn last_write_in_a_change_set_wins<S: GraphStore>(s: &S) {
     let id = Identifier::new("user_id", "u1");
     let cs = ChangeSet {
-        changes: vec![Change::PutOwner(id.clone(), "p_a".into()), Change::DeleteOwner(id.clone()), Change::PutOwner(id.clone(), "p_b".into())],
+        changes: vec![
+            Change::PutOwner(id.clone(), "p_a".into()),
+            Change::DeleteOwner(id.clone()),
+            Change::PutOwner(id.clone(), "p_b".into()),
+        ],
         counters: Counters::default(),
     };
     s.apply(&cs).unwrap();

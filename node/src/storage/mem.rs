@@ -62,9 +62,7 @@ impl GraphRead for MemStore {
         self.with(|t| t.hubs.get(id).cloned())
     }
     fn listed_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, StoreError> {
-        self.with(|t| {
-            t.hubs.iter().filter(|(_, h)| h.listed_at_ms.is_some()).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()
-        })
+        self.with(|t| t.hubs.iter().filter(|(_, h)| h.listed_at_ms.is_some()).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
     }
     fn counters(&self) -> Result<Counters, StoreError> {
         self.with(|t| t.counters)

@@ -53,7 +53,10 @@ impl SledDb {
                 db.flush().map_err(io)?;
             }
             Some(v) if v.as_ref() != LAYOUT_VERSION.as_bytes() => {
-                return Err(StoreError::Layout(format!("data directory has layout {}, this build reads {LAYOUT_VERSION}", String::from_utf8_lossy(&v))));
+                return Err(StoreError::Layout(format!(
+                    "data directory has layout {}, this build reads {LAYOUT_VERSION}",
+                    String::from_utf8_lossy(&v)
+                )));
             }
             Some(_) => {
                 let stored = meta.get("shards").map_err(io)?.and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok()).map(u32::from_be_bytes);
@@ -149,7 +152,10 @@ impl GraphRead for SledStore {
             let (k, v) = kv.map_err(io)?;
             let rec: HubRecord = decode(&k, &v)?;
             if rec.listed_at_ms.is_some() {
-                let id = parse_id_key(&k).ok_or_else(|| StoreError::Corrupt { key: String::from_utf8_lossy(&k).into_owned(), reason: "bad identifier key".into() })?;
+                let id = parse_id_key(&k).ok_or_else(|| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: "bad identifier key".into(),
+                })?;
                 out.push((id, rec));
                 if out.len() >= limit {
                     break;
