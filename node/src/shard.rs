@@ -21,7 +21,7 @@ use crate::rules::RuleSet;
 use crate::storage::{GraphStore, StoreError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::sync::Arc;
-use tracing::{error, info, instrument, warn};
+use tracing::{debug, error, info, instrument, warn};
 
 pub type Reply<T> = RpcReplyPort<Result<T, EngineError>>;
 
@@ -61,6 +61,7 @@ pub struct ShardArgs {
 type Parked = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 
 pub struct ShardState {
+    node: Arc<str>,
     shard: ShardId,
     store: Arc<dyn GraphStore>,
     rules: Arc<RuleSet>,
@@ -97,16 +98,21 @@ impl Actor for ShardActor {
     async fn pre_start(&self, _myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
         let store = (args.open)(args.shard)?;
         info!(shard = %args.shard, rule_version = args.rules.version(), "shard started");
-        Ok(ShardState { shard: args.shard, store, rules: args.rules, parked: Vec::new(), flush_posted: false })
+        Ok(ShardState { node: args.node, shard: args.shard, store, rules: args.rules, parked: Vec::new(), flush_posted: false })
     }
 
-    #[instrument(skip_all, fields(shard = %state.shard))]
+    #[instrument(skip_all, fields(node = %state.node, shard = %state.shard))]
     async fn handle(&self, myself: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Execute(cmd, port) => {
                 let result = engine::execute(&*state.store, &state.rules, &cmd);
                 match result {
                     Ok((changes, outcome)) => {
+                        if let Outcome::Identify(o) = &outcome {
+                            for c in &o.conflicts {
+                                debug!(identifier = %c.identifier.redacted(), kind = ?c.kind, limit_type = %c.limit_type, "identifier dropped by merge protection");
+                            }
+                        }
                         if changes.is_empty() {
                             state.reply(port, Ok(outcome));
                         } else if let Err(e) = state.store.apply(&changes) {
