@@ -150,7 +150,8 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     let max = config.max_message_bytes;
     let graph = IdentityGraphServer::new(IdentityGraphService::new(router.clone(), config.stream_window))
         .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+        // Responses are bounded by the rule set's caps, not by the request limit.
+        .max_encoding_message_size(64 * 1024 * 1024);
     let admin = AdminServer::new(AdminService::new(router.clone())).max_decoding_message_size(max);
 
     let (tx, rx) = oneshot::channel::<()>();

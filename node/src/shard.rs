@@ -67,16 +67,34 @@ pub struct ShardState {
     rules: Arc<RuleSet>,
     parked: Vec<Parked>,
     flush_posted: bool,
+    /// Changes were applied since the last successful flush.
+    unsynced: bool,
 }
 
 impl ShardState {
-    /// Sends `result` now, or after the pending flush if one is pending.
-    fn reply<T: Send + 'static>(&mut self, port: Reply<T>, result: Result<T, EngineError>) {
-        if self.parked.is_empty() {
-            let _ = port.send(result);
-        } else {
+    /// Sends `result` now if everything applied so far is durable, else
+    /// after the next flush.
+    fn reply<T: Send + 'static>(
+        &mut self,
+        myself: &ActorRef<ShardMsg>,
+        port: Reply<T>,
+        result: Result<T, EngineError>,
+    ) -> Result<(), ActorProcessingErr> {
+        if self.unsynced {
             self.park(port, result);
+            self.post_flush(myself)?;
+        } else {
+            let _ = port.send(result);
         }
+        Ok(())
+    }
+
+    fn post_flush(&mut self, myself: &ActorRef<ShardMsg>) -> Result<(), ActorProcessingErr> {
+        if !self.flush_posted {
+            self.flush_posted = true;
+            myself.send_message(ShardMsg::Flush)?;
+        }
+        Ok(())
     }
 
     /// Sends `result` after the next flush, or the flush's error instead.
@@ -97,8 +115,20 @@ impl Actor for ShardActor {
 
     async fn pre_start(&self, _myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
         let store = (args.open)(args.shard)?;
+        // After a restart the store may hold changes of the failed actor that
+        // were never fsync'd (nor acknowledged): make them durable before
+        // anything is served from them.
+        store.flush()?;
         info!(shard = %args.shard, rule_version = args.rules.version(), "shard started");
-        Ok(ShardState { node: args.node, shard: args.shard, store, rules: args.rules, parked: Vec::new(), flush_posted: false })
+        Ok(ShardState {
+            node: args.node,
+            shard: args.shard,
+            store,
+            rules: args.rules,
+            parked: Vec::new(),
+            flush_posted: false,
+            unsynced: false,
+        })
     }
 
     #[instrument(skip_all, fields(node = %state.node, shard = %state.shard))]
@@ -114,36 +144,34 @@ impl Actor for ShardActor {
                             }
                         }
                         if changes.is_empty() {
-                            state.reply(port, Ok(outcome));
+                            state.reply(&myself, port, Ok(outcome))?;
                         } else if let Err(e) = state.store.apply(&changes) {
                             warn!(error = %e, "applying a change set failed");
-                            state.reply(port, Err(EngineError::Store(e)));
+                            state.reply(&myself, port, Err(EngineError::Store(e)))?;
                         } else {
+                            state.unsynced = true;
                             state.park(port, Ok(outcome));
-                            if !state.flush_posted {
-                                state.flush_posted = true;
-                                myself.send_message(ShardMsg::Flush)?;
-                            }
+                            state.post_flush(&myself)?;
                         }
                     }
-                    Err(e) => state.reply(port, Err(e)),
+                    Err(e) => state.reply(&myself, port, Err(e))?,
                 }
             }
             ShardMsg::GetProfile(r, port) => {
                 let result = engine::find_profile(&*state.store, &state.rules, &r, "key");
-                state.reply(port, result);
+                state.reply(&myself, port, result)?;
             }
             ShardMsg::GetMerge(id, port) => {
                 let result = engine::find_merge(&*state.store, &id);
-                state.reply(port, result);
+                state.reply(&myself, port, result)?;
             }
             ShardMsg::ListHubs(limit, port) => {
                 let result = state.store.listed_hubs(limit).map_err(EngineError::from);
-                state.reply(port, result);
+                state.reply(&myself, port, result)?;
             }
             ShardMsg::Counters(port) => {
                 let result = state.store.counters().map_err(EngineError::from);
-                state.reply(port, result);
+                state.reply(&myself, port, result)?;
             }
             ShardMsg::Flush => {
                 state.flush_posted = false;
@@ -152,12 +180,17 @@ impl Actor for ShardActor {
                 let flushed = tokio::task::spawn_blocking(move || store.flush())
                     .await
                     .unwrap_or_else(|e| Err(StoreError::Io(format!("flush task failed: {e}"))));
-                if let Err(e) = &flushed {
-                    error!(error = %e, batch = parked.len(), "fsync failed; the batch is not acknowledged");
-                }
                 for p in parked {
                     p(&flushed);
                 }
+                if let Err(e) = flushed {
+                    // What the store holds in memory may never reach disk: fail,
+                    // so that the supervisor reopens the store and flushes it
+                    // before anything is served again.
+                    error!(error = %e, "fsync failed; restarting the shard");
+                    return Err(Box::new(e));
+                }
+                state.unsynced = false;
             }
             ShardMsg::Crash => panic!("shard actor asked to crash (test hook)"),
         }

@@ -195,6 +195,17 @@ pub(super) fn identify<R: GraphRead + ?Sized>(
             _ => break,
         }
     }
+    // A dropped identifier whose profile is joined anyway (through a
+    // higher-priority identifier) changed nothing by being dropped: it stays
+    // in the event and is no conflict.
+    let joined: BTreeSet<ProfileId> = linking.iter().filter_map(|id| owner_of[id].clone()).collect();
+    dropped.retain(|(id, _)| {
+        let rejoin = owner_of[id].as_ref().is_some_and(|o| joined.contains(o));
+        if rejoin {
+            linking.push(id.clone());
+        }
+        !rejoin
+    });
 
     // The profiles the remaining identifiers belong to; the oldest survives.
     let mut owners: Vec<Profile> =

@@ -58,6 +58,9 @@ use std::collections::BTreeMap;
 pub use identify::MAX_IDENTIFIERS_PER_EVENT;
 pub use identify::MAX_VALUE_BYTES;
 
+/// Profile and merge ids are 28 characters; anything much longer is not one.
+pub const MAX_ID_BYTES: usize = 128;
+
 /// An identifier as a caller sent it, before normalisation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawIdentifier {
@@ -251,14 +254,19 @@ pub fn find_profile<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, r: &Profi
             let owner = state
                 .owner(&id)?
                 .ok_or_else(|| EngineError::NotFound { field: field.into(), what: format!("a profile holding this {}", id.kind) })?;
-            let profile =
-                state.profile(&owner)?.ok_or_else(|| EngineError::NotFound { field: field.into(), what: format!("profile {owner}") })?;
+            let profile = state.profile(&owner)?.ok_or_else(|| StoreError::Corrupt {
+                key: format!("p{owner}"),
+                reason: "an identifier points at a missing profile".into(),
+            })?;
             Ok(FoundProfile { profile, resolved_from: None })
         }
         ProfileRef::ProfileId(pid) => {
             let pid = pid.trim();
             if pid.is_empty() {
                 return Err(invalid(field, "profile id is empty"));
+            }
+            if pid.len() > MAX_ID_BYTES {
+                return Err(invalid(field, format!("longer than {MAX_ID_BYTES} bytes; not a profile id")));
             }
             resolve_profile_id(state, pid)?.ok_or_else(|| EngineError::NotFound { field: field.into(), what: format!("profile {pid}") })
         }
@@ -284,6 +292,9 @@ pub fn resolve_profile_id<R: GraphRead + ?Sized>(state: &R, pid: &str) -> Result
 
 /// Normalises an identifier named in a look-up or operator request.
 pub(crate) fn normalize_ref(rules: &RuleSet, raw: &RawIdentifier, field: &str) -> Result<Identifier, EngineError> {
+    if raw.kind.len() > 64 {
+        return Err(invalid(format!("{field}.type"), "longer than 64 bytes"));
+    }
     let kind = raw.kind.trim().to_ascii_lowercase();
     let rule = rules.type_rule(&kind).ok_or_else(|| {
         invalid(format!("{field}.type"), format!("unknown identifier type {kind:?}; the rule set knows {}", known_types(rules)))
@@ -318,6 +329,9 @@ pub(crate) fn make_id(prefix: &str, ts_ms: i64, seed: &[&str]) -> String {
 pub fn find_merge<R: GraphRead + ?Sized>(state: &R, merge_id: &str) -> Result<MergeRecord, EngineError> {
     if merge_id.trim().is_empty() {
         return Err(invalid("merge_id", "is empty"));
+    }
+    if merge_id.len() > MAX_ID_BYTES {
+        return Err(invalid("merge_id", format!("longer than {MAX_ID_BYTES} bytes; not a merge id")));
     }
     state
         .merge_record(merge_id.trim())?

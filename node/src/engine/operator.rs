@@ -180,6 +180,13 @@ pub(super) fn merge<R: GraphRead + ?Sized>(
         return Ok((cs, MergeOutcome { profile_id: profiles.remove(0).id, ..Default::default() }));
     }
     let violations = check_limits(rules, &profiles.iter().collect::<Vec<_>>(), &[]);
+    if let Some(v) = violations.iter().find(|v| v.kind == ConflictKind::ProfileCap) {
+        // The per-profile cap bounds what one record holds: not forceable.
+        return Err(EngineError::FailedPrecondition {
+            reason: format!("merge refused: it would break the {} (not overridable by force)", v.describe()),
+            limit: Some("max_identifiers_per_profile".into()),
+        });
+    }
     if let Some(v) = violations.first() {
         if !force {
             return Err(EngineError::FailedPrecondition {
@@ -254,7 +261,8 @@ fn undo_merge<R: GraphRead + ?Sized>(
         holder.identifiers.retain(|id| !moved.contains(id));
         let gone: BTreeSet<&String> = regained.iter().chain([&side.id]).collect();
         holder.merged_from.retain(|m| !gone.contains(m));
-        holder.lineage.retain(|m| !side.lineage.contains(m));
+        // The holder keeps every lineage entry: records that mention
+        // identifiers it held must go when it is erased.
         for id in &moved {
             cs.push(Change::PutOwner(id.clone(), side.id.clone()));
         }
@@ -326,6 +334,18 @@ fn split<R: GraphRead + ?Sized>(
             limit: None,
         });
     }
+    // Merge records that mention a moved identifier follow it, so that
+    // erasing the new profile erases them too.
+    let mut lineage = Vec::new();
+    for m in &holder.lineage {
+        if let Some(rec) = state.merge_record(m)? {
+            let mentions =
+                rec.added.iter().chain(rec.absorbed.iter().flat_map(|a| a.profile.identifiers.iter())).any(|id| moved.contains(id));
+            if mentions {
+                lineage.push(m.clone());
+            }
+        }
+    }
     let new_id = make_id("p", cmd.at_ms, &["split", &cmd.op_id]);
     holder.identifiers.retain(|id| !moved.contains(id));
     holder.updated_ms = cmd.at_ms;
@@ -341,7 +361,7 @@ fn split<R: GraphRead + ?Sized>(
         identifiers: moved.into_iter().collect(),
         traits: BTreeMap::new(),
         merged_from: Vec::new(),
-        lineage: Vec::new(),
+        lineage,
         created_ms: cmd.at_ms,
         updated_ms: cmd.at_ms,
         rule_version: rules.version().into(),

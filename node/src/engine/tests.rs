@@ -189,6 +189,25 @@ fn event_resolves_to_its_highest_priority_identifier_after_drops() {
 }
 
 #[test]
+fn an_identifier_whose_profile_is_joined_anyway_is_not_reported_as_dropped() {
+    let mut g = Graph::new();
+    // P holds three phones; R (newer) holds an e-mail, a device and two phones.
+    let p = g.ok("e1", &[("user_id", "u"), ("phone", "2125550001"), ("phone", "2125550002"), ("phone", "2125550003")]);
+    let r = g.ok("e2", &[("email", "r@shop.com"), ("device_id", "d"), ("phone", "2125550004"), ("phone", "2125550005")]);
+    // Joining P and R plus a sixth phone breaks the phone limit (5). The
+    // device is dropped first, but R is still joined through the e-mail, so
+    // dropping it changes nothing: only the new phone is a conflict.
+    let o = g.ok("e3", &[("user_id", "u"), ("email", "r@shop.com"), ("phone", "2125550006"), ("device_id", "d")]);
+    assert_eq!(o.profile_id, p.profile_id);
+    assert_eq!(o.merged_profile_ids, vec![r.profile_id]);
+    assert_eq!(o.conflicts.len(), 1, "{:?}", o.conflicts);
+    assert_eq!(o.conflicts[0].identifier, Identifier::new("phone", "12125550006"));
+    assert_eq!(o.conflicts[0].kept_in, None);
+    assert!(g.store.hub(&Identifier::new("device_id", "d")).unwrap().is_none(), "no hub strike against a value that was merged");
+    assert_eq!(g.profile_of("device_id", "d").id, p.profile_id);
+}
+
+#[test]
 fn blocked_and_invalid_identifiers_are_reported_and_skipped() {
     let mut g = Graph::new();
     let o =
@@ -358,6 +377,33 @@ fn delete_erases_the_profile_and_frees_its_identifiers() {
     assert!(again.created, "the identifier can be used again");
     // A redelivery of an erased person's event does not bring them back.
     assert!(g.ok("e1", &[("email", "gone@shop.com")]).duplicate);
+}
+
+#[test]
+fn erasure_removes_every_merge_record_that_mentions_an_erased_identifier() {
+    // Split case: the record of the merge that brought the e-mail in follows
+    // it into the split-out profile.
+    let mut g = Graph::new();
+    g.ok("e1", &[("user_id", "s")]);
+    g.ok("e2", &[("email", "erase-me@shop.com")]);
+    let m = g.ok("e3", &[("user_id", "s"), ("email", "erase-me@shop.com")]);
+    let holder = g.profile_of("user_id", "s");
+    let split = UnmergeTarget::Split { profile_id: holder.id.clone(), identifiers: vec![RawIdentifier::new("email", "erase-me@shop.com")] };
+    g.unmerge(split).unwrap();
+    g.run(CommandKind::Delete(idref("email", "erase-me@shop.com"))).unwrap();
+    assert!(g.store.merge_record(m.merge_id.as_deref().unwrap()).unwrap().is_none());
+
+    // Undo, re-merge, undo: the first record stays in the holder's lineage.
+    let mut g = Graph::new();
+    g.ok("f1", &[("user_id", "t")]);
+    g.ok("f2", &[("email", "a@shop.com")]);
+    let m1 = g.ok("f3", &[("user_id", "t"), ("email", "a@shop.com"), ("device_id", "x1")]);
+    g.unmerge(UnmergeTarget::MergeId(m1.merge_id.clone().unwrap())).unwrap();
+    let m2 = g.ok("f4", &[("user_id", "t"), ("email", "a@shop.com")]);
+    g.unmerge(UnmergeTarget::MergeId(m2.merge_id.clone().unwrap())).unwrap();
+    g.run(CommandKind::Delete(idref("user_id", "t"))).unwrap();
+    let rec = g.store.merge_record(m1.merge_id.as_deref().unwrap()).unwrap();
+    assert!(rec.is_none(), "merge record naming device x1 outlived its erasure");
 }
 
 // ---- properties -------------------------------------------------------

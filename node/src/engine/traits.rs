@@ -8,6 +8,12 @@ use serde_json::Value;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
+/// A profile keeps at most this many traits; later new names are ignored.
+pub const MAX_TRAITS_PER_PROFILE: usize = 512;
+/// A `union` trait keeps at most this many values (the smallest, in the
+/// value order below, so that the choice stays order independent).
+pub const MAX_UNION_VALUES: usize = 256;
+
 /// A total order over JSON values: null < bool < number < string < array <
 /// object; numbers numerically, the rest by their canonical text.
 fn value_cmp(a: &Value, b: &Value) -> Ordering {
@@ -81,6 +87,7 @@ pub fn combine(policy: TraitPolicy, a: &TraitState, b: &TraitState) -> TraitStat
             all.extend(union_values(&b.value));
             all.sort_by(value_cmp);
             all.dedup();
+            all.truncate(MAX_UNION_VALUES);
             let latest = if by_time == Ordering::Less { b } else { a };
             TraitState { value: Value::Array(all), ts: latest.ts, event_id: latest.event_id.clone() }
         }
@@ -96,10 +103,12 @@ pub fn apply_event(rules: &RuleSet, into: &mut BTreeMap<String, TraitState>, tra
             let mut vals = union_values(v);
             vals.sort_by(value_cmp);
             vals.dedup();
+            vals.truncate(MAX_UNION_VALUES);
             incoming.value = Value::Array(vals);
         }
         let merged = match into.get(k) {
             Some(existing) => combine(policy, existing, &incoming),
+            None if into.len() >= MAX_TRAITS_PER_PROFILE => continue,
             None => incoming,
         };
         into.insert(k.clone(), merged);
@@ -111,6 +120,7 @@ pub fn merge_profiles(rules: &RuleSet, into: &mut BTreeMap<String, TraitState>, 
     for (k, v) in from {
         let merged = match into.get(k) {
             Some(existing) => combine(rules.trait_policy(k), existing, v),
+            None if into.len() >= MAX_TRAITS_PER_PROFILE => continue,
             None => v.clone(),
         };
         into.insert(k.clone(), merged);
@@ -141,6 +151,25 @@ mod tests {
             assert_eq!(combine(p, &a, &b).value, want, "{p:?}");
             assert_eq!(combine(p, &b, &a).value, want, "{p:?} reversed");
         }
+    }
+
+    #[test]
+    fn union_and_trait_count_are_capped() {
+        let rules = RuleSet::builtin();
+        let mut traits = BTreeMap::new();
+        for batch in 0..3 {
+            let vals: Vec<Value> = (0..200).map(|i| json!(format!("t{:04}", batch * 200 + i))).collect();
+            let ev: BTreeMap<String, Value> = [("tags".to_string(), Value::Array(vals))].into();
+            apply_event(&rules, &mut traits, &ev, batch, "e");
+        }
+        let tags = traits["tags"].value.as_array().unwrap();
+        assert_eq!(tags.len(), MAX_UNION_VALUES);
+        assert_eq!(tags[0], json!("t0000"));
+        for i in 0..MAX_TRAITS_PER_PROFILE + 10 {
+            let ev: BTreeMap<String, Value> = [(format!("k{i}"), json!(i))].into();
+            apply_event(&rules, &mut traits, &ev, 1, "e");
+        }
+        assert_eq!(traits.len(), MAX_TRAITS_PER_PROFILE);
     }
 
     #[test]

@@ -28,15 +28,16 @@ impl IdentityGraphService {
     }
 }
 
-fn unexpected(o: Outcome) -> Status {
-    Status::internal(format!("the engine answered with an unexpected outcome: {o:?}"))
+/// The shard answered a command with another command's outcome (a bug).
+fn unexpected(_: Outcome) -> Status {
+    Status::internal("the engine answered with an outcome of another kind")
 }
 
 async fn identify(router: &ShardRouter, req: pb::IdentifyRequest) -> Result<pb::IdentifyResponse, ServiceError> {
     let event = convert::identify_event(req)?;
     match router.execute(CommandKind::Identify(event)).await? {
         Outcome::Identify(o) => Ok(convert::identify_response(o)),
-        other => Err(ServiceError::Unavailable { shard: "?".into(), reason: format!("unexpected outcome {other:?}") }),
+        other => Err(ServiceError::Internal(unexpected(other).message().to_string())),
     }
 }
 

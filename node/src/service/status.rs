@@ -25,6 +25,9 @@ pub enum ServiceError {
     Unavailable { shard: String, reason: String },
     #[error("request timed out after {ms} ms inside the node")]
     Timeout { ms: u64 },
+    /// A bug: nothing the caller can do.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<ServiceError> for Status {
@@ -49,6 +52,7 @@ impl From<ServiceError> for Status {
             ServiceError::Engine(EngineError::Store(e @ StoreError::Corrupt { .. })) => Status::internal(e.to_string()),
             e @ ServiceError::Unavailable { .. } => Status::unavailable(e.to_string()),
             e @ ServiceError::Timeout { .. } => Status::deadline_exceeded(e.to_string()),
+            e @ ServiceError::Internal(_) => Status::internal(e.to_string()),
         }
     }
 }

@@ -61,5 +61,12 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 }
 
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() })
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { key: redact_key(key), reason: e.to_string() })
+}
+
+/// A storage key as it may appear in errors and logs: its table tag and a
+/// hash, since keys hold identity values.
+pub(crate) fn redact_key(key: &[u8]) -> String {
+    let tag = key.first().map_or('?', |b| *b as char);
+    format!("{tag}#{:012x}", xxhash_rust::xxh3::xxh3_64(key) & 0xffff_ffff_ffff)
 }

@@ -18,7 +18,7 @@
 //! across a crash. sled by itself fsyncs only every 500 ms; [`GraphStore::flush`]
 //! fsyncs, and the shard actor calls it before any change is acknowledged.
 
-use super::{decode, encode, GraphRead, GraphStore, StoreError};
+use super::{decode, encode, redact_key, GraphRead, GraphStore, StoreError};
 use crate::model::{Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId};
 use std::path::Path;
 use std::sync::Mutex;
@@ -48,8 +48,10 @@ impl SledDb {
         let meta = db.open_tree("meta").map_err(io)?;
         match meta.get("layout").map_err(io)? {
             None => {
-                meta.insert("layout", LAYOUT_VERSION).map_err(io)?;
-                meta.insert("shards", shard_count.to_be_bytes().to_vec()).map_err(io)?;
+                let mut batch = sled::Batch::default();
+                batch.insert("layout", LAYOUT_VERSION);
+                batch.insert("shards", shard_count.to_be_bytes().to_vec());
+                meta.apply_batch(batch).map_err(io)?;
                 db.flush().map_err(io)?;
             }
             Some(v) if v.as_ref() != LAYOUT_VERSION.as_bytes() => {
@@ -119,9 +121,9 @@ impl SledStore {
 
     fn get_string(&self, key: &[u8]) -> Result<Option<String>, StoreError> {
         match self.tree.get(key).map_err(io)? {
-            Some(v) => String::from_utf8(v.to_vec())
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() }),
+            Some(v) => {
+                String::from_utf8(v.to_vec()).map(Some).map_err(|e| StoreError::Corrupt { key: redact_key(key), reason: e.to_string() })
+            }
             None => Ok(None),
         }
     }
@@ -152,10 +154,8 @@ impl GraphRead for SledStore {
             let (k, v) = kv.map_err(io)?;
             let rec: HubRecord = decode(&k, &v)?;
             if rec.listed_at_ms.is_some() {
-                let id = parse_id_key(&k).ok_or_else(|| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    reason: "bad identifier key".into(),
-                })?;
+                let id =
+                    parse_id_key(&k).ok_or_else(|| StoreError::Corrupt { key: redact_key(&k), reason: "bad identifier key".into() })?;
                 out.push((id, rec));
                 if out.len() >= limit {
                     break;
