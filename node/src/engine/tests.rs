@@ -502,3 +502,49 @@ proptest! {
         }
     }
 }
+
+fn arbitrary_identifier() -> impl Strategy<Value = (String, String)> {
+    let kind = prop_oneof![
+        Just("email".to_string()),
+        Just("phone".to_string()),
+        Just("user_id".to_string()),
+        Just("device_id".to_string()),
+        Just(" EMAIL ".to_string()),
+        "\\PC{0,70}",
+    ];
+    let value = prop_oneof!["\\PC{0,40}", "[0-9+() .-]{0,20}", "[a-zA-Z0-9._]{1,8}@[a-z]{1,6}\\.(com|io)", ".{1000,1100}", Just("null".to_string())];
+    (kind, value)
+}
+
+fn arbitrary_event() -> impl Strategy<Value = (String, i64, Vec<(String, String)>, Vec<(String, i64)>)> {
+    (
+        prop_oneof!["[a-z0-9-]{1,12}", "\\PC{0,300}"],
+        prop_oneof![Just(0i64), -5i64..5, 0i64..i64::MAX],
+        prop::collection::vec(arbitrary_identifier(), 0..70),
+        prop::collection::vec(("\\PC{0,300}", any::<i64>()), 0..4),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Any input gets an outcome or a precise error naming a field; nothing
+    /// panics, and refused events change nothing.
+    #[test]
+    fn arbitrary_input_never_panics_and_refusals_change_nothing(evs in prop::collection::vec(arbitrary_event(), 1..12)) {
+        let mut g = Graph::new();
+        for (event_id, ts, ids, traits) in evs {
+            let before = (g.store.all_profiles().unwrap(), g.store.counters().unwrap());
+            let ids: Vec<(&str, &str)> = ids.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+            let traits: serde_json::Map<String, serde_json::Value> = traits.into_iter().map(|(k, v)| (k, json!(v))).collect();
+            match g.event(&event_id, ts, &ids, serde_json::Value::Object(traits)) {
+                Ok(_) => {}
+                Err(EngineError::InvalidArgument { field, .. }) => {
+                    prop_assert!(!field.is_empty());
+                    prop_assert_eq!(before, (g.store.all_profiles().unwrap(), g.store.counters().unwrap()));
+                }
+                Err(other) => prop_assert!(false, "unexpected error {other:?}"),
+            }
+        }
+    }
+}
