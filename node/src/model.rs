@@ -162,6 +162,9 @@ pub enum Change {
     DeleteMerge(MergeId),
     PutHub(Identifier, HubRecord),
     DeleteHub(Identifier),
+    /// Bookkeeping of the layer above the engine (e.g. the last applied Raft
+    /// log id), written in the same atomic batch as the graph changes.
+    PutMeta(String, Vec<u8>),
 }
 
 /// The changes of one command plus the counter deltas they imply.

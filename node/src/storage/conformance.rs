@@ -125,12 +125,61 @@ pub fn counters_accumulate_and_unlisted_hubs_hide<S: GraphStore>(s: &S) {
     s.flush().unwrap();
 }
 
+/// A snapshot restored into another store of the same kind reproduces every
+/// table, meta values included, and replaces what that store held.
+pub fn snapshot_restores_everything<S: GraphStore>(a: &S, b: &S) {
+    let id = Identifier::new("email", "snap@shop.co");
+    a.apply(&ChangeSet {
+        changes: vec![
+            Change::PutOwner(id.clone(), "p_1".into()),
+            Change::PutProfile(profile("p_1", &[("email", "snap@shop.co")])),
+            Change::PutMeta("applied".into(), vec![1, 2, 3]),
+        ],
+        counters: Counters { profiles: 1, identifiers: 1, ..Default::default() },
+    })
+    .unwrap();
+    b.apply(&one(Change::PutOwner(Identifier::new("user_id", "stale"), "p_old".into()))).unwrap();
+    b.restore(&a.snapshot().unwrap()).unwrap();
+    assert_eq!(b.owner(&id).unwrap().as_deref(), Some("p_1"));
+    assert_eq!(b.owner(&Identifier::new("user_id", "stale")).unwrap(), None, "restore replaces");
+    assert_eq!(b.all_profiles().unwrap(), a.all_profiles().unwrap());
+    assert_eq!(b.meta("applied").unwrap(), Some(vec![1, 2, 3]));
+    assert_eq!(b.counters().unwrap(), a.counters().unwrap());
+}
+
 /// Runs the whole suite, each check on a fresh store.
 pub fn run_all<S: GraphStore>(mut fresh: impl FnMut() -> S) {
     records_round_trip(&fresh());
     last_write_in_a_change_set_wins(&fresh());
     tables_are_separate(&fresh());
     counters_accumulate_and_unlisted_hubs_hide(&fresh());
+    snapshot_restores_everything(&fresh(), &fresh());
+}
+
+/// The Raft log conformance checks: append, range, last, truncate, purge,
+/// metadata.
+pub fn raft_log_conforms<L: super::RaftLog>(log: &L) {
+    assert_eq!(log.last().unwrap(), None);
+    let entries: Vec<(u64, Vec<u8>)> = (1..=10).map(|i| (i, vec![i as u8; 3])).collect();
+    log.append(&entries).unwrap();
+    assert_eq!(log.range(3, 6).unwrap(), entries[2..5].to_vec());
+    assert_eq!(log.range(6, 3).unwrap(), vec![]);
+    assert_eq!(log.last().unwrap(), Some((10, vec![10; 3])));
+    log.truncate_from(8).unwrap();
+    assert_eq!(log.last().unwrap().map(|e| e.0), Some(7));
+    log.append(&[(8, vec![80])]).unwrap();
+    assert_eq!(log.range(8, 9).unwrap(), vec![(8, vec![80])]);
+    log.purge_upto(4).unwrap();
+    assert_eq!(log.range(0, 100).unwrap().first().map(|e| e.0), Some(5));
+    log.purge_upto(8).unwrap();
+    assert_eq!(log.last().unwrap(), None);
+    assert_eq!(log.get_meta("vote").unwrap(), None);
+    log.put_meta("vote", b"v1").unwrap();
+    log.put_meta("vote", b"v2").unwrap();
+    assert_eq!(log.get_meta("vote").unwrap().as_deref(), Some(&b"v2"[..]));
+    // Far indexes sort numerically, not as text.
+    log.append(&[(255, vec![1]), (256, vec![2]), (65_536, vec![3])]).unwrap();
+    assert_eq!(log.range(200, 70_000).unwrap().iter().map(|e| e.0).collect::<Vec<_>>(), vec![255, 256, 65_536]);
 }
 
 #[cfg(test)]
@@ -153,6 +202,13 @@ mod tests {
             dirs.borrow_mut().push(dir);
             store
         });
+    }
+
+    #[test]
+    fn raft_logs_conform() {
+        raft_log_conforms(&crate::storage::MemRaftLog::default());
+        let dir = tempfile::tempdir().unwrap();
+        raft_log_conforms(&SledDb::open(dir.path(), 1).unwrap().raft_log(ShardId(0)).unwrap());
     }
 
     #[test]

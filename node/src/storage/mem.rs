@@ -14,6 +14,20 @@ struct Tables {
     events: BTreeMap<String, EventRecord>,
     merges: BTreeMap<String, MergeRecord>,
     hubs: BTreeMap<Identifier, HubRecord>,
+    meta: BTreeMap<String, Vec<u8>>,
+    counters: Counters,
+}
+
+/// The tables as one serialisable value, for snapshots.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TablesImage {
+    owners: Vec<(Identifier, ProfileId)>,
+    profiles: Vec<Profile>,
+    aliases: Vec<(ProfileId, ProfileId)>,
+    events: Vec<(String, EventRecord)>,
+    merges: Vec<MergeRecord>,
+    hubs: Vec<(Identifier, HubRecord)>,
+    meta: Vec<(String, Vec<u8>)>,
     counters: Counters,
 }
 
@@ -70,6 +84,9 @@ impl GraphRead for MemStore {
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
         self.with(|t| t.profiles.values().cloned().collect())
     }
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|t| t.meta.get(key).cloned())
+    }
 }
 
 impl GraphStore for MemStore {
@@ -88,6 +105,7 @@ impl GraphStore for MemStore {
                 Change::DeleteMerge(id) => drop(t.merges.remove(id)),
                 Change::PutHub(k, v) => drop(t.hubs.insert(k.clone(), v.clone())),
                 Change::DeleteHub(k) => drop(t.hubs.remove(k)),
+                Change::PutMeta(k, v) => drop(t.meta.insert(k.clone(), v.clone())),
             }
         }
         t.counters.add(&cs.counters);
@@ -96,5 +114,81 @@ impl GraphStore for MemStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
+        self.with(|t| {
+            super::encode(&TablesImage {
+                owners: t.owners.clone().into_iter().collect(),
+                profiles: t.profiles.values().cloned().collect(),
+                aliases: t.aliases.clone().into_iter().collect(),
+                events: t.events.clone().into_iter().collect(),
+                merges: t.merges.values().cloned().collect(),
+                hubs: t.hubs.clone().into_iter().collect(),
+                meta: t.meta.clone().into_iter().collect(),
+                counters: t.counters,
+            })
+        })
+    }
+
+    fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
+        let img: TablesImage = super::decode(b"snapshot", snapshot)?;
+        let mut t = self.tables.lock().map_err(|_| StoreError::Io("memory store lock poisoned".into()))?;
+        *t = Tables {
+            owners: img.owners.into_iter().collect(),
+            profiles: img.profiles.into_iter().map(|p| (p.id.clone(), p)).collect(),
+            aliases: img.aliases.into_iter().collect(),
+            events: img.events.into_iter().collect(),
+            merges: img.merges.into_iter().map(|m| (m.id.clone(), m)).collect(),
+            hubs: img.hubs.into_iter().collect(),
+            meta: img.meta.into_iter().collect(),
+            counters: img.counters,
+        };
+        Ok(())
+    }
+}
+
+/// An in-memory [`RaftLog`] for tests.
+#[derive(Default, Debug)]
+pub struct MemRaftLog {
+    entries: Mutex<BTreeMap<u64, Vec<u8>>>,
+    meta: Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+fn poisoned<T>(_: T) -> StoreError {
+    StoreError::Io("memory raft log lock poisoned".into())
+}
+
+impl super::RaftLog for MemRaftLog {
+    fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut e = self.entries.lock().map_err(poisoned)?;
+        for (i, b) in entries {
+            e.insert(*i, b.clone());
+        }
+        Ok(())
+    }
+    fn range(&self, from: u64, until: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        if from >= until {
+            return Ok(Vec::new());
+        }
+        Ok(self.entries.lock().map_err(poisoned)?.range(from..until).map(|(i, b)| (*i, b.clone())).collect())
+    }
+    fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self.entries.lock().map_err(poisoned)?.iter().next_back().map(|(i, b)| (*i, b.clone())))
+    }
+    fn truncate_from(&self, from: u64) -> Result<(), StoreError> {
+        self.entries.lock().map_err(poisoned)?.retain(|i, _| *i < from);
+        Ok(())
+    }
+    fn purge_upto(&self, upto: u64) -> Result<(), StoreError> {
+        self.entries.lock().map_err(poisoned)?.retain(|i, _| *i > upto);
+        Ok(())
+    }
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.meta.lock().map_err(poisoned)?.insert(key.to_string(), value.to_vec());
+        Ok(())
+    }
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.lock().map_err(poisoned)?.get(key).cloned())
     }
 }

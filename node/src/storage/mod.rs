@@ -7,15 +7,18 @@
 //!   [`GraphStore::flush`]. A change is acknowledged to a client only after a
 //!   flush that followed it.
 //!
-//! Implementations: [`MemStore`] (tests, property tests) and [`SledStore`]
-//! (the node). [`conformance`] is one suite run against both.
+//! - [`RaftLog`]: one shard replica's Raft log and Raft metadata.
+//!
+//! Implementations: [`MemStore`] / [`MemRaftLog`] (tests, property tests)
+//! and [`SledStore`] / [`SledRaftLog`] (the node). [`conformance`] is one
+//! suite run against both.
 
 pub mod conformance;
 mod mem;
 mod sled_store;
 
-pub use mem::MemStore;
-pub use sled_store::{SledDb, SledStore};
+pub use mem::{MemRaftLog, MemStore};
+pub use sled_store::{SledDb, SledRaftLog, SledStore};
 
 use crate::model::{ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId};
 
@@ -44,6 +47,8 @@ pub trait GraphRead {
     fn counters(&self) -> Result<Counters, StoreError>;
     /// Every live profile, in id order (for checks and digests; not a hot path).
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError>;
+    /// A value written with `Change::PutMeta`.
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 pub trait GraphStore: GraphRead + Send + Sync + 'static {
@@ -52,6 +57,29 @@ pub trait GraphStore: GraphRead + Send + Sync + 'static {
     fn apply(&self, changes: &ChangeSet) -> Result<(), StoreError>;
     /// Makes every applied change durable (fsync).
     fn flush(&self) -> Result<(), StoreError>;
+    /// Everything the store holds, as opaque bytes that [`Self::restore`] of
+    /// the same implementation reads back.
+    fn snapshot(&self) -> Result<Vec<u8>, StoreError>;
+    /// Replaces everything the store holds with a snapshot's content.
+    fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError>;
+}
+
+/// One shard replica's Raft log (entries by index, as opaque bytes) and its
+/// Raft metadata (vote, committed and purged log ids). Every write is
+/// durable when it returns.
+pub trait RaftLog: Send + Sync + 'static {
+    /// Writes entries (index, bytes), replacing any at the same indexes.
+    fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StoreError>;
+    /// Entries with `from <= index < until`, in index order.
+    fn range(&self, from: u64, until: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The entry with the greatest index.
+    fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    /// Removes entries with `index >= from` (a conflicting suffix).
+    fn truncate_from(&self, from: u64) -> Result<(), StoreError>;
+    /// Removes entries with `index <= upto` (compacted into a snapshot).
+    fn purge_upto(&self, upto: u64) -> Result<(), StoreError>;
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 /// Encoding of stored records: MessagePack with field names, so that records

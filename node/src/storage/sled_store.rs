@@ -13,6 +13,10 @@
 //! | `m` | merge id                 | [`MergeRecord`] |
 //! | `h` | type `\0` value          | [`HubRecord`]  |
 //! | `c` | (empty)                  | [`Counters`]   |
+//! | `x` | name                     | bookkeeping of the layer above (e.g. last applied Raft log id) |
+//!
+//! A shard's Raft log lives in tree `shard-NNNN-raft`: `l` + big-endian index
+//! for entries, `m` + name for vote and log ids ([`SledRaftLog`]).
 //!
 //! One change set is one `sled::Batch`, which sled applies atomically, also
 //! across a crash. sled by itself fsyncs only every 500 ms; [`GraphStore::flush`]
@@ -73,6 +77,10 @@ impl SledDb {
     pub fn shard(&self, shard: ShardId) -> Result<SledStore, StoreError> {
         let tree = self.db.open_tree(format!("shard-{shard}")).map_err(io)?;
         Ok(SledStore { tree, write: Mutex::new(()) })
+    }
+
+    pub fn raft_log(&self, shard: ShardId) -> Result<SledRaftLog, StoreError> {
+        Ok(SledRaftLog { tree: self.db.open_tree(format!("shard-{shard}-raft")).map_err(io)? })
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
@@ -170,6 +178,9 @@ impl GraphRead for SledStore {
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
         self.tree.scan_prefix([b'p']).map(|kv| kv.map_err(io).and_then(|(k, v)| decode(&k, &v))).collect()
     }
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(str_key(b'x', key)).map_err(io)?.map(|v| v.to_vec()))
+    }
 }
 
 impl GraphStore for SledStore {
@@ -189,6 +200,7 @@ impl GraphStore for SledStore {
                 Change::DeleteMerge(id) => batch.remove(str_key(b'm', id)),
                 Change::PutHub(k, v) => batch.insert(id_key(b'h', k), encode(v)),
                 Change::DeleteHub(k) => batch.remove(id_key(b'h', k)),
+                Change::PutMeta(k, v) => batch.insert(str_key(b'x', k), v.as_slice()),
             }
         }
         if cs.counters != Counters::default() {
@@ -201,5 +213,97 @@ impl GraphStore for SledStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.tree.flush().map(|_| ()).map_err(io)
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
+        let kvs: Vec<(Vec<u8>, Vec<u8>)> = self.tree.iter().map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io)).collect::<Result<_, _>>()?;
+        Ok(encode(&kvs))
+    }
+
+    fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
+        let kvs: Vec<(Vec<u8>, Vec<u8>)> = decode(b"snapshot", snapshot)?;
+        let _guard = self.write.lock().map_err(|_| StoreError::Io("write lock poisoned".into()))?;
+        let mut batch = sled::Batch::default();
+        for k in self.tree.iter().keys() {
+            batch.remove(k.map_err(io)?);
+        }
+        for (k, v) in kvs {
+            batch.insert(k, v);
+        }
+        self.tree.apply_batch(batch).map_err(io)?;
+        self.tree.flush().map(|_| ()).map_err(io)
+    }
+}
+
+/// One shard replica's Raft log in its own sled tree; every write is
+/// fsync'd before it returns.
+pub struct SledRaftLog {
+    tree: sled::Tree,
+}
+
+fn entry_key(index: u64) -> [u8; 9] {
+    let mut k = [b'l'; 9];
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn entry_index(key: &[u8]) -> Result<u64, StoreError> {
+    key.get(1..9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt { key: redact_key(key), reason: "bad log entry key".into() })
+}
+
+impl SledRaftLog {
+    fn durable(&self) -> Result<(), StoreError> {
+        self.tree.flush().map(|_| ()).map_err(io)
+    }
+
+    fn remove_range(&self, from: u64, until_inclusive: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for k in self.tree.range(entry_key(from)..=entry_key(until_inclusive)).keys() {
+            batch.remove(k.map_err(io)?);
+        }
+        self.tree.apply_batch(batch).map_err(io)?;
+        self.durable()
+    }
+}
+
+impl super::RaftLog for SledRaftLog {
+    fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (i, b) in entries {
+            batch.insert(&entry_key(*i), b.as_slice());
+        }
+        self.tree.apply_batch(batch).map_err(io)?;
+        self.durable()
+    }
+    fn range(&self, from: u64, until: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        if from >= until {
+            return Ok(Vec::new());
+        }
+        self.tree.range(entry_key(from)..entry_key(until)).map(|kv| kv.map_err(io).and_then(|(k, v)| Ok((entry_index(&k)?, v.to_vec())))).collect()
+    }
+    fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        match self.tree.scan_prefix([b'l']).next_back() {
+            Some(kv) => {
+                let (k, v) = kv.map_err(io)?;
+                Ok(Some((entry_index(&k)?, v.to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+    fn truncate_from(&self, from: u64) -> Result<(), StoreError> {
+        self.remove_range(from, u64::MAX)
+    }
+    fn purge_upto(&self, upto: u64) -> Result<(), StoreError> {
+        self.remove_range(0, upto)
+    }
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.tree.insert(str_key(b'm', key), value).map_err(io)?;
+        self.durable()
+    }
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(str_key(b'm', key)).map_err(io)?.map(|v| v.to_vec()))
     }
 }
