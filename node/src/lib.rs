@@ -16,6 +16,7 @@
 pub mod config;
 pub mod engine;
 pub mod model;
+pub mod raft;
 pub mod router;
 pub mod rules;
 pub mod server;

@@ -62,7 +62,7 @@ pub use identify::MAX_VALUE_BYTES;
 pub const MAX_ID_BYTES: usize = 128;
 
 /// An identifier as a caller sent it, before normalisation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RawIdentifier {
     pub kind: String,
     pub value: String,
@@ -75,7 +75,7 @@ impl RawIdentifier {
 }
 
 /// One identity event.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IdentifyEvent {
     pub event_id: String,
     /// Event time; 0 means the command's `at_ms`.
@@ -86,13 +86,13 @@ pub struct IdentifyEvent {
 }
 
 /// A profile named by one of its identifiers or by its id.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ProfileRef {
     Identifier(RawIdentifier),
     ProfileId(String),
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum UnmergeTarget {
     MergeId(String),
     Split { profile_id: String, identifiers: Vec<RawIdentifier> },
@@ -100,14 +100,14 @@ pub enum UnmergeTarget {
 
 /// A state-changing request, with the time and operation id its proposer
 /// chose.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Command {
     pub at_ms: i64,
     pub op_id: String,
     pub kind: CommandKind,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum CommandKind {
     Identify(IdentifyEvent),
     Merge { profiles: Vec<ProfileRef>, force: bool, reason: String },
@@ -115,7 +115,7 @@ pub enum CommandKind {
     Delete(ProfileRef),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConflictKind {
     TypeLimit,
     ProfileCap,
@@ -123,7 +123,7 @@ pub enum ConflictKind {
 }
 
 /// A rule an event ran into; the event was applied without `identifier`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Conflict {
     pub kind: ConflictKind,
     pub identifier: Identifier,
@@ -133,7 +133,7 @@ pub struct Conflict {
     pub message: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum IgnoredReason {
     Blocked,
     Invalid,
@@ -153,14 +153,14 @@ impl IgnoredReason {
 }
 
 /// An identifier of the event that was not used, as the caller sent it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Ignored {
     pub identifier: RawIdentifier,
     pub reason: IgnoredReason,
     pub detail: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IdentifyOutcome {
     pub profile_id: ProfileId,
     pub created: bool,
@@ -173,7 +173,7 @@ pub struct IdentifyOutcome {
     pub rule_version: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MergeOutcome {
     pub profile_id: ProfileId,
     pub merged_profile_ids: Vec<ProfileId>,
@@ -181,21 +181,21 @@ pub struct MergeOutcome {
     pub forced_limits: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UnmergeOutcome {
     pub profile_id: ProfileId,
     pub new_profile_ids: Vec<ProfileId>,
     pub identifiers_moved: u32,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DeleteOutcome {
     pub profile_id: ProfileId,
     pub identifiers_erased: u32,
     pub merge_records_erased: u32,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Outcome {
     Identify(IdentifyOutcome),
     Merge(MergeOutcome),

@@ -512,11 +512,20 @@ fn arbitrary_identifier() -> impl Strategy<Value = (String, String)> {
         Just(" EMAIL ".to_string()),
         "\\PC{0,70}",
     ];
-    let value = prop_oneof!["\\PC{0,40}", "[0-9+() .-]{0,20}", "[a-zA-Z0-9._]{1,8}@[a-z]{1,6}\\.(com|io)", ".{1000,1100}", Just("null".to_string())];
+    let value = prop_oneof![
+        "\\PC{0,40}",
+        "[0-9+() .-]{0,20}",
+        "[a-zA-Z0-9._]{1,8}@[a-z]{1,6}\\.(com|io)",
+        ".{1000,1100}",
+        Just("null".to_string())
+    ];
     (kind, value)
 }
 
-fn arbitrary_event() -> impl Strategy<Value = (String, i64, Vec<(String, String)>, Vec<(String, i64)>)> {
+/// Event id, event time, identifiers (type, value), traits (name, number).
+type ArbitraryEvent = (String, i64, Vec<(String, String)>, Vec<(String, i64)>);
+
+fn arbitrary_event() -> impl Strategy<Value = ArbitraryEvent> {
     (
         prop_oneof!["[a-z0-9-]{1,12}", "\\PC{0,300}"],
         prop_oneof![Just(0i64), -5i64..5, 0i64..i64::MAX],

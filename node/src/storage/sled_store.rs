@@ -216,7 +216,8 @@ impl GraphStore for SledStore {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
-        let kvs: Vec<(Vec<u8>, Vec<u8>)> = self.tree.iter().map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io)).collect::<Result<_, _>>()?;
+        let kvs: Vec<(Vec<u8>, Vec<u8>)> =
+            self.tree.iter().map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io)).collect::<Result<_, _>>()?;
         Ok(encode(&kvs))
     }
 
@@ -282,7 +283,10 @@ impl super::RaftLog for SledRaftLog {
         if from >= until {
             return Ok(Vec::new());
         }
-        self.tree.range(entry_key(from)..entry_key(until)).map(|kv| kv.map_err(io).and_then(|(k, v)| Ok((entry_index(&k)?, v.to_vec())))).collect()
+        self.tree
+            .range(entry_key(from)..entry_key(until))
+            .map(|kv| kv.map_err(io).and_then(|(k, v)| Ok((entry_index(&k)?, v.to_vec()))))
+            .collect()
     }
     fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         match self.tree.scan_prefix([b'l']).next_back() {

@@ -1,0 +1,112 @@
+//! openraft's log storage over a shard replica's [`RaftLog`] tables.
+
+use super::{decode, encode, read_err, write_err, LogId, ShardRaft, StorageError};
+use crate::storage::RaftLog;
+use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{Entry, OptionalSend, RaftLogId, Vote};
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const LAST_PURGED: &str = "last_purged";
+
+/// A shard replica's Raft log. Cheap to clone (it is also its own reader).
+pub struct ShardLogStore<L: RaftLog> {
+    log: Arc<L>,
+}
+
+impl<L: RaftLog> Clone for ShardLogStore<L> {
+    fn clone(&self) -> Self {
+        ShardLogStore { log: self.log.clone() }
+    }
+}
+
+impl<L: RaftLog> ShardLogStore<L> {
+    pub fn new(log: Arc<L>) -> Self {
+        ShardLogStore { log }
+    }
+
+    fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
+        match self.log.get_meta(key).map_err(read_err)? {
+            Some(b) => decode(&b).map(Some).map_err(read_err),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<L: RaftLog> RaftLogReader<ShardRaft> for ShardLogStore<L> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<ShardRaft>>, StorageError> {
+        let from = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let until = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        self.log.range(from, until).map_err(read_err)?.iter().map(|(_, b)| decode(b).map_err(read_err)).collect()
+    }
+}
+
+impl<L: RaftLog> RaftLogStorage<ShardRaft> for ShardLogStore<L> {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<ShardRaft>, StorageError> {
+        let last_purged_log_id: Option<LogId> = self.meta(LAST_PURGED)?;
+        let last = match self.log.last().map_err(read_err)? {
+            Some((_, b)) => Some(*decode::<Entry<ShardRaft>>(&b).map_err(read_err)?.get_log_id()),
+            None => None,
+        };
+        Ok(LogState { last_purged_log_id, last_log_id: last.or(last_purged_log_id) })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
+        self.log.put_meta(VOTE, &encode(vote)).map_err(|e| openraft::StorageIOError::write_vote(openraft::AnyError::new(&e)).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
+        self.meta(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.log.put_meta(COMMITTED, &encode(&committed)).map_err(write_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.meta::<Option<LogId>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<ShardRaft>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<ShardRaft>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let batch: Vec<(u64, Vec<u8>)> = entries.into_iter().map(|e| (e.get_log_id().index, encode(&e))).collect();
+        // RaftLog::append is durable when it returns.
+        let result = self.log.append(&batch);
+        callback.log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        result.map_err(|e| openraft::StorageIOError::write_logs(openraft::AnyError::new(&e)).into())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.log.truncate_from(log_id.index).map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Record the purge point first: a crash in between leaves entries
+        // that are merely ignored, never a hole.
+        self.log.put_meta(LAST_PURGED, &encode(&log_id)).map_err(write_err)?;
+        self.log.purge_upto(log_id.index).map_err(write_err)
+    }
+}

@@ -1,0 +1,114 @@
+//! Raft for one shard: the shard's commands go through an openraft log
+//! before the engine applies them.
+//!
+//! # Protocol and invariants
+//!
+//! A shard replica is a Raft group member. A client command (a
+//! [`Command`](crate::engine::Command): an identity event or an operator
+//! call, stamped once by the proposer with its time and operation id) is
+//! appended to the group's log; once a quorum holds it, every replica applies
+//! it to its own graph with the same pure engine. Because the engine reads no
+//! clock and draws no randomness, the same log applied to the same snapshot
+//! gives the same graph on every replica.
+//!
+//! - The log ([`ShardLogStore`], over the [`RaftLog`](crate::storage::RaftLog)
+//!   tables) is durable before openraft is told so: every append, vote and
+//!   truncation is fsync'd before its callback fires or its call returns.
+//! - The state machine ([`ShardStateMachine`], over a
+//!   [`GraphStore`](crate::storage::GraphStore)) writes each entry's graph
+//!   changes and its log id in one atomic batch, so the graph never holds an
+//!   entry's changes without knowing it applied that entry. It does not fsync
+//!   per entry: after a crash openraft re-applies the log from the last
+//!   applied id the store kept.
+//! - A snapshot is the whole shard graph plus the last applied log id and
+//!   membership. The store is fsync'd before a snapshot is taken, so the log
+//!   it allows openraft to purge is never needed again.
+//! - A refused command (bad input, a limit) is a deterministic outcome, not
+//!   a storage error: it is applied as "no change" and answered on every
+//!   replica alike.
+//!
+//! The storage implementations are checked with openraft's own conformance
+//! suite (`openraft::testing::Suite`) in this module's tests.
+
+// openraft's trait methods return its `StorageError` by value; our helpers
+// return the same type rather than boxing and unboxing it.
+#![allow(clippy::result_large_err)]
+
+mod log_store;
+mod state_machine;
+
+pub use log_store::ShardLogStore;
+pub use state_machine::ShardStateMachine;
+
+use crate::engine::{EngineError, Outcome};
+use serde::{Deserialize, Serialize};
+use std::io::Cursor;
+
+openraft::declare_raft_types!(
+    /// Types of a shard's Raft group.
+    pub ShardRaft:
+        D = crate::engine::Command,
+        R = ShardResponse,
+);
+
+/// What applying one log entry answered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ShardResponse {
+    /// A blank or membership entry.
+    Nothing,
+    Applied(Outcome),
+    /// The engine refused the command; nothing changed.
+    Refused(Refusal),
+}
+
+/// An engine refusal as it travels through Raft (the caller maps it to a
+/// status).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Refusal {
+    InvalidArgument { field: String, reason: String },
+    NotFound { field: String, what: String },
+    FailedPrecondition { reason: String, limit: Option<String> },
+}
+
+impl Refusal {
+    /// A refusal from an engine error; storage errors are not refusals.
+    pub fn from_engine(e: EngineError) -> Result<Refusal, crate::storage::StoreError> {
+        match e {
+            EngineError::InvalidArgument { field, reason } => Ok(Refusal::InvalidArgument { field, reason }),
+            EngineError::NotFound { field, what } => Ok(Refusal::NotFound { field, what }),
+            EngineError::FailedPrecondition { reason, limit } => Ok(Refusal::FailedPrecondition { reason, limit }),
+            EngineError::Store(s) => Err(s),
+        }
+    }
+
+    pub fn into_engine(self) -> EngineError {
+        match self {
+            Refusal::InvalidArgument { field, reason } => EngineError::InvalidArgument { field, reason },
+            Refusal::NotFound { field, what } => EngineError::NotFound { field, what },
+            Refusal::FailedPrecondition { reason, limit } => EngineError::FailedPrecondition { reason, limit },
+        }
+    }
+}
+
+pub type NodeId = u64;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(v).expect("raft records always serialise")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, crate::storage::StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| crate::storage::StoreError::Corrupt { key: "raft record".into(), reason: e.to_string() })
+}
+
+fn read_err(e: crate::storage::StoreError) -> StorageError {
+    openraft::StorageIOError::read(openraft::AnyError::new(&e)).into()
+}
+
+fn write_err(e: crate::storage::StoreError) -> StorageError {
+    openraft::StorageIOError::write(openraft::AnyError::new(&e)).into()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,159 @@
+//! openraft's state machine: the pure engine applied to a shard's
+//! [`GraphStore`].
+
+use super::{decode, encode, read_err, write_err, LogId, Refusal, ShardRaft, ShardResponse, StorageError};
+use crate::engine;
+use crate::model::{Change, ChangeSet};
+use crate::rules::RuleSet;
+use crate::storage::GraphStore;
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{BasicNode, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StoredMembership};
+use serde::{Deserialize, Serialize};
+use std::io::Cursor;
+use std::sync::Arc;
+
+const APPLIED: &str = "raft.applied";
+const MEMBERSHIP: &str = "raft.membership";
+const SNAPSHOT: &str = "raft.snapshot";
+
+type Membership = StoredMembership<u64, BasicNode>;
+
+/// What a snapshot carries besides the graph.
+#[derive(Serialize, Deserialize)]
+struct SnapshotImage {
+    meta: SnapshotMeta<u64, BasicNode>,
+    graph: Vec<u8>,
+}
+
+/// A shard replica's state machine.
+pub struct ShardStateMachine<S: GraphStore> {
+    store: Arc<S>,
+    rules: Arc<RuleSet>,
+    snapshots_built: u64,
+}
+
+impl<S: GraphStore> ShardStateMachine<S> {
+    pub fn new(store: Arc<S>, rules: Arc<RuleSet>) -> Self {
+        ShardStateMachine { store, rules, snapshots_built: 0 }
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
+        match self.store.meta(key).map_err(read_err)? {
+            Some(b) => decode(&b).map(Some).map_err(read_err),
+            None => Ok(None),
+        }
+    }
+
+    fn applied(&self) -> Result<(Option<LogId>, Membership), StorageError> {
+        Ok((self.meta::<Option<LogId>>(APPLIED)?.flatten(), self.meta(MEMBERSHIP)?.unwrap_or_default()))
+    }
+
+    /// The current snapshot, kept in the store so that it survives restarts.
+    fn stored_snapshot(&self) -> Result<Option<Snapshot<ShardRaft>>, StorageError> {
+        match self.store.meta(SNAPSHOT).map_err(read_err)? {
+            Some(bytes) if !bytes.is_empty() => {
+                let img: SnapshotImage = decode(&bytes).map_err(read_err)?;
+                Ok(Some(Snapshot { meta: img.meta, snapshot: Box::new(Cursor::new(bytes)) }))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        self.applied()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ShardResponse>, StorageError>
+    where
+        I: IntoIterator<Item = Entry<ShardRaft>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut out = Vec::new();
+        for entry in entries {
+            let log_id = entry.log_id;
+            let (mut changes, response) = match entry.payload {
+                EntryPayload::Blank => (ChangeSet::default(), ShardResponse::Nothing),
+                EntryPayload::Membership(m) => {
+                    let mut cs = ChangeSet::default();
+                    cs.push(Change::PutMeta(MEMBERSHIP.into(), encode(&Membership::new(Some(log_id), m))));
+                    (cs, ShardResponse::Nothing)
+                }
+                EntryPayload::Normal(cmd) => match engine::execute(&*self.store, &self.rules, &cmd) {
+                    Ok((cs, outcome)) => (cs, ShardResponse::Applied(outcome)),
+                    Err(e) => {
+                        let refusal =
+                            Refusal::from_engine(e).map_err(|e| openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e)))?;
+                        (ChangeSet::default(), ShardResponse::Refused(refusal))
+                    }
+                },
+            };
+            changes.push(Change::PutMeta(APPLIED.into(), encode(&Some(log_id))));
+            self.store.apply(&changes).map_err(|e| openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e)))?;
+            out.push(response);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        ShardStateMachine { store: self.store.clone(), rules: self.rules.clone(), snapshots_built: self.snapshots_built }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<u64, BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+        let img: SnapshotImage = decode(snapshot.get_ref())
+            .map_err(|e| openraft::StorageIOError::read_snapshot(Some(meta.signature()), openraft::AnyError::new(&e)))?;
+        let write = |e: crate::storage::StoreError| -> StorageError {
+            openraft::StorageIOError::write_snapshot(Some(meta.signature()), openraft::AnyError::new(&e)).into()
+        };
+        self.store.restore(&img.graph).map_err(write)?;
+        let mut cs = ChangeSet::default();
+        cs.push(Change::PutMeta(APPLIED.into(), encode(&meta.last_log_id)));
+        cs.push(Change::PutMeta(MEMBERSHIP.into(), encode(&meta.last_membership)));
+        cs.push(Change::PutMeta(SNAPSHOT.into(), encode(&SnapshotImage { meta: meta.clone(), graph: img.graph })));
+        self.store.apply(&cs).map_err(write)?;
+        self.store.flush().map_err(write)
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<ShardRaft>>, StorageError> {
+        self.stored_snapshot()
+    }
+}
+
+impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<ShardRaft>, StorageError> {
+        // Durable first: the log this snapshot lets openraft purge must not be
+        // needed to rebuild the graph after a crash.
+        self.store.flush().map_err(write_err)?;
+        let (last_log_id, last_membership) = self.applied()?;
+        self.snapshots_built += 1;
+        let snapshot_id = match &last_log_id {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.snapshots_built),
+            None => format!("empty-{}", self.snapshots_built),
+        };
+        let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
+        // The image must not contain the previous image: drop it first (a
+        // crash right after leaves no current snapshot, which is allowed).
+        let mut clear = ChangeSet::default();
+        clear.push(Change::PutMeta(SNAPSHOT.into(), Vec::new()));
+        self.store.apply(&clear).map_err(write_err)?;
+        let graph = self.store.snapshot().map_err(read_err)?;
+        let img = SnapshotImage { meta: meta.clone(), graph };
+        let bytes = encode(&img);
+        let mut cs = ChangeSet::default();
+        cs.push(Change::PutMeta(SNAPSHOT.into(), bytes.clone()));
+        self.store.apply(&cs).map_err(write_err)?;
+        self.store.flush().map_err(write_err)?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+    }
+}
