@@ -6,7 +6,7 @@ use prost::Message;
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/idgraph/v1/idgraph.proto", "proto/idgraph/v1/admin.proto"];
+    let protos = ["proto/idgraph/v1/idgraph.proto", "proto/idgraph/v1/admin.proto", "proto/idgraph/v1/raft.proto"];
     let includes = ["proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

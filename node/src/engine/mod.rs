@@ -239,7 +239,7 @@ pub fn execute<R: GraphRead + ?Sized>(state: &R, rules: &RuleSet, cmd: &Command)
 
 /// A profile found by a look-up, and the merged-away id the caller named
 /// when that is how it was found.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FoundProfile {
     pub profile: Profile,
     pub resolved_from: Option<ProfileId>,

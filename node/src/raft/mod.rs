@@ -35,9 +35,13 @@
 #![allow(clippy::result_large_err)]
 
 mod log_store;
+pub mod network;
+pub mod replica;
 mod state_machine;
 
 pub use log_store::ShardLogStore;
+pub use network::{Peers, RaftTransportService, Replicas, ShardNetworkFactory};
+pub use replica::{ShardFailure, ShardRead, ShardReply, ShardReplica, ShardRequest};
 pub use state_machine::ShardStateMachine;
 
 use crate::engine::{EngineError, Outcome};

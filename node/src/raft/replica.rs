@@ -1,0 +1,114 @@
+//! One shard replica as the rest of the node sees it: its Raft handle and
+//! its graph store, answering requests on the leader and saying who the
+//! leader is elsewhere.
+
+use super::{Refusal, ShardRaft, ShardResponse};
+use crate::engine::{self, Command, FoundProfile, Outcome, ProfileRef};
+use crate::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
+use crate::rules::RuleSet;
+use crate::storage::{GraphRead, SledStore};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, Raft};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// A request to a shard.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ShardRequest {
+    Write(Box<Command>),
+    Read(ShardRead),
+}
+
+/// Reads; all are linearizable (the leader confirms its leadership first).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ShardRead {
+    Profile(ProfileRef),
+    Merge(String),
+    Hubs(usize),
+    Counters,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ShardReply {
+    Outcome(Outcome),
+    Profile(FoundProfile),
+    Merge(MergeRecord),
+    Hubs(Vec<(Identifier, HubRecord)>),
+    Counters(Counters),
+}
+
+/// Why a shard did not answer a request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum ShardFailure {
+    /// The engine refused it (the caller's fault); nothing changed.
+    #[error("{0:?}")]
+    Refused(Refusal),
+    /// This replica is not the leader; `leader` is where to go, if known.
+    #[error("not the leader of shard {shard} (leader: {leader:?})")]
+    NotLeader { shard: u32, leader: Option<(u64, String)> },
+    /// Raft or storage failed; the outcome of a write is unknown: retry.
+    #[error("shard {shard} unavailable: {reason}")]
+    Unavailable { shard: u32, reason: String },
+}
+
+/// A shard replica's handles.
+#[derive(Clone)]
+pub struct ShardReplica {
+    pub shard: ShardId,
+    pub raft: Raft<ShardRaft>,
+    pub store: Arc<SledStore>,
+    pub rules: Arc<RuleSet>,
+}
+
+fn leader_of(node: Option<(u64, BasicNode)>) -> Option<(u64, String)> {
+    node.map(|(id, n)| (id, n.addr))
+}
+
+impl ShardReplica {
+    fn unavailable(&self, reason: impl ToString) -> ShardFailure {
+        ShardFailure::Unavailable { shard: self.shard.0, reason: reason.to_string() }
+    }
+
+    /// Serves a request on this replica (no forwarding).
+    pub async fn serve(&self, req: ShardRequest) -> Result<ShardReply, ShardFailure> {
+        match req {
+            ShardRequest::Write(cmd) => self.write(*cmd).await.map(ShardReply::Outcome),
+            ShardRequest::Read(r) => self.read(r).await,
+        }
+    }
+
+    async fn write(&self, cmd: Command) -> Result<Outcome, ShardFailure> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => match resp.data {
+                ShardResponse::Applied(o) => Ok(o),
+                ShardResponse::Refused(r) => Err(ShardFailure::Refused(r)),
+                ShardResponse::Nothing => Err(self.unavailable("a command was answered as a blank entry")),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) })
+            }
+            Err(e) => Err(self.unavailable(e)),
+        }
+    }
+
+    async fn read(&self, r: ShardRead) -> Result<ShardReply, ShardFailure> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => {}
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                return Err(ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) });
+            }
+            Err(e) => return Err(self.unavailable(e)),
+        }
+        let store = &*self.store;
+        let refused = |e: engine::EngineError| match Refusal::from_engine(e) {
+            Ok(r) => ShardFailure::Refused(r),
+            Err(s) => self.unavailable(s),
+        };
+        Ok(match r {
+            ShardRead::Profile(p) => ShardReply::Profile(engine::find_profile(store, &self.rules, &p, "key").map_err(refused)?),
+            ShardRead::Merge(id) => ShardReply::Merge(engine::find_merge(store, &id).map_err(refused)?),
+            ShardRead::Hubs(limit) => ShardReply::Hubs(store.listed_hubs(limit).map_err(|e| self.unavailable(e))?),
+            ShardRead::Counters => ShardReply::Counters(store.counters().map_err(|e| self.unavailable(e))?),
+        })
+    }
+}
