@@ -52,6 +52,15 @@ pub struct NodeConfig {
     /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter.
     pub log_level: String,
     pub log_format: LogFormat,
+    /// This node's id in the cluster (1 or more).
+    pub node_id: u64,
+    /// The cluster's members at bootstrap, `ID=HOST:PORT,...`; empty means a
+    /// single-node cluster of this node. The member with the lowest id
+    /// initialises every shard's Raft group.
+    pub initial_cluster: String,
+    /// Raft heartbeat interval, in milliseconds; elections time out after 3
+    /// to 6 heartbeats without a leader.
+    pub raft_heartbeat_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -67,6 +76,9 @@ impl Default for NodeConfig {
             shutdown_grace_ms: 10_000,
             log_level: "info".into(),
             log_format: LogFormat::Text,
+            node_id: 1,
+            initial_cluster: String::new(),
+            raft_heartbeat_ms: 100,
         }
     }
 }
@@ -82,6 +94,10 @@ pub struct Overrides {
     pub rules_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_cluster: Option<String>,
 }
 
 /// Environment variables read (`IDGRAPH_` + the field name in capitals).
@@ -134,7 +150,33 @@ impl NodeConfig {
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return bad("log_level", "not a level or tracing filter");
         }
+        if self.node_id == 0 {
+            return bad("node_id", "must be at least 1");
+        }
+        if !(20..=5_000).contains(&self.raft_heartbeat_ms) {
+            return bad("raft_heartbeat_ms", "must be 20 to 5000");
+        }
+        let members = self.members().map_err(|reason| ConfigError::Invalid { field: "initial_cluster", reason })?;
+        if !members.is_empty() && !members.contains_key(&self.node_id) {
+            return bad("initial_cluster", "must list this node's node_id");
+        }
         Ok(())
+    }
+
+    /// The bootstrap members from `initial_cluster` (empty: single node).
+    pub fn members(&self) -> Result<std::collections::BTreeMap<u64, String>, String> {
+        let mut out = std::collections::BTreeMap::new();
+        for part in self.initial_cluster.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (id, addr) = part.split_once('=').ok_or_else(|| format!("{part:?} is not ID=HOST:PORT"))?;
+            let id: u64 = id.trim().parse().map_err(|_| format!("{id:?} is not a node id"))?;
+            if id == 0 || addr.trim().is_empty() {
+                return Err(format!("{part:?} is not ID=HOST:PORT"));
+            }
+            if out.insert(id, addr.trim().to_string()).is_some() {
+                return Err(format!("node id {id} is listed twice"));
+            }
+        }
+        Ok(out)
     }
 
     /// The rule set the node runs: the configured file, or the built-in one.

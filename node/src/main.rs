@@ -25,6 +25,12 @@ struct Args {
     /// Log level or tracing filter.
     #[arg(long)]
     log_level: Option<String>,
+    /// This node's id in the cluster.
+    #[arg(long = "id")]
+    node_id: Option<u64>,
+    /// Bootstrap members: ID=HOST:PORT,... (default: a single-node cluster).
+    #[arg(long)]
+    initial_cluster: Option<String>,
     /// Print the built-in rule set and exit.
     #[arg(long)]
     print_default_rules: bool,
@@ -61,7 +67,14 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", idgraph_node::rules::BUILTIN_RULES_TOML);
         return Ok(());
     }
-    let overrides = Overrides { listen: args.listen, data_dir: args.data_dir, rules_file: args.rules, log_level: args.log_level };
+    let overrides = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        rules_file: args.rules,
+        log_level: args.log_level,
+        node_id: args.node_id,
+        initial_cluster: args.initial_cluster,
+    };
     let config = NodeConfig::load(args.config.as_deref(), &overrides)?;
     init_logs(&config);
     let node = idgraph_node::server::start(&config).await.context("starting the node")?;

@@ -6,9 +6,10 @@
 
 use crate::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileRef};
 use crate::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
+use crate::raft::{Peers, ShardFailure, ShardRead, ShardReply, ShardRequest};
 use crate::rules::RuleSet;
 use crate::service::status::ServiceError;
-use crate::shard::{shard_actor_name, Reply, ShardMsg};
+use crate::shard::{shard_actor_name, ShardMsg};
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use std::sync::Arc;
@@ -44,18 +45,23 @@ impl ShardMap {
 }
 
 /// The node's entry point for requests: picks the shard, stamps commands
-/// with time and an operation id, and calls the shard's actor.
+/// with time and an operation id, calls the local shard actor, and forwards
+/// to the shard's leader when this node is not it.
 #[derive(Clone)]
 pub struct ShardRouter {
     node: Arc<str>,
     map: ShardMap,
     rules: Arc<RuleSet>,
     timeout: Duration,
+    peers: Peers,
 }
 
+/// How long a request waits in all for a shard to have a leader.
+const LEADER_WAIT: Duration = Duration::from_secs(5);
+
 impl ShardRouter {
-    pub fn new(node: &str, map: ShardMap, rules: Arc<RuleSet>, timeout: Duration) -> ShardRouter {
-        ShardRouter { node: node.into(), map, rules, timeout }
+    pub fn new(node: &str, map: ShardMap, rules: Arc<RuleSet>, timeout: Duration, peers: Peers) -> ShardRouter {
+        ShardRouter { node: node.into(), map, rules, timeout, peers }
     }
 
     pub fn rules(&self) -> &Arc<RuleSet> {
@@ -72,42 +78,83 @@ impl ShardRouter {
         ShardId(0)
     }
 
-    fn actor(&self, shard: ShardId) -> Result<ActorRef<ShardMsg>, ServiceError> {
+    fn actor(&self, shard: ShardId) -> Result<ActorRef<ShardMsg>, ShardFailure> {
         ActorRef::where_is(shard_actor_name(&self.node, shard))
-            .ok_or_else(|| ServiceError::Unavailable { shard: shard.to_string(), reason: "its actor is restarting".into() })
+            .ok_or_else(|| ShardFailure::Unavailable { shard: shard.0, reason: "its actor is restarting".into() })
     }
 
-    async fn call<T: Send + 'static>(&self, shard: ShardId, msg: impl FnOnce(Reply<T>) -> ShardMsg) -> Result<T, ServiceError> {
+    async fn local(&self, shard: ShardId, req: &ShardRequest) -> Result<ShardReply, ShardFailure> {
         let actor = self.actor(shard)?;
-        match actor.call(msg, Some(self.timeout)).await {
-            Ok(CallResult::Success(r)) => r.map_err(ServiceError::from),
-            Ok(CallResult::Timeout) => Err(ServiceError::Timeout { ms: self.timeout.as_millis() as u64 }),
-            Ok(CallResult::SenderError) => Err(ServiceError::Unavailable {
-                shard: shard.to_string(),
-                reason: "the shard stopped while serving the request; its outcome is unknown".into(),
-            }),
-            Err(e) => Err(ServiceError::Unavailable { shard: shard.to_string(), reason: e.to_string() }),
+        let unavailable = |reason: String| ShardFailure::Unavailable { shard: shard.0, reason };
+        match actor.call(|port| ShardMsg::Request(Box::new(req.clone()), port), Some(self.timeout)).await {
+            Ok(CallResult::Success(r)) => r,
+            Ok(CallResult::Timeout) => Err(unavailable(format!("no answer within {} ms", self.timeout.as_millis()))),
+            Ok(CallResult::SenderError) => Err(unavailable("the shard stopped while serving the request; its outcome is unknown".into())),
+            Err(e) => Err(unavailable(e.to_string())),
+        }
+    }
+
+    /// Serves a request on the shard's leader, wherever it is. Only
+    /// "not the leader" answers are retried: such a request was not applied.
+    async fn request(&self, shard: ShardId, req: ShardRequest) -> Result<ShardReply, ServiceError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let answer = match self.local(shard, &req).await {
+                Err(ShardFailure::NotLeader { leader: Some((_, addr)), .. }) => self.peers.forward(&addr, shard, &req, self.timeout).await,
+                other => other,
+            };
+            match answer {
+                Err(ShardFailure::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Ok(r) => return Ok(r),
+                Err(ShardFailure::Refused(r)) => return Err(ServiceError::Engine(r.into_engine())),
+                Err(ShardFailure::NotLeader { .. }) => {
+                    return Err(ServiceError::Unavailable { shard: shard.to_string(), reason: "no leader was elected in time".into() })
+                }
+                Err(ShardFailure::Unavailable { reason, .. }) => {
+                    return Err(ServiceError::Unavailable { shard: shard.to_string(), reason })
+                }
+            }
         }
     }
 
     pub async fn execute(&self, kind: CommandKind) -> Result<Outcome, ServiceError> {
         let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
         let cmd = Command { at_ms, op_id: ulid::Ulid::new().to_string(), kind };
-        self.call(self.home(), |port| ShardMsg::Execute(Box::new(cmd), port)).await
+        match self.request(self.home(), ShardRequest::Write(Box::new(cmd))).await? {
+            ShardReply::Outcome(o) => Ok(o),
+            _ => Err(ServiceError::Internal("a write was answered with a read".into())),
+        }
+    }
+
+    async fn read(&self, shard: ShardId, r: ShardRead) -> Result<ShardReply, ServiceError> {
+        self.request(shard, ShardRequest::Read(r)).await
     }
 
     pub async fn get_profile(&self, r: ProfileRef) -> Result<FoundProfile, ServiceError> {
-        self.call(self.home(), |port| ShardMsg::GetProfile(r, port)).await
+        match self.read(self.home(), ShardRead::Profile(r)).await? {
+            ShardReply::Profile(p) => Ok(p),
+            _ => Err(ServiceError::Internal("unexpected reply kind".into())),
+        }
     }
 
     pub async fn get_merge(&self, id: String) -> Result<MergeRecord, ServiceError> {
-        self.call(self.home(), |port| ShardMsg::GetMerge(id, port)).await
+        match self.read(self.home(), ShardRead::Merge(id)).await? {
+            ShardReply::Merge(m) => Ok(m),
+            _ => Err(ServiceError::Internal("unexpected reply kind".into())),
+        }
     }
 
     pub async fn list_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, ServiceError> {
         let mut all = Vec::new();
         for shard in self.map.shards() {
-            all.extend(self.call(shard, |port| ShardMsg::ListHubs(limit, port)).await?);
+            match self.read(shard, ShardRead::Hubs(limit)).await? {
+                ShardReply::Hubs(h) => all.extend(h),
+                _ => return Err(ServiceError::Internal("unexpected reply kind".into())),
+            }
         }
         all.truncate(limit);
         Ok(all)
@@ -116,7 +163,10 @@ impl ShardRouter {
     pub async fn counters(&self) -> Result<Counters, ServiceError> {
         let mut total = Counters::default();
         for shard in self.map.shards() {
-            total.add(&self.call(shard, ShardMsg::Counters).await?);
+            match self.read(shard, ShardRead::Counters).await? {
+                ShardReply::Counters(c) => total.add(&c),
+                _ => return Err(ServiceError::Internal("unexpected reply kind".into())),
+            }
         }
         Ok(total)
     }
@@ -124,6 +174,7 @@ impl ShardRouter {
     /// Test hook: makes a shard actor panic.
     #[doc(hidden)]
     pub fn crash_shard(&self, shard: ShardId) -> Result<(), ServiceError> {
-        self.actor(shard)?.cast(ShardMsg::Crash).map_err(|e| ServiceError::Unavailable { shard: shard.to_string(), reason: e.to_string() })
+        let actor = self.actor(shard).map_err(|e| ServiceError::Unavailable { shard: shard.to_string(), reason: e.to_string() })?;
+        actor.cast(ShardMsg::Crash).map_err(|e| ServiceError::Unavailable { shard: shard.to_string(), reason: e.to_string() })
     }
 }

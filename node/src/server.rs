@@ -3,14 +3,19 @@
 //! all of it down in order.
 
 use crate::config::NodeConfig;
+use crate::model::ShardId;
+use crate::raft::{Peers, RaftTransportService, Replicas, ShardLogStore, ShardNetworkFactory, ShardReplica, ShardStateMachine};
 use crate::router::{ShardMap, ShardRouter};
 use crate::rules::RuleSet;
 use crate::service::{status, AdminService, IdentityGraphService};
-use crate::shard::{shard_actor_name, NodeSupervisor, StoreOpener, SupervisorArgs};
-use crate::storage::{GraphStore, SledDb};
+use crate::shard::{shard_actor_name, NodeSupervisor, ReplicaOpener, SupervisorArgs};
+use crate::storage::SledDb;
 use idgraph_proto::v1::admin_server::AdminServer;
 use idgraph_proto::v1::identity_graph_server::IdentityGraphServer;
+use idgraph_proto::v1::raft_transport_server::RaftTransportServer;
+use openraft::BasicNode;
 use ractor::{Actor, ActorRef};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +45,7 @@ pub struct RunningNode {
     db: SledDb,
     node: Arc<str>,
     shards: ShardMap,
+    replicas: Replicas,
     grace: Duration,
     supervisor: ActorRef<()>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -105,6 +111,10 @@ impl RunningNode {
             }
         }
         let _ = self.supervisor.stop_and_wait(None, Some(Duration::from_secs(10))).await;
+        let replicas: Vec<_> = self.replicas.write().map(|mut m| m.drain().map(|(_, r)| r).collect()).unwrap_or_default();
+        for r in replicas {
+            let _ = r.raft.shutdown().await;
+        }
     }
 }
 
@@ -114,24 +124,81 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, ServerError> {
     start_with_rules(config, rules).await
 }
 
+fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, ServerError> {
+    let hb = config.raft_heartbeat_ms;
+    let c = openraft::Config {
+        cluster_name: "idgraph".into(),
+        heartbeat_interval: hb,
+        election_timeout_min: hb * 3,
+        election_timeout_max: hb * 6,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    };
+    Ok(Arc::new(c.validate().map_err(|e| ServerError::Actors(format!("raft configuration: {e}")))?))
+}
+
+/// Opens one shard replica (log, vote, state machine) from the node's
+/// database and starts its Raft instance.
+async fn open_replica(
+    db: SledDb,
+    shard: ShardId,
+    node_id: u64,
+    members: BTreeMap<u64, BasicNode>,
+    raft_config: Arc<openraft::Config>,
+    peers: Peers,
+    rules: Arc<RuleSet>,
+) -> Result<ShardReplica, String> {
+    let log = ShardLogStore::new(Arc::new(db.raft_log(shard).map_err(|e| e.to_string())?));
+    let store = Arc::new(db.shard(shard).map_err(|e| e.to_string())?);
+    let sm = ShardStateMachine::new(store.clone(), rules.clone());
+    let raft = openraft::Raft::new(node_id, raft_config, ShardNetworkFactory { shard, peers }, log, sm).await.map_err(|e| e.to_string())?;
+    let bootstrapper = members.keys().next().copied() == Some(node_id);
+    if bootstrapper && !raft.is_initialized().await.map_err(|e| e.to_string())? {
+        match raft.initialize(members).await {
+            Ok(()) | Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+            Err(e) => return Err(format!("initialising shard {shard}: {e}")),
+        }
+    }
+    Ok(ShardReplica { shard, raft, store, rules })
+}
+
 pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Result<RunningNode, ServerError> {
     let shards = ShardMap::new(config.shards);
     let db = SledDb::open(&config.data_dir, shards.count())?;
     let node: Arc<str> = ulid::Ulid::new().to_string().to_lowercase().into();
-    let open_db = db.clone();
-    let open: StoreOpener = Arc::new(move |shard| Ok(Arc::new(open_db.shard(shard)?) as Arc<dyn GraphStore>));
-    let (supervisor, _) = Actor::spawn(
-        Some(format!("idgraph-{node}-supervisor")),
-        NodeSupervisor,
-        SupervisorArgs { node: node.clone(), shards: shards.shards(), open, rules: rules.clone() },
-    )
-    .await
-    .map_err(|e| ServerError::Actors(e.to_string()))?;
-    let router = ShardRouter::new(&node, shards.clone(), rules.clone(), Duration::from_millis(config.request_timeout_ms));
 
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+
+    // Raft groups: every shard's members are the bootstrap members (or this
+    // node alone).
+    let mut members: BTreeMap<u64, BasicNode> = config
+        .members()
+        .map_err(|reason| ServerError::Actors(format!("initial_cluster: {reason}")))?
+        .into_iter()
+        .map(|(id, a)| (id, BasicNode { addr: a }))
+        .collect();
+    if members.is_empty() {
+        members.insert(config.node_id, BasicNode { addr: addr.to_string() });
+    }
+    let peers = Peers::default();
+    let replicas: Replicas = Default::default();
+    let raft_config = raft_config(config)?;
+    let open: ReplicaOpener = {
+        let (db, peers, rules, node_id) = (db.clone(), peers.clone(), rules.clone(), config.node_id);
+        Arc::new(move |shard| {
+            let fut = open_replica(db.clone(), shard, node_id, members.clone(), raft_config.clone(), peers.clone(), rules.clone());
+            Box::pin(fut)
+        })
+    };
+    // The Raft transport must be reachable while the replicas start: peers
+    // may already be electing.
+    let transport = RaftTransportServer::new(RaftTransportService::new(replicas.clone()))
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    let router = ShardRouter::new(&node, shards.clone(), rules.clone(), Duration::from_millis(config.request_timeout_ms), peers.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IdentityGraphServer<IdentityGraphService>>().await;
@@ -164,19 +231,30 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
+            .add_service(transport)
             .add_service(graph)
             .add_service(admin)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
             }),
     );
-    info!(%addr, data_dir = %config.data_dir.display(), rule_version = rules.version(), shards = shards.count(), "idgraph node serving");
+
+    let (supervisor, _) = Actor::spawn(
+        Some(format!("idgraph-{node}-supervisor")),
+        NodeSupervisor,
+        SupervisorArgs { node: node.clone(), shards: shards.shards(), open, replicas: replicas.clone() },
+    )
+    .await
+    .map_err(|e| ServerError::Actors(e.to_string()))?;
+
+    info!(%addr, node_id = config.node_id, data_dir = %config.data_dir.display(), rule_version = rules.version(), shards = shards.count(), "idgraph node serving");
     Ok(RunningNode {
         addr,
         router,
         db,
         node,
         shards,
+        replicas,
         grace: Duration::from_millis(config.shutdown_grace_ms),
         supervisor,
         shutdown: Some(tx),

@@ -13,7 +13,9 @@ use idgraph_proto::v1::raft_transport_server::RaftTransport;
 use idgraph_proto::v1::RaftMessage;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse,
+};
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
@@ -44,7 +46,13 @@ impl Peers {
     }
 
     /// Sends a shard request to the node at `addr`, which serves it itself.
-    pub async fn forward(&self, addr: &str, shard: ShardId, req: &ShardRequest, timeout: Duration) -> Result<super::replica::ShardReply, ShardFailure> {
+    pub async fn forward(
+        &self,
+        addr: &str,
+        shard: ShardId,
+        req: &ShardRequest,
+        timeout: Duration,
+    ) -> Result<super::replica::ShardReply, ShardFailure> {
         let unavailable = |reason: String| ShardFailure::Unavailable { shard: shard.0, reason };
         let mut client = self.client(addr).map_err(unavailable)?;
         let msg = RaftMessage { shard: shard.0, payload: encode(req) };
@@ -80,7 +88,12 @@ impl RaftNetworkFactory<ShardRaft> for ShardNetworkFactory {
 struct TransportError(String);
 
 impl ShardNetwork {
-    async fn call<Resp, E>(&mut self, which: Rpc, payload: Vec<u8>, option: &RPCOption) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    async fn call<Resp, E>(
+        &mut self,
+        which: Rpc,
+        payload: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
     where
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
@@ -134,7 +147,11 @@ impl RaftNetwork<ShardRaft> for ShardNetwork {
         self.call(Rpc::Snapshot, encode(&rpc), &option).await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         self.call(Rpc::Vote, encode(&rpc), &option).await
     }
 }
