@@ -53,6 +53,15 @@ enum Command {
     Rules(RulesCmd),
     /// Graph counters.
     Stats,
+    /// The cluster as the node sees it: shards, leaders, log indexes, lag.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Shard replicas on the node: Raft state, leader, term, log indexes, members.
+    Status,
 }
 
 #[derive(Args)]
@@ -370,6 +379,29 @@ async fn run(cli: Cli) -> Result<()> {
                 print_json(&r)?
             } else {
                 print!("{}", r.toml)
+            }
+        }
+        Command::Cluster(ClusterCmd::Status) => {
+            let c = client.admin().get_cluster(pb::GetClusterRequest {}).await?.into_inner();
+            if json_out {
+                print_json(&c)?
+            } else {
+                println!("node {}", c.node_id);
+                let mut t = table(&["shard", "state", "leader", "term", "last log", "applied", "snapshot", "members (id addr matched)"]);
+                for s in c.shards {
+                    let members: Vec<String> = s.members.iter().map(|m| format!("{} {} {}", m.node_id, m.addr, m.matched_index)).collect();
+                    t.add_row(vec![
+                        s.shard.to_string(),
+                        s.state,
+                        s.leader_id.to_string(),
+                        s.term.to_string(),
+                        s.last_log_index.to_string(),
+                        s.applied_index.to_string(),
+                        s.snapshot_index.to_string(),
+                        members.join("\n"),
+                    ]);
+                }
+                println!("{t}");
             }
         }
         Command::Stats => {

@@ -5,9 +5,6 @@ mod common;
 
 use common::*;
 use idgraph_proto::v1 as pb;
-use idgraph_proto::v1::identity_graph_client::IdentityGraphClient;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tonic::Code;
 
@@ -64,52 +61,10 @@ async fn a_panicking_shard_actor_is_restarted_from_disk() {
     node.shutdown().await.unwrap();
 }
 
-/// A real `idgraph-node` process, reading the address it bound from its
-/// first line of output.
-struct NodeProcess {
-    child: Child,
-    addr: String,
-}
-
-impl NodeProcess {
-    fn start(dir: &std::path::Path) -> NodeProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_idgraph-node"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .env("IDGRAPH_LOG_LEVEL", std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
-            .env("IDGRAPH_SHUTDOWN_GRACE_MS", "500")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn idgraph-node");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr =
-            line.trim().strip_prefix("idgraph-node listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
-        NodeProcess { child, addr }
-    }
-
-    async fn client(&self) -> IdentityGraphClient<tonic::transport::Channel> {
-        IdentityGraphClient::connect(format!("http://{}", self.addr)).await.unwrap()
-    }
-
-    fn signal(&mut self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
-        assert!(ok, "kill {sig}");
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_cleanly_and_kill_9_loses_no_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
-    let mut p = NodeProcess::start(dir.path());
+    let mut p = NodeProcess::start(dir.path(), &[]);
     let mut g = p.client().await;
     let a = g.identify(event("e1", &[("user_id", "u1"), ("email", "u1@shop.com")])).await.unwrap().into_inner();
     // An idle client connection must not hold the shutdown up.
@@ -117,7 +72,7 @@ async fn sigterm_stops_cleanly_and_kill_9_loses_no_acknowledged_event() {
     let status = p.child.wait().unwrap();
     assert!(status.success(), "SIGTERM exits 0, got {status}");
 
-    let mut p = NodeProcess::start(dir.path());
+    let mut p = NodeProcess::start(dir.path(), &[]);
     let mut g = p.client().await;
     assert_eq!(g.get_profile(by_id("user_id", "u1")).await.unwrap().into_inner().profile_id, a.profile_id);
     // Acknowledged events, then kill -9 with no chance to flush.
@@ -132,7 +87,7 @@ async fn sigterm_stops_cleanly_and_kill_9_loses_no_acknowledged_event() {
     p.signal("-KILL");
     let _ = p.child.wait();
 
-    let p = NodeProcess::start(dir.path());
+    let p = NodeProcess::start(dir.path(), &[]);
     let mut g = p.client().await;
     for (i, pid) in acked.iter().enumerate() {
         let got =

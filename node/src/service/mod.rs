@@ -153,11 +153,12 @@ impl IdentityGraph for IdentityGraphService {
 #[derive(Clone)]
 pub struct AdminService {
     router: ShardRouter,
+    replicas: crate::raft::Replicas,
 }
 
 impl AdminService {
-    pub fn new(router: ShardRouter) -> Self {
-        AdminService { router }
+    pub fn new(router: ShardRouter, replicas: crate::raft::Replicas) -> Self {
+        AdminService { router, replicas }
     }
 }
 
@@ -205,6 +206,41 @@ impl Admin for AdminService {
             rule_version: self.router.rules().version().into(),
             shards: self.router.map().count(),
         }))
+    }
+
+    async fn get_cluster(&self, _request: Request<pb::GetClusterRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let replicas: Vec<crate::raft::ShardReplica> =
+            self.replicas.read().map_err(|_| Status::internal("replica table lock poisoned"))?.values().cloned().collect();
+        let mut shards = Vec::new();
+        let mut node_id = 0;
+        for r in replicas {
+            let m = r.raft.metrics().borrow().clone();
+            node_id = m.id;
+            let matched = m.replication.clone().unwrap_or_default();
+            let voters: std::collections::BTreeSet<u64> = m.membership_config.voter_ids().collect();
+            let members = m
+                .membership_config
+                .nodes()
+                .map(|(id, n)| pb::ShardMember {
+                    node_id: *id,
+                    addr: n.addr.clone(),
+                    voter: voters.contains(id),
+                    matched_index: matched.get(id).copied().flatten().map_or(0, |l| l.index),
+                })
+                .collect();
+            shards.push(pb::ShardStatus {
+                shard: r.shard.0,
+                state: format!("{:?}", m.state),
+                leader_id: m.current_leader.unwrap_or(0),
+                term: m.current_term,
+                last_log_index: m.last_log_index.unwrap_or(0),
+                applied_index: m.last_applied.map_or(0, |l| l.index),
+                snapshot_index: m.snapshot.map_or(0, |l| l.index),
+                members,
+            });
+        }
+        shards.sort_by_key(|s| s.shard);
+        Ok(Response::new(pb::ClusterStatus { node_id, shards }))
     }
 
     async fn get_rule_set(&self, _request: Request<pb::GetRuleSetRequest>) -> Result<Response<pb::RuleSetInfo>, Status> {

@@ -52,3 +52,59 @@ pub fn by_id(kind: &str, value: &str) -> pb::GetProfileRequest {
 pub fn by_profile(profile_id: &str) -> pb::GetProfileRequest {
     pb::GetProfileRequest { key: Some(pb::get_profile_request::Key::ProfileId(profile_id.into())) }
 }
+
+/// A real `idgraph-node` process, reading the address it bound from its
+/// first line of output. Killed when dropped.
+pub struct NodeProcess {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl NodeProcess {
+    pub fn start(dir: &std::path::Path, extra: &[&str]) -> NodeProcess {
+        use std::io::{BufRead, BufReader};
+        let listen = extra.windows(2).find(|w| w[0] == "--listen").map(|w| w[1]).unwrap_or("127.0.0.1:0");
+        let extra: Vec<&str> = extra.iter().copied().filter(|a| *a != "--listen" && *a != listen).collect();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idgraph-node"))
+            .args(["--listen", listen, "--data-dir"])
+            .arg(dir)
+            .args(&extra)
+            .env("IDGRAPH_LOG_LEVEL", std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("IDGRAPH_SHUTDOWN_GRACE_MS", "500")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn idgraph-node");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr =
+            line.trim().strip_prefix("idgraph-node listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+        NodeProcess { child, addr }
+    }
+
+    pub async fn client(&self) -> IdentityGraphClient<Channel> {
+        IdentityGraphClient::connect(format!("http://{}", self.addr)).await.unwrap()
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::connect(format!("http://{}", self.addr)).await.unwrap()
+    }
+
+    pub fn signal(&mut self, sig: &str) {
+        let ok = std::process::Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Free loopback ports, found by binding port 0.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}

@@ -1,0 +1,160 @@
+//! Three real `idgraph-node` processes on loopback forming one cluster:
+//! replication, forwarding to the leader, `kill -9` of the leader, rejoin.
+
+mod common;
+
+use common::*;
+use idgraph_proto::v1 as pb;
+use std::time::{Duration, Instant};
+
+struct Cluster {
+    dirs: Vec<tempfile::TempDir>,
+    ports: Vec<u16>,
+    nodes: Vec<Option<NodeProcess>>,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        let ports = free_ports(n);
+        let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut c = Cluster { dirs, ports, nodes: (0..n).map(|_| None).collect() };
+        for i in 0..n {
+            c.start_node(i);
+        }
+        c
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect::<Vec<_>>().join(",")
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let listen = format!("127.0.0.1:{}", self.ports[i]);
+        let id = (i + 1).to_string();
+        let members = self.initial_cluster();
+        let p = NodeProcess::start(self.dirs[i].path(), &["--listen", &listen, "--id", &id, "--initial-cluster", &members]);
+        self.nodes[i] = Some(p);
+    }
+
+    fn node(&self, i: usize) -> &NodeProcess {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    /// The leader of shard 0 as the running nodes agree on it.
+    async fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for (i, n) in self.nodes.iter().enumerate() {
+                let Some(n) = n else { continue };
+                if let Ok(s) = n.admin().await.get_cluster(pb::GetClusterRequest {}).await {
+                    let s = s.into_inner();
+                    if s.shards.first().is_some_and(|sh| sh.state == "Leader") {
+                        return i;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader within 20 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn person_event(i: usize) -> pb::IdentifyRequest {
+    event(&format!("c{i}"), &[("anonymous_id", &format!("anon-{i}")), ("email", &format!("p{}@shop.com", i % 100))])
+}
+
+/// Sends an event until it is acknowledged, as an at-least-once transport
+/// would; UNAVAILABLE means "outcome unknown", so the same event id is sent
+/// again.
+async fn deliver(
+    client: &mut pb::identity_graph_client::IdentityGraphClient<tonic::transport::Channel>,
+    req: pb::IdentifyRequest,
+) -> pb::IdentifyResponse {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.identify(req.clone()).await {
+            Ok(r) => return r.into_inner(),
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{}", s.message());
+                assert!(Instant::now() < deadline, "event {} never acknowledged: {}", req.event_id, s.message());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_and_every_node_answers_the_same_profiles() {
+    let c = Cluster::start(3);
+    c.leader().await;
+    // Write through every node: followers forward to the leader.
+    let mut acked = Vec::new();
+    for i in 0..600 {
+        let mut client = c.node(i % 3).client().await;
+        acked.push(deliver(&mut client, person_event(i)).await.profile_id);
+    }
+    for n in 0..3 {
+        let mut client = c.node(n).client().await;
+        for i in (0..600).step_by(7) {
+            let p = client.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap().into_inner();
+            assert_eq!(p.profile_id, acked[i], "node {} disagrees on event {i}", n + 1);
+            assert_eq!(p.identifiers.len(), 7, "six anonymous ids and the e-mail");
+        }
+    }
+    // Every replica applies the same log.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut applied = Vec::new();
+        for n in 0..3 {
+            applied.push(c.node(n).admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner().shards[0].applied_index);
+        }
+        if applied.iter().all(|a| *a == applied[0]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas did not converge: {applied:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_loses_no_acknowledged_event_and_the_node_rejoins() {
+    let mut c = Cluster::start(3);
+    let leader = c.leader().await;
+    let via = (leader + 1) % 3;
+    let mut client = c.node(via).client().await;
+    let mut acked = Vec::new();
+    for i in 0..300 {
+        acked.push(deliver(&mut client, person_event(i)).await.profile_id);
+    }
+    // kill -9 the leader; keep writing through a surviving node.
+    c.nodes[leader].as_mut().unwrap().signal("-KILL");
+    let killed_at = Instant::now();
+    c.nodes[leader] = None;
+    let first = deliver(&mut client, person_event(300)).await;
+    acked.push(first.profile_id);
+    eprintln!("writes resumed {:?} after the leader was killed", killed_at.elapsed());
+    for i in 301..400 {
+        acked.push(deliver(&mut client, person_event(i)).await.profile_id);
+    }
+    let new_leader = c.leader().await;
+    assert_ne!(new_leader, leader);
+    for i in 0..400 {
+        let p = client.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.expect("acknowledged event survives").into_inner();
+        assert_eq!(p.profile_id, acked[i]);
+    }
+    // The killed node comes back and catches up.
+    c.start_node(leader);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let want = c.node(new_leader).admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner().shards[0].applied_index;
+    loop {
+        let got = c.node(leader).admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner().shards[0].applied_index;
+        if got >= want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rejoined node stuck at {got}, leader at {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut back = c.node(leader).client().await;
+    let p = back.get_profile(by_id("anonymous_id", "anon-399")).await.unwrap().into_inner();
+    assert_eq!(p.profile_id, acked[399]);
+}
