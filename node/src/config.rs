@@ -61,6 +61,10 @@ pub struct NodeConfig {
     /// Raft heartbeat interval, in milliseconds; elections time out after 3
     /// to 6 heartbeats without a leader.
     pub raft_heartbeat_ms: u64,
+    /// A shard replica snapshots its graph after this many log entries and
+    /// then compacts its log; a replica that fell further behind catches up
+    /// from the snapshot.
+    pub raft_snapshot_logs: u64,
 }
 
 impl Default for NodeConfig {
@@ -79,6 +83,7 @@ impl Default for NodeConfig {
             node_id: 1,
             initial_cluster: String::new(),
             raft_heartbeat_ms: 100,
+            raft_snapshot_logs: 10_000,
         }
     }
 }
@@ -112,6 +117,10 @@ const ENV_FIELDS: &[&str] = &[
     "shutdown_grace_ms",
     "log_level",
     "log_format",
+    "node_id",
+    "initial_cluster",
+    "raft_heartbeat_ms",
+    "raft_snapshot_logs",
 ];
 
 impl NodeConfig {
@@ -155,6 +164,9 @@ impl NodeConfig {
         }
         if !(20..=5_000).contains(&self.raft_heartbeat_ms) {
             return bad("raft_heartbeat_ms", "must be 20 to 5000");
+        }
+        if self.raft_snapshot_logs < 10 {
+            return bad("raft_snapshot_logs", "must be at least 10");
         }
         let members = self.members().map_err(|reason| ConfigError::Invalid { field: "initial_cluster", reason })?;
         if !members.is_empty() && !members.contains_key(&self.node_id) {
@@ -213,6 +225,19 @@ mod tests {
         std::fs::write(&f, "stream_window = 0\n").unwrap();
         let err = NodeConfig::load(Some(&f), &Overrides::default()).unwrap_err().to_string();
         assert!(err.contains("stream_window"), "{err}");
+    }
+
+    #[test]
+    fn every_field_can_be_set_from_the_environment() {
+        let fields: Vec<String> = match serde_json::to_value(NodeConfig::default()).unwrap() {
+            serde_json::Value::Object(m) => m.keys().cloned().collect(),
+            _ => unreachable!(),
+        };
+        let mut env: Vec<&str> = ENV_FIELDS.to_vec();
+        env.sort();
+        let mut fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+        fields.sort();
+        assert_eq!(env, fields);
     }
 
     #[test]

@@ -131,8 +131,9 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, ServerError
         heartbeat_interval: hb,
         election_timeout_min: hb * 3,
         election_timeout_max: hb * 6,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft_snapshot_logs),
+        max_in_snapshot_log_to_keep: config.raft_snapshot_logs / 10,
+        purge_batch_size: 1,
         ..Default::default()
     };
     Ok(Arc::new(c.validate().map_err(|e| ServerError::Actors(format!("raft configuration: {e}")))?))

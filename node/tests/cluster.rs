@@ -116,6 +116,48 @@ async fn three_nodes_replicate_and_every_node_answers_the_same_profiles() {
     }
 }
 
+/// Nodes here snapshot every 100 entries and keep 10 (see `common`): a
+/// follower that misses hundreds of entries can only catch up from a
+/// snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_far_behind_catches_up_from_a_snapshot() {
+    let mut c = Cluster::start(3);
+    let leader = c.leader().await;
+    let follower = (leader + 1) % 3;
+    c.nodes[follower].as_mut().unwrap().signal("-KILL");
+    c.nodes[follower] = None;
+    let mut client = c.node(leader).client().await;
+    let mut acked = Vec::new();
+    for i in 0..500 {
+        acked.push(deliver(&mut client, person_event(i)).await.profile_id);
+    }
+    // Snapshots are built in the background: wait for one that covers most
+    // of what the follower missed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let s = c.node(leader).admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner();
+        if s.shards[0].snapshot_index >= 400 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "leader never snapshotted: {:?}", s.shards[0]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    c.start_node(follower);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = c.node(follower).admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner();
+        let sh = &s.shards[0];
+        if sh.applied_index >= status.shards[0].applied_index {
+            assert!(sh.snapshot_index >= 100, "caught up by installing a snapshot: {sh:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "follower stuck: {sh:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p = c.node(follower).client().await.get_profile(by_id("anonymous_id", "anon-499")).await.unwrap().into_inner();
+    assert_eq!(p.profile_id, acked[499]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_loses_no_acknowledged_event_and_the_node_rejoins() {
     let mut c = Cluster::start(3);

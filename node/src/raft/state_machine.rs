@@ -142,12 +142,10 @@ impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
             None => format!("empty-{}", self.snapshots_built),
         };
         let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
-        // The image must not contain the previous image: drop it first (a
-        // crash right after leaves no current snapshot, which is allowed).
-        let mut clear = ChangeSet::default();
-        clear.push(Change::PutMeta(SNAPSHOT.into(), Vec::new()));
-        self.store.apply(&clear).map_err(write_err)?;
-        let graph = self.store.snapshot().map_err(read_err)?;
+        // The image must not contain the previous image. The previous one
+        // stays the current snapshot until the new one replaces it: a
+        // lagging follower may be sent it meanwhile.
+        let graph = self.store.snapshot(&[SNAPSHOT]).map_err(read_err)?;
         let img = SnapshotImage { meta: meta.clone(), graph };
         let bytes = encode(&img);
         let mut cs = ChangeSet::default();

@@ -139,7 +139,9 @@ pub fn snapshot_restores_everything<S: GraphStore>(a: &S, b: &S) {
     })
     .unwrap();
     b.apply(&one(Change::PutOwner(Identifier::new("user_id", "stale"), "p_old".into()))).unwrap();
-    b.restore(&a.snapshot().unwrap()).unwrap();
+    a.apply(&one(Change::PutMeta("private".into(), vec![9]))).unwrap();
+    b.restore(&a.snapshot(&["private"]).unwrap()).unwrap();
+    assert_eq!(b.meta("private").unwrap(), None, "excluded meta values stay out");
     assert_eq!(b.owner(&id).unwrap().as_deref(), Some("p_1"));
     assert_eq!(b.owner(&Identifier::new("user_id", "stale")).unwrap(), None, "restore replaces");
     assert_eq!(b.all_profiles().unwrap(), a.all_profiles().unwrap());

@@ -116,7 +116,7 @@ impl GraphStore for MemStore {
         Ok(())
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
+    fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError> {
         self.with(|t| {
             super::encode(&TablesImage {
                 owners: t.owners.clone().into_iter().collect(),
@@ -125,7 +125,7 @@ impl GraphStore for MemStore {
                 events: t.events.clone().into_iter().collect(),
                 merges: t.merges.values().cloned().collect(),
                 hubs: t.hubs.clone().into_iter().collect(),
-                meta: t.meta.clone().into_iter().collect(),
+                meta: t.meta.iter().filter(|(k, _)| !without_meta.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect(),
                 counters: t.counters,
             })
         })

@@ -57,9 +57,9 @@ pub trait GraphStore: GraphRead + Send + Sync + 'static {
     fn apply(&self, changes: &ChangeSet) -> Result<(), StoreError>;
     /// Makes every applied change durable (fsync).
     fn flush(&self) -> Result<(), StoreError>;
-    /// Everything the store holds, as opaque bytes that [`Self::restore`] of
-    /// the same implementation reads back.
-    fn snapshot(&self) -> Result<Vec<u8>, StoreError>;
+    /// Everything the store holds but the named meta values, as opaque bytes
+    /// that [`Self::restore`] of the same implementation reads back.
+    fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError>;
     /// Replaces everything the store holds with a snapshot's content.
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError>;
 }

@@ -215,9 +215,15 @@ impl GraphStore for SledStore {
         self.tree.flush().map(|_| ()).map_err(io)
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
-        let kvs: Vec<(Vec<u8>, Vec<u8>)> =
-            self.tree.iter().map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io)).collect::<Result<_, _>>()?;
+    fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError> {
+        let skip: Vec<Vec<u8>> = without_meta.iter().map(|k| str_key(b'x', k)).collect();
+        let mut kvs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for kv in self.tree.iter() {
+            let (k, v) = kv.map_err(io)?;
+            if !skip.iter().any(|s| s.as_slice() == k.as_ref()) {
+                kvs.push((k.to_vec(), v.to_vec()));
+            }
+        }
         Ok(encode(&kvs))
     }
 

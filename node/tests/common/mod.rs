@@ -71,6 +71,7 @@ impl NodeProcess {
             .args(&extra)
             .env("IDGRAPH_LOG_LEVEL", std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
             .env("IDGRAPH_SHUTDOWN_GRACE_MS", "500")
+            .env("IDGRAPH_RAFT_SNAPSHOT_LOGS", "100")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .spawn()
