@@ -7,8 +7,11 @@
 //! - [`engine`]: identity resolution; commands in, change sets out; no I/O.
 //! - [`storage`]: the storage traits, the sled and in-memory stores, and
 //!   their conformance suite.
-//! - [`shard`]: one ractor actor per shard replica: runs the engine,
-//!   applies and fsyncs its changes (group commit), answers reads.
+//! - [`raft`]: a shard as an openraft group: log store, state machine (the
+//!   engine over the graph store), snapshots, gRPC transport, and the
+//!   replica that serves requests on the leader.
+//! - [`shard`]: one supervised ractor actor per shard replica.
+//! - [`router`]: picks the shard, stamps commands, forwards to leaders.
 //! - [`service`]: the tonic adapters for `idgraph.v1` (conversions and the
 //!   one error-to-status mapping live there).
 //! - [`config`] and [`server`]: configuration and process wiring.

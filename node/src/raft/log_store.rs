@@ -7,25 +7,50 @@ use openraft::{Entry, OptionalSend, RaftLogId, Vote};
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
+use tokio::sync::mpsc;
 
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 
 /// A shard replica's Raft log. Cheap to clone (it is also its own reader).
+///
+/// Appends are group-committed: `append` writes the entries and hands
+/// openraft's completion callback to a flusher task, which fsyncs once for
+/// every callback waiting and then completes them in order. openraft keeps
+/// appending meanwhile, so one fsync covers many client writes.
 pub struct ShardLogStore<L: RaftLog> {
     log: Arc<L>,
+    flusher: mpsc::UnboundedSender<LogFlushed<ShardRaft>>,
 }
 
 impl<L: RaftLog> Clone for ShardLogStore<L> {
     fn clone(&self) -> Self {
-        ShardLogStore { log: self.log.clone() }
+        ShardLogStore { log: self.log.clone(), flusher: self.flusher.clone() }
     }
 }
 
 impl<L: RaftLog> ShardLogStore<L> {
+    /// Must be called inside a tokio runtime (it starts the flusher task).
     pub fn new(log: Arc<L>) -> Self {
-        ShardLogStore { log }
+        let (tx, mut rx) = mpsc::unbounded_channel::<LogFlushed<ShardRaft>>();
+        let flushing = log.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut waiting = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    waiting.push(more);
+                }
+                let log = flushing.clone();
+                let synced = tokio::task::spawn_blocking(move || log.sync())
+                    .await
+                    .unwrap_or_else(|e| Err(crate::storage::StoreError::Io(format!("fsync task failed: {e}"))));
+                for cb in waiting {
+                    cb.log_io_completed(synced.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+                }
+            }
+        });
+        ShardLogStore { log, flusher: tx }
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -93,10 +118,12 @@ impl<L: RaftLog> RaftLogStorage<ShardRaft> for ShardLogStore<L> {
         I::IntoIter: OptionalSend,
     {
         let batch: Vec<(u64, Vec<u8>)> = entries.into_iter().map(|e| (e.get_log_id().index, encode(&e))).collect();
-        // RaftLog::append is durable when it returns.
-        let result = self.log.append(&batch);
-        callback.log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
-        result.map_err(|e| openraft::StorageIOError::write_logs(openraft::AnyError::new(&e)).into())
+        self.log.append(&batch).map_err(|e| openraft::StorageIOError::write_logs(openraft::AnyError::new(&e)))?;
+        // Durable, and reported as such, once the flusher has fsync'd.
+        if let Err(mpsc::error::SendError(cb)) = self.flusher.send(callback) {
+            cb.log_io_completed(Err(std::io::Error::other("the log flusher has stopped")));
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -164,6 +164,7 @@ pub fn raft_log_conforms<L: super::RaftLog>(log: &L) {
     assert_eq!(log.last().unwrap(), None);
     let entries: Vec<(u64, Vec<u8>)> = (1..=10).map(|i| (i, vec![i as u8; 3])).collect();
     log.append(&entries).unwrap();
+    log.sync().unwrap();
     assert_eq!(log.range(3, 6).unwrap(), entries[2..5].to_vec());
     assert_eq!(log.range(6, 3).unwrap(), vec![]);
     assert_eq!(log.last().unwrap(), Some((10, vec![10; 3])));

@@ -160,6 +160,9 @@ fn poisoned<T>(_: T) -> StoreError {
 }
 
 impl super::RaftLog for MemRaftLog {
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
         let mut e = self.entries.lock().map_err(poisoned)?;
         for (i, b) in entries {

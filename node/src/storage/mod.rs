@@ -65,11 +65,15 @@ pub trait GraphStore: GraphRead + Send + Sync + 'static {
 }
 
 /// One shard replica's Raft log (entries by index, as opaque bytes) and its
-/// Raft metadata (vote, committed and purged log ids). Every write is
-/// durable when it returns.
+/// Raft metadata (vote, committed and purged log ids). Appends become
+/// durable with [`RaftLog::sync`]; every other write is durable when it
+/// returns.
 pub trait RaftLog: Send + Sync + 'static {
-    /// Writes entries (index, bytes), replacing any at the same indexes.
+    /// Writes entries (index, bytes), replacing any at the same indexes;
+    /// durable after the next [`RaftLog::sync`].
     fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StoreError>;
+    /// Makes every append so far durable (fsync).
+    fn sync(&self) -> Result<(), StoreError>;
     /// Entries with `from <= index < until`, in index order.
     fn range(&self, from: u64, until: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// The entry with the greatest index.

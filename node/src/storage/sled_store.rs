@@ -242,8 +242,9 @@ impl GraphStore for SledStore {
     }
 }
 
-/// One shard replica's Raft log in its own sled tree; every write is
-/// fsync'd before it returns.
+/// One shard replica's Raft log in its own sled tree. Appends are fsync'd
+/// by [`RaftLog::sync`](super::RaftLog::sync), every other write before it
+/// returns.
 pub struct SledRaftLog {
     tree: sled::Tree,
 }
@@ -282,7 +283,9 @@ impl super::RaftLog for SledRaftLog {
         for (i, b) in entries {
             batch.insert(&entry_key(*i), b.as_slice());
         }
-        self.tree.apply_batch(batch).map_err(io)?;
+        self.tree.apply_batch(batch).map_err(io)
+    }
+    fn sync(&self) -> Result<(), StoreError> {
         self.durable()
     }
     fn range(&self, from: u64, until: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
