@@ -1,10 +1,12 @@
 //! Shard actors: one ractor actor per shard replica, supervised.
 //!
 //! A [`ShardActor`] owns a [`ShardReplica`]: the shard's openraft instance
-//! and its graph store. Each request runs as its own task against the
-//! replica, so requests overlap and openraft batches their log appends (one
-//! fsync covers many); the state machine still applies commands one at a
-//! time, in log order.
+//! and its graph store. Reads run as their own tasks. Writes are batched:
+//! while a proposal is in flight (at most [`MAX_IN_FLIGHT`] at once), the
+//! writes that arrive wait in the actor and go out together as the next
+//! log entry, so under load one entry, and one fsync, carries many
+//! commands. The state machine still applies commands one at a time, in log
+//! order.
 //!
 //! The [`NodeSupervisor`] spawns the shard actors linked to itself. When one
 //! fails, it shuts that shard's Raft instance down and opens it again from
@@ -25,6 +27,8 @@ pub type Reply = RpcReplyPort<Result<ShardReply, ShardFailure>>;
 /// Messages a shard actor handles.
 pub enum ShardMsg {
     Request(Box<ShardRequest>, Reply),
+    /// Sent by the actor to itself when a proposal has been answered.
+    ProposalDone,
     /// Test hook: panic inside the handler (exercises supervision).
     #[doc(hidden)]
     Crash,
@@ -38,9 +42,43 @@ pub fn shard_actor_name(node: &str, shard: ShardId) -> String {
 
 pub struct ShardActor;
 
+/// Proposals in flight at once per shard.
+pub const MAX_IN_FLIGHT: usize = 2;
+/// Commands in one proposal at most.
+pub const MAX_BATCH: usize = 512;
+
 pub struct ShardState {
     node: Arc<str>,
     replica: ShardReplica,
+    waiting: Vec<(crate::engine::Command, Reply)>,
+    in_flight: usize,
+}
+
+impl ShardState {
+    fn propose(&mut self, myself: &ActorRef<ShardMsg>) {
+        while self.in_flight < MAX_IN_FLIGHT && !self.waiting.is_empty() {
+            let take = self.waiting.len().min(MAX_BATCH);
+            let (commands, ports): (Vec<_>, Vec<_>) = self.waiting.drain(..take).unzip();
+            self.in_flight += 1;
+            let replica = self.replica.clone();
+            let myself = myself.clone();
+            tokio::spawn(async move {
+                match replica.write_batch(commands).await {
+                    Ok(answers) => {
+                        for (port, answer) in ports.into_iter().zip(answers) {
+                            let _ = port.send(answer.map(ShardReply::Outcome));
+                        }
+                    }
+                    Err(failure) => {
+                        for port in ports {
+                            let _ = port.send(Err(failure.clone()));
+                        }
+                    }
+                }
+                let _ = myself.send_message(ShardMsg::ProposalDone);
+            });
+        }
+    }
 }
 
 impl Actor for ShardActor {
@@ -50,17 +88,27 @@ impl Actor for ShardActor {
 
     async fn pre_start(&self, _myself: ActorRef<ShardMsg>, (node, replica): Self::Arguments) -> Result<ShardState, ActorProcessingErr> {
         info!(shard = %replica.shard, rule_version = replica.rules.version(), "shard replica started");
-        Ok(ShardState { node, replica })
+        Ok(ShardState { node, replica, waiting: Vec::new(), in_flight: 0 })
     }
 
     #[instrument(skip_all, fields(node = %state.node, shard = %state.replica.shard))]
-    async fn handle(&self, _myself: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, myself: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
         match msg {
-            ShardMsg::Request(req, port) => {
-                let replica = state.replica.clone();
-                tokio::spawn(async move {
-                    let _ = port.send(replica.serve(*req).await);
-                });
+            ShardMsg::Request(req, port) => match *req {
+                ShardRequest::Write(cmd) => {
+                    state.waiting.push((*cmd, port));
+                    state.propose(&myself);
+                }
+                read => {
+                    let replica = state.replica.clone();
+                    tokio::spawn(async move {
+                        let _ = port.send(replica.serve(read).await);
+                    });
+                }
+            },
+            ShardMsg::ProposalDone => {
+                state.in_flight = state.in_flight.saturating_sub(1);
+                state.propose(&myself);
             }
             ShardMsg::Crash => panic!("shard actor asked to crash (test hook)"),
         }

@@ -23,6 +23,9 @@
 //! - A snapshot is the whole shard graph plus the last applied log id and
 //!   membership. The store is fsync'd before a snapshot is taken, so the log
 //!   it allows openraft to purge is never needed again.
+//! - Commands are proposed in batches ([`Proposal`]); the state machine
+//!   records `(log id, command index)` with each command's changes, and on
+//!   replay skips the commands of an entry it had already applied.
 //! - A refused command (bad input, a limit) is a deterministic outcome, not
 //!   a storage error: it is applied as "no change" and answered on every
 //!   replica alike.
@@ -51,9 +54,19 @@ use std::io::Cursor;
 openraft::declare_raft_types!(
     /// Types of a shard's Raft group.
     pub ShardRaft:
-        D = crate::engine::Command,
-        R = ShardResponse,
+        D = Proposal,
+        R = Vec<ShardResponse>,
 );
+
+/// One log entry: the commands a shard leader batched together. Batching
+/// amortises Raft's per-entry cost; the state machine still applies the
+/// commands one by one, in order, and records its progress inside an entry,
+/// so that a crash part-way through an entry neither loses nor repeats a
+/// command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub commands: Vec<crate::engine::Command>,
+}
 
 /// What applying one log entry answered.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 //! its graph store, answering requests on the leader and saying who the
 //! leader is elsewhere.
 
-use super::{Refusal, ShardRaft, ShardResponse};
+use super::{Proposal, Refusal, ShardRaft, ShardResponse};
 use crate::engine::{self, Command, FoundProfile, Outcome, ProfileRef};
 use crate::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
 use crate::rules::RuleSet;
@@ -78,12 +78,23 @@ impl ShardReplica {
     }
 
     async fn write(&self, cmd: Command) -> Result<Outcome, ShardFailure> {
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => match resp.data {
-                ShardResponse::Applied(o) => Ok(o),
-                ShardResponse::Refused(r) => Err(ShardFailure::Refused(r)),
-                ShardResponse::Nothing => Err(self.unavailable("a command was answered as a blank entry")),
-            },
+        self.write_batch(vec![cmd]).await?.pop().unwrap_or_else(|| Err(self.unavailable("a proposal was answered without outcomes")))
+    }
+
+    /// Proposes several commands as one log entry; one answer per command.
+    pub async fn write_batch(&self, commands: Vec<Command>) -> Result<Vec<Result<Outcome, ShardFailure>>, ShardFailure> {
+        let n = commands.len();
+        match self.raft.client_write(Proposal { commands }).await {
+            Ok(resp) if resp.data.len() == n => Ok(resp
+                .data
+                .into_iter()
+                .map(|r| match r {
+                    ShardResponse::Applied(o) => Ok(o),
+                    ShardResponse::Refused(r) => Err(ShardFailure::Refused(r)),
+                    ShardResponse::Nothing => Err(self.unavailable("a command was answered as a blank entry")),
+                })
+                .collect()),
+            Ok(resp) => Err(self.unavailable(format!("{n} commands got {} answers", resp.data.len()))),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) })
             }

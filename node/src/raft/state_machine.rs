@@ -13,6 +13,8 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 const APPLIED: &str = "raft.applied";
+/// The last command applied inside a (possibly not yet complete) entry.
+const APPLIED_COMMAND: &str = "raft.applied_command";
 const MEMBERSHIP: &str = "raft.membership";
 const SNAPSHOT: &str = "raft.snapshot";
 
@@ -71,7 +73,7 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
         self.applied()
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ShardResponse>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<ShardResponse>>, StorageError>
     where
         I: IntoIterator<Item = Entry<ShardRaft>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -79,25 +81,43 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
         let mut out = Vec::new();
         for entry in entries {
             let log_id = entry.log_id;
-            let (mut changes, response) = match entry.payload {
-                EntryPayload::Blank => (ChangeSet::default(), ShardResponse::Nothing),
-                EntryPayload::Membership(m) => {
-                    let mut cs = ChangeSet::default();
-                    cs.push(Change::PutMeta(MEMBERSHIP.into(), encode(&Membership::new(Some(log_id), m))));
-                    (cs, ShardResponse::Nothing)
-                }
-                EntryPayload::Normal(cmd) => match engine::execute(&*self.store, &self.rules, &cmd) {
-                    Ok((cs, outcome)) => (cs, ShardResponse::Applied(outcome)),
-                    Err(e) => {
-                        let refusal =
-                            Refusal::from_engine(e).map_err(|e| openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e)))?;
-                        (ChangeSet::default(), ShardResponse::Refused(refusal))
-                    }
-                },
+            let failed = |e: crate::storage::StoreError| -> StorageError {
+                openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e)).into()
             };
-            changes.push(Change::PutMeta(APPLIED.into(), encode(&Some(log_id))));
-            self.store.apply(&changes).map_err(|e| openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e)))?;
-            out.push(response);
+            let mut responses = Vec::new();
+            let mut last = ChangeSet::default();
+            match entry.payload {
+                EntryPayload::Blank => responses.push(ShardResponse::Nothing),
+                EntryPayload::Membership(m) => {
+                    last.push(Change::PutMeta(MEMBERSHIP.into(), encode(&Membership::new(Some(log_id), m))));
+                    responses.push(ShardResponse::Nothing);
+                }
+                EntryPayload::Normal(proposal) => {
+                    // Commands of this entry applied before a crash are not
+                    // applied again.
+                    let done: Option<(LogId, usize)> = self.meta(APPLIED_COMMAND)?;
+                    let skip = match done {
+                        Some((id, i)) if id == log_id => i + 1,
+                        _ => 0,
+                    };
+                    for (i, cmd) in proposal.commands.iter().enumerate() {
+                        if i < skip {
+                            responses.push(ShardResponse::Nothing);
+                            continue;
+                        }
+                        let (mut cs, response) = match engine::execute(&*self.store, &self.rules, cmd) {
+                            Ok((cs, outcome)) => (cs, ShardResponse::Applied(outcome)),
+                            Err(e) => (ChangeSet::default(), ShardResponse::Refused(Refusal::from_engine(e).map_err(failed)?)),
+                        };
+                        cs.push(Change::PutMeta(APPLIED_COMMAND.into(), encode(&(log_id, i))));
+                        self.store.apply(&cs).map_err(failed)?;
+                        responses.push(response);
+                    }
+                }
+            }
+            last.push(Change::PutMeta(APPLIED.into(), encode(&Some(log_id))));
+            self.store.apply(&last).map_err(failed)?;
+            out.push(responses);
         }
         Ok(out)
     }

@@ -54,16 +54,18 @@ fn snapshots_do_not_contain_earlier_snapshots() {
         let mut sm = ShardStateMachine::new(Arc::new(MemStore::new()), Arc::new(RuleSet::builtin()));
         let entry = |i: u64| Entry::<ShardRaft> {
             log_id: LogId::new(CommittedLeaderId::new(1, 0), i),
-            payload: EntryPayload::Normal(Command {
-                at_ms: 1000 + i as i64,
-                op_id: format!("op{i}"),
-                kind: CommandKind::Identify(IdentifyEvent {
-                    event_id: format!("e{i}"),
-                    timestamp_ms: 0,
-                    identifiers: vec![RawIdentifier::new("email", format!("p{i}@shop.com"))],
-                    traits: Default::default(),
-                    source: String::new(),
-                }),
+            payload: EntryPayload::Normal(super::Proposal {
+                commands: vec![Command {
+                    at_ms: 1000 + i as i64,
+                    op_id: format!("op{i}"),
+                    kind: CommandKind::Identify(IdentifyEvent {
+                        event_id: format!("e{i}"),
+                        timestamp_ms: 0,
+                        identifiers: vec![RawIdentifier::new("email", format!("p{i}@shop.com"))],
+                        traits: Default::default(),
+                        source: String::new(),
+                    }),
+                }],
             }),
         };
         sm.apply((1..=50).map(entry)).await.unwrap();
