@@ -76,3 +76,41 @@ fn snapshots_do_not_contain_earlier_snapshots() {
         assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(50));
     });
 }
+
+/// A crash after some commands of an entry were applied (their progress
+/// recorded) must not apply them again when the entry is replayed.
+#[test]
+fn replaying_a_partly_applied_entry_skips_the_commands_already_applied() {
+    use crate::engine::{execute, Command, CommandKind, IdentifyEvent, RawIdentifier};
+    use crate::model::Change;
+    use crate::storage::{GraphRead, GraphStore};
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(async {
+        let rules = Arc::new(RuleSet::builtin());
+        let store = Arc::new(MemStore::new());
+        let mut sm = ShardStateMachine::new(store.clone(), rules.clone());
+        let cmd = |i: usize| Command {
+            at_ms: 1000,
+            op_id: format!("op{i}"),
+            kind: CommandKind::Identify(IdentifyEvent {
+                event_id: format!("e{i}"),
+                timestamp_ms: 0,
+                identifiers: vec![RawIdentifier::new("email", format!("p{i}@shop.com"))],
+                traits: Default::default(),
+                source: String::new(),
+            }),
+        };
+        let log_id = LogId::new(CommittedLeaderId::new(1, 0), 7);
+        // What the state machine had written for command 0 before a crash.
+        let (mut cs, _) = execute(&*store, &rules, &cmd(0)).unwrap();
+        cs.push(Change::PutMeta("raft.applied_command".into(), rmp_serde::to_vec_named(&(log_id, 0usize)).unwrap()));
+        store.apply(&cs).unwrap();
+        let entry = Entry::<ShardRaft> { log_id, payload: EntryPayload::Normal(super::Proposal { commands: (0..3).map(cmd).collect() }) };
+        let answers = sm.apply([entry]).await.unwrap();
+        assert_eq!(answers[0].len(), 3);
+        let c = store.counters().unwrap();
+        assert_eq!((c.events, c.duplicates, c.profiles), (3, 0, 3), "command 0 applied once, not twice");
+    });
+}
