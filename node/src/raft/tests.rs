@@ -32,6 +32,22 @@ impl StoreBuilder<ShardRaft, ShardLogStore<MemRaftLog>, ShardStateMachine<MemSto
     }
 }
 
+/// An identity event for `p{i}@shop.com`, as a stamped command.
+fn identify(i: usize) -> crate::engine::Command {
+    use crate::engine::{Command, CommandKind, IdentifyEvent, RawIdentifier};
+    Command {
+        at_ms: 1000,
+        op_id: format!("op{i}"),
+        kind: CommandKind::Identify(IdentifyEvent {
+            event_id: format!("e{i}"),
+            timestamp_ms: 0,
+            identifiers: vec![RawIdentifier::new("email", format!("p{i}@shop.com"))],
+            traits: Default::default(),
+            source: String::new(),
+        }),
+    }
+}
+
 #[test]
 fn openraft_suite_passes_on_sled() {
     Suite::test_all(SledBuilder).unwrap();
@@ -46,7 +62,6 @@ fn openraft_suite_passes_in_memory() {
 /// what was applied in between.
 #[test]
 fn snapshots_do_not_contain_earlier_snapshots() {
-    use crate::engine::{Command, CommandKind, IdentifyEvent, RawIdentifier};
     use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
@@ -54,19 +69,7 @@ fn snapshots_do_not_contain_earlier_snapshots() {
         let mut sm = ShardStateMachine::new(Arc::new(MemStore::new()), Arc::new(RuleSet::builtin()));
         let entry = |i: u64| Entry::<ShardRaft> {
             log_id: LogId::new(CommittedLeaderId::new(1, 0), i),
-            payload: EntryPayload::Normal(super::Proposal {
-                commands: vec![Command {
-                    at_ms: 1000 + i as i64,
-                    op_id: format!("op{i}"),
-                    kind: CommandKind::Identify(IdentifyEvent {
-                        event_id: format!("e{i}"),
-                        timestamp_ms: 0,
-                        identifiers: vec![RawIdentifier::new("email", format!("p{i}@shop.com"))],
-                        traits: Default::default(),
-                        source: String::new(),
-                    }),
-                }],
-            }),
+            payload: EntryPayload::Normal(super::Proposal { commands: vec![identify(i as usize)] }),
         };
         sm.apply((1..=50).map(entry)).await.unwrap();
         let first = sm.get_snapshot_builder().await.build_snapshot().await.unwrap().snapshot.into_inner().len();
@@ -81,7 +84,7 @@ fn snapshots_do_not_contain_earlier_snapshots() {
 /// recorded) must not apply them again when the entry is replayed.
 #[test]
 fn replaying_a_partly_applied_entry_skips_the_commands_already_applied() {
-    use crate::engine::{execute, Command, CommandKind, IdentifyEvent, RawIdentifier};
+    use crate::engine::execute;
     use crate::model::Change;
     use crate::storage::{GraphRead, GraphStore};
     use openraft::storage::RaftStateMachine;
@@ -91,17 +94,7 @@ fn replaying_a_partly_applied_entry_skips_the_commands_already_applied() {
         let rules = Arc::new(RuleSet::builtin());
         let store = Arc::new(MemStore::new());
         let mut sm = ShardStateMachine::new(store.clone(), rules.clone());
-        let cmd = |i: usize| Command {
-            at_ms: 1000,
-            op_id: format!("op{i}"),
-            kind: CommandKind::Identify(IdentifyEvent {
-                event_id: format!("e{i}"),
-                timestamp_ms: 0,
-                identifiers: vec![RawIdentifier::new("email", format!("p{i}@shop.com"))],
-                traits: Default::default(),
-                source: String::new(),
-            }),
-        };
+        let cmd = identify;
         let log_id = LogId::new(CommittedLeaderId::new(1, 0), 7);
         // What the state machine had written for command 0 before a crash.
         let (mut cs, _) = execute(&*store, &rules, &cmd(0)).unwrap();
