@@ -62,6 +62,19 @@ enum Command {
 enum ClusterCmd {
     /// Shard replicas on the node: Raft state, leader, term, log indexes, members.
     Status,
+    /// Add a node (already started) to every shard's group.
+    AddNode {
+        #[arg(long)]
+        id: u64,
+        /// HOST:PORT the other nodes reach it at.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Remove a node from every shard's group.
+    RemoveNode {
+        #[arg(long)]
+        id: u64,
+    },
 }
 
 #[derive(Args)]
@@ -381,8 +394,12 @@ async fn run(cli: Cli) -> Result<()> {
                 print!("{}", r.toml)
             }
         }
-        Command::Cluster(ClusterCmd::Status) => {
-            let c = client.admin().get_cluster(pb::GetClusterRequest {}).await?.into_inner();
+        Command::Cluster(cmd) => {
+            let c = match cmd {
+                ClusterCmd::Status => client.admin().get_cluster(pb::GetClusterRequest {}).await?.into_inner(),
+                ClusterCmd::AddNode { id, addr } => client.admin().add_node(pb::AddNodeRequest { node_id: id, addr }).await?.into_inner(),
+                ClusterCmd::RemoveNode { id } => client.admin().remove_node(pb::RemoveNodeRequest { node_id: id }).await?.into_inner(),
+            };
             if json_out {
                 print_json(&c)?
             } else {

@@ -65,6 +65,9 @@ pub struct NodeConfig {
     /// then compacts its log; a replica that fell further behind catches up
     /// from the snapshot.
     pub raft_snapshot_logs: u64,
+    /// Address of any member of a running cluster to join (instead of
+    /// bootstrapping with `initial_cluster`).
+    pub join: String,
 }
 
 impl Default for NodeConfig {
@@ -84,6 +87,7 @@ impl Default for NodeConfig {
             initial_cluster: String::new(),
             raft_heartbeat_ms: 100,
             raft_snapshot_logs: 10_000,
+            join: String::new(),
         }
     }
 }
@@ -103,6 +107,8 @@ pub struct Overrides {
     pub node_id: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initial_cluster: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join: Option<String>,
 }
 
 /// Environment variables read (`IDGRAPH_` + the field name in capitals).
@@ -121,6 +127,7 @@ const ENV_FIELDS: &[&str] = &[
     "initial_cluster",
     "raft_heartbeat_ms",
     "raft_snapshot_logs",
+    "join",
 ];
 
 impl NodeConfig {
@@ -167,6 +174,9 @@ impl NodeConfig {
         }
         if self.raft_snapshot_logs < 10 {
             return bad("raft_snapshot_logs", "must be at least 10");
+        }
+        if !self.join.is_empty() && !self.initial_cluster.is_empty() {
+            return bad("join", "give either join or initial_cluster, not both");
         }
         let members = self.members().map_err(|reason| ConfigError::Invalid { field: "initial_cluster", reason })?;
         if !members.is_empty() && !members.contains_key(&self.node_id) {

@@ -31,6 +31,9 @@ struct Args {
     /// Bootstrap members: ID=HOST:PORT,... (default: a single-node cluster).
     #[arg(long)]
     initial_cluster: Option<String>,
+    /// Join a running cluster through any member (HOST:PORT).
+    #[arg(long)]
+    join: Option<String>,
     /// Print the built-in rule set and exit.
     #[arg(long)]
     print_default_rules: bool,
@@ -74,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
         log_level: args.log_level,
         node_id: args.node_id,
         initial_cluster: args.initial_cluster,
+        join: args.join,
     };
     let config = NodeConfig::load(args.config.as_deref(), &overrides)?;
     init_logs(&config);

@@ -171,6 +171,14 @@ impl ShardRouter {
         Ok(total)
     }
 
+    /// Applies a membership change to every shard's group, on its leader.
+    pub async fn change_membership(&self, change: crate::raft::MembershipChange) -> Result<(), ServiceError> {
+        for shard in self.map.shards() {
+            self.request(shard, ShardRequest::Membership(change.clone())).await?;
+        }
+        Ok(())
+    }
+
     /// Test hook: makes a shard actor panic.
     #[doc(hidden)]
     pub fn crash_shard(&self, shard: ShardId) -> Result<(), ServiceError> {

@@ -118,6 +118,29 @@ impl RunningNode {
     }
 }
 
+/// Asks a member of a running cluster to add this node, until it is done.
+async fn join_cluster(via: String, node_id: u64, addr: String) {
+    use idgraph_proto::v1::admin_client::AdminClient;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            let mut admin = AdminClient::connect(format!("http://{via}")).await.map_err(|e| e.to_string())?;
+            admin.add_node(idgraph_proto::v1::AddNodeRequest { node_id, addr: addr.clone() }).await.map_err(|s| s.message().to_string())
+        };
+        match attempt.await {
+            Ok(_) => {
+                info!(node_id, %via, "joined the cluster");
+                return;
+            }
+            Err(e) => {
+                warn!(node_id, %via, error = %e, "joining the cluster failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// Starts a node as configured and returns once it is serving.
 pub async fn start(config: &NodeConfig) -> Result<RunningNode, ServerError> {
     let rules = Arc::new(config.rule_set()?);
@@ -154,6 +177,7 @@ async fn open_replica(
     let store = Arc::new(db.shard(shard).map_err(|e| e.to_string())?);
     let sm = ShardStateMachine::new(store.clone(), rules.clone());
     let raft = openraft::Raft::new(node_id, raft_config, ShardNetworkFactory { shard, peers }, log, sm).await.map_err(|e| e.to_string())?;
+    // An empty member map means the node joins a running cluster instead.
     let bootstrapper = members.keys().next().copied() == Some(node_id);
     if bootstrapper && !raft.is_initialized().await.map_err(|e| e.to_string())? {
         match raft.initialize(members).await {
@@ -181,7 +205,8 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         .into_iter()
         .map(|(id, a)| (id, BasicNode { addr: a }))
         .collect();
-    if members.is_empty() {
+    let joining = !config.join.is_empty();
+    if members.is_empty() && !joining {
         members.insert(config.node_id, BasicNode { addr: addr.to_string() });
     }
     let peers = Peers::default();
@@ -248,6 +273,9 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     .await
     .map_err(|e| ServerError::Actors(e.to_string()))?;
 
+    if joining {
+        tokio::spawn(join_cluster(config.join.clone(), config.node_id, addr.to_string()));
+    }
     info!(%addr, node_id = config.node_id, data_dir = %config.data_dir.display(), rule_version = rules.version(), shards = shards.count(), "idgraph node serving");
     Ok(RunningNode {
         addr,

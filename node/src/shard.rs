@@ -99,10 +99,10 @@ impl Actor for ShardActor {
                     state.waiting.push((*cmd, port));
                     state.propose(&myself);
                 }
-                read => {
+                other => {
                     let replica = state.replica.clone();
                     tokio::spawn(async move {
-                        let _ = port.send(replica.serve(read).await);
+                        let _ = port.send(replica.serve(other).await);
                     });
                 }
             },

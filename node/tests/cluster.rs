@@ -200,3 +200,48 @@ async fn kill_9_of_the_leader_loses_no_acknowledged_event_and_the_node_rejoins()
     let p = back.get_profile(by_id("anonymous_id", "anon-399")).await.unwrap().into_inner();
     assert_eq!(p.profile_id, acked[399]);
 }
+
+/// Members of shard 0 (id, voter) as `node` sees them.
+async fn members(node: &NodeProcess) -> Vec<(u64, bool)> {
+    let s = node.admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner();
+    s.shards[0].members.iter().map(|m| (m.node_id, m.voter)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_and_a_leader_is_removed_without_losing_data() {
+    let c = Cluster::start(3);
+    let leader = c.leader().await;
+    let mut client = c.node((leader + 1) % 3).client().await;
+    let mut acked = Vec::new();
+    for i in 0..300 {
+        acked.push(deliver(&mut client, person_event(i)).await.profile_id);
+    }
+    // A fourth node joins through a follower.
+    let dir4 = tempfile::tempdir().unwrap();
+    let listen4 = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let via = c.node((leader + 1) % 3).addr.clone();
+    let n4 = NodeProcess::start(dir4.path(), &["--listen", &listen4, "--id", "4", "--join", &via]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !members(c.node(leader)).await.contains(&(4, true)) {
+        assert!(Instant::now() < deadline, "node 4 never became a voter: {:?}", members(c.node(leader)).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 300..400 {
+        acked.push(deliver(&mut client, person_event(i)).await.profile_id);
+    }
+    // Remove the leader; the others elect a new one and keep every event.
+    let removed = leader as u64 + 1;
+    let status = n4.admin().await.remove_node(pb::RemoveNodeRequest { node_id: removed }).await.unwrap().into_inner();
+    assert!(status.shards[0].members.iter().all(|m| m.node_id != removed), "{status:?}");
+    let mut via4 = n4.client().await;
+    for i in 400..450 {
+        acked.push(deliver(&mut via4, person_event(i)).await.profile_id);
+    }
+    for (i, want) in acked.iter().enumerate() {
+        let p = via4.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap().into_inner();
+        assert_eq!(&p.profile_id, want, "event {i}");
+    }
+    let after: Vec<u64> = members(&n4).await.iter().map(|m| m.0).collect();
+    let expected: Vec<u64> = (1..=4).filter(|id| *id != removed).collect();
+    assert_eq!(after, expected);
+}

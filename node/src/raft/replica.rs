@@ -17,6 +17,20 @@ use std::sync::Arc;
 pub enum ShardRequest {
     Write(Box<Command>),
     Read(ShardRead),
+    Membership(MembershipChange),
+}
+
+/// A change of a shard group's members, served by its leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MembershipChange {
+    /// Add as a learner, wait until it has caught up, then make it a voter.
+    Add {
+        node_id: u64,
+        addr: String,
+    },
+    Remove {
+        node_id: u64,
+    },
 }
 
 /// Reads; all are linearizable (the leader confirms its leadership first).
@@ -35,6 +49,8 @@ pub enum ShardReply {
     Merge(MergeRecord),
     Hubs(Vec<(Identifier, HubRecord)>),
     Counters(Counters),
+    /// The voters after a membership change.
+    Voters(Vec<u64>),
 }
 
 /// Why a shard did not answer a request.
@@ -74,7 +90,40 @@ impl ShardReplica {
         match req {
             ShardRequest::Write(cmd) => self.write(*cmd).await.map(ShardReply::Outcome),
             ShardRequest::Read(r) => self.read(r).await,
+            ShardRequest::Membership(c) => self.change_membership(c).await,
         }
+    }
+
+    fn write_failure(&self, e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> ShardFailure {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) }
+            }
+            e => self.unavailable(e),
+        }
+    }
+
+    async fn change_membership(&self, change: MembershipChange) -> Result<ShardReply, ShardFailure> {
+        let mut voters: std::collections::BTreeSet<u64> = self.raft.metrics().borrow().membership_config.voter_ids().collect();
+        match change {
+            MembershipChange::Add { node_id, addr } => {
+                self.raft.add_learner(node_id, BasicNode { addr }, true).await.map_err(|e| self.write_failure(e))?;
+                voters.insert(node_id);
+            }
+            MembershipChange::Remove { node_id } => {
+                if !voters.remove(&node_id) {
+                    return Ok(ShardReply::Voters(voters.into_iter().collect()));
+                }
+                if voters.is_empty() {
+                    return Err(ShardFailure::Refused(super::Refusal::FailedPrecondition {
+                        reason: format!("node {node_id} is the last member of shard {}", self.shard),
+                        limit: None,
+                    }));
+                }
+            }
+        }
+        self.raft.change_membership(voters.clone(), false).await.map_err(|e| self.write_failure(e))?;
+        Ok(ShardReply::Voters(voters.into_iter().collect()))
     }
 
     async fn write(&self, cmd: Command) -> Result<Outcome, ShardFailure> {

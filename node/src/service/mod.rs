@@ -208,6 +208,32 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let req = request.into_inner();
+        if req.node_id == 0 {
+            return Err(ServiceError::from(crate::engine::EngineError::InvalidArgument {
+                field: "node_id".into(),
+                reason: "must be at least 1".into(),
+            })
+            .into());
+        }
+        if req.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ServiceError::from(crate::engine::EngineError::InvalidArgument {
+                field: "addr".into(),
+                reason: "not HOST:PORT".into(),
+            })
+            .into());
+        }
+        self.router.change_membership(crate::raft::MembershipChange::Add { node_id: req.node_id, addr: req.addr }).await?;
+        self.get_cluster(Request::new(pb::GetClusterRequest {})).await
+    }
+
+    async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let node_id = request.into_inner().node_id;
+        self.router.change_membership(crate::raft::MembershipChange::Remove { node_id }).await?;
+        self.get_cluster(Request::new(pb::GetClusterRequest {})).await
+    }
+
     async fn get_cluster(&self, _request: Request<pb::GetClusterRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let replicas: Vec<crate::raft::ShardReplica> =
             self.replicas.read().map_err(|_| Status::internal("replica table lock poisoned"))?.values().cloned().collect();
