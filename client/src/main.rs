@@ -35,7 +35,7 @@ enum Command {
     /// Bulk-load identity events from a JSON-lines file through IdentifyStream.
     Load(LoadArgs),
     /// Show a profile, by identifier or profile id.
-    Get(ProfileKey),
+    Get(GetArgs),
     /// Merge two or more profiles (named by identifier or id).
     Merge(MergeArgs),
     /// Undo a recorded merge, or split identifiers out into a new profile.
@@ -113,6 +113,15 @@ struct ProfileKey {
     /// Profile id (a merged-away id resolves to its survivor).
     #[arg(long)]
     profile: Option<String>,
+}
+
+#[derive(Args)]
+struct GetArgs {
+    #[command(flatten)]
+    key: ProfileKey,
+    /// Read this node's replica without asking the leader (faster; may lag).
+    #[arg(long)]
+    stale: bool,
 }
 
 #[derive(Args)]
@@ -217,6 +226,9 @@ fn print_profile(p: &pb::Profile) {
     if !p.resolved_from.is_empty() {
         t.add_row(vec!["resolved_from", &p.resolved_from]);
     }
+    if p.stale {
+        t.add_row(vec!["stale", "true (read from this node's replica; may lag)"]);
+    }
     t.add_row(vec!["identifiers".to_string(), ids(&p.identifiers)]);
     let traits = p.traits.as_ref().map(json::from_struct).unwrap_or(serde_json::Value::Null);
     if let serde_json::Value::Object(m) = &traits {
@@ -295,13 +307,14 @@ async fn run(cli: Cli) -> Result<()> {
                 std::process::exit(2);
             }
         }
-        Command::Get(k) => {
+        Command::Get(GetArgs { key: k, stale }) => {
             let key = match key_of(k) {
                 (Some(id), _) => pb::get_profile_request::Key::Identifier(id),
                 (None, Some(p)) => pb::get_profile_request::Key::ProfileId(p),
                 (None, None) => bail!("name a profile with --id or --profile"),
             };
-            let p = client.graph().get_profile(pb::GetProfileRequest { key: Some(key) }).await?.into_inner();
+            let consistency = if stale { pb::ReadConsistency::Stale } else { pb::ReadConsistency::Linearizable } as i32;
+            let p = client.graph().get_profile(pb::GetProfileRequest { key: Some(key), consistency }).await?.into_inner();
             if json_out {
                 print_json(&p)?
             } else {

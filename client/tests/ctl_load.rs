@@ -154,7 +154,7 @@ async fn loading_generated_events_gives_the_promised_profiles() {
     let mut client = Client::connect(&endpoint).await.unwrap();
     for (p, want) in &w.truth {
         let key = pb::get_profile_request::Key::Identifier(pb::Identifier { r#type: "user_id".into(), value: format!("user-{p}") });
-        let prof = client.graph().get_profile(pb::GetProfileRequest { key: Some(key) }).await.unwrap().into_inner();
+        let prof = client.graph().get_profile(pb::GetProfileRequest { key: Some(key), ..Default::default() }).await.unwrap().into_inner();
         let got: BTreeSet<(String, String)> = prof
             .identifiers
             .iter()

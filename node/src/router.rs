@@ -141,6 +141,18 @@ impl ShardRouter {
         }
     }
 
+    /// A possibly stale read of the local replica: no leader round trip, no
+    /// forwarding.
+    pub async fn get_profile_stale(&self, r: ProfileRef) -> Result<FoundProfile, ServiceError> {
+        let shard = self.home();
+        match self.local(shard, &ShardRequest::Read(ShardRead::StaleProfile(r))).await {
+            Ok(ShardReply::Profile(p)) => Ok(p),
+            Ok(_) => Err(ServiceError::Internal("unexpected reply kind".into())),
+            Err(ShardFailure::Refused(r)) => Err(ServiceError::Engine(r.into_engine())),
+            Err(e) => Err(ServiceError::Unavailable { shard: shard.to_string(), reason: e.to_string() }),
+        }
+    }
+
     pub async fn get_merge(&self, id: String) -> Result<MergeRecord, ServiceError> {
         match self.read(self.home(), ShardRead::Merge(id)).await? {
             ShardReply::Merge(m) => Ok(m),

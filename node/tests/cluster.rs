@@ -101,6 +101,21 @@ async fn three_nodes_replicate_and_every_node_answers_the_same_profiles() {
             assert_eq!(p.identifiers.len(), 7, "six anonymous ids and the e-mail");
         }
     }
+    // A stale read on a follower answers from its own replica and says so.
+    let follower = (c.leader().await + 1) % 3;
+    let mut f = c.node(follower).client().await;
+    let stale_read = pb::GetProfileRequest { consistency: pb::ReadConsistency::Stale as i32, ..by_id("anonymous_id", "anon-0") };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let p = loop {
+        match f.get_profile(stale_read.clone()).await {
+            Ok(p) => break p.into_inner(),
+            // The follower may not have applied the first events yet.
+            Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(s) => panic!("stale read failed: {s}"),
+        }
+    };
+    assert!(p.stale);
+    assert_eq!(p.profile_id, acked[0]);
     // Every replica applies the same log.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

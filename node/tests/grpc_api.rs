@@ -140,7 +140,7 @@ async fn bad_input_gets_precise_statuses_and_changes_nothing() {
     let s = g.identify(huge).await.unwrap_err();
     assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
 
-    let s = g.get_profile(pb::GetProfileRequest { key: None }).await.unwrap_err();
+    let s = g.get_profile(pb::GetProfileRequest { key: None, ..Default::default() }).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().starts_with("key:"), "{}", s.message());
     let s = g.get_profile(by_id("email", "nobody@shop.com")).await.unwrap_err();

@@ -158,6 +158,7 @@ pub fn profile(p: Profile, resolved_from: Option<String>) -> pb::Profile {
         rule_version: p.rule_version,
         merge_ids: p.lineage,
         resolved_from: resolved_from.unwrap_or_default(),
+        stale: false,
     }
 }
 

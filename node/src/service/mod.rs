@@ -92,9 +92,13 @@ impl IdentityGraph for IdentityGraphService {
     }
 
     async fn get_profile(&self, request: Request<pb::GetProfileRequest>) -> Result<Response<pb::Profile>, Status> {
-        let key = convert::get_profile_key(request.into_inner()).map_err(|e| Status::from(ServiceError::from(e)))?;
-        let found = self.router.get_profile(key).await?;
-        Ok(Response::new(convert::found_profile(found)))
+        let req = request.into_inner();
+        let stale = req.consistency == pb::ReadConsistency::Stale as i32;
+        let key = convert::get_profile_key(req).map_err(|e| Status::from(ServiceError::from(e)))?;
+        let found = if stale { self.router.get_profile_stale(key).await? } else { self.router.get_profile(key).await? };
+        let mut profile = convert::found_profile(found);
+        profile.stale = stale;
+        Ok(Response::new(profile))
     }
 
     async fn merge(&self, request: Request<pb::MergeRequest>) -> Result<Response<pb::MergeResponse>, Status> {

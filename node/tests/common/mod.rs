@@ -46,11 +46,11 @@ pub fn event(event_id: &str, ids: &[(&str, &str)]) -> pb::IdentifyRequest {
 }
 
 pub fn by_id(kind: &str, value: &str) -> pb::GetProfileRequest {
-    pb::GetProfileRequest { key: Some(pb::get_profile_request::Key::Identifier(id(kind, value))) }
+    pb::GetProfileRequest { key: Some(pb::get_profile_request::Key::Identifier(id(kind, value))), ..Default::default() }
 }
 
 pub fn by_profile(profile_id: &str) -> pb::GetProfileRequest {
-    pb::GetProfileRequest { key: Some(pb::get_profile_request::Key::ProfileId(profile_id.into())) }
+    pb::GetProfileRequest { key: Some(pb::get_profile_request::Key::ProfileId(profile_id.into())), ..Default::default() }
 }
 
 /// A real `idgraph-node` process, reading the address it bound from its
