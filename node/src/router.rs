@@ -56,6 +56,17 @@ pub struct ShardRouter {
     peers: Peers,
 }
 
+/// What a shard's failure means to the caller.
+fn service_error(shard: ShardId, f: ShardFailure) -> ServiceError {
+    match f {
+        ShardFailure::Refused(r) => ServiceError::Engine(r.into_engine()),
+        ShardFailure::NotLeader { .. } => {
+            ServiceError::Unavailable { shard: shard.to_string(), reason: "no leader was elected in time".into() }
+        }
+        ShardFailure::Unavailable { reason, .. } => ServiceError::Unavailable { shard: shard.to_string(), reason },
+    }
+}
+
 /// How long a request waits in all for a shard to have a leader.
 const LEADER_WAIT: Duration = Duration::from_secs(5);
 
@@ -109,14 +120,7 @@ impl ShardRouter {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
-                Ok(r) => return Ok(r),
-                Err(ShardFailure::Refused(r)) => return Err(ServiceError::Engine(r.into_engine())),
-                Err(ShardFailure::NotLeader { .. }) => {
-                    return Err(ServiceError::Unavailable { shard: shard.to_string(), reason: "no leader was elected in time".into() })
-                }
-                Err(ShardFailure::Unavailable { reason, .. }) => {
-                    return Err(ServiceError::Unavailable { shard: shard.to_string(), reason })
-                }
+                other => return other.map_err(|f| service_error(shard, f)),
             }
         }
     }
@@ -145,11 +149,9 @@ impl ShardRouter {
     /// forwarding.
     pub async fn get_profile_stale(&self, r: ProfileRef) -> Result<FoundProfile, ServiceError> {
         let shard = self.home();
-        match self.local(shard, &ShardRequest::Read(ShardRead::StaleProfile(r))).await {
-            Ok(ShardReply::Profile(p)) => Ok(p),
-            Ok(_) => Err(ServiceError::Internal("unexpected reply kind".into())),
-            Err(ShardFailure::Refused(r)) => Err(ServiceError::Engine(r.into_engine())),
-            Err(e) => Err(ServiceError::Unavailable { shard: shard.to_string(), reason: e.to_string() }),
+        match self.local(shard, &ShardRequest::Read(ShardRead::StaleProfile(r))).await.map_err(|f| service_error(shard, f))? {
+            ShardReply::Profile(p) => Ok(p),
+            _ => Err(ServiceError::Internal("unexpected reply kind".into())),
         }
     }
 

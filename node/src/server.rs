@@ -229,16 +229,14 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IdentityGraphServer<IdentityGraphService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(idgraph_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServerError::Actors(format!("reflection: {e}")))?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(idgraph_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| ServerError::Actors(format!("reflection: {e}")))?;
+    // Reflection, both protocol versions, over the same descriptors.
+    let descriptors = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(idgraph_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = descriptors().build_v1().map_err(|e| ServerError::Actors(format!("reflection: {e}")))?;
+    let reflection_alpha = descriptors().build_v1alpha().map_err(|e| ServerError::Actors(format!("reflection: {e}")))?;
 
     let max = config.max_message_bytes;
     let graph = IdentityGraphServer::new(IdentityGraphService::new(router.clone(), config.stream_window))

@@ -155,20 +155,15 @@ impl ShardReplica {
     }
 
     async fn read(&self, r: ShardRead) -> Result<ShardReply, ShardFailure> {
-        if let ShardRead::StaleProfile(p) = r {
-            return engine::find_profile(&*self.store, &self.rules, &p, "key").map(ShardReply::Profile).map_err(|e| {
-                match Refusal::from_engine(e) {
-                    Ok(r) => ShardFailure::Refused(r),
-                    Err(s) => self.unavailable(s),
+        // A stale read skips the leadership check: it reads this replica as is.
+        if !matches!(r, ShardRead::StaleProfile(_)) {
+            match self.raft.ensure_linearizable().await {
+                Ok(_) => {}
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    return Err(ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) });
                 }
-            });
-        }
-        match self.raft.ensure_linearizable().await {
-            Ok(_) => {}
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                return Err(ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) });
+                Err(e) => return Err(self.unavailable(e)),
             }
-            Err(e) => return Err(self.unavailable(e)),
         }
         let store = &*self.store;
         let refused = |e: engine::EngineError| match Refusal::from_engine(e) {
