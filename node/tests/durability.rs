@@ -43,7 +43,7 @@ async fn a_panicking_shard_actor_is_restarted_from_disk() {
     // Requests during the restart may be refused as UNAVAILABLE; then the
     // shard serves again with its data.
     let mut served = None;
-    for _ in 0..100 {
+    for _ in 0..500 {
         match g.get_profile(by_id("email", "kept@shop.com")).await {
             Ok(p) => {
                 served = Some(p.into_inner());
