@@ -33,15 +33,6 @@ impl ShardMap {
     pub fn count(&self) -> u32 {
         self.count
     }
-
-    /// The shard that owns an identifier's index entry.
-    pub fn shard_of(&self, id: &Identifier) -> ShardId {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(id.kind.as_bytes());
-        h.update(&[0]);
-        h.update(id.value.as_bytes());
-        ShardId((h.digest() % self.count as u64) as u32)
-    }
 }
 
 /// The node's entry point for requests: picks the shard, stamps commands

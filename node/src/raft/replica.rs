@@ -141,7 +141,14 @@ impl ShardReplica {
                 .data
                 .into_iter()
                 .map(|r| match r {
-                    ShardResponse::Applied(o) => Ok(o),
+                    ShardResponse::Applied(o) => {
+                        if let Outcome::Identify(i) = &o {
+                            for c in &i.conflicts {
+                                tracing::debug!(shard = %self.shard, identifier = %c.identifier.redacted(), kind = ?c.kind, limit_type = %c.limit_type, "identifier dropped by merge protection");
+                            }
+                        }
+                        Ok(o)
+                    }
                     ShardResponse::Refused(r) => Err(ShardFailure::Refused(r)),
                     ShardResponse::Nothing => Err(self.unavailable("a command was answered as a blank entry")),
                 })

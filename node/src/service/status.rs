@@ -6,7 +6,6 @@
 //! | `EngineError::NotFound`                 | NOT_FOUND           |
 //! | `EngineError::FailedPrecondition`       | FAILED_PRECONDITION (+ PreconditionFailure naming the limit) |
 //! | `StoreError::Io`, shard unavailable     | UNAVAILABLE (retry) |
-//! | request timed out inside the node       | DEADLINE_EXCEEDED   |
 //! | `StoreError::Corrupt` / `Layout`        | INTERNAL / FAILED_PRECONDITION |
 //! | oversized message (tonic's OUT_OF_RANGE) | RESOURCE_EXHAUSTED |
 
@@ -23,8 +22,6 @@ pub enum ServiceError {
     /// The shard cannot take requests now (restarting, stopping): retry.
     #[error("shard {shard} is unavailable: {reason}")]
     Unavailable { shard: String, reason: String },
-    #[error("request timed out after {ms} ms inside the node")]
-    Timeout { ms: u64 },
     /// A bug: nothing the caller can do.
     #[error("internal error: {0}")]
     Internal(String),
@@ -51,7 +48,6 @@ impl From<ServiceError> for Status {
             ServiceError::Engine(EngineError::Store(e @ StoreError::Layout(_))) => Status::failed_precondition(e.to_string()),
             ServiceError::Engine(EngineError::Store(e @ StoreError::Corrupt { .. })) => Status::internal(e.to_string()),
             e @ ServiceError::Unavailable { .. } => Status::unavailable(e.to_string()),
-            e @ ServiceError::Timeout { .. } => Status::deadline_exceeded(e.to_string()),
             e @ ServiceError::Internal(_) => Status::internal(e.to_string()),
         }
     }
