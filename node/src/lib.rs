@@ -26,3 +26,4 @@ pub mod server;
 pub mod service;
 pub mod shard;
 pub mod storage;
+pub mod txn;

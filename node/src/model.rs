@@ -149,7 +149,7 @@ impl Counters {
 
 /// One state change emitted by the engine; storage applies a whole
 /// [`ChangeSet`] atomically.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Change {
     PutOwner(Identifier, ProfileId),
     DeleteOwner(Identifier),
@@ -165,10 +165,11 @@ pub enum Change {
     /// Bookkeeping of the layer above the engine (e.g. the last applied Raft
     /// log id), written in the same atomic batch as the graph changes.
     PutMeta(String, Vec<u8>),
+    DeleteMeta(String),
 }
 
 /// The changes of one command plus the counter deltas they imply.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChangeSet {
     pub changes: Vec<Change>,
     pub counters: Counters,

@@ -149,6 +149,20 @@ pub fn snapshot_restores_everything<S: GraphStore>(a: &S, b: &S) {
     assert_eq!(b.counters().unwrap(), a.counters().unwrap());
 }
 
+/// Meta values are found by key prefix, in key order, and deleted.
+pub fn meta_prefix_scans_and_deletes<S: GraphStore>(s: &S) {
+    for k in ["txn.lock/b", "txn.lock/a", "txn.lockz", "txn.prepared/a", "raft.applied"] {
+        s.apply(&one(Change::PutMeta(k.into(), k.as_bytes().to_vec()))).unwrap();
+    }
+    let keys = |p: &str| s.meta_prefix(p).unwrap().into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    assert_eq!(keys("txn.lock/"), ["txn.lock/a", "txn.lock/b"]);
+    assert_eq!(s.meta_prefix("txn.prepared/").unwrap(), vec![("txn.prepared/a".to_string(), b"txn.prepared/a".to_vec())]);
+    assert!(keys("nothing").is_empty());
+    s.apply(&one(Change::DeleteMeta("txn.lock/a".into()))).unwrap();
+    assert_eq!(keys("txn.lock/"), ["txn.lock/b"]);
+    assert_eq!(s.meta("txn.lock/a").unwrap(), None);
+}
+
 /// Runs the whole suite, each check on a fresh store.
 pub fn run_all<S: GraphStore>(mut fresh: impl FnMut() -> S) {
     records_round_trip(&fresh());
@@ -156,6 +170,7 @@ pub fn run_all<S: GraphStore>(mut fresh: impl FnMut() -> S) {
     tables_are_separate(&fresh());
     counters_accumulate_and_unlisted_hubs_hide(&fresh());
     snapshot_restores_everything(&fresh(), &fresh());
+    meta_prefix_scans_and_deletes(&fresh());
 }
 
 /// The Raft log conformance checks: append, range, last, truncate, purge,

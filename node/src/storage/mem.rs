@@ -84,6 +84,9 @@ impl GraphRead for MemStore {
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
         self.with(|t| t.profiles.values().cloned().collect())
     }
+    fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.with(|t| t.meta.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.with(|t| t.meta.get(key).cloned())
     }
@@ -106,6 +109,7 @@ impl GraphStore for MemStore {
                 Change::PutHub(k, v) => drop(t.hubs.insert(k.clone(), v.clone())),
                 Change::DeleteHub(k) => drop(t.hubs.remove(k)),
                 Change::PutMeta(k, v) => drop(t.meta.insert(k.clone(), v.clone())),
+                Change::DeleteMeta(k) => drop(t.meta.remove(k)),
             }
         }
         t.counters.add(&cs.counters);

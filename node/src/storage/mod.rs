@@ -49,6 +49,8 @@ pub trait GraphRead {
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError>;
     /// A value written with `Change::PutMeta`.
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every meta value whose key starts with `prefix`, in key order.
+    fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 pub trait GraphStore: GraphRead + Send + Sync + 'static {

@@ -181,6 +181,17 @@ impl GraphRead for SledStore {
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.tree.get(str_key(b'x', key)).map_err(io)?.map(|v| v.to_vec()))
     }
+    fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.tree
+            .scan_prefix(str_key(b'x', prefix))
+            .map(|kv| {
+                let (k, v) = kv.map_err(io)?;
+                let key = String::from_utf8(k[1..].to_vec())
+                    .map_err(|_| StoreError::Corrupt { key: super::redact_key(&k), reason: "meta key is not UTF-8".into() })?;
+                Ok((key, v.to_vec()))
+            })
+            .collect()
+    }
 }
 
 impl GraphStore for SledStore {
@@ -201,6 +212,7 @@ impl GraphStore for SledStore {
                 Change::PutHub(k, v) => batch.insert(id_key(b'h', k), encode(v)),
                 Change::DeleteHub(k) => batch.remove(id_key(b'h', k)),
                 Change::PutMeta(k, v) => batch.insert(str_key(b'x', k), v.as_slice()),
+                Change::DeleteMeta(k) => batch.remove(str_key(b'x', k)),
             }
         }
         if cs.counters != Counters::default() {

@@ -1,0 +1,337 @@
+//! The coordinator: runs one command across the shards it touches.
+//!
+//! It is the I/O shell around the pure engine and the pure participant
+//! steps: it fetches what the engine reads ([`gather`]), runs the engine,
+//! and commits the change set with one [`TxnOp::Single`] when one shard
+//! holds everything, or with prepare / commit / apply otherwise. It talks to
+//! shards through [`ShardAccess`], which the node's router implements over
+//! Raft and gRPC and the tests implement over in-memory stores.
+
+use super::keys::{GraphKey, GraphValue};
+use super::participant::{LockRecord, TxnOp, TxnReply};
+use super::read_set::ReadSet;
+use super::{crash_point, TxnError};
+use crate::engine::{self, Command, Outcome};
+use crate::model::{ChangeSet, ShardId};
+use crate::rules::RuleSet;
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::Duration;
+
+/// A lock older than this is presumed abandoned by a dead coordinator: whoever
+/// meets it asks the transaction's primary shard to decide.
+pub const LOCK_TIMEOUT_MS: i64 = 3_000;
+/// Attempts of one command before it gives up under contention, if it has
+/// also tried for longer than [`LOCK_WAIT_MS`] (a dead coordinator's locks
+/// hold for [`LOCK_TIMEOUT_MS`]).
+const MAX_ATTEMPTS: u32 = 40;
+/// Read rounds of one engine run (its dependency depth is about three).
+const MAX_ROUNDS: usize = 32;
+/// How long a read waits for locks to go away, in all.
+const LOCK_WAIT_MS: i64 = 3 * LOCK_TIMEOUT_MS;
+
+/// How fresh a read must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadMode {
+    /// The leader confirms its leadership first (read index).
+    Linearizable,
+    /// The leader's state as it is: what a transaction reads, since its
+    /// commit validates every value it read.
+    Leader,
+    /// The receiving node's own replica.
+    Local,
+}
+
+/// One record as a shard read it, with the lock on it if any.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyRead {
+    pub value: GraphValue,
+    pub lock: Option<LockRecord>,
+}
+
+/// How the coordinator reaches shards.
+pub trait ShardAccess: Send + Sync {
+    fn shard_count(&self) -> u32;
+    /// Wall-clock milliseconds (lock ages).
+    fn now_ms(&self) -> i64;
+    /// Reads records of one shard; one answer per key, in order.
+    fn read(&self, shard: ShardId, keys: Vec<GraphKey>, mode: ReadMode) -> impl Future<Output = Result<Vec<KeyRead>, TxnError>> + Send;
+    /// Applies one step through the shard's log, on its leader.
+    fn step(&self, shard: ShardId, op: TxnOp) -> impl Future<Output = Result<TxnReply, TxnError>> + Send;
+}
+
+/// Jittered exponential backoff between attempts.
+struct Backoff(u64);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(1)
+    }
+    async fn wait(&mut self) {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=self.0))).await;
+        self.0 = (self.0 * 2).min(100);
+    }
+}
+
+/// Runs the engine over records fetched from their shards until a run reads
+/// nothing it had not fetched; returns that run's result and read set.
+pub async fn gather<A: ShardAccess, T>(a: &A, mode: ReadMode, run: impl Fn(&ReadSet) -> T) -> Result<(ReadSet, T), TxnError> {
+    let mut view = ReadSet::default();
+    for _ in 0..MAX_ROUNDS {
+        let out = run(&view);
+        let misses = view.take_misses();
+        if misses.is_empty() {
+            return Ok((view, out));
+        }
+        let mut by_shard: BTreeMap<ShardId, Vec<GraphKey>> = BTreeMap::new();
+        for k in misses {
+            by_shard.entry(k.shard(a.shard_count())).or_default().push(k);
+        }
+        for fetched in join_all(by_shard.into_iter().map(|(shard, keys)| fetch(a, shard, keys, mode))).await {
+            for (k, v) in fetched? {
+                view.insert(k, v);
+            }
+        }
+    }
+    Err(TxnError::Internal(format!("a command read records in more than {MAX_ROUNDS} rounds")))
+}
+
+/// Reads keys of one shard, waiting while another transaction holds a lock
+/// on any of them, and resolving the locks of dead coordinators.
+async fn fetch<A: ShardAccess>(a: &A, shard: ShardId, keys: Vec<GraphKey>, mode: ReadMode) -> Result<Vec<(GraphKey, GraphValue)>, TxnError> {
+    let started = a.now_ms();
+    let mut backoff = Backoff::new();
+    loop {
+        let reads = a.read(shard, keys.clone(), mode).await?;
+        if reads.len() != keys.len() {
+            return Err(TxnError::Internal(format!("shard {shard} answered {} of {} reads", reads.len(), keys.len())));
+        }
+        let mut locks: Vec<LockRecord> = reads.iter().filter_map(|r| r.lock.clone()).collect();
+        if locks.is_empty() {
+            return Ok(keys.into_iter().zip(reads.into_iter().map(|r| r.value)).collect());
+        }
+        if a.now_ms() - started > LOCK_WAIT_MS {
+            return Err(TxnError::Unavailable { shard, reason: "records stayed locked by another transaction".into() });
+        }
+        locks.sort_by(|x, y| x.txn.cmp(&y.txn));
+        locks.dedup();
+        for lock in &locks {
+            resolve(a, shard, lock).await?;
+        }
+        backoff.wait().await;
+    }
+}
+
+/// Settles a lock met on `shard` whose coordinator may be dead: a lock
+/// younger than [`LOCK_TIMEOUT_MS`] is left alone; otherwise the primary
+/// decides (an undecided transaction is aborted there) and this shard's part
+/// is applied or released accordingly.
+pub async fn resolve<A: ShardAccess>(a: &A, shard: ShardId, lock: &LockRecord) -> Result<(), TxnError> {
+    let now = a.now_ms();
+    if now - lock.at_ms < LOCK_TIMEOUT_MS {
+        return Ok(());
+    }
+    let txn = lock.txn.clone();
+    match a.step(lock.primary, TxnOp::Resolve { txn: txn.clone(), expire_before_ms: now - LOCK_TIMEOUT_MS }).await? {
+        TxnReply::Committed => {
+            a.step(shard, TxnOp::Apply { txn }).await?;
+        }
+        TxnReply::Aborted if shard != lock.primary => {
+            a.step(shard, TxnOp::Abort { txn, is_primary: false }).await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Settles every lock a shard reports as older than the lock timeout (run
+/// periodically by each shard leader, for locks nobody else meets).
+pub async fn sweep<A: ShardAccess>(a: &A, shard: ShardId, stale: Vec<LockRecord>) -> Result<(), TxnError> {
+    for lock in stale {
+        resolve(a, shard, &lock).await?;
+    }
+    Ok(())
+}
+
+enum Decision {
+    Committed,
+    Retry,
+}
+
+/// Runs a state-changing command across shards: read, decide with the
+/// engine, commit; again with fresh reads when another transaction got in
+/// the way.
+pub async fn execute<A: ShardAccess>(a: &A, rules: &RuleSet, cmd: &Command) -> Result<Outcome, TxnError> {
+    let mut backoff = Backoff::new();
+    let started = a.now_ms();
+    let mut attempt = 0;
+    while attempt < MAX_ATTEMPTS || a.now_ms() - started < LOCK_WAIT_MS {
+        attempt += 1;
+        let (reads, result) = gather(a, ReadMode::Leader, |view| engine::execute(view, rules, cmd)).await?;
+        let (changes, outcome) = match result {
+            Ok((changes, outcome)) if !changes.is_empty() => (changes, outcome),
+            // Nothing to commit: the answer stands if what it rests on was
+            // one consistent state, which a second read shows.
+            done => {
+                if unchanged(a, &reads, ReadMode::Leader).await? {
+                    return done.map(|(_, outcome)| outcome).map_err(TxnError::from_engine);
+                }
+                backoff.wait().await;
+                continue;
+            }
+        };
+        // Unique per run and attempt: a retried request may carry the same
+        // operation id as a run that crashed with its parts still prepared.
+        let txn = format!("{}.{attempt}.{:016x}", cmd.op_id, fastrand::u64(..));
+        match commit(a, &txn, &reads, changes).await? {
+            Decision::Committed => return Ok(outcome),
+            Decision::Retry => backoff.wait().await,
+        }
+    }
+    Err(TxnError::Contention { attempts: attempt })
+}
+
+/// Runs a read-only engine function (a look-up) over fetched records. Each
+/// record is read at its own moment, so a result that rests on records read
+/// while a transaction moved them (an identifier pointing at a profile just
+/// merged away) is checked by reading again, and retried.
+pub async fn query<A: ShardAccess, T>(
+    a: &A,
+    mode: ReadMode,
+    run: impl Fn(&ReadSet) -> Result<T, engine::EngineError>,
+) -> Result<T, TxnError> {
+    let mut backoff = Backoff::new();
+    for _ in 0..MAX_ATTEMPTS {
+        let (reads, result) = gather(a, mode, &run).await?;
+        match result {
+            Ok(found) => return Ok(found),
+            Err(e) if unchanged(a, &reads, mode).await? => return Err(TxnError::from_engine(e)),
+            Err(_) => backoff.wait().await,
+        }
+    }
+    Err(TxnError::Contention { attempts: MAX_ATTEMPTS })
+}
+
+/// Whether every record of a read set still has the value read: then all of
+/// them held those values together at the moment of the last first read.
+async fn unchanged<A: ShardAccess>(a: &A, reads: &ReadSet, mode: ReadMode) -> Result<bool, TxnError> {
+    let mut by_shard: BTreeMap<ShardId, Vec<GraphKey>> = BTreeMap::new();
+    for k in reads.values().keys() {
+        by_shard.entry(k.shard(a.shard_count())).or_default().push(k.clone());
+    }
+    for fetched in join_all(by_shard.into_iter().map(|(shard, keys)| fetch(a, shard, keys, mode))).await {
+        for (k, v) in fetched? {
+            if reads.values().get(&k) != Some(&v) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// One shard's part of a change set: the reads to validate and the writes.
+type Part = (Vec<(GraphKey, u128)>, ChangeSet);
+
+async fn commit<A: ShardAccess>(a: &A, txn: &str, reads: &ReadSet, changes: ChangeSet) -> Result<Decision, TxnError> {
+    let n = a.shard_count();
+    let mut parts: BTreeMap<ShardId, Part> = BTreeMap::new();
+    for (k, v) in reads.values() {
+        parts.entry(k.shard(n)).or_default().0.push((k.clone(), v.digest()));
+    }
+    let mut primary = None;
+    for c in changes.changes {
+        let key = GraphKey::written_by(&c).ok_or_else(|| TxnError::Internal("the engine emitted shard bookkeeping".into()))?;
+        let shard = key.shard(n);
+        primary.get_or_insert(shard);
+        parts.entry(shard).or_default().1.push(c);
+    }
+    let primary = primary.or_else(|| parts.keys().next().copied()).unwrap_or(ShardId(0));
+    parts.entry(primary).or_default().1.counters = changes.counters;
+
+    if parts.len() == 1 {
+        let Some((shard, (reads, writes))) = parts.pop_first() else { return Ok(Decision::Retry) };
+        return match a.step(shard, TxnOp::Single { reads, writes }).await? {
+            TxnReply::Applied => Ok(Decision::Committed),
+            TxnReply::Conflict { lock: Some(lock) } => {
+                resolve(a, shard, &lock).await?;
+                Ok(Decision::Retry)
+            }
+            _ => Ok(Decision::Retry),
+        };
+    }
+
+    let at_ms = a.now_ms();
+    let prepares = join_all(parts.iter().map(|(shard, (reads, writes))| {
+        let op = TxnOp::Prepare {
+            txn: txn.to_string(),
+            primary,
+            is_primary: *shard == primary,
+            at_ms,
+            reads: reads.clone(),
+            writes: writes.clone(),
+        };
+        a.step(*shard, op)
+    }))
+    .await;
+    let shards: Vec<ShardId> = parts.keys().copied().collect();
+
+    if prepares.iter().all(|p| matches!(p, Ok(TxnReply::Prepared))) {
+        crash_point("txn::before-commit");
+        if commit_at_primary(a, primary, txn).await? == TxnReply::Committed {
+            crash_point("txn::after-commit");
+            // A participant that misses its apply keeps its locks until a
+            // reader or the shard's sweeper rolls it forward.
+            let others: Vec<ShardId> = shards.iter().copied().filter(|s| *s != primary).collect();
+            if let Some((first, rest)) = others.split_first() {
+                let _ = a.step(*first, TxnOp::Apply { txn: txn.to_string() }).await;
+                crash_point("txn::between-applies");
+                join_all(rest.iter().map(|s| a.step(*s, TxnOp::Apply { txn: txn.to_string() }))).await;
+            }
+            let _ = a.step(primary, TxnOp::Forget { txn: txn.to_string() }).await;
+            return Ok(Decision::Committed);
+        }
+        abort(a, txn, primary, &shards).await;
+        return Ok(Decision::Retry);
+    }
+
+    // Some shard refused: release what was, or may have been, prepared.
+    let maybe_prepared: Vec<ShardId> = shards
+        .iter()
+        .zip(&prepares)
+        .filter(|(s, p)| **s == primary || !matches!(p, Ok(TxnReply::Conflict { .. })))
+        .map(|(s, _)| *s)
+        .collect();
+    abort(a, txn, primary, &maybe_prepared).await;
+    for (shard, p) in shards.iter().zip(&prepares) {
+        if let Ok(TxnReply::Conflict { lock: Some(lock) }) = p {
+            resolve(a, *shard, lock).await?;
+        }
+    }
+    Ok(Decision::Retry)
+}
+
+/// The commit point. An unanswered commit is asked again (the step is
+/// idempotent) before the outcome is reported unknown.
+async fn commit_at_primary<A: ShardAccess>(a: &A, primary: ShardId, txn: &str) -> Result<TxnReply, TxnError> {
+    let mut last = None;
+    for _ in 0..5 {
+        match a.step(primary, TxnOp::Commit { txn: txn.to_string() }).await {
+            Ok(reply) => return Ok(reply),
+            Err(e @ TxnError::Unavailable { .. }) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| TxnError::Internal("commit not attempted".into())))
+}
+
+/// Releases prepared parts (best effort: a part whose abort is lost is
+/// released by recovery once its lock times out).
+async fn abort<A: ShardAccess>(a: &A, txn: &str, primary: ShardId, shards: &[ShardId]) {
+    let unique: BTreeSet<ShardId> = shards.iter().copied().collect();
+    join_all(unique.into_iter().map(|s| a.step(s, TxnOp::Abort { txn: txn.to_string(), is_primary: s == primary }))).await;
+}

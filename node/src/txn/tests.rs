@@ -1,0 +1,386 @@
+//! Cross-shard transaction tests over in-memory shards: the participant
+//! steps one by one, then concurrent coordinators that crash at any step
+//! (on a paused tokio clock, so lock timeouts pass instantly), checked
+//! against the graph invariants and against the same events applied one by
+//! one to a single store.
+
+use super::coordinator::{execute, sweep};
+use super::*;
+use crate::engine::{self, Command, CommandKind, IdentifyEvent, Outcome, RawIdentifier};
+use crate::model::{Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId};
+use crate::rules::RuleSet;
+use crate::storage::{GraphRead, GraphStore, MemStore, StoreError};
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+// ---- participant steps ------------------------------------------------
+
+fn step(s: &MemStore, op: TxnOp) -> TxnReply {
+    let (cs, reply) = apply_op(s, &op).unwrap();
+    s.apply(&cs).unwrap();
+    reply
+}
+
+fn owner_write(v: &str, p: &str) -> ChangeSet {
+    ChangeSet { changes: vec![Change::PutOwner(Identifier::new("email", v), p.into())], counters: Counters::default() }
+}
+
+fn read_of(s: &MemStore, key: &GraphKey) -> (GraphKey, u128) {
+    (key.clone(), key.read(s).unwrap().digest())
+}
+
+fn prepare(txn: &str, is_primary: bool, reads: Vec<(GraphKey, u128)>, writes: ChangeSet) -> TxnOp {
+    TxnOp::Prepare { txn: txn.into(), primary: ShardId(0), is_primary, at_ms: 1_000, reads, writes }
+}
+
+#[test]
+fn a_value_changed_since_it_was_read_refuses_the_prepare() {
+    let s = MemStore::new();
+    let key = GraphKey::Owner(Identifier::new("email", "a@b.co"));
+    let read = read_of(&s, &key);
+    assert_eq!(step(&s, TxnOp::Single { reads: vec![], writes: owner_write("a@b.co", "p_1") }), TxnReply::Applied);
+    assert_eq!(step(&s, prepare("t1", false, vec![read], owner_write("a@b.co", "p_2"))), TxnReply::Conflict { lock: None });
+    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"));
+    assert_eq!(participant::prepared_count(&s).unwrap(), 0, "a refused prepare keeps nothing");
+}
+
+#[test]
+fn a_prepared_lock_refuses_other_writers_until_the_part_is_applied() {
+    let s = MemStore::new();
+    let key = GraphKey::Owner(Identifier::new("email", "a@b.co"));
+    let read = read_of(&s, &key);
+    assert_eq!(step(&s, prepare("t1", false, vec![read.clone()], owner_write("a@b.co", "p_1"))), TxnReply::Prepared);
+    assert_eq!(step(&s, prepare("t1", false, vec![read.clone()], owner_write("a@b.co", "p_1"))), TxnReply::Prepared, "idempotent");
+    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap(), None, "kept, not applied");
+    let lock = lock_on(&s, &key).unwrap().expect("locked");
+    assert_eq!(lock.txn, "t1");
+    let blocked = step(&s, TxnOp::Single { reads: vec![read.clone()], writes: owner_write("a@b.co", "p_9") });
+    assert_eq!(blocked, TxnReply::Conflict { lock: Some(lock) });
+    assert_eq!(step(&s, TxnOp::Apply { txn: "t1".into() }), TxnReply::Applied);
+    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"));
+    assert_eq!(lock_on(&s, &key).unwrap(), None, "released");
+    assert_eq!(step(&s, TxnOp::Apply { txn: "t1".into() }), TxnReply::Applied, "a repeated apply changes nothing");
+    assert_eq!(s.meta_prefix("txn.").unwrap(), vec![]);
+}
+
+#[test]
+fn the_primary_decides_once_commit_and_abort_exclude_each_other() {
+    let s = MemStore::new();
+    assert_eq!(step(&s, prepare("t1", true, vec![], owner_write("a@b.co", "p_1"))), TxnReply::Prepared);
+    assert_eq!(step(&s, TxnOp::Resolve { txn: "t1".into(), expire_before_ms: 500 }), TxnReply::Pending, "young: left alone");
+    assert_eq!(step(&s, TxnOp::Commit { txn: "t1".into() }), TxnReply::Committed);
+    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"), "the primary's part applies at the commit");
+    assert_eq!(step(&s, TxnOp::Abort { txn: "t1".into(), is_primary: true }), TxnReply::Committed, "a committed transaction stays committed");
+    assert_eq!(step(&s, TxnOp::Resolve { txn: "t1".into(), expire_before_ms: i64::MAX }), TxnReply::Committed);
+    assert_eq!(step(&s, TxnOp::Forget { txn: "t1".into() }), TxnReply::Applied);
+    assert_eq!(s.meta_prefix("txn.").unwrap(), vec![]);
+
+    assert_eq!(step(&s, prepare("t2", true, vec![], owner_write("b@b.co", "p_2"))), TxnReply::Prepared);
+    assert_eq!(step(&s, TxnOp::Resolve { txn: "t2".into(), expire_before_ms: 2_000 }), TxnReply::Aborted, "expired: aborted");
+    assert_eq!(step(&s, TxnOp::Commit { txn: "t2".into() }), TxnReply::Aborted, "a late commit finds it aborted");
+    assert_eq!(s.owner(&Identifier::new("email", "b@b.co")).unwrap(), None);
+    assert!(s.meta_prefix("txn.lock/").unwrap().is_empty(), "the primary's own locks are released");
+
+    assert_eq!(step(&s, TxnOp::Resolve { txn: "t3".into(), expire_before_ms: 0 }), TxnReply::Aborted, "unknown: aborted");
+    assert_eq!(step(&s, prepare("t3", true, vec![], owner_write("c@b.co", "p_3"))), TxnReply::Aborted, "a prepare arriving later is refused");
+}
+
+// ---- coordinators over in-memory shards -------------------------------
+
+const T0: i64 = 1_700_000_000_000;
+
+/// In-memory shards; each step is applied atomically (one thread).
+struct Shards {
+    stores: Vec<MemStore>,
+    started: tokio::time::Instant,
+}
+
+impl Shards {
+    fn new(n: u32) -> Arc<Shards> {
+        Arc::new(Shards { stores: (0..n).map(|_| MemStore::new()).collect(), started: tokio::time::Instant::now() })
+    }
+    fn store(&self, shard: ShardId) -> &MemStore {
+        &self.stores[shard.0 as usize]
+    }
+    fn now(&self) -> i64 {
+        T0 + self.started.elapsed().as_millis() as i64
+    }
+    fn apply(&self, shard: ShardId, op: &TxnOp) -> TxnReply {
+        step(self.store(shard), op.clone())
+    }
+}
+
+/// A coordinator's view of the shards: after `steps_left` steps it crashes,
+/// that is, it never hears back again (its last step was applied or not, as
+/// `last_step_lands` says).
+struct Coordinator {
+    shards: Arc<Shards>,
+    steps_left: AtomicI64,
+    last_step_lands: bool,
+}
+
+impl ShardAccess for Coordinator {
+    fn shard_count(&self) -> u32 {
+        self.shards.stores.len() as u32
+    }
+    fn now_ms(&self) -> i64 {
+        self.shards.now()
+    }
+    async fn read(&self, shard: ShardId, keys: Vec<GraphKey>, _mode: ReadMode) -> Result<Vec<KeyRead>, TxnError> {
+        tokio::task::yield_now().await;
+        let s = self.shards.store(shard);
+        Ok(keys.iter().map(|k| KeyRead { value: k.read(s).unwrap(), lock: lock_on(s, k).unwrap() }).collect())
+    }
+    async fn step(&self, shard: ShardId, op: TxnOp) -> Result<TxnReply, TxnError> {
+        tokio::task::yield_now().await;
+        if self.steps_left.fetch_sub(1, Ordering::SeqCst) <= 0 {
+            if self.last_step_lands {
+                self.shards.apply(shard, &op);
+            }
+            std::future::pending::<()>().await;
+        }
+        Ok(self.shards.apply(shard, &op))
+    }
+}
+
+/// Reads the in-memory shards as one graph.
+struct Union<'a>(&'a Shards);
+
+impl Union<'_> {
+    fn get(&self, key: GraphKey) -> GraphValue {
+        key.read(self.0.store(key.shard(self.0.stores.len() as u32))).unwrap()
+    }
+}
+
+impl GraphRead for Union<'_> {
+    fn owner(&self, id: &Identifier) -> Result<Option<ProfileId>, StoreError> {
+        Ok(if let GraphValue::Owner(o) = self.get(GraphKey::Owner(id.clone())) { o } else { None })
+    }
+    fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
+        Ok(if let GraphValue::Profile(p) = self.get(GraphKey::Profile(id.into())) { p } else { None })
+    }
+    fn alias(&self, id: &str) -> Result<Option<ProfileId>, StoreError> {
+        Ok(if let GraphValue::Alias(a) = self.get(GraphKey::Alias(id.into())) { a } else { None })
+    }
+    fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
+        Ok(if let GraphValue::Event(e) = self.get(GraphKey::Event(event_id.into())) { e } else { None })
+    }
+    fn merge_record(&self, id: &str) -> Result<Option<MergeRecord>, StoreError> {
+        Ok(if let GraphValue::Merge(m) = self.get(GraphKey::Merge(id.into())) { m } else { None })
+    }
+    fn hub(&self, id: &Identifier) -> Result<Option<HubRecord>, StoreError> {
+        Ok(if let GraphValue::Hub(h) = self.get(GraphKey::Hub(id.clone())) { h } else { None })
+    }
+    fn listed_hubs(&self, _: usize) -> Result<Vec<(Identifier, HubRecord)>, StoreError> {
+        unimplemented!()
+    }
+    fn counters(&self) -> Result<Counters, StoreError> {
+        let mut c = Counters::default();
+        for s in &self.0.stores {
+            c.add(&s.counters()?);
+        }
+        Ok(c)
+    }
+    fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
+        let mut all = Vec::new();
+        for s in &self.0.stores {
+            all.extend(s.all_profiles()?);
+        }
+        Ok(all)
+    }
+    fn meta(&self, _: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        unimplemented!()
+    }
+    fn meta_prefix(&self, _: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        unimplemented!()
+    }
+}
+
+/// The graph invariants across shards, and no transaction left behind.
+fn check_graph(shards: &Shards, rules: &RuleSet) {
+    let n = shards.stores.len() as u32;
+    let g = Union(shards);
+    let mut seen: BTreeMap<Identifier, ProfileId> = BTreeMap::new();
+    let profiles = g.all_profiles().unwrap();
+    for (i, s) in shards.stores.iter().enumerate() {
+        assert!(s.meta_prefix("txn.lock/").unwrap().is_empty(), "shard {i} keeps locks");
+        assert!(s.meta_prefix("txn.prepared/").unwrap().is_empty(), "shard {i} keeps prepared parts");
+        for p in s.all_profiles().unwrap() {
+            assert_eq!(GraphKey::Profile(p.id.clone()).shard(n).0 as usize, i, "profile {} on the wrong shard", p.id);
+        }
+        for (id, _) in s.owners() {
+            assert_eq!(GraphKey::Owner(id.clone()).shard(n).0 as usize, i, "owner entry on the wrong shard");
+        }
+    }
+    for p in &profiles {
+        assert!(!p.identifiers.is_empty(), "live profile {} has no identifiers", p.id);
+        for id in &p.identifiers {
+            assert!(seen.insert(id.clone(), p.id.clone()).is_none(), "{} is in two live profiles", id.redacted());
+            assert_eq!(g.owner(id).unwrap().as_ref(), Some(&p.id), "{} does not point at the profile listing it", id.redacted());
+        }
+        for m in &p.merged_from {
+            let f = engine::resolve_profile_id(&g, m).unwrap().expect("merged-away id resolves");
+            assert_eq!(f.profile.id, p.id, "merged-away {m} resolves elsewhere");
+        }
+        for (kind, rule) in rules.spec().types.iter() {
+            if let Some(limit) = rule.limit {
+                let held = p.identifiers.iter().filter(|i| &i.kind == kind).count() as u32;
+                assert!(held <= limit, "profile {} holds {held} {kind} (limit {limit})", p.id);
+            }
+        }
+    }
+    let owners: usize = shards.stores.iter().map(|s| s.owners().len()).sum();
+    assert_eq!(owners, seen.len(), "an identifier points at a profile that does not list it");
+    let c = g.counters().unwrap();
+    assert_eq!(c.profiles, profiles.len() as i64, "profile counter");
+    assert_eq!(c.identifiers, seen.len() as i64, "identifier counter");
+}
+
+fn identify(n: usize, ids: &[(String, String)], ts: i64) -> Command {
+    Command {
+        at_ms: T0,
+        op_id: format!("op-{n}"),
+        kind: CommandKind::Identify(IdentifyEvent {
+            event_id: format!("ev-{n}"),
+            timestamp_ms: ts,
+            identifiers: ids.iter().map(|(k, v)| RawIdentifier::new(k.clone(), v.clone())).collect(),
+            traits: [("n".to_string(), serde_json::json!(n))].into_iter().collect(),
+            source: "test".into(),
+        }),
+    }
+}
+
+/// Runs every command concurrently, each first by a coordinator that
+/// crashes after `crash_after[i]` steps (never, if `None`), then, like a
+/// client that got no answer, again by a healthy one; sweeps stale locks at
+/// the end. Returns how many runs answered "duplicate".
+fn run_concurrently(shards: &Arc<Shards>, rules: &Arc<RuleSet>, cmds: Vec<(Command, Option<(i64, bool)>)>) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (cmd, crash) in cmds {
+            let (shards, rules) = (shards.clone(), rules.clone());
+            tasks.push(tokio::spawn(async move {
+                let (steps, lands) = crash.unwrap_or((i64::MAX, false));
+                let first = Coordinator { shards: shards.clone(), steps_left: AtomicI64::new(steps), last_step_lands: lands };
+                let answer = match tokio::time::timeout(std::time::Duration::from_secs(60), execute(&first, &rules, &cmd)).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        let retry = Coordinator { shards, steps_left: AtomicI64::new(i64::MAX), last_step_lands: false };
+                        execute(&retry, &rules, &cmd).await
+                    }
+                };
+                match answer.expect("a command with a healthy coordinator succeeds") {
+                    Outcome::Identify(o) => o.duplicate,
+                    _ => false,
+                }
+            }));
+        }
+        let mut duplicates = 0;
+        for t in tasks {
+            duplicates += usize::from(t.await.unwrap());
+        }
+        // Locks nobody met again are settled by the shards' sweeps.
+        tokio::time::sleep(std::time::Duration::from_millis(LOCK_TIMEOUT_MS as u64 + 1)).await;
+        let sweeper = Coordinator { shards: shards.clone(), steps_left: AtomicI64::new(i64::MAX), last_step_lands: false };
+        for (i, s) in shards.stores.iter().enumerate() {
+            let stale = prepared_before(s, shards.now() - LOCK_TIMEOUT_MS).unwrap();
+            sweep(&sweeper, ShardId(i as u32), stale).await.unwrap();
+        }
+        duplicates
+    })
+}
+
+fn unlimited_rules() -> RuleSet {
+    let mut spec = RuleSet::builtin().spec().clone();
+    for t in spec.types.values_mut() {
+        t.limit = None;
+    }
+    spec.max_identifiers_per_profile = 100_000;
+    RuleSet::from_spec(spec).unwrap()
+}
+
+const KINDS: [&str; 3] = ["user_id", "email", "anonymous_id"];
+
+fn ids_of(spec: &[(u8, u8)]) -> Vec<(String, String)> {
+    spec.iter()
+        .map(|(k, v)| {
+            let kind = KINDS[*k as usize % 3];
+            (kind.to_string(), if kind == "email" { format!("p{v}@shop.com") } else { format!("v{v}") })
+        })
+        .collect()
+}
+
+/// The partition of identifiers, each part with its traits.
+fn partition(profiles: Vec<Profile>) -> BTreeSet<(Vec<Identifier>, Vec<(String, String)>)> {
+    profiles.into_iter().map(|p| (p.identifiers, p.traits.into_iter().map(|(k, v)| (k, v.value.to_string())).collect())).collect()
+}
+
+type EventSpec = (Vec<(u8, u8)>, i64, Option<(i64, bool)>);
+
+fn events() -> impl Strategy<Value = Vec<EventSpec>> {
+    let crash = prop::option::weighted(0.4, (0i64..12, any::<bool>()));
+    prop::collection::vec((prop::collection::vec((0u8..3, 0u8..10), 1..4), 1i64..50, crash), 1..20)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Without limits the graph does not depend on order, so concurrent
+    /// coordinators that crash anywhere (and clients that retry) must end
+    /// with exactly the graph of applying each event once, in any order.
+    #[test]
+    fn crashing_coordinators_end_with_the_graph_of_applying_each_event_once(evs in events(), shard_count in 1u32..5) {
+        let rules = Arc::new(unlimited_rules());
+        let shards = Shards::new(shard_count);
+        let cmds: Vec<(Command, Option<(i64, bool)>)> =
+            evs.iter().enumerate().map(|(n, (ids, ts, crash))| (identify(n, &ids_of(ids), *ts), *crash)).collect();
+        run_concurrently(&shards, &rules, cmds.clone());
+        check_graph(&shards, &rules);
+
+        let single = MemStore::new();
+        for (cmd, _) in &cmds {
+            let (cs, _) = engine::execute(&single, &rules, cmd).unwrap();
+            single.apply(&cs).unwrap();
+        }
+        prop_assert_eq!(partition(Union(&shards).all_profiles().unwrap()), partition(single.all_profiles().unwrap()));
+        prop_assert_eq!(Union(&shards).counters().unwrap().events, cmds.len() as i64, "each event applied exactly once");
+    }
+
+    /// Events that race to attach different user ids (limit 1) to the same
+    /// profile across shards never leave a profile with two.
+    #[test]
+    fn racing_events_never_break_a_limit(users in 2usize..8, crashes in prop::collection::vec(prop::option::of((0i64..10, any::<bool>())), 8), shard_count in 2u32..6) {
+        let rules = Arc::new(RuleSet::builtin());
+        let shards = Shards::new(shard_count);
+        let cmds: Vec<(Command, Option<(i64, bool)>)> = (0..users)
+            .map(|u| {
+                let ids = vec![("email".to_string(), "shared@shop.com".to_string()), ("user_id".to_string(), format!("u{u}")), ("device_id".to_string(), format!("d{u}"))];
+                (identify(u, &ids, 10 + u as i64), crashes[u])
+            })
+            .collect();
+        run_concurrently(&shards, &rules, cmds);
+        check_graph(&shards, &rules);
+        let holder = Union(&shards).owner(&Identifier::new("email", "shared@shop.com")).unwrap().expect("the shared e-mail has a profile");
+        let p = Union(&shards).profile(&holder).unwrap().unwrap();
+        prop_assert_eq!(p.identifiers.iter().filter(|i| i.kind == "user_id").count(), 1);
+    }
+}
+
+#[test]
+fn a_redelivered_event_is_a_duplicate_across_shards() {
+    let rules = Arc::new(RuleSet::builtin());
+    let shards = Shards::new(4);
+    let ids = ids_of(&[(0, 1), (1, 2), (2, 3)]);
+    let first = identify(1, &ids, 5);
+    let mut again = identify(1, &ids, 5);
+    again.op_id = "op-retry".into();
+    let dups = run_concurrently(&shards, &rules, vec![(first, None)]);
+    assert_eq!(dups, 0);
+    let dups = run_concurrently(&shards, &rules, vec![(again, None)]);
+    assert_eq!(dups, 1, "the redelivery is answered as a duplicate");
+    check_graph(&shards, &rules);
+    assert_eq!(Union(&shards).counters().unwrap().events, 1);
+}
