@@ -38,7 +38,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// A rule-set TOML file; none = the built-in rule set.
     pub rules_file: Option<PathBuf>,
-    /// Shards of the graph, fixed when the data directory is created.
+    /// Shards of the graph (each its own Raft group), fixed when the cluster
+    /// is created; a joining node takes the cluster's count.
     pub shards: u32,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
@@ -76,7 +77,7 @@ impl Default for NodeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("./idgraph-data"),
             rules_file: None,
-            shards: 1,
+            shards: 16,
             max_message_bytes: 4 * 1024 * 1024,
             stream_window: 256,
             request_timeout_ms: 30_000,
@@ -109,6 +110,8 @@ pub struct Overrides {
     pub initial_cluster: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u32>,
 }
 
 /// Environment variables read (`IDGRAPH_` + the field name in capitals).
@@ -148,8 +151,8 @@ impl NodeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
-        if self.shards != 1 {
-            return bad("shards", "a single node serves one shard; sharded clusters come with multi-node deployments");
+        if !(1..=1024).contains(&self.shards) {
+            return bad("shards", "must be 1 to 1024");
         }
         if !(64 * 1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
             return bad("max_message_bytes", "must be 64 KiB to 64 MiB");

@@ -31,6 +31,9 @@ struct Args {
     /// Bootstrap members: ID=HOST:PORT,... (default: a single-node cluster).
     #[arg(long)]
     initial_cluster: Option<String>,
+    /// Shards of a new cluster (default 16); fixed once created.
+    #[arg(long)]
+    shards: Option<u32>,
     /// Join a running cluster through any member (HOST:PORT).
     #[arg(long)]
     join: Option<String>,
@@ -78,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         node_id: args.node_id,
         initial_cluster: args.initial_cluster,
         join: args.join,
+        shards: args.shards,
     };
     let config = NodeConfig::load(args.config.as_deref(), &overrides)?;
     init_logs(&config);

@@ -1,15 +1,19 @@
 //! Routes requests from the gRPC adapters to shard actors.
 //!
-//! The [`ShardMap`] says which shard holds an identifier. A single node
-//! serves the one-shard map; the same router, with more shards and remote
-//! leaders, is what the cluster grows from.
+//! The [`ShardMap`] says how many shards there are; [`GraphKey::shard`]
+//! says which one holds a record. With one shard, a command is one log
+//! entry that the engine runs on that shard. With more, the router is the
+//! coordinator of a cross-shard transaction ([`crate::txn`]): it implements
+//! [`ShardAccess`] by sending reads and transaction steps to each shard's
+//! leader, here or on another node.
 
 use crate::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileRef};
 use crate::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
-use crate::raft::{Peers, ShardFailure, ShardRead, ShardReply, ShardRequest};
+use crate::raft::{Peers, ShardCommand, ShardFailure, ShardRead, ShardReply, ShardRequest};
 use crate::rules::RuleSet;
 use crate::service::status::ServiceError;
 use crate::shard::{shard_actor_name, ShardMsg};
+use crate::txn::{self, GraphKey, KeyRead, ReadMode, ShardAccess, TxnError, TxnOp, TxnReply};
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use std::sync::Arc;
@@ -58,6 +62,16 @@ fn service_error(shard: ShardId, f: ShardFailure) -> ServiceError {
     }
 }
 
+/// What a cross-shard command's failure means to the caller.
+fn txn_error(e: TxnError) -> ServiceError {
+    match e {
+        TxnError::Refused(e) => ServiceError::Engine(e),
+        TxnError::Unavailable { shard, reason } => ServiceError::Unavailable { shard: shard.to_string(), reason },
+        e @ TxnError::Contention { .. } => ServiceError::Aborted(e.to_string()),
+        TxnError::Internal(reason) => ServiceError::Internal(reason),
+    }
+}
+
 /// How long a request waits in all for a shard to have a leader.
 const LEADER_WAIT: Duration = Duration::from_secs(5);
 
@@ -66,18 +80,16 @@ impl ShardRouter {
         ShardRouter { node: node.into(), map, rules, timeout, peers }
     }
 
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    }
+
     pub fn rules(&self) -> &Arc<RuleSet> {
         &self.rules
     }
 
     pub fn map(&self) -> &ShardMap {
         &self.map
-    }
-
-    /// The shard a request is served by. With one shard every request is
-    /// local to it; cross-shard commands need the cluster's commit protocol.
-    fn home(&self) -> ShardId {
-        ShardId(0)
     }
 
     fn actor(&self, shard: ShardId) -> Result<ActorRef<ShardMsg>, ShardFailure> {
@@ -116,30 +128,54 @@ impl ShardRouter {
         }
     }
 
+    fn single_shard(&self) -> bool {
+        self.map.count() == 1
+    }
+
+    /// Runs a state-changing command: one log entry on a one-shard map, a
+    /// cross-shard transaction otherwise. The transaction runs as its own
+    /// task, so that a caller that goes away does not stop it half-way.
     pub async fn execute(&self, kind: CommandKind) -> Result<Outcome, ServiceError> {
-        let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-        let cmd = Command { at_ms, op_id: ulid::Ulid::new().to_string(), kind };
-        match self.request(self.home(), ShardRequest::Write(Box::new(cmd))).await? {
-            ShardReply::Outcome(o) => Ok(o),
-            _ => Err(ServiceError::Internal("a write was answered with a read".into())),
+        let cmd = Command { at_ms: self.now_ms(), op_id: ulid::Ulid::new().to_string(), kind };
+        if self.single_shard() {
+            return match self.request(ShardId(0), ShardRequest::Write(Box::new(ShardCommand::Engine(cmd)))).await? {
+                ShardReply::Outcome(o) => Ok(o),
+                _ => Err(ServiceError::Internal("a write was answered with a read".into())),
+            };
         }
+        let router = self.clone();
+        tokio::spawn(async move { txn::coordinator::execute(&router, &router.rules, &cmd).await })
+            .await
+            .map_err(|e| ServiceError::Internal(format!("a transaction task failed: {e}")))?
+            .map_err(txn_error)
     }
 
     async fn read(&self, shard: ShardId, r: ShardRead) -> Result<ShardReply, ServiceError> {
         self.request(shard, ShardRequest::Read(r)).await
     }
 
+    async fn find(&self, r: ProfileRef, mode: ReadMode) -> Result<FoundProfile, ServiceError> {
+        let rules = self.rules.clone();
+        txn::coordinator::query(self, mode, |view| crate::engine::find_profile(view, &rules, &r, "key")).await.map_err(txn_error)
+    }
+
     pub async fn get_profile(&self, r: ProfileRef) -> Result<FoundProfile, ServiceError> {
-        match self.read(self.home(), ShardRead::Profile(r)).await? {
+        if !self.single_shard() {
+            return self.find(r, ReadMode::Linearizable).await;
+        }
+        match self.read(ShardId(0), ShardRead::Profile(r)).await? {
             ShardReply::Profile(p) => Ok(p),
             _ => Err(ServiceError::Internal("unexpected reply kind".into())),
         }
     }
 
-    /// A possibly stale read of the local replica: no leader round trip, no
+    /// A possibly stale read of the local replicas: no leader round trip, no
     /// forwarding.
     pub async fn get_profile_stale(&self, r: ProfileRef) -> Result<FoundProfile, ServiceError> {
-        let shard = self.home();
+        if !self.single_shard() {
+            return self.find(r, ReadMode::Local).await;
+        }
+        let shard = ShardId(0);
         match self.local(shard, &ShardRequest::Read(ShardRead::StaleProfile(r))).await.map_err(|f| service_error(shard, f))? {
             ShardReply::Profile(p) => Ok(p),
             _ => Err(ServiceError::Internal("unexpected reply kind".into())),
@@ -147,9 +183,34 @@ impl ShardRouter {
     }
 
     pub async fn get_merge(&self, id: String) -> Result<MergeRecord, ServiceError> {
-        match self.read(self.home(), ShardRead::Merge(id)).await? {
+        if !self.single_shard() {
+            return txn::coordinator::query(self, ReadMode::Linearizable, |view| crate::engine::find_merge(view, &id))
+                .await
+                .map_err(txn_error);
+        }
+        match self.read(ShardId(0), ShardRead::Merge(id)).await? {
             ShardReply::Merge(m) => Ok(m),
             _ => Err(ServiceError::Internal("unexpected reply kind".into())),
+        }
+    }
+
+    /// Settles the abandoned transaction parts (older than the lock timeout)
+    /// of the shards this node leads. Run periodically.
+    pub async fn sweep_abandoned(&self) {
+        if self.single_shard() {
+            return;
+        }
+        for shard in self.map.shards() {
+            let req = ShardRequest::Read(ShardRead::PreparedBefore { before_ms: self.now_ms() - txn::LOCK_TIMEOUT_MS });
+            // Only the leader answers; followers leave it to their leader.
+            let Ok(ShardReply::Locks(stale)) = self.local(shard, &req).await else { continue };
+            if stale.is_empty() {
+                continue;
+            }
+            tracing::info!(%shard, parts = stale.len(), "settling transaction parts abandoned by their coordinators");
+            if let Err(e) = txn::coordinator::sweep(self, shard, stale).await {
+                tracing::warn!(%shard, error = %e, "settling abandoned transaction parts failed; will retry");
+            }
         }
     }
 
@@ -190,4 +251,40 @@ impl ShardRouter {
         let actor = self.actor(shard).map_err(|e| ServiceError::Unavailable { shard: shard.to_string(), reason: e.to_string() })?;
         actor.cast(ShardMsg::Crash).map_err(|e| ServiceError::Unavailable { shard: shard.to_string(), reason: e.to_string() })
     }
+}
+
+/// The router as a transaction coordinator's way to the shards.
+impl ShardAccess for ShardRouter {
+    fn shard_count(&self) -> u32 {
+        self.map.count()
+    }
+
+    fn now_ms(&self) -> i64 {
+        ShardRouter::now_ms(self)
+    }
+
+    async fn read(&self, shard: ShardId, keys: Vec<GraphKey>, mode: ReadMode) -> Result<Vec<KeyRead>, TxnError> {
+        let req = ShardRequest::Read(ShardRead::Keys { keys, mode });
+        let reply = if mode == ReadMode::Local {
+            self.local(shard, &req).await.map_err(|f| shard_txn_error(shard, f))?
+        } else {
+            self.request(shard, req).await.map_err(|e| TxnError::Unavailable { shard, reason: e.to_string() })?
+        };
+        match reply {
+            ShardReply::Keys(k) => Ok(k),
+            _ => Err(TxnError::Internal("a key read was answered with something else".into())),
+        }
+    }
+
+    async fn step(&self, shard: ShardId, op: TxnOp) -> Result<TxnReply, TxnError> {
+        match self.request(shard, ShardRequest::Write(Box::new(ShardCommand::Txn(op)))).await {
+            Ok(ShardReply::Txn(t)) => Ok(t),
+            Ok(_) => Err(TxnError::Internal("a transaction step was answered with something else".into())),
+            Err(e) => Err(TxnError::Unavailable { shard, reason: e.to_string() }),
+        }
+    }
+}
+
+fn shard_txn_error(shard: ShardId, f: ShardFailure) -> TxnError {
+    TxnError::Unavailable { shard, reason: f.to_string() }
 }

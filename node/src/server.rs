@@ -50,6 +50,7 @@ pub struct RunningNode {
     supervisor: ActorRef<()>,
     shutdown: Option<oneshot::Sender<()>>,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
+    sweeper: JoinHandle<()>,
 }
 
 impl RunningNode {
@@ -105,6 +106,7 @@ impl RunningNode {
     }
 
     async fn stop_actors(&self) {
+        self.sweeper.abort();
         for shard in self.shards.shards() {
             if let Some(a) = ActorRef::<crate::shard::ShardMsg>::where_is(shard_actor_name(&self.node, shard)) {
                 let _ = a.stop_and_wait(Some("node shutting down".into()), Some(Duration::from_secs(10))).await;
@@ -188,8 +190,30 @@ async fn open_replica(
     Ok(ShardReplica { shard, raft, store, rules })
 }
 
+/// How many shards the cluster a node joins has (asked of the member it
+/// joins through, retried while that member is not reachable yet).
+async fn cluster_shard_count(via: &str) -> Result<u32, ServerError> {
+    use idgraph_proto::v1::admin_client::AdminClient;
+    let mut last = String::new();
+    for _ in 0..30 {
+        let attempt = async {
+            let mut admin = AdminClient::connect(format!("http://{via}")).await.map_err(|e| e.to_string())?;
+            let status = admin.get_cluster(idgraph_proto::v1::GetClusterRequest {}).await.map_err(|s| s.message().to_string())?;
+            Ok::<u32, String>(status.into_inner().shards.len() as u32)
+        };
+        match attempt.await {
+            Ok(n) if n > 0 => return Ok(n),
+            Ok(_) => last = "it reported no shards".into(),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Err(ServerError::Actors(format!("join: cannot learn the shard count from {via}: {last}")))
+}
+
 pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Result<RunningNode, ServerError> {
-    let shards = ShardMap::new(config.shards);
+    let joining = !config.join.is_empty();
+    let shards = ShardMap::new(if joining { cluster_shard_count(&config.join).await? } else { config.shards });
     let db = SledDb::open(&config.data_dir, shards.count())?;
     let node: Arc<str> = ulid::Ulid::new().to_string().to_lowercase().into();
 
@@ -205,7 +229,6 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         .into_iter()
         .map(|(id, a)| (id, BasicNode { addr: a }))
         .collect();
-    let joining = !config.join.is_empty();
     if members.is_empty() && !joining {
         members.insert(config.node_id, BasicNode { addr: addr.to_string() });
     }
@@ -274,6 +297,16 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     if joining {
         tokio::spawn(join_cluster(config.join.clone(), config.node_id, addr.to_string()));
     }
+    let sweeper = {
+        let router = router.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(1_000));
+            loop {
+                every.tick().await;
+                router.sweep_abandoned().await;
+            }
+        })
+    };
     info!(%addr, node_id = config.node_id, data_dir = %config.data_dir.display(), rule_version = rules.version(), shards = shards.count(), "idgraph node serving");
     Ok(RunningNode {
         addr,
@@ -286,5 +319,6 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         supervisor,
         shutdown: Some(tx),
         serve,
+        sweeper,
     })
 }

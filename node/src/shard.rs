@@ -16,7 +16,7 @@
 //! `UNAVAILABLE`.
 
 use crate::model::ShardId;
-use crate::raft::{Replicas, ShardFailure, ShardReplica, ShardReply, ShardRequest};
+use crate::raft::{Replicas, ShardCommand, ShardFailure, ShardReplica, ShardReply, ShardRequest};
 use futures::future::BoxFuture;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::sync::Arc;
@@ -50,7 +50,7 @@ pub const MAX_BATCH: usize = 512;
 pub struct ShardState {
     node: Arc<str>,
     replica: ShardReplica,
-    waiting: Vec<(crate::engine::Command, Reply)>,
+    waiting: Vec<(ShardCommand, Reply)>,
     in_flight: usize,
 }
 
@@ -66,7 +66,7 @@ impl ShardState {
                 match replica.write_batch(commands).await {
                     Ok(answers) => {
                         for (port, answer) in ports.into_iter().zip(answers) {
-                            let _ = port.send(answer.map(ShardReply::Outcome));
+                            let _ = port.send(answer);
                         }
                     }
                     Err(failure) => {

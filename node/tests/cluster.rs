@@ -1,5 +1,8 @@
 //! Three real `idgraph-node` processes on loopback forming one cluster:
-//! replication, forwarding to the leader, `kill -9` of the leader, rejoin.
+//! replication, forwarding to the leader, `kill -9` of the leader, rejoin,
+//! membership changes, and concurrent events racing to merge across shards.
+//! Unless a test says otherwise, nodes run the default 16 shards, so nearly
+//! every event commits with a cross-shard transaction.
 
 mod common;
 
@@ -11,13 +14,18 @@ struct Cluster {
     dirs: Vec<tempfile::TempDir>,
     ports: Vec<u16>,
     nodes: Vec<Option<NodeProcess>>,
+    shards: String,
 }
 
 impl Cluster {
     fn start(n: usize) -> Cluster {
+        Cluster::with_shards(n, 16)
+    }
+
+    fn with_shards(n: usize, shards: u32) -> Cluster {
         let ports = free_ports(n);
         let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
-        let mut c = Cluster { dirs, ports, nodes: (0..n).map(|_| None).collect() };
+        let mut c = Cluster { dirs, ports, nodes: (0..n).map(|_| None).collect(), shards: shards.to_string() };
         for i in 0..n {
             c.start_node(i);
         }
@@ -32,7 +40,10 @@ impl Cluster {
         let listen = format!("127.0.0.1:{}", self.ports[i]);
         let id = (i + 1).to_string();
         let members = self.initial_cluster();
-        let p = NodeProcess::start(self.dirs[i].path(), &["--listen", &listen, "--id", &id, "--initial-cluster", &members]);
+        let p = NodeProcess::start(
+            self.dirs[i].path(),
+            &["--listen", &listen, "--id", &id, "--initial-cluster", &members, "--shards", &self.shards],
+        );
         self.nodes[i] = Some(p);
     }
 
@@ -133,10 +144,10 @@ async fn three_nodes_replicate_and_every_node_answers_the_same_profiles() {
 
 /// Nodes here snapshot every 100 entries and keep 10 (see `common`): a
 /// follower that misses hundreds of entries can only catch up from a
-/// snapshot.
+/// snapshot. Two shards, so that shard 0 alone sees hundreds of entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_far_behind_catches_up_from_a_snapshot() {
-    let mut c = Cluster::start(3);
+    let mut c = Cluster::with_shards(3, 2);
     let leader = c.leader().await;
     let follower = (leader + 1) % 3;
     c.nodes[follower].as_mut().unwrap().signal("-KILL");
@@ -265,4 +276,84 @@ async fn a_node_joins_and_a_leader_is_removed_without_losing_data() {
     let after: Vec<u64> = members(&n4).await.iter().map(|m| m.0).collect();
     let expected: Vec<u64> = (1..=4).filter(|id| *id != removed).collect();
     assert_eq!(after, expected);
+}
+
+/// Concurrent clients, through all three nodes, send events that race to
+/// join profiles across shards: every event links the shared e-mail of its
+/// household with its own user id (limit 1) and device. Afterwards every
+/// identifier of every acknowledged event is in exactly one live profile,
+/// which lists it, and no profile holds two user ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_events_racing_to_merge_across_shards_keep_the_invariants() {
+    let c = Cluster::with_shards(3, 8);
+    c.leader().await;
+    let mut tasks = Vec::new();
+    for worker in 0..12usize {
+        let addr = c.node(worker % 3).addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = pb::identity_graph_client::IdentityGraphClient::connect(format!("http://{addr}")).await.unwrap();
+            let mut sent = Vec::new();
+            for i in 0..25usize {
+                let household = (worker + i) % 5;
+                let ids = [
+                    ("email".to_string(), format!("home{household}@shop.com")),
+                    ("user_id".to_string(), format!("u{worker}-{i}")),
+                    ("device_id".to_string(), format!("d{worker}-{}", i % 3)),
+                ];
+                let refs: Vec<(&str, &str)> = ids.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let req = event(&format!("race-{worker}-{i}"), &refs);
+                let resp = loop {
+                    match client.identify(req.clone()).await {
+                        Ok(r) => break r.into_inner(),
+                        // Outcome unknown or too much contention: resend the same event.
+                        Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Aborted) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await
+                        }
+                        Err(s) => panic!("event refused: {s}"),
+                    }
+                };
+                sent.push((ids, resp));
+            }
+            sent
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    let mut client = c.node(0).client().await;
+    let mut owner_of = std::collections::BTreeMap::new();
+    let mut profiles = std::collections::BTreeMap::new();
+    for (ids, _) in &acked {
+        for (kind, value) in ids {
+            let p = client
+                .get_profile(by_id(kind, value))
+                .await
+                .unwrap_or_else(|s| panic!("{kind} of an acknowledged event: {s}"))
+                .into_inner();
+            assert!(
+                p.identifiers.iter().any(|i| &i.r#type == kind && &i.value == value),
+                "profile {} does not list its identifier",
+                p.profile_id
+            );
+            owner_of.insert((kind.clone(), value.clone()), p.profile_id.clone());
+            profiles.insert(p.profile_id.clone(), p);
+        }
+    }
+    for p in profiles.values() {
+        let users = p.identifiers.iter().filter(|i| i.r#type == "user_id").count();
+        assert!(users <= 1, "profile {} holds {users} user ids", p.profile_id);
+        for i in &p.identifiers {
+            if let Some(owner) = owner_of.get(&(i.r#type.clone(), i.value.clone())) {
+                assert_eq!(owner, &p.profile_id, "an identifier is listed by two live profiles");
+            }
+        }
+    }
+    // Each household's e-mail ended in one profile with exactly one user id.
+    for h in 0..5 {
+        let p = client.get_profile(by_id("email", &format!("home{h}@shop.com"))).await.unwrap().into_inner();
+        assert_eq!(p.identifiers.iter().filter(|i| i.r#type == "user_id").count(), 1, "household {h}");
+    }
+    let stats = c.node(1).admin().await.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.events, 300, "each acknowledged event applied exactly once: {stats:?}");
 }

@@ -65,7 +65,17 @@ openraft::declare_raft_types!(
 /// command.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Proposal {
-    pub commands: Vec<crate::engine::Command>,
+    pub commands: Vec<ShardCommand>,
+}
+
+/// One command of a shard's log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ShardCommand {
+    /// A client command the engine runs on this shard alone (a one-shard
+    /// map: every record is here).
+    Engine(crate::engine::Command),
+    /// A step of a cross-shard transaction (see [`crate::txn`]).
+    Txn(crate::txn::TxnOp),
 }
 
 /// What applying one log entry answered.
@@ -76,6 +86,7 @@ pub enum ShardResponse {
     Applied(Outcome),
     /// The engine refused the command; nothing changed.
     Refused(Refusal),
+    Txn(crate::txn::TxnReply),
 }
 
 /// An engine refusal as it travels through Raft (the caller maps it to a

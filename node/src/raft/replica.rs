@@ -2,11 +2,12 @@
 //! its graph store, answering requests on the leader and saying who the
 //! leader is elsewhere.
 
-use super::{Proposal, Refusal, ShardRaft, ShardResponse};
-use crate::engine::{self, Command, FoundProfile, Outcome, ProfileRef};
+use super::{Proposal, Refusal, ShardCommand, ShardRaft, ShardResponse};
+use crate::engine::{self, FoundProfile, Outcome, ProfileRef};
 use crate::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
 use crate::rules::RuleSet;
 use crate::storage::{GraphRead, SledStore};
+use crate::txn::{self, GraphKey, KeyRead, LockRecord, ReadMode, TxnReply};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft};
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,7 @@ use std::sync::Arc;
 /// A request to a shard.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ShardRequest {
-    Write(Box<Command>),
+    Write(Box<ShardCommand>),
     Read(ShardRead),
     Membership(MembershipChange),
 }
@@ -43,6 +44,16 @@ pub enum ShardRead {
     Merge(String),
     Hubs(usize),
     Counters,
+    /// Records for a cross-shard command, with their locks.
+    Keys {
+        keys: Vec<GraphKey>,
+        mode: ReadMode,
+    },
+    /// Transactions with a part prepared here before `before_ms` (for the
+    /// sweep of abandoned locks; read on the leader).
+    PreparedBefore {
+        before_ms: i64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -54,6 +65,9 @@ pub enum ShardReply {
     Counters(Counters),
     /// The voters after a membership change.
     Voters(Vec<u64>),
+    Txn(TxnReply),
+    Keys(Vec<KeyRead>),
+    Locks(Vec<LockRecord>),
 }
 
 /// Why a shard did not answer a request.
@@ -91,7 +105,7 @@ impl ShardReplica {
     /// Serves a request on this replica (no forwarding).
     pub async fn serve(&self, req: ShardRequest) -> Result<ShardReply, ShardFailure> {
         match req {
-            ShardRequest::Write(cmd) => self.write(*cmd).await.map(ShardReply::Outcome),
+            ShardRequest::Write(cmd) => self.write(*cmd).await,
             ShardRequest::Read(r) => self.read(r).await,
             ShardRequest::Membership(c) => self.change_membership(c).await,
         }
@@ -129,12 +143,12 @@ impl ShardReplica {
         Ok(ShardReply::Voters(voters.into_iter().collect()))
     }
 
-    async fn write(&self, cmd: Command) -> Result<Outcome, ShardFailure> {
+    async fn write(&self, cmd: ShardCommand) -> Result<ShardReply, ShardFailure> {
         self.write_batch(vec![cmd]).await?.pop().unwrap_or_else(|| Err(self.unavailable("a proposal was answered without outcomes")))
     }
 
     /// Proposes several commands as one log entry; one answer per command.
-    pub async fn write_batch(&self, commands: Vec<Command>) -> Result<Vec<Result<Outcome, ShardFailure>>, ShardFailure> {
+    pub async fn write_batch(&self, commands: Vec<ShardCommand>) -> Result<Vec<Result<ShardReply, ShardFailure>>, ShardFailure> {
         let n = commands.len();
         match self.raft.client_write(Proposal { commands }).await {
             Ok(resp) if resp.data.len() == n => Ok(resp
@@ -147,8 +161,9 @@ impl ShardReplica {
                                 tracing::debug!(shard = %self.shard, identifier = %c.identifier.redacted(), kind = ?c.kind, limit_type = %c.limit_type, "identifier dropped by merge protection");
                             }
                         }
-                        Ok(o)
+                        Ok(ShardReply::Outcome(o))
                     }
+                    ShardResponse::Txn(t) => Ok(ShardReply::Txn(t)),
                     ShardResponse::Refused(r) => Err(ShardFailure::Refused(r)),
                     ShardResponse::Nothing => Err(self.unavailable("a command was answered as a blank entry")),
                 })
@@ -161,9 +176,28 @@ impl ShardReplica {
         }
     }
 
+    /// Fails unless this replica believes it leads (no round trip).
+    fn check_leader(&self) -> Result<(), ShardFailure> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader == Some(m.id) {
+            return Ok(());
+        }
+        let leader = m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| (id, n.addr.clone())));
+        Err(ShardFailure::NotLeader { shard: self.shard.0, leader })
+    }
+
     async fn read(&self, r: ShardRead) -> Result<ShardReply, ShardFailure> {
-        // A stale read skips the leadership check: it reads this replica as is.
-        if !matches!(r, ShardRead::StaleProfile(_)) {
+        let mode = match &r {
+            // A stale read skips the leadership check: it reads this replica as is.
+            ShardRead::StaleProfile(_) => ReadMode::Local,
+            ShardRead::Keys { mode, .. } => *mode,
+            ShardRead::PreparedBefore { .. } => ReadMode::Leader,
+            _ => ReadMode::Linearizable,
+        };
+        if mode == ReadMode::Leader {
+            self.check_leader()?;
+        }
+        if mode == ReadMode::Linearizable {
             match self.raft.ensure_linearizable().await {
                 Ok(_) => {}
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
@@ -184,6 +218,15 @@ impl ShardReplica {
             ShardRead::Merge(id) => ShardReply::Merge(engine::find_merge(store, &id).map_err(refused)?),
             ShardRead::Hubs(limit) => ShardReply::Hubs(store.listed_hubs(limit).map_err(|e| self.unavailable(e))?),
             ShardRead::Counters => ShardReply::Counters(store.counters().map_err(|e| self.unavailable(e))?),
+            ShardRead::Keys { keys, .. } => {
+                let read = |k: &GraphKey| -> Result<KeyRead, crate::storage::StoreError> {
+                    Ok(KeyRead { value: k.read(store)?, lock: txn::lock_on(store, k)? })
+                };
+                ShardReply::Keys(keys.iter().map(read).collect::<Result<_, _>>().map_err(|e| self.unavailable(e))?)
+            }
+            ShardRead::PreparedBefore { before_ms } => {
+                ShardReply::Locks(txn::prepared_before(store, before_ms).map_err(|e| self.unavailable(e))?)
+            }
         })
     }
 }

@@ -1,11 +1,12 @@
 //! openraft's state machine: the pure engine applied to a shard's
 //! [`GraphStore`].
 
-use super::{decode, encode, read_err, write_err, LogId, Refusal, ShardRaft, ShardResponse, StorageError};
+use super::{decode, encode, read_err, write_err, LogId, Refusal, ShardCommand, ShardRaft, ShardResponse, StorageError};
 use crate::engine;
 use crate::model::{Change, ChangeSet};
 use crate::rules::RuleSet;
 use crate::storage::GraphStore;
+use crate::txn;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{BasicNode, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StoredMembership};
 use serde::{Deserialize, Serialize};
@@ -105,9 +106,15 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
                             responses.push(ShardResponse::Nothing);
                             continue;
                         }
-                        let (mut cs, response) = match engine::execute(&*self.store, &self.rules, cmd) {
-                            Ok((cs, outcome)) => (cs, ShardResponse::Applied(outcome)),
-                            Err(e) => (ChangeSet::default(), ShardResponse::Refused(Refusal::from_engine(e).map_err(failed)?)),
+                        let (mut cs, response) = match cmd {
+                            ShardCommand::Engine(cmd) => match engine::execute(&*self.store, &self.rules, cmd) {
+                                Ok((cs, outcome)) => (cs, ShardResponse::Applied(outcome)),
+                                Err(e) => (ChangeSet::default(), ShardResponse::Refused(Refusal::from_engine(e).map_err(failed)?)),
+                            },
+                            ShardCommand::Txn(op) => {
+                                let (cs, reply) = txn::apply_op(&*self.store, op).map_err(failed)?;
+                                (cs, ShardResponse::Txn(reply))
+                            }
                         };
                         cs.push(Change::PutMeta(APPLIED_COMMAND.into(), encode(&(log_id, i))));
                         self.store.apply(&cs).map_err(failed)?;

@@ -69,7 +69,7 @@ fn snapshots_do_not_contain_earlier_snapshots() {
         let mut sm = ShardStateMachine::new(Arc::new(MemStore::new()), Arc::new(RuleSet::builtin()));
         let entry = |i: u64| Entry::<ShardRaft> {
             log_id: LogId::new(CommittedLeaderId::new(1, 0), i),
-            payload: EntryPayload::Normal(super::Proposal { commands: vec![identify(i as usize)] }),
+            payload: EntryPayload::Normal(super::Proposal { commands: vec![super::ShardCommand::Engine(identify(i as usize))] }),
         };
         sm.apply((1..=50).map(entry)).await.unwrap();
         let first = sm.get_snapshot_builder().await.build_snapshot().await.unwrap().snapshot.into_inner().len();
@@ -100,7 +100,10 @@ fn replaying_a_partly_applied_entry_skips_the_commands_already_applied() {
         let (mut cs, _) = execute(&*store, &rules, &cmd(0)).unwrap();
         cs.push(Change::PutMeta("raft.applied_command".into(), rmp_serde::to_vec_named(&(log_id, 0usize)).unwrap()));
         store.apply(&cs).unwrap();
-        let entry = Entry::<ShardRaft> { log_id, payload: EntryPayload::Normal(super::Proposal { commands: (0..3).map(cmd).collect() }) };
+        let entry = Entry::<ShardRaft> {
+            log_id,
+            payload: EntryPayload::Normal(super::Proposal { commands: (0..3).map(|i| super::ShardCommand::Engine(cmd(i))).collect() }),
+        };
         let answers = sm.apply([entry]).await.unwrap();
         assert_eq!(answers[0].len(), 3);
         let c = store.counters().unwrap();

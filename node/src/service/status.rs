@@ -6,6 +6,7 @@
 //! | `EngineError::NotFound`                 | NOT_FOUND           |
 //! | `EngineError::FailedPrecondition`       | FAILED_PRECONDITION (+ PreconditionFailure naming the limit) |
 //! | `StoreError::Io`, shard unavailable     | UNAVAILABLE (retry) |
+//! | cross-shard contention (`TxnError::Contention`) | ABORTED (retry) |
 //! | `StoreError::Corrupt` / `Layout`        | INTERNAL / FAILED_PRECONDITION |
 //! | oversized message (tonic's OUT_OF_RANGE) | RESOURCE_EXHAUSTED |
 
@@ -22,6 +23,9 @@ pub enum ServiceError {
     /// The shard cannot take requests now (restarting, stopping): retry.
     #[error("shard {shard} is unavailable: {reason}")]
     Unavailable { shard: String, reason: String },
+    /// Concurrent requests kept conflicting; nothing changed: retry.
+    #[error("{0}")]
+    Aborted(String),
     /// A bug: nothing the caller can do.
     #[error("internal error: {0}")]
     Internal(String),
@@ -48,6 +52,7 @@ impl From<ServiceError> for Status {
             ServiceError::Engine(EngineError::Store(e @ StoreError::Layout(_))) => Status::failed_precondition(e.to_string()),
             ServiceError::Engine(EngineError::Store(e @ StoreError::Corrupt { .. })) => Status::internal(e.to_string()),
             e @ ServiceError::Unavailable { .. } => Status::unavailable(e.to_string()),
+            ServiceError::Aborted(reason) => Status::aborted(reason),
             e @ ServiceError::Internal(_) => Status::internal(e.to_string()),
         }
     }

@@ -85,7 +85,9 @@ impl GraphRead for MemStore {
         self.with(|t| t.profiles.values().cloned().collect())
     }
     fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.with(|t| t.meta.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect())
+        self.with(|t| {
+            t.meta.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect()
+        })
     }
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.with(|t| t.meta.get(key).cloned())

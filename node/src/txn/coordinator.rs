@@ -100,7 +100,12 @@ pub async fn gather<A: ShardAccess, T>(a: &A, mode: ReadMode, run: impl Fn(&Read
 
 /// Reads keys of one shard, waiting while another transaction holds a lock
 /// on any of them, and resolving the locks of dead coordinators.
-async fn fetch<A: ShardAccess>(a: &A, shard: ShardId, keys: Vec<GraphKey>, mode: ReadMode) -> Result<Vec<(GraphKey, GraphValue)>, TxnError> {
+async fn fetch<A: ShardAccess>(
+    a: &A,
+    shard: ShardId,
+    keys: Vec<GraphKey>,
+    mode: ReadMode,
+) -> Result<Vec<(GraphKey, GraphValue)>, TxnError> {
     let started = a.now_ms();
     let mut backoff = Backoff::new();
     loop {

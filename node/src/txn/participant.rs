@@ -58,7 +58,9 @@ pub enum TxnReply {
     Pending,
     /// The step was refused because a record it names is locked by another
     /// transaction (`lock`) or changed since it was read (`lock: None`).
-    Conflict { lock: Option<LockRecord> },
+    Conflict {
+        lock: Option<LockRecord>,
+    },
 }
 
 /// A lock on one record: whose it is, where its decision is kept, since
@@ -122,7 +124,12 @@ pub fn prepared_count<R: GraphRead + ?Sized>(r: &R) -> Result<usize, StoreError>
 
 /// Checks that no other transaction locks the records and that every read
 /// value is unchanged; the first violation is the answer.
-fn validate<R: GraphRead + ?Sized>(r: &R, txn: Option<&str>, reads: &[(GraphKey, u128)], writes: &ChangeSet) -> Result<Option<TxnReply>, StoreError> {
+fn validate<R: GraphRead + ?Sized>(
+    r: &R,
+    txn: Option<&str>,
+    reads: &[(GraphKey, u128)],
+    writes: &ChangeSet,
+) -> Result<Option<TxnReply>, StoreError> {
     let foreign = |key: &GraphKey| -> Result<Option<TxnReply>, StoreError> {
         Ok(lock_on(r, key)?.filter(|l| Some(l.txn.as_str()) != txn).map(|l| TxnReply::Conflict { lock: Some(l) }))
     };
@@ -187,8 +194,11 @@ pub fn apply_op<R: GraphRead + ?Sized>(r: &R, op: &TxnOp) -> Result<(ChangeSet, 
                 return Ok((cs, conflict));
             }
             let lock = LockRecord { txn: txn.clone(), primary: *primary, at_ms: *at_ms };
-            let mut locks: Vec<String> =
-                reads.iter().map(|(k, _)| k.lock_name()).chain(writes.changes.iter().filter_map(GraphKey::written_by).map(|k| k.lock_name())).collect();
+            let mut locks: Vec<String> = reads
+                .iter()
+                .map(|(k, _)| k.lock_name())
+                .chain(writes.changes.iter().filter_map(GraphKey::written_by).map(|k| k.lock_name()))
+                .collect();
             locks.sort();
             locks.dedup();
             for l in &locks {

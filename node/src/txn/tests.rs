@@ -72,7 +72,11 @@ fn the_primary_decides_once_commit_and_abort_exclude_each_other() {
     assert_eq!(step(&s, TxnOp::Resolve { txn: "t1".into(), expire_before_ms: 500 }), TxnReply::Pending, "young: left alone");
     assert_eq!(step(&s, TxnOp::Commit { txn: "t1".into() }), TxnReply::Committed);
     assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"), "the primary's part applies at the commit");
-    assert_eq!(step(&s, TxnOp::Abort { txn: "t1".into(), is_primary: true }), TxnReply::Committed, "a committed transaction stays committed");
+    assert_eq!(
+        step(&s, TxnOp::Abort { txn: "t1".into(), is_primary: true }),
+        TxnReply::Committed,
+        "a committed transaction stays committed"
+    );
     assert_eq!(step(&s, TxnOp::Resolve { txn: "t1".into(), expire_before_ms: i64::MAX }), TxnReply::Committed);
     assert_eq!(step(&s, TxnOp::Forget { txn: "t1".into() }), TxnReply::Applied);
     assert_eq!(s.meta_prefix("txn.").unwrap(), vec![]);
@@ -84,7 +88,11 @@ fn the_primary_decides_once_commit_and_abort_exclude_each_other() {
     assert!(s.meta_prefix("txn.lock/").unwrap().is_empty(), "the primary's own locks are released");
 
     assert_eq!(step(&s, TxnOp::Resolve { txn: "t3".into(), expire_before_ms: 0 }), TxnReply::Aborted, "unknown: aborted");
-    assert_eq!(step(&s, prepare("t3", true, vec![], owner_write("c@b.co", "p_3"))), TxnReply::Aborted, "a prepare arriving later is refused");
+    assert_eq!(
+        step(&s, prepare("t3", true, vec![], owner_write("c@b.co", "p_3"))),
+        TxnReply::Aborted,
+        "a prepare arriving later is refused"
+    );
 }
 
 // ---- coordinators over in-memory shards -------------------------------
