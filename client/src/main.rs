@@ -417,7 +417,8 @@ async fn run(cli: Cli) -> Result<()> {
                 print_json(&c)?
             } else {
                 println!("node {}", c.node_id);
-                let mut t = table(&["shard", "state", "leader", "term", "last log", "applied", "snapshot", "members (id addr matched)"]);
+                let mut t =
+                    table(&["shard", "state", "leader", "term", "last log", "applied", "snapshot", "txns", "members (id addr matched)"]);
                 for s in c.shards {
                     let members: Vec<String> = s.members.iter().map(|m| format!("{} {} {}", m.node_id, m.addr, m.matched_index)).collect();
                     t.add_row(vec![
@@ -428,6 +429,7 @@ async fn run(cli: Cli) -> Result<()> {
                         s.last_log_index.to_string(),
                         s.applied_index.to_string(),
                         s.snapshot_index.to_string(),
+                        s.prepared_txns.to_string(),
                         members.join("\n"),
                     ]);
                 }

@@ -85,6 +85,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let config = NodeConfig::load(args.config.as_deref(), &overrides)?;
     init_logs(&config);
+    // Crash tests configure crash points with FAILPOINTS (see `txn::crash_point`).
+    #[cfg(feature = "failpoints")]
+    let _crash_points = fail::FailScenario::setup();
     let node = idgraph_node::server::start(&config).await.context("starting the node")?;
     // The first line on stdout says where the node listens (scripts and
     // tests that start it on port 0 read it).

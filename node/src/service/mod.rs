@@ -267,6 +267,7 @@ impl Admin for AdminService {
                 applied_index: m.last_applied.map_or(0, |l| l.index),
                 snapshot_index: m.snapshot.map_or(0, |l| l.index),
                 members,
+                prepared_txns: crate::txn::participant::prepared_count(&*r.store).unwrap_or(0) as u64,
             });
         }
         shards.sort_by_key(|s| s.shard);

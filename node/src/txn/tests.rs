@@ -321,8 +321,11 @@ fn ids_of(spec: &[(u8, u8)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// One profile as compared: its identifiers and its traits (name, value).
+type Part = (Vec<Identifier>, Vec<(String, String)>);
+
 /// The partition of identifiers, each part with its traits.
-fn partition(profiles: Vec<Profile>) -> BTreeSet<(Vec<Identifier>, Vec<(String, String)>)> {
+fn partition(profiles: Vec<Profile>) -> BTreeSet<Part> {
     profiles.into_iter().map(|p| (p.identifiers, p.traits.into_iter().map(|(k, v)| (k, v.value.to_string())).collect())).collect()
 }
 

@@ -62,6 +62,10 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn start(dir: &std::path::Path, extra: &[&str]) -> NodeProcess {
+        NodeProcess::start_with_env(dir, extra, &[])
+    }
+
+    pub fn start_with_env(dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> NodeProcess {
         use std::io::{BufRead, BufReader};
         let listen = extra.windows(2).find(|w| w[0] == "--listen").map(|w| w[1]).unwrap_or("127.0.0.1:0");
         let extra: Vec<&str> = extra.iter().copied().filter(|a| *a != "--listen" && *a != listen).collect();
@@ -72,6 +76,7 @@ impl NodeProcess {
             .env("IDGRAPH_LOG_LEVEL", std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
             .env("IDGRAPH_SHUTDOWN_GRACE_MS", "500")
             .env("IDGRAPH_RAFT_SNAPSHOT_LOGS", "100")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .spawn()

@@ -1,0 +1,137 @@
+//! Crash points inside a cross-shard commit, with real processes: a node
+//! built with the `failpoints` feature exits at a named step of the
+//! protocol while coordinating an event; the client, which got no answer,
+//! sends the same event to another node. The event must then be applied
+//! exactly once (anew if the crash came before the commit point, as a
+//! duplicate after it), its identifiers must all resolve to its profile,
+//! and every transaction part must be settled.
+//!
+//! Run with `cargo test -p idgraph-node --features failpoints --test failpoints`
+//! (`.ci/run` does).
+#![cfg(feature = "failpoints")]
+
+mod common;
+
+use common::*;
+use idgraph_node::model::Identifier;
+use idgraph_node::txn::GraphKey;
+use idgraph_proto::v1 as pb;
+use std::time::{Duration, Instant};
+
+const SHARDS: u32 = 8;
+
+/// Three identifiers whose owner entries fall on three different shards,
+/// so that the event's commit has at least three participants.
+fn spread_identifiers(tag: &str) -> Vec<(String, String)> {
+    let mut picked: Vec<(String, String)> = Vec::new();
+    let mut used = std::collections::BTreeSet::new();
+    for kind in ["user_id", "email", "device_id"] {
+        for n in 0.. {
+            let value = if kind == "email" { format!("{tag}{n}@shop.com") } else { format!("{tag}-{kind}-{n}") };
+            let shard = GraphKey::Owner(Identifier::new(kind, value.clone())).shard(SHARDS);
+            if used.insert(shard) {
+                picked.push((kind.to_string(), value));
+                break;
+            }
+        }
+    }
+    picked
+}
+
+fn start(dir: &std::path::Path, port: u16, id: usize, members: &str, crash_at: Option<&str>) -> NodeProcess {
+    let listen = format!("127.0.0.1:{port}");
+    let id = id.to_string();
+    let args = ["--listen", listen.as_str(), "--id", id.as_str(), "--initial-cluster", members, "--shards", "8"];
+    match crash_at {
+        Some(point) => NodeProcess::start_with_env(dir, &args, &[("FAILPOINTS", &format!("{point}=return"))]),
+        None => NodeProcess::start(dir, &args),
+    }
+}
+
+async fn prepared_parts(node: &NodeProcess) -> u64 {
+    let s = node.admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner();
+    s.shards.iter().map(|s| s.prepared_txns).sum()
+}
+
+async fn crash_at(point: &str, applied_before_crash: bool) {
+    let ports = free_ports(3);
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let members = ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect::<Vec<_>>().join(",");
+    let mut crashing = start(dirs[0].path(), ports[0], 1, &members, Some(point));
+    let others: Vec<NodeProcess> = (1..3).map(|i| start(dirs[i].path(), ports[i], i + 1, &members, None)).collect();
+
+    let ids = spread_identifiers(point.trim_start_matches("txn::"));
+    let refs: Vec<(&str, &str)> = ids.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let req = event(&format!("crash-{point}"), &refs);
+
+    // The coordinating node dies at the crash point; the caller sees no answer.
+    let mut via_crashing = crashing.client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match via_crashing.identify(req.clone()).await {
+            Ok(r) => panic!("{point}: acknowledged by a node that should have crashed: {r:?}"),
+            Err(s) if s.code() == tonic::Code::Unavailable && crashing.child.try_wait().unwrap().is_none() => {
+                // No leaders yet: the node is alive and the event not begun.
+                assert!(Instant::now() < deadline, "{point}: never coordinated: {s}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(_) => break,
+        }
+    }
+    let status = crashing.child.wait().unwrap();
+    assert_eq!(status.code(), Some(86), "{point}: the node exited at its crash point");
+
+    // The client sends the same event again, to another node.
+    let mut client = others[0].client().await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let resp = loop {
+        match client.identify(req.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Aborted) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("{point}: the retried event failed: {s}"),
+        }
+    };
+    assert_eq!(
+        resp.duplicate, applied_before_crash,
+        "{point}: the retry finds the event applied exactly when the crash came after the commit point"
+    );
+    for (kind, value) in &ids {
+        let p = client.get_profile(by_id(kind, value)).await.unwrap().into_inner();
+        assert_eq!(p.profile_id, resp.profile_id, "{point}: {kind} resolves to the event's profile");
+        assert_eq!(p.identifiers.len(), ids.len(), "{point}: the profile holds every identifier once");
+    }
+    let stats = others[1].admin().await.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner();
+    assert_eq!((stats.events, stats.profiles, stats.identifiers), (1, 1, 3), "{point}: applied exactly once");
+
+    // The crashed node comes back (without the crash point); every part the
+    // dead coordinator left is settled.
+    crashing = start(dirs[0].path(), ports[0], 1, &members, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = prepared_parts(&crashing).await + prepared_parts(&others[0]).await + prepared_parts(&others[1]).await;
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{point}: {left} transaction parts never settled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let p = crashing.client().await.get_profile(by_id(&ids[0].0, &ids[0].1)).await.unwrap().into_inner();
+    assert_eq!(p.profile_id, resp.profile_id, "{point}: the restarted node answers the same profile");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_crash_before_the_commit_point_aborts_and_the_retry_applies_the_event() {
+    crash_at("txn::before-commit", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_crash_after_the_commit_point_rolls_forward_and_the_retry_is_a_duplicate() {
+    crash_at("txn::after-commit", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_crash_between_two_applies_rolls_the_rest_forward() {
+    crash_at("txn::between-applies", true).await;
+}
