@@ -130,8 +130,19 @@ fn ctl(endpoint: &str, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loading_generated_events_gives_the_promised_profiles() {
+    load_and_check(None).await;
+}
+
+/// The same world on eight shards: nearly every event commits across
+/// shards, and the profiles must come out the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loading_generated_events_across_eight_shards_gives_the_promised_profiles() {
+    load_and_check(Some(8)).await;
+}
+
+async fn load_and_check(shards: Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
-    let config = NodeConfig { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.path().join("data"), ..NodeConfig::default() };
+    let config = NodeConfig { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.path().join("data"), shards, ..NodeConfig::default() };
     let node = idgraph_node::server::start(&config).await.unwrap();
     let endpoint = format!("http://{}", node.addr());
 

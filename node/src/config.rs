@@ -40,7 +40,9 @@ pub struct NodeConfig {
     pub rules_file: Option<PathBuf>,
     /// Shards of the graph (each its own Raft group), fixed when the cluster
     /// is created; a joining node takes the cluster's count.
-    pub shards: u32,
+    /// Unset: 16 for a node that bootstraps a multi-node cluster, 1 for a
+    /// standalone node (see [`NodeConfig::shard_count`]).
+    pub shards: Option<u32>,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
     /// Events of one IdentifyStream in flight at once.
@@ -77,7 +79,7 @@ impl Default for NodeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("./idgraph-data"),
             rules_file: None,
-            shards: 16,
+            shards: None,
             max_message_bytes: 4 * 1024 * 1024,
             stream_window: 256,
             request_timeout_ms: 30_000,
@@ -151,7 +153,7 @@ impl NodeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
-        if !(1..=1024).contains(&self.shards) {
+        if self.shards.is_some_and(|n| !(1..=1024).contains(&n)) {
             return bad("shards", "must be 1 to 1024");
         }
         if !(64 * 1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
@@ -189,6 +191,17 @@ impl NodeConfig {
     }
 
     /// The bootstrap members from `initial_cluster` (empty: single node).
+    /// Shards of a new cluster: as configured, else 16 when bootstrapping a
+    /// cluster of several nodes and 1 for a standalone node, which gains
+    /// nothing from shards and would pay for cross-shard commits.
+    pub fn shard_count(&self) -> u32 {
+        match self.shards {
+            Some(n) => n,
+            None if self.members().is_ok_and(|m| m.len() > 1) => 16,
+            None => 1,
+        }
+    }
+
     pub fn members(&self) -> Result<std::collections::BTreeMap<u64, String>, String> {
         let mut out = std::collections::BTreeMap::new();
         for part in self.initial_cluster.split(',').map(str::trim).filter(|p| !p.is_empty()) {

@@ -31,7 +31,8 @@ struct Args {
     /// Bootstrap members: ID=HOST:PORT,... (default: a single-node cluster).
     #[arg(long)]
     initial_cluster: Option<String>,
-    /// Shards of a new cluster (default 16); fixed once created.
+    /// Shards of a new cluster (default: 16 with --initial-cluster of several
+    /// nodes, else 1); fixed once created.
     #[arg(long)]
     shards: Option<u32>,
     /// Join a running cluster through any member (HOST:PORT).

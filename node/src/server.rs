@@ -4,7 +4,7 @@
 
 use crate::config::NodeConfig;
 use crate::model::ShardId;
-use crate::raft::{Peers, RaftTransportService, Replicas, ShardLogStore, ShardNetworkFactory, ShardReplica, ShardStateMachine};
+use crate::raft::{LogFlusher, Peers, RaftTransportService, Replicas, ShardLogStore, ShardNetworkFactory, ShardReplica, ShardStateMachine};
 use crate::router::{ShardMap, ShardRouter};
 use crate::rules::RuleSet;
 use crate::service::{status, AdminService, IdentityGraphService};
@@ -164,30 +164,38 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, ServerError
     Ok(Arc::new(c.validate().map_err(|e| ServerError::Actors(format!("raft configuration: {e}")))?))
 }
 
-/// Opens one shard replica (log, vote, state machine) from the node's
-/// database and starts its Raft instance.
-async fn open_replica(
+/// What every shard replica of a node is opened with.
+#[derive(Clone)]
+struct ReplicaSetup {
     db: SledDb,
-    shard: ShardId,
     node_id: u64,
+    /// The bootstrap members; empty when the node joins a running cluster.
     members: BTreeMap<u64, BasicNode>,
     raft_config: Arc<openraft::Config>,
     peers: Peers,
     rules: Arc<RuleSet>,
-) -> Result<ShardReplica, String> {
-    let log = ShardLogStore::new(Arc::new(db.raft_log(shard).map_err(|e| e.to_string())?));
-    let store = Arc::new(db.shard(shard).map_err(|e| e.to_string())?);
-    let sm = ShardStateMachine::new(store.clone(), rules.clone());
-    let raft = openraft::Raft::new(node_id, raft_config, ShardNetworkFactory { shard, peers }, log, sm).await.map_err(|e| e.to_string())?;
-    // An empty member map means the node joins a running cluster instead.
-    let bootstrapper = members.keys().next().copied() == Some(node_id);
-    if bootstrapper && !raft.is_initialized().await.map_err(|e| e.to_string())? {
-        match raft.initialize(members).await {
-            Ok(()) | Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
-            Err(e) => return Err(format!("initialising shard {shard}: {e}")),
+    flusher: LogFlusher,
+}
+
+impl ReplicaSetup {
+    /// Opens one shard replica (log, vote, state machine) from the node's
+    /// database and starts its Raft instance.
+    async fn open(self, shard: ShardId) -> Result<ShardReplica, String> {
+        let ReplicaSetup { db, node_id, members, raft_config, peers, rules, flusher } = self;
+        let log = ShardLogStore::new(Arc::new(db.raft_log(shard).map_err(|e| e.to_string())?), flusher);
+        let store = Arc::new(db.shard(shard).map_err(|e| e.to_string())?);
+        let sm = ShardStateMachine::new(store.clone(), rules.clone());
+        let raft =
+            openraft::Raft::new(node_id, raft_config, ShardNetworkFactory { shard, peers }, log, sm).await.map_err(|e| e.to_string())?;
+        let bootstrapper = members.keys().next().copied() == Some(node_id);
+        if bootstrapper && !raft.is_initialized().await.map_err(|e| e.to_string())? {
+            match raft.initialize(members).await {
+                Ok(()) | Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(format!("initialising shard {shard}: {e}")),
+            }
         }
+        Ok(ShardReplica { shard, raft, store, rules })
     }
-    Ok(ShardReplica { shard, raft, store, rules })
 }
 
 /// How many shards the cluster a node joins has (asked of the member it
@@ -213,7 +221,7 @@ async fn cluster_shard_count(via: &str) -> Result<u32, ServerError> {
 
 pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Result<RunningNode, ServerError> {
     let joining = !config.join.is_empty();
-    let shards = ShardMap::new(if joining { cluster_shard_count(&config.join).await? } else { config.shards });
+    let shards = ShardMap::new(if joining { cluster_shard_count(&config.join).await? } else { config.shard_count() });
     let db = SledDb::open(&config.data_dir, shards.count())?;
     let node: Arc<str> = ulid::Ulid::new().to_string().to_lowercase().into();
 
@@ -236,11 +244,21 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     let replicas: Replicas = Default::default();
     let raft_config = raft_config(config)?;
     let open: ReplicaOpener = {
-        let (db, peers, rules, node_id) = (db.clone(), peers.clone(), rules.clone(), config.node_id);
-        Arc::new(move |shard| {
-            let fut = open_replica(db.clone(), shard, node_id, members.clone(), raft_config.clone(), peers.clone(), rules.clone());
-            Box::pin(fut)
-        })
+        // One fsync of the node's database makes every shard's appends durable.
+        let flusher = {
+            let db = db.clone();
+            LogFlusher::spawn(move || db.flush())
+        };
+        let setup = ReplicaSetup {
+            db: db.clone(),
+            node_id: config.node_id,
+            members,
+            raft_config,
+            peers: peers.clone(),
+            rules: rules.clone(),
+            flusher,
+        };
+        Arc::new(move |shard| Box::pin(setup.clone().open(shard)))
     };
     // The Raft transport must be reachable while the replicas start: peers
     // may already be electing.

@@ -13,15 +13,54 @@ const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 
-/// A shard replica's Raft log. Cheap to clone (it is also its own reader).
+/// Completes openraft's append callbacks once the appends are durable.
 ///
 /// Appends are group-committed: `append` writes the entries and hands
-/// openraft's completion callback to a flusher task, which fsyncs once for
+/// openraft's completion callback to the flusher task, which fsyncs once for
 /// every callback waiting and then completes them in order. openraft keeps
-/// appending meanwhile, so one fsync covers many client writes.
+/// appending meanwhile, so one fsync covers many client writes. All shard
+/// logs of a node live in one database, whose one fsync makes every tree
+/// durable, so the node runs one flusher for all its shards: under load one
+/// fsync covers the appends of every shard.
+#[derive(Clone)]
+pub struct LogFlusher {
+    tx: mpsc::UnboundedSender<LogFlushed<ShardRaft>>,
+}
+
+impl LogFlusher {
+    /// Starts the flusher task (inside a tokio runtime); `sync` makes every
+    /// append made so far, to any log it serves, durable.
+    pub fn spawn(sync: impl Fn() -> Result<(), crate::storage::StoreError> + Send + Sync + 'static) -> LogFlusher {
+        let (tx, mut rx) = mpsc::unbounded_channel::<LogFlushed<ShardRaft>>();
+        let sync = Arc::new(sync);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut waiting = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    waiting.push(more);
+                }
+                let sync = sync.clone();
+                let synced = tokio::task::spawn_blocking(move || sync())
+                    .await
+                    .unwrap_or_else(|e| Err(crate::storage::StoreError::Io(format!("fsync task failed: {e}"))));
+                for cb in waiting {
+                    cb.log_io_completed(synced.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+                }
+            }
+        });
+        LogFlusher { tx }
+    }
+
+    /// A flusher for one log alone.
+    pub fn for_log<L: RaftLog>(log: Arc<L>) -> LogFlusher {
+        LogFlusher::spawn(move || log.sync())
+    }
+}
+
+/// A shard replica's Raft log. Cheap to clone (it is also its own reader).
 pub struct ShardLogStore<L: RaftLog> {
     log: Arc<L>,
-    flusher: mpsc::UnboundedSender<LogFlushed<ShardRaft>>,
+    flusher: LogFlusher,
 }
 
 impl<L: RaftLog> Clone for ShardLogStore<L> {
@@ -31,26 +70,9 @@ impl<L: RaftLog> Clone for ShardLogStore<L> {
 }
 
 impl<L: RaftLog> ShardLogStore<L> {
-    /// Must be called inside a tokio runtime (it starts the flusher task).
-    pub fn new(log: Arc<L>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<LogFlushed<ShardRaft>>();
-        let flushing = log.clone();
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut waiting = vec![first];
-                while let Ok(more) = rx.try_recv() {
-                    waiting.push(more);
-                }
-                let log = flushing.clone();
-                let synced = tokio::task::spawn_blocking(move || log.sync())
-                    .await
-                    .unwrap_or_else(|e| Err(crate::storage::StoreError::Io(format!("fsync task failed: {e}"))));
-                for cb in waiting {
-                    cb.log_io_completed(synced.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
-                }
-            }
-        });
-        ShardLogStore { log, flusher: tx }
+    /// `flusher` must make this log's appends durable.
+    pub fn new(log: Arc<L>, flusher: LogFlusher) -> Self {
+        ShardLogStore { log, flusher }
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -104,8 +126,11 @@ impl<L: RaftLog> RaftLogStorage<ShardRaft> for ShardLogStore<L> {
         self.meta(VOTE)
     }
 
+    /// openraft allows the committed id to be lost (it is re-learnt from the
+    /// leader), so it is not fsync'd on its own: that fsync, once per commit
+    /// advance, used to stall every shard's Raft loop.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.log.put_meta(COMMITTED, &encode(&committed)).map_err(write_err)
+        self.log.stage_meta(COMMITTED, &encode(&committed)).map_err(write_err)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -120,7 +145,7 @@ impl<L: RaftLog> RaftLogStorage<ShardRaft> for ShardLogStore<L> {
         let batch: Vec<(u64, Vec<u8>)> = entries.into_iter().map(|e| (e.get_log_id().index, encode(&e))).collect();
         self.log.append(&batch).map_err(|e| openraft::StorageIOError::write_logs(openraft::AnyError::new(&e)))?;
         // Durable, and reported as such, once the flusher has fsync'd.
-        if let Err(mpsc::error::SendError(cb)) = self.flusher.send(callback) {
+        if let Err(mpsc::error::SendError(cb)) = self.flusher.tx.send(callback) {
             cb.log_io_completed(Err(std::io::Error::other("the log flusher has stopped")));
         }
         Ok(())

@@ -42,7 +42,7 @@ pub mod network;
 pub mod replica;
 mod state_machine;
 
-pub use log_store::ShardLogStore;
+pub use log_store::{LogFlusher, ShardLogStore};
 pub use network::{Peers, RaftTransportService, Replicas, ShardNetworkFactory};
 pub use replica::{MembershipChange, ShardFailure, ShardRead, ShardReplica, ShardReply, ShardRequest};
 pub use state_machine::ShardStateMachine;

@@ -1,7 +1,7 @@
 //! openraft's storage conformance suite against the shard's Raft storage,
 //! on sled and in memory.
 
-use super::{ShardLogStore, ShardRaft, ShardStateMachine, StorageError};
+use super::{LogFlusher, ShardLogStore, ShardRaft, ShardStateMachine, StorageError};
 use crate::model::ShardId;
 use crate::rules::RuleSet;
 use crate::storage::{MemRaftLog, MemStore, SledDb, SledRaftLog, SledStore};
@@ -14,7 +14,8 @@ impl StoreBuilder<ShardRaft, ShardLogStore<SledRaftLog>, ShardStateMachine<SledS
     async fn build(&self) -> Result<(tempfile::TempDir, ShardLogStore<SledRaftLog>, ShardStateMachine<SledStore>), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = SledDb::open(dir.path(), 1).expect("open sled");
-        let log = ShardLogStore::new(Arc::new(db.raft_log(ShardId(0)).expect("raft log")));
+        let log = Arc::new(db.raft_log(ShardId(0)).expect("raft log"));
+        let log = ShardLogStore::new(log.clone(), LogFlusher::for_log(log));
         let sm = ShardStateMachine::new(Arc::new(db.shard(ShardId(0)).expect("shard")), Arc::new(RuleSet::builtin()));
         Ok((dir, log, sm))
     }
@@ -26,7 +27,10 @@ impl StoreBuilder<ShardRaft, ShardLogStore<MemRaftLog>, ShardStateMachine<MemSto
     async fn build(&self) -> Result<((), ShardLogStore<MemRaftLog>, ShardStateMachine<MemStore>), StorageError> {
         Ok((
             (),
-            ShardLogStore::new(Arc::new(MemRaftLog::default())),
+            {
+                let log = Arc::new(MemRaftLog::default());
+                ShardLogStore::new(log.clone(), LogFlusher::for_log(log))
+            },
             ShardStateMachine::new(Arc::new(MemStore::new()), Arc::new(RuleSet::builtin())),
         ))
     }

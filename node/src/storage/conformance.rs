@@ -194,6 +194,8 @@ pub fn raft_log_conforms<L: super::RaftLog>(log: &L) {
     assert_eq!(log.get_meta("vote").unwrap(), None);
     log.put_meta("vote", b"v1").unwrap();
     log.put_meta("vote", b"v2").unwrap();
+    log.stage_meta("committed", b"c1").unwrap();
+    assert_eq!(log.get_meta("committed").unwrap().as_deref(), Some(&b"c1"[..]), "a staged value reads back at once");
     assert_eq!(log.get_meta("vote").unwrap().as_deref(), Some(&b"v2"[..]));
     // Far indexes sort numerically, not as text.
     log.append(&[(255, vec![1]), (256, vec![2]), (65_536, vec![3])]).unwrap();

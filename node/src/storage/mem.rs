@@ -197,6 +197,9 @@ impl super::RaftLog for MemRaftLog {
         self.meta.lock().map_err(poisoned)?.insert(key.to_string(), value.to_vec());
         Ok(())
     }
+    fn stage_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.put_meta(key, value)
+    }
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.meta.lock().map_err(poisoned)?.get(key).cloned())
     }

@@ -85,6 +85,10 @@ pub trait RaftLog: Send + Sync + 'static {
     /// Removes entries with `index <= upto` (compacted into a snapshot).
     fn purge_upto(&self, upto: u64) -> Result<(), StoreError>;
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Writes a meta value that may be lost in a crash: durable with the next
+    /// [`RaftLog::sync`] or [`RaftLog::put_meta`], and never reordered before
+    /// writes made earlier.
+    fn stage_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 }
 

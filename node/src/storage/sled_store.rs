@@ -328,6 +328,11 @@ impl super::RaftLog for SledRaftLog {
         self.tree.insert(str_key(b'm', key), value).map_err(io)?;
         self.durable()
     }
+    fn stage_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        // sled recovers a prefix of its writes, so this is never durable
+        // without the writes before it.
+        self.tree.insert(str_key(b'm', key), value).map_err(io).map(|_| ())
+    }
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.tree.get(str_key(b'm', key)).map_err(io)?.map(|v| v.to_vec()))
     }

@@ -24,13 +24,15 @@ use std::time::Duration;
 /// meets it asks the transaction's primary shard to decide.
 pub const LOCK_TIMEOUT_MS: i64 = 3_000;
 /// Attempts of one command before it gives up under contention, if it has
-/// also tried for longer than [`LOCK_WAIT_MS`] (a dead coordinator's locks
-/// hold for [`LOCK_TIMEOUT_MS`]).
+/// also tried for longer than [`RETRY_FOR_MS`].
 const MAX_ATTEMPTS: u32 = 40;
+/// How long a command keeps retrying at least (a dead coordinator's locks
+/// hold for [`LOCK_TIMEOUT_MS`]).
+const RETRY_FOR_MS: i64 = 3 * LOCK_TIMEOUT_MS;
 /// Read rounds of one engine run (its dependency depth is about three).
 const MAX_ROUNDS: usize = 32;
-/// How long a read waits for locks to go away, in all.
-const LOCK_WAIT_MS: i64 = 3 * LOCK_TIMEOUT_MS;
+/// How long a read waits behind locks, one after another, in all.
+const LOCK_WAIT_MS: i64 = 10 * LOCK_TIMEOUT_MS;
 
 /// How fresh a read must be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,8 +53,9 @@ pub struct KeyRead {
     pub lock: Option<LockRecord>,
 }
 
-/// How the coordinator reaches shards.
-pub trait ShardAccess: Send + Sync {
+/// How the coordinator reaches shards (cheap to clone: the settling of a
+/// committed transaction runs as its own task).
+pub trait ShardAccess: Clone + Send + Sync + 'static {
     fn shard_count(&self) -> u32;
     /// Wall-clock milliseconds (lock ages).
     fn now_ms(&self) -> i64;
@@ -117,13 +120,16 @@ async fn fetch<A: ShardAccess>(
         if locks.is_empty() {
             return Ok(keys.into_iter().zip(reads.into_iter().map(|r| r.value)).collect());
         }
-        if a.now_ms() - started > LOCK_WAIT_MS {
-            return Err(TxnError::Unavailable { shard, reason: "records stayed locked by another transaction".into() });
-        }
         locks.sort_by(|x, y| x.txn.cmp(&y.txn));
         locks.dedup();
+        // An abandoned lock is settled here (an unreachable primary fails the
+        // read); a live one is waited for, behind one after another for at
+        // most LOCK_WAIT_MS.
         for lock in &locks {
             resolve(a, shard, lock).await?;
+        }
+        if a.now_ms() - started > LOCK_WAIT_MS {
+            return Err(TxnError::Unavailable { shard, reason: "records stayed locked by other transactions".into() });
         }
         backoff.wait().await;
     }
@@ -131,23 +137,18 @@ async fn fetch<A: ShardAccess>(
 
 /// Settles a lock met on `shard` whose coordinator may be dead: a lock
 /// younger than [`LOCK_TIMEOUT_MS`] is left alone; otherwise the primary
-/// decides (an undecided transaction is aborted there) and this shard's part
-/// is applied or released accordingly.
+/// decides (an undecided transaction is decided aborted there, so its
+/// coordinator can no longer commit it) and this shard's part is applied or
+/// released accordingly.
 pub async fn resolve<A: ShardAccess>(a: &A, shard: ShardId, lock: &LockRecord) -> Result<(), TxnError> {
-    let now = a.now_ms();
-    if now - lock.at_ms < LOCK_TIMEOUT_MS {
+    if a.now_ms() - lock.at_ms < LOCK_TIMEOUT_MS {
         return Ok(());
     }
     let txn = lock.txn.clone();
-    match a.step(lock.primary, TxnOp::Resolve { txn: txn.clone(), expire_before_ms: now - LOCK_TIMEOUT_MS }).await? {
-        TxnReply::Committed => {
-            a.step(shard, TxnOp::Apply { txn }).await?;
-        }
-        TxnReply::Aborted if shard != lock.primary => {
-            a.step(shard, TxnOp::Abort { txn, is_primary: false }).await?;
-        }
-        _ => {}
-    }
+    match a.step(lock.primary, TxnOp::Resolve { txn: txn.clone() }).await? {
+        TxnReply::Committed => a.step(shard, TxnOp::Apply { txn }).await?,
+        _ => a.step(shard, TxnOp::Abort { txn }).await?,
+    };
     Ok(())
 }
 
@@ -172,7 +173,7 @@ pub async fn execute<A: ShardAccess>(a: &A, rules: &RuleSet, cmd: &Command) -> R
     let mut backoff = Backoff::new();
     let started = a.now_ms();
     let mut attempt = 0;
-    while attempt < MAX_ATTEMPTS || a.now_ms() - started < LOCK_WAIT_MS {
+    while attempt < MAX_ATTEMPTS || a.now_ms() - started < RETRY_FOR_MS {
         attempt += 1;
         let (reads, result) = gather(a, ReadMode::Leader, |view| engine::execute(view, rules, cmd)).await?;
         let (changes, outcome) = match result {
@@ -253,76 +254,91 @@ async fn commit<A: ShardAccess>(a: &A, txn: &str, reads: &ReadSet, changes: Chan
         parts.entry(shard).or_default().1.push(c);
     }
     let primary = primary.or_else(|| parts.keys().next().copied()).unwrap_or(ShardId(0));
-    parts.entry(primary).or_default().1.counters = changes.counters;
+    let (primary_reads, mut primary_writes) = parts.remove(&primary).unwrap_or_default();
+    primary_writes.counters = changes.counters;
 
-    if parts.len() == 1 {
-        let Some((shard, (reads, writes))) = parts.pop_first() else { return Ok(Decision::Retry) };
-        return match a.step(shard, TxnOp::Single { reads, writes }).await? {
+    if parts.is_empty() {
+        return match a.step(primary, TxnOp::Single { reads: primary_reads, writes: primary_writes }).await? {
             TxnReply::Applied => Ok(Decision::Committed),
             TxnReply::Conflict { lock: Some(lock) } => {
-                resolve(a, shard, &lock).await?;
+                resolve(a, primary, &lock).await?;
                 Ok(Decision::Retry)
             }
             _ => Ok(Decision::Retry),
         };
     }
 
+    let secondaries: Vec<ShardId> = parts.keys().copied().collect();
     let at_ms = a.now_ms();
-    let prepares = join_all(parts.iter().map(|(shard, (reads, writes))| {
-        let op = TxnOp::Prepare {
-            txn: txn.to_string(),
-            primary,
-            is_primary: *shard == primary,
-            at_ms,
-            reads: reads.clone(),
-            writes: writes.clone(),
-        };
-        a.step(*shard, op)
-    }))
+    let prepares = join_all(
+        parts
+            .into_iter()
+            .map(|(shard, (reads, writes))| a.step(shard, TxnOp::Prepare { txn: txn.to_string(), primary, at_ms, reads, writes })),
+    )
     .await;
-    let shards: Vec<ShardId> = parts.keys().copied().collect();
 
-    if prepares.iter().all(|p| matches!(p, Ok(TxnReply::Prepared))) {
-        crash_point("txn::before-commit");
-        if commit_at_primary(a, primary, txn).await? == TxnReply::Committed {
-            crash_point("txn::after-commit");
-            // A participant that misses its apply keeps its locks until a
-            // reader or the shard's sweeper rolls it forward.
-            let others: Vec<ShardId> = shards.iter().copied().filter(|s| *s != primary).collect();
-            if let Some((first, rest)) = others.split_first() {
-                let _ = a.step(*first, TxnOp::Apply { txn: txn.to_string() }).await;
-                crash_point("txn::between-applies");
-                join_all(rest.iter().map(|s| a.step(*s, TxnOp::Apply { txn: txn.to_string() }))).await;
+    if !prepares.iter().all(|p| matches!(p, Ok(TxnReply::Prepared))) {
+        // Release what was, or may have been, prepared.
+        let maybe_prepared: Vec<ShardId> =
+            secondaries.iter().zip(&prepares).filter(|(_, p)| !matches!(p, Ok(TxnReply::Conflict { .. }))).map(|(s, _)| *s).collect();
+        abort(a, txn, &maybe_prepared).await;
+        for (shard, p) in secondaries.iter().zip(&prepares) {
+            if let Ok(TxnReply::Conflict { lock: Some(lock) }) = p {
+                resolve(a, *shard, lock).await?;
             }
-            let _ = a.step(primary, TxnOp::Forget { txn: txn.to_string() }).await;
-            return Ok(Decision::Committed);
         }
-        abort(a, txn, primary, &shards).await;
         return Ok(Decision::Retry);
     }
 
-    // Some shard refused: release what was, or may have been, prepared.
-    let maybe_prepared: Vec<ShardId> = shards
-        .iter()
-        .zip(&prepares)
-        .filter(|(s, p)| **s == primary || !matches!(p, Ok(TxnReply::Conflict { .. })))
-        .map(|(s, _)| *s)
-        .collect();
-    abort(a, txn, primary, &maybe_prepared).await;
-    for (shard, p) in shards.iter().zip(&prepares) {
-        if let Ok(TxnReply::Conflict { lock: Some(lock) }) = p {
-            resolve(a, *shard, lock).await?;
+    crash_point("txn::before-commit");
+    match commit_at_primary(a, primary, txn, primary_reads, primary_writes).await? {
+        TxnReply::Committed => {}
+        reply => {
+            abort(a, txn, &secondaries).await;
+            if let TxnReply::Conflict { lock: Some(lock) } = reply {
+                resolve(a, primary, &lock).await?;
+            }
+            return Ok(Decision::Retry);
         }
     }
-    Ok(Decision::Retry)
+    crash_point("txn::after-commit");
+    // Committed: the command is answered now. The secondaries apply in the
+    // background; until they do, their records stay locked, so readers wait
+    // for them and see the whole transaction or none of it.
+    let (settler, txn) = (a.clone(), txn.to_string());
+    tokio::spawn(async move { settle(&settler, &txn, primary, &secondaries).await });
+    Ok(Decision::Committed)
 }
 
-/// The commit point. An unanswered commit is asked again (the step is
-/// idempotent) before the outcome is reported unknown.
-async fn commit_at_primary<A: ShardAccess>(a: &A, primary: ShardId, txn: &str) -> Result<TxnReply, TxnError> {
+/// After the commit point: applies every secondary's part, then lets the
+/// primary forget the decision. A part whose apply fails keeps its locks
+/// until a reader or the shard's sweep rolls it forward, so the decision is
+/// forgotten only when every apply succeeded.
+async fn settle<A: ShardAccess>(a: &A, txn: &str, primary: ShardId, secondaries: &[ShardId]) {
+    let Some((first, rest)) = secondaries.split_first() else { return };
+    let mut all_applied = a.step(*first, TxnOp::Apply { txn: txn.to_string() }).await.is_ok();
+    crash_point("txn::between-applies");
+    for r in join_all(rest.iter().map(|s| a.step(*s, TxnOp::Apply { txn: txn.to_string() }))).await {
+        all_applied &= r.is_ok();
+    }
+    if all_applied {
+        let _ = a.step(primary, TxnOp::Forget { txn: txn.to_string() }).await;
+    }
+}
+
+/// The commit point. An unanswered commit is sent again (the decision is
+/// recorded once; a repeat reads it back) before the outcome is reported
+/// unknown.
+async fn commit_at_primary<A: ShardAccess>(
+    a: &A,
+    primary: ShardId,
+    txn: &str,
+    reads: Vec<(GraphKey, u128)>,
+    writes: ChangeSet,
+) -> Result<TxnReply, TxnError> {
     let mut last = None;
     for _ in 0..5 {
-        match a.step(primary, TxnOp::Commit { txn: txn.to_string() }).await {
+        match a.step(primary, TxnOp::Commit { txn: txn.to_string(), reads: reads.clone(), writes: writes.clone() }).await {
             Ok(reply) => return Ok(reply),
             Err(e @ TxnError::Unavailable { .. }) => {
                 last = Some(e);
@@ -334,9 +350,9 @@ async fn commit_at_primary<A: ShardAccess>(a: &A, primary: ShardId, txn: &str) -
     Err(last.unwrap_or_else(|| TxnError::Internal("commit not attempted".into())))
 }
 
-/// Releases prepared parts (best effort: a part whose abort is lost is
-/// released by recovery once its lock times out).
-async fn abort<A: ShardAccess>(a: &A, txn: &str, primary: ShardId, shards: &[ShardId]) {
+/// Releases prepared secondary parts (best effort: a part whose abort is
+/// lost is released by recovery once its lock times out).
+async fn abort<A: ShardAccess>(a: &A, txn: &str, shards: &[ShardId]) {
     let unique: BTreeSet<ShardId> = shards.iter().copied().collect();
-    join_all(unique.into_iter().map(|s| a.step(s, TxnOp::Abort { txn: txn.to_string(), is_primary: s == primary }))).await;
+    join_all(unique.into_iter().map(|s| a.step(s, TxnOp::Abort { txn: txn.to_string() }))).await;
 }

@@ -8,8 +8,8 @@
 //!   prepare to apply or abort;
 //! - `txn.prepared/<txn>`: the shard's part of the change set and the locks
 //!   it holds, waiting for the decision;
-//! - `txn.status/<txn>` (primary shard only): the transaction's state,
-//!   whose move from `Pending` to `Committed` is the commit point.
+//! - `txn.status/<txn>` (primary shard only): the decision, `Committed` or
+//!   `Aborted`, written once; writing `Committed` is the commit point.
 
 use super::keys::GraphKey;
 use crate::model::{Change, ChangeSet, ShardId};
@@ -28,23 +28,23 @@ pub enum TxnOp {
     /// Every record the command read and wrote is on this shard: validate
     /// the reads and apply the writes in one step.
     Single { reads: Vec<(GraphKey, u128)>, writes: ChangeSet },
-    /// Validate the reads, lock every read and written record, keep the
-    /// writes until the decision. On the primary, also records the
-    /// transaction as pending.
-    Prepare { txn: TxnId, primary: ShardId, is_primary: bool, at_ms: i64, reads: Vec<(GraphKey, u128)>, writes: ChangeSet },
-    /// On the primary: the commit point. Pending becomes committed and the
-    /// primary's own part is applied; an aborted transaction stays aborted.
-    Commit { txn: TxnId },
-    /// On a participant, after the commit: apply the kept writes, release.
+    /// On a secondary shard: validate the reads, lock every read and written
+    /// record, keep the writes until the decision.
+    Prepare { txn: TxnId, primary: ShardId, at_ms: i64, reads: Vec<(GraphKey, u128)>, writes: ChangeSet },
+    /// On the primary, once every secondary prepared: the commit point.
+    /// Validates the primary's own reads, applies its writes and records the
+    /// transaction committed, in one step; or records it aborted (a record
+    /// changed or is locked, or a recovery aborted it first).
+    Commit { txn: TxnId, reads: Vec<(GraphKey, u128)>, writes: ChangeSet },
+    /// On a secondary, after the commit: apply the kept writes, release.
     Apply { txn: TxnId },
-    /// Release without applying. On the primary, the transaction becomes
-    /// aborted unless it is already committed (then nothing happens).
-    Abort { txn: TxnId, is_primary: bool },
-    /// On the primary, asked by whoever meets one of the transaction's
-    /// locks: its state; a pending one that began before
-    /// `expire_before_ms`, or an unknown one, is aborted first.
-    Resolve { txn: TxnId, expire_before_ms: i64 },
-    /// On the primary, once every participant applied: drop the record.
+    /// On a secondary, when the transaction did not commit: release without
+    /// applying.
+    Abort { txn: TxnId },
+    /// On the primary, asked by whoever meets an abandoned lock: the
+    /// decision; an undecided transaction is decided aborted.
+    Resolve { txn: TxnId },
+    /// On the primary, once every secondary applied: drop the record.
     Forget { txn: TxnId },
 }
 
@@ -55,7 +55,6 @@ pub enum TxnReply {
     Prepared,
     Committed,
     Aborted,
-    Pending,
     /// The step was refused because a record it names is locked by another
     /// transaction (`lock`) or changed since it was read (`lock: None`).
     Conflict {
@@ -80,17 +79,11 @@ pub struct PreparedPart {
     pub writes: ChangeSet,
 }
 
+/// The decision on a transaction, kept by its primary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TxnState {
-    Pending,
     Committed,
     Aborted,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct TxnStatus {
-    state: TxnState,
-    at_ms: i64,
 }
 
 fn get<T: serde::de::DeserializeOwned, R: GraphRead + ?Sized>(r: &R, key: &str) -> Result<Option<T>, StoreError> {
@@ -163,8 +156,8 @@ fn finish(part: &PreparedPart, txn: &str, apply: bool) -> ChangeSet {
     cs
 }
 
-fn set_status(cs: &mut ChangeSet, txn: &str, state: TxnState, at_ms: i64) {
-    cs.push(Change::PutMeta(format!("{STATUS}{txn}"), encode(&TxnStatus { state, at_ms })));
+fn decide(cs: &mut ChangeSet, txn: &str, state: TxnState) {
+    cs.push(Change::PutMeta(format!("{STATUS}{txn}"), encode(&state)));
 }
 
 /// Applies one transaction step to a shard's state: the changes to write
@@ -172,7 +165,7 @@ fn set_status(cs: &mut ChangeSet, txn: &str, state: TxnState, at_ms: i64) {
 /// same from the same state.
 pub fn apply_op<R: GraphRead + ?Sized>(r: &R, op: &TxnOp) -> Result<(ChangeSet, TxnReply), StoreError> {
     let prepared = |txn: &str| get::<PreparedPart, R>(r, &format!("{PREPARED}{txn}"));
-    let status = |txn: &str| get::<TxnStatus, R>(r, &format!("{STATUS}{txn}"));
+    let decision = |txn: &str| get::<TxnState, R>(r, &format!("{STATUS}{txn}"));
     let mut cs = ChangeSet::default();
     let reply = match op {
         TxnOp::Single { reads, writes } => match validate(r, None, reads, writes)? {
@@ -182,13 +175,9 @@ pub fn apply_op<R: GraphRead + ?Sized>(r: &R, op: &TxnOp) -> Result<(ChangeSet, 
                 TxnReply::Applied
             }
         },
-        TxnOp::Prepare { txn, primary, is_primary, at_ms, reads, writes } => {
+        TxnOp::Prepare { txn, primary, at_ms, reads, writes } => {
             if prepared(txn)?.is_some() {
                 return Ok((cs, TxnReply::Prepared));
-            }
-            if *is_primary && status(txn)?.is_some() {
-                // Aborted by a recovery before this prepare arrived.
-                return Ok((cs, TxnReply::Aborted));
             }
             if let Some(conflict) = validate(r, Some(txn), reads, writes)? {
                 return Ok((cs, conflict));
@@ -205,21 +194,22 @@ pub fn apply_op<R: GraphRead + ?Sized>(r: &R, op: &TxnOp) -> Result<(ChangeSet, 
                 cs.push(Change::PutMeta(format!("{LOCK}{l}"), encode(&lock)));
             }
             cs.push(Change::PutMeta(format!("{PREPARED}{txn}"), encode(&PreparedPart { lock, locks, writes: writes.clone() })));
-            if *is_primary {
-                set_status(&mut cs, txn, TxnState::Pending, *at_ms);
-            }
             TxnReply::Prepared
         }
-        TxnOp::Commit { txn } => match status(txn)? {
-            Some(TxnStatus { state: TxnState::Committed, .. }) => TxnReply::Committed,
-            Some(TxnStatus { state: TxnState::Pending, at_ms }) => {
-                if let Some(part) = prepared(txn)? {
-                    cs = finish(&part, txn, true);
+        TxnOp::Commit { txn, reads, writes } => match decision(txn)? {
+            Some(TxnState::Committed) => TxnReply::Committed,
+            Some(TxnState::Aborted) => TxnReply::Aborted,
+            None => match validate(r, None, reads, writes)? {
+                Some(conflict) => {
+                    decide(&mut cs, txn, TxnState::Aborted);
+                    conflict
                 }
-                set_status(&mut cs, txn, TxnState::Committed, at_ms);
-                TxnReply::Committed
-            }
-            Some(TxnStatus { state: TxnState::Aborted, .. }) | None => TxnReply::Aborted,
+                None => {
+                    cs = writes.clone();
+                    decide(&mut cs, txn, TxnState::Committed);
+                    TxnReply::Committed
+                }
+            },
         },
         TxnOp::Apply { txn } => {
             if let Some(part) = prepared(txn)? {
@@ -227,32 +217,22 @@ pub fn apply_op<R: GraphRead + ?Sized>(r: &R, op: &TxnOp) -> Result<(ChangeSet, 
             }
             TxnReply::Applied
         }
-        TxnOp::Abort { txn, is_primary } => {
-            let st = status(txn)?;
-            if st.as_ref().is_some_and(|s| s.state == TxnState::Committed) {
-                return Ok((cs, TxnReply::Committed));
-            }
+        TxnOp::Abort { txn } => {
             if let Some(part) = prepared(txn)? {
                 cs = finish(&part, txn, false);
             }
-            if *is_primary || st.is_some() {
-                set_status(&mut cs, txn, TxnState::Aborted, st.map_or(0, |s| s.at_ms));
-            }
             TxnReply::Aborted
         }
-        TxnOp::Resolve { txn, expire_before_ms } => match status(txn)? {
-            Some(TxnStatus { state: TxnState::Committed, .. }) => TxnReply::Committed,
-            Some(TxnStatus { state: TxnState::Pending, at_ms }) if at_ms >= *expire_before_ms => TxnReply::Pending,
-            st => {
-                if let Some(part) = prepared(txn)? {
-                    cs = finish(&part, txn, false);
-                }
-                set_status(&mut cs, txn, TxnState::Aborted, st.map_or(0, |s| s.at_ms));
+        TxnOp::Resolve { txn } => match decision(txn)? {
+            Some(TxnState::Committed) => TxnReply::Committed,
+            Some(TxnState::Aborted) => TxnReply::Aborted,
+            None => {
+                decide(&mut cs, txn, TxnState::Aborted);
                 TxnReply::Aborted
             }
         },
         TxnOp::Forget { txn } => {
-            if status(txn)?.is_some_and(|s| s.state == TxnState::Committed) {
+            if decision(txn)? == Some(TxnState::Committed) {
                 cs.push(Change::DeleteMeta(format!("{STATUS}{txn}")));
             }
             TxnReply::Applied

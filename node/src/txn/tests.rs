@@ -31,8 +31,12 @@ fn read_of(s: &MemStore, key: &GraphKey) -> (GraphKey, u128) {
     (key.clone(), key.read(s).unwrap().digest())
 }
 
-fn prepare(txn: &str, is_primary: bool, reads: Vec<(GraphKey, u128)>, writes: ChangeSet) -> TxnOp {
-    TxnOp::Prepare { txn: txn.into(), primary: ShardId(0), is_primary, at_ms: 1_000, reads, writes }
+fn prepare(txn: &str, reads: Vec<(GraphKey, u128)>, writes: ChangeSet) -> TxnOp {
+    TxnOp::Prepare { txn: txn.into(), primary: ShardId(0), at_ms: 1_000, reads, writes }
+}
+
+fn commit(txn: &str, reads: Vec<(GraphKey, u128)>, writes: ChangeSet) -> TxnOp {
+    TxnOp::Commit { txn: txn.into(), reads, writes }
 }
 
 #[test]
@@ -41,7 +45,7 @@ fn a_value_changed_since_it_was_read_refuses_the_prepare() {
     let key = GraphKey::Owner(Identifier::new("email", "a@b.co"));
     let read = read_of(&s, &key);
     assert_eq!(step(&s, TxnOp::Single { reads: vec![], writes: owner_write("a@b.co", "p_1") }), TxnReply::Applied);
-    assert_eq!(step(&s, prepare("t1", false, vec![read], owner_write("a@b.co", "p_2"))), TxnReply::Conflict { lock: None });
+    assert_eq!(step(&s, prepare("t1", vec![read], owner_write("a@b.co", "p_2"))), TxnReply::Conflict { lock: None });
     assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"));
     assert_eq!(participant::prepared_count(&s).unwrap(), 0, "a refused prepare keeps nothing");
 }
@@ -51,8 +55,8 @@ fn a_prepared_lock_refuses_other_writers_until_the_part_is_applied() {
     let s = MemStore::new();
     let key = GraphKey::Owner(Identifier::new("email", "a@b.co"));
     let read = read_of(&s, &key);
-    assert_eq!(step(&s, prepare("t1", false, vec![read.clone()], owner_write("a@b.co", "p_1"))), TxnReply::Prepared);
-    assert_eq!(step(&s, prepare("t1", false, vec![read.clone()], owner_write("a@b.co", "p_1"))), TxnReply::Prepared, "idempotent");
+    assert_eq!(step(&s, prepare("t1", vec![read.clone()], owner_write("a@b.co", "p_1"))), TxnReply::Prepared);
+    assert_eq!(step(&s, prepare("t1", vec![read.clone()], owner_write("a@b.co", "p_1"))), TxnReply::Prepared, "idempotent");
     assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap(), None, "kept, not applied");
     let lock = lock_on(&s, &key).unwrap().expect("locked");
     assert_eq!(lock.txn, "t1");
@@ -66,33 +70,45 @@ fn a_prepared_lock_refuses_other_writers_until_the_part_is_applied() {
 }
 
 #[test]
-fn the_primary_decides_once_commit_and_abort_exclude_each_other() {
+fn the_primary_decides_once_and_a_decision_never_changes() {
     let s = MemStore::new();
-    assert_eq!(step(&s, prepare("t1", true, vec![], owner_write("a@b.co", "p_1"))), TxnReply::Prepared);
-    assert_eq!(step(&s, TxnOp::Resolve { txn: "t1".into(), expire_before_ms: 500 }), TxnReply::Pending, "young: left alone");
-    assert_eq!(step(&s, TxnOp::Commit { txn: "t1".into() }), TxnReply::Committed);
+    let key = GraphKey::Owner(Identifier::new("email", "a@b.co"));
+    let read = read_of(&s, &key);
+    assert_eq!(step(&s, commit("t1", vec![read.clone()], owner_write("a@b.co", "p_1"))), TxnReply::Committed);
     assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"), "the primary's part applies at the commit");
     assert_eq!(
-        step(&s, TxnOp::Abort { txn: "t1".into(), is_primary: true }),
+        step(&s, commit("t1", vec![read.clone()], owner_write("a@b.co", "p_1"))),
         TxnReply::Committed,
-        "a committed transaction stays committed"
+        "a repeated commit reads the decision back"
     );
-    assert_eq!(step(&s, TxnOp::Resolve { txn: "t1".into(), expire_before_ms: i64::MAX }), TxnReply::Committed);
+    assert_eq!(step(&s, TxnOp::Resolve { txn: "t1".into() }), TxnReply::Committed);
     assert_eq!(step(&s, TxnOp::Forget { txn: "t1".into() }), TxnReply::Applied);
     assert_eq!(s.meta_prefix("txn.").unwrap(), vec![]);
 
-    assert_eq!(step(&s, prepare("t2", true, vec![], owner_write("b@b.co", "p_2"))), TxnReply::Prepared);
-    assert_eq!(step(&s, TxnOp::Resolve { txn: "t2".into(), expire_before_ms: 2_000 }), TxnReply::Aborted, "expired: aborted");
-    assert_eq!(step(&s, TxnOp::Commit { txn: "t2".into() }), TxnReply::Aborted, "a late commit finds it aborted");
-    assert_eq!(s.owner(&Identifier::new("email", "b@b.co")).unwrap(), None);
-    assert!(s.meta_prefix("txn.lock/").unwrap().is_empty(), "the primary's own locks are released");
+    // A commit whose read went stale is decided aborted, for good.
+    assert_eq!(step(&s, commit("t2", vec![read.clone()], owner_write("a@b.co", "p_2"))), TxnReply::Conflict { lock: None });
+    assert_eq!(step(&s, TxnOp::Resolve { txn: "t2".into() }), TxnReply::Aborted);
+    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"));
 
-    assert_eq!(step(&s, TxnOp::Resolve { txn: "t3".into(), expire_before_ms: 0 }), TxnReply::Aborted, "unknown: aborted");
-    assert_eq!(
-        step(&s, prepare("t3", true, vec![], owner_write("c@b.co", "p_3"))),
-        TxnReply::Aborted,
-        "a prepare arriving later is refused"
-    );
+    // A recovery that finds no decision decides aborted; the late commit of
+    // that transaction then fails.
+    assert_eq!(step(&s, TxnOp::Resolve { txn: "t3".into() }), TxnReply::Aborted);
+    let fresh = read_of(&s, &key);
+    assert_eq!(step(&s, commit("t3", vec![fresh], owner_write("a@b.co", "p_3"))), TxnReply::Aborted);
+    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"), "an aborted commit changes nothing");
+}
+
+#[test]
+fn a_secondary_lock_blocks_the_primary_commit_of_another_transaction() {
+    let s = MemStore::new();
+    let key = GraphKey::Owner(Identifier::new("email", "a@b.co"));
+    let read = read_of(&s, &key);
+    assert_eq!(step(&s, prepare("t1", vec![read.clone()], owner_write("a@b.co", "p_1"))), TxnReply::Prepared);
+    let reply = step(&s, commit("t2", vec![read.clone()], owner_write("a@b.co", "p_2")));
+    assert!(matches!(reply, TxnReply::Conflict { lock: Some(ref l) } if l.txn == "t1"), "{reply:?}");
+    assert_eq!(step(&s, TxnOp::Abort { txn: "t1".into() }), TxnReply::Aborted);
+    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap(), None, "an aborted part changes nothing");
+    assert!(s.meta_prefix("txn.lock/").unwrap().is_empty());
 }
 
 // ---- coordinators over in-memory shards -------------------------------
@@ -123,9 +139,10 @@ impl Shards {
 /// A coordinator's view of the shards: after `steps_left` steps it crashes,
 /// that is, it never hears back again (its last step was applied or not, as
 /// `last_step_lands` says).
+#[derive(Clone)]
 struct Coordinator {
     shards: Arc<Shards>,
-    steps_left: AtomicI64,
+    steps_left: Arc<AtomicI64>,
     last_step_lands: bool,
 }
 
@@ -272,11 +289,11 @@ fn run_concurrently(shards: &Arc<Shards>, rules: &Arc<RuleSet>, cmds: Vec<(Comma
             let (shards, rules) = (shards.clone(), rules.clone());
             tasks.push(tokio::spawn(async move {
                 let (steps, lands) = crash.unwrap_or((i64::MAX, false));
-                let first = Coordinator { shards: shards.clone(), steps_left: AtomicI64::new(steps), last_step_lands: lands };
+                let first = Coordinator { shards: shards.clone(), steps_left: Arc::new(AtomicI64::new(steps)), last_step_lands: lands };
                 let answer = match tokio::time::timeout(std::time::Duration::from_secs(60), execute(&first, &rules, &cmd)).await {
                     Ok(answer) => answer,
                     Err(_) => {
-                        let retry = Coordinator { shards, steps_left: AtomicI64::new(i64::MAX), last_step_lands: false };
+                        let retry = Coordinator { shards, steps_left: Arc::new(AtomicI64::new(i64::MAX)), last_step_lands: false };
                         execute(&retry, &rules, &cmd).await
                     }
                 };
@@ -292,7 +309,7 @@ fn run_concurrently(shards: &Arc<Shards>, rules: &Arc<RuleSet>, cmds: Vec<(Comma
         }
         // Locks nobody met again are settled by the shards' sweeps.
         tokio::time::sleep(std::time::Duration::from_millis(LOCK_TIMEOUT_MS as u64 + 1)).await;
-        let sweeper = Coordinator { shards: shards.clone(), steps_left: AtomicI64::new(i64::MAX), last_step_lands: false };
+        let sweeper = Coordinator { shards: shards.clone(), steps_left: Arc::new(AtomicI64::new(i64::MAX)), last_step_lands: false };
         for (i, s) in shards.stores.iter().enumerate() {
             let stale = prepared_before(s, shards.now() - LOCK_TIMEOUT_MS).unwrap();
             sweep(&sweeper, ShardId(i as u32), stale).await.unwrap();
