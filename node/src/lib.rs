@@ -7,11 +7,15 @@
 //! - [`engine`]: identity resolution; commands in, change sets out; no I/O.
 //! - [`storage`]: the storage traits, the sled and in-memory stores, and
 //!   their conformance suite.
+//! - [`txn`]: cross-shard transactions: record placement, the participant
+//!   steps (pure), and the coordinator that runs the engine over records
+//!   read from several shards and commits the result atomically.
 //! - [`raft`]: a shard as an openraft group: log store, state machine (the
 //!   engine over the graph store), snapshots, gRPC transport, and the
 //!   replica that serves requests on the leader.
 //! - [`shard`]: one supervised ractor actor per shard replica.
-//! - [`router`]: picks the shard, stamps commands, forwards to leaders.
+//! - [`router`]: stamps commands, runs them on one shard or as cross-shard
+//!   transactions, forwards to leaders.
 //! - [`service`]: the tonic adapters for `idgraph.v1` (conversions and the
 //!   one error-to-status mapping live there).
 //! - [`config`] and [`server`]: configuration and process wiring.

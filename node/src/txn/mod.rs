@@ -23,43 +23,54 @@
 //! 2. **One shard.** If every record read and written is on one shard, one
 //!    [`TxnOp::Single`] validates that each read value is unchanged (by
 //!    digest) and unlocked, and applies the writes, in one log entry.
-//! 3. **Prepare.** Otherwise each shard involved gets [`TxnOp::Prepare`]
-//!    with its reads and writes: it validates them, locks every record named
-//!    and keeps the writes. The *primary* (the shard of the first write)
-//!    also records the transaction as pending.
-//! 4. **Commit.** When every shard prepared, [`TxnOp::Commit`] on the primary
-//!    turns pending into committed and applies the primary's part. **This
-//!    is the commit point**; the command is acknowledged after it.
-//! 5. **Apply.** Every other shard applies its kept writes and releases its
-//!    locks ([`TxnOp::Apply`]); the primary then forgets the record.
+//! 3. **Prepare.** Otherwise one shard is the *primary* (the shard of the
+//!    first write) and the others are secondaries. Each secondary gets
+//!    [`TxnOp::Prepare`] with its reads and writes: it validates them, locks
+//!    every record named (the lock names the transaction and its primary)
+//!    and keeps the writes.
+//! 4. **Commit.** When every secondary prepared, [`TxnOp::Commit`] on the
+//!    primary validates the primary's own reads, applies its writes and
+//!    records the decision `Committed`, in one log entry; or records
+//!    `Aborted` if a record changed, is locked, or a recovery decided first.
+//!    **Recording `Committed` is the commit point**; the command is answered
+//!    right after it.
+//! 5. **Apply.** In the background, every secondary applies its kept writes
+//!    and releases its locks ([`TxnOp::Apply`]); then the primary forgets
+//!    the decision. Until a secondary has applied, its records stay locked,
+//!    so a reader waits and sees the whole transaction or none of it.
 //!
-//! A shard that refuses to prepare (a record changed or is locked) makes the
-//! coordinator abort the others and start again from step 1 with fresh
+//! A secondary that refuses to prepare (a record changed or is locked), or
+//! a primary that decides `Aborted`, makes the coordinator release the
+//! prepared parts ([`TxnOp::Abort`]) and start again from step 1 with fresh
 //! reads, after a jittered backoff. Prepares never wait, so there are no
-//! deadlocks.
+//! deadlocks. Transaction ids are unique per attempt.
 //!
 //! # Recovery rule
 //!
-//! A lock names its transaction, its primary and when it was taken. Whoever
-//! meets a lock older than [`LOCK_TIMEOUT_MS`] (a reader, a writer, or the
-//! shard leader's periodic sweep) asks the primary ([`TxnOp::Resolve`]):
-//! committed means apply this shard's kept part; pending and expired, or
-//! unknown, is aborted *at the primary* first (so a late commit finds it
-//! aborted), then the part is released. A coordinator that dies before the
-//! commit point leaves a transaction that will be aborted, and its client,
-//! which got no answer, retries with the same event id; one that dies after
-//! it leaves one that is rolled forward, and the retry finds the event
-//! applied (a duplicate).
+//! Whoever meets a lock older than [`LOCK_TIMEOUT_MS`] (a reader, a
+//! coordinator whose prepare it refused, or the shard leader's periodic
+//! sweep of its own prepared parts) asks the primary ([`TxnOp::Resolve`]):
+//! `Committed` means apply this shard's kept part; `Aborted`, or no decision
+//! at all, which the primary then records as `Aborted` in the same step (so
+//! a late commit of that transaction fails), means release it. A
+//! coordinator that dies before the commit point leaves a transaction that
+//! will be aborted, and its client, which got no answer, retries with the
+//! same event id; one that dies after it leaves one that is rolled forward,
+//! and the retry reads the event's dedup record and is answered as a
+//! duplicate.
 //!
 //! # Why the invariants hold
 //!
 //! The graph changes only by applying a change set the engine computed from
-//! a read set that was, at every shard's prepare, still current and then
-//! locked until the change set was applied there; so the result is that of
-//! running the commands one after another in commit order, and the engine's
-//! single-shard invariants carry over. Each step is a Raft command, so it is
-//! durable and replicated before anyone relies on it. The decision is made
-//! once, by a compare-and-set in the primary's log.
+//! a read set that was still current at every secondary's prepare (and then
+//! locked there until applied) and at the primary's commit (which applies
+//! at once); so the result is that of running the commands one after
+//! another in commit order, and the engine's single-shard invariants carry
+//! over. Each step is a Raft command, so it is durable and replicated
+//! before anyone relies on it. The decision is recorded once, in the
+//! primary's log; a part is applied only after `Committed` and released
+//! only after `Aborted`; the decision is forgotten only after every part
+//! applied.
 //!
 //! The property tests in `txn::tests` run concurrent commands over in-memory
 //! shards with coordinators that crash at every step, then check the graph.
