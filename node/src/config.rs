@@ -58,8 +58,9 @@ pub struct NodeConfig {
     /// This node's id in the cluster (1 or more).
     pub node_id: u64,
     /// The cluster's members at bootstrap, `ID=HOST:PORT,...`; empty means a
-    /// single-node cluster of this node. The member with the lowest id
-    /// initialises every shard's Raft group.
+    /// single-node cluster of this node. Shard `s` is initialised by the
+    /// `s mod n`-th member (by id), which leads it first: leaders start
+    /// spread over the members.
     pub initial_cluster: String,
     /// Raft heartbeat interval, in milliseconds; elections time out after 3
     /// to 6 heartbeats without a leader.

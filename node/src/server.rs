@@ -187,7 +187,9 @@ impl ReplicaSetup {
         let sm = ShardStateMachine::new(store.clone(), rules.clone());
         let raft =
             openraft::Raft::new(node_id, raft_config, ShardNetworkFactory { shard, peers }, log, sm).await.map_err(|e| e.to_string())?;
-        let bootstrapper = members.keys().next().copied() == Some(node_id);
+        // Shard s is initialised by member s mod n, which then wins the
+        // first election: leaders start spread over the nodes.
+        let bootstrapper = !members.is_empty() && members.keys().nth(shard.0 as usize % members.len()).copied() == Some(node_id);
         if bootstrapper && !raft.is_initialized().await.map_err(|e| e.to_string())? {
             match raft.initialize(members).await {
                 Ok(()) | Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}

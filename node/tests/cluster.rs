@@ -98,6 +98,22 @@ async fn deliver(
 async fn three_nodes_replicate_and_every_node_answers_the_same_profiles() {
     let c = Cluster::start(3);
     c.leader().await;
+    // Each shard is bootstrapped by a different member, which leads it:
+    // the 16 leaders are spread over the three nodes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = c.node(0).admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner();
+        let leaders: Vec<u64> = s.shards.iter().map(|sh| sh.leader_id).collect();
+        if leaders.iter().all(|l| *l != 0) {
+            for node in 1..=3u64 {
+                let led = leaders.iter().filter(|l| **l == node).count();
+                assert!(led >= 5, "node {node} leads {led} of 16 shards: {leaders:?}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "shards without a leader: {leaders:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Write through every node: followers forward to the leader.
     let mut acked = Vec::new();
     for i in 0..600 {
