@@ -75,6 +75,14 @@ enum ClusterCmd {
         #[arg(long)]
         id: u64,
     },
+    /// Move one shard's leadership to another voter.
+    TransferLeader {
+        #[arg(long)]
+        shard: u32,
+        /// The node to lead the shard.
+        #[arg(long)]
+        to: u64,
+    },
 }
 
 #[derive(Args)]
@@ -412,6 +420,13 @@ async fn run(cli: Cli) -> Result<()> {
                 ClusterCmd::Status => client.admin().get_cluster(pb::GetClusterRequest {}).await?.into_inner(),
                 ClusterCmd::AddNode { id, addr } => client.admin().add_node(pb::AddNodeRequest { node_id: id, addr }).await?.into_inner(),
                 ClusterCmd::RemoveNode { id } => client.admin().remove_node(pb::RemoveNodeRequest { node_id: id }).await?.into_inner(),
+                ClusterCmd::TransferLeader { shard, to } => {
+                    let r = client.admin().transfer_leader(pb::TransferLeaderRequest { shard, node_id: to }).await?.into_inner();
+                    if !json_out {
+                        println!("shard {shard} is led by node {}", r.leader_id);
+                    }
+                    client.admin().get_cluster(pb::GetClusterRequest {}).await?.into_inner()
+                }
             };
             if json_out {
                 print_json(&c)?

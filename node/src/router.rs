@@ -9,7 +9,7 @@
 
 use crate::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileRef};
 use crate::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
-use crate::raft::{Peers, ShardCommand, ShardFailure, ShardRead, ShardReply, ShardRequest};
+use crate::raft::{LeadershipStep, Peers, ShardCommand, ShardFailure, ShardRead, ShardReply, ShardRequest};
 use crate::rules::RuleSet;
 use crate::service::status::ServiceError;
 use crate::shard::{shard_actor_name, ShardMsg};
@@ -243,6 +243,58 @@ impl ShardRouter {
             self.request(shard, ShardRequest::Membership(change.clone())).await?;
         }
         Ok(())
+    }
+
+    /// Moves a shard's leadership to node `to` (see
+    /// [`crate::raft::ShardReplica`]'s leadership steps); returns the leader
+    /// once `to` leads, or the failure, with the old leader campaigning
+    /// again either way.
+    pub async fn transfer_leader(&self, shard: ShardId, to: u64) -> Result<u64, ServiceError> {
+        if !self.map.shards().contains(&shard) {
+            return Err(ServiceError::Engine(crate::engine::EngineError::InvalidArgument {
+                field: "shard".into(),
+                reason: format!("the cluster has shards 0 to {}", self.map.count() - 1),
+            }));
+        }
+        let target = match self.request(shard, ShardRequest::Leadership(LeadershipStep::Hand { to })).await? {
+            ShardReply::Leadership(Some(addr)) => addr,
+            _ => return Err(ServiceError::Internal("a leader hand-over was answered with something else".into())),
+        };
+        // The old leader is wherever `Hand` was served: it answers `Resume`
+        // through the same routing until the target has taken over.
+        let campaign = self.peers.forward(&target, shard, &ShardRequest::Leadership(LeadershipStep::Campaign), self.timeout).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut outcome = campaign.map_err(|f| service_error(shard, f)).map(|_| 0);
+        if outcome.is_ok() {
+            outcome = loop {
+                let status = self.peers.forward(&target, shard, &ShardRequest::Read(ShardRead::Leader), self.timeout).await;
+                if let Ok(ShardReply::LeaderId(Some(id))) = status {
+                    if id == to {
+                        break Ok(id);
+                    }
+                }
+                if tokio::time::Instant::now() > deadline {
+                    break Err(ServiceError::Unavailable {
+                        shard: shard.to_string(),
+                        reason: format!("node {to} did not win the election"),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+        }
+        // Every member campaigns again on timeouts (the old leader included).
+        for addr in self.member_addrs(shard).await {
+            let _ = self.peers.forward(&addr, shard, &ShardRequest::Leadership(LeadershipStep::Resume), self.timeout).await;
+        }
+        outcome
+    }
+
+    /// Addresses of a shard's members as this node's replica knows them.
+    async fn member_addrs(&self, shard: ShardId) -> Vec<String> {
+        match self.local(shard, &ShardRequest::Read(ShardRead::Members)).await {
+            Ok(ShardReply::Members(addrs)) => addrs,
+            _ => Vec::new(),
+        }
     }
 
     /// Test hook: makes a shard actor panic.

@@ -143,6 +143,30 @@ async fn three_nodes_replicate_and_every_node_answers_the_same_profiles() {
     };
     assert!(p.stale);
     assert_eq!(p.profile_id, acked[0]);
+
+    // An operator moves shard 0's leadership to the third node; writes and
+    // reads go on through any node.
+    let before = c.leader().await;
+    let to = ((before + 2) % 3) as u64 + 1;
+    let mut admin = c.node(before).admin().await;
+    let moved = admin.transfer_leader(pb::TransferLeaderRequest { shard: 0, node_id: to }).await.unwrap().into_inner();
+    assert_eq!(moved.leader_id, to);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let views: Vec<u64> = shard0_leaders(&c).await;
+        if views.iter().all(|l| *l == to) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nodes disagree on shard 0's new leader {to}: {views:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client = c.node(before).client().await;
+    let r = deliver(&mut client, person_event(600)).await;
+    let p = client.get_profile(by_id("anonymous_id", "anon-600")).await.unwrap().into_inner();
+    assert_eq!(p.profile_id, r.profile_id);
+    let refused = admin.transfer_leader(pb::TransferLeaderRequest { shard: 99, node_id: to }).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{}", refused.message());
+    assert!(refused.message().contains("shard"), "{}", refused.message());
     // Every replica applies the same log.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -241,6 +265,16 @@ async fn kill_9_of_the_leader_loses_no_acknowledged_event_and_the_node_rejoins()
     let mut back = c.node(leader).client().await;
     let p = back.get_profile(by_id("anonymous_id", "anon-399")).await.unwrap().into_inner();
     assert_eq!(p.profile_id, acked[399]);
+}
+
+/// Shard 0's leader as each running node sees it.
+async fn shard0_leaders(c: &Cluster) -> Vec<u64> {
+    let mut out = Vec::new();
+    for n in c.nodes.iter().flatten() {
+        let s = n.admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner();
+        out.push(s.shards[0].leader_id);
+    }
+    out
 }
 
 /// Members of shard 0 (id, voter) as `node` sees them.

@@ -44,7 +44,7 @@ mod state_machine;
 
 pub use log_store::{LogFlusher, ShardLogStore};
 pub use network::{Peers, RaftTransportService, Replicas, ShardNetworkFactory};
-pub use replica::{MembershipChange, ShardFailure, ShardRead, ShardReplica, ShardReply, ShardRequest};
+pub use replica::{LeadershipStep, MembershipChange, ShardFailure, ShardRead, ShardReplica, ShardReply, ShardRequest};
 pub use state_machine::ShardStateMachine;
 
 use crate::engine::{EngineError, Outcome};

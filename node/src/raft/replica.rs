@@ -19,6 +19,19 @@ pub enum ShardRequest {
     Write(Box<ShardCommand>),
     Read(ShardRead),
     Membership(MembershipChange),
+    Leadership(LeadershipStep),
+}
+
+/// The steps of a leader transfer (see [`ShardReplica::leadership`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum LeadershipStep {
+    /// On the leader: stop campaigning, wait until `to` holds the whole log;
+    /// answers the target's address.
+    Hand { to: u64 },
+    /// On the target: campaign now.
+    Campaign,
+    /// On the former leader: campaign again when elections time out.
+    Resume,
 }
 
 /// A change of a shard group's members, served by its leader.
@@ -54,6 +67,10 @@ pub enum ShardRead {
     PreparedBefore {
         before_ms: i64,
     },
+    /// Who this replica believes leads (no leadership check).
+    Leader,
+    /// The addresses of the shard's members, as this replica knows them.
+    Members,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -65,9 +82,13 @@ pub enum ShardReply {
     Counters(Counters),
     /// The voters after a membership change.
     Voters(Vec<u64>),
+    /// A leadership step done; for `Hand`, the target's address.
+    Leadership(Option<String>),
     Txn(TxnReply),
     Keys(Vec<KeyRead>),
     Locks(Vec<LockRecord>),
+    LeaderId(Option<u64>),
+    Members(Vec<String>),
 }
 
 /// Why a shard did not answer a request.
@@ -108,6 +129,7 @@ impl ShardReplica {
             ShardRequest::Write(cmd) => self.write(*cmd).await,
             ShardRequest::Read(r) => self.read(r).await,
             ShardRequest::Membership(c) => self.change_membership(c).await,
+            ShardRequest::Leadership(step) => self.leadership(step).await,
         }
     }
 
@@ -117,6 +139,53 @@ impl ShardReplica {
                 ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) }
             }
             e => self.unavailable(e),
+        }
+    }
+
+    /// One step of a leader transfer. openraft 0.9 has no transfer call: the
+    /// leader stops campaigning and waits for the target to hold its whole
+    /// log; the target then campaigns, and wins with the leader's own vote
+    /// (a leader does not hold a lease on its own vote).
+    async fn leadership(&self, step: LeadershipStep) -> Result<ShardReply, ShardFailure> {
+        match step {
+            LeadershipStep::Hand { to } => {
+                self.check_leader()?;
+                let m = self.raft.metrics().borrow().clone();
+                let Some(target) = m.membership_config.membership().get_node(&to).cloned() else {
+                    return Err(ShardFailure::Refused(Refusal::InvalidArgument {
+                        field: "node_id".into(),
+                        reason: format!("node {to} is not a member of shard {}", self.shard),
+                    }));
+                };
+                if !m.membership_config.voter_ids().any(|v| v == to) {
+                    return Err(ShardFailure::Refused(Refusal::FailedPrecondition {
+                        reason: format!("node {to} is not a voter of shard {}", self.shard),
+                        limit: None,
+                    }));
+                }
+                self.raft.runtime_config().elect(false);
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+                loop {
+                    let m = self.raft.metrics().borrow().clone();
+                    let matched = m.replication.as_ref().and_then(|r| r.get(&to).copied().flatten()).map(|l| l.index);
+                    if matched.is_some() && matched == m.last_log_index {
+                        return Ok(ShardReply::Leadership(Some(target.addr)));
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        self.raft.runtime_config().elect(true);
+                        return Err(self.unavailable(format!("node {to} did not catch up with the leader within 5 s")));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+            LeadershipStep::Campaign => {
+                self.raft.trigger().elect().await.map_err(|e| self.unavailable(e))?;
+                Ok(ShardReply::Leadership(None))
+            }
+            LeadershipStep::Resume => {
+                self.raft.runtime_config().elect(true);
+                Ok(ShardReply::Leadership(None))
+            }
         }
     }
 
@@ -189,7 +258,7 @@ impl ShardReplica {
     async fn read(&self, r: ShardRead) -> Result<ShardReply, ShardFailure> {
         let mode = match &r {
             // A stale read skips the leadership check: it reads this replica as is.
-            ShardRead::StaleProfile(_) => ReadMode::Local,
+            ShardRead::StaleProfile(_) | ShardRead::Leader | ShardRead::Members => ReadMode::Local,
             ShardRead::Keys { mode, .. } => *mode,
             ShardRead::PreparedBefore { .. } => ReadMode::Leader,
             _ => ReadMode::Linearizable,
@@ -223,6 +292,11 @@ impl ShardReplica {
                     Ok(KeyRead { value: k.read(store)?, lock: txn::lock_on(store, k)? })
                 };
                 ShardReply::Keys(keys.iter().map(read).collect::<Result<_, _>>().map_err(|e| self.unavailable(e))?)
+            }
+            ShardRead::Leader => ShardReply::LeaderId(self.raft.metrics().borrow().current_leader),
+            ShardRead::Members => {
+                let m = self.raft.metrics().borrow().clone();
+                ShardReply::Members(m.membership_config.membership().nodes().map(|(_, n)| n.addr.clone()).collect())
             }
             ShardRead::PreparedBefore { before_ms } => {
                 ShardReply::Locks(txn::prepared_before(store, before_ms).map_err(|e| self.unavailable(e))?)

@@ -238,6 +238,19 @@ impl Admin for AdminService {
         self.get_cluster(Request::new(pb::GetClusterRequest {})).await
     }
 
+    async fn transfer_leader(&self, request: Request<pb::TransferLeaderRequest>) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let req = request.into_inner();
+        if req.node_id == 0 {
+            return Err(ServiceError::from(crate::engine::EngineError::InvalidArgument {
+                field: "node_id".into(),
+                reason: "must be at least 1".into(),
+            })
+            .into());
+        }
+        let leader_id = self.router.transfer_leader(crate::model::ShardId(req.shard), req.node_id).await?;
+        Ok(Response::new(pb::TransferLeaderResponse { leader_id }))
+    }
+
     async fn get_cluster(&self, _request: Request<pb::GetClusterRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let replicas: Vec<crate::raft::ShardReplica> =
             self.replicas.read().map_err(|_| Status::internal("replica table lock poisoned"))?.values().cloned().collect();
