@@ -258,6 +258,7 @@ impl ShardRouter {
         }
         let target = match self.request(shard, ShardRequest::Leadership(LeadershipStep::Hand { to })).await? {
             ShardReply::Leadership(Some(addr)) => addr,
+            ShardReply::Leadership(None) => return Ok(to),
             _ => return Err(ServiceError::Internal("a leader hand-over was answered with something else".into())),
         };
         // The old leader is wherever `Hand` was served: it answers `Resume`

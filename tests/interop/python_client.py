@@ -123,6 +123,15 @@ def admin_calls():
     assert len(h.hubs) == 0, h
     r = admin.GetRuleSet(admin_pb2.GetRuleSetRequest())
     assert "[types.email]" in r.toml and r.version == s.rule_version
+    c = admin.GetCluster(admin_pb2.GetClusterRequest())
+    assert len(c.shards) == 1 and c.shards[0].state == "Leader" and c.shards[0].prepared_txns == 0, c
+    t = admin.TransferLeader(admin_pb2.TransferLeaderRequest(shard=0, node_id=c.node_id))
+    assert t.leader_id == c.node_id, t
+    try:
+        admin.TransferLeader(admin_pb2.TransferLeaderRequest(shard=7, node_id=c.node_id))
+        raise AssertionError("a shard that does not exist was accepted")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "shard" in e.details(), e
 
 
 def health_check():

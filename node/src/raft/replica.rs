@@ -26,7 +26,7 @@ pub enum ShardRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum LeadershipStep {
     /// On the leader: stop campaigning, wait until `to` holds the whole log;
-    /// answers the target's address.
+    /// answers the target's address (none when `to` is this leader).
     Hand { to: u64 },
     /// On the target: campaign now.
     Campaign,
@@ -151,6 +151,9 @@ impl ShardReplica {
             LeadershipStep::Hand { to } => {
                 self.check_leader()?;
                 let m = self.raft.metrics().borrow().clone();
+                if to == m.id {
+                    return Ok(ShardReply::Leadership(None));
+                }
                 let Some(target) = m.membership_config.membership().get_node(&to).cloned() else {
                     return Err(ShardFailure::Refused(Refusal::InvalidArgument {
                         field: "node_id".into(),
