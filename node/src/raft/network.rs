@@ -2,15 +2,18 @@
 //!
 //! Every shard's messages to a node share one HTTP/2 connection ([`Peers`]
 //! keeps one channel per address), so 16 or 64 shards do not multiply
-//! connections. Payloads are MessagePack of openraft's own request and
-//! result types.
+//! connections. AppendEntries (heartbeats included) of all shards to the
+//! same node are also batched: a sender task per peer takes every append
+//! waiting when it is free and sends them as one `AppendBatch` call, so
+//! under load many shards share one round trip. Payloads are MessagePack of
+//! openraft's own request and result types.
 
 use super::replica::{ShardFailure, ShardReplica, ShardRequest};
 use super::{decode, encode, ShardRaft};
 use crate::model::ShardId;
 use idgraph_proto::v1::raft_transport_client::RaftTransportClient;
 use idgraph_proto::v1::raft_transport_server::RaftTransport;
-use idgraph_proto::v1::RaftMessage;
+use idgraph_proto::v1::{RaftBatch, RaftMessage};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -21,16 +24,45 @@ use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-/// One lazily connected channel per peer address, shared by all shards.
+/// One lazily connected channel per peer address, shared by all shards,
+/// and one append batcher per peer.
 #[derive(Clone, Default)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    batchers: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<PendingAppend>>>>,
 }
 
+/// An append waiting for its peer's batcher, and where its answer goes.
+type PendingAppend = (RaftMessage, oneshot::Sender<Result<RaftMessage, Status>>);
+
+/// Appends of one batch at most.
+const MAX_APPEND_BATCH: usize = 64;
+
 impl Peers {
+    /// Sends one shard's AppendEntries to `addr` in the next batch to that
+    /// node.
+    pub async fn append(&self, addr: &str, msg: RaftMessage) -> Result<RaftMessage, Status> {
+        let batcher = {
+            let mut map = self.batchers.lock().map_err(|_| Status::internal("batcher table lock poisoned"))?;
+            match map.get(addr) {
+                Some(tx) if !tx.is_closed() => tx.clone(),
+                _ => {
+                    let client = self.client(addr).map_err(Status::unavailable)?;
+                    let tx = spawn_batcher(client);
+                    map.insert(addr.to_string(), tx.clone());
+                    tx
+                }
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        batcher.send((msg, tx)).map_err(|_| Status::unavailable("the append batcher stopped"))?;
+        rx.await.map_err(|_| Status::unavailable("the append batcher dropped the message"))?
+    }
+
     pub fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
         let mut map = self.channels.lock().map_err(|_| "peer table lock poisoned".to_string())?;
         if let Some(ch) = map.get(addr) {
@@ -64,6 +96,54 @@ impl Peers {
     }
 }
 
+/// Batch calls in flight to one peer at once: while they are, appends wait
+/// and go out together in the next; a slow append holds up only its batch.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// The sender task of one peer: every append waiting when a batch slot is
+/// free goes out in one `AppendBatch` call.
+fn spawn_batcher(client: RaftTransportClient<Channel>) -> mpsc::UnboundedSender<PendingAppend> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<PendingAppend>();
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
+            let mut waiting = vec![first];
+            while waiting.len() < MAX_APPEND_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => waiting.push(more),
+                    Err(_) => break,
+                }
+            }
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let (messages, answers): (Vec<RaftMessage>, Vec<_>) = waiting.into_iter().unzip();
+                let n = messages.len();
+                let result = client.append_batch(RaftBatch { messages }).await;
+                drop(slot);
+                match result {
+                    Ok(resp) if resp.get_ref().messages.len() == n => {
+                        for (answer, m) in answers.into_iter().zip(resp.into_inner().messages) {
+                            let _ = answer.send(Ok(m));
+                        }
+                    }
+                    Ok(_) => {
+                        for answer in answers {
+                            let _ = answer.send(Err(Status::internal("a batch was answered with the wrong number of messages")));
+                        }
+                    }
+                    Err(status) => {
+                        for answer in answers {
+                            let _ = answer.send(Err(status.clone()));
+                        }
+                    }
+                }
+            });
+        }
+    });
+    tx
+}
+
 pub struct ShardNetworkFactory {
     pub shard: ShardId,
     pub peers: Peers,
@@ -72,6 +152,8 @@ pub struct ShardNetworkFactory {
 pub struct ShardNetwork {
     shard: ShardId,
     target: u64,
+    addr: String,
+    peers: Peers,
     client: Result<RaftTransportClient<Channel>, String>,
 }
 
@@ -79,7 +161,13 @@ impl RaftNetworkFactory<ShardRaft> for ShardNetworkFactory {
     type Network = ShardNetwork;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> ShardNetwork {
-        ShardNetwork { shard: self.shard, target, client: self.peers.client(&node.addr) }
+        ShardNetwork {
+            shard: self.shard,
+            target,
+            addr: node.addr.clone(),
+            peers: self.peers.clone(),
+            client: self.peers.client(&node.addr),
+        }
     }
 }
 
@@ -103,9 +191,10 @@ impl ShardNetwork {
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
         };
         let msg = RaftMessage { shard: self.shard.0, payload };
+        let (peers, addr) = (&self.peers, &self.addr);
         let fut = async {
             match which {
-                Rpc::Append => client.append_entries(msg).await,
+                Rpc::Append => peers.append(addr, msg).await.map(Response::new),
                 Rpc::Vote => client.vote(msg).await,
                 Rpc::Snapshot => client.install_snapshot(msg).await,
             }
@@ -211,10 +300,93 @@ impl RaftTransport for RaftTransportService {
         reply(m.shard, &r.raft.install_snapshot(req).await)
     }
 
+    async fn append_batch(&self, request: Request<RaftBatch>) -> Result<Response<RaftBatch>, Status> {
+        let appends = request.into_inner().messages.into_iter().map(|m| async move {
+            let answer = match self.replica(m.shard) {
+                Ok(r) => match decode::<AppendEntriesRequest<ShardRaft>>(&m.payload) {
+                    Ok(req) => Ok(encode(&r.raft.append_entries(req).await)),
+                    Err(e) => Err(bad_payload(e)),
+                },
+                Err(status) => Err(status),
+            };
+            // A shard this node does not serve answers as an unreachable
+            // target would: an empty payload its sender cannot decode.
+            RaftMessage { shard: m.shard, payload: answer.unwrap_or_default() }
+        });
+        Ok(Response::new(RaftBatch { messages: futures::future::join_all(appends).await }))
+    }
+
     async fn forward(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let m = request.into_inner();
         let r = self.replica(m.shard)?;
         let req: ShardRequest = decode(&m.payload).map_err(bad_payload)?;
         reply(m.shard, &r.serve(req).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idgraph_proto::v1::raft_transport_server::RaftTransportServer;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A peer that answers each append with its own payload reversed and
+    /// counts the batch calls it gets.
+    #[derive(Clone, Default)]
+    struct EchoPeer {
+        batches: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl RaftTransport for EchoPeer {
+        async fn append_entries(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented("appends come batched"))
+        }
+        async fn vote(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented("not used"))
+        }
+        async fn install_snapshot(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented("not used"))
+        }
+        async fn forward(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented("not used"))
+        }
+        async fn append_batch(&self, request: Request<RaftBatch>) -> Result<Response<RaftBatch>, Status> {
+            self.batches.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let messages = request
+                .into_inner()
+                .messages
+                .into_iter()
+                .map(|m| RaftMessage { shard: m.shard, payload: m.payload.into_iter().rev().collect() })
+                .collect();
+            Ok(Response::new(RaftBatch { messages }))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_of_many_shards_to_one_peer_share_calls_and_get_their_own_answers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let peer = EchoPeer::default();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(peer.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let peers = Peers::default();
+        let sends = (0..200u32).map(|i| {
+            let peers = peers.clone();
+            let addr = addr.clone();
+            async move { peers.append(&addr, RaftMessage { shard: i % 64, payload: vec![i as u8, 0, 1] }).await }
+        });
+        let answers = futures::future::join_all(sends).await;
+        for (i, a) in answers.into_iter().enumerate() {
+            let a = a.expect("answered");
+            assert_eq!((a.shard, a.payload), (i as u32 % 64, vec![1, 0, i as u8]), "append {i} got another append's answer");
+        }
+        let calls = peer.batches.load(Ordering::SeqCst);
+        assert!(calls < 200 / 4, "200 concurrent appends took {calls} calls");
+        server.abort();
     }
 }
