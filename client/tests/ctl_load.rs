@@ -211,8 +211,19 @@ async fn load_and_check(shards: Option<u32>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_identify_merge_unmerge_delete() {
+    operator_commands(None).await;
+}
+
+/// The operator commands again on eight shards, where they run as
+/// cross-shard transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_identify_merge_unmerge_delete_across_eight_shards() {
+    operator_commands(Some(8)).await;
+}
+
+async fn operator_commands(shards: Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
-    let config = NodeConfig { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.path().to_path_buf(), ..NodeConfig::default() };
+    let config = NodeConfig { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.path().to_path_buf(), shards, ..NodeConfig::default() };
     let node = idgraph_node::server::start(&config).await.unwrap();
     let ep = format!("http://{}", node.addr());
     let json = |out: std::process::Output| -> serde_json::Value {
