@@ -48,7 +48,7 @@ mod operator;
 mod traits;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use crate::model::{ChangeSet, Identifier, MergeRecord, Profile, ProfileId};
 use crate::rules::RuleSet;

@@ -409,7 +409,7 @@ fn erasure_removes_every_merge_record_that_mentions_an_erased_identifier() {
 // ---- properties -------------------------------------------------------
 
 /// Rules without limits: joining is plain union.
-fn unlimited_rules() -> RuleSet {
+pub(crate) fn unlimited_rules() -> RuleSet {
     let mut spec = RuleSet::builtin().spec().clone();
     for t in spec.types.values_mut() {
         t.limit = None;

@@ -214,19 +214,9 @@ impl Admin for AdminService {
 
     async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let req = request.into_inner();
-        if req.node_id == 0 {
-            return Err(ServiceError::from(crate::engine::EngineError::InvalidArgument {
-                field: "node_id".into(),
-                reason: "must be at least 1".into(),
-            })
-            .into());
-        }
+        check_node_id(req.node_id)?;
         if req.addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(ServiceError::from(crate::engine::EngineError::InvalidArgument {
-                field: "addr".into(),
-                reason: "not HOST:PORT".into(),
-            })
-            .into());
+            return Err(invalid_field("addr", "not HOST:PORT"));
         }
         self.router.change_membership(crate::raft::MembershipChange::Add { node_id: req.node_id, addr: req.addr }).await?;
         self.get_cluster(Request::new(pb::GetClusterRequest {})).await
@@ -240,13 +230,7 @@ impl Admin for AdminService {
 
     async fn transfer_leader(&self, request: Request<pb::TransferLeaderRequest>) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         let req = request.into_inner();
-        if req.node_id == 0 {
-            return Err(ServiceError::from(crate::engine::EngineError::InvalidArgument {
-                field: "node_id".into(),
-                reason: "must be at least 1".into(),
-            })
-            .into());
-        }
+        check_node_id(req.node_id)?;
         let leader_id = self.router.transfer_leader(crate::model::ShardId(req.shard), req.node_id).await?;
         Ok(Response::new(pb::TransferLeaderResponse { leader_id }))
     }
@@ -291,4 +275,17 @@ impl Admin for AdminService {
         let rules = self.router.rules();
         Ok(Response::new(pb::RuleSetInfo { version: rules.version().into(), toml: rules.source().into() }))
     }
+}
+
+/// INVALID_ARGUMENT naming a field of an admin request.
+fn invalid_field(field: &str, reason: &str) -> Status {
+    ServiceError::from(crate::engine::EngineError::InvalidArgument { field: field.into(), reason: reason.into() }).into()
+}
+
+/// Node ids start at 1.
+fn check_node_id(node_id: u64) -> Result<(), Status> {
+    if node_id == 0 {
+        return Err(invalid_field("node_id", "must be at least 1"));
+    }
+    Ok(())
 }

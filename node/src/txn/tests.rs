@@ -6,6 +6,7 @@
 
 use super::coordinator::{execute, sweep};
 use super::*;
+use crate::engine::tests::unlimited_rules;
 use crate::engine::{self, Command, CommandKind, IdentifyEvent, Outcome, RawIdentifier};
 use crate::model::{Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId};
 use crate::rules::RuleSet;
@@ -316,15 +317,6 @@ fn run_concurrently(shards: &Arc<Shards>, rules: &Arc<RuleSet>, cmds: Vec<(Comma
         }
         duplicates
     })
-}
-
-fn unlimited_rules() -> RuleSet {
-    let mut spec = RuleSet::builtin().spec().clone();
-    for t in spec.types.values_mut() {
-        t.limit = None;
-    }
-    spec.max_identifiers_per_profile = 100_000;
-    RuleSet::from_spec(spec).unwrap()
 }
 
 const KINDS: [&str; 3] = ["user_id", "email", "anonymous_id"];
