@@ -121,22 +121,14 @@ fn spawn_batcher(client: RaftTransportClient<Channel>) -> mpsc::UnboundedSender<
                 let n = messages.len();
                 let result = client.append_batch(RaftBatch { messages }).await;
                 drop(slot);
-                match result {
-                    Ok(resp) if resp.get_ref().messages.len() == n => {
-                        for (answer, m) in answers.into_iter().zip(resp.into_inner().messages) {
-                            let _ = answer.send(Ok(m));
-                        }
-                    }
-                    Ok(_) => {
-                        for answer in answers {
-                            let _ = answer.send(Err(Status::internal("a batch was answered with the wrong number of messages")));
-                        }
-                    }
-                    Err(status) => {
-                        for answer in answers {
-                            let _ = answer.send(Err(status.clone()));
-                        }
-                    }
+                let replies = match result {
+                    Ok(resp) if resp.get_ref().messages.len() == n => Ok(resp.into_inner().messages),
+                    Ok(_) => Err(Status::internal("a batch was answered with the wrong number of messages")),
+                    Err(status) => Err(status),
+                };
+                match replies {
+                    Ok(replies) => answers.into_iter().zip(replies).for_each(|(answer, m)| drop(answer.send(Ok(m)))),
+                    Err(status) => answers.into_iter().for_each(|answer| drop(answer.send(Err(status.clone())))),
                 }
             });
         }

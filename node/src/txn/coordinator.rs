@@ -88,14 +88,8 @@ pub async fn gather<A: ShardAccess, T>(a: &A, mode: ReadMode, run: impl Fn(&Read
         if misses.is_empty() {
             return Ok((view, out));
         }
-        let mut by_shard: BTreeMap<ShardId, Vec<GraphKey>> = BTreeMap::new();
-        for k in misses {
-            by_shard.entry(k.shard(a.shard_count())).or_default().push(k);
-        }
-        for fetched in join_all(by_shard.into_iter().map(|(shard, keys)| fetch(a, shard, keys, mode))).await {
-            for (k, v) in fetched? {
-                view.insert(k, v);
-            }
+        for (k, v) in fetch_all(a, misses, mode).await? {
+            view.insert(k, v);
         }
     }
     Err(TxnError::Internal(format!("a command read records in more than {MAX_ROUNDS} rounds")))
@@ -223,18 +217,25 @@ pub async fn query<A: ShardAccess, T>(
 /// Whether every record of a read set still has the value read: then all of
 /// them held those values together at the moment of the last first read.
 async fn unchanged<A: ShardAccess>(a: &A, reads: &ReadSet, mode: ReadMode) -> Result<bool, TxnError> {
+    let again = fetch_all(a, reads.values().keys().cloned(), mode).await?;
+    Ok(again.iter().all(|(k, v)| reads.values().get(k) == Some(v)))
+}
+
+/// Reads keys from their shards, one request per shard, in parallel.
+async fn fetch_all<A: ShardAccess>(
+    a: &A,
+    keys: impl IntoIterator<Item = GraphKey>,
+    mode: ReadMode,
+) -> Result<Vec<(GraphKey, GraphValue)>, TxnError> {
     let mut by_shard: BTreeMap<ShardId, Vec<GraphKey>> = BTreeMap::new();
-    for k in reads.values().keys() {
-        by_shard.entry(k.shard(a.shard_count())).or_default().push(k.clone());
+    for k in keys {
+        by_shard.entry(k.shard(a.shard_count())).or_default().push(k);
     }
+    let mut out = Vec::new();
     for fetched in join_all(by_shard.into_iter().map(|(shard, keys)| fetch(a, shard, keys, mode))).await {
-        for (k, v) in fetched? {
-            if reads.values().get(&k) != Some(&v) {
-                return Ok(false);
-            }
-        }
+        out.extend(fetched?);
     }
-    Ok(true)
+    Ok(out)
 }
 
 /// One shard's part of a change set: the reads to validate and the writes.
