@@ -72,6 +72,10 @@ pub struct NodeConfig {
     /// Address of any member of a running cluster to join (instead of
     /// bootstrapping with `initial_cluster`).
     pub join: String,
+    /// Peers to dial at another address than the one they advertise,
+    /// `ADVERTISED=DIAL,...` (a local proxy or tunnel in front of a peer);
+    /// empty: dial every peer at its advertised address.
+    pub peer_routes: String,
 }
 
 impl Default for NodeConfig {
@@ -92,6 +96,7 @@ impl Default for NodeConfig {
             raft_heartbeat_ms: 100,
             raft_snapshot_logs: 10_000,
             join: String::new(),
+            peer_routes: String::new(),
         }
     }
 }
@@ -134,6 +139,7 @@ const ENV_FIELDS: &[&str] = &[
     "raft_heartbeat_ms",
     "raft_snapshot_logs",
     "join",
+    "peer_routes",
 ];
 
 impl NodeConfig {
@@ -188,7 +194,25 @@ impl NodeConfig {
         if !members.is_empty() && !members.contains_key(&self.node_id) {
             return bad("initial_cluster", "must list this node's node_id");
         }
+        self.routes().map_err(|reason| ConfigError::Invalid { field: "peer_routes", reason })?;
         Ok(())
+    }
+
+    /// The peer routes from `peer_routes`: advertised address to the
+    /// address dialled instead.
+    pub fn routes(&self) -> Result<std::collections::HashMap<String, String>, String> {
+        let mut out = std::collections::HashMap::new();
+        for part in self.peer_routes.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.split_once('=').map(|(a, b)| (a.trim(), b.trim())) {
+                Some((from, to)) if !from.is_empty() && !to.is_empty() => {
+                    if out.insert(from.to_string(), to.to_string()).is_some() {
+                        return Err(format!("{from:?} is routed twice"));
+                    }
+                }
+                _ => return Err(format!("{part:?} is not ADVERTISED=DIAL")),
+            }
+        }
+        Ok(out)
     }
 
     /// The bootstrap members from `initial_cluster` (empty: single node).
@@ -252,6 +276,20 @@ mod tests {
         std::fs::write(&f, "stream_window = 0\n").unwrap();
         let err = NodeConfig::load(Some(&f), &Overrides::default()).unwrap_err().to_string();
         assert!(err.contains("stream_window"), "{err}");
+    }
+
+    #[test]
+    fn peer_routes_parse_and_bad_ones_name_the_field() {
+        let c = NodeConfig { peer_routes: " 10.0.0.1:7000=127.0.0.1:9001 ,10.0.0.2:7000=127.0.0.1:9002".into(), ..NodeConfig::default() };
+        c.validate().unwrap();
+        let routes = c.routes().unwrap();
+        assert_eq!(routes.get("10.0.0.1:7000").map(String::as_str), Some("127.0.0.1:9001"));
+        assert_eq!(routes.len(), 2);
+        for bad in ["10.0.0.1:7000", "=127.0.0.1:1", "a=b,a=c"] {
+            let c = NodeConfig { peer_routes: bad.into(), ..NodeConfig::default() };
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("peer_routes"), "{bad}: {err}");
+        }
     }
 
     #[test]

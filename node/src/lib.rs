@@ -19,8 +19,10 @@
 //! - [`service`]: the tonic adapters for `idgraph.v1` (conversions and the
 //!   one error-to-status mapping live there).
 //! - [`config`] and [`server`]: configuration and process wiring.
+//! - [`crash`]: named crash points for crash tests (`failpoints` feature).
 
 pub mod config;
+pub mod crash;
 pub mod engine;
 pub mod model;
 pub mod raft;

@@ -86,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let config = NodeConfig::load(args.config.as_deref(), &overrides)?;
     init_logs(&config);
-    // Crash tests configure crash points with FAILPOINTS (see `txn::crash_point`).
+    // Crash tests configure crash points with FAILPOINTS (see `idgraph_node::crash`).
     #[cfg(feature = "failpoints")]
     let _crash_points = fail::FailScenario::setup();
     let node = idgraph_node::server::start(&config).await.context("starting the node")?;

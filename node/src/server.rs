@@ -242,7 +242,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     if members.is_empty() && !joining {
         members.insert(config.node_id, BasicNode { addr: addr.to_string() });
     }
-    let peers = Peers::default();
+    let peers = Peers::new(config.routes().map_err(|reason| ServerError::Actors(format!("peer_routes: {reason}")))?);
     let replicas: Replicas = Default::default();
     let raft_config = raft_config(config)?;
     let open: ReplicaOpener = {

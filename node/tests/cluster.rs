@@ -167,18 +167,33 @@ async fn three_nodes_replicate_and_every_node_answers_the_same_profiles() {
     let refused = admin.transfer_leader(pb::TransferLeaderRequest { shard: 99, node_id: to }).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{}", refused.message());
     assert!(refused.message().contains("shard"), "{}", refused.message());
-    // Every replica applies the same log.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Every replica applies the same log to the same state.
+    replicas_agree(&c, &[0, 1, 2]).await;
+}
+
+/// Waits until every replica of every shard on `nodes` has applied the same
+/// log index, then asserts that they report the same state digest.
+async fn replicas_agree(c: &Cluster, nodes: &[usize]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mut applied = Vec::new();
-        for n in 0..3 {
-            applied.push(c.node(n).admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner().shards[0].applied_index);
+        let mut views = Vec::new();
+        for n in nodes {
+            views.push(c.node(*n).admin().await.get_digests(pb::GetDigestsRequest {}).await.unwrap().into_inner().shards);
         }
-        if applied.iter().all(|a| *a == applied[0]) {
-            break;
+        let shards = views[0].len();
+        assert!(views.iter().all(|v| v.len() == shards), "nodes hold different shard counts");
+        let caught_up = (0..shards).all(|s| views.iter().all(|v| v[s].settled && v[s].applied_index == views[0][s].applied_index));
+        if caught_up {
+            for s in 0..shards {
+                for v in &views[1..] {
+                    assert_eq!(v[s].digest, views[0][s].digest, "shard {s}: replicas at index {} differ", v[s].applied_index);
+                }
+                assert!(views[0][s].bytes > 0, "a digest covers the replica's records");
+            }
+            return;
         }
-        assert!(Instant::now() < deadline, "replicas did not converge: {applied:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(Instant::now() < deadline, "replicas did not converge: {views:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -222,6 +237,8 @@ async fn a_follower_far_behind_catches_up_from_a_snapshot() {
     }
     let p = c.node(follower).client().await.get_profile(by_id("anonymous_id", "anon-499")).await.unwrap().into_inner();
     assert_eq!(p.profile_id, acked[499]);
+    // The replica built from a snapshot holds exactly what the others do.
+    replicas_agree(&c, &[0, 1, 2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,7 +83,7 @@ async fn crash_at(point: &str, applied_before_crash: bool) {
         }
     }
     let status = crashing.child.wait().unwrap();
-    assert_eq!(status.code(), Some(86), "{point}: the node exited at its crash point");
+    assert_eq!(status.code(), Some(idgraph_node::crash::CRASH_EXIT_CODE), "{point}: the node exited at its crash point");
 
     // The client sends the same event again, to another node.
     let mut client = others[0].client().await;

@@ -40,9 +40,11 @@ impl LogFlusher {
                     waiting.push(more);
                 }
                 let sync = sync.clone();
+                crate::crash::crash_point("raft::before-fsync");
                 let synced = tokio::task::spawn_blocking(move || sync())
                     .await
                     .unwrap_or_else(|e| Err(crate::storage::StoreError::Io(format!("fsync task failed: {e}"))));
+                crate::crash::crash_point("raft::after-fsync");
                 for cb in waiting {
                     cb.log_io_completed(synced.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
                 }

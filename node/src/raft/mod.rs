@@ -45,7 +45,7 @@ mod state_machine;
 pub use log_store::{LogFlusher, ShardLogStore};
 pub use network::{Peers, RaftTransportService, Replicas, ShardNetworkFactory};
 pub use replica::{LeadershipStep, MembershipChange, ShardFailure, ShardRead, ShardReplica, ShardReply, ShardRequest};
-pub use state_machine::ShardStateMachine;
+pub use state_machine::{replica_digest, ReplicaDigest, ShardStateMachine};
 
 use crate::engine::{EngineError, Outcome};
 use serde::{Deserialize, Serialize};

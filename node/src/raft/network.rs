@@ -32,6 +32,8 @@ use tonic::{Request, Response, Status};
 /// and one append batcher per peer.
 #[derive(Clone, Default)]
 pub struct Peers {
+    /// Advertised address to the address dialled instead (`peer_routes`).
+    routes: Arc<HashMap<String, String>>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     batchers: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<PendingAppend>>>>,
 }
@@ -43,6 +45,10 @@ type PendingAppend = (RaftMessage, oneshot::Sender<Result<RaftMessage, Status>>)
 const MAX_APPEND_BATCH: usize = 64;
 
 impl Peers {
+    pub fn new(routes: HashMap<String, String>) -> Peers {
+        Peers { routes: Arc::new(routes), ..Peers::default() }
+    }
+
     /// Sends one shard's AppendEntries to `addr` in the next batch to that
     /// node.
     pub async fn append(&self, addr: &str, msg: RaftMessage) -> Result<RaftMessage, Status> {
@@ -68,7 +74,8 @@ impl Peers {
         if let Some(ch) = map.get(addr) {
             return Ok(RaftTransportClient::new(ch.clone()).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20));
         }
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let dial = self.routes.get(addr).map_or(addr, String::as_str);
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{dial}"))
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)

@@ -28,6 +28,42 @@ struct SnapshotImage {
     graph: Vec<u8>,
 }
 
+/// A digest of a replica's state, as `Admin.GetDigests` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaDigest {
+    /// Last log index applied to the state digested.
+    pub applied_index: u64,
+    /// xxh3-64 of the records in key order, Raft bookkeeping left out.
+    pub digest: u64,
+    pub bytes: u64,
+    /// False when entries were applied while the records were read.
+    pub settled: bool,
+}
+
+/// Digests a replica's state without stopping it: the records are read as
+/// they are, and `settled` says whether the applied position stayed put
+/// meanwhile (each applied command moves it in the same write batch).
+/// Replicas of one shard that applied the same log hold the same records,
+/// whatever mix of entries and snapshots brought them there.
+pub fn replica_digest<S: GraphStore>(store: &S) -> Result<ReplicaDigest, crate::storage::StoreError> {
+    let position = || -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), crate::storage::StoreError> {
+        Ok((store.meta(APPLIED)?, store.meta(APPLIED_COMMAND)?))
+    };
+    let before = position()?;
+    let records = store.snapshot(&[APPLIED, APPLIED_COMMAND, SNAPSHOT])?;
+    let after = position()?;
+    let applied: Option<LogId> = match &after.0 {
+        Some(b) => decode::<Option<LogId>>(b)?,
+        None => None,
+    };
+    Ok(ReplicaDigest {
+        applied_index: applied.map_or(0, |l| l.index),
+        digest: xxhash_rust::xxh3::xxh3_64(&records),
+        bytes: records.len() as u64,
+        settled: before == after,
+    })
+}
+
 /// A shard replica's state machine.
 pub struct ShardStateMachine<S: GraphStore> {
     store: Arc<S>,
@@ -144,6 +180,7 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
             openraft::StorageIOError::write_snapshot(Some(meta.signature()), openraft::AnyError::new(&e)).into()
         };
         self.store.restore(&img.graph).map_err(write)?;
+        crate::crash::crash_point("raft::snapshot-install");
         let mut cs = ChangeSet::default();
         cs.push(Change::PutMeta(APPLIED.into(), encode(&meta.last_log_id)));
         cs.push(Change::PutMeta(MEMBERSHIP.into(), encode(&meta.last_membership)));

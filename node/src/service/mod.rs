@@ -235,6 +235,26 @@ impl Admin for AdminService {
         Ok(Response::new(pb::TransferLeaderResponse { leader_id }))
     }
 
+    async fn get_digests(&self, _request: Request<pb::GetDigestsRequest>) -> Result<Response<pb::ReplicaDigests>, Status> {
+        let replicas: Vec<crate::raft::ShardReplica> =
+            self.replicas.read().map_err(|_| Status::internal("replica table lock poisoned"))?.values().cloned().collect();
+        let mut shards = Vec::new();
+        let mut node_id = 0;
+        for r in replicas {
+            node_id = r.raft.metrics().borrow().id;
+            let d = crate::raft::replica_digest(&*r.store).map_err(|e| Status::unavailable(format!("shard {}: {e}", r.shard)))?;
+            shards.push(pb::ShardDigest {
+                shard: r.shard.0,
+                applied_index: d.applied_index,
+                digest: format!("{:016x}", d.digest),
+                bytes: d.bytes,
+                settled: d.settled,
+            });
+        }
+        shards.sort_by_key(|s| s.shard);
+        Ok(Response::new(pb::ReplicaDigests { node_id, shards }))
+    }
+
     async fn get_cluster(&self, _request: Request<pb::GetClusterRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let replicas: Vec<crate::raft::ShardReplica> =
             self.replicas.read().map_err(|_| Status::internal("replica table lock poisoned"))?.values().cloned().collect();

@@ -10,7 +10,8 @@
 use super::keys::{GraphKey, GraphValue};
 use super::participant::{LockRecord, TxnOp, TxnReply};
 use super::read_set::ReadSet;
-use super::{crash_point, TxnError};
+use super::TxnError;
+use crate::crash::crash_point;
 use crate::engine::{self, Command, Outcome};
 use crate::model::{ChangeSet, ShardId};
 use crate::rules::RuleSet;
@@ -185,12 +186,30 @@ pub async fn execute<A: ShardAccess>(a: &A, rules: &RuleSet, cmd: &Command) -> R
         // Unique per run and attempt: a retried request may carry the same
         // operation id as a run that crashed with its parts still prepared.
         let txn = format!("{}.{attempt}.{:016x}", cmd.op_id, fastrand::u64(..));
-        match commit(a, &txn, &reads, changes).await? {
+        #[cfg(not(feature = "unsafe-early-ack"))]
+        let decision = commit(a, &txn, &reads, changes).await?;
+        #[cfg(feature = "unsafe-early-ack")]
+        let decision = unsafe_early_ack(a, txn, reads, changes);
+        match decision {
             Decision::Committed => return Ok(outcome),
             Decision::Retry => backoff.wait().await,
         }
     }
     Err(TxnError::Contention { attempts: attempt })
+}
+
+/// DELIBERATELY BROKEN, for the chaos harness's own test only (feature
+/// `unsafe-early-ack`): answers as if committed and commits in the
+/// background, giving up on a refusal. The client is acknowledged before
+/// the commit point, so a read right after the answer can miss the write
+/// and a crash or a conflict loses it; the harness's checkers must say so.
+#[cfg(feature = "unsafe-early-ack")]
+fn unsafe_early_ack<A: ShardAccess>(a: &A, txn: String, reads: ReadSet, changes: ChangeSet) -> Decision {
+    let a = a.clone();
+    tokio::spawn(async move {
+        let _ = commit(&a, &txn, &reads, changes).await;
+    });
+    Decision::Committed
 }
 
 /// Runs a read-only engine function (a look-up) over fetched records. Each

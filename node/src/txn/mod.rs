@@ -123,16 +123,3 @@ impl From<StoreError> for TxnError {
         TxnError::Internal(e.to_string())
     }
 }
-
-/// A place where, in a build with the `failpoints` feature and
-/// `FAILPOINTS=<name>=return`, the process exits at once, as a crash there
-/// would end it (used by the crash tests).
-pub fn crash_point(name: &str) {
-    #[cfg(feature = "failpoints")]
-    fail::fail_point!(name, |_| {
-        eprintln!("crash point {name} reached: exiting");
-        std::process::exit(86)
-    });
-    #[cfg(not(feature = "failpoints"))]
-    let _ = name;
-}

@@ -1,0 +1,33 @@
+//! Crash points: places where a build with the `failpoints` feature can be
+//! told to exit at once, as a crash there would end the process, so that
+//! tests reach the states a crash leaves behind.
+//!
+//! Each point is named; `FAILPOINTS="<name>=return"` (the `fail` crate's
+//! syntax, read at start-up) makes the process exit with status
+//! [`CRASH_EXIT_CODE`] the first time it gets there, and
+//! `FAILPOINTS="<name>=5%return"` on one pass in twenty. The points:
+//!
+//! | name | where |
+//! |---|---|
+//! | `txn::before-commit` | a coordinator has prepared every secondary, not yet asked the primary to commit |
+//! | `txn::after-commit` | the primary committed; no secondary has applied |
+//! | `txn::between-applies` | one secondary applied, the others not yet |
+//! | `raft::before-fsync` | log entries appended to the database, not yet fsync'd or acknowledged |
+//! | `raft::after-fsync` | log entries fsync'd, not yet acknowledged to Raft |
+//! | `raft::snapshot-install` | a received snapshot's records replaced the replica's, its log position not yet recorded |
+//!
+//! Without the feature a crash point compiles to nothing.
+
+/// Exit status of a process stopped at a crash point.
+pub const CRASH_EXIT_CODE: i32 = 86;
+
+/// Exits the process here when the crash point `name` is configured.
+pub fn crash_point(name: &str) {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!(name, |_| {
+        eprintln!("crash point {name} reached: exiting");
+        std::process::exit(CRASH_EXIT_CODE)
+    });
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}
