@@ -132,6 +132,9 @@ def admin_calls():
         raise AssertionError("a shard that does not exist was accepted")
     except grpc.RpcError as e:
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "shard" in e.details(), e
+    d = admin.GetDigests(admin_pb2.GetDigestsRequest())
+    assert d.node_id == c.node_id and len(d.shards) == 1, d
+    assert len(d.shards[0].digest) == 16 and d.shards[0].bytes > 0 and d.shards[0].applied_index > 0, d
 
 
 def health_check():

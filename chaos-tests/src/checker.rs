@@ -1,0 +1,389 @@
+//! Checkers over a run's history and the cluster's final state, read after
+//! every fault was healed.
+//!
+//! 1. **No lost writes**: every identifier of an acknowledged event or
+//!    merge resolves to a live profile, and (in groups without unmerges)
+//!    the identifiers an acknowledged write joined are still together.
+//! 2. **Graph invariants**: a profile found by an identifier lists it; no
+//!    identifier is listed by two live profiles; no profile holds more
+//!    identifiers of a type than the rules allow; a merged-away profile id
+//!    resolves to the live profile that absorbed it.
+//! 3. **Replicas converge**: every replica of a shard, once all have
+//!    applied the same log, reports the same state digest.
+//! 4. **Linearizability**: per group, the history of links and reads has a
+//!    linearization in the pure-union model ([`crate::linearizability`]).
+//! 5. **Processes**: no node exited unless the harness killed it or an armed
+//!    crash point stopped it.
+
+use crate::cluster::{admin, Cluster};
+use crate::linearizability::{check_graph, GraphInput, GraphOutput, Operation, Verdict};
+use crate::workload::{to_pb, Group, Id, Op, OpKind, Outcome};
+use idgraph_proto::v1 as pb;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// Failures listed in a report, at most.
+const MAX_LISTED: usize = 20;
+
+/// One checker's verdict.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckResult {
+    pub name: &'static str,
+    pub passed: bool,
+    /// What was checked (identifiers, profiles, shards, groups).
+    pub checked: u64,
+    /// How many failed, and the first of them.
+    pub failed: u64,
+    pub failures: Vec<String>,
+    /// Numbers behind the verdict.
+    pub notes: BTreeMap<String, serde_json::Value>,
+}
+
+impl CheckResult {
+    pub(crate) fn new(name: &'static str) -> CheckResult {
+        CheckResult { name, passed: true, checked: 0, failed: 0, failures: Vec::new(), notes: BTreeMap::new() }
+    }
+
+    pub(crate) fn fail(&mut self, what: String) {
+        self.passed = false;
+        self.failed += 1;
+        if self.failures.len() < MAX_LISTED {
+            self.failures.push(what);
+        }
+    }
+
+    fn note(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+        self.notes.insert(key.into(), value.into());
+    }
+}
+
+/// Waits until every node answers and every shard has a leader and no
+/// prepared transaction part (the sweep settles abandoned ones).
+pub async fn settle(cluster: &Cluster, within: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < within {
+        match settled_now(cluster).await {
+            Ok(()) => return Ok(started.elapsed()),
+            Err(why) => last = why,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(format!("not settled after {} s: {last}", within.as_secs()))
+}
+
+async fn settled_now(cluster: &Cluster) -> Result<(), String> {
+    let mut leaders = BTreeSet::new();
+    let mut shards = 0;
+    for n in &cluster.nodes {
+        let mut a = admin(n).await.map_err(|e| format!("node {}: {e}", n.id))?;
+        let status = a.get_cluster(pb::GetClusterRequest {}).await.map_err(|e| format!("node {}: {}", n.id, e.message()))?.into_inner();
+        shards = shards.max(status.shards.len());
+        for s in status.shards {
+            if s.prepared_txns > 0 {
+                return Err(format!("node {} shard {} has {} prepared transaction parts", n.id, s.shard, s.prepared_txns));
+            }
+            if s.state == "Leader" {
+                leaders.insert(s.shard);
+            }
+        }
+    }
+    if leaders.len() < shards {
+        return Err(format!("{} of {shards} shards have a leader", leaders.len()));
+    }
+    Ok(())
+}
+
+/// The final linearizable read of each identifier through one node,
+/// retried while the outcome is unknown. None: NOT_FOUND.
+pub async fn final_profiles(channel: Channel, ids: &BTreeSet<Id>) -> Result<BTreeMap<Id, Option<pb::Profile>>, String> {
+    let graph = pb::identity_graph_client::IdentityGraphClient::new(channel);
+    let mut out = BTreeMap::new();
+    for id in ids {
+        let req = pb::GetProfileRequest { key: Some(pb::get_profile_request::Key::Identifier(to_pb(id))), consistency: 0 };
+        match get_profile(&graph, req).await {
+            Ok(p) => out.insert(id.clone(), Some(p.into_inner())),
+            Err(s) if s.code() == Code::NotFound => out.insert(id.clone(), None),
+            Err(s) => return Err(format!("final read of an identifier failed: {}", s.message())),
+        };
+    }
+    Ok(out)
+}
+
+/// `GetProfile`, retried while its outcome is unknown.
+async fn get_profile(
+    graph: &pb::identity_graph_client::IdentityGraphClient<Channel>,
+    req: pb::GetProfileRequest,
+) -> Result<tonic::Response<pb::Profile>, tonic::Status> {
+    retry(|| {
+        let mut g = graph.clone();
+        let req = req.clone();
+        async move { g.get_profile(req).await }
+    })
+    .await
+}
+
+/// Retries a call for up to 30 s while its outcome is unknown.
+async fn retry<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let started = Instant::now();
+    loop {
+        match call().await {
+            Err(s)
+                if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Aborted)
+                    && started.elapsed() < Duration::from_secs(30) =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => return other,
+        }
+    }
+}
+
+fn profile_ids(p: &pb::Profile) -> BTreeSet<Id> {
+    p.identifiers.iter().map(|i| crate::workload::id_string(&i.r#type, &i.value)).collect()
+}
+
+/// Checker 1: acknowledged writes are all there.
+pub fn lost_writes(history: &[Op], groups: &HashMap<u64, Group>, finals: &BTreeMap<Id, Option<pb::Profile>>) -> CheckResult {
+    let mut r = CheckResult::new("no-lost-writes");
+    let mut acked_writes = 0u64;
+    for op in history.iter().filter(|o| o.outcome == Outcome::Ok) {
+        let Some(ids) = op.linked() else { continue };
+        acked_writes += 1;
+        let union_only = groups.get(&op.group).is_some_and(|g| !g.unmerges);
+        let mut first: Option<(&Id, BTreeSet<Id>)> = None;
+        for id in ids {
+            r.checked += 1;
+            match finals.get(id) {
+                Some(Some(p)) => {
+                    let members = profile_ids(p);
+                    if union_only {
+                        if let Some((a, pa)) = &first {
+                            if *pa != members {
+                                r.fail(format!(
+                                    "{} acknowledged at {} us joined {a} and {id}, now in different profiles",
+                                    describe(op),
+                                    op.return_us
+                                ));
+                            }
+                        } else {
+                            first = Some((id, members));
+                        }
+                    }
+                }
+                _ => r.fail(format!("{} acknowledged at {} us: {id} not found", describe(op), op.return_us)),
+            }
+        }
+    }
+    r.note("acknowledged_writes", acked_writes);
+    r
+}
+
+fn describe(op: &Op) -> String {
+    match &op.kind {
+        OpKind::Identify { event_id, .. } => format!("event {event_id}"),
+        OpKind::Merge { .. } => format!("merge by client {}", op.client),
+        OpKind::Unmerge { .. } => format!("unmerge by client {}", op.client),
+        OpKind::Read { .. } => format!("read by client {}", op.client),
+    }
+}
+
+/// Checker 2: graph invariants over the final profiles.
+pub async fn invariants(channel: Channel, finals: &BTreeMap<Id, Option<pb::Profile>>, limits: &BTreeMap<String, usize>) -> CheckResult {
+    let mut r = CheckResult::new("graph-invariants");
+    let mut profiles: BTreeMap<String, &pb::Profile> = BTreeMap::new();
+    for (id, p) in finals {
+        let Some(p) = p else { continue };
+        r.checked += 1;
+        if !profile_ids(p).contains(id) {
+            r.fail(format!("{id} resolves to profile {}, which does not list it", p.profile_id));
+        }
+        profiles.insert(p.profile_id.clone(), p);
+    }
+    let mut listed_by: BTreeMap<Id, String> = BTreeMap::new();
+    for p in profiles.values() {
+        let mut per_type: BTreeMap<&str, usize> = BTreeMap::new();
+        for i in &p.identifiers {
+            *per_type.entry(i.r#type.as_str()).or_default() += 1;
+            let id = crate::workload::id_string(&i.r#type, &i.value);
+            if let Some(other) = listed_by.insert(id.clone(), p.profile_id.clone()) {
+                r.fail(format!("{id} is listed by live profiles {other} and {}", p.profile_id));
+            }
+            if let Some(Some(owner)) = finals.get(&id) {
+                if owner.profile_id != p.profile_id {
+                    r.fail(format!("{id} is listed by {} but resolves to {}", p.profile_id, owner.profile_id));
+                }
+            }
+        }
+        for (kind, n) in per_type {
+            if let Some(limit) = limits.get(kind) {
+                if n > *limit {
+                    r.fail(format!("profile {} holds {n} identifiers of type {kind} (limit {limit})", p.profile_id));
+                }
+            }
+        }
+    }
+    // Lineage: a merged-away profile id resolves to the live profile that
+    // lists it in merged_from.
+    let graph = pb::identity_graph_client::IdentityGraphClient::new(channel);
+    let mut lineage = 0u64;
+    for p in profiles.values() {
+        for old in &p.merged_from {
+            lineage += 1;
+            let req = pb::GetProfileRequest { key: Some(pb::get_profile_request::Key::ProfileId(old.clone())), consistency: 0 };
+            match get_profile(&graph, req).await {
+                Ok(found) if found.get_ref().profile_id == p.profile_id => {}
+                Ok(found) => r.fail(format!("merged-away {old} resolves to {}, not to {}", found.get_ref().profile_id, p.profile_id)),
+                Err(s) => r.fail(format!("merged-away {old} of {} does not resolve: {}", p.profile_id, s.message())),
+            }
+        }
+    }
+    r.note("live_profiles", profiles.len() as u64);
+    r.note("merged_away_ids_checked", lineage);
+    r
+}
+
+/// Per-type limits of the rule set a node runs.
+pub async fn limits(channel: Channel) -> Result<BTreeMap<String, usize>, String> {
+    let a = pb::admin_client::AdminClient::new(channel);
+    let info = retry(|| {
+        let mut a = a.clone();
+        async move { a.get_rule_set(pb::GetRuleSetRequest {}).await }
+    })
+    .await
+    .map_err(|s| s.message().to_string())?;
+    let doc: toml::Table = info.into_inner().toml.parse().map_err(|e| format!("rule set: {e}"))?;
+    let mut out = BTreeMap::new();
+    if let Some(types) = doc.get("types").and_then(|t| t.as_table()) {
+        for (kind, spec) in types {
+            if let Some(limit) = spec.get("limit").and_then(|l| l.as_integer()) {
+                out.insert(kind.clone(), limit.max(0) as usize);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Checker 3: every replica of a shard reports the same digest once all
+/// have applied the same log (waiting up to `within` for that).
+pub async fn convergence(cluster: &Cluster, within: Duration) -> CheckResult {
+    let mut r = CheckResult::new("replicas-converge");
+    let started = Instant::now();
+    loop {
+        let mut per_shard: BTreeMap<u32, Vec<(u64, pb::ShardDigest)>> = BTreeMap::new();
+        let mut unreachable = Vec::new();
+        for n in &cluster.nodes {
+            let answer = match admin(n).await {
+                Ok(mut a) => a.get_digests(pb::GetDigestsRequest {}).await.map_err(|s| s.message().to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match answer {
+                Ok(d) => {
+                    for s in d.into_inner().shards {
+                        per_shard.entry(s.shard).or_default().push((n.id, s));
+                    }
+                }
+                Err(e) => unreachable.push(format!("node {}: {e}", n.id)),
+            }
+        }
+        let caught_up = unreachable.is_empty()
+            && per_shard.values().all(|reps| {
+                reps.len() == cluster.nodes.len() && reps.iter().all(|(_, d)| d.settled && d.applied_index == reps[0].1.applied_index)
+            });
+        if caught_up || started.elapsed() > within {
+            for (shard, reps) in &per_shard {
+                r.checked += 1;
+                let digests: BTreeSet<(&u64, &str)> = reps.iter().map(|(_, d)| (&d.applied_index, d.digest.as_str())).collect();
+                if digests.len() > 1 {
+                    let detail: Vec<String> =
+                        reps.iter().map(|(id, d)| format!("node {id}: index {} digest {}", d.applied_index, d.digest)).collect();
+                    let why = if caught_up { "replicas at the same index differ" } else { "replicas did not converge" };
+                    r.fail(format!("shard {shard}: {why}: {}", detail.join(", ")));
+                }
+            }
+            for u in unreachable {
+                r.fail(format!("no digests from {u}"));
+            }
+            r.note("waited_ms", started.elapsed().as_millis() as u64);
+            r.note("bytes", per_shard.values().filter_map(|reps| reps.first()).map(|(_, d)| d.bytes).sum::<u64>());
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Checker 4: linearizability of each union-only group's history.
+pub fn linearizability(history: &[Op], groups: &HashMap<u64, Group>, max_steps: u64) -> CheckResult {
+    let mut r = CheckResult::new("linearizable");
+    let mut per_group: BTreeMap<u64, Vec<Operation<GraphInput, GraphOutput>>> = BTreeMap::new();
+    for op in history {
+        if groups.get(&op.group).is_none_or(|g| g.unmerges) {
+            continue;
+        }
+        let (input, output) = match (&op.kind, &op.outcome) {
+            (_, Outcome::Failed(_)) => continue,
+            (OpKind::Identify { ids, .. } | OpKind::Merge { ids }, Outcome::Ok) => {
+                (GraphInput::Link { ids: ids.clone() }, Some(GraphOutput::Linked))
+            }
+            (OpKind::Identify { ids, .. } | OpKind::Merge { ids }, Outcome::Unknown(_)) => (GraphInput::Link { ids: ids.clone() }, None),
+            (OpKind::Read { id, found }, Outcome::Ok) => (GraphInput::Read { id: id.clone() }, Some(GraphOutput::Profile(found.clone()))),
+            // A read that failed or timed out observed nothing.
+            (OpKind::Read { .. }, Outcome::Unknown(_)) => continue,
+            (OpKind::Unmerge { .. }, _) => continue,
+        };
+        per_group.entry(op.group).or_default().push(Operation {
+            client: op.client,
+            input,
+            call: op.call_us,
+            completion: output.map(|o| (op.return_us, o)),
+        });
+    }
+    let (mut ops, mut inconclusive) = (0u64, 0u64);
+    for (group, history) in &per_group {
+        r.checked += 1;
+        ops += history.len() as u64;
+        match check_graph(history, max_steps) {
+            Verdict::Linearizable => {}
+            Verdict::Unknown => inconclusive += 1,
+            Verdict::NotLinearizable { longest_prefix, unplaceable } => {
+                let op = &history[unplaceable.min(history.len() - 1)];
+                let answer = match &op.completion {
+                    Some((ret, out)) => format!("answered {out:?} at {ret} us"),
+                    None => "outcome unknown".into(),
+                };
+                r.fail(format!(
+                    "group {group} ({} operations): after {} placed, none fits; stuck at client {}'s {:?} called at {} us, {answer}",
+                    history.len(),
+                    longest_prefix.len(),
+                    op.client,
+                    op.input,
+                    op.call
+                ))
+            }
+        }
+    }
+    r.note("operations", ops);
+    r.note("groups_inconclusive", inconclusive);
+    r
+}
+
+/// Checker 5: no node ended on its own except at an armed crash point.
+pub fn processes(exits: &[crate::cluster::UnexpectedExit], start_errors: &[String]) -> CheckResult {
+    let mut r = CheckResult::new("processes");
+    r.checked = exits.len() as u64;
+    for e in exits.iter().filter(|e| !e.crash_point) {
+        r.fail(format!("node {} exited on its own: {}", e.node + 1, e.status));
+    }
+    for e in start_errors {
+        r.fail(e.clone());
+    }
+    r.note("crash_point_exits", exits.iter().filter(|e| e.crash_point).count() as u64);
+    r
+}

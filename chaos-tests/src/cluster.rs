@@ -1,0 +1,283 @@
+//! A cluster of real `idgraph-node` processes on loopback.
+//!
+//! Each node has its own data directory and log file under the run
+//! directory, listens on a free port, and reaches its peers through the
+//! harness's proxy links (`IDGRAPH_PEER_ROUTES`). The harness kills,
+//! pauses and restarts the processes; [`Cluster::reap`] notices the ones
+//! that exited on their own (a crash point, or a crash that is a finding).
+
+use crate::proxy::Network;
+use anyhow::{bail, Context};
+use idgraph_proto::v1 as pb;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+/// How a cluster is started.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    pub node_bin: PathBuf,
+    pub nodes: usize,
+    pub shards: u32,
+    pub dir: PathBuf,
+    pub heartbeat_ms: u64,
+}
+
+/// How a node process ended, when the harness did not end it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct UnexpectedExit {
+    pub node: usize,
+    pub status: String,
+    /// Exited at a crash point it was told to stop at (not a finding).
+    pub crash_point: bool,
+}
+
+pub struct Node {
+    pub index: usize,
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+    /// FAILPOINTS the running process was started with.
+    failpoints: Option<String>,
+}
+
+impl Node {
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+pub struct Cluster {
+    pub spec: ClusterSpec,
+    pub nodes: Vec<Node>,
+    pub network: Network,
+    initial_cluster: String,
+}
+
+impl Cluster {
+    /// Starts every node and waits until each serves gRPC.
+    pub async fn start(spec: ClusterSpec) -> anyhow::Result<Cluster> {
+        std::fs::create_dir_all(&spec.dir)?;
+        let addrs: Vec<SocketAddr> = free_ports(spec.nodes)?.into_iter().map(|p| SocketAddr::from(([127, 0, 0, 1], p))).collect();
+        let network = Network::start(&addrs).await?;
+        let initial_cluster = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+        let nodes = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Node {
+                index: i,
+                id: i as u64 + 1,
+                addr: *a,
+                dir: spec.dir.join(format!("node{}", i + 1)),
+                child: None,
+                paused: false,
+                failpoints: None,
+            })
+            .collect();
+        let mut cluster = Cluster { spec, nodes, network, initial_cluster };
+        for i in 0..cluster.nodes.len() {
+            cluster.spawn(i, None).await?;
+        }
+        Ok(cluster)
+    }
+
+    fn routes(&self, from: usize) -> String {
+        self.nodes
+            .iter()
+            .filter(|n| n.index != from)
+            .filter_map(|n| self.network.link(from, n.index).map(|l| format!("{}={}", n.addr, l.addr)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts node `i`'s process and waits for its listening line.
+    pub async fn spawn(&mut self, i: usize, failpoints: Option<&str>) -> anyhow::Result<()> {
+        let routes = self.routes(i);
+        let node = &mut self.nodes[i];
+        std::fs::create_dir_all(&node.dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(node.dir.with_extension("log"))?;
+        let mut cmd = Command::new(&self.spec.node_bin);
+        cmd.arg("--id")
+            .arg(node.id.to_string())
+            .arg("--listen")
+            .arg(node.addr.to_string())
+            .arg("--data-dir")
+            .arg(&node.dir)
+            .arg("--initial-cluster")
+            .arg(&self.initial_cluster)
+            .arg("--shards")
+            .arg(self.spec.shards.to_string())
+            .env("IDGRAPH_PEER_ROUTES", routes)
+            .env("IDGRAPH_RAFT_HEARTBEAT_MS", self.spec.heartbeat_ms.to_string())
+            // Frequent snapshots: a node back from a fault often catches
+            // up by installing one (and a crash point can stop it there).
+            .env("IDGRAPH_RAFT_SNAPSHOT_LOGS", "50")
+            .env("IDGRAPH_SHUTDOWN_GRACE_MS", "200")
+            .env("IDGRAPH_LOG_LEVEL", "warn")
+            .env_remove("FAILPOINTS")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        if let Some(f) = failpoints {
+            cmd.env("FAILPOINTS", f);
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", self.spec.node_bin.display()))?;
+        let stdout = child.stdout.take().context("node stdout")?;
+        let mut line = String::new();
+        // The node prints its address once it listens; a node that cannot
+        // open its data directory exits instead.
+        let read = tokio::time::timeout(Duration::from_secs(60), BufReader::new(stdout).read_line(&mut line)).await;
+        if !matches!(read, Ok(Ok(_))) || !line.starts_with("idgraph-node listening on ") {
+            let _ = child.start_kill();
+            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+            bail!("node {} did not start ({status}); see {}", node.id, node.dir.with_extension("log").display());
+        }
+        node.child = Some(child);
+        node.paused = false;
+        node.failpoints = failpoints.map(str::to_string);
+        Ok(())
+    }
+
+    /// `kill -9`.
+    pub async fn kill(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if let Some(mut child) = node.child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        node.paused = false;
+    }
+
+    pub fn pause(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if let Some(pid) = node.child.as_ref().and_then(Child::id) {
+            if kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).is_ok() {
+                node.paused = true;
+            }
+        }
+    }
+
+    pub fn resume(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if let Some(pid) = node.child.as_ref().and_then(Child::id) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+        }
+        node.paused = false;
+    }
+
+    /// Nodes that exited on their own since the last call.
+    pub fn reap(&mut self) -> Vec<UnexpectedExit> {
+        let mut out = Vec::new();
+        for node in &mut self.nodes {
+            let Some(child) = &mut node.child else { continue };
+            if let Ok(Some(status)) = child.try_wait() {
+                let crash_point = node.failpoints.is_some() && status.code() == Some(CRASH_POINT_EXIT);
+                out.push(UnexpectedExit { node: node.index, status: status.to_string(), crash_point });
+                node.child = None;
+                node.paused = false;
+            }
+        }
+        out
+    }
+
+    /// Every node running, resumed and reachable, every link healed.
+    pub async fn heal_all(&mut self) -> anyhow::Result<()> {
+        self.network.heal();
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].paused {
+                self.resume(i);
+            }
+            if !self.nodes[i].running() {
+                self.spawn(i, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Which node leads each shard, as the nodes report it (the most recent
+    /// answer wins; shards nobody claims are missing).
+    pub async fn leaders(&self) -> BTreeMap<u32, u64> {
+        let mut out = BTreeMap::new();
+        for n in self.nodes.iter().filter(|n| n.running() && !n.paused) {
+            let Ok(Ok(mut admin)) = tokio::time::timeout(Duration::from_secs(2), admin(n)).await else { continue };
+            let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), admin.get_cluster(pb::GetClusterRequest {})).await else {
+                continue;
+            };
+            for s in status.into_inner().shards {
+                if s.state == "Leader" {
+                    out.insert(s.shard, s.leader_id);
+                }
+            }
+        }
+        out
+    }
+
+    pub async fn stop_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    /// Kills what still runs (a paused process dies of SIGKILL too).
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(child) = &mut node.child {
+                let _ = child.start_kill();
+            }
+        }
+    }
+}
+
+/// Exit status of a node stopped at a crash point (`idgraph_node::crash`).
+pub const CRASH_POINT_EXIT: i32 = 86;
+
+pub async fn admin(n: &Node) -> Result<pb::admin_client::AdminClient<Channel>, tonic::transport::Error> {
+    Ok(pb::admin_client::AdminClient::new(channel(&n.endpoint()).await?))
+}
+
+pub async fn channel(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(endpoint.to_string())?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect().await
+}
+
+/// A channel that connects on first use (and reconnects after a restart).
+pub fn lazy_channel(endpoint: &str) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// Free loopback ports, found by binding port 0.
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let listeners: Vec<std::net::TcpListener> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
+}
+
+/// The node binary beside the harness's own (both built into one target
+/// directory), unless given.
+pub fn default_node_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Test binaries live one level deeper, in deps/.
+    let dir = if dir.ends_with("deps") { dir.parent().map(Path::to_path_buf).unwrap_or(dir) } else { dir };
+    dir.join("idgraph-node")
+}
