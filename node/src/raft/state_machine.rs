@@ -40,27 +40,83 @@ pub struct ReplicaDigest {
     pub settled: bool,
 }
 
-/// Digests a replica's state without stopping it: the records are read as
-/// they are, and `settled` says whether the applied position stayed put
-/// meanwhile (each applied command moves it in the same write batch).
-/// Replicas of one shard that applied the same log hold the same records,
-/// whatever mix of entries and snapshots brought them there.
+/// Where a replica's state stands in its log: the raw applied position
+/// and membership records. Every applied batch changes the first or the
+/// second, in the same atomic write as its records.
+#[derive(PartialEq, Eq)]
+struct Position {
+    applied: Option<Vec<u8>>,
+    applied_command: Option<Vec<u8>>,
+    membership: Option<Vec<u8>>,
+}
+
+impl Position {
+    fn read<S: GraphStore>(store: &S) -> Result<Position, crate::storage::StoreError> {
+        Ok(Position { applied: store.meta(APPLIED)?, applied_command: store.meta(APPLIED_COMMAND)?, membership: store.meta(MEMBERSHIP)? })
+    }
+
+    fn applied(&self) -> Result<Option<LogId>, crate::storage::StoreError> {
+        Ok(match &self.applied {
+            Some(b) => decode::<Option<LogId>>(b)?,
+            None => None,
+        })
+    }
+
+    /// Whether some commands of the entry after `applied` are applied
+    /// already (an entry's commands are written one batch each).
+    fn mid_entry(&self) -> Result<bool, crate::storage::StoreError> {
+        let done: Option<(LogId, usize)> = match &self.applied_command {
+            Some(b) => Some(decode(b)?),
+            None => None,
+        };
+        let applied = self.applied()?;
+        Ok(done.is_some_and(|(id, _)| applied.is_none_or(|a| a.index < id.index)))
+    }
+
+    fn membership(&self) -> Result<Membership, crate::storage::StoreError> {
+        Ok(match &self.membership {
+            Some(b) => decode(b)?,
+            None => Membership::default(),
+        })
+    }
+}
+
+/// A replica's records and the log position they reflect, read while
+/// entries may be applied: openraft builds snapshots in a task of their
+/// own, beside the applies. The store's image is one point in time (it
+/// holds the store's write lock), and it is taken between two reads of the
+/// position; when they differ, an apply slipped in between and the image
+/// is taken again. `None` after `attempts` tries.
+fn image_at_position<S: GraphStore>(
+    store: &S,
+    without_meta: &[&str],
+    attempts: usize,
+) -> Result<Option<(Vec<u8>, Position)>, crate::storage::StoreError> {
+    for _ in 0..attempts {
+        let before = Position::read(store)?;
+        let records = store.snapshot(without_meta)?;
+        if Position::read(store)? == before {
+            return Ok(Some((records, before)));
+        }
+    }
+    Ok(None)
+}
+
+/// Digests a replica's state without stopping it. Replicas of one shard
+/// that applied the same log hold the same records, whatever mix of entries
+/// and snapshots brought them there. Not `settled` when entries kept being
+/// applied while it was read.
 pub fn replica_digest<S: GraphStore>(store: &S) -> Result<ReplicaDigest, crate::storage::StoreError> {
-    let position = || -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), crate::storage::StoreError> {
-        Ok((store.meta(APPLIED)?, store.meta(APPLIED_COMMAND)?))
-    };
-    let before = position()?;
-    let records = store.snapshot(&[APPLIED, APPLIED_COMMAND, SNAPSHOT])?;
-    let after = position()?;
-    let applied: Option<LogId> = match &after.0 {
-        Some(b) => decode::<Option<LogId>>(b)?,
-        None => None,
+    let (records, position, settled) = match image_at_position(store, &[APPLIED, APPLIED_COMMAND, SNAPSHOT], 3)? {
+        Some((records, position)) => (records, position, true),
+        None => (store.snapshot(&[APPLIED, APPLIED_COMMAND, SNAPSHOT])?, Position::read(store)?, false),
     };
     Ok(ReplicaDigest {
-        applied_index: applied.map_or(0, |l| l.index),
+        applied_index: position.applied()?.map_or(0, |l| l.index),
         digest: xxhash_rust::xxh3::xxh3_64(&records),
         bytes: records.len() as u64,
-        settled: before == after,
+        // Half an entry applied is not a state another replica reports.
+        settled: settled && !position.mid_entry()?,
     })
 }
 
@@ -199,7 +255,13 @@ impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
         // Durable first: the log this snapshot lets openraft purge must not be
         // needed to rebuild the graph after a crash.
         self.store.flush().map_err(write_err)?;
-        let (last_log_id, last_membership) = self.applied()?;
+        // The image and the log position it is labelled with must match: a
+        // follower installing it applies the entries after that position,
+        // and would apply twice any the image already holds.
+        let (graph, position) = image_at_position(&*self.store, &[SNAPSHOT], 1000)
+            .map_err(read_err)?
+            .ok_or_else(|| read_err(crate::storage::StoreError::Io("entries kept being applied while the snapshot was read".into())))?;
+        let (last_log_id, last_membership) = (position.applied().map_err(read_err)?, position.membership().map_err(read_err)?);
         self.snapshots_built += 1;
         let snapshot_id = match &last_log_id {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.snapshots_built),
@@ -209,7 +271,6 @@ impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
         // The image must not contain the previous image. The previous one
         // stays the current snapshot until the new one replaces it: a
         // lagging follower may be sent it meanwhile.
-        let graph = self.store.snapshot(&[SNAPSHOT]).map_err(read_err)?;
         let img = SnapshotImage { meta: meta.clone(), graph };
         let bytes = encode(&img);
         let mut cs = ChangeSet::default();

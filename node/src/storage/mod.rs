@@ -60,7 +60,8 @@ pub trait GraphStore: GraphRead + Send + Sync + 'static {
     /// Makes every applied change durable (fsync).
     fn flush(&self) -> Result<(), StoreError>;
     /// Everything the store holds but the named meta values, as opaque bytes
-    /// that [`Self::restore`] of the same implementation reads back.
+    /// that [`Self::restore`] of the same implementation reads back. One
+    /// point in time: no [`Self::apply`] lands half-way through it.
     fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError>;
     /// Replaces everything the store holds with a snapshot's content.
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError>;

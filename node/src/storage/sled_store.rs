@@ -229,6 +229,8 @@ impl GraphStore for SledStore {
 
     fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError> {
         let skip: Vec<Vec<u8>> = without_meta.iter().map(|k| str_key(b'x', k)).collect();
+        // Applies wait while the tree is read, so the image is one point in time.
+        let _guard = self.write.lock().map_err(|_| StoreError::Io("write lock poisoned".into()))?;
         let mut kvs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         for kv in self.tree.iter() {
             let (k, v) = kv.map_err(io)?;
