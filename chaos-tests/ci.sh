@@ -14,6 +14,7 @@ mkdir -p "$bins" "$reports"
 # broken one, and the normal one last (the one target/debug keeps).
 cargo build -p idgraph-node --features failpoints
 cp target/debug/idgraph-node "$bins/idgraph-node-failpoints"
+cargo clippy -p idgraph-node --features unsafe-early-ack -- -D warnings
 cargo build -p idgraph-node --features unsafe-early-ack
 cp target/debug/idgraph-node "$bins/idgraph-node-early-ack"
 cargo build -p idgraph-node -p idgraph-chaos

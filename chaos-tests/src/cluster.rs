@@ -138,6 +138,11 @@ impl Cluster {
         if let Some(f) = failpoints {
             cmd.env("FAILPOINTS", f);
         }
+        // A node dies with the harness, even when the harness is killed.
+        // SAFETY: the closure only makes one async-signal-safe system call.
+        unsafe {
+            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
+        }
         let mut child = cmd.spawn().with_context(|| format!("starting {}", self.spec.node_bin.display()))?;
         let stdout = child.stdout.take().context("node stdout")?;
         let mut line = String::new();
@@ -198,16 +203,28 @@ impl Cluster {
     }
 
     /// Every node running, resumed and reachable, every link healed.
+    /// Every node running without an armed crash point, resumed, and every
+    /// link healed. Nodes are all resumed before any is started, so that a
+    /// start that fails leaves none stopped.
     pub async fn heal_all(&mut self) -> anyhow::Result<()> {
         self.network.heal();
         for i in 0..self.nodes.len() {
             if self.nodes[i].paused {
                 self.resume(i);
             }
+        }
+        let mut failed = Vec::new();
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].failpoints.is_some() {
+                self.kill(i).await;
+            }
             if !self.nodes[i].running() {
-                self.spawn(i, None).await?;
+                if let Err(e) = self.spawn(i, None).await {
+                    failed.push(format!("{e:#}"));
+                }
             }
         }
+        anyhow::ensure!(failed.is_empty(), "{}", failed.join("; "));
         Ok(())
     }
 

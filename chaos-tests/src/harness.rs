@@ -46,6 +46,7 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
     }
     let workload_s = started.elapsed().as_secs_f64();
     let mut report = check(spec, &cluster, &history, nemesis.exits.as_slice(), start_errors).await;
+    late_exits(&mut report, &mut cluster);
     report.faults_by_kind = Report::fault_counts(&nemesis.log);
     report.faults = nemesis.log;
     report.ops_per_s = history.len() as f64 / workload_s.max(0.001);
@@ -90,6 +91,7 @@ pub async fn crash_loop(spec: &RunSpec, cycles: u64) -> anyhow::Result<Report> {
     let workload_s = started.elapsed().as_secs_f64();
     let exits = cluster.reap();
     let mut report = check(spec, &cluster, &history, &exits, start_errors).await;
+    late_exits(&mut report, &mut cluster);
     report.mode = "crash-loop";
     report.nodes = 1;
     report.duration_s = workload_s;
@@ -99,6 +101,17 @@ pub async fn crash_loop(spec: &RunSpec, cycles: u64) -> anyhow::Result<Report> {
     write_history(spec, &history)?;
     cluster.stop_all().await;
     Ok(report)
+}
+
+/// Nodes that exited while the checkers ran (none were armed any more).
+fn late_exits(report: &mut Report, cluster: &mut Cluster) {
+    let exits = cluster.reap();
+    if let Some(processes) = report.checks.iter_mut().find(|c| c.name == "processes") {
+        for e in exits {
+            processes.fail(format!("node {} exited while the checkers ran: {}", e.node + 1, e.status));
+        }
+    }
+    report.passed = report.checks.iter().all(|c| c.passed);
 }
 
 fn cluster_spec(spec: &RunSpec, nodes: usize) -> ClusterSpec {

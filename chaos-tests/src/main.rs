@@ -103,12 +103,14 @@ fn run() -> anyhow::Result<bool> {
             let faults: Vec<String> =
                 faults.iter().map(|f| serde_json::to_value(f).map(|v| v.as_str().unwrap_or("").to_string())).collect::<Result<_, _>>()?;
             let replay = format!(
-                "idgraph-chaos run --seed {} --nodes {nodes} --shards {} --clients {} --duration {} --faults {}",
+                "idgraph-chaos run --seed {} --nodes {nodes} --shards {} --clients {} --duration {} --faults {} --max-steps {} --node-bin {}",
                 spec.seed,
                 spec.shards,
                 spec.clients,
                 humantime::format_duration(*duration),
-                faults.join(",")
+                faults.join(","),
+                spec.max_steps,
+                spec.node_bin.display()
             );
             let spec = RunSpec { replay: replay.clone(), ..spec };
             (common, spec.clone(), runtime.block_on(harness::run(&spec)))
@@ -157,6 +159,18 @@ fn spec(common: &Common, nodes: usize, duration: Duration, faults: Vec<FaultKind
         "no node binary at {} (build it: cargo build -p idgraph-node, or give --node-bin)",
         node_bin.display()
     );
+    if faults.contains(&FaultKind::CrashPoint) {
+        let listed =
+            std::process::Command::new(&node_bin).arg("--crash-points").output().context("asking the node for its crash points")?;
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        let missing: Vec<&str> = idgraph_chaos::nemesis::crash_point_names().filter(|p| !listed.lines().any(|l| l == *p)).collect();
+        anyhow::ensure!(
+            missing.is_empty(),
+            "{} cannot stop at {} (crash-point faults need a node built with --features failpoints)",
+            node_bin.display(),
+            missing.join(", ")
+        );
+    }
     Ok(RunSpec {
         seed,
         nodes,

@@ -53,6 +53,11 @@ const CRASH_POINTS: [(&str, &str); 6] = [
     ("raft::snapshot-install", "return"),
 ];
 
+/// The crash points the nemesis arms.
+pub fn crash_point_names() -> impl Iterator<Item = &'static str> {
+    CRASH_POINTS.iter().map(|(name, _)| *name)
+}
+
 /// One logged nemesis event.
 #[derive(Clone, Debug, Serialize)]
 pub struct FaultEvent {

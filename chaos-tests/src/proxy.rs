@@ -124,10 +124,9 @@ async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
             }
         }
     };
-    tokio::select! {
-        _ = reader => {}
-        _ = writer => {}
-    }
+    // The writer drains what the reader queued before its end of stream;
+    // a writer that fails drops the queue, which stops the reader.
+    tokio::join!(reader, writer);
 }
 
 /// All links of a cluster of `n` nodes, indexed by (from, to).

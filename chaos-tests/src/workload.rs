@@ -116,6 +116,13 @@ pub enum Outcome {
     Unknown(String),
 }
 
+impl Outcome {
+    /// Failed with NOT_FOUND.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Outcome::Failed(detail) if detail.starts_with("NotFound:"))
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Op {
     pub client: usize,

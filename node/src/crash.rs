@@ -18,11 +18,32 @@
 //!
 //! Without the feature a crash point compiles to nothing.
 
+/// Every crash point in the code (the table above).
+pub const CRASH_POINTS: [&str; 6] = [
+    "txn::before-commit",
+    "txn::after-commit",
+    "txn::between-applies",
+    "raft::before-fsync",
+    "raft::after-fsync",
+    "raft::snapshot-install",
+];
+
+/// The crash points this build can stop at: all of them with the
+/// `failpoints` feature, none without (`idgraph-node --crash-points`).
+pub fn available() -> &'static [&'static str] {
+    if cfg!(feature = "failpoints") {
+        &CRASH_POINTS
+    } else {
+        &[]
+    }
+}
+
 /// Exit status of a process stopped at a crash point.
 pub const CRASH_EXIT_CODE: i32 = 86;
 
 /// Exits the process here when the crash point `name` is configured.
 pub fn crash_point(name: &str) {
+    debug_assert!(CRASH_POINTS.contains(&name), "crash point {name} is not listed in CRASH_POINTS");
     #[cfg(feature = "failpoints")]
     fail::fail_point!(name, |_| {
         eprintln!("crash point {name} reached: exiting");

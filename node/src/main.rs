@@ -41,6 +41,10 @@ struct Args {
     /// Print the built-in rule set and exit.
     #[arg(long)]
     print_default_rules: bool,
+    /// Print the crash points this build can stop at, one per line, and
+    /// exit (none unless built with the `failpoints` feature).
+    #[arg(long)]
+    crash_points: bool,
 }
 
 fn init_logs(config: &NodeConfig) {
@@ -72,6 +76,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.print_default_rules {
         print!("{}", idgraph_node::rules::BUILTIN_RULES_TOML);
+        return Ok(());
+    }
+    if args.crash_points {
+        for point in idgraph_node::crash::available() {
+            println!("{point}");
+        }
         return Ok(());
     }
     let overrides = Overrides {
