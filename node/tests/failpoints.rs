@@ -106,7 +106,17 @@ async fn crash_at(point: &str, applied_before_crash: bool) {
         assert_eq!(p.profile_id, resp.profile_id, "{point}: {kind} resolves to the event's profile");
         assert_eq!(p.identifiers.len(), ids.len(), "{point}: the profile holds every identifier once");
     }
-    let stats = others[1].admin().await.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner();
+    // Shards the crashed node led may still be electing a new leader.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        match others[1].admin().await.get_stats(pb::GetStatsRequest {}).await {
+            Ok(s) => break s.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("{point}: stats: {s}"),
+        }
+    };
     assert_eq!((stats.events, stats.profiles, stats.identifiers), (1, 1, 3), "{point}: applied exactly once");
 
     // The crashed node comes back (without the crash point); every part the

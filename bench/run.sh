@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Runs the side-by-side comparison on this machine and writes BENCHMARKS.md
+# (and bench/results/*.svg) from the medians of several repetitions.
+#
+#   bench/run.sh                 # default size
+#   PERSONS=2000 REPS=1 bench/run.sh   # a smoke run (what CI does)
+#
+# Systems: idgraph on one node (one shard; unary and streaming), idgraph on
+# three nodes on loopback (replication factor 3, 16 shards), PostgreSQL 15
+# doing online resolution (installed from Debian's packages if missing,
+# started in target/bench/pg with fsync and synchronous_commit on), and
+# sled alone as the storage ceiling.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+PERSONS="${PERSONS:-20000}"
+REPS="${REPS:-3}"
+CLIENTS="${CLIENTS:-16}"
+PROFILE="${PROFILE:-release}"
+work="$root/target/bench"
+results="$work/results.jsonl"
+mkdir -p "$work"
+: > "$results"
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
+  if [[ -n "${pgbin:-}" && -d "$work/pg" ]]; then "$pgbin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
+
+flag=""; [[ "$PROFILE" == release ]] && flag="--release"
+cargo build $flag -p idgraph-node -p idgraph-bench
+bin="$root/target/$PROFILE"
+bench="$bin/idgraph-bench"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# idgraph nodes: start_nodes N SHARDS -> endpoints in $endpoints
+start_nodes() {
+  local n=$1 shards=$2 members="" ports=()
+  for i in $(seq 1 "$n"); do ports+=("$(free_port)"); done
+  for i in $(seq 1 "$n"); do members+="${members:+,}$i=127.0.0.1:${ports[$((i-1))]}"; done
+  endpoints=""
+  for i in $(seq 1 "$n"); do
+    local dir="$work/node$n-$i"; rm -rf "$dir"
+    local args=(--listen "127.0.0.1:${ports[$((i-1))]}" --data-dir "$dir" --shards "$shards")
+    [[ $n -gt 1 ]] && args+=(--id "$i" --initial-cluster "$members")
+    IDGRAPH_LOG_LEVEL=error "$bin/idgraph-node" "${args[@]}" > "$dir.out" 2> "$dir.log" &
+    pids+=($!)
+    endpoints+="${endpoints:+,}http://127.0.0.1:${ports[$((i-1))]}"
+  done
+  sleep 3
+}
+stop_nodes() { for p in "${pids[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done; pids=(); sleep 1; }
+
+run() { # label, then idgraph-bench run arguments
+  local label=$1; shift
+  for rep in $(seq 1 "$REPS"); do
+    "$bench" run --persons "$PERSONS" --seed "$rep" --label "$label" --output json "$@" >> "$results"
+  done
+}
+
+echo "== idgraph, one node, one shard"
+for w in ingest merge-heavy lookup; do
+  start_nodes 1 1; run "1 node" --target idgraph --endpoints "$endpoints" --workload "$w" --clients "$CLIENTS"; stop_nodes
+done
+start_nodes 1 1; run "1 node" --target idgraph --endpoints "$endpoints" --workload ingest --clients 4 --stream --window 256; stop_nodes
+start_nodes 1 1; run "1 node" --target idgraph --endpoints "$endpoints" --workload lookup --clients "$CLIENTS" --stale; stop_nodes
+for c in 1 4 16 64; do
+  start_nodes 1 1; run "1 node, clients" --target idgraph --endpoints "$endpoints" --workload ingest --clients "$c" --accuracy-sample 0; stop_nodes
+done
+
+echo "== idgraph, three nodes, 16 shards"
+for w in ingest merge-heavy; do
+  start_nodes 3 16; run "3 nodes" --target idgraph --endpoints "$endpoints" --workload "$w" --clients "$CLIENTS"; stop_nodes
+done
+
+echo "== sled alone"
+for w in ingest; do
+  rm -rf "$work/sled"; run "ceiling" --target sled --sled-dir "$work/sled" --workload "$w" --clients "$CLIENTS"
+done
+
+echo "== PostgreSQL 15, online resolution"
+pgbin="$(ls -d /usr/lib/postgresql/15/bin 2>/dev/null || true)"
+if [[ -z "$pgbin" ]]; then
+  sudo_cmd=""; [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
+  $sudo_cmd apt-get install -y -q postgresql-15 >/dev/null
+  pgbin=/usr/lib/postgresql/15/bin
+fi
+pgport="$(free_port)"
+rm -rf "$work/pg"
+pguser=postgres
+if [[ $(id -u) -eq 0 ]]; then
+  # PostgreSQL refuses to run as root: run it as the postgres user.
+  mkdir -p "$work/pg" && chown postgres "$work/pg"
+  as_pg() { su postgres -s /bin/bash -c "$*"; }
+else
+  as_pg() { bash -c "$*"; }
+  pguser="$(id -un)"
+fi
+as_pg "$pgbin/initdb -D $work/pg -U $pguser -A trust >/dev/null"
+as_pg "$pgbin/pg_ctl -D $work/pg -o '-p $pgport -k /tmp -c fsync=on -c synchronous_commit=on -c max_connections=200' -l $work/pg.log -w start >/dev/null"
+pgconn="host=127.0.0.1 port=$pgport user=$pguser dbname=postgres"
+for w in ingest merge-heavy lookup; do
+  run "postgresql" --target postgres --pg "$pgconn" --workload "$w" --clients "$CLIENTS"
+done
+for c in 1 4 16 64; do
+  run "postgresql, clients" --target postgres --pg "$pgconn" --workload ingest --clients "$c" --accuracy-sample 0
+done
+as_pg "$pgbin/pg_ctl -D $work/pg -m fast stop >/dev/null"
+
+echo "== report"
+python3 bench/report.py "$results" "$PERSONS" "$REPS" > BENCHMARKS.md
+echo "wrote BENCHMARKS.md and bench/results/"

@@ -1,0 +1,256 @@
+//! `idgraph-bench`: one benchmark run against one system; `bench/run.sh`
+//! runs the whole comparison and writes BENCHMARKS.md.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use idgraph_bench::peers::{Idgraph, Peer, Postgres, SledCeiling};
+use idgraph_bench::run::{self, Measured, Workload};
+use idgraph_bench::world::{normalized_key, pairwise, raw_from_key, Accuracy, RawId, World, WorldSpec};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "idgraph-bench", about = "benchmark idgraph and its peers on generated identity events")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs one workload against one system and prints what it measured.
+    Run(RunArgs),
+    /// Prints the generated world's size (persons, events, identifiers).
+    World {
+        #[command(flatten)]
+        world: WorldArgs,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+enum Target {
+    Idgraph,
+    Postgres,
+    Sled,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args, Clone)]
+struct WorldArgs {
+    /// Persons in the generated world (about seven identifiers each).
+    #[arg(long, default_value_t = 10_000)]
+    persons: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Share of persons with very large profiles.
+    #[arg(long, default_value_t = 0.001)]
+    skew: f64,
+    /// Share of events delivered twice.
+    #[arg(long, default_value_t = 0.02)]
+    redelivery: f64,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long, value_enum)]
+    target: Target,
+    #[arg(long, value_enum, default_value = "ingest")]
+    workload: Workload,
+    #[command(flatten)]
+    world: WorldArgs,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// idgraph nodes to spread clients over (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:50051")]
+    endpoints: Vec<String>,
+    /// idgraph: ingest over IdentifyStream instead of unary calls.
+    #[arg(long)]
+    stream: bool,
+    /// Events in flight per stream.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// idgraph: stale reads from any replica instead of linearizable ones.
+    #[arg(long)]
+    stale: bool,
+    /// PostgreSQL connection string.
+    #[arg(long, default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres")]
+    pg: String,
+    /// Directory for the sled ceiling's database (must not exist).
+    #[arg(long, default_value = "target/bench-sled")]
+    sled_dir: std::path::PathBuf,
+    /// Look-ups of the lookup workload.
+    #[arg(long, default_value_t = 20_000)]
+    lookups: usize,
+    /// Persons whose identifiers are looked up afterwards for precision and
+    /// recall (0: skip).
+    #[arg(long, default_value_t = 1_000)]
+    accuracy_sample: usize,
+    /// A label carried into the output (e.g. the setup: "3 nodes").
+    #[arg(long, default_value = "")]
+    label: String,
+    #[arg(long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+/// One result line.
+#[derive(Serialize)]
+struct Result {
+    label: String,
+    target: Target,
+    system: String,
+    workload: Workload,
+    clients: usize,
+    stream: bool,
+    stale: bool,
+    persons: usize,
+    identifiers: usize,
+    preloaded_events: usize,
+    measured: Measured,
+    accuracy: Option<Accuracy>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::World { world } => {
+            let started = Instant::now();
+            let w = World::generate(&spec(&world));
+            println!(
+                "{} persons, {} events, {} identifiers with an owner (generated in {:.1} s)",
+                w.persons.len(),
+                w.events.len(),
+                w.identifier_count(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Run(args) => runtime.block_on(run_bench(args)),
+    }
+}
+
+fn spec(w: &WorldArgs) -> WorldSpec {
+    WorldSpec { persons: w.persons, seed: w.seed, skew: w.skew, redelivery: w.redelivery }
+}
+
+async fn run_bench(args: RunArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
+    let world = World::generate(&spec(&args.world));
+    let result = match args.target {
+        Target::Idgraph => {
+            let peer = Arc::new(Idgraph::connect(&args.endpoints, args.stale).await.map_err(anyhow::Error::msg)?);
+            measure(peer, &world, &args).await?
+        }
+        Target::Postgres => {
+            let peer =
+                Arc::new(Postgres::connect(&args.pg, args.clients).await.map_err(anyhow::Error::msg).context("connecting to PostgreSQL")?);
+            measure(peer, &world, &args).await?
+        }
+        Target::Sled => {
+            anyhow::ensure!(!args.sled_dir.exists(), "{} exists; the ceiling starts from an empty database", args.sled_dir.display());
+            let peer = Arc::new(SledCeiling::open(&args.sled_dir).map_err(anyhow::Error::msg)?);
+            let r = measure(peer, &world, &args).await;
+            let _ = std::fs::remove_dir_all(&args.sled_dir);
+            r?
+        }
+    };
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string(&result)?),
+        Output::Table => {
+            let m = &result.measured;
+            println!(
+                "{} · {:?} · {} clients{}",
+                result.system,
+                result.workload,
+                result.clients,
+                if result.stream { " · stream" } else { "" }
+            );
+            println!("  {} ops in {:.2} s: {:.0} ops/s, {} errors", m.ops, m.seconds, m.ops_per_s, m.errors);
+            println!("  latency p50 {} µs, p99 {} µs, p999 {} µs, max {} µs", m.p50_us, m.p99_us, m.p999_us, m.max_us);
+            if let Some(e) = &m.first_error {
+                println!("  first error: {e}");
+            }
+            if let Some(a) = result.accuracy {
+                println!("  pairwise precision {:.4}, recall {:.4} over {} identifiers", a.precision, a.recall, a.identifiers);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads what the workload needs first (untimed), runs it, and measures
+/// accuracy afterwards.
+async fn measure<P: Peer>(peer: Arc<P>, world: &World, args: &RunArgs) -> anyhow::Result<Result> {
+    let (preload, timed) = run::split(world, args.workload);
+    if !preload.is_empty() {
+        let loaded = run::ingest_unary(peer.clone(), Arc::new(preload.clone()), args.clients.max(8)).await;
+        anyhow::ensure!(loaded.errors == 0, "preloading failed: {:?}", loaded.first_error);
+    }
+    // Look-ups ask for identifiers the rules accept (not the placeholders).
+    let rules = idgraph_node::rules::RuleSet::builtin();
+    let known: Arc<Vec<RawId>> = Arc::new(
+        preload.iter().flat_map(|e| e.ids.iter()).filter(|i| normalized_key(&rules, i.kind, &i.value).is_some()).cloned().collect(),
+    );
+    let timed = Arc::new(timed);
+    let measured = match args.workload {
+        Workload::Ingest | Workload::MergeHeavy => match (args.stream, args.target) {
+            (true, Target::Idgraph) => {
+                let idgraph = Idgraph::connect(&args.endpoints, args.stale).await.map_err(anyhow::Error::msg)?;
+                run::ingest_stream(&idgraph, timed.clone(), args.clients, args.window).await
+            }
+            (true, _) => anyhow::bail!("--stream applies to idgraph only"),
+            (false, _) => run::ingest_unary(peer.clone(), timed.clone(), args.clients).await,
+        },
+        Workload::Lookup => run::lookups(peer.clone(), known.clone(), args.clients, args.lookups, args.world.seed).await,
+        Workload::Mixed => run::mixed(peer.clone(), known.clone(), timed.clone(), args.clients, args.world.seed).await,
+    };
+    let accuracy = if args.accuracy_sample > 0 && args.target != Target::Sled && args.workload != Workload::Mixed {
+        Some(accuracy(&*peer, world, args.accuracy_sample).await?)
+    } else {
+        None
+    };
+    Ok(Result {
+        label: args.label.clone(),
+        target: args.target,
+        system: peer.name(),
+        workload: args.workload,
+        clients: args.clients,
+        stream: args.stream,
+        stale: args.stale,
+        persons: world.persons.len(),
+        identifiers: world.identifier_count(),
+        preloaded_events: preload.len(),
+        measured,
+        accuracy,
+    })
+}
+
+/// Looks up every identifier of a sample of persons and scores the
+/// profiles found against the truth.
+async fn accuracy<P: Peer>(peer: &P, world: &World, sample: usize) -> anyhow::Result<Accuracy> {
+    let mut rng = fastrand::Rng::with_seed(world.spec.seed ^ 0xacc);
+    let mut persons: Vec<usize> = (0..world.persons.len()).collect();
+    rng.shuffle(&mut persons);
+    persons.truncate(sample);
+    let chosen: std::collections::HashSet<usize> = persons.into_iter().collect();
+    let mut placed = HashMap::new();
+    for (key, person) in &world.truth {
+        if !chosen.contains(person) {
+            continue;
+        }
+        let Some(id) = raw_from_key(key) else { continue };
+        if let Some(profile) = peer.lookup(0, &id).await.map_err(anyhow::Error::msg)? {
+            placed.insert(key.clone(), profile);
+        }
+    }
+    Ok(pairwise(&world.truth, &placed))
+}

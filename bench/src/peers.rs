@@ -1,0 +1,241 @@
+//! The systems a benchmark drives, behind one trait: idgraph over gRPC
+//! (unary or streaming), PostgreSQL doing the online resolution a team
+//! would build on it, and sled alone (the storage ceiling: the same flush
+//! before acknowledging, no resolution, no Raft, no network).
+
+use crate::world::{normalized_key, Event, RawId};
+use idgraph_node::rules::RuleSet;
+use idgraph_proto::v1 as pb;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use tonic::transport::Channel;
+
+/// What a benchmark asks of a system; `client` is the caller's index (a
+/// peer may keep one connection per client).
+pub trait Peer: Send + Sync + 'static {
+    fn name(&self) -> String;
+    fn ingest(&self, client: usize, event: &Event) -> impl Future<Output = Result<(), String>> + Send;
+    /// Looks an identifier up; the profile id found (None: not found).
+    fn lookup(&self, client: usize, id: &RawId) -> impl Future<Output = Result<Option<String>, String>> + Send;
+}
+
+pub fn to_request(e: &Event) -> pb::IdentifyRequest {
+    pb::IdentifyRequest {
+        event_id: e.event_id.clone(),
+        timestamp_ms: 0,
+        identifiers: e.ids.iter().map(|i| pb::Identifier { r#type: i.kind.into(), value: i.value.clone() }).collect(),
+        traits: None,
+        source: "bench".into(),
+    }
+}
+
+/// idgraph through its gRPC API, clients spread over the given nodes.
+pub struct Idgraph {
+    channels: Vec<Channel>,
+    stale: bool,
+}
+
+impl Idgraph {
+    pub async fn connect(endpoints: &[String], stale: bool) -> Result<Idgraph, String> {
+        let mut channels = Vec::new();
+        for e in endpoints {
+            let ch = tonic::transport::Endpoint::from_shared(e.clone())
+                .map_err(|e| e.to_string())?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .map_err(|err| format!("{e}: {err}"))?;
+            channels.push(ch);
+        }
+        if channels.is_empty() {
+            return Err("no endpoint".into());
+        }
+        Ok(Idgraph { channels, stale })
+    }
+
+    pub fn channel(&self, client: usize) -> Channel {
+        self.channels[client % self.channels.len()].clone()
+    }
+}
+
+impl Peer for Idgraph {
+    fn name(&self) -> String {
+        format!("idgraph ({} node{})", self.channels.len(), if self.channels.len() == 1 { "" } else { "s" })
+    }
+
+    async fn ingest(&self, client: usize, event: &Event) -> Result<(), String> {
+        let mut g = pb::identity_graph_client::IdentityGraphClient::new(self.channel(client));
+        g.identify(to_request(event)).await.map(|_| ()).map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    }
+
+    async fn lookup(&self, client: usize, id: &RawId) -> Result<Option<String>, String> {
+        let mut g = pb::identity_graph_client::IdentityGraphClient::new(self.channel(client));
+        let consistency = if self.stale { pb::ReadConsistency::Stale } else { pb::ReadConsistency::Linearizable };
+        let req = pb::GetProfileRequest {
+            key: Some(pb::get_profile_request::Key::Identifier(pb::Identifier { r#type: id.kind.into(), value: id.value.clone() })),
+            consistency: consistency as i32,
+        };
+        match g.get_profile(req).await {
+            Ok(p) => Ok(Some(p.into_inner().profile_id)),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+        }
+    }
+}
+
+/// PostgreSQL, resolving online: one transaction per event (synchronous
+/// commit on) locks the rows of the event's identifiers, creates a profile
+/// or merges the profiles found into the oldest, re-points their
+/// identifiers and inserts the new ones. Values are normalised by the same
+/// rules idgraph runs, in the client.
+pub struct Postgres {
+    clients: Vec<tokio::sync::Mutex<tokio_postgres::Client>>,
+    rules: Arc<RuleSet>,
+}
+
+const PG_SCHEMA: &str = "
+DROP TABLE IF EXISTS ident, profile, event_seen;
+CREATE TABLE profile (id bigserial PRIMARY KEY, merged_into bigint);
+CREATE TABLE ident (kind text, value text, profile bigint NOT NULL, PRIMARY KEY (kind, value));
+CREATE INDEX ident_profile ON ident (profile);
+CREATE TABLE event_seen (event_id text PRIMARY KEY);
+";
+
+impl Postgres {
+    /// Connects `clients` sessions and (re)creates the schema.
+    pub async fn connect(conninfo: &str, clients: usize) -> Result<Postgres, String> {
+        let mut sessions = Vec::new();
+        for _ in 0..clients.max(1) {
+            let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            sessions.push(tokio::sync::Mutex::new(client));
+        }
+        sessions[0].lock().await.batch_execute(PG_SCHEMA).await.map_err(|e| e.to_string())?;
+        Ok(Postgres { clients: sessions, rules: Arc::new(RuleSet::builtin()) })
+    }
+
+    async fn resolve_once(&self, db: &mut tokio_postgres::Client, event: &Event) -> Result<(), tokio_postgres::Error> {
+        let mut keys: BTreeMap<String, (String, String)> = BTreeMap::new();
+        for id in &event.ids {
+            if let Some(k) = normalized_key(&self.rules, id.kind, &id.value) {
+                let (kind, value) = k.split_once(':').map(|(a, b)| (a.to_string(), b.to_string())).unwrap_or_default();
+                keys.insert(k, (kind, value));
+            }
+        }
+        let tx = db.transaction().await?;
+        if tx.execute("INSERT INTO event_seen VALUES ($1) ON CONFLICT DO NOTHING", &[&event.event_id]).await? == 0 {
+            return tx.commit().await;
+        }
+        let kinds: Vec<&str> = keys.values().map(|(k, _)| k.as_str()).collect();
+        let values: Vec<&str> = keys.values().map(|(_, v)| v.as_str()).collect();
+        let rows = tx
+            .query(
+                "SELECT i.kind, i.value, i.profile FROM ident i JOIN unnest($1::text[], $2::text[]) AS k(kind, value) \
+                 ON i.kind = k.kind AND i.value = k.value ORDER BY i.kind, i.value FOR UPDATE OF i",
+                &[&kinds, &values],
+            )
+            .await?;
+        let mut found: Vec<i64> = rows.iter().map(|r| r.get::<_, i64>(2)).collect();
+        found.sort_unstable();
+        found.dedup();
+        let survivor = match found.first() {
+            Some(s) => *s,
+            None => tx.query_one("INSERT INTO profile DEFAULT VALUES RETURNING id", &[]).await?.get(0),
+        };
+        let absorbed: Vec<i64> = found.iter().copied().filter(|p| *p != survivor).collect();
+        if !absorbed.is_empty() {
+            tx.execute("UPDATE ident SET profile = $1 WHERE profile = ANY($2)", &[&survivor, &absorbed]).await?;
+            tx.execute("UPDATE profile SET merged_into = $1 WHERE id = ANY($2)", &[&survivor, &absorbed]).await?;
+        }
+        let have: std::collections::HashSet<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let missing: Vec<&(String, String)> = keys.values().filter(|k| !have.contains(*k)).collect();
+        if !missing.is_empty() {
+            let kinds: Vec<&str> = missing.iter().map(|(k, _)| k.as_str()).collect();
+            let values: Vec<&str> = missing.iter().map(|(_, v)| v.as_str()).collect();
+            tx.execute(
+                "INSERT INTO ident (kind, value, profile) SELECT k, v, $3 FROM unnest($1::text[], $2::text[]) AS t(k, v)",
+                &[&kinds, &values, &survivor],
+            )
+            .await?;
+        }
+        tx.commit().await
+    }
+}
+
+impl Peer for Postgres {
+    fn name(&self) -> String {
+        "postgresql (online)".into()
+    }
+
+    async fn ingest(&self, client: usize, event: &Event) -> Result<(), String> {
+        let mut db = self.clients[client % self.clients.len()].lock().await;
+        // Lost races (a key inserted meanwhile, a deadlock) are retried, as
+        // an application would.
+        for _ in 0..50 {
+            match self.resolve_once(&mut db, event).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.code().is_some_and(|c| matches!(c.code(), "23505" | "40P01" | "40001")) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("gave up after 50 conflicting attempts".into())
+    }
+
+    async fn lookup(&self, client: usize, id: &RawId) -> Result<Option<String>, String> {
+        let Some(key) = normalized_key(&self.rules, id.kind, &id.value) else { return Ok(None) };
+        let (kind, value) = key.split_once(':').unwrap_or_default();
+        let db = self.clients[client % self.clients.len()].lock().await;
+        let row = db
+            .query_opt(
+                "WITH RECURSIVE chain(id, merged_into) AS ( \
+                   SELECT p.id, p.merged_into FROM profile p JOIN ident i ON i.profile = p.id WHERE i.kind = $1 AND i.value = $2 \
+                   UNION ALL SELECT p.id, p.merged_into FROM profile p JOIN chain c ON p.id = c.merged_into) \
+                 SELECT id FROM chain WHERE merged_into IS NULL",
+                &[&kind, &value],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(row.map(|r| r.get::<_, i64>(0).to_string()))
+    }
+}
+
+/// sled alone: each event's normalised identifiers written in one batch and
+/// flushed (fsync) before it counts as done. No resolution, no Raft, no
+/// network.
+pub struct SledCeiling {
+    db: sled::Db,
+    rules: Arc<RuleSet>,
+}
+
+impl SledCeiling {
+    pub fn open(dir: &std::path::Path) -> Result<SledCeiling, String> {
+        let db = sled::open(dir).map_err(|e| e.to_string())?;
+        Ok(SledCeiling { db, rules: Arc::new(RuleSet::builtin()) })
+    }
+}
+
+impl Peer for SledCeiling {
+    fn name(&self) -> String {
+        "sled alone (ceiling)".into()
+    }
+
+    async fn ingest(&self, _client: usize, event: &Event) -> Result<(), String> {
+        let mut batch = sled::Batch::default();
+        for id in &event.ids {
+            if let Some(k) = normalized_key(&self.rules, id.kind, &id.value) {
+                batch.insert(k.as_bytes(), event.event_id.as_bytes());
+            }
+        }
+        self.db.apply_batch(batch).map_err(|e| e.to_string())?;
+        // As idgraph's log flusher does: a blocking flush off the runtime
+        // (sled's flush_async hung under 16 concurrent callers here).
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush()).await.map_err(|e| e.to_string())?.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    async fn lookup(&self, _client: usize, id: &RawId) -> Result<Option<String>, String> {
+        let Some(k) = normalized_key(&self.rules, id.kind, &id.value) else { return Ok(None) };
+        Ok(self.db.get(k.as_bytes()).map_err(|e| e.to_string())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+}
