@@ -71,7 +71,8 @@ def main():
     w("## Machine and versions")
     w("")
     cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
-    w(f"- CPU: {cpu or platform.processor()} ({os.cpu_count()} cores); memory: {sh('free -g | awk \"/Mem:/{print $2}\"')} GiB")
+    mem = sh("free -g | awk '/Mem:/{print $2}'")
+    w(f"- CPU: {cpu or platform.processor()} ({os.cpu_count()} cores); memory: {mem} GiB")
     w(f"- OS: {platform.platform()}")
     w(f"- idgraph: {sh('git rev-parse --short HEAD')}, {sh('rustc --version')}, release build")
     w(f"- PostgreSQL: {sh('ls /usr/lib/postgresql/ 2>/dev/null | tail -1') or 'not installed'} "
