@@ -164,6 +164,11 @@ impl AdminService {
     pub fn new(router: ShardRouter, replicas: crate::raft::Replicas) -> Self {
         AdminService { router, replicas }
     }
+
+    /// The shard replicas this node holds, as of now.
+    fn local_replicas(&self) -> Result<Vec<crate::raft::ShardReplica>, Status> {
+        Ok(self.replicas.read().map_err(|_| Status::internal("replica table lock poisoned"))?.values().cloned().collect())
+    }
 }
 
 #[tonic::async_trait]
@@ -236,8 +241,7 @@ impl Admin for AdminService {
     }
 
     async fn get_digests(&self, _request: Request<pb::GetDigestsRequest>) -> Result<Response<pb::ReplicaDigests>, Status> {
-        let replicas: Vec<crate::raft::ShardReplica> =
-            self.replicas.read().map_err(|_| Status::internal("replica table lock poisoned"))?.values().cloned().collect();
+        let replicas = self.local_replicas()?;
         let mut shards = Vec::new();
         let mut node_id = 0;
         for r in replicas {
@@ -256,8 +260,7 @@ impl Admin for AdminService {
     }
 
     async fn get_cluster(&self, _request: Request<pb::GetClusterRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
-        let replicas: Vec<crate::raft::ShardReplica> =
-            self.replicas.read().map_err(|_| Status::internal("replica table lock poisoned"))?.values().cloned().collect();
+        let replicas = self.local_replicas()?;
         let mut shards = Vec::new();
         let mut node_id = 0;
         for r in replicas {
