@@ -2,8 +2,9 @@
 # Runs the side-by-side comparison on this machine and writes BENCHMARKS.md
 # (and bench/results/*.svg) from the medians of several repetitions.
 #
-#   bench/run.sh                 # default size
-#   PERSONS=2000 REPS=1 bench/run.sh   # a smoke run (what CI does)
+#   bench/run.sh                        # default size, every stage
+#   PERSONS=2000 REPS=1 bench/run.sh    # a quick look
+#   STAGES="sled postgres" APPEND=1 bench/run.sh   # some stages, added to the last results
 #
 # Systems: idgraph on one node (one shard; unary and streaming), idgraph on
 # three nodes on loopback (replication factor 3, 16 shards), PostgreSQL 15
@@ -17,10 +18,12 @@ PERSONS="${PERSONS:-20000}"
 REPS="${REPS:-3}"
 CLIENTS="${CLIENTS:-16}"
 PROFILE="${PROFILE:-release}"
+STAGES="${STAGES:-single cluster sled postgres}"
 work="$root/target/bench"
 results="$work/results.jsonl"
 mkdir -p "$work"
-: > "$results"
+[[ "${APPEND:-0}" == 1 ]] || : > "$results"
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
 pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
@@ -60,6 +63,7 @@ run() { # label, then idgraph-bench run arguments
   done
 }
 
+if stage single; then
 echo "== idgraph, one node, one shard"
 for w in ingest merge-heavy lookup; do
   start_nodes 1 1; run "1 node" --target idgraph --endpoints "$endpoints" --workload "$w" --clients "$CLIENTS"; stop_nodes
@@ -69,17 +73,21 @@ start_nodes 1 1; run "1 node" --target idgraph --endpoints "$endpoints" --worklo
 for c in 1 4 16 64; do
   start_nodes 1 1; run "1 node, clients" --target idgraph --endpoints "$endpoints" --workload ingest --clients "$c" --accuracy-sample 0; stop_nodes
 done
+fi
 
+if stage cluster; then
 echo "== idgraph, three nodes, 16 shards"
 for w in ingest merge-heavy; do
   start_nodes 3 16; run "3 nodes" --target idgraph --endpoints "$endpoints" --workload "$w" --clients "$CLIENTS"; stop_nodes
 done
+fi
 
+if stage sled; then
 echo "== sled alone"
-for w in ingest; do
-  rm -rf "$work/sled"; run "ceiling" --target sled --sled-dir "$work/sled" --workload "$w" --clients "$CLIENTS"
-done
+rm -rf "$work/sled"; run "ceiling" --target sled --sled-dir "$work/sled" --workload ingest --clients "$CLIENTS"
+fi
 
+if stage postgres; then
 echo "== PostgreSQL 15, online resolution"
 pgbin="$(ls -d /usr/lib/postgresql/15/bin 2>/dev/null || true)"
 if [[ -z "$pgbin" ]]; then
@@ -99,7 +107,7 @@ else
   pguser="$(id -un)"
 fi
 as_pg "$pgbin/initdb -D $work/pg -U $pguser -A trust >/dev/null"
-as_pg "$pgbin/pg_ctl -D $work/pg -o '-p $pgport -k /tmp -c fsync=on -c synchronous_commit=on -c max_connections=200' -l $work/pg.log -w start >/dev/null"
+as_pg "$pgbin/pg_ctl -D $work/pg -o '-p $pgport -k /tmp -c fsync=on -c synchronous_commit=on -c max_connections=200' -l $work/pg/postgres.log -w start >/dev/null"
 pgconn="host=127.0.0.1 port=$pgport user=$pguser dbname=postgres"
 for w in ingest merge-heavy lookup; do
   run "postgresql" --target postgres --pg "$pgconn" --workload "$w" --clients "$CLIENTS"
@@ -108,6 +116,7 @@ for c in 1 4 16 64; do
   run "postgresql, clients" --target postgres --pg "$pgconn" --workload ingest --clients "$c" --accuracy-sample 0
 done
 as_pg "$pgbin/pg_ctl -D $work/pg -m fast stop >/dev/null"
+fi
 
 echo "== report"
 python3 bench/report.py "$results" "$PERSONS" "$REPS" > BENCHMARKS.md

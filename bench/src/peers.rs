@@ -85,9 +85,9 @@ impl Peer for Idgraph {
 }
 
 /// PostgreSQL, resolving online: one transaction per event (synchronous
-/// commit on) locks the rows of the event's identifiers, creates a profile
-/// or merges the profiles found into the oldest, re-points their
-/// identifiers and inserts the new ones. Values are normalised by the same
+/// commit on) locks the rows of the event's identifiers and the live
+/// profiles they lead to, creates a profile or merges the profiles found
+/// into the oldest, re-points their identifiers and inserts the new ones. Values are normalised by the same
 /// rules idgraph runs, in the client.
 pub struct Postgres {
     clients: Vec<tokio::sync::Mutex<tokio_postgres::Client>>,
@@ -115,7 +115,9 @@ impl Postgres {
         Ok(Postgres { clients: sessions, rules: Arc::new(RuleSet::builtin()) })
     }
 
-    async fn resolve_once(&self, db: &mut tokio_postgres::Client, event: &Event) -> Result<(), tokio_postgres::Error> {
+    /// One attempt; Ok(false) when a concurrent merge moved a profile it
+    /// read (rolled back, to be tried again).
+    async fn resolve_once(&self, db: &mut tokio_postgres::Client, event: &Event) -> Result<bool, tokio_postgres::Error> {
         let mut keys: BTreeMap<String, (String, String)> = BTreeMap::new();
         for id in &event.ids {
             if let Some(k) = normalized_key(&self.rules, id.kind, &id.value) {
@@ -125,7 +127,7 @@ impl Postgres {
         }
         let tx = db.transaction().await?;
         if tx.execute("INSERT INTO event_seen VALUES ($1) ON CONFLICT DO NOTHING", &[&event.event_id]).await? == 0 {
-            return tx.commit().await;
+            return tx.commit().await.map(|_| true);
         }
         let kinds: Vec<&str> = keys.values().map(|(k, _)| k.as_str()).collect();
         let values: Vec<&str> = keys.values().map(|(_, v)| v.as_str()).collect();
@@ -136,9 +138,28 @@ impl Postgres {
                 &[&kinds, &values],
             )
             .await?;
-        let mut found: Vec<i64> = rows.iter().map(|r| r.get::<_, i64>(2)).collect();
-        found.sort_unstable();
-        found.dedup();
+        let mut pointed: Vec<i64> = rows.iter().map(|r| r.get::<_, i64>(2)).collect();
+        pointed.sort_unstable();
+        pointed.dedup();
+        // Identifiers may point at profiles merged away since: follow each
+        // to its live root, and lock the roots. A root merged by a
+        // concurrent transaction meanwhile sends this one round again.
+        let roots = tx
+            .query(
+                "WITH RECURSIVE chain(id, merged_into) AS ( \
+                   SELECT id, merged_into FROM profile WHERE id = ANY($1) \
+                   UNION SELECT p.id, p.merged_into FROM profile p JOIN chain c ON p.id = c.merged_into) \
+                 SELECT id FROM chain WHERE merged_into IS NULL ORDER BY id",
+                &[&pointed],
+            )
+            .await?;
+        let found: Vec<i64> = roots.iter().map(|r| r.get(0)).collect();
+        let locked =
+            tx.query("SELECT id FROM profile WHERE id = ANY($1) AND merged_into IS NULL ORDER BY id FOR UPDATE", &[&found]).await?;
+        if locked.len() != found.len() {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         let survivor = match found.first() {
             Some(s) => *s,
             None => tx.query_one("INSERT INTO profile DEFAULT VALUES RETURNING id", &[]).await?.get(0),
@@ -159,7 +180,7 @@ impl Postgres {
             )
             .await?;
         }
-        tx.commit().await
+        tx.commit().await.map(|_| true)
     }
 }
 
@@ -174,7 +195,8 @@ impl Peer for Postgres {
         // an application would.
         for _ in 0..50 {
             match self.resolve_once(&mut db, event).await {
-                Ok(()) => return Ok(()),
+                Ok(true) => return Ok(()),
+                Ok(false) => continue,
                 Err(e) if e.code().is_some_and(|c| matches!(c.code(), "23505" | "40P01" | "40001")) => continue,
                 Err(e) => return Err(e.to_string()),
             }
