@@ -88,6 +88,23 @@ impl Recorder {
     }
 }
 
+/// Runs `client(c, recorder)` for each of `clients` callers at once and
+/// measures them together, from before the first starts to after the last
+/// ends.
+async fn drive<F, Fut>(clients: usize, client: F) -> Measured
+where
+    F: Fn(usize, Arc<Recorder>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let rec = Arc::new(Recorder::new());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients).map(|c| tokio::spawn(client(c, rec.clone()))).collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    rec.finish(started.elapsed())
+}
+
 /// Splits a world's events for a workload: (loaded first, untimed; timed).
 pub fn split(world: &World, workload: Workload) -> (Vec<Event>, Vec<Event>) {
     let events = world.events.clone();
@@ -105,13 +122,10 @@ pub fn split(world: &World, workload: Workload) -> (Vec<Event>, Vec<Event>) {
 
 /// Sends `events` with `clients` concurrent callers, one event per call.
 pub async fn ingest_unary<P: Peer>(peer: Arc<P>, events: Arc<Vec<Event>>, clients: usize) -> Measured {
-    let rec = Arc::new(Recorder::new());
     let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let (peer, events, rec, next) = (peer.clone(), events.clone(), rec.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
+    drive(clients, |c, rec| {
+        let (peer, events, next) = (peer.clone(), events.clone(), next.clone());
+        async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(e) = events.get(i) else { break };
@@ -119,26 +133,19 @@ pub async fn ingest_unary<P: Peer>(peer: Arc<P>, events: Arc<Vec<Event>>, client
                 let r = peer.ingest(c, e).await;
                 rec.record(t, &r);
             }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    rec.finish(started.elapsed())
+        }
+    })
+    .await
 }
 
 /// Sends `events` over `clients` IdentifyStream calls, up to `window`
 /// events in flight on each; latency is from an event's send to its answer.
 pub async fn ingest_stream(peer: &Idgraph, events: Arc<Vec<Event>>, clients: usize, window: usize) -> Measured {
-    let rec = Arc::new(Recorder::new());
-    let started = Instant::now();
-    let mut tasks = Vec::new();
     let per = events.len().div_ceil(clients.max(1));
-    for c in 0..clients {
+    drive(clients, |c, rec| {
         let chunk: Vec<Event> = events.iter().skip(c * per).take(per).cloned().collect();
         let channel = peer.channel(c);
-        let rec = rec.clone();
-        tasks.push(tokio::spawn(async move {
+        async move {
             let (tx, rx) = tokio::sync::mpsc::channel::<pb::IdentifyRequest>(window);
             let permits = Arc::new(tokio::sync::Semaphore::new(window));
             let sent_at = Arc::new(Mutex::new(std::collections::VecDeque::new()));
@@ -184,23 +191,17 @@ pub async fn ingest_stream(peer: &Idgraph, events: Arc<Vec<Event>>, clients: usi
                 Err(s) => rec.record(Instant::now(), &Err::<(), _>(format!("stream: {s}"))),
             }
             let _ = sender.await;
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    rec.finish(started.elapsed())
+        }
+    })
+    .await
 }
 
 /// `count` look-ups of identifiers drawn from `ids`, by `clients` callers.
 pub async fn lookups<P: Peer>(peer: Arc<P>, ids: Arc<Vec<RawId>>, clients: usize, count: usize, seed: u64) -> Measured {
-    let rec = Arc::new(Recorder::new());
     let done = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let (peer, ids, rec, done) = (peer.clone(), ids.clone(), rec.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
+    drive(clients, |c, rec| {
+        let (peer, ids, done) = (peer.clone(), ids.clone(), done.clone());
+        async move {
             let mut rng = fastrand::Rng::with_seed(seed ^ c as u64);
             while done.fetch_add(1, Ordering::Relaxed) < count && !ids.is_empty() {
                 let id = &ids[rng.usize(0..ids.len())];
@@ -208,23 +209,17 @@ pub async fn lookups<P: Peer>(peer: Arc<P>, ids: Arc<Vec<RawId>>, clients: usize
                 let r = peer.lookup(c, id).await;
                 rec.record(t, &r);
             }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    rec.finish(started.elapsed())
+        }
+    })
+    .await
 }
 
 /// 80 % look-ups of `known` identifiers and 20 % of the `fresh` events.
 pub async fn mixed<P: Peer>(peer: Arc<P>, known: Arc<Vec<RawId>>, fresh: Arc<Vec<Event>>, clients: usize, seed: u64) -> Measured {
-    let rec = Arc::new(Recorder::new());
     let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let (peer, known, fresh, rec, next) = (peer.clone(), known.clone(), fresh.clone(), rec.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
+    drive(clients, |c, rec| {
+        let (peer, known, fresh, next) = (peer.clone(), known.clone(), fresh.clone(), next.clone());
+        async move {
             let mut rng = fastrand::Rng::with_seed(seed ^ (c as u64) << 8);
             loop {
                 let t = Instant::now();
@@ -238,10 +233,7 @@ pub async fn mixed<P: Peer>(peer: Arc<P>, known: Arc<Vec<RawId>>, fresh: Arc<Vec
                     rec.record(t, &r);
                 }
             }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    rec.finish(started.elapsed())
+        }
+    })
+    .await
 }
