@@ -45,14 +45,8 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
         }
     }
     let workload_s = started.elapsed().as_secs_f64();
-    let mut report = check(spec, &cluster, &history, nemesis.exits.as_slice(), start_errors).await;
-    late_exits(&mut report, &mut cluster);
-    report.faults_by_kind = Report::fault_counts(&nemesis.log);
-    report.faults = nemesis.log;
-    report.ops_per_s = history.len() as f64 / workload_s.max(0.001);
-    write_history(spec, &history)?;
-    cluster.stop_all().await;
-    Ok(report)
+    let exits = nemesis.exits.clone();
+    conclude(spec, &mut cluster, &history, &exits, start_errors, nemesis.log, workload_s).await
 }
 
 /// Crash loop: one node under heavy load, `kill -9`'d at a random moment,
@@ -90,28 +84,38 @@ pub async fn crash_loop(spec: &RunSpec, cycles: u64) -> anyhow::Result<Report> {
     }
     let workload_s = started.elapsed().as_secs_f64();
     let exits = cluster.reap();
-    let mut report = check(spec, &cluster, &history, &exits, start_errors).await;
-    late_exits(&mut report, &mut cluster);
+    let mut report = conclude(spec, &mut cluster, &history, &exits, start_errors, log, workload_s).await?;
     report.mode = "crash-loop";
     report.nodes = 1;
     report.duration_s = workload_s;
-    report.faults_by_kind = Report::fault_counts(&log);
-    report.faults = log;
-    report.ops_per_s = history.len() as f64 / workload_s.max(0.001);
-    write_history(spec, &history)?;
-    cluster.stop_all().await;
     Ok(report)
 }
 
-/// Nodes that exited while the checkers ran (none were armed any more).
-fn late_exits(report: &mut Report, cluster: &mut Cluster) {
-    let exits = cluster.reap();
+/// After the workload: check, note nodes that exited while the checkers ran
+/// (none were armed any more), fill in the faults and the rate, keep the
+/// history, stop the cluster.
+async fn conclude(
+    spec: &RunSpec,
+    cluster: &mut Cluster,
+    history: &[Op],
+    exits: &[crate::cluster::UnexpectedExit],
+    start_errors: Vec<String>,
+    faults: Vec<crate::nemesis::FaultEvent>,
+    workload_s: f64,
+) -> anyhow::Result<Report> {
+    let mut report = check(spec, cluster, history, exits, start_errors).await;
     if let Some(processes) = report.checks.iter_mut().find(|c| c.name == "processes") {
-        for e in exits {
+        for e in cluster.reap() {
             processes.fail(format!("node {} exited while the checkers ran: {}", e.node + 1, e.status));
         }
     }
     report.passed = report.checks.iter().all(|c| c.passed);
+    report.faults_by_kind = Report::fault_counts(&faults);
+    report.faults = faults;
+    report.ops_per_s = history.len() as f64 / workload_s.max(0.001);
+    write_history(spec, history)?;
+    cluster.stop_all().await;
+    Ok(report)
 }
 
 fn cluster_spec(spec: &RunSpec, nodes: usize) -> ClusterSpec {
