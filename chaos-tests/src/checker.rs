@@ -78,10 +78,17 @@ pub async fn settle(cluster: &Cluster, within: Duration) -> Result<Duration, Str
 async fn settled_now(cluster: &Cluster) -> Result<(), String> {
     let mut leaders = BTreeSet::new();
     let mut shards = 0;
+    let mut meta_led = false;
     for n in &cluster.nodes {
         let mut a = admin(n).await.map_err(|e| format!("node {}: {e}", n.id))?;
         let status = a.get_cluster(pb::GetClusterRequest {}).await.map_err(|e| format!("node {}: {}", n.id, e.message()))?.into_inner();
-        shards = shards.max(status.shards.len());
+        // Each node holds some shards' replicas (all of them while the
+        // cluster has no more nodes than the replication factor).
+        shards = shards.max(status.shard_count as usize);
+        meta_led |= status.metadata.as_ref().is_some_and(|m| m.state == "Leader");
+        if let Some(moving) = status.placement.iter().find(|p| !p.moving.is_empty()) {
+            return Err(format!("node {}: a replica of group {} is still moving ({})", n.id, moving.group, moving.moving));
+        }
         for s in status.shards {
             if s.prepared_txns > 0 {
                 return Err(format!("node {} shard {} has {} prepared transaction parts", n.id, s.shard, s.prepared_txns));
@@ -93,6 +100,9 @@ async fn settled_now(cluster: &Cluster) -> Result<(), String> {
     }
     if leaders.len() < shards {
         return Err(format!("{} of {shards} shards have a leader", leaders.len()));
+    }
+    if !meta_led {
+        return Err("the metadata group has no leader".into());
     }
     Ok(())
 }

@@ -53,16 +53,19 @@ enum Command {
     Rules(RulesCmd),
     /// Graph counters.
     Stats,
-    /// The cluster as the node sees it: shards, leaders, log indexes, lag.
+    /// The cluster as the node sees it: nodes, where each shard's replicas
+    /// are, moves under way, and its own replicas' leaders, log indexes, lag.
     #[command(subcommand)]
     Cluster(ClusterCmd),
 }
 
 #[derive(Subcommand)]
 enum ClusterCmd {
-    /// Shard replicas on the node: Raft state, leader, term, log indexes, members.
+    /// The cluster map (nodes, replica placement, moves under way) and the
+    /// node's own replicas: Raft state, leader, term, log indexes, members.
     Status,
-    /// Add a node (already started) to every shard's group.
+    /// Register a node (already started); replicas then move to it until
+    /// every node holds about as many.
     AddNode {
         #[arg(long)]
         id: u64,
@@ -70,7 +73,8 @@ enum ClusterCmd {
         #[arg(long)]
         addr: String,
     },
-    /// Remove a node from every shard's group.
+    /// Remove a node: its replicas move to other nodes first, then it is
+    /// forgotten (waits up to two minutes).
     RemoveNode {
         #[arg(long)]
         id: u64,
@@ -431,13 +435,35 @@ async fn run(cli: Cli) -> Result<()> {
             if json_out {
                 print_json(&c)?
             } else {
-                println!("node {}", c.node_id);
+                println!(
+                    "node {} · cluster map version {} · {} shards · replication factor {}",
+                    c.node_id, c.map_version, c.shard_count, c.replication_factor
+                );
+                let mut nodes = table(&["node", "addr", "state", "replicas", "leads (seen here)", "rule version"]);
+                for n in &c.nodes {
+                    nodes.add_row(vec![
+                        n.node_id.to_string(),
+                        n.addr.clone(),
+                        n.state.clone(),
+                        n.replicas.to_string(),
+                        n.leads.to_string(),
+                        n.rule_version.clone(),
+                    ]);
+                }
+                println!("{nodes}");
+                let mut placement = table(&["group", "replicas on nodes", "moving"]);
+                for p in &c.placement {
+                    let on: Vec<String> = p.node_ids.iter().map(u64::to_string).collect();
+                    placement.add_row(vec![p.group.clone(), on.join(" "), p.moving.clone()]);
+                }
+                println!("{placement}");
                 let mut t =
                     table(&["shard", "state", "leader", "term", "last log", "applied", "snapshot", "txns", "members (id addr matched)"]);
-                for s in c.shards {
+                for s in c.metadata.into_iter().chain(c.shards) {
                     let members: Vec<String> = s.members.iter().map(|m| format!("{} {} {}", m.node_id, m.addr, m.matched_index)).collect();
+                    let group = if s.shard == u32::MAX { "meta".to_string() } else { s.shard.to_string() };
                     t.add_row(vec![
-                        s.shard.to_string(),
+                        group,
                         s.state,
                         s.leader_id.to_string(),
                         s.term.to_string(),
@@ -448,7 +474,7 @@ async fn run(cli: Cli) -> Result<()> {
                         members.join("\n"),
                     ]);
                 }
-                println!("{t}");
+                println!("replicas on this node:\n{t}");
             }
         }
         Command::Stats => {

@@ -43,6 +43,9 @@ pub struct NodeConfig {
     /// Unset: 16 for a node that bootstraps a multi-node cluster, 1 for a
     /// standalone node (see [`NodeConfig::shard_count`]).
     pub shards: Option<u32>,
+    /// Replicas of each shard (and of the metadata group) the cluster keeps,
+    /// fixed when it is created; fewer while it has fewer nodes.
+    pub replication_factor: u32,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
     /// Events of one IdentifyStream in flight at once.
@@ -85,6 +88,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("./idgraph-data"),
             rules_file: None,
             shards: None,
+            replication_factor: 3,
             max_message_bytes: 4 * 1024 * 1024,
             stream_window: 256,
             request_timeout_ms: 30_000,
@@ -128,6 +132,7 @@ const ENV_FIELDS: &[&str] = &[
     "data_dir",
     "rules_file",
     "shards",
+    "replication_factor",
     "max_message_bytes",
     "stream_window",
     "request_timeout_ms",
@@ -162,6 +167,9 @@ impl NodeConfig {
         let bad = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
         if self.shards.is_some_and(|n| !(1..=1024).contains(&n)) {
             return bad("shards", "must be 1 to 1024");
+        }
+        if !(1..=7).contains(&self.replication_factor) {
+            return bad("replication_factor", "must be 1 to 7");
         }
         if !(64 * 1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
             return bad("max_message_bytes", "must be 64 KiB to 64 MiB");

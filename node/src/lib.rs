@@ -13,7 +13,11 @@
 //! - [`raft`]: a shard as an openraft group: log store, state machine (the
 //!   engine over the graph store), snapshots, gRPC transport, and the
 //!   replica that serves requests on the leader.
-//! - [`shard`]: one supervised ractor actor per shard replica.
+//! - [`meta`]: the cluster map (nodes, replica placement, moves under way),
+//!   the state of the metadata Raft group; pure, with the placement planner.
+//! - [`placement`]: keeps a node's replicas in line with the cluster map;
+//!   the metadata leader carries out replica moves.
+//! - [`shard`]: one supervised ractor actor per Raft group replica.
 //! - [`router`]: stamps commands, runs them on one shard or as cross-shard
 //!   transactions, forwards to leaders.
 //! - [`service`]: the tonic adapters for `idgraph.v1` (conversions and the
@@ -24,7 +28,9 @@
 pub mod config;
 pub mod crash;
 pub mod engine;
+pub mod meta;
 pub mod model;
+pub mod placement;
 pub mod raft;
 pub mod router;
 pub mod rules;

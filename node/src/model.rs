@@ -12,6 +12,9 @@ pub struct ShardId(pub u32);
 
 impl fmt::Display for ShardId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == crate::meta::META {
+            return f.write_str("meta");
+        }
         write!(f, "{:04}", self.0)
     }
 }

@@ -8,15 +8,16 @@
 //! leader, here or on another node.
 
 use crate::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileRef};
+use crate::meta::{ClusterMap, MetaCommand, META};
 use crate::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
-use crate::raft::{LeadershipStep, Peers, ShardCommand, ShardFailure, ShardRead, ShardReply, ShardRequest};
+use crate::raft::{LeadershipStep, Peers, Replicas, ShardCommand, ShardFailure, ShardRead, ShardReply, ShardRequest};
 use crate::rules::RuleSet;
 use crate::service::status::ServiceError;
 use crate::shard::{shard_actor_name, ShardMsg};
 use crate::txn::{self, GraphKey, KeyRead, ReadMode, ShardAccess, TxnError, TxnOp, TxnReply};
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Which shard holds what.
@@ -45,10 +46,16 @@ impl ShardMap {
 #[derive(Clone)]
 pub struct ShardRouter {
     node: Arc<str>,
+    node_id: u64,
     map: ShardMap,
     rules: Arc<RuleSet>,
     timeout: Duration,
     peers: Peers,
+    /// The replicas this node holds.
+    replicas: Replicas,
+    /// This node's copy of the cluster map (see [`crate::placement`]): where
+    /// to send requests for groups held elsewhere.
+    cluster: Arc<RwLock<ClusterMap>>,
 }
 
 /// What a shard's failure means to the caller.
@@ -59,6 +66,9 @@ fn service_error(shard: ShardId, f: ShardFailure) -> ServiceError {
             ServiceError::Unavailable { shard: shard.to_string(), reason: "no leader was elected in time".into() }
         }
         ShardFailure::Unavailable { reason, .. } => ServiceError::Unavailable { shard: shard.to_string(), reason },
+        ShardFailure::NoReplica { .. } => {
+            ServiceError::Unavailable { shard: shard.to_string(), reason: "no node holding a replica answered".into() }
+        }
     }
 }
 
@@ -76,8 +86,91 @@ fn txn_error(e: TxnError) -> ServiceError {
 const LEADER_WAIT: Duration = Duration::from_secs(5);
 
 impl ShardRouter {
-    pub fn new(node: &str, map: ShardMap, rules: Arc<RuleSet>, timeout: Duration, peers: Peers) -> ShardRouter {
-        ShardRouter { node: node.into(), map, rules, timeout, peers }
+    pub fn new(
+        node: &str,
+        node_id: u64,
+        map: ShardMap,
+        rules: Arc<RuleSet>,
+        timeout: Duration,
+        peers: Peers,
+        replicas: Replicas,
+    ) -> ShardRouter {
+        ShardRouter { node: node.into(), node_id, map, rules, timeout, peers, replicas, cluster: Default::default() }
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// This node's copy of the cluster map.
+    pub fn cluster(&self) -> ClusterMap {
+        self.cluster.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Replaces this node's copy of the cluster map with a newer one.
+    pub fn set_cluster(&self, map: ClusterMap) {
+        if let Ok(mut m) = self.cluster.write() {
+            if map.version >= m.version {
+                *m = map;
+            }
+        }
+    }
+
+    /// The groups this node holds a replica of.
+    pub fn hosted(&self) -> Vec<ShardId> {
+        let mut out: Vec<ShardId> = self.replicas.read().map(|r| r.keys().copied().collect()).unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// Who this node's replica of `group` believes leads it.
+    pub fn local_leader(&self, group: ShardId) -> Option<u64> {
+        self.replicas.read().ok()?.get(&group).and_then(|r| r.raft.metrics().borrow().current_leader)
+    }
+
+    /// The shared copy of the cluster map (the transport serves it to
+    /// joining nodes).
+    pub fn cluster_handle(&self) -> Arc<RwLock<ClusterMap>> {
+        self.cluster.clone()
+    }
+
+    /// Whether this node holds a replica of `group`.
+    pub fn hosts(&self, group: ShardId) -> bool {
+        self.replicas.read().is_ok_and(|r| r.contains_key(&group))
+    }
+
+    /// Where to send a request for a group held elsewhere: its replicas'
+    /// addresses, the `attempt`-th first.
+    fn remote_members(&self, group: ShardId, attempt: usize) -> Vec<String> {
+        let mut addrs = self.cluster().addrs_of(group);
+        if !addrs.is_empty() {
+            let n = addrs.len();
+            addrs.rotate_left(attempt % n);
+        }
+        addrs
+    }
+
+    /// One try of a request: on the local replica, or on a node holding
+    /// one; a follower's "not the leader" answer is followed to the leader.
+    async fn attempt(&self, shard: ShardId, req: &ShardRequest, attempt: usize) -> Result<ShardReply, ShardFailure> {
+        let mut answer = if self.hosts(shard) { self.local(shard, req).await } else { Err(ShardFailure::NoReplica { shard: shard.0 }) };
+        // No replica here, or one that knows no leader (it may have been
+        // removed from its group and not know it yet): ask the replicas
+        // the map lists.
+        if matches!(answer, Err(ShardFailure::NoReplica { .. } | ShardFailure::NotLeader { leader: None, .. })) {
+            let me = self.cluster().nodes.get(&self.node_id).map(|e| e.addr.clone());
+            for addr in self.remote_members(shard, attempt).into_iter().filter(|a| Some(a) != me.as_ref()) {
+                answer = self.peers.forward(&addr, shard, req, self.timeout).await;
+                // A node that holds no replica did nothing: try the next.
+                if !matches!(answer, Err(ShardFailure::NoReplica { .. })) {
+                    break;
+                }
+            }
+        }
+        match answer {
+            Err(ShardFailure::NotLeader { leader: Some((_, addr)), .. }) => self.peers.forward(&addr, shard, req, self.timeout).await,
+            other => other,
+        }
     }
 
     fn now_ms(&self) -> i64 {
@@ -113,13 +206,13 @@ impl ShardRouter {
     async fn request(&self, shard: ShardId, req: ShardRequest) -> Result<ShardReply, ServiceError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         let mut backoff = Duration::from_millis(20);
+        let mut attempt = 0;
         loop {
-            let answer = match self.local(shard, &req).await {
-                Err(ShardFailure::NotLeader { leader: Some((_, addr)), .. }) => self.peers.forward(&addr, shard, &req, self.timeout).await,
-                other => other,
-            };
-            match answer {
-                Err(ShardFailure::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
+            attempt += 1;
+            match self.attempt(shard, &req, attempt).await {
+                // Nothing was done: a leader is being elected, or the
+                // replicas moved since this node's map was read.
+                Err(ShardFailure::NotLeader { .. } | ShardFailure::NoReplica { .. }) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
@@ -176,7 +269,7 @@ impl ShardRouter {
             return self.find(r, ReadMode::Local).await;
         }
         let shard = ShardId(0);
-        match self.local(shard, &ShardRequest::Read(ShardRead::StaleProfile(r))).await.map_err(|f| service_error(shard, f))? {
+        match self.attempt(shard, &ShardRequest::Read(ShardRead::StaleProfile(r)), 0).await.map_err(|f| service_error(shard, f))? {
             ShardReply::Profile(p) => Ok(p),
             _ => Err(ServiceError::Internal("unexpected reply kind".into())),
         }
@@ -200,7 +293,7 @@ impl ShardRouter {
         if self.single_shard() {
             return;
         }
-        for shard in self.map.shards() {
+        for shard in self.map.shards().into_iter().filter(|s| self.hosts(*s)) {
             let req = ShardRequest::Read(ShardRead::PreparedBefore { before_ms: self.now_ms() - txn::LOCK_TIMEOUT_MS });
             // Only the leader answers; followers leave it to their leader.
             let Ok(ShardReply::Locks(stale)) = self.local(shard, &req).await else { continue };
@@ -237,12 +330,31 @@ impl ShardRouter {
         Ok(total)
     }
 
-    /// Applies a membership change to every shard's group, on its leader.
-    pub async fn change_membership(&self, change: crate::raft::MembershipChange) -> Result<(), ServiceError> {
-        for shard in self.map.shards() {
-            self.request(shard, ShardRequest::Membership(change.clone())).await?;
+    /// Applies a change to the cluster map, on the metadata group's leader.
+    pub async fn change_cluster(&self, cmd: MetaCommand) -> Result<ClusterMap, ServiceError> {
+        match self.request(META, ShardRequest::Write(Box::new(ShardCommand::Meta(cmd)))).await? {
+            ShardReply::Map(m) => {
+                self.set_cluster(m.clone());
+                Ok(m)
+            }
+            _ => Err(ServiceError::Internal("a cluster map change was answered with something else".into())),
         }
-        Ok(())
+    }
+
+    /// The cluster map as the metadata group holds it (linearizable).
+    pub async fn read_cluster(&self) -> Result<ClusterMap, ServiceError> {
+        match self.read(META, ShardRead::ClusterMap { mode: ReadMode::Linearizable }).await? {
+            ShardReply::Map(m) => {
+                self.set_cluster(m.clone());
+                Ok(m)
+            }
+            _ => Err(ServiceError::Internal("a cluster map read was answered with something else".into())),
+        }
+    }
+
+    /// Changes one group's voters on its leader (a step of a replica move).
+    pub async fn change_membership(&self, group: ShardId, change: crate::raft::MembershipChange) -> Result<(), ServiceError> {
+        self.request(group, ShardRequest::Membership(change)).await.map(|_| ())
     }
 
     /// Moves a shard's leadership to node `to` (see
@@ -290,8 +402,12 @@ impl ShardRouter {
         outcome
     }
 
-    /// Addresses of a shard's members as this node's replica knows them.
+    /// Addresses of a shard's members as this node's replica knows them,
+    /// or as the cluster map lists them when this node holds none.
     async fn member_addrs(&self, shard: ShardId) -> Vec<String> {
+        if !self.hosts(shard) {
+            return self.cluster().addrs_of(shard);
+        }
         match self.local(shard, &ShardRequest::Read(ShardRead::Members)).await {
             Ok(ShardReply::Members(addrs)) => addrs,
             _ => Vec::new(),
@@ -319,7 +435,7 @@ impl ShardAccess for ShardRouter {
     async fn read(&self, shard: ShardId, keys: Vec<GraphKey>, mode: ReadMode) -> Result<Vec<KeyRead>, TxnError> {
         let req = ShardRequest::Read(ShardRead::Keys { keys, mode });
         let reply = if mode == ReadMode::Local {
-            self.local(shard, &req).await.map_err(|f| shard_txn_error(shard, f))?
+            self.attempt(shard, &req, 0).await.map_err(|f| shard_txn_error(shard, f))?
         } else {
             self.request(shard, req).await.map_err(|e| TxnError::Unavailable { shard, reason: e.to_string() })?
         };

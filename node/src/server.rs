@@ -3,12 +3,13 @@
 //! all of it down in order.
 
 use crate::config::NodeConfig;
+use crate::meta::{ClusterMap, META};
 use crate::model::ShardId;
 use crate::raft::{LogFlusher, Peers, RaftTransportService, Replicas, ShardLogStore, ShardNetworkFactory, ShardReplica, ShardStateMachine};
 use crate::router::{ShardMap, ShardRouter};
 use crate::rules::RuleSet;
 use crate::service::{status, AdminService, IdentityGraphService};
-use crate::shard::{shard_actor_name, NodeSupervisor, ReplicaOpener, SupervisorArgs};
+use crate::shard::{shard_actor_name, NodeSupervisor, ReplicaOpener, SupervisorArgs, SupervisorMsg};
 use crate::storage::SledDb;
 use idgraph_proto::v1::admin_server::AdminServer;
 use idgraph_proto::v1::identity_graph_server::IdentityGraphServer;
@@ -17,7 +18,7 @@ use openraft::BasicNode;
 use ractor::{Actor, ActorRef};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -44,13 +45,13 @@ pub struct RunningNode {
     router: ShardRouter,
     db: SledDb,
     node: Arc<str>,
-    shards: ShardMap,
     replicas: Replicas,
     grace: Duration,
-    supervisor: ActorRef<()>,
+    supervisor: ActorRef<SupervisorMsg>,
     shutdown: Option<oneshot::Sender<()>>,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
     sweeper: JoinHandle<()>,
+    placement: JoinHandle<()>,
 }
 
 impl RunningNode {
@@ -107,7 +108,8 @@ impl RunningNode {
 
     async fn stop_actors(&self) {
         self.sweeper.abort();
-        for shard in self.shards.shards() {
+        self.placement.abort();
+        for shard in self.router.hosted() {
             if let Some(a) = ActorRef::<crate::shard::ShardMsg>::where_is(shard_actor_name(&self.node, shard)) {
                 let _ = a.stop_and_wait(Some("node shutting down".into()), Some(Duration::from_secs(10))).await;
             }
@@ -169,8 +171,10 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, ServerError
 struct ReplicaSetup {
     db: SledDb,
     node_id: u64,
-    /// The bootstrap members; empty when the node joins a running cluster.
-    members: BTreeMap<u64, BasicNode>,
+    /// The groups this node initialises, with their first members: on the
+    /// first start of a static cluster only, each taken at its first open
+    /// (a replica opened again later never initialises its group anew).
+    initialise: Arc<Mutex<BTreeMap<ShardId, BTreeMap<u64, BasicNode>>>>,
     raft_config: Arc<openraft::Config>,
     peers: Peers,
     rules: Arc<RuleSet>,
@@ -181,16 +185,17 @@ impl ReplicaSetup {
     /// Opens one shard replica (log, vote, state machine) from the node's
     /// database and starts its Raft instance.
     async fn open(self, shard: ShardId) -> Result<ShardReplica, String> {
-        let ReplicaSetup { db, node_id, members, raft_config, peers, rules, flusher } = self;
+        let ReplicaSetup { db, node_id, initialise, raft_config, peers, rules, flusher } = self;
         let log = ShardLogStore::new(Arc::new(db.raft_log(shard).map_err(|e| e.to_string())?), flusher);
         let store = Arc::new(db.shard(shard).map_err(|e| e.to_string())?);
         let sm = ShardStateMachine::new(store.clone(), rules.clone());
         let raft =
             openraft::Raft::new(node_id, raft_config, ShardNetworkFactory { shard, peers }, log, sm).await.map_err(|e| e.to_string())?;
-        // Shard s is initialised by member s mod n, which then wins the
-        // first election: leaders start spread over the nodes.
-        let bootstrapper = !members.is_empty() && members.keys().nth(shard.0 as usize % members.len()).copied() == Some(node_id);
-        if bootstrapper && !raft.is_initialized().await.map_err(|e| e.to_string())? {
+        let members = initialise.lock().map_err(|_| "bootstrap table lock poisoned".to_string())?.remove(&shard);
+        if let Some(members) = members.filter(|m| !m.is_empty()) {
+            if raft.is_initialized().await.map_err(|e| e.to_string())? {
+                return Ok(ShardReplica { shard, raft, store, rules });
+            }
             match raft.initialize(members).await {
                 Ok(()) | Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
                 Err(e) => return Err(format!("initialising shard {shard}: {e}")),
@@ -200,30 +205,36 @@ impl ReplicaSetup {
     }
 }
 
-/// How many shards the cluster a node joins has (asked of the member it
-/// joins through, retried while that member is not reachable yet).
-async fn cluster_shard_count(via: &str) -> Result<u32, ServerError> {
-    use idgraph_proto::v1::admin_client::AdminClient;
+/// The cluster map of the cluster a node joins, as the member it joins
+/// through knows it (retried while that member is not reachable yet).
+async fn cluster_to_join(peers: &Peers, via: &str) -> Result<ClusterMap, ServerError> {
     let mut last = String::new();
     for _ in 0..30 {
-        let attempt = async {
-            let mut admin = AdminClient::connect(format!("http://{via}")).await.map_err(|e| e.to_string())?;
-            let status = admin.get_cluster(idgraph_proto::v1::GetClusterRequest {}).await.map_err(|s| s.message().to_string())?;
-            Ok::<u32, String>(status.into_inner().shards.len() as u32)
-        };
-        match attempt.await {
-            Ok(n) if n > 0 => return Ok(n),
-            Ok(_) => last = "it reported no shards".into(),
+        match peers.cluster_map(via).await {
+            Ok(map) if map.is_bootstrapped() => return Ok(map),
+            Ok(_) => last = "its cluster map is not bootstrapped yet".into(),
             Err(e) => last = e,
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    Err(ServerError::Actors(format!("join: cannot learn the shard count from {via}: {last}")))
+    Err(ServerError::Actors(format!("join: cannot read the cluster map from {via}: {last}")))
+}
+
+/// Which member initialises a group of a new static cluster, and so leads
+/// it first: shard `s` the `s mod n`-th (leaders start spread over the
+/// members), the metadata group its lowest id.
+fn initialiser(map: &ClusterMap, group: ShardId) -> Option<u64> {
+    if group == META {
+        return map.groups.get(&META).and_then(|m| m.first().copied());
+    }
+    map.nodes.keys().nth(group.0 as usize % map.nodes.len().max(1)).copied()
 }
 
 pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Result<RunningNode, ServerError> {
     let joining = !config.join.is_empty();
-    let shards = ShardMap::new(if joining { cluster_shard_count(&config.join).await? } else { config.shard_count() });
+    let peers = Peers::new(config.routes().map_err(|reason| ServerError::Actors(format!("peer_routes: {reason}")))?);
+    let joined = if joining { Some(cluster_to_join(&peers, &config.join).await?) } else { None };
+    let shards = ShardMap::new(joined.as_ref().map_or_else(|| config.shard_count(), |m| m.shard_count));
     let db = SledDb::open(&config.data_dir, shards.count())?;
     let node: Arc<str> = ulid::Ulid::new().to_string().to_lowercase().into();
 
@@ -231,20 +242,33 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         tokio::net::TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
 
-    // Raft groups: every shard's members are the bootstrap members (or this
-    // node alone).
-    let mut members: BTreeMap<u64, BasicNode> = config
-        .members()
-        .map_err(|reason| ServerError::Actors(format!("initial_cluster: {reason}")))?
-        .into_iter()
-        .map(|(id, a)| (id, BasicNode { addr: a }))
-        .collect();
-    if members.is_empty() && !joining {
-        members.insert(config.node_id, BasicNode { addr: addr.to_string() });
+    // A static cluster (or a standalone node: a cluster of itself) starts
+    // from the map every member computes alike; a joining node from the
+    // map of the cluster it joins.
+    let mut members = config.members().map_err(|reason| ServerError::Actors(format!("initial_cluster: {reason}")))?;
+    let standalone = members.is_empty() && !joining;
+    if standalone {
+        members.insert(config.node_id, addr.to_string());
     }
-    let peers = Peers::new(config.routes().map_err(|reason| ServerError::Actors(format!("peer_routes: {reason}")))?);
+    let initial = (!joining).then(|| ClusterMap::initial(&members, shards.count(), config.replication_factor, rules.version()));
+    // Groups are initialised on a static cluster's first start only (and
+    // always on a standalone node, its only member): never twice.
+    let first_start = !db.started()?;
+    let mut open_now: std::collections::BTreeSet<ShardId> = db.groups().into_iter().collect();
+    let mut initialise = BTreeMap::new();
+    if let Some(map) = initial.as_ref().filter(|_| first_start || standalone) {
+        for group in map.groups_of(config.node_id) {
+            open_now.insert(group);
+            if initialiser(map, group) == Some(config.node_id) {
+                let first: BTreeMap<u64, BasicNode> =
+                    map.groups[&group].iter().map(|id| (*id, BasicNode { addr: members[id].clone() })).collect();
+                initialise.insert(group, first);
+            }
+        }
+    }
     let replicas: Replicas = Default::default();
     let raft_config = raft_config(config)?;
+    let db_for_discard = db.clone();
     let open: ReplicaOpener = {
         // One fsync of the node's database makes every shard's appends durable.
         let flusher = {
@@ -254,7 +278,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         let setup = ReplicaSetup {
             db: db.clone(),
             node_id: config.node_id,
-            members,
+            initialise: Arc::new(Mutex::new(initialise)),
             raft_config,
             peers: peers.clone(),
             rules: rules.clone(),
@@ -262,13 +286,23 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         };
         Arc::new(move |shard| Box::pin(setup.clone().open(shard)))
     };
+    let router = ShardRouter::new(
+        &node,
+        config.node_id,
+        shards.clone(),
+        rules.clone(),
+        Duration::from_millis(config.request_timeout_ms),
+        peers.clone(),
+        replicas.clone(),
+    );
+    if let Some(map) = initial.clone().or(joined) {
+        router.set_cluster(map);
+    }
     // The Raft transport must be reachable while the replicas start: peers
     // may already be electing.
-    let transport = RaftTransportServer::new(RaftTransportService::new(replicas.clone()))
+    let transport = RaftTransportServer::new(RaftTransportService::new(replicas.clone(), router.cluster_handle()))
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
-    let router = ShardRouter::new(&node, shards.clone(), rules.clone(), Duration::from_millis(config.request_timeout_ms), peers.clone());
-
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IdentityGraphServer<IdentityGraphService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
@@ -309,10 +343,24 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     let (supervisor, _) = Actor::spawn(
         Some(format!("idgraph-{node}-supervisor")),
         NodeSupervisor,
-        SupervisorArgs { node: node.clone(), shards: shards.shards(), open, replicas: replicas.clone() },
+        SupervisorArgs {
+            node: node.clone(),
+            shards: open_now.into_iter().collect(),
+            open,
+            discard: Arc::new(move |shard| db_for_discard.discard(shard).map_err(|e| e.to_string())),
+            replicas: replicas.clone(),
+        },
     )
     .await
     .map_err(|e| ServerError::Actors(e.to_string()))?;
+    // Every group this node initialises is initialised now.
+    db.mark_started()?;
+    let placement = crate::placement::spawn(crate::placement::Placement {
+        router: router.clone(),
+        supervisor: supervisor.clone(),
+        bootstrap: initial,
+        addr: addr.to_string(),
+    });
 
     if joining {
         tokio::spawn(join_cluster(config.join.clone(), config.node_id, addr.to_string()));
@@ -333,12 +381,12 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         router,
         db,
         node,
-        shards,
         replicas,
         grace: Duration::from_millis(config.shutdown_grace_ms),
         supervisor,
         shutdown: Some(tx),
         serve,
         sweeper,
+        placement,
     })
 }

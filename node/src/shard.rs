@@ -118,14 +118,26 @@ impl Actor for ShardActor {
 
 /// Opens (or reopens) a shard replica from disk.
 pub type ReplicaOpener = Arc<dyn Fn(ShardId) -> BoxFuture<'static, Result<ShardReplica, String>> + Send + Sync>;
+/// Deletes a closed replica's data (log, vote, state machine) from disk.
+pub type ReplicaDiscarder = Arc<dyn Fn(ShardId) -> Result<(), String> + Send + Sync>;
 
 /// Supervises the node's shard actors.
 pub struct NodeSupervisor;
+
+/// What the supervisor is asked to do besides restarting failed actors.
+pub enum SupervisorMsg {
+    /// Opens a replica (empty when new) and starts its actor; done if open.
+    Open(ShardId, RpcReplyPort<Result<(), String>>),
+    /// Stops a replica's actor and Raft instance and deletes its data: the
+    /// group no longer counts on this node (see [`crate::meta`]).
+    Discard(ShardId, RpcReplyPort<Result<(), String>>),
+}
 
 pub struct SupervisorArgs {
     pub node: Arc<str>,
     pub shards: Vec<ShardId>,
     pub open: ReplicaOpener,
+    pub discard: ReplicaDiscarder,
     pub replicas: Replicas,
 }
 
@@ -134,28 +146,88 @@ pub struct SupervisorState {
     restarts: u64,
 }
 
-async fn spawn_shard(sup: &ActorRef<()>, args: &SupervisorArgs, shard: ShardId) -> Result<(), ActorProcessingErr> {
+async fn spawn_shard(sup: &ActorRef<SupervisorMsg>, args: &SupervisorArgs, shard: ShardId) -> Result<(), ActorProcessingErr> {
     let replica = (args.open)(shard).await?;
     args.replicas.write().map_err(|_| "replica table lock poisoned")?.insert(shard, replica.clone());
     Actor::spawn_linked(Some(shard_actor_name(&args.node, shard)), ShardActor, (args.node.clone(), replica), sup.get_cell()).await?;
     Ok(())
 }
 
+/// Stops a shard's Raft instance, after its actor has gone.
+async fn close_replica(args: &SupervisorArgs, shard: ShardId) -> Result<(), ActorProcessingErr> {
+    let old = args.replicas.write().map_err(|_| "replica table lock poisoned")?.remove(&shard);
+    if let Some(old) = old {
+        let _ = old.raft.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Waits until an actor's name is free again (it has stopped).
+async fn name_released(name: &str) {
+    for _ in 0..100 {
+        if ractor::registry::where_is(name).is_none() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 impl Actor for NodeSupervisor {
-    type Msg = ();
+    type Msg = SupervisorMsg;
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, myself: ActorRef<()>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<SupervisorMsg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
         for shard in &args.shards {
             spawn_shard(&myself, &args, *shard).await?;
         }
         Ok(SupervisorState { args, restarts: 0 })
     }
 
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Open(shard, port) => {
+                let result = if state.args.shards.contains(&shard) {
+                    Ok(())
+                } else {
+                    match spawn_shard(&myself, &state.args, shard).await {
+                        Ok(()) => {
+                            state.args.shards.push(shard);
+                            info!(%shard, "replica opened");
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
+                let _ = port.send(result);
+            }
+            SupervisorMsg::Discard(shard, port) => {
+                // Forgotten first, so that the actor's stop is not taken for a failure.
+                state.args.shards.retain(|s| *s != shard);
+                let name = shard_actor_name(&state.args.node, shard);
+                if let Some(actor) = ActorRef::<ShardMsg>::where_is(name.clone()) {
+                    actor.stop(Some("replica discarded".into()));
+                }
+                name_released(&name).await;
+                close_replica(&state.args, shard).await?;
+                let result = (state.args.discard)(shard);
+                if result.is_ok() {
+                    info!(%shard, "replica discarded: the group no longer counts on this node");
+                }
+                let _ = port.send(result);
+            }
+        }
+        Ok(())
+    }
+
     async fn handle_supervisor_evt(
         &self,
-        myself: ActorRef<()>,
+        myself: ActorRef<SupervisorMsg>,
         evt: SupervisionEvent,
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
@@ -166,17 +238,9 @@ impl Actor for NodeSupervisor {
             };
             state.restarts += 1;
             error!(%shard, error = %err, restarts = state.restarts, "shard actor failed; reopening the replica from disk");
-            let old = state.args.replicas.write().map_err(|_| "replica table lock poisoned")?.remove(&shard);
-            if let Some(old) = old {
-                let _ = old.raft.shutdown().await;
-            }
+            close_replica(&state.args, shard).await?;
             // The failed actor's name is released once it has stopped.
-            for _ in 0..100 {
-                if ractor::registry::where_is(name.clone()).is_none() {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+            name_released(&name).await;
             spawn_shard(&myself, &state.args, shard).await?;
         }
         Ok(())

@@ -171,28 +171,30 @@ async fn three_nodes_replicate_and_every_node_answers_the_same_profiles() {
     replicas_agree(&c, &[0, 1, 2]).await;
 }
 
-/// Waits until every replica of every shard on `nodes` has applied the same
-/// log index, then asserts that they report the same state digest.
+/// Waits until every replica of every group on `nodes` has applied the same
+/// log index, then asserts that they report the same state digest. Groups
+/// are matched by id: with more nodes than the replication factor, each
+/// node holds only some of them.
 async fn replicas_agree(c: &Cluster, nodes: &[usize]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut views = Vec::new();
+        let mut by_group: std::collections::BTreeMap<u32, Vec<pb::ShardDigest>> = Default::default();
         for n in nodes {
-            views.push(c.node(*n).admin().await.get_digests(pb::GetDigestsRequest {}).await.unwrap().into_inner().shards);
+            for d in c.node(*n).admin().await.get_digests(pb::GetDigestsRequest {}).await.unwrap().into_inner().shards {
+                by_group.entry(d.shard).or_default().push(d);
+            }
         }
-        let shards = views[0].len();
-        assert!(views.iter().all(|v| v.len() == shards), "nodes hold different shard counts");
-        let caught_up = (0..shards).all(|s| views.iter().all(|v| v[s].settled && v[s].applied_index == views[0][s].applied_index));
+        let caught_up = by_group.values().all(|v| v.iter().all(|d| d.settled && d.applied_index == v[0].applied_index));
         if caught_up {
-            for s in 0..shards {
-                for v in &views[1..] {
-                    assert_eq!(v[s].digest, views[0][s].digest, "shard {s}: replicas at index {} differ", v[s].applied_index);
+            for (g, v) in &by_group {
+                for d in &v[1..] {
+                    assert_eq!(d.digest, v[0].digest, "group {g}: replicas at index {} differ", d.applied_index);
                 }
-                assert!(views[0][s].bytes > 0, "a digest covers the replica's records");
+                assert!(v[0].bytes > 0, "a digest covers the replica's records");
             }
             return;
         }
-        assert!(Instant::now() < deadline, "replicas did not converge: {views:?}");
+        assert!(Instant::now() < deadline, "replicas did not converge: {by_group:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -294,55 +296,95 @@ async fn shard0_leaders(c: &Cluster) -> Vec<u64> {
     out
 }
 
-/// Members of shard 0 (id, voter) as `node` sees them.
-async fn members(node: &NodeProcess) -> Vec<(u64, bool)> {
-    let s = node.admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner();
-    s.shards[0].members.iter().map(|m| (m.node_id, m.voter)).collect()
+/// The cluster map as `node` knows it.
+async fn cluster(node: &NodeProcess) -> pb::ClusterStatus {
+    node.admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner()
 }
 
+/// Waits until `node`'s map has no move under way and `done` holds.
+async fn settled(node: &NodeProcess, what: &str, done: impl Fn(&pb::ClusterStatus) -> bool) -> pb::ClusterStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = cluster(node).await;
+        if s.placement.iter().all(|p| p.moving.is_empty()) && done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: {:?} {:?}", s.nodes, s.placement);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every group has `rf` replicas, none on `absent`.
+fn assert_placement(s: &pb::ClusterStatus, rf: usize, absent: Option<u64>) {
+    assert_eq!(s.placement.len(), s.shard_count as usize + 1, "every shard and the metadata group are placed");
+    for p in &s.placement {
+        assert_eq!(p.node_ids.len(), rf, "group {} on {:?}", p.group, p.node_ids);
+        assert!(absent.is_none_or(|a| !p.node_ids.contains(&a)), "group {} still on node {absent:?}", p.group);
+    }
+}
+
+/// A fourth node joins a three-node cluster (replication factor 3):
+/// replicas move to it, one at a time, until each node holds about as many;
+/// the shards it lacks are served through it anyway. Then the leader of
+/// shard 0 is removed: its replicas move to the node that lacked them
+/// before it is forgotten, and it discards its own. No acknowledged event
+/// is lost, and the replicas of every group agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_joins_and_a_leader_is_removed_without_losing_data() {
-    let c = Cluster::start(3);
+async fn a_node_joins_and_takes_replicas_and_a_removed_node_hands_its_replicas_over() {
+    let mut c = Cluster::with_shards(3, 8);
     let leader = c.leader().await;
     let mut client = c.node((leader + 1) % 3).client().await;
     let mut acked = Vec::new();
     for i in 0..300 {
         acked.push(deliver(&mut client, person_event(i)).await.profile_id);
     }
+    let before = settled(c.node(0), "bootstrap", |s| s.map_version > 0).await;
+    assert_placement(&before, 3, None);
     // A fourth node joins through a follower.
     let dir4 = tempfile::tempdir().unwrap();
     let listen4 = format!("127.0.0.1:{}", free_ports(1)[0]);
     let via = c.node((leader + 1) % 3).addr.clone();
     let n4 = NodeProcess::start(dir4.path(), &["--listen", &listen4, "--id", "4", "--join", &via]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !members(c.node(leader)).await.contains(&(4, true)) {
-        assert!(Instant::now() < deadline, "node 4 never became a voter: {:?}", members(c.node(leader)).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for i in 300..400 {
-        acked.push(deliver(&mut client, person_event(i)).await.profile_id);
-    }
-    // Remove the leader; the others elect a new one and keep every event.
-    let removed = leader as u64 + 1;
-    n4.admin().await.remove_node(pb::RemoveNodeRequest { node_id: removed }).await.unwrap();
-    // The change is committed on the leader; node 4 learns it with the next
-    // entries it receives.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while members(&n4).await.iter().any(|m| m.0 == removed) {
-        assert!(Instant::now() < deadline, "node 4 still lists node {removed}: {:?}", members(&n4).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // 9 groups × 3 replicas over 4 nodes: node 4 takes 6 or 7.
+    let joined = settled(&n4, "node 4 never took its share of replicas", |s| {
+        s.nodes.iter().any(|n| n.node_id == 4 && n.replicas >= 6) && s.shards.len() + s.metadata.iter().count() >= 6
+    })
+    .await;
+    assert_placement(&joined, 3, None);
+    let counts: Vec<u32> = joined.nodes.iter().map(|n| n.replicas).collect();
+    assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1, "replica counts uneven: {counts:?}");
+    // Node 4 serves every shard, those it does not hold included.
     let mut via4 = n4.client().await;
+    for i in 300..400 {
+        acked.push(deliver(&mut via4, person_event(i)).await.profile_id);
+    }
+    c.nodes.push(Some(n4));
+    replicas_agree(&c, &[0, 1, 2, 3]).await;
+
+    // Remove the leader of shard 0; RemoveNode answers once it is forgotten.
+    let removed = leader as u64 + 1;
+    let status = c.node(3).admin().await.remove_node(pb::RemoveNodeRequest { node_id: removed }).await.unwrap().into_inner();
+    assert!(status.nodes.iter().all(|n| n.node_id != removed), "node {removed} still listed: {:?}", status.nodes);
+    let after = settled(c.node(3), "after the removal", |s| s.nodes.len() == 3).await;
+    assert_placement(&after, 3, Some(removed));
+    // The removed node lets go of its replicas.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster(c.node(leader)).await.shards.is_empty() {
+        assert!(Instant::now() < deadline, "node {removed} kept its replicas");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for i in 400..450 {
         acked.push(deliver(&mut via4, person_event(i)).await.profile_id);
     }
-    for (i, want) in acked.iter().enumerate() {
-        let p = via4.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap().into_inner();
-        assert_eq!(&p.profile_id, want, "event {i}");
+    let others: Vec<usize> = (0..4).filter(|i| *i != leader).collect();
+    for n in &others {
+        let mut client = c.node(*n).client().await;
+        for (i, want) in acked.iter().enumerate() {
+            let p = client.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap().into_inner();
+            assert_eq!(&p.profile_id, want, "event {i} through node {}", n + 1);
+        }
     }
-    let after: Vec<u64> = members(&n4).await.iter().map(|m| m.0).collect();
-    let expected: Vec<u64> = (1..=4).filter(|id| *id != removed).collect();
-    assert_eq!(after, expected);
+    replicas_agree(&c, &others).await;
 }
 
 /// Concurrent clients, through all three nodes, send events that race to

@@ -76,6 +76,8 @@ pub enum ShardCommand {
     Engine(crate::engine::Command),
     /// A step of a cross-shard transaction (see [`crate::txn`]).
     Txn(crate::txn::TxnOp),
+    /// A change of the cluster map (metadata group only, see [`crate::meta`]).
+    Meta(crate::meta::MetaCommand),
 }
 
 /// What applying one log entry answered.
@@ -87,6 +89,8 @@ pub enum ShardResponse {
     /// The engine refused the command; nothing changed.
     Refused(Refusal),
     Txn(crate::txn::TxnReply),
+    /// The cluster map after a [`ShardCommand::Meta`].
+    Map(crate::meta::ClusterMap),
 }
 
 /// An engine refusal as it travels through Raft (the caller maps it to a

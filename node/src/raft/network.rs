@@ -84,6 +84,16 @@ impl Peers {
         Ok(RaftTransportClient::new(ch).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
     }
 
+    /// The cluster map as the node at `addr` knows it.
+    pub async fn cluster_map(&self, addr: &str) -> Result<crate::meta::ClusterMap, String> {
+        let mut client = self.client(addr)?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), client.cluster_map(RaftMessage { shard: 0, payload: Vec::new() }))
+            .await
+            .map_err(|_| format!("asking {addr} for the cluster map timed out"))?
+            .map_err(|s| format!("asking {addr} for the cluster map: {}", s.message()))?;
+        decode(&resp.into_inner().payload).map_err(|e| e.to_string())
+    }
+
     /// Sends a shard request to the node at `addr`, which serves it itself.
     pub async fn forward(
         &self,
@@ -98,7 +108,10 @@ impl Peers {
         let resp = tokio::time::timeout(timeout, client.forward(msg))
             .await
             .map_err(|_| unavailable(format!("forwarding to {addr} timed out")))?
-            .map_err(|s| unavailable(format!("forwarding to {addr}: {}", s.message())))?;
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => ShardFailure::NoReplica { shard: shard.0 },
+                _ => unavailable(format!("forwarding to {addr}: {}", s.message())),
+            })?;
         decode::<Result<super::replica::ShardReply, ShardFailure>>(&resp.into_inner().payload).map_err(|e| unavailable(e.to_string()))?
     }
 }
@@ -251,11 +264,12 @@ pub type Replicas = Arc<RwLock<HashMap<ShardId, ShardReplica>>>;
 #[derive(Clone)]
 pub struct RaftTransportService {
     replicas: Replicas,
+    cluster: Arc<RwLock<crate::meta::ClusterMap>>,
 }
 
 impl RaftTransportService {
-    pub fn new(replicas: Replicas) -> Self {
-        RaftTransportService { replicas }
+    pub fn new(replicas: Replicas, cluster: Arc<RwLock<crate::meta::ClusterMap>>) -> Self {
+        RaftTransportService { replicas, cluster }
     }
 
     fn replica(&self, shard: u32) -> Result<ShardReplica, Status> {
@@ -321,6 +335,11 @@ impl RaftTransport for RaftTransportService {
         let req: ShardRequest = decode(&m.payload).map_err(bad_payload)?;
         reply(m.shard, &r.serve(req).await)
     }
+
+    async fn cluster_map(&self, _request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let map = self.cluster.read().map_err(|_| Status::internal("cluster map lock poisoned"))?.clone();
+        reply(0, &map)
+    }
 }
 
 #[cfg(test)]
@@ -348,6 +367,9 @@ mod tests {
             Err(Status::unimplemented("not used"))
         }
         async fn forward(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented("not used"))
+        }
+        async fn cluster_map(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
             Err(Status::unimplemented("not used"))
         }
         async fn append_batch(&self, request: Request<RaftBatch>) -> Result<Response<RaftBatch>, Status> {

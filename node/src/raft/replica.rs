@@ -34,17 +34,13 @@ pub enum LeadershipStep {
     Resume,
 }
 
-/// A change of a shard group's members, served by its leader.
+/// A change of a group's voters, served by its leader: `add` joins as a
+/// learner, catches up, then replaces `remove` as a voter, in one
+/// membership change. Repeating a change that is done changes nothing.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum MembershipChange {
-    /// Add as a learner, wait until it has caught up, then make it a voter.
-    Add {
-        node_id: u64,
-        addr: String,
-    },
-    Remove {
-        node_id: u64,
-    },
+pub struct MembershipChange {
+    pub add: Option<(u64, String)>,
+    pub remove: Option<u64>,
 }
 
 /// Reads; linearizable (the leader confirms its leadership first) unless
@@ -71,6 +67,10 @@ pub enum ShardRead {
     Leader,
     /// The addresses of the shard's members, as this replica knows them.
     Members,
+    /// The cluster map (metadata group only).
+    ClusterMap {
+        mode: ReadMode,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -89,6 +89,7 @@ pub enum ShardReply {
     Locks(Vec<LockRecord>),
     LeaderId(Option<u64>),
     Members(Vec<String>),
+    Map(crate::meta::ClusterMap),
 }
 
 /// Why a shard did not answer a request.
@@ -100,10 +101,16 @@ pub enum ShardFailure {
     /// This replica is not the leader; `leader` is where to go, if known.
     #[error("not the leader of shard {shard} (leader: {leader:?})")]
     NotLeader { shard: u32, leader: Option<(u64, String)> },
+    /// The node asked holds no replica of the shard (nothing was done).
+    #[error("node holds no replica of shard {shard}")]
+    NoReplica { shard: u32 },
     /// Raft or storage failed; the outcome of a write is unknown: retry.
     #[error("shard {shard} unavailable: {reason}")]
     Unavailable { shard: u32, reason: String },
 }
+
+/// How long a new replica may take to catch up before a move is retried.
+const LEARNER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A shard replica's handles.
 #[derive(Clone)]
@@ -193,25 +200,34 @@ impl ShardReplica {
     }
 
     async fn change_membership(&self, change: MembershipChange) -> Result<ShardReply, ShardFailure> {
-        let mut voters: std::collections::BTreeSet<u64> = self.raft.metrics().borrow().membership_config.voter_ids().collect();
-        match change {
-            MembershipChange::Add { node_id, addr } => {
-                self.raft.add_learner(node_id, BasicNode { addr }, true).await.map_err(|e| self.write_failure(e))?;
-                voters.insert(node_id);
+        self.check_leader()?;
+        let current: std::collections::BTreeSet<u64> = self.raft.metrics().borrow().membership_config.voter_ids().collect();
+        let mut voters = current.clone();
+        if let Some((node_id, addr)) = change.add {
+            if !voters.contains(&node_id) {
+                // Blocks until the learner holds the leader's log (from a
+                // snapshot when it was compacted); bounded, so that a dead
+                // target fails the step rather than holding it forever.
+                let add = self.raft.add_learner(node_id, BasicNode { addr }, true);
+                match tokio::time::timeout(LEARNER_CATCH_UP, add).await {
+                    Ok(r) => r.map_err(|e| self.write_failure(e))?,
+                    Err(_) => return Err(self.unavailable(format!("node {node_id} did not catch up within {LEARNER_CATCH_UP:?}"))),
+                };
             }
-            MembershipChange::Remove { node_id } => {
-                if !voters.remove(&node_id) {
-                    return Ok(ShardReply::Voters(voters.into_iter().collect()));
-                }
-                if voters.is_empty() {
-                    return Err(ShardFailure::Refused(super::Refusal::FailedPrecondition {
-                        reason: format!("node {node_id} is the last member of shard {}", self.shard),
-                        limit: None,
-                    }));
-                }
-            }
+            voters.insert(node_id);
         }
-        self.raft.change_membership(voters.clone(), false).await.map_err(|e| self.write_failure(e))?;
+        if let Some(node_id) = change.remove {
+            voters.remove(&node_id);
+        }
+        if voters.is_empty() {
+            return Err(ShardFailure::Refused(super::Refusal::FailedPrecondition {
+                reason: format!("a change would leave shard {} without members", self.shard),
+                limit: None,
+            }));
+        }
+        if voters != current {
+            self.raft.change_membership(voters.clone(), false).await.map_err(|e| self.write_failure(e))?;
+        }
         Ok(ShardReply::Voters(voters.into_iter().collect()))
     }
 
@@ -236,6 +252,7 @@ impl ShardReplica {
                         Ok(ShardReply::Outcome(o))
                     }
                     ShardResponse::Txn(t) => Ok(ShardReply::Txn(t)),
+                    ShardResponse::Map(m) => Ok(ShardReply::Map(m)),
                     ShardResponse::Refused(r) => Err(ShardFailure::Refused(r)),
                     ShardResponse::Nothing => Err(self.unavailable("a command was answered as a blank entry")),
                 })
@@ -262,7 +279,7 @@ impl ShardReplica {
         let mode = match &r {
             // A stale read skips the leadership check: it reads this replica as is.
             ShardRead::StaleProfile(_) | ShardRead::Leader | ShardRead::Members => ReadMode::Local,
-            ShardRead::Keys { mode, .. } => *mode,
+            ShardRead::Keys { mode, .. } | ShardRead::ClusterMap { mode } => *mode,
             ShardRead::PreparedBefore { .. } => ReadMode::Leader,
             _ => ReadMode::Linearizable,
         };
@@ -301,6 +318,7 @@ impl ShardReplica {
                 let m = self.raft.metrics().borrow().clone();
                 ShardReply::Members(m.membership_config.membership().nodes().map(|(_, n)| n.addr.clone()).collect())
             }
+            ShardRead::ClusterMap { .. } => ShardReply::Map(crate::meta::read_map(store).map_err(|e| self.unavailable(e))?),
             ShardRead::PreparedBefore { before_ms } => {
                 ShardReply::Locks(txn::prepared_before(store, before_ms).map_err(|e| self.unavailable(e))?)
             }

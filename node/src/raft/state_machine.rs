@@ -207,6 +207,16 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
                                 let (cs, reply) = txn::apply_op(&*self.store, op).map_err(failed)?;
                                 (cs, ShardResponse::Txn(reply))
                             }
+                            ShardCommand::Meta(cmd) => match crate::meta::read_map(&*self.store).map_err(failed)?.apply(cmd) {
+                                Ok(map) => {
+                                    let mut cs = ChangeSet::default();
+                                    cs.push(Change::PutMeta(crate::meta::MAP_KEY.into(), encode(&map)));
+                                    (cs, ShardResponse::Map(map))
+                                }
+                                Err(r) => {
+                                    (ChangeSet::default(), ShardResponse::Refused(Refusal::FailedPrecondition { reason: r.0, limit: None }))
+                                }
+                            },
                         };
                         cs.push(Change::PutMeta(APPLIED_COMMAND.into(), encode(&(log_id, i))));
                         self.store.apply(&cs).map_err(failed)?;

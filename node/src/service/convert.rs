@@ -207,3 +207,82 @@ pub fn merge_record(m: MergeRecord) -> pb::MergeRecord {
         undone_at_ms: m.undone_at_ms.unwrap_or_default(),
     }
 }
+
+/// One shard replica's Raft status as this node sees it.
+pub fn shard_status(r: &crate::raft::ShardReplica) -> pb::ShardStatus {
+    let m = r.raft.metrics().borrow().clone();
+    let matched = m.replication.clone().unwrap_or_default();
+    let voters: std::collections::BTreeSet<u64> = m.membership_config.voter_ids().collect();
+    let members = m
+        .membership_config
+        .nodes()
+        .map(|(id, n)| pb::ShardMember {
+            node_id: *id,
+            addr: n.addr.clone(),
+            voter: voters.contains(id),
+            matched_index: matched.get(id).copied().flatten().map_or(0, |l| l.index),
+        })
+        .collect();
+    pb::ShardStatus {
+        shard: r.shard.0,
+        state: format!("{:?}", m.state),
+        leader_id: m.current_leader.unwrap_or(0),
+        term: m.current_term,
+        last_log_index: m.last_log_index.unwrap_or(0),
+        applied_index: m.last_applied.map_or(0, |l| l.index),
+        snapshot_index: m.snapshot.map_or(0, |l| l.index),
+        members,
+        prepared_txns: crate::txn::participant::prepared_count(&*r.store).unwrap_or(0) as u64,
+    }
+}
+
+/// The cluster map and this node's replicas, as `Admin.GetCluster` answers.
+pub fn cluster_status(node_id: u64, map: &crate::meta::ClusterMap, replicas: &[crate::raft::ShardReplica]) -> pb::ClusterStatus {
+    let mut shards: Vec<pb::ShardStatus> = replicas.iter().filter(|r| r.shard != crate::meta::META).map(shard_status).collect();
+    shards.sort_by_key(|s| s.shard);
+    let metadata = replicas.iter().find(|r| r.shard == crate::meta::META).map(shard_status);
+    let leads = |id: u64| shards.iter().chain(metadata.iter()).filter(|s| s.leader_id == id && s.state == "Leader").count() as u32;
+    let nodes = map
+        .nodes
+        .iter()
+        .map(|(id, e)| pb::ClusterNode {
+            node_id: *id,
+            addr: e.addr.clone(),
+            state: match e.state {
+                crate::meta::NodeState::Active => "active".into(),
+                crate::meta::NodeState::Leaving => "leaving".into(),
+            },
+            rule_version: e.rule_version.clone(),
+            replicas: map.groups_of(*id).len() as u32,
+            leads: leads(*id),
+        })
+        .collect();
+    let placement = map
+        .groups
+        .iter()
+        .map(|(g, members)| pb::GroupPlacement {
+            group: g.to_string(),
+            node_ids: members.iter().copied().collect(),
+            moving: map.moves.get(g).map_or_else(String::new, |mv| {
+                let mut parts = Vec::new();
+                if let Some(a) = mv.add {
+                    parts.push(format!("+{a}"));
+                }
+                if let Some(r) = mv.remove {
+                    parts.push(format!("-{r}"));
+                }
+                parts.join(" ")
+            }),
+        })
+        .collect();
+    pb::ClusterStatus {
+        node_id,
+        shards,
+        shard_count: map.shard_count,
+        replication_factor: map.replication,
+        map_version: map.version,
+        nodes,
+        placement,
+        metadata,
+    }
+}

@@ -5,6 +5,7 @@ pub mod convert;
 pub mod status;
 
 use crate::engine::{CommandKind, Outcome};
+use crate::meta::MetaCommand;
 use crate::router::ShardRouter;
 use futures::{Stream, StreamExt};
 use idgraph_proto::v1 as pb;
@@ -153,6 +154,9 @@ impl IdentityGraph for IdentityGraphService {
     }
 }
 
+/// How long `RemoveNode` waits for the node's replicas to move away.
+const REMOVAL_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The `Admin` service.
 #[derive(Clone)]
 pub struct AdminService {
@@ -223,13 +227,38 @@ impl Admin for AdminService {
         if req.addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid_field("addr", "not HOST:PORT"));
         }
-        self.router.change_membership(crate::raft::MembershipChange::Add { node_id: req.node_id, addr: req.addr }).await?;
+        let rule_version = self.router.rules().version().to_string();
+        let up = MetaCommand::NodeUp { node_id: req.node_id, addr: req.addr, rule_version, create: true };
+        self.router.change_cluster(up).await?;
         self.get_cluster(Request::new(pb::GetClusterRequest {})).await
     }
 
     async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let node_id = request.into_inner().node_id;
-        self.router.change_membership(crate::raft::MembershipChange::Remove { node_id }).await?;
+        check_node_id(node_id)?;
+        if !self.router.read_cluster().await?.nodes.contains_key(&node_id) {
+            return Err(ServiceError::Engine(crate::engine::EngineError::NotFound {
+                field: "node_id".into(),
+                what: format!("node {node_id} in the cluster map"),
+            })
+            .into());
+        }
+        self.router.change_cluster(MetaCommand::Drain { node_id }).await?;
+        // The metadata leader moves the node's replicas away, then forgets it.
+        let deadline = tokio::time::Instant::now() + REMOVAL_WAIT;
+        loop {
+            let map = self.router.read_cluster().await?;
+            let Some(_) = map.nodes.get(&node_id) else { break };
+            if tokio::time::Instant::now() > deadline {
+                let left = map.groups_of(node_id).len();
+                return Err(ServiceError::Unavailable {
+                    shard: "meta".into(),
+                    reason: format!("node {node_id} still holds {left} replicas after {REMOVAL_WAIT:?}; they keep moving"),
+                }
+                .into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
         self.get_cluster(Request::new(pb::GetClusterRequest {})).await
     }
 
@@ -261,37 +290,7 @@ impl Admin for AdminService {
 
     async fn get_cluster(&self, _request: Request<pb::GetClusterRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let replicas = self.local_replicas()?;
-        let mut shards = Vec::new();
-        let mut node_id = 0;
-        for r in replicas {
-            let m = r.raft.metrics().borrow().clone();
-            node_id = m.id;
-            let matched = m.replication.clone().unwrap_or_default();
-            let voters: std::collections::BTreeSet<u64> = m.membership_config.voter_ids().collect();
-            let members = m
-                .membership_config
-                .nodes()
-                .map(|(id, n)| pb::ShardMember {
-                    node_id: *id,
-                    addr: n.addr.clone(),
-                    voter: voters.contains(id),
-                    matched_index: matched.get(id).copied().flatten().map_or(0, |l| l.index),
-                })
-                .collect();
-            shards.push(pb::ShardStatus {
-                shard: r.shard.0,
-                state: format!("{:?}", m.state),
-                leader_id: m.current_leader.unwrap_or(0),
-                term: m.current_term,
-                last_log_index: m.last_log_index.unwrap_or(0),
-                applied_index: m.last_applied.map_or(0, |l| l.index),
-                snapshot_index: m.snapshot.map_or(0, |l| l.index),
-                members,
-                prepared_txns: crate::txn::participant::prepared_count(&*r.store).unwrap_or(0) as u64,
-            });
-        }
-        shards.sort_by_key(|s| s.shard);
-        Ok(Response::new(pb::ClusterStatus { node_id, shards }))
+        Ok(Response::new(convert::cluster_status(self.router.node_id(), &self.router.cluster(), &replicas)))
     }
 
     async fn get_rule_set(&self, _request: Request<pb::GetRuleSetRequest>) -> Result<Response<pb::RuleSetInfo>, Status> {

@@ -86,6 +86,43 @@ impl SledDb {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map(|_| ()).map_err(io)
     }
+
+    /// The groups this database holds a replica of (each has a Raft log tree).
+    pub fn groups(&self) -> Vec<ShardId> {
+        let mut out: Vec<ShardId> = self
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|name| {
+                let name = std::str::from_utf8(name).ok()?.strip_prefix("shard-")?.strip_suffix("-raft")?;
+                if name == crate::meta::META.to_string() {
+                    Some(crate::meta::META)
+                } else {
+                    name.parse().ok().map(ShardId)
+                }
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Deletes a replica's log, Raft metadata and graph, durably.
+    pub fn discard(&self, shard: ShardId) -> Result<(), StoreError> {
+        self.db.drop_tree(format!("shard-{shard}-raft")).map_err(io)?;
+        self.db.drop_tree(format!("shard-{shard}")).map_err(io)?;
+        self.flush()
+    }
+
+    /// Whether the node has started from this directory before (and so
+    /// must never initialise a Raft group again).
+    pub fn started(&self) -> Result<bool, StoreError> {
+        Ok(self.db.open_tree("meta").map_err(io)?.get("started").map_err(io)?.is_some())
+    }
+
+    pub fn mark_started(&self) -> Result<(), StoreError> {
+        self.db.open_tree("meta").map_err(io)?.insert("started", &[1u8]).map_err(io)?;
+        self.flush()
+    }
 }
 
 /// One shard's tables in one sled tree.

@@ -1,0 +1,467 @@
+//! The cluster map: which nodes there are, which nodes hold a replica of
+//! each Raft group, and the moves of replicas under way. It is the state of
+//! the metadata Raft group ([`META`]), replicated like a shard's graph, and
+//! every node routes by its copy of it.
+//!
+//! # Protocol and invariants
+//!
+//! The map changes only through [`MetaCommand`]s applied, in log order, by
+//! [`ClusterMap::apply`]: a pure function, so every replica of the metadata
+//! group holds the same map. A command that would break an invariant is
+//! refused and changes nothing.
+//!
+//! - Every group (each shard, and the metadata group itself) lists the nodes
+//!   that hold, or are being given, a replica of it. A node opens the
+//!   replicas the map gives it and discards a replica only once the map no
+//!   longer lists it *and* no move of that group is under way.
+//! - A replica moves in three steps, each safe to repeat after a crash
+//!   (whoever leads the metadata group next resumes a move it finds
+//!   recorded):
+//!   1. [`MetaCommand::BeginMove`] lists the new node for the group and
+//!      records the move; the new node opens an empty replica;
+//!   2. the group's leader adds the new node as a learner, waits until it
+//!      has caught up (from a snapshot when the log was compacted), and
+//!      replaces the old voter by the new one in one membership change;
+//!   3. [`MetaCommand::FinishMove`] drops the old node from the list; only
+//!      now may the old node discard its replica, since the Raft group no
+//!      longer counts on it.
+//!
+//!   So a group never has fewer voters than before a move, and a replica
+//!   is never discarded while a quorum may need it.
+//! - [`ClusterMap::next_move`] plans one move at a time towards the
+//!   placement goal: every group on `min(replication, active nodes)`
+//!   distinct active nodes, none on a node being removed, and the replica
+//!   counts of active nodes within one of each other. A node being removed
+//!   (`Leaving`) is forgotten once it holds nothing.
+
+use crate::model::ShardId;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The metadata Raft group's id among the node's groups.
+pub const META: ShardId = ShardId(u32::MAX);
+
+/// The meta key the metadata group's replicas keep the map under.
+pub const MAP_KEY: &str = "cluster.map";
+
+/// The map a replica of the metadata group holds (empty before bootstrap).
+pub fn read_map<S: crate::storage::GraphRead + ?Sized>(store: &S) -> Result<ClusterMap, crate::storage::StoreError> {
+    match store.meta(MAP_KEY)? {
+        Some(bytes) => crate::storage::decode(MAP_KEY.as_bytes(), &bytes),
+        None => Ok(ClusterMap::default()),
+    }
+}
+
+/// Where a node stands in the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Takes replicas.
+    Active,
+    /// Being removed: its replicas move elsewhere, then it is forgotten.
+    Leaving,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    /// Address the other nodes reach it at.
+    pub addr: String,
+    pub state: NodeState,
+    /// The rule-set version the node runs (as it last reported it).
+    pub rule_version: String,
+}
+
+/// One replica of a group changing hands. `add` without `remove` grows a
+/// group, `remove` without `add` shrinks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaMove {
+    pub group: ShardId,
+    pub add: Option<u64>,
+    pub remove: Option<u64>,
+}
+
+/// The replicated cluster map.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMap {
+    /// Bumped by every change; 0 for a map not bootstrapped yet.
+    pub version: u64,
+    pub shard_count: u32,
+    /// Replicas per group the placement aims for.
+    pub replication: u32,
+    pub nodes: BTreeMap<u64, NodeEntry>,
+    /// Nodes holding (or receiving) a replica of each group.
+    pub groups: BTreeMap<ShardId, BTreeSet<u64>>,
+    /// Moves under way, at most one per group.
+    pub moves: BTreeMap<ShardId, ReplicaMove>,
+}
+
+/// A change of the cluster map (an entry of the metadata group's log).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// The first map; ignored when there is one already.
+    Bootstrap(ClusterMap),
+    /// Registers a node (`create`) or refreshes what a registered node
+    /// reports of itself.
+    NodeUp {
+        node_id: u64,
+        addr: String,
+        rule_version: String,
+        create: bool,
+    },
+    /// Starts removing a node: its replicas move elsewhere.
+    Drain {
+        node_id: u64,
+    },
+    /// Drops a drained node that holds no replica.
+    Forget {
+        node_id: u64,
+    },
+    BeginMove(ReplicaMove),
+    FinishMove {
+        group: ShardId,
+    },
+}
+
+/// Why the map refused a command.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct MetaRefusal(pub String);
+
+fn refuse<T>(reason: impl Into<String>) -> Result<T, MetaRefusal> {
+    Err(MetaRefusal(reason.into()))
+}
+
+impl ClusterMap {
+    /// The map a static cluster starts with: shard `s` on `replication`
+    /// consecutive members starting with the `s mod n`-th (which also
+    /// initialises the shard's group and first leads it), the metadata
+    /// group on the members holding fewest shards (its initialiser is the
+    /// lowest id among them).
+    pub fn initial(members: &BTreeMap<u64, String>, shard_count: u32, replication: u32, rule_version: &str) -> ClusterMap {
+        let ids: Vec<u64> = members.keys().copied().collect();
+        let n = ids.len().max(1);
+        let rf = (replication.max(1) as usize).min(ids.len());
+        let mut groups = BTreeMap::new();
+        for s in 0..shard_count {
+            groups.insert(ShardId(s), (0..rf).map(|i| ids[(s as usize + i) % n]).collect());
+        }
+        let load = |id: &u64| groups.values().filter(|m: &&BTreeSet<u64>| m.contains(id)).count();
+        let mut by_load = ids.clone();
+        by_load.sort_by_key(|id| (load(id), *id));
+        let meta: BTreeSet<u64> = by_load.into_iter().take(rf).collect();
+        groups.insert(META, meta);
+        let nodes = members
+            .iter()
+            .map(|(id, addr)| (*id, NodeEntry { addr: addr.clone(), state: NodeState::Active, rule_version: rule_version.into() }))
+            .collect();
+        ClusterMap { version: 1, shard_count, replication: replication.max(1), nodes, groups, moves: BTreeMap::new() }
+    }
+
+    pub fn is_bootstrapped(&self) -> bool {
+        self.version > 0
+    }
+
+    /// The groups `node` holds or is receiving.
+    pub fn groups_of(&self, node: u64) -> BTreeSet<ShardId> {
+        self.groups.iter().filter(|(_, m)| m.contains(&node)).map(|(g, _)| *g).collect()
+    }
+
+    /// Addresses of a group's replicas.
+    pub fn addrs_of(&self, group: ShardId) -> Vec<String> {
+        self.groups.get(&group).into_iter().flatten().filter_map(|n| self.nodes.get(n).map(|e| e.addr.clone())).collect()
+    }
+
+    fn active(&self) -> Vec<u64> {
+        self.nodes.iter().filter(|(_, e)| e.state == NodeState::Active).map(|(id, _)| *id).collect()
+    }
+
+    fn load(&self, node: u64) -> usize {
+        self.groups.values().filter(|m| m.contains(&node)).count()
+    }
+
+    /// Applies a command: the new map, or why it was refused.
+    pub fn apply(&self, cmd: &MetaCommand) -> Result<ClusterMap, MetaRefusal> {
+        let mut next = self.clone();
+        match cmd {
+            MetaCommand::Bootstrap(map) => {
+                if self.is_bootstrapped() {
+                    return Ok(next);
+                }
+                next = map.clone();
+                next.version = 0;
+            }
+            MetaCommand::NodeUp { node_id, addr, rule_version, create } => match next.nodes.get_mut(node_id) {
+                Some(e) if e.addr == *addr && e.rule_version == *rule_version => return Ok(next),
+                Some(e) => {
+                    e.addr = addr.clone();
+                    e.rule_version = rule_version.clone();
+                }
+                None if *create => {
+                    if let Some((other, _)) = next.nodes.iter().find(|(_, e)| e.addr == *addr) {
+                        return refuse(format!("node {other} already has address {addr}"));
+                    }
+                    next.nodes
+                        .insert(*node_id, NodeEntry { addr: addr.clone(), state: NodeState::Active, rule_version: rule_version.clone() });
+                }
+                None => return refuse(format!("node {node_id} is not a member of the cluster")),
+            },
+            MetaCommand::Drain { node_id } => {
+                let Some(e) = next.nodes.get_mut(node_id) else { return refuse(format!("node {node_id} is not a member of the cluster")) };
+                if e.state == NodeState::Leaving {
+                    return Ok(next);
+                }
+                if self.active().len() <= 1 {
+                    return refuse(format!("node {node_id} is the last active node"));
+                }
+                e.state = NodeState::Leaving;
+            }
+            MetaCommand::Forget { node_id } => {
+                match next.nodes.get(node_id) {
+                    None => return Ok(next),
+                    Some(e) if e.state != NodeState::Leaving => return refuse(format!("node {node_id} was not drained first")),
+                    Some(_) => {}
+                }
+                if self.load(*node_id) > 0 {
+                    return refuse(format!("node {node_id} still holds {} replicas", self.load(*node_id)));
+                }
+                next.nodes.remove(node_id);
+            }
+            MetaCommand::BeginMove(mv) => {
+                if self.moves.get(&mv.group) == Some(mv) {
+                    return Ok(next);
+                }
+                if self.moves.contains_key(&mv.group) {
+                    return refuse(format!("group {} has a move under way", mv.group));
+                }
+                let Some(members) = next.groups.get_mut(&mv.group) else { return refuse(format!("no group {}", mv.group)) };
+                if let Some(add) = mv.add {
+                    if !self.nodes.get(&add).is_some_and(|e| e.state == NodeState::Active) {
+                        return refuse(format!("node {add} is not an active node"));
+                    }
+                    if members.contains(&add) {
+                        return refuse(format!("node {add} already holds group {}", mv.group));
+                    }
+                    members.insert(add);
+                }
+                if let Some(remove) = mv.remove {
+                    if !members.contains(&remove) {
+                        return refuse(format!("node {remove} holds no replica of group {}", mv.group));
+                    }
+                    if mv.add.is_none() && members.len() <= 1 {
+                        return refuse(format!("node {remove} holds the last replica of group {}", mv.group));
+                    }
+                }
+                if mv.add.is_none() && mv.remove.is_none() {
+                    return refuse("a move adds or removes a replica");
+                }
+                next.moves.insert(mv.group, *mv);
+            }
+            MetaCommand::FinishMove { group } => {
+                let Some(mv) = next.moves.remove(group) else { return Ok(next) };
+                if let (Some(remove), Some(members)) = (mv.remove, next.groups.get_mut(group)) {
+                    members.remove(&remove);
+                }
+            }
+        }
+        next.version = self.version + 1;
+        Ok(next)
+    }
+
+    /// Replicas a group should have.
+    fn target(&self) -> usize {
+        (self.replication.max(1) as usize).min(self.active().len()).max(1)
+    }
+
+    /// The next move towards the placement goal (see the module notes), or
+    /// none when the goal is met or a move is under way.
+    pub fn next_move(&self) -> Option<ReplicaMove> {
+        if !self.is_bootstrapped() || !self.moves.is_empty() {
+            return None;
+        }
+        let active = self.active();
+        if active.is_empty() {
+            return None;
+        }
+        let target = self.target();
+        // The least loaded active node not holding `members` (lowest id on a tie).
+        let receiver =
+            |members: &BTreeSet<u64>| active.iter().copied().filter(|n| !members.contains(n)).min_by_key(|n| (self.load(*n), *n));
+        for (group, members) in &self.groups {
+            let group = *group;
+            if let Some(leaving) = members.iter().copied().find(|m| !active.contains(m)) {
+                let add = if members.len() <= target { receiver(members) } else { None };
+                if add.is_none() && members.len() <= 1 {
+                    continue;
+                }
+                return Some(ReplicaMove { group, add, remove: Some(leaving) });
+            }
+            if members.len() < target {
+                return receiver(members).map(|add| ReplicaMove { group, add: Some(add), remove: None });
+            }
+            if members.len() > target {
+                let remove = members.iter().copied().max_by_key(|n| (self.load(*n), *n));
+                return Some(ReplicaMove { group, add: None, remove });
+            }
+        }
+        // Even out the replica counts of active nodes.
+        let most = active.iter().copied().max_by_key(|n| (self.load(*n), std::cmp::Reverse(*n)))?;
+        let least = active.iter().copied().min_by_key(|n| (self.load(*n), *n))?;
+        if self.load(most) <= self.load(least) + 1 {
+            return None;
+        }
+        let group = self.groups.iter().find(|(_, m)| m.contains(&most) && !m.contains(&least)).map(|(g, _)| *g)?;
+        Some(ReplicaMove { group, add: Some(least), remove: Some(most) })
+    }
+
+    /// Leaving nodes that hold nothing any more (to be forgotten).
+    pub fn drained(&self) -> Vec<u64> {
+        self.nodes.iter().filter(|(id, e)| e.state == NodeState::Leaving && self.load(**id) == 0).map(|(id, _)| *id).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn members(n: u64) -> BTreeMap<u64, String> {
+        (1..=n).map(|i| (i, format!("127.0.0.1:{}", 50060 + i))).collect()
+    }
+
+    /// Carries out planned moves (both steps) until none is left; the moves taken.
+    fn settle(map: &mut ClusterMap) -> usize {
+        let mut moves = 0;
+        while let Some(mv) = map.next_move() {
+            *map = map.apply(&MetaCommand::BeginMove(mv)).unwrap();
+            assert!(map.next_move().is_none(), "one move at a time");
+            *map = map.apply(&MetaCommand::FinishMove { group: mv.group }).unwrap();
+            for id in map.drained() {
+                *map = map.apply(&MetaCommand::Forget { node_id: id }).unwrap();
+            }
+            moves += 1;
+            assert!(moves < 10_000, "the planner does not converge");
+        }
+        for id in map.drained() {
+            *map = map.apply(&MetaCommand::Forget { node_id: id }).unwrap();
+        }
+        moves
+    }
+
+    /// The placement goal of the module notes.
+    fn assert_goal(map: &ClusterMap) {
+        let active = map.active();
+        let want = (map.replication as usize).min(active.len());
+        for (g, m) in &map.groups {
+            assert_eq!(m.len(), want, "group {g} has {m:?}");
+            assert!(m.iter().all(|n| active.contains(n)), "group {g} on an inactive node: {m:?}");
+        }
+        let loads: Vec<usize> = active.iter().map(|n| map.load(*n)).collect();
+        assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1, "unbalanced: {loads:?}");
+    }
+
+    #[test]
+    fn a_static_cluster_starts_with_shards_spread_and_replicated() {
+        let map = ClusterMap::initial(&members(5), 16, 3, "v1");
+        assert_eq!(map.groups[&ShardId(0)], BTreeSet::from([1, 2, 3]));
+        assert_eq!(map.groups[&ShardId(4)], BTreeSet::from([5, 1, 2]));
+        // 48 shard replicas over 5 nodes: 10, 10, 10, 9, 9; the metadata group
+        // goes to the least loaded.
+        assert_eq!(map.groups[&META], BTreeSet::from([1, 4, 5]));
+        assert_goal(&map);
+        assert_eq!(map.next_move(), None);
+        // Fewer nodes than the replication factor: every node holds every group.
+        let small = ClusterMap::initial(&members(2), 4, 3, "v1");
+        assert!(small.groups.values().all(|m| m.len() == 2));
+        let single = ClusterMap::initial(&members(1), 1, 3, "v1");
+        assert_eq!(single.groups.len(), 2);
+    }
+
+    #[test]
+    fn a_new_node_takes_its_share_and_a_drained_node_is_emptied_then_forgotten() {
+        let mut map = ClusterMap::initial(&members(3), 8, 3, "v1");
+        map = map.apply(&MetaCommand::NodeUp { node_id: 4, addr: "127.0.0.1:9".into(), rule_version: "v1".into(), create: true }).unwrap();
+        let moves = settle(&mut map);
+        assert_goal(&map);
+        assert!(moves >= 6, "9 groups × 3 replicas over 4 nodes: node 4 takes 6 or 7, took {moves} moves");
+        map = map.apply(&MetaCommand::Drain { node_id: 2 }).unwrap();
+        settle(&mut map);
+        assert_goal(&map);
+        assert!(!map.nodes.contains_key(&2), "node 2 forgotten once empty");
+        assert!(map.groups.values().all(|m| m == &BTreeSet::from([1, 3, 4])));
+        // Down to two nodes: groups shrink to two replicas.
+        map = map.apply(&MetaCommand::Drain { node_id: 4 }).unwrap();
+        settle(&mut map);
+        assert_goal(&map);
+        assert!(map.groups.values().all(|m| m.len() == 2));
+    }
+
+    #[test]
+    fn refusals_change_nothing() {
+        let map = ClusterMap::initial(&members(3), 2, 3, "v1");
+        let cases = [
+            MetaCommand::Forget { node_id: 1 },
+            MetaCommand::BeginMove(ReplicaMove { group: ShardId(0), add: Some(2), remove: Some(1) }),
+            MetaCommand::BeginMove(ReplicaMove { group: ShardId(0), add: Some(9), remove: None }),
+            MetaCommand::BeginMove(ReplicaMove { group: ShardId(7), add: None, remove: Some(1) }),
+            MetaCommand::BeginMove(ReplicaMove { group: ShardId(0), add: None, remove: None }),
+            MetaCommand::NodeUp { node_id: 9, addr: "x:1".into(), rule_version: "v1".into(), create: false },
+            MetaCommand::NodeUp { node_id: 9, addr: "127.0.0.1:50061".into(), rule_version: "v1".into(), create: true },
+        ];
+        for cmd in cases {
+            assert!(map.apply(&cmd).is_err(), "{cmd:?} accepted");
+        }
+        let one = ClusterMap::initial(&members(1), 1, 3, "v1");
+        assert!(one.apply(&MetaCommand::Drain { node_id: 1 }).is_err(), "the last node cannot leave");
+        let moving = map.apply(&MetaCommand::BeginMove(ReplicaMove { group: ShardId(1), add: None, remove: Some(1) })).unwrap();
+        assert!(moving.apply(&MetaCommand::BeginMove(ReplicaMove { group: ShardId(1), add: None, remove: Some(2) })).is_err());
+        // The same move again is accepted (a resumed step) and changes nothing more.
+        let again = moving.apply(&MetaCommand::BeginMove(ReplicaMove { group: ShardId(1), add: None, remove: Some(1) })).unwrap();
+        assert_eq!(again.groups, moving.groups);
+    }
+
+    #[test]
+    fn a_moving_replica_stays_listed_until_the_move_is_finished() {
+        let mut map = ClusterMap::initial(&members(4), 1, 3, "v1");
+        let mv = ReplicaMove { group: ShardId(0), add: Some(4), remove: Some(1) };
+        map = map.apply(&MetaCommand::BeginMove(mv)).unwrap();
+        assert_eq!(map.groups[&ShardId(0)], BTreeSet::from([1, 2, 3, 4]), "both old and new node listed");
+        map = map.apply(&MetaCommand::FinishMove { group: ShardId(0) }).unwrap();
+        assert_eq!(map.groups[&ShardId(0)], BTreeSet::from([2, 3, 4]));
+        assert!(map.moves.is_empty());
+    }
+
+    #[derive(Clone, Debug)]
+    enum Change {
+        Join,
+        Drain(u64),
+    }
+
+    proptest! {
+        /// Whatever nodes join and leave, the planner reaches the goal,
+        /// and no step ever leaves a group with fewer replicas than the
+        /// smaller of its goal and what it had.
+        #[test]
+        fn the_planner_reaches_the_placement_goal(n in 1u64..6, shards in 1u32..12, rf in 1u32..5,
+            changes in proptest::collection::vec(prop_oneof![Just(Change::Join), (1u64..10).prop_map(Change::Drain)], 0..6)) {
+            let mut map = ClusterMap::initial(&members(n), shards, rf, "v1");
+            let mut next_id = n + 1;
+            for c in changes {
+                map = match c {
+                    Change::Join => {
+                        next_id += 1;
+                        map.apply(&MetaCommand::NodeUp { node_id: next_id, addr: format!("h:{next_id}"), rule_version: "v1".into(), create: true }).unwrap()
+                    }
+                    Change::Drain(id) => map.apply(&MetaCommand::Drain { node_id: id }).unwrap_or(map),
+                };
+                while let Some(mv) = map.next_move() {
+                    let before = map.groups[&mv.group].len();
+                    map = map.apply(&MetaCommand::BeginMove(mv)).unwrap();
+                    map = map.apply(&MetaCommand::FinishMove { group: mv.group }).unwrap();
+                    let after = map.groups[&mv.group].len();
+                    prop_assert!(after >= before.min(map.target()), "{mv:?} shrank a group below its goal");
+                }
+                settle(&mut map);
+                assert_goal(&map);
+            }
+        }
+    }
+}
