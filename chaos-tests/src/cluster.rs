@@ -130,7 +130,8 @@ impl Cluster {
             // up by installing one (and a crash point can stop it there).
             .env("IDGRAPH_RAFT_SNAPSHOT_LOGS", "50")
             .env("IDGRAPH_SHUTDOWN_GRACE_MS", "200")
-            .env("IDGRAPH_LOG_LEVEL", "warn")
+            // CHAOS_NODE_LOG (a tracing filter) for more of the nodes' logs.
+            .env("IDGRAPH_LOG_LEVEL", std::env::var("CHAOS_NODE_LOG").unwrap_or_else(|_| "warn".into()))
             .env_remove("FAILPOINTS")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

@@ -15,17 +15,21 @@
 //! | `raft::before-fsync` | log entries appended to the database, not yet fsync'd or acknowledged |
 //! | `raft::after-fsync` | log entries fsync'd, not yet acknowledged to Raft |
 //! | `raft::snapshot-install` | a received snapshot's records replaced the replica's, its log position not yet recorded |
+//! | `placement::after-begin-move` | the metadata leader recorded a replica move; the group's membership is unchanged |
+//! | `placement::after-membership-change` | the group's voters changed; the move is not yet recorded as finished |
 //!
 //! Without the feature a crash point compiles to nothing.
 
 /// Every crash point in the code (the table above).
-pub const CRASH_POINTS: [&str; 6] = [
+pub const CRASH_POINTS: [&str; 8] = [
     "txn::before-commit",
     "txn::after-commit",
     "txn::between-applies",
     "raft::before-fsync",
     "raft::after-fsync",
     "raft::snapshot-install",
+    "placement::after-begin-move",
+    "placement::after-membership-change",
 ];
 
 /// The crash points this build can stop at: all of them with the

@@ -312,6 +312,32 @@ impl ClusterMap {
         Some(ReplicaMove { group, add: Some(least), remove: Some(most) })
     }
 
+    /// A leadership transfer that evens out how many shards each active
+    /// node leads (`leaders`: the current leader of each group that has
+    /// one; the metadata group's light load is left out): from the node
+    /// leading most to the one leading fewest among the shard's replicas,
+    /// when they differ by more than one. None while a move is under way.
+    pub fn next_leader_transfer(&self, leaders: &BTreeMap<ShardId, u64>) -> Option<(ShardId, u64)> {
+        if !self.moves.is_empty() {
+            return None;
+        }
+        let leaders: BTreeMap<ShardId, u64> = leaders.iter().filter(|(g, _)| **g != META).map(|(g, l)| (*g, *l)).collect();
+        let active = self.active();
+        let leads = |n: u64| leaders.values().filter(|l| **l == n).count();
+        let mut candidates: Vec<(usize, ShardId, u64)> = Vec::new();
+        for (group, leader) in &leaders {
+            let Some(members) = self.groups.get(group) else { continue };
+            let target = members.iter().copied().filter(|m| active.contains(m) && m != leader).min_by_key(|m| (leads(*m), *m));
+            if let Some(to) = target {
+                if leads(*leader) > leads(to) + 1 {
+                    candidates.push((leads(*leader) - leads(to), *group, to));
+                }
+            }
+        }
+        // The widest gap first; the lowest group on a tie.
+        candidates.into_iter().max_by_key(|(gap, group, _)| (*gap, std::cmp::Reverse(*group))).map(|(_, g, to)| (g, to))
+    }
+
     /// Leaving nodes that hold nothing any more (to be forgotten).
     pub fn drained(&self) -> Vec<u64> {
         self.nodes.iter().filter(|(id, e)| e.state == NodeState::Leaving && self.load(**id) == 0).map(|(id, _)| *id).collect()
@@ -427,6 +453,26 @@ mod tests {
         map = map.apply(&MetaCommand::FinishMove { group: ShardId(0) }).unwrap();
         assert_eq!(map.groups[&ShardId(0)], BTreeSet::from([2, 3, 4]));
         assert!(map.moves.is_empty());
+    }
+
+    #[test]
+    fn leadership_moves_from_the_busiest_node_to_an_idle_replica() {
+        let mut map = ClusterMap::initial(&members(3), 8, 3, "v1");
+        map = map.apply(&MetaCommand::NodeUp { node_id: 4, addr: "h:4".into(), rule_version: "v1".into(), create: true }).unwrap();
+        settle(&mut map);
+        // Node 1 leads every group; node 4 leads none.
+        let mut leaders: BTreeMap<ShardId, u64> = map.groups.iter().map(|(g, m)| (*g, *m.first().unwrap())).collect();
+        let mut transfers = 0;
+        while let Some((group, to)) = map.next_leader_transfer(&leaders) {
+            assert!(map.groups[&group].contains(&to), "leadership goes to a replica");
+            leaders.insert(group, to);
+            transfers += 1;
+            assert!(transfers < 100, "does not converge");
+        }
+        leaders.remove(&META);
+        let counts: Vec<usize> = (1..=4).map(|n| leaders.values().filter(|l| **l == n).count()).collect();
+        assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1, "leaders uneven: {counts:?}");
+        assert!(transfers > 0);
     }
 
     #[derive(Clone, Debug)]

@@ -11,7 +11,8 @@
 //!    longer lists while no move of their group is under way;
 //! 4. on the metadata leader only: resume a recorded move, or plan and
 //!    carry out new ones ([`ClusterMap::next_move`]), and forget drained
-//!    nodes.
+//!    nodes; every few seconds, move one leadership from the node leading
+//!    most groups to one leading fewest ([`ClusterMap::next_leader_transfer`]).
 //!
 //! Every step is safe to repeat and to interrupt: a move's steps are
 //! recorded in the map before and after the Raft membership change they
@@ -40,6 +41,8 @@ pub struct Placement {
 
 /// How often a node looks at the cluster map.
 const EVERY: Duration = Duration::from_millis(500);
+/// Every this many rounds the metadata leader evens out leaderships.
+const LEADER_BALANCE_ROUNDS: u64 = 10;
 /// Moves the metadata leader carries out before it reads the map anew.
 const MOVES_PER_ROUND: usize = 64;
 
@@ -47,9 +50,9 @@ pub fn spawn(p: Placement) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        for round in 0u64.. {
             every.tick().await;
-            if let Err(e) = p.round().await {
+            if let Err(e) = p.round(round % LEADER_BALANCE_ROUNDS == LEADER_BALANCE_ROUNDS - 1).await {
                 tracing::debug!(error = %e, "cluster map round did not complete; will retry");
             }
         }
@@ -67,7 +70,7 @@ impl Placement {
     }
 
     #[instrument(skip_all, fields(node = self.me()))]
-    async fn round(&self) -> Result<(), ServiceError> {
+    async fn round(&self, balance_leaders: bool) -> Result<(), ServiceError> {
         let map = self.router.read_cluster().await?;
         if !map.is_bootstrapped() {
             if let (Some(initial), true) = (&self.bootstrap, self.leads_meta()) {
@@ -85,7 +88,26 @@ impl Placement {
         }
         self.converge(&map).await;
         if self.leads_meta() {
-            self.drive(map).await?;
+            let map = self.drive(map).await?;
+            if balance_leaders {
+                self.balance_leaders(&map).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves one group's leadership from the node leading most groups to
+    /// a replica leading fewest, when they differ by more than one.
+    async fn balance_leaders(&self, map: &ClusterMap) -> Result<(), ServiceError> {
+        let mut leaders = std::collections::BTreeMap::new();
+        for group in map.groups.keys() {
+            if let Some(leader) = self.router.leader_of(*group).await {
+                leaders.insert(*group, leader);
+            }
+        }
+        if let Some((group, to)) = map.next_leader_transfer(&leaders) {
+            info!(%group, to, "moving a leadership to even out leaders");
+            self.router.transfer_leader(group, to).await?;
         }
         Ok(())
     }
@@ -122,22 +144,22 @@ impl Placement {
     }
 
     /// On the metadata leader: moves replicas towards the placement goal.
-    async fn drive(&self, mut map: ClusterMap) -> Result<(), ServiceError> {
+    async fn drive(&self, mut map: ClusterMap) -> Result<ClusterMap, ServiceError> {
         for _ in 0..MOVES_PER_ROUND {
             let mv = match map.moves.values().next().copied().or_else(|| map.next_move()) {
                 Some(mv) => mv,
                 None => break,
             };
             if !self.leads_meta() {
-                return Ok(());
+                return Ok(map);
             }
             map = self.carry_out(mv).await?;
         }
         for node_id in map.drained() {
             info!(node_id, "node drained; forgetting it");
-            self.router.change_cluster(MetaCommand::Forget { node_id }).await?;
+            map = self.router.change_cluster(MetaCommand::Forget { node_id }).await?;
         }
-        Ok(())
+        Ok(map)
     }
 
     /// The three steps of one move (see [`crate::meta`]); each may have
@@ -145,6 +167,7 @@ impl Placement {
     #[instrument(skip_all, fields(group = %mv.group, add = ?mv.add, remove = ?mv.remove))]
     async fn carry_out(&self, mv: ReplicaMove) -> Result<ClusterMap, ServiceError> {
         let map = self.router.change_cluster(MetaCommand::BeginMove(mv)).await?;
+        crate::crash::crash_point("placement::after-begin-move");
         let add = match mv.add {
             Some(id) => match map.nodes.get(&id) {
                 Some(entry) => Some((id, entry.addr.clone())),
@@ -153,6 +176,7 @@ impl Placement {
             None => None,
         };
         self.router.change_membership(mv.group, MembershipChange { add, remove: mv.remove }).await?;
+        crate::crash::crash_point("placement::after-membership-change");
         let map = self.router.change_cluster(MetaCommand::FinishMove { group: mv.group }).await?;
         info!(version = map.version, "replica moved");
         Ok(map)

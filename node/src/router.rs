@@ -357,12 +357,20 @@ impl ShardRouter {
         self.request(group, ShardRequest::Membership(change)).await.map(|_| ())
     }
 
+    /// Who leads a group, as a replica of it believes (no leadership check).
+    pub async fn leader_of(&self, group: ShardId) -> Option<u64> {
+        match self.attempt(group, &ShardRequest::Read(ShardRead::Leader), 0).await {
+            Ok(ShardReply::LeaderId(leader)) => leader,
+            _ => None,
+        }
+    }
+
     /// Moves a shard's leadership to node `to` (see
     /// [`crate::raft::ShardReplica`]'s leadership steps); returns the leader
     /// once `to` leads, or the failure, with the old leader campaigning
     /// again either way.
     pub async fn transfer_leader(&self, shard: ShardId, to: u64) -> Result<u64, ServiceError> {
-        if !self.map.shards().contains(&shard) {
+        if shard != META && !self.map.shards().contains(&shard) {
             return Err(ServiceError::Engine(crate::engine::EngineError::InvalidArgument {
                 field: "shard".into(),
                 reason: format!("the cluster has shards 0 to {}", self.map.count() - 1),

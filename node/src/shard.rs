@@ -44,6 +44,8 @@ pub struct ShardActor;
 
 /// Proposals in flight at once per shard.
 pub const MAX_IN_FLIGHT: usize = 2;
+/// How long a proposal may wait for its entry to be applied.
+pub const PROPOSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 /// Commands in one proposal at most.
 pub const MAX_BATCH: usize = 512;
 
@@ -63,7 +65,17 @@ impl ShardState {
             let replica = self.replica.clone();
             let myself = myself.clone();
             tokio::spawn(async move {
-                match replica.write_batch(commands).await {
+                // A proposal whose entry is neither applied nor truncated
+                // here (a deposed leader that catches up from a snapshot
+                // is never told) must not hold its slot for ever: its
+                // callers learn that the outcome is unknown.
+                let answered = tokio::time::timeout(PROPOSAL_WAIT, replica.write_batch(commands)).await.unwrap_or_else(|_| {
+                    Err(ShardFailure::Unavailable {
+                        shard: replica.shard.0,
+                        reason: format!("the proposal was not answered within {PROPOSAL_WAIT:?}; its outcome is unknown"),
+                    })
+                });
+                match answered {
                     Ok(answers) => {
                         for (port, answer) in ports.into_iter().zip(answers) {
                             let _ = port.send(answer);

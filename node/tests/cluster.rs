@@ -360,6 +360,12 @@ async fn a_node_joins_and_takes_replicas_and_a_removed_node_hands_its_replicas_o
     }
     c.nodes.push(Some(n4));
     replicas_agree(&c, &[0, 1, 2, 3]).await;
+    // Leaderships even out too: node 4 comes to lead some shards.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cluster(c.node(3)).await.shards.iter().any(|s| s.state == "Leader") {
+        assert!(Instant::now() < deadline, "node 4 leads no shard: {:?}", cluster(c.node(3)).await.nodes);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Remove the leader of shard 0; RemoveNode answers once it is forgotten.
     let removed = leader as u64 + 1;

@@ -149,3 +149,97 @@ async fn a_coordinator_crash_after_the_commit_point_rolls_forward_and_the_retry_
 async fn a_coordinator_crash_between_two_applies_rolls_the_rest_forward() {
     crash_at("txn::between-applies", true).await;
 }
+
+/// The metadata leader dies in the middle of a replica move, at `point`:
+/// the move stays recorded in the cluster map, and whoever leads the
+/// metadata group next finishes it. In the end every group's voters, as
+/// its leader has them, are the nodes the map lists, three per group, and
+/// no event is lost.
+async fn move_interrupted_at(point: &str) {
+    let ports = free_ports(3);
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let members = ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect::<Vec<_>>().join(",");
+    let mut crashing = start(dirs[0].path(), ports[0], 1, &members, Some(point));
+    let others: Vec<NodeProcess> = (1..3).map(|i| start(dirs[i].path(), ports[i], i + 1, &members, None)).collect();
+    // Node 1 must lead the metadata group when the move starts.
+    let mut admin = others[0].admin().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(s) = admin.transfer_leader(pb::TransferLeaderRequest { shard: u32::MAX, node_id: 1 }).await {
+        assert!(Instant::now() < deadline, "{point}: node 1 never led the metadata group: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut client = others[0].client().await;
+    let mut acked = Vec::new();
+    for i in 0..40 {
+        let req = event(&format!("mv-{i}"), &[("anonymous_id", &format!("mv-anon-{i}")), ("email", &format!("mv{i}@shop.com"))]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let resp = loop {
+            match client.identify(req.clone()).await {
+                Ok(r) => break r.into_inner(),
+                Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Aborted) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(s) => panic!("{point}: event {i}: {s}"),
+            }
+        };
+        acked.push(resp.profile_id);
+    }
+    // A fourth node joins: the first move to it crashes node 1.
+    let dir4 = tempfile::tempdir().unwrap();
+    let listen4 = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let n4 = NodeProcess::start(dir4.path(), &["--listen", &listen4, "--id", "4", "--join", &others[0].addr]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = crashing.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{point}: node 1 never reached its crash point");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(idgraph_node::crash::CRASH_EXIT_CODE), "{point}: node 1 exited at its crash point");
+    crashing = start(dirs[0].path(), ports[0], 1, &members, None);
+
+    // The move is finished and the placement goal reached.
+    let nodes = [&crashing, &others[0], &others[1], &n4];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let map = n4.admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner();
+        let mut agree = map.map_version > 0 && map.placement.iter().all(|p| p.moving.is_empty() && p.node_ids.len() == 3);
+        // 9 groups × 3 replicas over 4 nodes: node 4 takes 6 or 7.
+        agree &= map.nodes.iter().any(|n| n.node_id == 4 && n.replicas >= 6);
+        // Each group's leader counts on exactly the nodes the map lists.
+        for n in nodes {
+            let Ok(s) = n.admin().await.get_cluster(pb::GetClusterRequest {}).await else {
+                agree = false;
+                continue;
+            };
+            let s = s.into_inner();
+            for r in s.shards.iter().chain(s.metadata.iter()).filter(|r| r.state == "Leader") {
+                let voters: Vec<u64> = r.members.iter().filter(|m| m.voter).map(|m| m.node_id).collect();
+                let group = if r.shard == u32::MAX { "meta".to_string() } else { format!("{:04}", r.shard) };
+                let listed = map.placement.iter().find(|p| p.group == group).map(|p| p.node_ids.clone());
+                agree &= listed.as_ref() == Some(&voters);
+            }
+        }
+        if agree {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{point}: the placement never settled: {:?}", map.placement);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut via4 = n4.client().await;
+    for (i, want) in acked.iter().enumerate() {
+        let p = via4.get_profile(by_id("anonymous_id", &format!("mv-anon-{i}"))).await.unwrap().into_inner();
+        assert_eq!(&p.profile_id, want, "{point}: event {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_interrupted_after_it_was_recorded_is_finished_by_the_next_metadata_leader() {
+    move_interrupted_at("placement::after-begin-move").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_interrupted_after_the_membership_change_is_finished_by_the_next_metadata_leader() {
+    move_interrupted_at("placement::after-membership-change").await;
+}
