@@ -46,6 +46,9 @@ pub struct NodeConfig {
     /// Replicas of each shard (and of the metadata group) the cluster keeps,
     /// fixed when it is created; fewer while it has fewer nodes.
     pub replication_factor: u32,
+    /// Whether the node leading the metadata group evens out shard
+    /// leaderships over the nodes (one transfer every few seconds at most).
+    pub balance_leaders: bool,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
     /// Events of one IdentifyStream in flight at once.
@@ -89,6 +92,7 @@ impl Default for NodeConfig {
             rules_file: None,
             shards: None,
             replication_factor: 3,
+            balance_leaders: true,
             max_message_bytes: 4 * 1024 * 1024,
             stream_window: 256,
             request_timeout_ms: 30_000,
@@ -133,6 +137,7 @@ const ENV_FIELDS: &[&str] = &[
     "rules_file",
     "shards",
     "replication_factor",
+    "balance_leaders",
     "max_message_bytes",
     "stream_window",
     "request_timeout_ms",

@@ -37,6 +37,8 @@ pub struct Placement {
     pub bootstrap: Option<ClusterMap>,
     /// The address this node advertises.
     pub addr: String,
+    /// Whether to even out leaderships (on the metadata leader).
+    pub balance_leaders: bool,
 }
 
 /// How often a node looks at the cluster map.
@@ -89,7 +91,7 @@ impl Placement {
         self.converge(&map).await;
         if self.leads_meta() {
             let map = self.drive(map).await?;
-            if balance_leaders {
+            if balance_leaders && self.balance_leaders {
                 self.balance_leaders(&map).await?;
             }
         }

@@ -360,6 +360,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         supervisor: supervisor.clone(),
         bootstrap: initial,
         addr: addr.to_string(),
+        balance_leaders: config.balance_leaders,
     });
 
     if joining {

@@ -308,10 +308,7 @@ impl ShardReplica {
             ShardRead::Hubs(limit) => ShardReply::Hubs(store.listed_hubs(limit).map_err(|e| self.unavailable(e))?),
             ShardRead::Counters => ShardReply::Counters(store.counters().map_err(|e| self.unavailable(e))?),
             ShardRead::Keys { keys, .. } => {
-                let read = |k: &GraphKey| -> Result<KeyRead, crate::storage::StoreError> {
-                    Ok(KeyRead { value: k.read(store)?, lock: txn::lock_on(store, k)? })
-                };
-                ShardReply::Keys(keys.iter().map(read).collect::<Result<_, _>>().map_err(|e| self.unavailable(e))?)
+                ShardReply::Keys(keys.iter().map(|k| txn::read_key(store, k)).collect::<Result<_, _>>().map_err(|e| self.unavailable(e))?)
             }
             ShardRead::Leader => ShardReply::LeaderId(self.raft.metrics().borrow().current_leader),
             ShardRead::Members => {

@@ -85,7 +85,7 @@ mod tests;
 
 pub use coordinator::{gather, KeyRead, ReadMode, ShardAccess, LOCK_TIMEOUT_MS};
 pub use keys::{GraphKey, GraphValue};
-pub use participant::{apply_op, lock_on, prepared_before, LockRecord, TxnOp, TxnReply};
+pub use participant::{apply_op, lock_on, prepared_before, read_key, LockRecord, TxnOp, TxnReply};
 pub use read_set::ReadSet;
 
 use crate::engine::EngineError;

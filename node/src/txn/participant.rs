@@ -98,6 +98,16 @@ pub fn lock_on<R: GraphRead + ?Sized>(r: &R, key: &GraphKey) -> Result<Option<Lo
     get(r, &format!("{LOCK}{}", key.lock_name()))
 }
 
+/// A record with the lock on it, as a reader fetches it while parts may be
+/// applied beside it. The lock is read first: a part applied between the
+/// two reads then shows either its lock or its new value. Read the other
+/// way round, the old value could come back with no lock (the apply
+/// releasing it in between), a state no transaction ever left.
+pub fn read_key<R: GraphRead + ?Sized>(r: &R, key: &GraphKey) -> Result<super::KeyRead, StoreError> {
+    let lock = lock_on(r, key)?;
+    Ok(super::KeyRead { lock, value: key.read(r)? })
+}
+
 /// Prepared parts on this shard whose lock was taken before `before_ms`.
 pub fn prepared_before<R: GraphRead + ?Sized>(r: &R, before_ms: i64) -> Result<Vec<LockRecord>, StoreError> {
     let mut out = Vec::new();

@@ -70,6 +70,75 @@ fn a_prepared_lock_refuses_other_writers_until_the_part_is_applied() {
     assert_eq!(s.meta_prefix("txn.").unwrap(), vec![]);
 }
 
+/// A store that applies a prepared part right after the first read a
+/// reader makes of it, as a shard's state machine may between two reads.
+struct ApplyAfterFirstRead {
+    store: MemStore,
+    part: std::sync::Mutex<Option<TxnOp>>,
+}
+
+impl ApplyAfterFirstRead {
+    fn after<T>(&self, v: T) -> T {
+        if let Some(op) = self.part.lock().unwrap().take() {
+            step(&self.store, op);
+        }
+        v
+    }
+}
+
+impl GraphRead for ApplyAfterFirstRead {
+    fn owner(&self, id: &Identifier) -> Result<Option<ProfileId>, StoreError> {
+        self.after(self.store.owner(id))
+    }
+    fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
+        self.after(self.store.profile(id))
+    }
+    fn alias(&self, id: &str) -> Result<Option<ProfileId>, StoreError> {
+        self.after(self.store.alias(id))
+    }
+    fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
+        self.after(self.store.event(event_id))
+    }
+    fn merge_record(&self, id: &str) -> Result<Option<MergeRecord>, StoreError> {
+        self.after(self.store.merge_record(id))
+    }
+    fn hub(&self, id: &Identifier) -> Result<Option<HubRecord>, StoreError> {
+        self.after(self.store.hub(id))
+    }
+    fn listed_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, StoreError> {
+        self.after(self.store.listed_hubs(limit))
+    }
+    fn counters(&self) -> Result<Counters, StoreError> {
+        self.after(self.store.counters())
+    }
+    fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
+        self.after(self.store.all_profiles())
+    }
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.after(self.store.meta(key))
+    }
+    fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.after(self.store.meta_prefix(prefix))
+    }
+}
+
+/// Found by the chaos harness: a reader that read a record's value, then
+/// its lock, could get the value from before a committed part's apply and
+/// no lock (released by that apply), and answer a state no transaction
+/// left. Whichever read comes first, the apply lands between the two.
+#[test]
+fn a_part_applied_between_the_reads_of_a_record_shows_its_lock_or_its_new_value() {
+    let key = GraphKey::Owner(Identifier::new("email", "a@b.co"));
+    let s = ApplyAfterFirstRead { store: MemStore::new(), part: std::sync::Mutex::new(None) };
+    let read = read_of(&s.store, &key);
+    assert_eq!(step(&s.store, prepare("t1", vec![read], owner_write("a@b.co", "p_1"))), TxnReply::Prepared);
+    *s.part.lock().unwrap() = Some(TxnOp::Apply { txn: "t1".into() });
+    let got = read_key(&s, &key).unwrap();
+    assert!(s.part.lock().unwrap().is_none(), "the part was applied during the read");
+    let before = crate::txn::GraphValue::Owner(None);
+    assert!(got.lock.is_some() || got.value != before, "the old value came back without the lock that guarded it: {got:?}");
+}
+
 #[test]
 fn the_primary_decides_once_and_a_decision_never_changes() {
     let s = MemStore::new();
@@ -157,7 +226,7 @@ impl ShardAccess for Coordinator {
     async fn read(&self, shard: ShardId, keys: Vec<GraphKey>, _mode: ReadMode) -> Result<Vec<KeyRead>, TxnError> {
         tokio::task::yield_now().await;
         let s = self.shards.store(shard);
-        Ok(keys.iter().map(|k| KeyRead { value: k.read(s).unwrap(), lock: lock_on(s, k).unwrap() }).collect())
+        Ok(keys.iter().map(|k| read_key(s, k).unwrap()).collect())
     }
     async fn step(&self, shard: ShardId, op: TxnOp) -> Result<TxnReply, TxnError> {
         tokio::task::yield_now().await;
