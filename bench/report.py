@@ -1,5 +1,6 @@
 """Turns bench/run.sh's results (JSON lines of idgraph-bench) into
-BENCHMARKS.md on stdout and bench/results/throughput-vs-clients.svg.
+BENCHMARKS.md on stdout and bench/results/*.svg (throughput against
+clients, latency CDF, throughput as the graph grows).
 
 Usage: report.py RESULTS.jsonl PERSONS REPS
 """
@@ -77,6 +78,7 @@ def main():
     w(f"- idgraph: {sh('git rev-parse --short HEAD')}, {sh('rustc --version')}, release build")
     w(f"- PostgreSQL: {sh('ls /usr/lib/postgresql/ 2>/dev/null | tail -1') or 'not installed'} "
       f"({sh('/usr/lib/postgresql/15/bin/postgres --version 2>/dev/null')}), fsync and synchronous_commit on")
+    w(f"- etcd: {sh('/usr/bin/etcd --version 2>/dev/null | head -1') or 'not installed'}, three members on loopback")
     w("")
     w("## Method")
     w("")
@@ -95,6 +97,11 @@ def main():
       "insert races are retried. Values are normalised in the client by idgraph's own rules.")
     w("- **sled alone** is the storage ceiling: each event's normalised identifiers go into one batch, flushed before the event "
       "counts as done. There is no resolution, Raft or network.")
+    w("- **etcd** (three members on loopback, Raft with fsync'd WAL) gets each event's normalised identifiers as one "
+      "transaction of puts, one key per identifier, acknowledged once a quorum has it: the ceiling of a proven Raft "
+      "store's replicated writes on this machine. It does no resolution, so it has no accuracy to score.")
+    w("- **growth** streams a larger world into one node in equal parts and reports each part's throughput with the "
+      "node's resident memory and data directory size after it.")
     w("")
     w("## Results")
     w("")
@@ -119,7 +126,9 @@ def main():
     pg = find("postgresql", "ingest")
     ceiling = find("ceiling", "ingest")
     lookup = find("1 node", "lookup")
+    etcd = find("etcd", "ingest")
     lines = [
+        ("idgraph 3 nodes / etcd 3 members, ingest", ratio(three, etcd), "at least 3×"),
         ("idgraph 3 nodes / PostgreSQL online, ingest", ratio(three, pg), "at least 20×"),
         ("idgraph 1 node / PostgreSQL online, ingest", ratio(one, pg), "–"),
         ("idgraph 1 node stream / sled alone", ratio(one_stream, ceiling), "–"),
@@ -136,9 +145,43 @@ def main():
     if lookup:
         w(f"- GetProfile (linearizable) p99: {lookup['p99']/1000:.2f} ms at the lookup workload's full load "
           f"({lookup['median']:,.0f}/s). The target is 2 ms at half the maximum load.")
-    w("- The etcd 3.4 peer and the growth series (1 million to 100 million identifiers, with memory and disk per million) "
-      "are not measured yet.")
     w("")
+    growth = [r for r in rows if r.get("growth")]
+    if growth:
+        steps = growth[-1]["growth"]
+        w("## Throughput as the graph grows")
+        w("")
+        w("| identifiers | events | events/s | p99 ms | memory MiB | disk MiB | memory per million ids MiB | disk per million ids MiB |")
+        w("|---|---|---|---|---|---|---|---|")
+        for st in steps:
+            m = st["identifiers"] / 1e6
+            w(f"| {st['identifiers']:,} | {st['events']:,} | {st['ops_per_s']:,.0f} | {st['p99_us']/1000:.1f} | "
+              f"{st['rss_bytes']/2**20:,.0f} | {st['disk_bytes']/2**20:,.0f} | "
+              f"{st['rss_bytes']/2**20/max(m, 1e-9):,.0f} | {st['disk_bytes']/2**20/max(m, 1e-9):,.0f} |")
+        w("")
+        first, last = steps[0]["ops_per_s"], steps[-1]["ops_per_s"]
+        w(f"- From the first step to the last the throughput changed by {100 * (last - first) / max(first, 1):+.0f} % "
+          f"(target: within 20 % from 1 million to 100 million identifiers; this run reached {steps[-1]['identifiers']:,}).")
+        os.makedirs("bench/results", exist_ok=True)
+        with open("bench/results/throughput-vs-size.svg", "w") as f:
+            f.write(svg_lines({"idgraph 1 node, stream": [(st["identifiers"], st["ops_per_s"]) for st in steps]},
+                              "identifiers in the graph", "events/s", log_x=False))
+        w("")
+        w("![throughput as the graph grows](bench/results/throughput-vs-size.svg)")
+        w("")
+    # Latency distributions of the ingest runs (first repetition each).
+    cdfs = {}
+    for r in rows:
+        lab = r["label"]
+        if r["workload"] == "ingest" and not lab.endswith(", clients") and lab != "growth" and r["measured"].get("cdf"):
+            name = f"{r['system']}{' stream' if r['stream'] else ''}"
+            cdfs.setdefault(name, r["measured"]["cdf"])
+    if cdfs:
+        os.makedirs("bench/results", exist_ok=True)
+        with open("bench/results/latency-cdf.svg", "w") as f:
+            f.write(svg_cdf(cdfs))
+        w("![ingest latency CDF](bench/results/latency-cdf.svg)")
+        w("")
     # Throughput against clients.
     series = defaultdict(list)
     for t in table:
@@ -154,17 +197,26 @@ def main():
     print("\n".join(out))
 
 
-def svg_lines(series, xlabel, ylabel, width=560, height=320):
-    """A small line chart with a logarithmic x axis, as plain SVG."""
+def svg_cdf(cdfs):
+    """Latency CDFs: x = latency in ms (logarithmic), y = share of calls answered."""
+    series = {name: [(max(us, 1) / 1000, q * 100) for q, us in pts] for name, pts in cdfs.items()}
+    return svg_lines(series, "latency (ms, log scale)", "% of calls answered", fixed_ymax=100, ticks_from_data=False)
+
+
+def svg_lines(series, xlabel, ylabel, width=560, height=320, log_x=True, fixed_ymax=None, ticks_from_data=True):
+    """A small line chart (logarithmic x axis unless told), as plain SVG."""
     import math
     pad = 60
+    fx = (lambda x: math.log2(x)) if log_x else (lambda x: x)
     xs = sorted({x for pts in series.values() for x, _ in pts})
-    ymax = max(y for pts in series.values() for _, y in pts) * 1.1 or 1
-    lx = [math.log2(x) for x in xs]
+    ymax = fixed_ymax or (max(y for pts in series.values() for _, y in pts) * 1.1 or 1)
+    lx = [fx(x) for x in xs]
     x0, x1 = min(lx), max(lx) if max(lx) > min(lx) else min(lx) + 1
+    if not ticks_from_data:
+        xs = [x for x in (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000) if xs[0] <= x <= xs[-1]] or xs[:1]
 
     def px(x):
-        return pad + (math.log2(x) - x0) / (x1 - x0) * (width - 2 * pad)
+        return pad + (fx(x) - x0) / (x1 - x0) * (width - 2 * pad)
 
     def py(y):
         return height - pad - y / ymax * (height - 2 * pad)
@@ -176,8 +228,9 @@ def svg_lines(series, xlabel, ylabel, width=560, height=320):
              f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height-pad}" stroke="black"/>',
              f'<text x="{width/2}" y="{height-15}" text-anchor="middle">{xlabel}</text>',
              f'<text x="15" y="{height/2}" transform="rotate(-90 15 {height/2})" text-anchor="middle">{ylabel}</text>']
-    for x in xs:
-        parts.append(f'<text x="{px(x):.0f}" y="{height-pad+16}" text-anchor="middle">{x}</text>')
+    for x in xs if len(xs) <= 12 else xs[::max(1, len(xs) // 6)]:
+        label = f"{x:,.0f}" if x >= 10 else f"{x:g}"
+        parts.append(f'<text x="{px(x):.0f}" y="{height-pad+16}" text-anchor="middle">{label}</text>')
     for i in range(5):
         y = ymax * i / 4
         parts.append(f'<text x="{pad-6}" y="{py(y)+4:.0f}" text-anchor="end">{y:,.0f}</text>')

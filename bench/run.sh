@@ -10,7 +10,11 @@
 # three nodes on loopback (replication factor 3, 16 shards), PostgreSQL 15
 # doing online resolution (installed from Debian's packages if missing,
 # started in target/bench/pg with fsync and synchronous_commit on), and
-# sled alone as the storage ceiling.
+# sled alone as the storage ceiling, and etcd 3.4 with three members on
+# loopback (Debian's etcd-server; the client is built with the `etcd`
+# feature, which needs protoc: Debian's protobuf-compiler). The growth stage
+# ingests a larger world (GROWTH_PERSONS) into one node in GROWTH_STEPS
+# parts, with the node's memory and disk after each.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -18,21 +22,34 @@ PERSONS="${PERSONS:-20000}"
 REPS="${REPS:-3}"
 CLIENTS="${CLIENTS:-16}"
 PROFILE="${PROFILE:-release}"
-STAGES="${STAGES:-single cluster sled postgres}"
+STAGES="${STAGES:-single cluster sled postgres etcd growth}"
+GROWTH_PERSONS="${GROWTH_PERSONS:-150000}"
+GROWTH_STEPS="${GROWTH_STEPS:-10}"
 work="$root/target/bench"
 results="$work/results.jsonl"
 mkdir -p "$work"
 [[ "${APPEND:-0}" == 1 ]] || : > "$results"
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
 pids=()
+etcd_pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
+  for p in "${etcd_pids[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
   if [[ -n "${pgbin:-}" && -d "$work/pg" ]]; then "$pgbin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
 
+sudo_cmd=""; [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
+apt_install() { DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q "$@" >/dev/null; }
+
 flag=""; [[ "$PROFILE" == release ]] && flag="--release"
-cargo build $flag -p idgraph-node -p idgraph-bench
+features=""
+if stage etcd; then
+  command -v protoc >/dev/null || apt_install protobuf-compiler
+  [[ -x /usr/bin/etcd ]] || apt_install etcd-server
+  features="--features idgraph-bench/etcd"
+fi
+cargo build $flag -p idgraph-node -p idgraph-bench $features
 bin="$root/target/$PROFILE"
 bench="$bin/idgraph-bench"
 
@@ -91,8 +108,7 @@ if stage postgres; then
 echo "== PostgreSQL 15, online resolution"
 pgbin="$(ls -d /usr/lib/postgresql/15/bin 2>/dev/null || true)"
 if [[ -z "$pgbin" ]]; then
-  sudo_cmd=""; [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
-  $sudo_cmd apt-get install -y -q postgresql-15 >/dev/null
+  apt_install postgresql-15
   pgbin=/usr/lib/postgresql/15/bin
 fi
 pgport="$(free_port)"
@@ -116,6 +132,43 @@ for c in 1 4 16 64; do
   run "postgresql, clients" --target postgres --pg "$pgconn" --workload ingest --clients "$c" --accuracy-sample 0
 done
 as_pg "$pgbin/pg_ctl -D $work/pg -m fast stop >/dev/null"
+fi
+
+if stage etcd; then
+echo "== etcd 3.4, three members"
+cports=(); pports=(); cluster=""
+for i in 1 2 3; do cports+=("$(free_port)"); pports+=("$(free_port)"); done
+for i in 1 2 3; do cluster+="${cluster:+,}e$i=http://127.0.0.1:${pports[$((i-1))]}"; done
+etcd_eps=""
+for i in 1 2 3; do
+  dir="$work/etcd$i"; rm -rf "$dir"
+  /usr/bin/etcd --name "e$i" --data-dir "$dir" \
+    --listen-client-urls "http://127.0.0.1:${cports[$((i-1))]}" --advertise-client-urls "http://127.0.0.1:${cports[$((i-1))]}" \
+    --listen-peer-urls "http://127.0.0.1:${pports[$((i-1))]}" --initial-advertise-peer-urls "http://127.0.0.1:${pports[$((i-1))]}" \
+    --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token idgraph-bench \
+    --log-level error > "$dir.log" 2>&1 &
+  etcd_pids+=($!)
+  etcd_eps+="${etcd_eps:+,}http://127.0.0.1:${cports[$((i-1))]}"
+done
+for _ in $(seq 1 50); do
+  python3 -c "import urllib.request,sys; sys.exit(0 if b'true' in urllib.request.urlopen('http://127.0.0.1:${cports[0]}/health').read() else 1)" 2>/dev/null && break
+  sleep 0.2
+done
+run "etcd" --target etcd --etcd "$etcd_eps" --workload ingest --clients "$CLIENTS"
+run "etcd" --target etcd --etcd "$etcd_eps" --workload lookup --clients "$CLIENTS"
+for c in 1 4 16 64; do
+  run "etcd, clients" --target etcd --etcd "$etcd_eps" --workload ingest --clients "$c" --accuracy-sample 0
+done
+for p in "${etcd_pids[@]}"; do kill "$p" 2>/dev/null || true; done; etcd_pids=()
+fi
+
+if stage growth; then
+echo "== idgraph, one node, growing graph ($GROWTH_PERSONS persons in $GROWTH_STEPS steps)"
+start_nodes 1 1
+"$bench" run --persons "$GROWTH_PERSONS" --seed 1 --label "growth" --output json --target idgraph --endpoints "$endpoints" \
+  --workload ingest --clients 4 --stream --window 256 --steps "$GROWTH_STEPS" --accuracy-sample 0 \
+  --watch-pid "${pids[0]}" --watch-dir "$work/node1-1" >> "$results"
+stop_nodes
 fi
 
 echo "== report"

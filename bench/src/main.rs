@@ -35,6 +35,8 @@ enum Target {
     Idgraph,
     Postgres,
     Sled,
+    /// etcd members (`--etcd`); needs a build with the `etcd` feature.
+    Etcd,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -84,6 +86,9 @@ struct RunArgs {
     /// PostgreSQL connection string.
     #[arg(long, default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres")]
     pg: String,
+    /// etcd members' client URLs (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd: Vec<String>,
     /// Directory for the sled ceiling's database (must not exist).
     #[arg(long, default_value = "target/bench-sled")]
     sled_dir: std::path::PathBuf,
@@ -94,6 +99,16 @@ struct RunArgs {
     /// recall (0: skip).
     #[arg(long, default_value_t = 1_000)]
     accuracy_sample: usize,
+    /// Ingest in this many consecutive parts, each measured on its own
+    /// (throughput as the graph grows).
+    #[arg(long, default_value_t = 1)]
+    steps: usize,
+    /// A process whose memory is reported after each step (a node's pid).
+    #[arg(long)]
+    watch_pid: Option<u32>,
+    /// A directory whose size is reported after each step (a data dir).
+    #[arg(long)]
+    watch_dir: Option<std::path::PathBuf>,
     /// A label carried into the output (e.g. the setup: "3 nodes").
     #[arg(long, default_value = "")]
     label: String,
@@ -116,6 +131,45 @@ struct Result {
     preloaded_events: usize,
     measured: Measured,
     accuracy: Option<Accuracy>,
+    /// With `--steps`: each step's throughput as the graph grows.
+    growth: Vec<GrowthStep>,
+}
+
+/// One step of an ingest measured in `--steps` parts.
+#[derive(Serialize)]
+struct GrowthStep {
+    events: usize,
+    /// Distinct identifiers (normalised) sent so far.
+    identifiers: usize,
+    ops_per_s: f64,
+    p99_us: u64,
+    /// Resident memory of `--watch-pid` after the step (0: not watched).
+    rss_bytes: u64,
+    /// Bytes under `--watch-dir` after the step (0: not watched).
+    disk_bytes: u64,
+}
+
+/// Resident set size of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Bytes of the files under `dir`.
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -154,6 +208,20 @@ async fn run_bench(args: RunArgs) -> anyhow::Result<()> {
             let peer =
                 Arc::new(Postgres::connect(&args.pg, args.clients).await.map_err(anyhow::Error::msg).context("connecting to PostgreSQL")?);
             measure(peer, &world, &args).await?
+        }
+        #[cfg(feature = "etcd")]
+        Target::Etcd => {
+            let peer = Arc::new(
+                idgraph_bench::peers::Etcd::connect(&args.etcd, args.clients)
+                    .await
+                    .map_err(anyhow::Error::msg)
+                    .context("connecting to etcd")?,
+            );
+            measure(peer, &world, &args).await?
+        }
+        #[cfg(not(feature = "etcd"))]
+        Target::Etcd => {
+            anyhow::bail!("this idgraph-bench was built without the etcd feature (cargo build -p idgraph-bench --features etcd)")
         }
         Target::Sled => {
             anyhow::ensure!(!args.sled_dir.exists(), "{} exists; the ceiling starts from an empty database", args.sled_dir.display());
@@ -201,19 +269,52 @@ async fn measure<P: Peer>(peer: Arc<P>, world: &World, args: &RunArgs) -> anyhow
         preload.iter().flat_map(|e| e.ids.iter()).filter(|i| normalized_key(&rules, i.kind, &i.value).is_some()).cloned().collect(),
     );
     let timed = Arc::new(timed);
-    let measured = match args.workload {
-        Workload::Ingest | Workload::MergeHeavy => match (args.stream, args.target) {
-            (true, Target::Idgraph) => {
-                let idgraph = Idgraph::connect(&args.endpoints, args.stale).await.map_err(anyhow::Error::msg)?;
-                run::ingest_stream(&idgraph, timed.clone(), args.clients, args.window).await
+    let ingest = |events: Arc<Vec<idgraph_bench::world::Event>>| {
+        let peer = peer.clone();
+        async move {
+            match (args.stream, args.target) {
+                (true, Target::Idgraph) => {
+                    let idgraph = Idgraph::connect(&args.endpoints, args.stale).await.map_err(anyhow::Error::msg)?;
+                    Ok(run::ingest_stream(&idgraph, events, args.clients, args.window).await)
+                }
+                (true, _) => anyhow::bail!("--stream applies to idgraph only"),
+                (false, _) => Ok(run::ingest_unary(peer, events, args.clients).await),
             }
-            (true, _) => anyhow::bail!("--stream applies to idgraph only"),
-            (false, _) => run::ingest_unary(peer.clone(), timed.clone(), args.clients).await,
-        },
+        }
+    };
+    let mut growth = Vec::new();
+    let measured = match args.workload {
+        Workload::Ingest | Workload::MergeHeavy if args.steps > 1 => {
+            let per_step = timed.len().div_ceil(args.steps).max(1);
+            let (mut seen, mut sent, mut last) = (std::collections::HashSet::new(), 0, None);
+            let (mut ops, mut errors, mut seconds) = (0, 0, 0.0);
+            for chunk in timed.chunks(per_step) {
+                let m = ingest(Arc::new(chunk.to_vec())).await?;
+                sent += chunk.len();
+                seen.extend(chunk.iter().flat_map(|e| e.ids.iter()).filter_map(|i| normalized_key(&rules, i.kind, &i.value)));
+                growth.push(GrowthStep {
+                    events: sent,
+                    identifiers: seen.len(),
+                    ops_per_s: m.ops_per_s,
+                    p99_us: m.p99_us,
+                    rss_bytes: args.watch_pid.map_or(0, rss_bytes),
+                    disk_bytes: args.watch_dir.as_deref().map_or(0, disk_bytes),
+                });
+                (ops, errors, seconds) = (ops + m.ops, errors + m.errors, seconds + m.seconds);
+                last = Some(m);
+            }
+            // Totals over the steps; latencies are the last (largest) step's.
+            let mut m = last.ok_or_else(|| anyhow::anyhow!("no events to ingest"))?;
+            (m.ops, m.errors, m.seconds, m.ops_per_s) = (ops, errors, seconds, ops as f64 / f64::max(seconds, 1e-9));
+            m
+        }
+        Workload::Ingest | Workload::MergeHeavy => ingest(timed.clone()).await?,
         Workload::Lookup => run::lookups(peer.clone(), known.clone(), args.clients, args.lookups, args.world.seed).await,
         Workload::Mixed => run::mixed(peer.clone(), known.clone(), timed.clone(), args.clients, args.world.seed).await,
     };
-    let accuracy = if args.accuracy_sample > 0 && args.target != Target::Sled && args.workload != Workload::Mixed {
+    // sled and etcd store identifiers without resolving them: no profiles to score.
+    let resolves = !matches!(args.target, Target::Sled | Target::Etcd);
+    let accuracy = if args.accuracy_sample > 0 && resolves && args.workload != Workload::Mixed {
         Some(accuracy(&*peer, world, args.accuracy_sample).await?)
     } else {
         None
@@ -231,6 +332,7 @@ async fn measure<P: Peer>(peer: Arc<P>, world: &World, args: &RunArgs) -> anyhow
         preloaded_events: preload.len(),
         measured,
         accuracy,
+        growth,
     })
 }
 

@@ -261,3 +261,56 @@ impl Peer for SledCeiling {
         Ok(self.db.get(k.as_bytes()).map_err(|e| e.to_string())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 }
+
+/// etcd, a proven Raft store: each event's normalised identifiers written
+/// as one replicated transaction of puts (one key per identifier, the event
+/// id as value), acknowledged once a quorum has it. No resolution: the
+/// ceiling of replicated writes on this machine. Built with the `etcd`
+/// feature (its client compiles etcd's protos with `protoc`).
+#[cfg(feature = "etcd")]
+pub struct Etcd {
+    clients: Vec<etcd_client::KvClient>,
+    members: usize,
+    rules: Arc<RuleSet>,
+}
+
+#[cfg(feature = "etcd")]
+impl Etcd {
+    /// One client (its own connection to every member) per caller.
+    pub async fn connect(endpoints: &[String], clients: usize) -> Result<Etcd, String> {
+        let mut out = Vec::new();
+        for _ in 0..clients.max(1) {
+            let c = etcd_client::Client::connect(endpoints, None).await.map_err(|e| e.to_string())?;
+            out.push(c.kv_client());
+        }
+        Ok(Etcd { clients: out, members: endpoints.len(), rules: Arc::new(RuleSet::builtin()) })
+    }
+}
+
+#[cfg(feature = "etcd")]
+impl Peer for Etcd {
+    fn name(&self) -> String {
+        format!("etcd ({} members)", self.members)
+    }
+
+    async fn ingest(&self, client: usize, event: &Event) -> Result<(), String> {
+        let puts: Vec<etcd_client::TxnOp> = event
+            .ids
+            .iter()
+            .filter_map(|id| normalized_key(&self.rules, id.kind, &id.value))
+            .map(|k| etcd_client::TxnOp::put(k, event.event_id.clone(), None))
+            .collect();
+        if puts.is_empty() {
+            return Ok(());
+        }
+        let mut kv = self.clients[client % self.clients.len()].clone();
+        kv.txn(etcd_client::Txn::new().and_then(puts)).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    async fn lookup(&self, client: usize, id: &RawId) -> Result<Option<String>, String> {
+        let Some(k) = normalized_key(&self.rules, id.kind, &id.value) else { return Ok(None) };
+        let mut kv = self.clients[client % self.clients.len()].clone();
+        let resp = kv.get(k, None).await.map_err(|e| e.to_string())?;
+        Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+}

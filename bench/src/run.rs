@@ -38,7 +38,12 @@ pub struct Measured {
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_us: u64,
+    /// The latency distribution: (quantile, µs) at [`CDF_QUANTILES`].
+    pub cdf: Vec<(f64, u64)>,
 }
+
+/// Quantiles at which the latency distribution is reported (for plots).
+pub const CDF_QUANTILES: [f64; 15] = [0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0];
 
 struct Recorder {
     hist: Mutex<Histogram<u64>>,
@@ -84,6 +89,7 @@ impl Recorder {
             p99_us: h.value_at_quantile(0.99),
             p999_us: h.value_at_quantile(0.999),
             max_us: h.max(),
+            cdf: CDF_QUANTILES.iter().map(|q| (*q, h.value_at_quantile(*q))).collect(),
         }
     }
 }
