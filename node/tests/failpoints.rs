@@ -49,6 +49,25 @@ fn start(dir: &std::path::Path, port: u16, id: usize, members: &str, crash_at: O
     }
 }
 
+/// Sends an event until it is acknowledged: UNAVAILABLE and ABORTED leave
+/// the outcome open, and resending the same event id is safe.
+async fn resend_until_acknowledged(
+    client: &mut pb::identity_graph_client::IdentityGraphClient<tonic::transport::Channel>,
+    req: &pb::IdentifyRequest,
+    what: &str,
+) -> pb::IdentifyResponse {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        match client.identify(req.clone()).await {
+            Ok(r) => return r.into_inner(),
+            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Aborted) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("{what} failed: {s}"),
+        }
+    }
+}
+
 async fn prepared_parts(node: &NodeProcess) -> u64 {
     let s = node.admin().await.get_cluster(pb::GetClusterRequest {}).await.unwrap().into_inner();
     s.shards.iter().map(|s| s.prepared_txns).sum()
@@ -87,16 +106,7 @@ async fn crash_at(point: &str, applied_before_crash: bool) {
 
     // The client sends the same event again, to another node.
     let mut client = others[0].client().await;
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let resp = loop {
-        match client.identify(req.clone()).await {
-            Ok(r) => break r.into_inner(),
-            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Aborted) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            Err(s) => panic!("{point}: the retried event failed: {s}"),
-        }
-    };
+    let resp = resend_until_acknowledged(&mut client, &req, &format!("{point}: the retried event")).await;
     assert_eq!(
         resp.duplicate, applied_before_crash,
         "{point}: the retry finds the event applied exactly when the crash came after the commit point"
@@ -172,16 +182,7 @@ async fn move_interrupted_at(point: &str) {
     let mut acked = Vec::new();
     for i in 0..40 {
         let req = event(&format!("mv-{i}"), &[("anonymous_id", &format!("mv-anon-{i}")), ("email", &format!("mv{i}@shop.com"))]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let resp = loop {
-            match client.identify(req.clone()).await {
-                Ok(r) => break r.into_inner(),
-                Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Aborted) && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(s) => panic!("{point}: event {i}: {s}"),
-            }
-        };
+        let resp = resend_until_acknowledged(&mut client, &req, &format!("{point}: event {i}")).await;
         acked.push(resp.profile_id);
     }
     // A fourth node joins: the first move to it crashes node 1.
