@@ -125,6 +125,9 @@ def admin_calls():
     assert "[types.email]" in r.toml and r.version == s.rule_version
     c = admin.GetCluster(admin_pb2.GetClusterRequest())
     assert len(c.shards) == 1 and c.shards[0].state == "Leader" and c.shards[0].prepared_txns == 0, c
+    # The cluster map: one node holding shard 0 and the metadata group.
+    assert c.shard_count == 1 and c.map_version > 0 and [n.node_id for n in c.nodes] == [c.node_id], c
+    assert sorted(p.group for p in c.placement) == ["0000", "meta"] and c.metadata.state == "Leader", c
     t = admin.TransferLeader(admin_pb2.TransferLeaderRequest(shard=0, node_id=c.node_id))
     assert t.leader_id == c.node_id, t
     try:
@@ -133,8 +136,9 @@ def admin_calls():
     except grpc.RpcError as e:
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "shard" in e.details(), e
     d = admin.GetDigests(admin_pb2.GetDigestsRequest())
-    assert d.node_id == c.node_id and len(d.shards) == 1, d
-    assert len(d.shards[0].digest) == 16 and d.shards[0].bytes > 0 and d.shards[0].applied_index > 0, d
+    # Shard 0 and the metadata group (4294967295).
+    assert d.node_id == c.node_id and [x.shard for x in d.shards] == [0, 4294967295], d
+    assert all(len(x.digest) == 16 and x.bytes > 0 and x.applied_index > 0 for x in d.shards), d
 
 
 def health_check():

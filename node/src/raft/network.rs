@@ -216,6 +216,14 @@ impl ShardNetwork {
             Ok(Err(status)) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(status.message().to_string())))),
             Ok(Ok(r)) => r.into_inner(),
         };
+        // An empty answer in a batch: the target holds no replica of this
+        // shard (yet: a new replica opens shortly after its move begins).
+        if resp.payload.is_empty() {
+            return Err(RPCError::Unreachable(Unreachable::new(&TransportError(format!(
+                "node {} holds no replica of shard {} yet",
+                self.target, self.shard
+            )))));
+        }
         match decode::<Result<Resp, RaftError<u64, E>>>(&resp.payload) {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
