@@ -140,20 +140,16 @@ impl ClusterMap {
         let ids: Vec<u64> = members.keys().copied().collect();
         let n = ids.len().max(1);
         let rf = (replication.max(1) as usize).min(ids.len());
-        let mut groups = BTreeMap::new();
-        for s in 0..shard_count {
-            groups.insert(ShardId(s), (0..rf).map(|i| ids[(s as usize + i) % n]).collect());
-        }
-        let load = |id: &u64| groups.values().filter(|m: &&BTreeSet<u64>| m.contains(id)).count();
-        let mut by_load = ids.clone();
-        by_load.sort_by_key(|id| (load(id), *id));
-        let meta: BTreeSet<u64> = by_load.into_iter().take(rf).collect();
-        groups.insert(META, meta);
+        let groups = (0..shard_count).map(|s| (ShardId(s), (0..rf).map(|i| ids[(s as usize + i) % n]).collect())).collect();
         let nodes = members
             .iter()
             .map(|(id, addr)| (*id, NodeEntry { addr: addr.clone(), state: NodeState::Active, rule_version: rule_version.into() }))
             .collect();
-        ClusterMap { version: 1, shard_count, replication: replication.max(1), nodes, groups, moves: BTreeMap::new() }
+        let mut map = ClusterMap { version: 1, shard_count, replication: replication.max(1), nodes, groups, moves: BTreeMap::new() };
+        let mut by_load = ids;
+        by_load.sort_by_key(|id| (map.load(*id), *id));
+        map.groups.insert(META, by_load.into_iter().take(rf).collect());
+        map
     }
 
     pub fn is_bootstrapped(&self) -> bool {

@@ -332,24 +332,25 @@ impl ShardRouter {
 
     /// Applies a change to the cluster map, on the metadata group's leader.
     pub async fn change_cluster(&self, cmd: MetaCommand) -> Result<ClusterMap, ServiceError> {
-        match self.request(META, ShardRequest::Write(Box::new(ShardCommand::Meta(cmd)))).await? {
+        let reply = self.request(META, ShardRequest::Write(Box::new(ShardCommand::Meta(cmd)))).await?;
+        self.adopt_cluster(reply)
+    }
+
+    /// The map a metadata-group reply carries, kept as this node's copy.
+    fn adopt_cluster(&self, reply: ShardReply) -> Result<ClusterMap, ServiceError> {
+        match reply {
             ShardReply::Map(m) => {
                 self.set_cluster(m.clone());
                 Ok(m)
             }
-            _ => Err(ServiceError::Internal("a cluster map change was answered with something else".into())),
+            _ => Err(ServiceError::Internal("a cluster map request was answered with something else".into())),
         }
     }
 
     /// The cluster map as the metadata group holds it (linearizable).
     pub async fn read_cluster(&self) -> Result<ClusterMap, ServiceError> {
-        match self.read(META, ShardRead::ClusterMap { mode: ReadMode::Linearizable }).await? {
-            ShardReply::Map(m) => {
-                self.set_cluster(m.clone());
-                Ok(m)
-            }
-            _ => Err(ServiceError::Internal("a cluster map read was answered with something else".into())),
-        }
+        let reply = self.read(META, ShardRead::ClusterMap { mode: ReadMode::Linearizable }).await?;
+        self.adopt_cluster(reply)
     }
 
     /// Changes one group's voters on its leader (a step of a replica move).
