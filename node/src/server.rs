@@ -160,7 +160,9 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, ServerError
         election_timeout_max: hb * 6,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft_snapshot_logs),
         max_in_snapshot_log_to_keep: config.raft_snapshot_logs / 10,
-        purge_batch_size: 1,
+        // Purged in batches: each purge is a write to the log's tree, and
+        // one per applied entry used to cost an entry's worth of I/O again.
+        purge_batch_size: (config.raft_snapshot_logs / 10).max(1),
         ..Default::default()
     };
     Ok(Arc::new(c.validate().map_err(|e| ServerError::Actors(format!("raft configuration: {e}")))?))

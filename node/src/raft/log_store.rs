@@ -159,8 +159,11 @@ impl<L: RaftLog> RaftLogStorage<ShardRaft> for ShardLogStore<L> {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Record the purge point first: a crash in between leaves entries
-        // that are merely ignored, never a hole.
-        self.log.put_meta(LAST_PURGED, &encode(&log_id)).map_err(write_err)?;
+        // that are merely ignored, never a hole. Neither write is fsync'd
+        // here: sled recovers a prefix of its writes, so a removal that
+        // survives a crash has its purge point with it, and the snapshot
+        // that covers the purged entries was made durable when it was built.
+        self.log.stage_meta(LAST_PURGED, &encode(&log_id)).map_err(write_err)?;
         self.log.purge_upto(log_id.index).map_err(write_err)
     }
 }

@@ -147,9 +147,15 @@ impl<S: GraphStore> ShardStateMachine<S> {
         Ok((self.meta::<Option<LogId>>(APPLIED)?.flatten(), self.meta(MEMBERSHIP)?.unwrap_or_default()))
     }
 
-    /// The current snapshot, kept in the store so that it survives restarts.
+    /// The current snapshot, kept in the store so that it survives restarts
+    /// (a data directory written before images were kept apart has it as
+    /// the meta value `SNAPSHOT`).
     fn stored_snapshot(&self) -> Result<Option<Snapshot<ShardRaft>>, StorageError> {
-        match self.store.meta(SNAPSHOT).map_err(read_err)? {
+        let kept = match self.store.image().map_err(read_err)? {
+            Some(image) => Some(image),
+            None => self.store.meta(SNAPSHOT).map_err(read_err)?,
+        };
+        match kept {
             Some(bytes) if !bytes.is_empty() => {
                 let img: SnapshotImage = decode(&bytes).map_err(read_err)?;
                 Ok(Some(Snapshot { meta: img.meta, snapshot: Box::new(Cursor::new(bytes)) }))
@@ -250,8 +256,9 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
         let mut cs = ChangeSet::default();
         cs.push(Change::PutMeta(APPLIED.into(), encode(&meta.last_log_id)));
         cs.push(Change::PutMeta(MEMBERSHIP.into(), encode(&meta.last_membership)));
-        cs.push(Change::PutMeta(SNAPSHOT.into(), encode(&SnapshotImage { meta: meta.clone(), graph: img.graph })));
+        cs.push(Change::DeleteMeta(SNAPSHOT.into()));
         self.store.apply(&cs).map_err(write)?;
+        self.store.put_image(&encode(&SnapshotImage { meta: meta.clone(), graph: img.graph })).map_err(write)?;
         self.store.flush().map_err(write)
     }
 
@@ -283,9 +290,12 @@ impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
         // lagging follower may be sent it meanwhile.
         let img = SnapshotImage { meta: meta.clone(), graph };
         let bytes = encode(&img);
-        let mut cs = ChangeSet::default();
-        cs.push(Change::PutMeta(SNAPSHOT.into(), bytes.clone()));
-        self.store.apply(&cs).map_err(write_err)?;
+        self.store.put_image(&bytes).map_err(write_err)?;
+        if self.store.meta(SNAPSHOT).map_err(read_err)?.is_some() {
+            let mut cs = ChangeSet::default();
+            cs.push(Change::DeleteMeta(SNAPSHOT.into()));
+            self.store.apply(&cs).map_err(write_err)?;
+        }
         self.store.flush().map_err(write_err)?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }

@@ -63,14 +63,23 @@ pub trait GraphStore: GraphRead + Send + Sync + 'static {
     /// that [`Self::restore`] of the same implementation reads back. One
     /// point in time: no [`Self::apply`] lands half-way through it.
     fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError>;
-    /// Replaces everything the store holds with a snapshot's content.
+    /// Replaces everything the store holds with a snapshot's content (the
+    /// kept image, [`Self::put_image`], is not part of it).
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError>;
+    /// Keeps the replica's current Raft snapshot image, replacing the last
+    /// one; durable after the next [`Self::flush`]. It is kept apart from
+    /// the records: it is as large as the graph, and among them every write
+    /// near it rewrote it.
+    fn put_image(&self, image: &[u8]) -> Result<(), StoreError>;
+    /// The image last kept by [`Self::put_image`].
+    fn image(&self) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 /// One shard replica's Raft log (entries by index, as opaque bytes) and its
-/// Raft metadata (vote, committed and purged log ids). Appends become
-/// durable with [`RaftLog::sync`]; every other write is durable when it
-/// returns.
+/// Raft metadata (vote, committed and purged log ids). Appends, purges and
+/// staged metadata become durable with [`RaftLog::sync`]; every other write
+/// is durable when it returns. No write is ever reordered before one made
+/// earlier.
 pub trait RaftLog: Send + Sync + 'static {
     /// Writes entries (index, bytes), replacing any at the same indexes;
     /// durable after the next [`RaftLog::sync`].
@@ -83,7 +92,8 @@ pub trait RaftLog: Send + Sync + 'static {
     fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
     /// Removes entries with `index >= from` (a conflicting suffix).
     fn truncate_from(&self, from: u64) -> Result<(), StoreError>;
-    /// Removes entries with `index <= upto` (compacted into a snapshot).
+    /// Removes entries with `index <= upto` (compacted into a snapshot);
+    /// durable after the next [`RaftLog::sync`].
     fn purge_upto(&self, upto: u64) -> Result<(), StoreError>;
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Writes a meta value that may be lost in a crash: durable with the next

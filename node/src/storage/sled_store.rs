@@ -16,7 +16,10 @@
 //! | `x` | name                     | bookkeeping of the layer above (e.g. last applied Raft log id) |
 //!
 //! A shard's Raft log lives in tree `shard-NNNN-raft`: `l` + big-endian index
-//! for entries, `m` + name for vote and log ids ([`SledRaftLog`]).
+//! for entries, `m` + name for vote and log ids ([`SledRaftLog`]). Its
+//! current Raft snapshot image lives alone in tree `shard-NNNN-image`: in
+//! the shard's own tree, next to the applied log id written by every
+//! entry, each of sled's page rewrites wrote the whole image again.
 //!
 //! One change set is one `sled::Batch`, which sled applies atomically, also
 //! across a crash. sled by itself fsyncs only every 500 ms; [`GraphStore::flush`]
@@ -76,7 +79,8 @@ impl SledDb {
 
     pub fn shard(&self, shard: ShardId) -> Result<SledStore, StoreError> {
         let tree = self.db.open_tree(format!("shard-{shard}")).map_err(io)?;
-        Ok(SledStore { tree, write: Mutex::new(()) })
+        let image = self.db.open_tree(format!("shard-{shard}-image")).map_err(io)?;
+        Ok(SledStore { tree, image, write: Mutex::new(()) })
     }
 
     pub fn raft_log(&self, shard: ShardId) -> Result<SledRaftLog, StoreError> {
@@ -110,6 +114,7 @@ impl SledDb {
     pub fn discard(&self, shard: ShardId) -> Result<(), StoreError> {
         self.db.drop_tree(format!("shard-{shard}-raft")).map_err(io)?;
         self.db.drop_tree(format!("shard-{shard}")).map_err(io)?;
+        self.db.drop_tree(format!("shard-{shard}-image")).map_err(io)?;
         self.flush()
     }
 
@@ -128,6 +133,8 @@ impl SledDb {
 /// One shard's tables in one sled tree.
 pub struct SledStore {
     tree: sled::Tree,
+    /// The kept snapshot image, under one key ([`GraphStore::put_image`]).
+    image: sled::Tree,
     /// Serialises `apply` (the counters are read, added to and written back).
     write: Mutex<()>,
 }
@@ -155,6 +162,7 @@ fn parse_id_key(key: &[u8]) -> Option<Identifier> {
 }
 
 const COUNTERS_KEY: &[u8] = b"c";
+const IMAGE_KEY: &[u8] = b"image";
 
 impl SledStore {
     fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -264,6 +272,14 @@ impl GraphStore for SledStore {
         self.tree.flush().map(|_| ()).map_err(io)
     }
 
+    fn put_image(&self, image: &[u8]) -> Result<(), StoreError> {
+        self.image.insert(IMAGE_KEY, image).map(|_| ()).map_err(io)
+    }
+
+    fn image(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.image.get(IMAGE_KEY).map_err(io)?.map(|v| v.to_vec()))
+    }
+
     fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError> {
         let skip: Vec<Vec<u8>> = without_meta.iter().map(|k| str_key(b'x', k)).collect();
         // Applies wait while the tree is read, so the image is one point in time.
@@ -323,8 +339,7 @@ impl SledRaftLog {
         for k in self.tree.range(entry_key(from)..=entry_key(until_inclusive)).keys() {
             batch.remove(k.map_err(io)?);
         }
-        self.tree.apply_batch(batch).map_err(io)?;
-        self.durable()
+        self.tree.apply_batch(batch).map_err(io)
     }
 }
 
@@ -358,9 +373,11 @@ impl super::RaftLog for SledRaftLog {
         }
     }
     fn truncate_from(&self, from: u64) -> Result<(), StoreError> {
-        self.remove_range(from, u64::MAX)
+        self.remove_range(from, u64::MAX)?;
+        self.durable()
     }
     fn purge_upto(&self, upto: u64) -> Result<(), StoreError> {
+        // Not fsync'd: losing a purge in a crash only keeps entries longer.
         self.remove_range(0, upto)
     }
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
