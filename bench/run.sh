@@ -7,8 +7,9 @@
 #   STAGES="sled postgres" APPEND=1 bench/run.sh   # some stages, added to the last results
 #
 # Systems: idgraph on one node (one shard; unary and streaming), idgraph on
-# three nodes on loopback (replication factor 3, 16 shards), PostgreSQL 15
-# doing online resolution (installed from Debian's packages if missing,
+# three nodes on loopback (replication factor 3; 16 shards, and 1 shard),
+# PostgreSQL 15 doing online resolution and batch stitching by label
+# propagation (installed from Debian's packages if missing,
 # started in target/bench/pg with fsync and synchronous_commit on), and
 # sled alone as the storage ceiling, and etcd 3.4 with three members on
 # loopback (Debian's etcd-server; the client is built with the `etcd`
@@ -97,6 +98,8 @@ echo "== idgraph, three nodes, 16 shards"
 for w in ingest merge-heavy; do
   start_nodes 3 16; run "3 nodes" --target idgraph --endpoints "$endpoints" --workload "$w" --clients "$CLIENTS"; stop_nodes
 done
+echo "== idgraph, three nodes, 1 shard"
+start_nodes 3 1; run "3 nodes, 1 shard" --target idgraph --endpoints "$endpoints" --workload ingest --clients "$CLIENTS"; stop_nodes
 fi
 
 if stage sled; then
@@ -131,6 +134,7 @@ done
 for c in 1 4 16 64; do
   run "postgresql, clients" --target postgres --pg "$pgconn" --workload ingest --clients "$c" --accuracy-sample 0
 done
+run "postgresql" --target postgres --pg "$pgconn" --workload batch
 as_pg "$pgbin/pg_ctl -D $work/pg -m fast stop >/dev/null"
 fi
 

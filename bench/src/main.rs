@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use idgraph_bench::peers::{Idgraph, Peer, Postgres, SledCeiling};
+use idgraph_bench::peers::{BatchStitch, Idgraph, Peer, Postgres, SledCeiling};
 use idgraph_bench::run::{self, Measured, Workload};
 use idgraph_bench::world::{normalized_key, pairwise, raw_from_key, Accuracy, RawId, World, WorldSpec};
 use serde::Serialize;
@@ -133,6 +133,8 @@ struct Result {
     accuracy: Option<Accuracy>,
     /// With `--steps`: each step's throughput as the graph grows.
     growth: Vec<GrowthStep>,
+    /// `--workload batch`: the phases of the batch job.
+    batch: Option<BatchStitch>,
 }
 
 /// One step of an ingest measured in `--steps` parts.
@@ -207,7 +209,11 @@ async fn run_bench(args: RunArgs) -> anyhow::Result<()> {
         Target::Postgres => {
             let peer =
                 Arc::new(Postgres::connect(&args.pg, args.clients).await.map_err(anyhow::Error::msg).context("connecting to PostgreSQL")?);
-            measure(peer, &world, &args).await?
+            if args.workload == Workload::Batch {
+                batch(&peer, &world, &args).await?
+            } else {
+                measure(peer, &world, &args).await?
+            }
         }
         #[cfg(feature = "etcd")]
         Target::Etcd => {
@@ -284,6 +290,7 @@ async fn measure<P: Peer>(peer: Arc<P>, world: &World, args: &RunArgs) -> anyhow
     };
     let mut growth = Vec::new();
     let measured = match args.workload {
+        Workload::Batch => anyhow::bail!("--workload batch applies to --target postgres only"),
         Workload::Ingest | Workload::MergeHeavy if args.steps > 1 => {
             let per_step = timed.len().div_ceil(args.steps).max(1);
             let (mut seen, mut sent, mut last) = (std::collections::HashSet::new(), 0, None);
@@ -333,6 +340,38 @@ async fn measure<P: Peer>(peer: Arc<P>, world: &World, args: &RunArgs) -> anyhow
         measured,
         accuracy,
         growth,
+        batch: None,
+    })
+}
+
+/// PostgreSQL's batch stitching: load and label propagation timed as one
+/// job over every event (one session; no per-event latency).
+async fn batch(peer: &Postgres, world: &World, args: &RunArgs) -> anyhow::Result<Result> {
+    let started = Instant::now();
+    let stitched = peer.stitch_batch(&world.events).await.map_err(anyhow::Error::msg).context("batch stitching in PostgreSQL")?;
+    let seconds = started.elapsed().as_secs_f64();
+    let measured = Measured {
+        ops: world.events.len() as u64,
+        seconds,
+        ops_per_s: world.events.len() as f64 / f64::max(seconds, 1e-9),
+        ..Measured::default()
+    };
+    let accuracy = if args.accuracy_sample > 0 { Some(accuracy(peer, world, args.accuracy_sample).await?) } else { None };
+    Ok(Result {
+        label: args.label.clone(),
+        target: args.target,
+        system: "postgresql (batch)".into(),
+        workload: args.workload,
+        clients: 1,
+        stream: false,
+        stale: false,
+        persons: world.persons.len(),
+        identifiers: world.identifier_count(),
+        preloaded_events: 0,
+        measured,
+        accuracy,
+        growth: Vec::new(),
+        batch: Some(stitched),
     })
 }
 

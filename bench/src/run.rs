@@ -24,6 +24,9 @@ pub enum Workload {
     /// logins and orders, nearly each of which joins existing profiles that
     /// live on different shards.
     MergeHeavy,
+    /// PostgreSQL only: every event loaded at once, then stitched by label
+    /// propagation in SQL (the warehouse way); the time is load plus stitch.
+    Batch,
 }
 
 /// Measured figures of one run.
@@ -115,7 +118,7 @@ where
 pub fn split(world: &World, workload: Workload) -> (Vec<Event>, Vec<Event>) {
     let events = world.events.clone();
     match workload {
-        Workload::Ingest => (Vec::new(), events),
+        Workload::Ingest | Workload::Batch => (Vec::new(), events),
         Workload::Lookup => (events, Vec::new()),
         Workload::Mixed => {
             let half = events.len() / 2;
