@@ -75,6 +75,9 @@ pub struct NodeConfig {
     /// then compacts its log; a replica that fell further behind catches up
     /// from the snapshot.
     pub raft_snapshot_logs: u64,
+    /// Memory sled may use to cache the node's data, in MiB (the node's
+    /// resident memory is about this plus what its requests hold).
+    pub storage_cache_mb: u64,
     /// Address of any member of a running cluster to join (instead of
     /// bootstrapping with `initial_cluster`).
     pub join: String,
@@ -103,6 +106,7 @@ impl Default for NodeConfig {
             initial_cluster: String::new(),
             raft_heartbeat_ms: 100,
             raft_snapshot_logs: 10_000,
+            storage_cache_mb: 1024,
             join: String::new(),
             peer_routes: String::new(),
         }
@@ -148,6 +152,7 @@ const ENV_FIELDS: &[&str] = &[
     "initial_cluster",
     "raft_heartbeat_ms",
     "raft_snapshot_logs",
+    "storage_cache_mb",
     "join",
     "peer_routes",
 ];
@@ -199,6 +204,9 @@ impl NodeConfig {
         }
         if self.raft_snapshot_logs < 10 {
             return bad("raft_snapshot_logs", "must be at least 10");
+        }
+        if !(16..=1024 * 1024).contains(&self.storage_cache_mb) {
+            return bad("storage_cache_mb", "must be 16 to 1048576");
         }
         if !self.join.is_empty() && !self.initial_cluster.is_empty() {
             return bad("join", "give either join or initial_cluster, not both");
@@ -286,9 +294,11 @@ mod tests {
         let err = NodeConfig::load(Some(&f), &Overrides::default()).unwrap_err().to_string();
         assert!(err.contains("listne"), "{err}");
 
-        std::fs::write(&f, "stream_window = 0\n").unwrap();
-        let err = NodeConfig::load(Some(&f), &Overrides::default()).unwrap_err().to_string();
-        assert!(err.contains("stream_window"), "{err}");
+        for (bad, field) in [("stream_window = 0\n", "stream_window"), ("storage_cache_mb = 1\n", "storage_cache_mb")] {
+            std::fs::write(&f, bad).unwrap();
+            let err = NodeConfig::load(Some(&f), &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
     }
 
     #[test]

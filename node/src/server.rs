@@ -237,7 +237,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     let peers = Peers::new(config.routes().map_err(|reason| ServerError::Actors(format!("peer_routes: {reason}")))?);
     let joined = if joining { Some(cluster_to_join(&peers, &config.join).await?) } else { None };
     let shards = ShardMap::new(joined.as_ref().map_or_else(|| config.shard_count(), |m| m.shard_count));
-    let db = SledDb::open(&config.data_dir, shards.count())?;
+    let db = SledDb::open_with_cache(&config.data_dir, shards.count(), config.storage_cache_mb << 20)?;
     let node: Arc<str> = ulid::Ulid::new().to_string().to_lowercase().into();
 
     let listener =

@@ -44,11 +44,18 @@ pub struct SledDb {
 
 impl SledDb {
     /// Opens (or creates) the database under `dir` and checks that it was
-    /// written by this layout with the same shard count.
+    /// written by this layout with the same shard count; sled's default
+    /// cache size.
     pub fn open(dir: &Path, shard_count: u32) -> Result<SledDb, StoreError> {
+        SledDb::open_with_cache(dir, shard_count, 1 << 30)
+    }
+
+    /// [`SledDb::open`] with a cache of at most `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, shard_count: u32, cache_bytes: u64) -> Result<SledDb, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
         let db = sled::Config::new()
             .path(dir.join("db"))
+            .cache_capacity(cache_bytes)
             .flush_every_ms(Some(500))
             .open()
             .map_err(|e| StoreError::Io(format!("cannot open {}: {e}", dir.join("db").display())))?;
