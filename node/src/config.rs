@@ -75,8 +75,9 @@ pub struct NodeConfig {
     /// then compacts its log; a replica that fell further behind catches up
     /// from the snapshot.
     pub raft_snapshot_logs: u64,
-    /// Memory sled may use to cache the node's data, in MiB (the node's
-    /// resident memory is about this plus what its requests hold).
+    /// Memory sled may use to cache the node's data, in MiB. It is not a
+    /// bound on the node's memory, which grows with the graph beyond it
+    /// (`BENCHMARKS.md`).
     pub storage_cache_mb: u64,
     /// Address of any member of a running cluster to join (instead of
     /// bootstrapping with `initial_cluster`).
