@@ -256,7 +256,8 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
         let mut cs = ChangeSet::default();
         cs.push(Change::PutMeta(APPLIED.into(), encode(&meta.last_log_id)));
         cs.push(Change::PutMeta(MEMBERSHIP.into(), encode(&meta.last_membership)));
-        cs.push(Change::DeleteMeta(SNAPSHOT.into()));
+        // The restore removed any image kept the old way (as meta `SNAPSHOT`):
+        // images never carry that value.
         self.store.apply(&cs).map_err(write)?;
         self.store.put_image(&encode(&SnapshotImage { meta: meta.clone(), graph: img.graph })).map_err(write)?;
         self.store.flush().map_err(write)
