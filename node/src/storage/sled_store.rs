@@ -31,6 +31,8 @@ use std::path::Path;
 use std::sync::Mutex;
 
 const LAYOUT_VERSION: &str = "idgraph-layout-1";
+/// 20 ms waits for a data directory's lock before opening it fails.
+const LOCK_WAITS: u32 = 100;
 
 fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
@@ -53,12 +55,20 @@ impl SledDb {
     /// [`SledDb::open`] with a cache of at most `cache_bytes`.
     pub fn open_with_cache(dir: &Path, shard_count: u32, cache_bytes: u64) -> Result<SledDb, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .cache_capacity(cache_bytes)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| StoreError::Io(format!("cannot open {}: {e}", dir.join("db").display())))?;
+        let config = sled::Config::new().path(dir.join("db")).cache_capacity(cache_bytes).flush_every_ms(Some(500));
+        // sled's background flusher lets go of the file lock a moment after
+        // the last handle of a database is dropped: a reopen in the same
+        // process (a restarted node in a test) waits for it, for a while.
+        let mut waits = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && waits < LOCK_WAITS => {
+                    waits += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                opened => break opened.map_err(|e| StoreError::Io(format!("cannot open {}: {e}", dir.join("db").display())))?,
+            }
+        };
         let meta = db.open_tree("meta").map_err(io)?;
         match meta.get("layout").map_err(io)? {
             None => {
