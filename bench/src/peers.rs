@@ -3,10 +3,10 @@
 //! would build on it, and sled alone (the storage ceiling: the same flush
 //! before acknowledging, no resolution, no Raft, no network).
 
-use crate::world::{normalized_key, Event, RawId};
+use crate::world::{normalized_key, normalized_value, Event, RawId};
 use idgraph_node::rules::RuleSet;
 use idgraph_proto::v1 as pb;
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use tonic::transport::Channel;
@@ -118,19 +118,14 @@ impl Postgres {
     /// One attempt; Ok(false) when a concurrent merge moved a profile it
     /// read (rolled back, to be tried again).
     async fn resolve_once(&self, db: &mut tokio_postgres::Client, event: &Event) -> Result<bool, tokio_postgres::Error> {
-        let mut keys: BTreeMap<String, (String, String)> = BTreeMap::new();
-        for id in &event.ids {
-            if let Some(k) = normalized_key(&self.rules, id.kind, &id.value) {
-                let (kind, value) = k.split_once(':').map(|(a, b)| (a.to_string(), b.to_string())).unwrap_or_default();
-                keys.insert(k, (kind, value));
-            }
-        }
+        let keys: BTreeSet<(String, String)> =
+            event.ids.iter().filter_map(|id| Some((id.kind.to_string(), normalized_value(&self.rules, id.kind, &id.value)?))).collect();
         let tx = db.transaction().await?;
         if tx.execute("INSERT INTO event_seen VALUES ($1) ON CONFLICT DO NOTHING", &[&event.event_id]).await? == 0 {
             return tx.commit().await.map(|_| true);
         }
-        let kinds: Vec<&str> = keys.values().map(|(k, _)| k.as_str()).collect();
-        let values: Vec<&str> = keys.values().map(|(_, v)| v.as_str()).collect();
+        let kinds: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+        let values: Vec<&str> = keys.iter().map(|(_, v)| v.as_str()).collect();
         let rows = tx
             .query(
                 "SELECT i.kind, i.value, i.profile FROM ident i JOIN unnest($1::text[], $2::text[]) AS k(kind, value) \
@@ -170,7 +165,7 @@ impl Postgres {
             tx.execute("UPDATE profile SET merged_into = $1 WHERE id = ANY($2)", &[&survivor, &absorbed]).await?;
         }
         let have: std::collections::HashSet<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let missing: Vec<&(String, String)> = keys.values().filter(|k| !have.contains(*k)).collect();
+        let missing: Vec<&(String, String)> = keys.iter().filter(|k| !have.contains(*k)).collect();
         if !missing.is_empty() {
             let kinds: Vec<&str> = missing.iter().map(|(k, _)| k.as_str()).collect();
             let values: Vec<&str> = missing.iter().map(|(_, v)| v.as_str()).collect();
@@ -210,8 +205,8 @@ CREATE UNLOGGED TABLE edge (event_id text NOT NULL, kind text NOT NULL, value te
 
 /// Rows sent per INSERT while loading.
 const BATCH_LOAD_ROWS: usize = 10_000;
-/// Propagation stops here even if labels still move (a chain this long
-/// means something is wrong).
+/// Propagation that has not settled after this many rounds is an error (a
+/// chain this long means something is wrong).
 const MAX_ROUNDS: u32 = 200;
 
 impl Postgres {
@@ -225,9 +220,8 @@ impl Postgres {
         let mut rows: Vec<(String, String, String)> = Vec::new();
         for e in events {
             for id in &e.ids {
-                if let Some(k) = normalized_key(&self.rules, id.kind, &id.value) {
-                    let (kind, value) = k.split_once(':').unwrap_or_default();
-                    rows.push((e.event_id.clone(), kind.to_string(), value.to_string()));
+                if let Some(value) = normalized_value(&self.rules, id.kind, &id.value) {
+                    rows.push((e.event_id.clone(), id.kind.to_string(), value));
                 }
             }
         }
@@ -270,8 +264,11 @@ impl Postgres {
                 )
                 .await
                 .map_err(err)?;
-            if moved == 0 || rounds >= MAX_ROUNDS {
+            if moved == 0 {
                 break;
+            }
+            if rounds >= MAX_ROUNDS {
+                return Err(format!("labels still moved after {MAX_ROUNDS} rounds of propagation"));
             }
         }
         // The components become profiles the online look-up reads.
@@ -307,8 +304,8 @@ impl Peer for Postgres {
     }
 
     async fn lookup(&self, client: usize, id: &RawId) -> Result<Option<String>, String> {
-        let Some(key) = normalized_key(&self.rules, id.kind, &id.value) else { return Ok(None) };
-        let (kind, value) = key.split_once(':').unwrap_or_default();
+        let Some(value) = normalized_value(&self.rules, id.kind, &id.value) else { return Ok(None) };
+        let kind = id.kind;
         let db = self.clients[client % self.clients.len()].lock().await;
         let row = db
             .query_opt(

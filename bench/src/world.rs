@@ -234,8 +234,12 @@ pub fn raw_from_key(key: &str) -> Option<RawId> {
 
 /// `type:normalised value`, or None when the rules drop the value.
 pub fn normalized_key(rules: &RuleSet, kind: &str, raw: &str) -> Option<String> {
-    let rule = rules.type_rule(kind)?;
-    rules.normalize(rule, raw).ok().map(|v| format!("{kind}:{v}"))
+    normalized_value(rules, kind, raw).map(|v| format!("{kind}:{v}"))
+}
+
+/// The normalised value alone, or None when the rules drop it.
+pub fn normalized_value(rules: &RuleSet, kind: &str, raw: &str) -> Option<String> {
+    rules.normalize(rules.type_rule(kind)?, raw).ok()
 }
 
 /// Pairwise accuracy of a clustering of identifiers against the truth:
