@@ -20,9 +20,9 @@ cp target/debug/idgraph-node "$bins/idgraph-node-early-ack"
 cargo build -p idgraph-node -p idgraph-chaos
 chaos="$root/target/debug/idgraph-chaos"
 
-echo "-- faulty run: every fault kind, crash points armed"
+echo "-- faulty run: every fault kind, crash points armed (disk-full needs root)"
 "$chaos" run --seed 20261123 --nodes 3 --duration 75s \
-  --faults kill,pause,partition,bridge,slow,crash-point \
+  --faults kill,pause,partition,bridge,slow,crash-point,disk-full,overload \
   --node-bin "$bins/idgraph-node-failpoints" --report "$reports/run.json"
 
 echo "-- crash loop: kill -9 under load, reopen, check"

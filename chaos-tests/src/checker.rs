@@ -303,9 +303,13 @@ pub async fn convergence(cluster: &Cluster, within: Duration) -> CheckResult {
                 Err(e) => unreachable.push(format!("node {}: {e}", n.id)),
             }
         }
+        // Each group has as many replicas as the cluster map places (with
+        // more nodes than the replication factor, not one on every node).
+        let placed = replica_counts(cluster).await;
         let caught_up = unreachable.is_empty()
-            && per_shard.values().all(|reps| {
-                reps.len() == cluster.nodes.len() && reps.iter().all(|(_, d)| d.settled && d.applied_index == reps[0].1.applied_index)
+            && per_shard.iter().all(|(shard, reps)| {
+                reps.len() >= placed.get(shard).copied().unwrap_or(cluster.nodes.len())
+                    && reps.iter().all(|(_, d)| d.settled && d.applied_index == reps[0].1.applied_index)
             });
         if caught_up || started.elapsed() > within {
             for (shard, reps) in &per_shard {
@@ -327,6 +331,23 @@ pub async fn convergence(cluster: &Cluster, within: Duration) -> CheckResult {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// How many replicas the cluster map places for each group, as the first
+/// node that answers reports it (the metadata group under `u32::MAX`, as
+/// digests name it); empty when no node answers.
+async fn replica_counts(cluster: &Cluster) -> BTreeMap<u32, usize> {
+    for n in &cluster.nodes {
+        let Ok(mut a) = admin(n).await else { continue };
+        let Ok(status) = a.get_cluster(pb::GetClusterRequest {}).await else { continue };
+        return status
+            .into_inner()
+            .placement
+            .iter()
+            .map(|p| (if p.group == "meta" { u32::MAX } else { p.group.parse().unwrap_or(u32::MAX - 1) }, p.node_ids.len()))
+            .collect();
+    }
+    BTreeMap::new()
 }
 
 /// Checker 4: linearizability of each union-only group's history.
@@ -355,13 +376,28 @@ pub fn linearizability(history: &[Op], groups: &HashMap<u64, Group>, max_steps: 
             completion: output.map(|o| (op.return_us, o)),
         });
     }
-    let (mut ops, mut inconclusive) = (0u64, 0u64);
+    let (mut ops, mut largest, mut largest_part, mut most_steps) = (0u64, 0usize, 0usize, 0u64);
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
     for (group, history) in &per_group {
         r.checked += 1;
         ops += history.len() as u64;
-        match check_graph(history, max_steps) {
+        let searched = Instant::now();
+        let checked = check_graph(history, max_steps);
+        slowest = slowest.max(searched.elapsed());
+        largest = largest.max(history.len());
+        largest_part = largest_part.max(checked.largest_part);
+        most_steps = most_steps.max(checked.steps);
+        match checked.verdict {
             Verdict::Linearizable => {}
-            Verdict::Unknown => inconclusive += 1,
+            // Not proven is not a pass.
+            Verdict::Unknown => r.fail(format!(
+                "group {group} ({} operations in {} independent parts): undecided, the search of a part of {} operations ran out \
+                 of its budget of {max_steps} steps (--max-steps)",
+                history.len(),
+                checked.parts,
+                checked.undecided_part.unwrap_or(0),
+            )),
             Verdict::NotLinearizable { longest_prefix, unplaceable } => {
                 let op = &history[unplaceable.min(history.len() - 1)];
                 let answer = match &op.completion {
@@ -380,7 +416,11 @@ pub fn linearizability(history: &[Op], groups: &HashMap<u64, Group>, max_steps: 
         }
     }
     r.note("operations", ops);
-    r.note("groups_inconclusive", inconclusive);
+    r.note("largest_group_operations", largest as u64);
+    r.note("largest_part_operations", largest_part as u64);
+    r.note("most_steps", most_steps);
+    r.note("search_ms", started.elapsed().as_millis() as u64);
+    r.note("slowest_group_ms", slowest.as_millis() as u64);
     r
 }
 
@@ -396,4 +436,62 @@ pub fn processes(exits: &[crate::cluster::UnexpectedExit], start_errors: &[Strin
     }
     r.note("crash_point_exits", exits.iter().filter(|e| e.crash_point).count() as u64);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(client: usize, kind: OpKind, call_us: u64, return_us: u64, outcome: Outcome) -> Op {
+        Op { client, group: 0, node: 0, kind, call_us, return_us, outcome }
+    }
+
+    fn identify(client: usize, ids: &[&str], call_us: u64, return_us: u64) -> Op {
+        let ids = ids.iter().map(|i| i.to_string()).collect();
+        op(client, OpKind::Identify { event_id: format!("ev-{client}-{call_us}"), ids }, call_us, return_us, Outcome::Ok)
+    }
+
+    fn read(client: usize, id: &str, found: &[&str], call_us: u64, return_us: u64) -> Op {
+        let found = Some(found.iter().map(|i| i.to_string()).collect());
+        op(client, OpKind::Read { id: id.into(), found }, call_us, return_us, Outcome::Ok)
+    }
+
+    /// Group 0 of seed 1: a union-only group (every fifth group sees unmerges, group 0 does not).
+    fn groups() -> HashMap<u64, Group> {
+        let group = Group::new(1, 0);
+        assert!(!group.unmerges);
+        HashMap::from([(0, group)])
+    }
+
+    /// Two concurrent links and three reads: deciding it takes more than two steps.
+    fn history() -> Vec<Op> {
+        vec![
+            identify(0, &["email:a", "device_id:b"], 0, 100),
+            identify(1, &["device_id:b", "anonymous_id:c"], 0, 100),
+            read(2, "email:a", &["email:a", "device_id:b"], 10, 20),
+            read(2, "email:a", &["email:a", "device_id:b", "anonymous_id:c"], 30, 40),
+            read(3, "anonymous_id:c", &["email:a", "device_id:b", "anonymous_id:c"], 200, 210),
+        ]
+    }
+
+    #[test]
+    fn a_group_the_search_cannot_decide_fails_the_check_and_is_named() {
+        let r = linearizability(&history(), &groups(), 2);
+        assert!(!r.passed, "{r:?}");
+        assert_eq!(r.failed, 1);
+        assert!(r.failures[0].contains("group 0 (5 operations") && r.failures[0].contains("budget of 2 steps"), "{:?}", r.failures);
+        // With room to search, the same history is decided and passes.
+        let r = linearizability(&history(), &groups(), 1_000);
+        assert!(r.passed, "{r:?}");
+        assert_eq!(r.checked, 1);
+    }
+
+    #[test]
+    fn a_read_that_goes_back_in_time_fails_the_check() {
+        let mut history = history();
+        history.push(read(3, "anonymous_id:c", &["anonymous_id:c"], 300, 310));
+        let r = linearizability(&history, &groups(), 1_000);
+        assert!(!r.passed);
+        assert!(r.failures[0].contains("none fits"), "{:?}", r.failures);
+    }
 }

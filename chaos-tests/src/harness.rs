@@ -32,11 +32,21 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
     let mut cluster = Cluster::start(cluster_spec(spec, spec.nodes)).await?;
     let started = Instant::now();
     let endpoints: Vec<String> = cluster.nodes.iter().map(|n| n.endpoint()).collect();
-    let wl = WorkloadSpec { seed: spec.seed, epoch: 0, clients: spec.clients, duration: spec.duration, timeout: Duration::from_secs(5) };
-    let mut nemesis = Nemesis::new(spec.seed, spec.faults.clone(), started);
+    let wl = WorkloadSpec {
+        seed: spec.seed,
+        epoch: 0,
+        clients: spec.clients,
+        first_client: 0,
+        duration: spec.duration,
+        timeout: Duration::from_secs(5),
+    };
+    let mut nemesis = Nemesis::new(spec.seed, spec.faults.clone(), spec.clients, started);
     let until = started + spec.duration;
     let (history, nemesis_result) = tokio::join!(workload::run(&wl, &endpoints, started), nemesis.run(&mut cluster, until));
-    let history = history?;
+    let mut history = history?;
+    // The overload bursts' operations, in completion order with the rest.
+    history.append(&mut nemesis.burst_ops);
+    history.sort_by_key(|op| op.return_us);
     let mut start_errors = Vec::new();
     if let Err(e) = nemesis_result {
         start_errors.push(format!("nemesis stopped: {e:#}"));
@@ -63,7 +73,14 @@ pub async fn crash_loop(spec: &RunSpec, cycles: u64) -> anyhow::Result<Report> {
     for cycle in 0..cycles {
         let load = Duration::from_millis(rng.u64(1500..4000));
         let kill_at = Duration::from_millis(rng.u64(500..load.as_millis() as u64));
-        let wl = WorkloadSpec { seed: spec.seed, epoch: cycle, clients: spec.clients, duration: load, timeout: Duration::from_secs(5) };
+        let wl = WorkloadSpec {
+            seed: spec.seed,
+            epoch: cycle,
+            clients: spec.clients,
+            first_client: 0,
+            duration: load,
+            timeout: Duration::from_secs(5),
+        };
         let killer = async {
             tokio::time::sleep(kill_at).await;
             cluster.kill(0).await;
@@ -118,8 +135,19 @@ async fn conclude(
     Ok(report)
 }
 
+/// Size of each node's tmpfs with `disk-full` faults. Nothing is used until
+/// written; a run's data takes a few MiB.
+const TMPFS_BYTES: u64 = 1 << 30;
+
 fn cluster_spec(spec: &RunSpec, nodes: usize) -> ClusterSpec {
-    ClusterSpec { node_bin: spec.node_bin.clone(), nodes, shards: spec.shards, dir: spec.dir.clone(), heartbeat_ms: 100 }
+    ClusterSpec {
+        node_bin: spec.node_bin.clone(),
+        nodes,
+        shards: spec.shards,
+        dir: spec.dir.clone(),
+        heartbeat_ms: 100,
+        tmpfs_bytes: spec.faults.contains(&FaultKind::DiskFull).then_some(TMPFS_BYTES),
+    }
 }
 
 fn write_history(spec: &RunSpec, history: &[Op]) -> anyhow::Result<()> {

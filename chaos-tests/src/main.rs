@@ -29,7 +29,7 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         duration: Duration,
         /// Kinds of fault to inject, comma-separated; `crash-point` needs a
-        /// node built with `--features failpoints`.
+        /// node built with `--features failpoints`, `disk-full` needs root.
         #[arg(long, value_delimiter = ',', default_values = ["kill", "pause", "partition", "bridge", "slow"])]
         faults: Vec<FaultKind>,
     },
@@ -69,8 +69,8 @@ struct Common {
     /// Keep DIR even when every check passed.
     #[arg(long)]
     keep: bool,
-    /// Step budget of the linearizability search per group; past it the
-    /// group is reported inconclusive.
+    /// Step budget of the linearizability search per group; a group whose
+    /// search runs out of it fails the check as undecided.
     #[arg(long, default_value_t = 2_000_000)]
     max_steps: u64,
 }
@@ -96,10 +96,16 @@ fn run() -> anyhow::Result<bool> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (common, replay_args, report) = match &cli.command {
         Command::Run { common, nodes, duration, faults } => {
             let spec = spec(common, *nodes, *duration, faults.clone())?;
+            if faults.contains(&FaultKind::DiskFull) {
+                // The nodes' tmpfs mounts, seen by the harness and its nodes
+                // only, vanish with it. Unsharing needs a single thread:
+                // before the runtime.
+                idgraph_chaos::cluster::private_mount_namespace().context("disk-full faults need a mount namespace of their own")?;
+            }
+            let runtime = runtime()?;
             let faults: Vec<String> =
                 faults.iter().map(|f| serde_json::to_value(f).map(|v| v.as_str().unwrap_or("").to_string())).collect::<Result<_, _>>()?;
             let replay = format!(
@@ -122,7 +128,7 @@ fn run() -> anyhow::Result<bool> {
                 spec.seed, spec.shards, spec.clients
             );
             let spec = RunSpec { replay: replay.clone(), ..spec };
-            (common, spec.clone(), runtime.block_on(harness::crash_loop(&spec, *cycles)))
+            (common, spec.clone(), runtime()?.block_on(harness::crash_loop(&spec, *cycles)))
         }
     };
     let report = report.with_context(|| format!("run failed; data and logs kept in {}", replay_args.dir.display()))?;
@@ -137,6 +143,11 @@ fn run() -> anyhow::Result<bool> {
         println!("data, node logs and history: {}", replay_args.dir.display());
     }
     Ok(report.passed)
+}
+
+/// The harness's runtime; its threads start here, after any unshare.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
 }
 
 fn spec(common: &Common, nodes: usize, duration: Duration, faults: Vec<FaultKind>) -> anyhow::Result<RunSpec> {
@@ -171,6 +182,10 @@ fn spec(common: &Common, nodes: usize, duration: Duration, faults: Vec<FaultKind
             missing.join(", ")
         );
     }
+    anyhow::ensure!(
+        !faults.contains(&FaultKind::DiskFull) || nix::unistd::geteuid().is_root(),
+        "disk-full faults need root (each node's data directory goes on a tmpfs of its own)"
+    );
     Ok(RunSpec {
         seed,
         nodes,

@@ -10,8 +10,12 @@
 //! their own: one stopped at a crash point is restarted; any other exit is
 //! a finding (a panic, a store that would not open) and is restarted too,
 //! so that the run goes on and the report lists it.
+//!
+//! An `overload` burst's operations are kept in [`Nemesis::burst_ops`]; the
+//! harness adds them to the run's history, so every checker covers them.
 
 use crate::cluster::{Cluster, UnexpectedExit};
+use crate::workload::{self, Op, WorkloadSpec};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -35,12 +39,37 @@ pub enum FaultKind {
     /// the `failpoints` feature): it exits at that step of a commit, an
     /// fsync or a snapshot install.
     CrashPoint,
+    /// A node's disk full: a ballast file fills the tmpfs its data
+    /// directory lives on, and is deleted when the fault heals (needs root:
+    /// the harness mounts one tmpfs per node).
+    DiskFull,
+    /// A burst of extra clients, several times the run's, for the fault's
+    /// time; their operations join the run's history.
+    Overload,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] =
-        [FaultKind::Kill, FaultKind::Pause, FaultKind::Partition, FaultKind::Bridge, FaultKind::Slow, FaultKind::CrashPoint];
+    pub const ALL: [FaultKind; 8] = [
+        FaultKind::Kill,
+        FaultKind::Pause,
+        FaultKind::Partition,
+        FaultKind::Bridge,
+        FaultKind::Slow,
+        FaultKind::CrashPoint,
+        FaultKind::DiskFull,
+        FaultKind::Overload,
+    ];
 }
+
+/// An `overload` burst runs this many times the run's clients, and at least
+/// [`OVERLOAD_MIN_CLIENTS`].
+const OVERLOAD_FACTOR: usize = 8;
+const OVERLOAD_MIN_CLIENTS: usize = 32;
+/// Burst `k` is workload epoch `OVERLOAD_EPOCH + k` (groups and event ids
+/// of its own), and its clients are numbered from `OVERLOAD_CLIENTS * (k +
+/// 1)`, above any run's own clients.
+const OVERLOAD_EPOCH: u64 = 1000;
+const OVERLOAD_CLIENTS: usize = 10_000;
 
 /// Crash points a `crash-point` fault arms, with how often each fires when
 /// reached (`idgraph_node::crash` lists them).
@@ -71,15 +100,34 @@ pub struct FaultEvent {
 
 pub struct Nemesis {
     rng: fastrand::Rng,
+    seed: u64,
     kinds: Vec<FaultKind>,
     started: Instant,
+    /// The run's own clients (an `overload` burst runs several times more).
+    clients: usize,
+    /// `overload` bursts so far.
+    bursts: u64,
     pub log: Vec<FaultEvent>,
     pub exits: Vec<UnexpectedExit>,
+    /// The operations of the `overload` bursts, for the run's history.
+    pub burst_ops: Vec<Op>,
 }
 
 impl Nemesis {
-    pub fn new(seed: u64, kinds: Vec<FaultKind>, started: Instant) -> Nemesis {
-        Nemesis { rng: fastrand::Rng::with_seed(seed ^ 0x006e_656d_6573_6973), kinds, started, log: Vec::new(), exits: Vec::new() }
+    /// A nemesis for a run with `seed` and `clients` clients of its own,
+    /// whose history counts time from `started`.
+    pub fn new(seed: u64, kinds: Vec<FaultKind>, clients: usize, started: Instant) -> Nemesis {
+        Nemesis {
+            rng: fastrand::Rng::with_seed(seed ^ 0x006e_656d_6573_6973),
+            seed,
+            kinds,
+            started,
+            clients,
+            bursts: 0,
+            log: Vec::new(),
+            exits: Vec::new(),
+            burst_ops: Vec::new(),
+        }
     }
 
     fn record(&mut self, kind: Option<FaultKind>, action: &'static str, detail: String) {
@@ -100,18 +148,30 @@ impl Nemesis {
             let hold = Duration::from_millis(self.rng.u64(2000..5000));
             self.inject(cluster, kind, hold, until).await?;
         }
-        self.heal(cluster, None).await
+        self.heal(cluster, None, None).await
     }
 
-    async fn heal(&mut self, cluster: &mut Cluster, kind: Option<FaultKind>) -> anyhow::Result<()> {
+    /// Heals everything; `note` says what the fault came to, if anything.
+    async fn heal(&mut self, cluster: &mut Cluster, kind: Option<FaultKind>, note: Option<String>) -> anyhow::Result<()> {
+        // Space first, so that a node that exited on its full disk is
+        // restarted with space.
+        let freed = cluster.free_disks();
         self.reap(cluster).await?;
         cluster.heal_all().await?;
-        self.record(kind, "heal", "all nodes running, all links up".into());
+        let mut detail = String::from("all nodes running, all links up");
+        if !freed.is_empty() {
+            detail.push_str(&format!(", ballast deleted on {}", names(&freed)));
+        }
+        if let Some(note) = note {
+            detail.push_str(&format!("; {note}"));
+        }
+        self.record(kind, "heal", detail);
         Ok(())
     }
 
     async fn inject(&mut self, cluster: &mut Cluster, kind: FaultKind, hold: Duration, until: Instant) -> anyhow::Result<()> {
         let n = cluster.nodes.len();
+        let mut note = None;
         match kind {
             FaultKind::Kill => {
                 let node = self.victim(cluster).await;
@@ -159,8 +219,45 @@ impl Nemesis {
                 self.record(Some(kind), "start", format!("node {} restarted with {armed}", node + 1));
                 self.sleep_reaping(cluster, hold, until).await?;
             }
+            FaultKind::DiskFull => {
+                let node = self.victim(cluster).await;
+                let ballast = cluster.fill_disk(node).await?;
+                self.record(Some(kind), "start", format!("node {}'s disk full ({} MiB of ballast)", node + 1, ballast >> 20));
+                self.sleep_reaping(cluster, hold, until).await?;
+            }
+            FaultKind::Overload => {
+                let burst = self.bursts;
+                self.bursts += 1;
+                let wl = WorkloadSpec {
+                    seed: self.seed,
+                    epoch: OVERLOAD_EPOCH + burst,
+                    clients: (self.clients * OVERLOAD_FACTOR).max(OVERLOAD_MIN_CLIENTS),
+                    first_client: OVERLOAD_CLIENTS * (burst as usize + 1),
+                    duration: hold.min(until.saturating_duration_since(Instant::now())),
+                    timeout: Duration::from_secs(5),
+                };
+                let endpoints: Vec<String> = cluster.nodes.iter().map(|n| n.endpoint()).collect();
+                self.record(
+                    Some(kind),
+                    "start",
+                    format!(
+                        "{} more clients ({} to {}) for {} ms",
+                        wl.clients,
+                        wl.first_client,
+                        wl.first_client + wl.clients - 1,
+                        wl.duration.as_millis()
+                    ),
+                );
+                let started = self.started;
+                let (ops, slept) = tokio::join!(workload::run(&wl, &endpoints, started), self.sleep_reaping(cluster, hold, until));
+                let ops = ops?;
+                let ok = ops.iter().filter(|o| o.outcome == workload::Outcome::Ok).count();
+                note = Some(format!("the burst completed {} operations, {ok} ok", ops.len()));
+                self.burst_ops.extend(ops);
+                slept?;
+            }
         }
-        self.heal(cluster, Some(kind)).await
+        self.heal(cluster, Some(kind), note).await
     }
 
     /// The node leading most shards half of the time, a random one else.

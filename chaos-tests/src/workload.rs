@@ -177,6 +177,10 @@ pub struct WorkloadSpec {
     /// epochs, hence different groups and event ids.
     pub epoch: u64,
     pub clients: usize,
+    /// Id of the first client: the clients are numbered from it, so that
+    /// the clients of two workloads on one history (an `overload` burst
+    /// beside the run's own) are told apart.
+    pub first_client: usize,
     pub duration: Duration,
     /// Per-request deadline; a request past it has an unknown outcome.
     pub timeout: Duration,
@@ -204,7 +208,7 @@ pub async fn run(spec: &WorkloadSpec, endpoints: &[String], started: Instant) ->
     let shared = Arc::new(Shared { started, ops: AtomicU64::new(0), acked: Mutex::default(), history: Mutex::default() });
     let deadline = Instant::now() + spec.duration;
     let mut tasks = Vec::new();
-    for client in 0..spec.clients {
+    for client in spec.first_client..spec.first_client + spec.clients {
         let shared = shared.clone();
         let channels = channels.clone();
         let (seed, epoch, timeout) = (spec.seed, spec.epoch, spec.timeout);
