@@ -55,6 +55,11 @@ pub struct NodeConfig {
     pub stream_window: usize,
     /// Deadline for one request inside the node, in milliseconds.
     pub request_timeout_ms: u64,
+    /// Writes that start new work waiting for one shard's log, at most;
+    /// past it such a write is refused at once with RESOURCE_EXHAUSTED
+    /// (nothing done), so a burst above what the log sustains keeps the
+    /// latency of the writes taken, and the node's memory, bounded.
+    pub max_waiting_writes: usize,
     /// On shutdown, how long in-flight requests may take before connections
     /// are cut, in milliseconds.
     pub shutdown_grace_ms: u64,
@@ -100,6 +105,7 @@ impl Default for NodeConfig {
             max_message_bytes: 4 * 1024 * 1024,
             stream_window: 256,
             request_timeout_ms: 30_000,
+            max_waiting_writes: crate::shard::MAX_WAITING,
             shutdown_grace_ms: 10_000,
             log_level: "info".into(),
             log_format: LogFormat::Text,
@@ -146,6 +152,7 @@ const ENV_FIELDS: &[&str] = &[
     "max_message_bytes",
     "stream_window",
     "request_timeout_ms",
+    "max_waiting_writes",
     "shutdown_grace_ms",
     "log_level",
     "log_format",
@@ -187,6 +194,9 @@ impl NodeConfig {
         }
         if !(1..=4096).contains(&self.stream_window) {
             return bad("stream_window", "must be 1 to 4096");
+        }
+        if !(1..=1_000_000).contains(&self.max_waiting_writes) {
+            return bad("max_waiting_writes", "must be 1 to 1000000");
         }
         if self.request_timeout_ms < 100 {
             return bad("request_timeout_ms", "must be at least 100");

@@ -101,8 +101,89 @@ async fn main() -> anyhow::Result<()> {
     let _crash_points = fail::FailScenario::setup();
     let node = idgraph_node::server::start(&config).await.context("starting the node")?;
     // The first line on stdout says where the node listens (scripts and
-    // tests that start it on port 0 read it).
-    println!("idgraph-node listening on {}", node.addr());
-    node.run_until(terminated()).await.context("serving")?;
+    // tests that start it on port 0 read it). A reader that has gone (after
+    // the first line, before a restart in place) is no reason to stop.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "idgraph-node listening on {}", node.addr()).and_then(|()| out.flush());
+    }
+    let addr = node.addr();
+    let failure = node.storage_failure();
+    let mut reopen = false;
+    let stop = async {
+        tokio::select! {
+            _ = terminated() => {}
+            (shard, error) = failure => {
+                tracing::error!(%shard, error = %redacted_storage_error(&error), "a replica's storage failed; the node restarts its storage once the disk has room");
+                wait_for_room(&config.data_dir).await;
+                reopen = true;
+            }
+        }
+    };
+    // A node whose storage failed cannot flush it on the way out: that is
+    // expected, and the restart replays what the flush would have kept.
+    let served = node.run_until(stop).await;
+    if reopen {
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "the node stopped with its storage failed");
+        }
+        return Err(restart_in_place(addr).context("restarting the node to reopen its storage"));
+    }
+    served.context("serving")?;
     Ok(())
+}
+
+/// A storage error as logs may show it: its first line, which names the
+/// failing step (openraft's own text carries no identity values).
+fn redacted_storage_error(error: &str) -> &str {
+    error.lines().next().unwrap_or_default()
+}
+
+/// Waits until the data directory's file system has room again. Meanwhile
+/// the node keeps serving what it can: reads of other nodes' shards, and a
+/// precise refusal of every new write.
+/// The room it waits for: 64 MiB, or a tenth of a smaller file system.
+async fn wait_for_room(dir: &std::path::Path) {
+    let needed = idgraph_node::storage::disk_space(dir).map_or(64 << 20, |s| (64 << 20).min(s.total / 10));
+    let mut logged = false;
+    loop {
+        match idgraph_node::storage::disk_space(dir).map(|s| s.free) {
+            Ok(free) if free >= needed => {
+                tracing::info!(free_mib = free >> 20, "the data directory's disk has room again");
+                return;
+            }
+            Ok(free) if !logged => {
+                tracing::warn!(free_mib = free >> 20, needed_mib = needed >> 20, "waiting for room on the data directory's disk");
+                logged = true;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the data directory's free space"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Replaces this process with a fresh start of the same binary, arguments
+/// and environment, on the address it was serving (a node started on port 0
+/// keeps its port). Same process id, so a supervisor sees no exit; opening
+/// the data directory again clears sled's stored write error and replays
+/// the Raft logs, as after a crash. Returns only if the exec failed.
+fn restart_in_place(addr: SocketAddr) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut given = std::env::args_os().skip(1);
+    while let Some(arg) = given.next() {
+        if arg == "--listen" {
+            given.next();
+        } else if !arg.to_string_lossy().starts_with("--listen=") {
+            args.push(arg);
+        }
+    }
+    tracing::warn!(%addr, "restarting the node in place to reopen its storage");
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return e.into(),
+    };
+    std::process::Command::new(exe).args(args).arg("--listen").arg(addr.to_string()).exec().into()
 }

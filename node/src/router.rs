@@ -66,9 +66,19 @@ fn service_error(shard: ShardId, f: ShardFailure) -> ServiceError {
             ServiceError::Unavailable { shard: shard.to_string(), reason: "no leader was elected in time".into() }
         }
         ShardFailure::Unavailable { reason, .. } => ServiceError::Unavailable { shard: shard.to_string(), reason },
+        ShardFailure::DiskFull { .. } => ServiceError::DiskFull { shard: shard.to_string() },
+        f @ ShardFailure::Overloaded { .. } => ServiceError::Overloaded { shard: shard.to_string(), reason: overload_reason(&f) },
         ShardFailure::NoReplica { .. } => {
             ServiceError::Unavailable { shard: shard.to_string(), reason: "no node holding a replica answered".into() }
         }
+    }
+}
+
+/// What an overloaded shard says, without the shard (the caller names it).
+fn overload_reason(f: &ShardFailure) -> String {
+    match f {
+        ShardFailure::Overloaded { waiting, .. } => format!("{waiting} writes are waiting for its log; retry after a backoff"),
+        other => other.to_string(),
     }
 }
 
@@ -78,6 +88,8 @@ fn txn_error(e: TxnError) -> ServiceError {
         TxnError::Refused(e) => ServiceError::Engine(e),
         TxnError::Unavailable { shard, reason } => ServiceError::Unavailable { shard: shard.to_string(), reason },
         e @ TxnError::Contention { .. } => ServiceError::Aborted(e.to_string()),
+        TxnError::Overloaded { shard, reason } => ServiceError::Overloaded { shard: shard.to_string(), reason },
+        TxnError::DiskFull { shard } => ServiceError::DiskFull { shard: shard.to_string() },
         TxnError::Internal(reason) => ServiceError::Internal(reason),
     }
 }
@@ -458,6 +470,8 @@ impl ShardAccess for ShardRouter {
         match self.request(shard, ShardRequest::Write(Box::new(ShardCommand::Txn(op)))).await {
             Ok(ShardReply::Txn(t)) => Ok(t),
             Ok(_) => Err(TxnError::Internal("a transaction step was answered with something else".into())),
+            Err(ServiceError::Overloaded { reason, .. }) => Err(TxnError::Overloaded { shard, reason }),
+            Err(ServiceError::DiskFull { .. }) => Err(TxnError::DiskFull { shard }),
             Err(e) => Err(TxnError::Unavailable { shard, reason: e.to_string() }),
         }
     }

@@ -106,6 +106,25 @@ impl RunningNode {
         }
     }
 
+    /// Resolves when a replica's Raft group has stopped because its storage
+    /// failed (a full disk, an I/O error), naming the group and the error.
+    /// Such a group takes nothing more until its storage is reopened, and
+    /// sled keeps a write error for the whole database until then: the
+    /// process must restart its storage (`idgraph-node` does it by
+    /// restarting itself once the disk has room).
+    pub fn storage_failure(&self) -> impl std::future::Future<Output = (ShardId, String)> + Send + 'static {
+        let replicas = self.replicas.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let failed = replicas.read().ok().and_then(|m| m.iter().find_map(|(shard, r)| r.storage_failure().map(|e| (*shard, e))));
+                if let Some(failed) = failed {
+                    return failed;
+                }
+            }
+        }
+    }
+
     async fn stop_actors(&self) {
         self.sweeper.abort();
         self.placement.abort();
@@ -351,6 +370,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
             open,
             discard: Arc::new(move |shard| db_for_discard.discard(shard).map_err(|e| e.to_string())),
             replicas: replicas.clone(),
+            max_waiting: config.max_waiting_writes,
         },
     )
     .await

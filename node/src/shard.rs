@@ -48,9 +48,17 @@ pub const MAX_IN_FLIGHT: usize = 2;
 pub const PROPOSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 /// Commands in one proposal at most.
 pub const MAX_BATCH: usize = 512;
+/// New work waiting for a proposal slot, at most: past it a write that would
+/// start new work (an engine command, a one-shard transaction or a prepare)
+/// is refused at once as overloaded, so that under a burst the writes taken
+/// keep a bounded wait and the node a bounded memory. Steps that finish work
+/// already started (commits, applies, aborts) are always taken.
+/// The default; `max_waiting_writes` sets it.
+pub const MAX_WAITING: usize = 4 * MAX_BATCH;
 
 pub struct ShardState {
     node: Arc<str>,
+    max_waiting: usize,
     replica: ShardReplica,
     waiting: Vec<(ShardCommand, Reply)>,
     in_flight: usize,
@@ -93,14 +101,28 @@ impl ShardState {
     }
 }
 
+/// Whether a write starts new work (admission control refuses those first).
+fn starts_work(cmd: &ShardCommand) -> bool {
+    match cmd {
+        ShardCommand::Engine(_) => true,
+        ShardCommand::Txn(op) => matches!(op, crate::txn::TxnOp::Single { .. } | crate::txn::TxnOp::Prepare { .. }),
+        ShardCommand::Meta(_) => false,
+    }
+}
+
 impl Actor for ShardActor {
     type Msg = ShardMsg;
     type State = ShardState;
-    type Arguments = (Arc<str>, ShardReplica);
+    /// Node tag, most writes waiting, the replica.
+    type Arguments = (Arc<str>, usize, ShardReplica);
 
-    async fn pre_start(&self, _myself: ActorRef<ShardMsg>, (node, replica): Self::Arguments) -> Result<ShardState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ShardMsg>,
+        (node, max_waiting, replica): Self::Arguments,
+    ) -> Result<ShardState, ActorProcessingErr> {
         info!(shard = %replica.shard, rule_version = replica.rules.version(), "shard replica started");
-        Ok(ShardState { node, replica, waiting: Vec::new(), in_flight: 0 })
+        Ok(ShardState { node, max_waiting, replica, waiting: Vec::new(), in_flight: 0 })
     }
 
     #[instrument(skip_all, fields(node = %state.node, shard = %state.replica.shard))]
@@ -108,6 +130,15 @@ impl Actor for ShardActor {
         match msg {
             ShardMsg::Request(req, port) => match *req {
                 ShardRequest::Write(cmd) => {
+                    if crate::storage::disk_full_seen() && starts_work(&cmd) {
+                        let _ = port.send(Err(ShardFailure::DiskFull { shard: state.replica.shard.0 }));
+                        return Ok(());
+                    }
+                    if state.waiting.len() >= state.max_waiting && starts_work(&cmd) {
+                        let waiting = state.waiting.len();
+                        let _ = port.send(Err(ShardFailure::Overloaded { shard: state.replica.shard.0, waiting }));
+                        return Ok(());
+                    }
                     state.waiting.push((*cmd, port));
                     state.propose(&myself);
                 }
@@ -151,6 +182,8 @@ pub struct SupervisorArgs {
     pub open: ReplicaOpener,
     pub discard: ReplicaDiscarder,
     pub replicas: Replicas,
+    /// Each shard actor's bound on waiting writes (`max_waiting_writes`).
+    pub max_waiting: usize,
 }
 
 pub struct SupervisorState {
@@ -161,7 +194,13 @@ pub struct SupervisorState {
 async fn spawn_shard(sup: &ActorRef<SupervisorMsg>, args: &SupervisorArgs, shard: ShardId) -> Result<(), ActorProcessingErr> {
     let replica = (args.open)(shard).await?;
     args.replicas.write().map_err(|_| "replica table lock poisoned")?.insert(shard, replica.clone());
-    Actor::spawn_linked(Some(shard_actor_name(&args.node, shard)), ShardActor, (args.node.clone(), replica), sup.get_cell()).await?;
+    Actor::spawn_linked(
+        Some(shard_actor_name(&args.node, shard)),
+        ShardActor,
+        (args.node.clone(), args.max_waiting, replica),
+        sup.get_cell(),
+    )
+    .await?;
     Ok(())
 }
 

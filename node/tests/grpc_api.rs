@@ -244,3 +244,43 @@ async fn hubs_are_listed_with_their_reason() {
     assert_eq!(hubs[0].colliding_profiles, 5);
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_write_queue_is_refused_at_once_and_refused_events_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = idgraph_node::config::NodeConfig { max_waiting_writes: 1, ..config(dir.path()) };
+    let node = idgraph_node::server::start(&config).await.expect("node starts");
+    let client = graph(&node).await;
+    // Far more concurrent events than two proposals in flight and one waiting write.
+    let calls = (0..200).map(|i| {
+        let mut c = client.clone();
+        async move { (i, c.identify(event(&format!("burst-{i}"), &[("user_id", &format!("u{i}"))])).await) }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let (mut taken, mut refused) = (Vec::new(), Vec::new());
+    for (i, answer) in answers {
+        match answer {
+            Ok(_) => taken.push(i),
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert!(s.message().contains("overloaded") && s.message().contains("retry"), "{}", s.message());
+                refused.push(i);
+            }
+        }
+    }
+    assert!(!refused.is_empty(), "200 concurrent events with room for one waiting write: none refused");
+    assert!(!taken.is_empty());
+    let mut c = client.clone();
+    for i in &taken {
+        c.get_profile(by_id("user_id", &format!("u{i}"))).await.expect("an acknowledged event is there");
+    }
+    for i in &refused {
+        let s = c.get_profile(by_id("user_id", &format!("u{i}"))).await.expect_err("a refused event changed nothing");
+        assert_eq!(s.code(), Code::NotFound);
+    }
+    // Once the burst is over, the same events are taken.
+    for i in &refused {
+        c.identify(event(&format!("burst-{i}"), &[("user_id", &format!("u{i}"))])).await.expect("taken after the burst");
+    }
+    node.shutdown().await.unwrap();
+}

@@ -107,6 +107,13 @@ pub enum ShardFailure {
     /// Raft or storage failed; the outcome of a write is unknown: retry.
     #[error("shard {shard} unavailable: {reason}")]
     Unavailable { shard: u32, reason: String },
+    /// Too many writes are waiting for the shard's log; this one was not
+    /// taken (nothing was done): retry after a backoff.
+    #[error("shard {shard} is overloaded: {waiting} writes are waiting for its log; retry after a backoff")]
+    Overloaded { shard: u32, waiting: usize },
+    /// The node's disk is full: this write was not taken (nothing was done).
+    #[error("the disk of shard {shard}'s replica is full")]
+    DiskFull { shard: u32 },
 }
 
 /// How long a new replica may take to catch up before a move is retried.
@@ -145,6 +152,7 @@ impl ShardReplica {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
                 ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) }
             }
+            RaftError::Fatal(f) => self.stopped(&f),
             e => self.unavailable(e),
         }
     }
@@ -235,6 +243,14 @@ impl ShardReplica {
         self.write_batch(vec![cmd]).await?.pop().unwrap_or_else(|| Err(self.unavailable("a proposal was answered without outcomes")))
     }
 
+    /// The storage error that stopped this replica's Raft group, if one did.
+    pub fn storage_failure(&self) -> Option<String> {
+        match &self.raft.metrics().borrow().running_state {
+            Err(openraft::error::Fatal::StorageError(e)) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
     /// Proposes several commands as one log entry; one answer per command.
     pub async fn write_batch(&self, commands: Vec<ShardCommand>) -> Result<Vec<Result<ShardReply, ShardFailure>>, ShardFailure> {
         let n = commands.len();
@@ -261,8 +277,25 @@ impl ShardReplica {
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) })
             }
+            Err(RaftError::Fatal(f)) => Err(self.stopped(&f)),
             Err(e) => Err(self.unavailable(e)),
         }
+    }
+
+    /// What callers learn of a group that stopped: no Raft or storage
+    /// internals, and whether the node is reopening its storage.
+    fn stopped(&self, f: &openraft::error::Fatal<u64>) -> ShardFailure {
+        let reason = match f {
+            openraft::error::Fatal::StorageError(_) if crate::storage::disk_full_seen() => {
+                "its disk is full; the outcome of this write is unknown, and the node reopens its storage once space is freed"
+            }
+            openraft::error::Fatal::StorageError(_) => {
+                "its storage failed; the outcome of this write is unknown, and the node reopens its storage"
+            }
+            openraft::error::Fatal::Panicked => "its raft group panicked; the node reopens it",
+            openraft::error::Fatal::Stopped => "its raft group is stopping",
+        };
+        self.unavailable(reason)
     }
 
     /// Fails unless this replica believes it leads (no round trip).
@@ -292,6 +325,7 @@ impl ShardReplica {
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                     return Err(ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) });
                 }
+                Err(RaftError::Fatal(f)) => return Err(self.stopped(&f)),
                 Err(e) => return Err(self.unavailable(e)),
             }
         }

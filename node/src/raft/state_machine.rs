@@ -5,7 +5,7 @@ use super::{decode, encode, read_err, write_err, LogId, Refusal, ShardCommand, S
 use crate::engine;
 use crate::model::{Change, ChangeSet};
 use crate::rules::RuleSet;
-use crate::storage::GraphStore;
+use crate::storage::{GraphStore, Staged};
 use crate::txn;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{BasicNode, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StoredMembership};
@@ -192,28 +192,32 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
                     responses.push(ShardResponse::Nothing);
                 }
                 EntryPayload::Normal(proposal) => {
-                    // Commands of this entry applied before a crash are not
-                    // applied again.
+                    // A data directory written before entries were applied
+                    // whole may hold part of this entry: those commands are
+                    // not applied again.
                     let done: Option<(LogId, usize)> = self.meta(APPLIED_COMMAND)?;
                     let skip = match done {
                         Some((id, i)) if id == log_id => i + 1,
                         _ => 0,
                     };
+                    // Every command reads the writes of those before it; the
+                    // entry lands as one atomic write.
+                    let mut staged = Staged::new(&*self.store);
                     for (i, cmd) in proposal.commands.iter().enumerate() {
                         if i < skip {
                             responses.push(ShardResponse::Nothing);
                             continue;
                         }
-                        let (mut cs, response) = match cmd {
-                            ShardCommand::Engine(cmd) => match engine::execute(&*self.store, &self.rules, cmd) {
+                        let (cs, response) = match cmd {
+                            ShardCommand::Engine(cmd) => match engine::execute(&staged, &self.rules, cmd) {
                                 Ok((cs, outcome)) => (cs, ShardResponse::Applied(outcome)),
                                 Err(e) => (ChangeSet::default(), ShardResponse::Refused(Refusal::from_engine(e).map_err(failed)?)),
                             },
                             ShardCommand::Txn(op) => {
-                                let (cs, reply) = txn::apply_op(&*self.store, op).map_err(failed)?;
+                                let (cs, reply) = txn::apply_op(&staged, op).map_err(failed)?;
                                 (cs, ShardResponse::Txn(reply))
                             }
-                            ShardCommand::Meta(cmd) => match crate::meta::read_map(&*self.store).map_err(failed)?.apply(cmd) {
+                            ShardCommand::Meta(cmd) => match crate::meta::read_map(&staged).map_err(failed)?.apply(cmd) {
                                 Ok(map) => {
                                     let mut cs = ChangeSet::default();
                                     cs.push(Change::PutMeta(crate::meta::MAP_KEY.into(), encode(&map)));
@@ -224,9 +228,12 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
                                 }
                             },
                         };
-                        cs.push(Change::PutMeta(APPLIED_COMMAND.into(), encode(&(log_id, i))));
-                        self.store.apply(&cs).map_err(failed)?;
+                        staged.stage(cs);
                         responses.push(response);
+                    }
+                    last = staged.into_changes();
+                    if done.is_some() {
+                        last.push(Change::DeleteMeta(APPLIED_COMMAND.into()));
                     }
                 }
             }

@@ -6,9 +6,11 @@
 //! | `EngineError::NotFound`                 | NOT_FOUND           |
 //! | `EngineError::FailedPrecondition`       | FAILED_PRECONDITION (+ PreconditionFailure naming the limit) |
 //! | `StoreError::Io`, shard unavailable     | UNAVAILABLE (retry) |
+//! | `StoreError::DiskFull`, new writes while the disk is full | RESOURCE_EXHAUSTED (nothing done; retry once space is freed) |
 //! | cross-shard contention (`TxnError::Contention`) | ABORTED (retry) |
 //! | `StoreError::Corrupt` / `Layout`        | INTERNAL / FAILED_PRECONDITION |
 //! | oversized message (tonic's OUT_OF_RANGE) | RESOURCE_EXHAUSTED |
+//! | a shard's write queue full (`Overloaded`) | RESOURCE_EXHAUSTED (nothing done; retry after a backoff) |
 
 use crate::engine::EngineError;
 use crate::storage::StoreError;
@@ -23,6 +25,15 @@ pub enum ServiceError {
     /// The shard cannot take requests now (restarting, stopping): retry.
     #[error("shard {shard} is unavailable: {reason}")]
     Unavailable { shard: String, reason: String },
+    /// More writes arrived than the shard's log takes; nothing changed:
+    /// retry after a backoff.
+    #[error("shard {shard} is overloaded: {reason}")]
+    Overloaded { shard: String, reason: String },
+    /// The node's disk is full; nothing changed: retry once space is freed.
+    #[error(
+        "the disk of the node leading shard {shard} is full: it takes no new writes until space is freed on it, then resumes by itself"
+    )]
+    DiskFull { shard: String },
     /// Concurrent requests kept conflicting; nothing changed: retry.
     #[error("{0}")]
     Aborted(String),
@@ -49,10 +60,13 @@ impl From<ServiceError> for Status {
                 None => Status::failed_precondition(reason),
             },
             ServiceError::Engine(EngineError::Store(e @ StoreError::Io(_))) => Status::unavailable(e.to_string()),
+            ServiceError::Engine(EngineError::Store(e @ StoreError::DiskFull)) => Status::resource_exhausted(e.to_string()),
             ServiceError::Engine(EngineError::Store(e @ StoreError::Layout(_))) => Status::failed_precondition(e.to_string()),
             ServiceError::Engine(EngineError::Store(e @ StoreError::Corrupt { .. })) => Status::internal(e.to_string()),
             e @ ServiceError::Unavailable { .. } => Status::unavailable(e.to_string()),
             ServiceError::Aborted(reason) => Status::aborted(reason),
+            e @ ServiceError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
+            e @ ServiceError::DiskFull { .. } => Status::resource_exhausted(e.to_string()),
             e @ ServiceError::Internal(_) => Status::internal(e.to_string()),
         }
     }

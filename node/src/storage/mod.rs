@@ -8,6 +8,8 @@
 //!   flush that followed it.
 //!
 //! - [`RaftLog`]: one shard replica's Raft log and Raft metadata.
+//! - [`Staged`]: change sets staged over a store, read through, then
+//!   applied as one (a log entry's commands).
 //!
 //! Implementations: [`MemStore`] / [`MemRaftLog`] (tests, property tests)
 //! and [`SledStore`] / [`SledRaftLog`] (the node). [`conformance`] is one
@@ -16,16 +18,60 @@
 pub mod conformance;
 mod mem;
 mod sled_store;
+mod staged;
 
 pub use mem::{MemRaftLog, MemStore};
 pub use sled_store::{SledDb, SledRaftLog, SledStore};
+pub use staged::Staged;
 
 use crate::model::{ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once a write of this process failed because the data directory's
+/// disk was full. sled keeps a write error for its whole database until it
+/// is reopened, and openraft stops a group whose storage failed, so from
+/// then on the node takes no new writes, and it reopens its storage by
+/// restarting itself once space is back (`idgraph-node`'s main loop).
+static DISK_FULL: AtomicBool = AtomicBool::new(false);
+
+/// Whether a write of this process ran out of disk space.
+pub fn disk_full_seen() -> bool {
+    DISK_FULL.load(Ordering::Relaxed)
+}
+
+/// Whether an I/O error says the disk is full, noting it if so.
+pub(crate) fn note_disk_full(e: &std::io::Error) -> bool {
+    let full = e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28);
+    if full && !DISK_FULL.swap(true, Ordering::Relaxed) {
+        tracing::error!("the data directory's disk is full: new writes are refused until the node has reopened its storage");
+    }
+    full
+}
+
+/// Space on the file system holding a directory, in bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct DiskSpace {
+    /// Free for unprivileged writers.
+    pub free: u64,
+    pub total: u64,
+}
+
+/// The space on the file system holding `dir`.
+// statvfs's field types differ between platforms (u32 or u64).
+#[allow(clippy::unnecessary_cast)]
+pub fn disk_space(dir: &std::path::Path) -> Result<DiskSpace, StoreError> {
+    let s = nix::sys::statvfs::statvfs(dir).map_err(|e| StoreError::Io(format!("statvfs {}: {e}", dir.display())))?;
+    let block = s.fragment_size() as u64;
+    Ok(DiskSpace { free: (s.blocks_available() as u64).saturating_mul(block), total: (s.blocks() as u64).saturating_mul(block) })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage i/o failed: {0}")]
     Io(String),
+    /// A write found no space left on the data directory's disk.
+    #[error("the data directory's disk is full")]
+    DiskFull,
     #[error("stored record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("storage layout mismatch: {0}")]

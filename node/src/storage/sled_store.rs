@@ -35,7 +35,10 @@ const LAYOUT_VERSION: &str = "idgraph-layout-1";
 const LOCK_WAITS: u32 = 100;
 
 fn io(e: sled::Error) -> StoreError {
-    StoreError::Io(e.to_string())
+    match &e {
+        sled::Error::Io(ioe) if super::note_disk_full(ioe) => StoreError::DiskFull,
+        _ => StoreError::Io(e.to_string()),
+    }
 }
 
 /// The node's sled database: opened once per process, shared by its shards.

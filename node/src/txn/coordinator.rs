@@ -298,10 +298,20 @@ async fn commit<A: ShardAccess>(a: &A, txn: &str, reads: &ReadSet, changes: Chan
     .await;
 
     if !prepares.iter().all(|p| matches!(p, Ok(TxnReply::Prepared))) {
+        // A shard that refused new work took nothing: release the others
+        // and tell the caller, rather than retry into the overload.
+        let overloaded = prepares.iter().find_map(|p| match p {
+            Err(TxnError::Overloaded { shard, reason }) => Some(TxnError::Overloaded { shard: *shard, reason: reason.clone() }),
+            Err(TxnError::DiskFull { shard }) => Some(TxnError::DiskFull { shard: *shard }),
+            _ => None,
+        });
         // Release what was, or may have been, prepared.
         let maybe_prepared: Vec<ShardId> =
             secondaries.iter().zip(&prepares).filter(|(_, p)| !matches!(p, Ok(TxnReply::Conflict { .. }))).map(|(s, _)| *s).collect();
         abort(a, txn, &maybe_prepared).await;
+        if let Some(overloaded) = overloaded {
+            return Err(overloaded);
+        }
         for (shard, p) in secondaries.iter().zip(&prepares) {
             if let Ok(TxnReply::Conflict { lock: Some(lock) }) = p {
                 resolve(a, *shard, lock).await?;

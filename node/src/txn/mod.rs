@@ -102,6 +102,12 @@ pub enum TxnError {
     /// write is unknown: retry (an event with the same id is applied once).
     #[error("shard {shard} unavailable: {reason}")]
     Unavailable { shard: ShardId, reason: String },
+    /// A shard refused new work (too many writes waiting); nothing changed.
+    #[error("shard {shard} is overloaded: {reason}")]
+    Overloaded { shard: ShardId, reason: String },
+    /// A shard's disk is full, so it took no new work; nothing changed.
+    #[error("the disk of the node leading shard {shard} is full")]
+    DiskFull { shard: ShardId },
     /// Other commands kept changing the same records; nothing changed.
     #[error("gave up after {attempts} attempts: concurrent requests kept changing the same profiles")]
     Contention { attempts: u32 },
