@@ -57,7 +57,7 @@ rep() {
     local node_args=(--listen "127.0.0.1:${ports[$((i-1))]}" --data-dir "$dir" --shards "$SHARDS")
     [[ $NODES -gt 1 ]] && node_args+=(--id "$i" --initial-cluster "$members")
     if command -v strace >/dev/null; then
-      IDGRAPH_LOG_LEVEL=error strace -f -c -e trace=fsync,fdatasync,sync_file_range -o "$dir.strace" \
+      IDGRAPH_LOG_LEVEL=error strace -f --seccomp-bpf -c -e trace=fsync,fdatasync,sync_file_range -o "$dir.strace" \
         "$bin" "${node_args[@]}" > "$dir.out" 2> "$dir.log" &
     else
       IDGRAPH_LOG_LEVEL=error "$bin" "${node_args[@]}" > "$dir.out" 2> "$dir.log" &
@@ -68,13 +68,14 @@ rep() {
   sleep 3
   # The node processes (under strace, its child).
   local nodes=() before=0 after=0 p
-  for p in "${pids[@]}"; do nodes+=("$(pgrep -P "$p" -x "$(basename "$bin")" || echo "$p")"); done
+  for p in "${pids[@]}"; do nodes+=("$(pgrep -P "$p" || echo "$p")"); done
   for p in "${nodes[@]}"; do before=$((before + $(ctxt "$p"))); done
   local out
   out=$("$bench" run --target idgraph --endpoints "$endpoints" --persons "$PERSONS" --seed "$seed" --label "$label" --output json \
     --accuracy-sample 0 "${args[@]}")
   for p in "${nodes[@]}"; do after=$((after + $(ctxt "$p"))); done
-  for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  # SIGINT to the nodes themselves (strace passes none on): a clean stop.
+  for p in "${nodes[@]}"; do kill -INT "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   pids=()
   local fsyncs=0 f

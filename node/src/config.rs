@@ -248,14 +248,20 @@ impl NodeConfig {
     }
 
     /// The bootstrap members from `initial_cluster` (empty: single node).
-    /// Shards of a new cluster: as configured, else 16 when bootstrapping a
-    /// cluster of several nodes and 1 for a standalone node, which gains
-    /// nothing from shards and would pay for cross-shard commits.
+    /// Shards of a new cluster: as configured, else one per
+    /// `replication_factor` initial members, rounded up (1 for a standalone
+    /// node or three nodes, 2 for four to six nodes). A shard adds write
+    /// capacity only where it gets leaders and replicas of its own, and
+    /// every event whose records span shards pays a cross-shard commit of
+    /// several replicated rounds (`docs/cluster.md`), so a cluster starts
+    /// with as few shards as keep every node busy.
     pub fn shard_count(&self) -> u32 {
         match self.shards {
             Some(n) => n,
-            None if self.members().is_ok_and(|m| m.len() > 1) => 16,
-            None => 1,
+            None => {
+                let members = self.members().map_or(1, |m| m.len().max(1)) as u32;
+                members.div_ceil(self.replication_factor.max(1))
+            }
         }
     }
 

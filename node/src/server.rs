@@ -255,8 +255,16 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     let joining = !config.join.is_empty();
     let peers = Peers::new(config.routes().map_err(|reason| ServerError::Actors(format!("peer_routes: {reason}")))?);
     let joined = if joining { Some(cluster_to_join(&peers, &config.join).await?) } else { None };
-    let shards = ShardMap::new(joined.as_ref().map_or_else(|| config.shard_count(), |m| m.shard_count));
-    let db = SledDb::open_with_cache(&config.data_dir, shards.count(), config.storage_cache_mb << 20)?;
+    // The shard count is fixed when a cluster is created: a joining node
+    // takes the cluster's, a restarted one its data directory's unless one
+    // is configured (then they must agree).
+    let cache = config.storage_cache_mb << 20;
+    let (db, count) = match (&joined, config.shards) {
+        (Some(map), _) => (SledDb::open_with_cache(&config.data_dir, map.shard_count, cache)?, map.shard_count),
+        (None, Some(n)) => (SledDb::open_with_cache(&config.data_dir, n, cache)?, n),
+        (None, None) => SledDb::open_adopting(&config.data_dir, config.shard_count(), cache)?,
+    };
+    let shards = ShardMap::new(count);
     let node: Arc<str> = ulid::Ulid::new().to_string().to_lowercase().into();
 
     let listener =

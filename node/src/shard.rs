@@ -5,8 +5,13 @@
 //! while a proposal is in flight (at most [`MAX_IN_FLIGHT`] at once), the
 //! writes that arrive wait in the actor and go out together as the next
 //! log entry, so under load one entry, and one fsync, carries many
-//! commands. The state machine still applies commands one at a time, in log
-//! order.
+//! commands; the state machine applies each entry as one atomic write.
+//!
+//! Admission control: at most `max_waiting_writes` writes that start new
+//! work wait in an actor; past it, and once the node's disk was found full,
+//! such writes are refused at once (RESOURCE_EXHAUSTED, nothing done).
+//! Steps that finish work already started (commits, applies, aborts) are
+//! always taken, so a transaction admitted is never stranded half-way.
 //!
 //! The [`NodeSupervisor`] spawns the shard actors linked to itself. When one
 //! fails, it shuts that shard's Raft instance down and opens it again from

@@ -23,9 +23,13 @@
 //! - A snapshot is the whole shard graph plus the last applied log id and
 //!   membership. The store is fsync'd before a snapshot is taken, so the log
 //!   it allows openraft to purge is never needed again.
-//! - Commands are proposed in batches ([`Proposal`]); the state machine
-//!   records `(log id, command index)` with each command's changes, and on
-//!   replay skips the commands of an entry it had already applied.
+//! - Commands are proposed in batches ([`Proposal`]); the state machine runs
+//!   an entry's commands in order through one [`Staged`](crate::storage::Staged)
+//!   view (each sees the writes of those before it) and writes the entry's
+//!   records, counters and log id as one atomic change set: an entry is
+//!   applied whole or not at all. (Data directories written before kept
+//!   `(log id, command index)` per command; replay still skips the commands
+//!   such a half-applied entry had applied.)
 //! - A refused command (bad input, a limit) is a deterministic outcome, not
 //!   a storage error: it is applied as "no change" and answered on every
 //!   replica alike.
@@ -59,10 +63,9 @@ openraft::declare_raft_types!(
 );
 
 /// One log entry: the commands a shard leader batched together. Batching
-/// amortises Raft's per-entry cost; the state machine still applies the
-/// commands one by one, in order, and records its progress inside an entry,
-/// so that a crash part-way through an entry neither loses nor repeats a
-/// command.
+/// amortises Raft's per-entry cost, and the state machine applies the whole
+/// entry as one atomic write, so that a crash part-way through an entry
+/// neither loses nor repeats a command.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Proposal {
     pub commands: Vec<ShardCommand>,

@@ -30,7 +30,11 @@ use crate::model::{Change, ChangeSet, Counters, EventRecord, HubRecord, Identifi
 use std::path::Path;
 use std::sync::Mutex;
 
-const LAYOUT_VERSION: &str = "idgraph-layout-1";
+/// Layout 2 places records on shards by slot ranges
+/// ([`crate::txn::keys::SLOTS`]); layout 1 placed them by hash modulo the
+/// shard count, the same placement for a single shard.
+const LAYOUT_VERSION: &str = "idgraph-layout-2";
+const LAYOUT_MODULO: &str = "idgraph-layout-1";
 /// 20 ms waits for a data directory's lock before opening it fails.
 const LOCK_WAITS: u32 = 100;
 
@@ -57,6 +61,17 @@ impl SledDb {
 
     /// [`SledDb::open`] with a cache of at most `cache_bytes`.
     pub fn open_with_cache(dir: &Path, shard_count: u32, cache_bytes: u64) -> Result<SledDb, StoreError> {
+        let (db, stored) = SledDb::open_adopting(dir, shard_count, cache_bytes)?;
+        if stored != shard_count {
+            return Err(StoreError::Layout(format!("data directory was created with {stored} shards, configured {shard_count}")));
+        }
+        Ok(db)
+    }
+
+    /// Opens (or creates, with `new_shard_count` shards) the database under
+    /// `dir` and returns it with the shard count it was created with.
+    pub fn open_adopting(dir: &Path, new_shard_count: u32, cache_bytes: u64) -> Result<(SledDb, u32), StoreError> {
+        let shard_count = new_shard_count;
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
         let config = sled::Config::new().path(dir.join("db")).cache_capacity(cache_bytes).flush_every_ms(Some(500));
         // sled's background flusher lets go of the file lock a moment after
@@ -81,20 +96,35 @@ impl SledDb {
                 meta.apply_batch(batch).map_err(io)?;
                 db.flush().map_err(io)?;
             }
-            Some(v) if v.as_ref() != LAYOUT_VERSION.as_bytes() => {
+            Some(v) if v.as_ref() != LAYOUT_VERSION.as_bytes() && v.as_ref() != LAYOUT_MODULO.as_bytes() => {
                 return Err(StoreError::Layout(format!(
                     "data directory has layout {}, this build reads {LAYOUT_VERSION}",
                     String::from_utf8_lossy(&v)
                 )));
             }
-            Some(_) => {
-                let stored = meta.get("shards").map_err(io)?.and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok()).map(u32::from_be_bytes);
-                if stored != Some(shard_count) {
-                    return Err(StoreError::Layout(format!("data directory was created with {stored:?} shards, configured {shard_count}")));
+            Some(v) => {
+                let stored = meta
+                    .get("shards")
+                    .map_err(io)?
+                    .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+                    .map(u32::from_be_bytes)
+                    .ok_or_else(|| StoreError::Layout("data directory has no shard count".into()))?;
+                if v.as_ref() == LAYOUT_MODULO.as_bytes() {
+                    if stored != 1 {
+                        return Err(StoreError::Layout(format!(
+                            "data directory was written by an older build that placed records on its {stored} shards by hash \
+                             modulo the shard count; this build places them by slot ranges: start a new cluster and load the \
+                             events again"
+                        )));
+                    }
+                    // One shard holds every slot either way: the same data.
+                    meta.insert("layout", LAYOUT_VERSION).map_err(io)?;
+                    db.flush().map_err(io)?;
                 }
+                return Ok((SledDb { db }, stored));
             }
         }
-        Ok(SledDb { db })
+        Ok((SledDb { db }, shard_count))
     }
 
     pub fn shard(&self, shard: ShardId) -> Result<SledStore, StoreError> {

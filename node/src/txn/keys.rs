@@ -6,6 +6,16 @@ use crate::model::{Change, EventRecord, HubRecord, Identifier, MergeId, MergeRec
 use crate::storage::{GraphRead, StoreError};
 use serde::{Deserialize, Serialize};
 
+/// Hash slots records are placed by (see [`GraphKey::shard`]); the most
+/// shards a cluster can be split into.
+pub const SLOTS: u32 = 4096;
+
+/// The shard of `count` that holds `slot`.
+pub fn shard_of_slot(slot: u32, count: u32) -> u32 {
+    let count = count.clamp(1, SLOTS);
+    ((u64::from(slot) * u64::from(count)) / u64::from(SLOTS)) as u32
+}
+
 /// One record of the graph, by what names it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum GraphKey {
@@ -39,17 +49,25 @@ fn hash_parts(parts: &[&[u8]]) -> u64 {
 }
 
 impl GraphKey {
-    /// The shard that holds this record. An identifier's owner entry and hub
-    /// entry live together, as do a profile and the alias a merge leaves
-    /// under its id.
-    pub fn shard(&self, count: u32) -> ShardId {
+    /// The hash slot of this record, in `0..SLOTS`. An identifier's owner
+    /// entry and hub entry share a slot, as do a profile and the alias a
+    /// merge leaves under its id.
+    pub fn slot(&self) -> u32 {
         let h = match self {
             GraphKey::Owner(id) | GraphKey::Hub(id) => hash_parts(&[b"i", id.kind.as_bytes(), id.value.as_bytes()]),
             GraphKey::Profile(p) | GraphKey::Alias(p) => hash_parts(&[b"p", p.as_bytes()]),
             GraphKey::Event(e) => hash_parts(&[b"e", e.as_bytes()]),
             GraphKey::Merge(m) => hash_parts(&[b"m", m.as_bytes()]),
         };
-        ShardId((h % u64::from(count.max(1))) as u32)
+        (h % u64::from(SLOTS)) as u32
+    }
+
+    /// The shard that holds this record: of `count` shards, shard `s` holds
+    /// the contiguous slot range `[s * SLOTS / count, (s + 1) * SLOTS /
+    /// count)`. Ranges, not a modulo, so that a later split of a shard moves
+    /// one slot range and leaves every other record where it is.
+    pub fn shard(&self, count: u32) -> ShardId {
+        ShardId(shard_of_slot(self.slot(), count))
     }
 
     /// A fixed-size name for the key (locks are kept under it): a 128-bit
@@ -92,5 +110,36 @@ impl GraphValue {
     /// since the coordinator read it.
     pub fn digest(&self) -> u128 {
         xxhash_rust::xxh3::xxh3_128(&crate::storage::encode(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_hold_contiguous_slot_ranges_of_near_equal_size() {
+        for count in [1u32, 2, 3, 7, 16, 1024, SLOTS] {
+            let mut sizes = vec![0u32; count as usize];
+            let mut last = 0;
+            for slot in 0..SLOTS {
+                let shard = shard_of_slot(slot, count);
+                assert!(shard >= last && shard < count, "slot {slot} of {count} shards went to {shard} after {last}");
+                last = shard;
+                sizes[shard as usize] += 1;
+            }
+            let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+            assert!(max - min <= 1, "{count} shards: sizes from {min} to {max}");
+        }
+    }
+
+    #[test]
+    fn splitting_a_shard_moves_only_its_own_records() {
+        // From 8 shards to 16: every record of shard s lands on 2s or 2s + 1.
+        for i in 0..2000 {
+            let key = GraphKey::Event(format!("ev-{i}"));
+            let (before, after) = (key.shard(8).0, key.shard(16).0);
+            assert_eq!(after / 2, before, "{key:?}");
+        }
     }
 }
