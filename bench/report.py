@@ -99,9 +99,9 @@ def main():
       "then label propagation in SQL (each round, an event takes the smallest label of its identifiers and an identifier the "
       "smallest label of its events) runs until no label moves. The time is load plus stitch, over the whole world; "
       "profiles exist only when the job ends. It has no hub detection or per-type limits.")
-    w("- **3 nodes** is the default multi-node layout (16 shards, replication factor 3), where nearly every event is a "
-      "cross-shard transaction. **3 nodes, 1 shard** is the same three replicas with one shard: the cost of replication alone, "
-      "the layout that suits two cores.")
+    w("- **3 nodes** runs 16 shards (replication factor 3), where nearly every event is a cross-shard transaction. "
+      "**3 nodes, 1 shard** is the same three replicas with one shard, the default for a new three-node cluster (one shard per "
+      "three initial members): the cost of replication alone.")
     w("- **sled alone** is the storage ceiling: each event's normalised identifiers go into one batch, flushed before the event "
       "counts as done. There is no resolution, Raft or network.")
     w("- **etcd** (three members on loopback, Raft with fsync'd WAL) gets each event's normalised identifiers as one "

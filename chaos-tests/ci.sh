@@ -25,6 +25,17 @@ echo "-- faulty run: every fault kind, crash points armed (disk-full needs root)
   --faults kill,pause,partition,bridge,slow,crash-point,disk-full,overload \
   --node-bin "$bins/idgraph-node-failpoints" --report "$reports/run.json"
 
+echo "-- a full disk and bursts of clients only, so that both are injected; every checker after each heals"
+"$chaos" run --seed 20261202 --nodes 3 --duration 40s --faults disk-full,overload \
+  --node-bin "$bins/idgraph-node-failpoints" --report "$reports/disk-full.json"
+python3 - "$reports/disk-full.json" <<'PY'
+import json, sys
+faults = json.load(open(sys.argv[1]))["faults_by_kind"]
+missing = [k for k in ("disk-full", "overload") if not faults.get(k)]
+assert not missing, f"the schedule injected no {missing}: {faults}"
+print("injected:", faults)
+PY
+
 echo "-- crash loop: kill -9 under load, reopen, check"
 "$chaos" crash-loop --seed 20261123 --cycles 6 --shards 4 --report "$reports/crash-loop.json"
 

@@ -137,7 +137,7 @@ async fn conclude(
 
 /// Size of each node's tmpfs with `disk-full` faults. Nothing is used until
 /// written; a run's data takes a few MiB.
-const TMPFS_BYTES: u64 = 1 << 30;
+const TMPFS_BYTES: u64 = 256 << 20;
 
 fn cluster_spec(spec: &RunSpec, nodes: usize) -> ClusterSpec {
     ClusterSpec {

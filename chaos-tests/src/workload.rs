@@ -166,7 +166,11 @@ pub fn classify(status: &tonic::Status) -> Outcome {
         | Code::FailedPrecondition
         | Code::AlreadyExists
         | Code::OutOfRange
-        | Code::PermissionDenied => Outcome::Failed(detail),
+        | Code::PermissionDenied
+        // A write refused by admission control (too many waiting, a full
+        // disk) did nothing: the node promises it, and the checkers hold it
+        // to that (a read that sees such a write fails linearizability).
+        | Code::ResourceExhausted => Outcome::Failed(detail),
         _ => Outcome::Unknown(detail),
     }
 }

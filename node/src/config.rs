@@ -40,8 +40,9 @@ pub struct NodeConfig {
     pub rules_file: Option<PathBuf>,
     /// Shards of the graph (each its own Raft group), fixed when the cluster
     /// is created; a joining node takes the cluster's count.
-    /// Unset: 16 for a node that bootstraps a multi-node cluster, 1 for a
-    /// standalone node (see [`NodeConfig::shard_count`]).
+    /// Unset: one per `replication_factor` initial members, rounded up, for
+    /// a new cluster, and the data directory's count for a restarted node
+    /// (see [`NodeConfig::shard_count`]).
     pub shards: Option<u32>,
     /// Replicas of each shard (and of the metadata group) the cluster keeps,
     /// fixed when it is created; fewer while it has fewer nodes.

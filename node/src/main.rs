@@ -31,8 +31,8 @@ struct Args {
     /// Bootstrap members: ID=HOST:PORT,... (default: a single-node cluster).
     #[arg(long)]
     initial_cluster: Option<String>,
-    /// Shards of a new cluster (default: 16 with --initial-cluster of several
-    /// nodes, else 1); fixed once created.
+    /// Shards of a new cluster (default: one per replication factor (3)
+    /// initial members, rounded up); fixed once created.
     #[arg(long)]
     shards: Option<u32>,
     /// Join a running cluster through any member (HOST:PORT).
@@ -112,12 +112,17 @@ async fn main() -> anyhow::Result<()> {
     let failure = node.storage_failure();
     let mut reopen = false;
     let stop = async {
+        let terminated = terminated();
+        tokio::pin!(terminated);
         tokio::select! {
-            _ = terminated() => {}
-            (shard, error) = failure => {
-                tracing::error!(%shard, error = %redacted_storage_error(&error), "a replica's storage failed; the node restarts its storage once the disk has room");
-                wait_for_room(&config.data_dir).await;
-                reopen = true;
+            _ = &mut terminated => {}
+            idgraph_node::server::StorageFailure::DiskFull = failure => {
+                tracing::error!("the data directory's disk is full; the node restarts its storage once the disk has room");
+                // A stop asked for meanwhile is a stop, not a restart.
+                tokio::select! {
+                    _ = &mut terminated => {}
+                    () = wait_for_room(&config.data_dir) => reopen = true,
+                }
             }
         }
     };
@@ -132,12 +137,6 @@ async fn main() -> anyhow::Result<()> {
     }
     served.context("serving")?;
     Ok(())
-}
-
-/// A storage error as logs may show it: its first line, which names the
-/// failing step (openraft's own text carries no identity values).
-fn redacted_storage_error(error: &str) -> &str {
-    error.lines().next().unwrap_or_default()
 }
 
 /// Waits until the data directory's file system has room again. Meanwhile

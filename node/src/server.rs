@@ -54,6 +54,13 @@ pub struct RunningNode {
     placement: JoinHandle<()>,
 }
 
+/// Why a node's storage must be reopened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageFailure {
+    /// A write found the data directory's disk full.
+    DiskFull,
+}
+
 impl RunningNode {
     /// The address the node serves on (the bound port when configured 0).
     pub fn addr(&self) -> SocketAddr {
@@ -106,20 +113,29 @@ impl RunningNode {
         }
     }
 
-    /// Resolves when a replica's Raft group has stopped because its storage
-    /// failed (a full disk, an I/O error), naming the group and the error.
-    /// Such a group takes nothing more until its storage is reopened, and
-    /// sled keeps a write error for the whole database until then: the
-    /// process must restart its storage (`idgraph-node` does it by
-    /// restarting itself once the disk has room).
-    pub fn storage_failure(&self) -> impl std::future::Future<Output = (ShardId, String)> + Send + 'static {
+    /// Resolves when a write found the data directory's disk full (noted by
+    /// the storage layer) or a replica's Raft group stopped on a storage
+    /// error, saying which. sled keeps a write error for its whole database
+    /// until it is reopened, and a stopped group takes nothing more: the
+    /// process must reopen its storage (`idgraph-node` restarts itself in
+    /// place once the disk has room; another storage error is logged, and
+    /// its group stays stopped, since a restart would meet it again).
+    pub fn storage_failure(&self) -> impl std::future::Future<Output = StorageFailure> + Send + 'static {
         let replicas = self.replicas.clone();
+        let mut reported = std::collections::BTreeSet::new();
         async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                let failed = replicas.read().ok().and_then(|m| m.iter().find_map(|(shard, r)| r.storage_failure().map(|e| (*shard, e))));
-                if let Some(failed) = failed {
-                    return failed;
+                if crate::storage::disk_full_seen() {
+                    return StorageFailure::DiskFull;
+                }
+                let failed = replicas.read().ok().and_then(|m| {
+                    m.iter().find_map(|(shard, r)| r.storage_failure().filter(|_| !reported.contains(shard)).map(|e| (*shard, e)))
+                });
+                if let Some((shard, error)) = failed {
+                    // Reported once; a full disk found later still resolves.
+                    reported.insert(shard);
+                    tracing::error!(%shard, error = %error.lines().next().unwrap_or_default(), "a replica's storage failed; its group stays stopped until the node restarts");
                 }
             }
         }

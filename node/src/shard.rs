@@ -8,8 +8,11 @@
 //! commands; the state machine applies each entry as one atomic write.
 //!
 //! Admission control: at most `max_waiting_writes` writes that start new
-//! work wait in an actor; past it, and once the node's disk was found full,
-//! such writes are refused at once (RESOURCE_EXHAUSTED, nothing done).
+//! work wait in an actor; past it such writes are refused at once
+//! (RESOURCE_EXHAUSTED, nothing done). Once the node's disk was found full,
+//! a replica that leads its group alone refuses them too; where other
+//! replicas exist, the write goes on to Raft, whose storage error stops the
+//! group here so that another replica takes over.
 //! Steps that finish work already started (commits, applies, aborts) are
 //! always taken, so a transaction admitted is never stranded half-way.
 //!
@@ -135,7 +138,7 @@ impl Actor for ShardActor {
         match msg {
             ShardMsg::Request(req, port) => match *req {
                 ShardRequest::Write(cmd) => {
-                    if crate::storage::disk_full_seen() && starts_work(&cmd) {
+                    if crate::storage::disk_full_seen() && starts_work(&cmd) && state.replica.sole_voter_leading() {
                         let _ = port.send(Err(ShardFailure::DiskFull { shard: state.replica.shard.0 }));
                         return Ok(());
                     }

@@ -243,6 +243,13 @@ impl ShardReplica {
         self.write_batch(vec![cmd]).await?.pop().unwrap_or_else(|| Err(self.unavailable("a proposal was answered without outcomes")))
     }
 
+    /// Whether this replica leads its group and is its only voter: no other
+    /// replica could take its writes over.
+    pub fn sole_voter_leading(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader == Some(m.id) && m.membership_config.membership().voter_ids().count() == 1
+    }
+
     /// The storage error that stopped this replica's Raft group, if one did.
     pub fn storage_failure(&self) -> Option<String> {
         match &self.raft.metrics().borrow().running_state {
@@ -292,7 +299,7 @@ impl ShardReplica {
             openraft::error::Fatal::StorageError(_) => {
                 "its storage failed; the outcome of this write is unknown, and the node reopens its storage"
             }
-            openraft::error::Fatal::Panicked => "its raft group panicked; the node reopens it",
+            openraft::error::Fatal::Panicked => "its raft group panicked",
             openraft::error::Fatal::Stopped => "its raft group is stopping",
         };
         self.unavailable(reason)

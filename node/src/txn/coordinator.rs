@@ -306,8 +306,12 @@ async fn commit<A: ShardAccess>(a: &A, txn: &str, reads: &ReadSet, changes: Chan
             _ => None,
         });
         // Release what was, or may have been, prepared.
-        let maybe_prepared: Vec<ShardId> =
-            secondaries.iter().zip(&prepares).filter(|(_, p)| !matches!(p, Ok(TxnReply::Conflict { .. }))).map(|(s, _)| *s).collect();
+        let maybe_prepared: Vec<ShardId> = secondaries
+            .iter()
+            .zip(&prepares)
+            .filter(|(_, p)| !matches!(p, Ok(TxnReply::Conflict { .. }) | Err(TxnError::Overloaded { .. } | TxnError::DiskFull { .. })))
+            .map(|(s, _)| *s)
+            .collect();
         abort(a, txn, &maybe_prepared).await;
         if let Some(overloaded) = overloaded {
             return Err(overloaded);

@@ -62,10 +62,10 @@ impl GraphKey {
         (h % u64::from(SLOTS)) as u32
     }
 
-    /// The shard that holds this record: of `count` shards, shard `s` holds
-    /// the contiguous slot range `[s * SLOTS / count, (s + 1) * SLOTS /
-    /// count)`. Ranges, not a modulo, so that a later split of a shard moves
-    /// one slot range and leaves every other record where it is.
+    /// The shard that holds this record: of `count` shards, slot `k` is on
+    /// shard `k * count / SLOTS` (rounded down), so each shard holds one
+    /// contiguous slot range. Ranges, not a modulo, so that a later split
+    /// moves slot ranges and leaves every other record where it is.
     pub fn shard(&self, count: u32) -> ShardId {
         ShardId(shard_of_slot(self.slot(), count))
     }
