@@ -99,7 +99,20 @@ async fn main() -> anyhow::Result<()> {
     // Crash tests configure crash points with FAILPOINTS (see `idgraph_node::crash`).
     #[cfg(feature = "failpoints")]
     let _crash_points = fail::FailScenario::setup();
-    let node = idgraph_node::server::start(&config).await.context("starting the node")?;
+    // A full disk at start (a restart in place whose room was taken again)
+    // is waited out, not an exit: the node opens once it has room.
+    let node = loop {
+        match idgraph_node::server::start(&config).await {
+            Err(idgraph_node::server::ServerError::Store(idgraph_node::storage::StoreError::DiskFull)) => {
+                tracing::error!("the data directory's disk is full; the node opens its storage once the disk has room");
+                tokio::select! {
+                    _ = terminated() => return Ok(()),
+                    () = wait_for_room(&config.data_dir) => idgraph_node::storage::forget_disk_full(),
+                }
+            }
+            started => break started.context("starting the node")?,
+        }
+    };
     // The first line on stdout says where the node listens (scripts and
     // tests that start it on port 0 read it). A reader that has gone (after
     // the first line, before a restart in place) is no reason to stop.

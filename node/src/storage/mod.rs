@@ -39,6 +39,12 @@ pub fn disk_full_seen() -> bool {
     DISK_FULL.load(Ordering::Relaxed)
 }
 
+/// Forgets a full disk once no database of this process holds its error
+/// (an open that failed for lack of room, before opening again).
+pub fn forget_disk_full() {
+    DISK_FULL.store(false, Ordering::Relaxed);
+}
+
 /// Whether an I/O error says the disk is full, noting it if so.
 pub(crate) fn note_disk_full(e: &std::io::Error) -> bool {
     let full = e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28);

@@ -84,6 +84,7 @@ impl SledDb {
                     waits += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
+                Err(sled::Error::Io(e)) if super::note_disk_full(&e) => return Err(StoreError::DiskFull),
                 opened => break opened.map_err(|e| StoreError::Io(format!("cannot open {}: {e}", dir.join("db").display())))?,
             }
         };
