@@ -173,12 +173,10 @@ mod tests {
     use crate::storage::{GraphStore, MemStore};
     use proptest::prelude::*;
 
-    /// Every record a store holds, as comparable text.
-    fn dump(s: &MemStore) -> String {
-        let (owners, aliases) = (s.owners(), s.aliases());
-        let profiles = s.all_profiles().unwrap();
-        let meta = s.meta_prefix("").unwrap();
-        format!("{owners:?}\n{aliases:?}\n{profiles:?}\n{meta:?}\n{:?}", s.counters().unwrap())
+    /// Every record a store holds (owners, profiles, aliases, events,
+    /// merges, hubs, meta, counters), as comparable bytes.
+    fn dump(s: &MemStore) -> Vec<u8> {
+        s.snapshot(&[]).unwrap()
     }
 
     proptest! {
