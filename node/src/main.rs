@@ -152,10 +152,10 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until the data directory's file system has room again. Meanwhile
-/// the node keeps serving what it can: reads of other nodes' shards, and a
-/// precise refusal of every new write.
-/// The room it waits for: 64 MiB, or a tenth of a smaller file system.
+/// Waits until the data directory's file system has room again: 64 MiB, or
+/// a tenth of a smaller file system. Meanwhile the node keeps serving what
+/// it can: reads of other nodes' shards, and a precise refusal of every new
+/// write.
 async fn wait_for_room(dir: &std::path::Path) {
     let needed = idgraph_node::storage::disk_space(dir).map_or(64 << 20, |s| (64 << 20).min(s.total / 10));
     let mut logged = false;

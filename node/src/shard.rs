@@ -73,6 +73,20 @@ pub struct ShardState {
 }
 
 impl ShardState {
+    /// Why a write that starts new work is refused at once, if it is: the
+    /// node's disk is full and no other replica could take the write over,
+    /// or too many writes are waiting already.
+    fn refusal(&self, cmd: &ShardCommand) -> Option<ShardFailure> {
+        if !starts_work(cmd) {
+            return None;
+        }
+        let shard = self.replica.shard.0;
+        if crate::storage::disk_full_seen() && self.replica.sole_voter_leading() {
+            return Some(ShardFailure::DiskFull { shard });
+        }
+        (self.waiting.len() >= self.max_waiting).then_some(ShardFailure::Overloaded { shard, waiting: self.waiting.len() })
+    }
+
     fn propose(&mut self, myself: &ActorRef<ShardMsg>) {
         while self.in_flight < MAX_IN_FLIGHT && !self.waiting.is_empty() {
             let take = self.waiting.len().min(MAX_BATCH);
@@ -138,13 +152,8 @@ impl Actor for ShardActor {
         match msg {
             ShardMsg::Request(req, port) => match *req {
                 ShardRequest::Write(cmd) => {
-                    if crate::storage::disk_full_seen() && starts_work(&cmd) && state.replica.sole_voter_leading() {
-                        let _ = port.send(Err(ShardFailure::DiskFull { shard: state.replica.shard.0 }));
-                        return Ok(());
-                    }
-                    if state.waiting.len() >= state.max_waiting && starts_work(&cmd) {
-                        let waiting = state.waiting.len();
-                        let _ = port.send(Err(ShardFailure::Overloaded { shard: state.replica.shard.0, waiting }));
+                    if let Some(refusal) = state.refusal(&cmd) {
+                        let _ = port.send(Err(refusal));
                         return Ok(());
                     }
                     state.waiting.push((*cmd, port));

@@ -68,10 +68,9 @@ impl SledDb {
         Ok(db)
     }
 
-    /// Opens (or creates, with `new_shard_count` shards) the database under
+    /// Opens (or creates, with `shard_count` shards) the database under
     /// `dir` and returns it with the shard count it was created with.
-    pub fn open_adopting(dir: &Path, new_shard_count: u32, cache_bytes: u64) -> Result<(SledDb, u32), StoreError> {
-        let shard_count = new_shard_count;
+    pub fn open_adopting(dir: &Path, shard_count: u32, cache_bytes: u64) -> Result<(SledDb, u32), StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
         let config = sled::Config::new().path(dir.join("db")).cache_capacity(cache_bytes).flush_every_ms(Some(500));
         // sled's background flusher lets go of the file lock a moment after

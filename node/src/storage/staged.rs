@@ -105,6 +105,22 @@ fn or_base<T: Clone>(staged: Option<&Option<T>>, base: impl FnOnce() -> Result<O
     }
 }
 
+/// A listing of the base with staged records laid over it: a staged value
+/// replaces the base's, a staged `None` removes it. In key order.
+fn laid_over<'s, K: Ord + Clone + 's, V: Clone + 's>(
+    base: impl IntoIterator<Item = (K, V)>,
+    staged: impl IntoIterator<Item = (&'s K, Option<&'s V>)>,
+) -> BTreeMap<K, V> {
+    let mut all: BTreeMap<K, V> = base.into_iter().collect();
+    for (k, v) in staged {
+        match v {
+            Some(v) => drop(all.insert(k.clone(), v.clone())),
+            None => drop(all.remove(k)),
+        }
+    }
+    all
+}
+
 impl<R: GraphRead + ?Sized> GraphRead for Staged<'_, R> {
     fn owner(&self, id: &Identifier) -> Result<Option<ProfileId>, StoreError> {
         or_base(self.owners.get(id), || self.base.owner(id))
@@ -125,15 +141,10 @@ impl<R: GraphRead + ?Sized> GraphRead for Staged<'_, R> {
         or_base(self.hubs.get(id), || self.base.hub(id))
     }
     fn listed_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, StoreError> {
-        // Not a hot path: the base's listing with the staged records laid over it.
-        let mut all: BTreeMap<Identifier, HubRecord> = self.base.listed_hubs(limit.saturating_add(self.hubs.len()))?.into_iter().collect();
-        for (id, hub) in &self.hubs {
-            match hub {
-                Some(h) if h.listed_at_ms.is_some() => drop(all.insert(id.clone(), h.clone())),
-                _ => drop(all.remove(id)),
-            }
-        }
-        Ok(all.into_iter().take(limit).collect())
+        // Not a hot path. A staged hub no longer listed leaves the listing.
+        let base = self.base.listed_hubs(limit.saturating_add(self.hubs.len()))?;
+        let staged = self.hubs.iter().map(|(id, h)| (id, h.as_ref().filter(|h| h.listed_at_ms.is_some())));
+        Ok(laid_over(base, staged).into_iter().take(limit).collect())
     }
     fn counters(&self) -> Result<Counters, StoreError> {
         let mut c = self.base.counters()?;
@@ -141,27 +152,15 @@ impl<R: GraphRead + ?Sized> GraphRead for Staged<'_, R> {
         Ok(c)
     }
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
-        let mut all: BTreeMap<ProfileId, Profile> = self.base.all_profiles()?.into_iter().map(|p| (p.id.clone(), p)).collect();
-        for (id, p) in &self.profiles {
-            match p {
-                Some(p) => drop(all.insert(id.clone(), p.clone())),
-                None => drop(all.remove(id)),
-            }
-        }
-        Ok(all.into_values().collect())
+        let base = self.base.all_profiles()?.into_iter().map(|p| (p.id.clone(), p));
+        Ok(laid_over(base, self.profiles.iter().map(|(id, p)| (id, p.as_ref()))).into_values().collect())
     }
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         or_base(self.meta.get(key), || self.base.meta(key))
     }
     fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut all: BTreeMap<String, Vec<u8>> = self.base.meta_prefix(prefix)?.into_iter().collect();
-        for (k, v) in self.meta.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)) {
-            match v {
-                Some(v) => drop(all.insert(k.clone(), v.clone())),
-                None => drop(all.remove(k)),
-            }
-        }
-        Ok(all.into_iter().collect())
+        let staged = self.meta.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k, v.as_ref()));
+        Ok(laid_over(self.base.meta_prefix(prefix)?, staged).into_iter().collect())
     }
 }
 

@@ -290,7 +290,7 @@ async fn commit<A: ShardAccess>(a: &A, txn: &str, reads: &ReadSet, changes: Chan
 
     let secondaries: Vec<ShardId> = parts.keys().copied().collect();
     let at_ms = a.now_ms();
-    let prepares = join_all(
+    let mut prepares = join_all(
         parts
             .into_iter()
             .map(|(shard, (reads, writes))| a.step(shard, TxnOp::Prepare { txn: txn.to_string(), primary, at_ms, reads, writes })),
@@ -298,23 +298,20 @@ async fn commit<A: ShardAccess>(a: &A, txn: &str, reads: &ReadSet, changes: Chan
     .await;
 
     if !prepares.iter().all(|p| matches!(p, Ok(TxnReply::Prepared))) {
-        // A shard that refused new work took nothing: release the others
-        // and tell the caller, rather than retry into the overload.
-        let overloaded = prepares.iter().find_map(|p| match p {
-            Err(TxnError::Overloaded { shard, reason }) => Some(TxnError::Overloaded { shard: *shard, reason: reason.clone() }),
-            Err(TxnError::DiskFull { shard }) => Some(TxnError::DiskFull { shard: *shard }),
-            _ => None,
-        });
-        // Release what was, or may have been, prepared.
+        let refused = |p: &Result<TxnReply, TxnError>| matches!(p, Err(e) if e.refused_new_work());
+        // Release what was, or may have been, prepared (a conflict or a
+        // refusal took nothing).
         let maybe_prepared: Vec<ShardId> = secondaries
             .iter()
             .zip(&prepares)
-            .filter(|(_, p)| !matches!(p, Ok(TxnReply::Conflict { .. }) | Err(TxnError::Overloaded { .. } | TxnError::DiskFull { .. })))
+            .filter(|(_, p)| !matches!(p, Ok(TxnReply::Conflict { .. })) && !refused(p))
             .map(|(s, _)| *s)
             .collect();
         abort(a, txn, &maybe_prepared).await;
-        if let Some(overloaded) = overloaded {
-            return Err(overloaded);
+        // A shard that refused new work: tell the caller, rather than retry
+        // into the refusal.
+        if let Some(Err(refusal)) = prepares.iter().position(refused).map(|i| prepares.swap_remove(i)) {
+            return Err(refusal);
         }
         for (shard, p) in secondaries.iter().zip(&prepares) {
             if let Ok(TxnReply::Conflict { lock: Some(lock) }) = p {

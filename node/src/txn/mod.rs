@@ -116,6 +116,12 @@ pub enum TxnError {
 }
 
 impl TxnError {
+    /// A shard refused new work (overloaded, or its disk full): it took
+    /// nothing, and retrying at once would meet the same refusal.
+    pub fn refused_new_work(&self) -> bool {
+        matches!(self, TxnError::Overloaded { .. } | TxnError::DiskFull { .. })
+    }
+
     fn from_engine(e: EngineError) -> TxnError {
         match e {
             EngineError::Store(s) => TxnError::from(s),
