@@ -120,16 +120,53 @@ pub fn replica_digest<S: GraphStore>(store: &S) -> Result<ReplicaDigest, crate::
     })
 }
 
+/// The log position of the image a replica keeps, shared by the state
+/// machine and its snapshot builders. openraft builds a snapshot in a task
+/// of its own, beside the applies and beside an install: a build that read
+/// the records before an install must not replace the installed (newer)
+/// image with its older one when it finishes. After a restart openraft
+/// takes the kept image as its snapshot, and a log already purged past it
+/// would break openraft's invariant that the log continues the snapshot.
+#[derive(Clone, Default)]
+struct KeptImage {
+    /// `None` until read from the store once; then the kept image's
+    /// position (`Some(None)`: no image, or one of an empty log).
+    at: Arc<std::sync::Mutex<Option<Option<LogId>>>>,
+}
+
+impl KeptImage {
+    /// Keeps `image` (at `position`) unless the store keeps a newer one;
+    /// whether it was kept.
+    fn keep<S: GraphStore>(&self, store: &S, position: Option<LogId>, image: &[u8]) -> Result<bool, crate::storage::StoreError> {
+        let mut at = self.at.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = match *at {
+            Some(current) => current,
+            None => match store.image()? {
+                Some(bytes) if !bytes.is_empty() => decode::<SnapshotImage>(&bytes)?.meta.last_log_id,
+                _ => None,
+            },
+        };
+        if current > position {
+            *at = Some(current);
+            return Ok(false);
+        }
+        store.put_image(image)?;
+        *at = Some(position);
+        Ok(true)
+    }
+}
+
 /// A shard replica's state machine.
 pub struct ShardStateMachine<S: GraphStore> {
     store: Arc<S>,
     rules: Arc<RuleSet>,
     snapshots_built: u64,
+    kept: KeptImage,
 }
 
 impl<S: GraphStore> ShardStateMachine<S> {
     pub fn new(store: Arc<S>, rules: Arc<RuleSet>) -> Self {
-        ShardStateMachine { store, rules, snapshots_built: 0 }
+        ShardStateMachine { store, rules, snapshots_built: 0, kept: KeptImage::default() }
     }
 
     pub fn store(&self) -> &Arc<S> {
@@ -245,7 +282,12 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        ShardStateMachine { store: self.store.clone(), rules: self.rules.clone(), snapshots_built: self.snapshots_built }
+        ShardStateMachine {
+            store: self.store.clone(),
+            rules: self.rules.clone(),
+            snapshots_built: self.snapshots_built,
+            kept: self.kept.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
@@ -266,7 +308,7 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
         // The restore removed any image kept the old way (as meta `SNAPSHOT`):
         // images never carry that value.
         self.store.apply(&cs).map_err(write)?;
-        self.store.put_image(&encode(&SnapshotImage { meta: meta.clone(), graph: img.graph })).map_err(write)?;
+        self.kept.keep(&*self.store, meta.last_log_id, &encode(&SnapshotImage { meta: meta.clone(), graph: img.graph })).map_err(write)?;
         self.store.flush().map_err(write)
     }
 
@@ -275,8 +317,10 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
     }
 }
 
-impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<ShardRaft>, StorageError> {
+impl<S: GraphStore> ShardStateMachine<S> {
+    /// The first half of a snapshot build: the records, durable, as an
+    /// image labelled with their log position.
+    pub(super) fn read_image(&mut self) -> Result<(SnapshotMeta<u64, BasicNode>, Vec<u8>), StorageError> {
         // Durable first: the log this snapshot lets openraft purge must not be
         // needed to rebuild the graph after a crash.
         self.store.flush().map_err(write_err)?;
@@ -297,8 +341,14 @@ impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
         // stays the current snapshot until the new one replaces it: a
         // lagging follower may be sent it meanwhile.
         let img = SnapshotImage { meta: meta.clone(), graph };
-        let bytes = encode(&img);
-        self.store.put_image(&bytes).map_err(write_err)?;
+        Ok((meta, encode(&img)))
+    }
+
+    /// The second half: keeps the image as the current snapshot.
+    pub(super) fn keep_image(&mut self, meta: SnapshotMeta<u64, BasicNode>, bytes: Vec<u8>) -> Result<Snapshot<ShardRaft>, StorageError> {
+        // An install may have kept a newer image meanwhile: that one stays,
+        // and openraft, whose snapshot is then newer, ignores this one.
+        self.kept.keep(&*self.store, meta.last_log_id, &bytes).map_err(write_err)?;
         if self.store.meta(SNAPSHOT).map_err(read_err)?.is_some() {
             let mut cs = ChangeSet::default();
             cs.push(Change::DeleteMeta(SNAPSHOT.into()));
@@ -306,5 +356,12 @@ impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
         }
         self.store.flush().map_err(write_err)?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+    }
+}
+
+impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<ShardRaft>, StorageError> {
+        let (meta, bytes) = self.read_image()?;
+        self.keep_image(meta, bytes)
     }
 }

@@ -158,3 +158,45 @@ fn a_snapshot_built_while_entries_are_applied_matches_its_log_position() {
         assert!(checked > 0);
     });
 }
+
+/// openraft builds a snapshot in a task of its own, so an install can land
+/// between a build's read of the records and its keeping of the image. The
+/// older image must not replace the installed one: after a restart openraft
+/// takes the kept image as its snapshot, and the log it purged past the
+/// installed position would no longer continue it.
+#[test]
+fn a_snapshot_built_before_an_install_does_not_replace_the_installed_image() {
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(async {
+        let rules = Arc::new(RuleSet::builtin());
+        let entry = |i: u64| Entry::<ShardRaft> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 0), i),
+            payload: EntryPayload::Normal(super::Proposal { commands: vec![super::ShardCommand::Engine(identify(i as usize))] }),
+        };
+        // A leader's snapshot at 9, to be installed on the replica below.
+        let mut leader = ShardStateMachine::new(Arc::new(MemStore::new()), rules.clone());
+        leader.apply((1..=9).map(entry)).await.unwrap();
+        let newer = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+
+        let store = Arc::new(MemStore::new());
+        let mut sm = ShardStateMachine::new(store.clone(), rules.clone());
+        sm.apply((1..=4).map(entry)).await.unwrap();
+        let mut builder = sm.get_snapshot_builder().await;
+        let (older_meta, older_bytes) = builder.read_image().unwrap();
+        sm.install_snapshot(&newer.meta, newer.snapshot).await.unwrap();
+        builder.keep_image(older_meta, older_bytes).unwrap();
+
+        let at = |s: Option<openraft::storage::Snapshot<ShardRaft>>| s.and_then(|s| s.meta.last_log_id).map(|l| l.index);
+        assert_eq!(at(sm.get_current_snapshot().await.unwrap()), Some(9), "the installed image stays current");
+        // And so it is after a restart (a state machine that reads the kept
+        // image back from the store).
+        let mut reopened = ShardStateMachine::new(store, rules);
+        assert_eq!(at(reopened.get_current_snapshot().await.unwrap()), Some(9));
+        // A later build at a newer position still replaces it.
+        reopened.apply((10..=12).map(entry)).await.unwrap();
+        reopened.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(at(reopened.get_current_snapshot().await.unwrap()), Some(12));
+    });
+}
