@@ -223,9 +223,12 @@ impl ReplicaSetup {
     /// database and starts its Raft instance.
     async fn open(self, shard: ShardId) -> Result<ShardReplica, String> {
         let ReplicaSetup { db, node_id, initialise, raft_config, peers, rules, flusher } = self;
-        let log = ShardLogStore::new(Arc::new(db.raft_log(shard).map_err(|e| e.to_string())?), flusher);
+        let raft_log = Arc::new(db.raft_log(shard).map_err(|e| e.to_string())?);
+        let last_log_index = crate::storage::RaftLog::last(&*raft_log).map_err(|e| e.to_string())?.map(|(i, _)| i);
+        let log = ShardLogStore::new(raft_log, flusher);
         let store = Arc::new(db.shard(shard).map_err(|e| e.to_string())?);
-        let sm = ShardStateMachine::new(store.clone(), rules.clone());
+        let mut sm = ShardStateMachine::new(store.clone(), rules.clone());
+        sm.repair_interrupted_install(last_log_index).await.map_err(|e| format!("shard {shard}: {e}"))?;
         let raft =
             openraft::Raft::new(node_id, raft_config, ShardNetworkFactory { shard, peers }, log, sm).await.map_err(|e| e.to_string())?;
         let members = initialise.lock().map_err(|_| "bootstrap table lock poisoned".to_string())?.remove(&shard);

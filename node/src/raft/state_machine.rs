@@ -318,6 +318,32 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
 }
 
 impl<S: GraphStore> ShardStateMachine<S> {
+    /// Run before openraft opens the replica, with the index of the log's
+    /// last entry. An install that crashed after restoring the records but
+    /// before keeping the new image leaves the records (and their applied
+    /// position) ahead of both the log and the kept image; openraft would
+    /// then purge the log up to the applied position and find no snapshot
+    /// covering it. The image is rebuilt from the records here. Whether it
+    /// had to be.
+    pub async fn repair_interrupted_install(&mut self, last_log_index: Option<u64>) -> Result<bool, StorageError> {
+        let (applied, _) = self.applied()?;
+        let Some(applied) = applied else { return Ok(false) };
+        if last_log_index.is_some_and(|last| last >= applied.index) {
+            return Ok(false);
+        }
+        let kept = self.stored_snapshot()?.and_then(|s| s.meta.last_log_id);
+        if kept >= Some(applied) {
+            return Ok(false);
+        }
+        tracing::warn!(
+            applied = applied.index,
+            kept = kept.map(|k| k.index),
+            "a snapshot install was interrupted; keeping an image of the records"
+        );
+        self.build_snapshot().await?;
+        Ok(true)
+    }
+
     /// The first half of a snapshot build: the records, durable, as an
     /// image labelled with their log position.
     pub(super) fn read_image(&mut self) -> Result<(SnapshotMeta<u64, BasicNode>, Vec<u8>), StorageError> {

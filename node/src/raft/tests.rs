@@ -200,3 +200,43 @@ fn a_snapshot_built_before_an_install_does_not_replace_the_installed_image() {
         assert_eq!(at(reopened.get_current_snapshot().await.unwrap()), Some(12));
     });
 }
+
+/// A crash inside an install, after the records were restored and before
+/// the new image was kept, leaves the records ahead of the log and of the
+/// kept image. openraft purges such a log up to the applied position at
+/// startup and then needs a snapshot that covers it: the replica rebuilds
+/// its image before openraft opens it.
+#[test]
+fn an_interrupted_install_is_repaired_before_openraft_opens_the_replica() {
+    use crate::storage::GraphStore;
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(async {
+        let rules = Arc::new(RuleSet::builtin());
+        let entry = |i: u64| Entry::<ShardRaft> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 0), i),
+            payload: EntryPayload::Normal(super::Proposal { commands: vec![super::ShardCommand::Engine(identify(i as usize))] }),
+        };
+        let leader_store = Arc::new(MemStore::new());
+        let mut leader = ShardStateMachine::new(leader_store.clone(), rules.clone());
+        leader.apply((1..=9).map(entry)).await.unwrap();
+        leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+
+        let store = Arc::new(MemStore::new());
+        let mut sm = ShardStateMachine::new(store.clone(), rules.clone());
+        sm.apply((1..=4).map(entry)).await.unwrap();
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        // The install's first step, then the crash.
+        store.restore(&leader_store.snapshot(&[]).unwrap()).unwrap();
+
+        let at = |s: Option<openraft::storage::Snapshot<ShardRaft>>| s.and_then(|s| s.meta.last_log_id).map(|l| l.index);
+        let mut reopened = ShardStateMachine::new(store.clone(), rules.clone());
+        // A log that reaches the applied position needs no repair.
+        assert!(!reopened.repair_interrupted_install(Some(9)).await.unwrap());
+        assert_eq!(at(reopened.get_current_snapshot().await.unwrap()), Some(4));
+        assert!(reopened.repair_interrupted_install(Some(4)).await.unwrap());
+        assert_eq!(at(reopened.get_current_snapshot().await.unwrap()), Some(9), "the kept image covers the applied position");
+        assert!(!reopened.repair_interrupted_install(Some(4)).await.unwrap(), "repaired once");
+    });
+}
