@@ -107,6 +107,40 @@ async fn settled_now(cluster: &Cluster) -> Result<(), String> {
     Ok(())
 }
 
+/// The final state the checkers judge: every identifier read again and
+/// again until two passes in a row agree. A transaction runs on after its
+/// client gave up (an unknown outcome), so writes can still land when the
+/// cluster looks settled; one pass reads identifiers seconds apart, and a
+/// profile read before such a write and another read after it would look
+/// like a join undone.
+pub async fn stable_profiles(channel: Channel, ids: &BTreeSet<Id>, within: Duration) -> Result<BTreeMap<Id, Option<pb::Profile>>, String> {
+    until_stable(|| final_profiles(channel.clone(), ids), within, Duration::from_millis(500)).await
+}
+
+/// Reads with `read` until two passes in a row are equal (with `pause`
+/// between passes), for at most `within`.
+async fn until_stable<T: PartialEq, F, Fut>(mut read: F, within: Duration, pause: Duration) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let started = Instant::now();
+    let mut last = read().await?;
+    let mut passes = 1;
+    loop {
+        tokio::time::sleep(pause).await;
+        let now = read().await?;
+        passes += 1;
+        if now == last {
+            return Ok(now);
+        }
+        if started.elapsed() > within {
+            return Err(format!("the final reads kept changing for {} s ({passes} passes): writes never stopped", within.as_secs()));
+        }
+        last = now;
+    }
+}
+
 /// The final linearizable read of each identifier through one node,
 /// retried while the outcome is unknown. None: NOT_FOUND.
 pub async fn final_profiles(channel: Channel, ids: &BTreeSet<Id>) -> Result<BTreeMap<Id, Option<pb::Profile>>, String> {
@@ -441,6 +475,26 @@ pub fn processes(exits: &[crate::cluster::UnexpectedExit], start_errors: &[Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The final state is two equal passes in a row: a pass torn by a late
+    /// write is read again, and a state that never settles is an error.
+    #[tokio::test]
+    async fn final_reads_wait_for_two_equal_passes() {
+        let passes = std::sync::Mutex::new(vec![1, 2, 2, 3].into_iter());
+        let read = || {
+            let next = passes.lock().unwrap().next();
+            async move { next.ok_or_else(|| "no more".to_string()) }
+        };
+        assert_eq!(until_stable(read, Duration::from_secs(5), Duration::ZERO).await, Ok(2));
+        let mut n = 0;
+        let changing = || {
+            n += 1;
+            let v = n;
+            async move { Ok::<_, String>(v) }
+        };
+        let err = until_stable(changing, Duration::from_millis(50), Duration::from_millis(1)).await.unwrap_err();
+        assert!(err.contains("kept changing"), "{err}");
+    }
 
     fn op(client: usize, kind: OpKind, call_us: u64, return_us: u64, outcome: Outcome) -> Op {
         Op { client, group: 0, node: 0, kind, call_us, return_us, outcome }

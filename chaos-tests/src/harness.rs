@@ -182,7 +182,7 @@ async fn check(
     let ids: BTreeSet<String> = groups.values().flat_map(|g| g.all().cloned()).collect();
     let node0 = cluster.nodes[0].endpoint();
     match lazy_channel(&node0) {
-        Ok(channel) => match checker::final_profiles(channel.clone(), &ids).await {
+        Ok(channel) => match checker::stable_profiles(channel.clone(), &ids, Duration::from_secs(90)).await {
             Ok(finals) => {
                 checks.push(checker::lost_writes(history, &groups, &finals));
                 match checker::limits(channel.clone()).await {

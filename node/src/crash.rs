@@ -12,8 +12,9 @@
 //! | `txn::before-commit` | a coordinator has prepared every secondary, not yet asked the primary to commit |
 //! | `txn::after-commit` | the primary committed; no secondary has applied |
 //! | `txn::between-applies` | one secondary applied, the others not yet |
-//! | `raft::before-fsync` | log entries appended to the database, not yet fsync'd or acknowledged |
-//! | `raft::after-fsync` | log entries fsync'd, not yet acknowledged to Raft |
+//! | `log::mid-write` | half of a batch of log records written to the node's log file: a torn tail |
+//! | `raft::before-fsync` | log records written to the node's log file, not yet fdatasync'd or acknowledged |
+//! | `raft::after-fsync` | log records fdatasync'd, not yet acknowledged to Raft |
 //! | `raft::snapshot-install` | a received snapshot's records replaced the replica's, its log position not yet recorded |
 //! | `placement::after-begin-move` | the metadata leader recorded a replica move; the group's membership is unchanged |
 //! | `placement::after-membership-change` | the group's voters changed; the move is not yet recorded as finished |
@@ -21,10 +22,11 @@
 //! Without the feature a crash point compiles to nothing.
 
 /// Every crash point in the code (the table above).
-pub const CRASH_POINTS: [&str; 8] = [
+pub const CRASH_POINTS: [&str; 9] = [
     "txn::before-commit",
     "txn::after-commit",
     "txn::between-applies",
+    "log::mid-write",
     "raft::before-fsync",
     "raft::after-fsync",
     "raft::snapshot-install",

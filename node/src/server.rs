@@ -10,7 +10,7 @@ use crate::router::{ShardMap, ShardRouter};
 use crate::rules::RuleSet;
 use crate::service::{status, AdminService, IdentityGraphService};
 use crate::shard::{shard_actor_name, NodeSupervisor, ReplicaOpener, SupervisorArgs, SupervisorMsg};
-use crate::storage::SledDb;
+use crate::storage::{NodeLog, SledDb};
 use idgraph_proto::v1::admin_server::AdminServer;
 use idgraph_proto::v1::identity_graph_server::IdentityGraphServer;
 use idgraph_proto::v1::raft_transport_server::RaftTransportServer;
@@ -44,6 +44,7 @@ pub struct RunningNode {
     addr: SocketAddr,
     router: ShardRouter,
     db: SledDb,
+    log: NodeLog,
     node: Arc<str>,
     replicas: Replicas,
     grace: Duration,
@@ -80,6 +81,7 @@ impl RunningNode {
                 self.shutdown.take();
                 self.stop_actors().await;
                 self.db.flush()?;
+                self.log.close()?;
                 return match r { Ok(r) => r.map_err(ServerError::from), Err(e) => Err(ServerError::Actors(e.to_string())) };
             }
         }
@@ -106,6 +108,7 @@ impl RunningNode {
         };
         self.stop_actors().await;
         self.db.flush()?;
+        self.log.close()?;
         info!("stopped");
         match served {
             Ok(r) => r.map_err(ServerError::from),
@@ -207,6 +210,7 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, ServerError
 #[derive(Clone)]
 struct ReplicaSetup {
     db: SledDb,
+    log: NodeLog,
     node_id: u64,
     /// The groups this node initialises, with their first members: on the
     /// first start of a static cluster only, each taken at its first open
@@ -222,8 +226,8 @@ impl ReplicaSetup {
     /// Opens one shard replica (log, vote, state machine) from the node's
     /// database and starts its Raft instance.
     async fn open(self, shard: ShardId) -> Result<ShardReplica, String> {
-        let ReplicaSetup { db, node_id, initialise, raft_config, peers, rules, flusher } = self;
-        let raft_log = Arc::new(db.raft_log(shard).map_err(|e| e.to_string())?);
+        let ReplicaSetup { db, log, node_id, initialise, raft_config, peers, rules, flusher } = self;
+        let raft_log = Arc::new(log.open_group(shard, &db).map_err(|e| e.to_string())?);
         let last_log_index = crate::storage::RaftLog::last(&*raft_log).map_err(|e| e.to_string())?.map(|(i, _)| i);
         let log = ShardLogStore::new(raft_log, flusher);
         let store = Arc::new(db.shard(shard).map_err(|e| e.to_string())?);
@@ -302,7 +306,8 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     // Groups are initialised on a static cluster's first start only (and
     // always on a standalone node, its only member): never twice.
     let first_start = !db.started()?;
-    let mut open_now: std::collections::BTreeSet<ShardId> = db.groups().into_iter().collect();
+    let log = NodeLog::open(&config.data_dir.join("log"))?;
+    let mut open_now: std::collections::BTreeSet<ShardId> = db.groups().into_iter().chain(log.groups()).collect();
     let mut initialise = BTreeMap::new();
     if let Some(map) = initial.as_ref().filter(|_| first_start || standalone) {
         for group in map.groups_of(config.node_id) {
@@ -316,15 +321,13 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     }
     let replicas: Replicas = Default::default();
     let raft_config = raft_config(config)?;
-    let db_for_discard = db.clone();
+    let (db_for_discard, log_for_discard) = (db.clone(), log.clone());
     let open: ReplicaOpener = {
-        // One fsync of the node's database makes every shard's appends durable.
-        let flusher = {
-            let db = db.clone();
-            LogFlusher::spawn(move || db.flush())
-        };
+        // One fdatasync of the node's log makes every group's appends durable.
+        let flusher = LogFlusher::node_log(log.clone());
         let setup = ReplicaSetup {
             db: db.clone(),
+            log: log.clone(),
             node_id: config.node_id,
             initialise: Arc::new(Mutex::new(initialise)),
             raft_config,
@@ -395,7 +398,10 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
             node: node.clone(),
             shards: open_now.into_iter().collect(),
             open,
-            discard: Arc::new(move |shard| db_for_discard.discard(shard).map_err(|e| e.to_string())),
+            discard: Arc::new(move |shard| {
+                log_for_discard.drop_group(shard).map_err(|e| e.to_string())?;
+                db_for_discard.discard(shard).map_err(|e| e.to_string())
+            }),
             replicas: replicas.clone(),
             max_waiting: config.max_waiting_writes,
         },
@@ -430,6 +436,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         addr,
         router,
         db,
+        log,
         node,
         replicas,
         grace: Duration::from_millis(config.shutdown_grace_ms),

@@ -1,7 +1,7 @@
 //! openraft's log storage over a shard replica's [`RaftLog`] tables.
 
 use super::{decode, encode, read_err, write_err, LogId, ShardRaft, StorageError};
-use crate::storage::RaftLog;
+use crate::storage::{NodeLog, RaftLog};
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, OptionalSend, RaftLogId, Vote};
 use std::fmt::Debug;
@@ -16,18 +16,43 @@ const LAST_PURGED: &str = "last_purged";
 /// Completes openraft's append callbacks once the appends are durable.
 ///
 /// Appends are group-committed: `append` writes the entries and hands
-/// openraft's completion callback to the flusher task, which fsyncs once for
-/// every callback waiting and then completes them in order. openraft keeps
-/// appending meanwhile, so one fsync covers many client writes. All shard
-/// logs of a node live in one database, whose one fsync makes every tree
-/// durable, so the node runs one flusher for all its shards: under load one
-/// fsync covers the appends of every shard.
+/// openraft's completion callback on, to be completed after one fsync that
+/// covers every append waiting. openraft keeps appending meanwhile, so one
+/// fsync covers many client writes. The node's groups share one log
+/// ([`NodeLog`]), whose writer thread completes the callbacks itself:
+/// under load one fdatasync covers the appends of every group. Logs of
+/// their own (tests) use a flusher task that calls their `sync`.
 #[derive(Clone)]
 pub struct LogFlusher {
-    tx: mpsc::UnboundedSender<LogFlushed<ShardRaft>>,
+    to: Flush,
+}
+
+#[derive(Clone)]
+enum Flush {
+    Task(mpsc::UnboundedSender<LogFlushed<ShardRaft>>),
+    Log(NodeLog),
 }
 
 impl LogFlusher {
+    /// The flusher of groups kept in the node's log.
+    pub fn node_log(log: NodeLog) -> LogFlusher {
+        LogFlusher { to: Flush::Log(log) }
+    }
+
+    /// Completes `callback` once every append made so far is durable.
+    fn when_durable(&self, callback: LogFlushed<ShardRaft>) {
+        match &self.to {
+            Flush::Log(log) => {
+                log.when_durable(Box::new(move |r| callback.log_io_completed(r.map_err(|e| std::io::Error::other(e.to_string())))))
+            }
+            Flush::Task(tx) => {
+                if let Err(mpsc::error::SendError(cb)) = tx.send(callback) {
+                    cb.log_io_completed(Err(std::io::Error::other("the log flusher has stopped")));
+                }
+            }
+        }
+    }
+
     /// Starts the flusher task (inside a tokio runtime); `sync` makes every
     /// append made so far, to any log it serves, durable.
     pub fn spawn(sync: impl Fn() -> Result<(), crate::storage::StoreError> + Send + Sync + 'static) -> LogFlusher {
@@ -50,7 +75,7 @@ impl LogFlusher {
                 }
             }
         });
-        LogFlusher { tx }
+        LogFlusher { to: Flush::Task(tx) }
     }
 
     /// A flusher for one log alone.
@@ -147,9 +172,7 @@ impl<L: RaftLog> RaftLogStorage<ShardRaft> for ShardLogStore<L> {
         let batch: Vec<(u64, Vec<u8>)> = entries.into_iter().map(|e| (e.get_log_id().index, encode(&e))).collect();
         self.log.append(&batch).map_err(|e| openraft::StorageIOError::write_logs(openraft::AnyError::new(&e)))?;
         // Durable, and reported as such, once the flusher has fsync'd.
-        if let Err(mpsc::error::SendError(cb)) = self.flusher.tx.send(callback) {
-            cb.log_io_completed(Err(std::io::Error::other("the log flusher has stopped")));
-        }
+        self.flusher.when_durable(callback);
         Ok(())
     }
 

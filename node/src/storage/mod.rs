@@ -17,10 +17,12 @@
 
 pub mod conformance;
 mod mem;
+mod node_log;
 mod sled_store;
 mod staged;
 
 pub use mem::{MemRaftLog, MemStore};
+pub use node_log::{Durable, GroupLog, LogLimits, NodeLog};
 pub use sled_store::{SledDb, SledRaftLog, SledStore};
 pub use staged::Staged;
 

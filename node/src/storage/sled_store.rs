@@ -141,7 +141,24 @@ impl SledDb {
         self.db.flush().map(|_| ()).map_err(io)
     }
 
-    /// The groups this database holds a replica of (each has a Raft log tree).
+    /// A group's Raft log as an older build kept it (a tree of this
+    /// database), if this database still holds one.
+    pub fn legacy_raft_log(&self, shard: ShardId) -> Result<Option<SledRaftLog>, StoreError> {
+        let name = format!("shard-{shard}-raft");
+        if !self.db.tree_names().iter().any(|n| n.as_ref() == name.as_bytes()) {
+            return Ok(None);
+        }
+        self.raft_log(shard).map(Some)
+    }
+
+    /// Deletes a group's Raft log tree (moved to the node's log), durably.
+    pub fn drop_raft_log(&self, shard: ShardId) -> Result<(), StoreError> {
+        self.db.drop_tree(format!("shard-{shard}-raft")).map_err(io)?;
+        self.flush()
+    }
+
+    /// The groups whose Raft log this database holds (the layout of older
+    /// builds: the node's log holds them now).
     pub fn groups(&self) -> Vec<ShardId> {
         let mut out: Vec<ShardId> = self
             .db
@@ -380,6 +397,17 @@ fn entry_index(key: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl SledRaftLog {
+    /// Every metadata value, by name.
+    pub fn metas(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.tree
+            .scan_prefix([b'm'])
+            .map(|kv| {
+                let (k, v) = kv.map_err(io)?;
+                Ok((String::from_utf8_lossy(&k[1..]).into_owned(), v.to_vec()))
+            })
+            .collect()
+    }
+
     fn durable(&self) -> Result<(), StoreError> {
         self.tree.flush().map(|_| ()).map_err(io)
     }
