@@ -73,13 +73,14 @@ const OVERLOAD_CLIENTS: usize = 10_000;
 
 /// Crash points a `crash-point` fault arms, with how often each fires when
 /// reached (`idgraph_node::crash` lists them).
-const CRASH_POINTS: [(&str, &str); 7] = [
+const CRASH_POINTS: [(&str, &str); 8] = [
     ("txn::before-commit", "20%return"),
     ("txn::after-commit", "20%return"),
     ("txn::between-applies", "20%return"),
     ("log::mid-write", "2%return"),
     ("raft::before-fsync", "2%return"),
     ("raft::after-fsync", "2%return"),
+    ("storage::mid-apply", "1%return"),
     ("raft::snapshot-install", "return"),
 ];
 

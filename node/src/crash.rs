@@ -15,6 +15,7 @@
 //! | `log::mid-write` | half of a batch of log records written to the node's log file: a torn tail |
 //! | `raft::before-fsync` | log records written to the node's log file, not yet fdatasync'd or acknowledged |
 //! | `raft::after-fsync` | log records fdatasync'd, not yet acknowledged to Raft |
+//! | `storage::mid-apply` | an applied entry's redo record written, its records partly |
 //! | `raft::snapshot-install` | a received snapshot's records replaced the replica's, its log position not yet recorded |
 //! | `placement::after-begin-move` | the metadata leader recorded a replica move; the group's membership is unchanged |
 //! | `placement::after-membership-change` | the group's voters changed; the move is not yet recorded as finished |
@@ -22,13 +23,14 @@
 //! Without the feature a crash point compiles to nothing.
 
 /// Every crash point in the code (the table above).
-pub const CRASH_POINTS: [&str; 9] = [
+pub const CRASH_POINTS: [&str; 10] = [
     "txn::before-commit",
     "txn::after-commit",
     "txn::between-applies",
     "log::mid-write",
     "raft::before-fsync",
     "raft::after-fsync",
+    "storage::mid-apply",
     "raft::snapshot-install",
     "placement::after-begin-move",
     "placement::after-membership-change",

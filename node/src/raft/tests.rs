@@ -4,7 +4,7 @@
 use super::{LogFlusher, ShardLogStore, ShardRaft, ShardStateMachine, StorageError};
 use crate::model::ShardId;
 use crate::rules::RuleSet;
-use crate::storage::{MemRaftLog, MemStore, SledDb, SledRaftLog, SledStore};
+use crate::storage::{GroupLog, MemRaftLog, MemStore, NodeLog, SledDb, SledRaftLog, SledStore};
 use openraft::testing::{StoreBuilder, Suite};
 use std::sync::Arc;
 
@@ -16,6 +16,21 @@ impl StoreBuilder<ShardRaft, ShardLogStore<SledRaftLog>, ShardStateMachine<SledS
         let db = SledDb::open(dir.path(), 1).expect("open sled");
         let log = Arc::new(db.raft_log(ShardId(0)).expect("raft log"));
         let log = ShardLogStore::new(log.clone(), LogFlusher::for_log(log));
+        let sm = ShardStateMachine::new(Arc::new(db.shard(ShardId(0)).expect("shard")), Arc::new(RuleSet::builtin()));
+        Ok((dir, log, sm))
+    }
+}
+
+/// The node's own storage: groups in the node's log, graphs in sled.
+struct NodeLogBuilder;
+
+impl StoreBuilder<ShardRaft, ShardLogStore<GroupLog>, ShardStateMachine<SledStore>, tempfile::TempDir> for NodeLogBuilder {
+    async fn build(&self) -> Result<(tempfile::TempDir, ShardLogStore<GroupLog>, ShardStateMachine<SledStore>), StorageError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = SledDb::open(&dir.path().join("db"), 1).expect("open sled");
+        let log = NodeLog::open(&dir.path().join("log")).expect("open the node log");
+        let group = Arc::new(log.open_group(ShardId(0), &db).expect("group log"));
+        let log = ShardLogStore::new(group, LogFlusher::node_log(log));
         let sm = ShardStateMachine::new(Arc::new(db.shard(ShardId(0)).expect("shard")), Arc::new(RuleSet::builtin()));
         Ok((dir, log, sm))
     }
@@ -55,6 +70,11 @@ fn identify(i: usize) -> crate::engine::Command {
 #[test]
 fn openraft_suite_passes_on_sled() {
     Suite::test_all(SledBuilder).unwrap();
+}
+
+#[test]
+fn openraft_suite_passes_on_the_node_log() {
+    Suite::test_all(NodeLogBuilder).unwrap();
 }
 
 #[test]

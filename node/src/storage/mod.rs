@@ -4,15 +4,19 @@
 //! - [`GraphRead`]: point reads the engine needs to decide.
 //! - [`GraphStore`]: applies one [`ChangeSet`] atomically (all or nothing,
 //!   also across a crash) and makes everything applied so far durable with
-//!   [`GraphStore::flush`]. A change is acknowledged to a client only after a
-//!   flush that followed it.
+//!   [`GraphStore::flush`]. A change is acknowledged to a client once its
+//!   Raft log entry is durable; the graph is flushed before a snapshot lets
+//!   the log go.
 //!
-//! - [`RaftLog`]: one shard replica's Raft log and Raft metadata.
+//! - [`RaftLog`]: one shard replica's Raft log and Raft metadata; on a node,
+//!   a [`GroupLog`] of the node's one log ([`NodeLog`], group commit, see
+//!   `docs/storage.md`).
 //! - [`Staged`]: change sets staged over a store, read through, then
 //!   applied as one (a log entry's commands).
 //!
-//! Implementations: [`MemStore`] / [`MemRaftLog`] (tests, property tests)
-//! and [`SledStore`] / [`SledRaftLog`] (the node). [`conformance`] is one
+//! Implementations: [`MemStore`] / [`MemRaftLog`] (tests, property tests),
+//! [`SledStore`] and [`GroupLog`] (the node), [`SledRaftLog`] (logs of
+//! older data directories, moved into the node's log). [`conformance`] is one
 //! suite run against both.
 
 pub mod conformance;

@@ -970,3 +970,40 @@ mod tests {
         assert_eq!(groups, 16);
     }
 }
+
+#[cfg(test)]
+mod moving_tests {
+    use super::*;
+    use crate::storage::SledDb;
+
+    /// A data directory of an older build keeps each group's log in a sled
+    /// tree: opening the replica moves it into the node's log, whole, and
+    /// drops the tree; the group is listed by the node's log from then on.
+    #[test]
+    fn a_sled_kept_log_moves_into_the_node_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SledDb::open(&dir.path().join("db"), 1).unwrap();
+        let old = db.raft_log(ShardId(0)).unwrap();
+        let entries: Vec<(u64, Vec<u8>)> = (5..=9).map(|i| (i, vec![i as u8; 7])).collect();
+        old.append(&entries).unwrap();
+        old.put_meta("vote", b"v3").unwrap();
+        old.sync().unwrap();
+        drop(old);
+        {
+            let log = NodeLog::open(&dir.path().join("log")).unwrap();
+            let g = log.open_group(ShardId(0), &db).unwrap();
+            assert_eq!(g.range(0, 100).unwrap(), entries);
+            assert_eq!(g.get_meta("vote").unwrap().as_deref(), Some(&b"v3"[..]));
+            assert!(db.legacy_raft_log(ShardId(0)).unwrap().is_none(), "the tree is dropped");
+            assert!(db.groups().is_empty());
+            log.close().unwrap();
+        }
+        let log = NodeLog::open(&dir.path().join("log")).unwrap();
+        assert_eq!(log.groups(), vec![ShardId(0)]);
+        assert_eq!(log.group(ShardId(0)).range(0, 100).unwrap(), entries);
+        // A group opened with nothing written yet is listed too.
+        log.open_group(ShardId(7), &db).unwrap();
+        log.close().unwrap();
+        assert_eq!(NodeLog::open(&dir.path().join("log")).unwrap().groups(), vec![ShardId(0), ShardId(7)]);
+    }
+}

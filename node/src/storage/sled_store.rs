@@ -15,20 +15,23 @@
 //! | `c` | (empty)                  | [`Counters`]   |
 //! | `x` | name                     | bookkeeping of the layer above (e.g. last applied Raft log id) |
 //!
-//! A shard's Raft log lives in tree `shard-NNNN-raft`: `l` + big-endian index
-//! for entries, `m` + name for vote and log ids ([`SledRaftLog`]). Its
-//! current Raft snapshot image lives alone in tree `shard-NNNN-image`: in
-//! the shard's own tree, next to the applied log id written by every
-//! entry, each of sled's page rewrites wrote the whole image again.
+//! A shard's current Raft snapshot image lives alone in tree
+//! `shard-NNNN-image`: in the shard's own tree, next to the applied log id
+//! written by every entry, each of sled's page rewrites wrote the whole
+//! image again. Raft logs live in the node's log ([`super::NodeLog`]);
+//! older builds kept each in a tree `shard-NNNN-raft` ([`SledRaftLog`]),
+//! which is moved there when its replica opens.
 //!
 //! One change set is one `sled::Batch`, which sled applies atomically, also
-//! across a crash. sled by itself fsyncs only every 500 ms; [`GraphStore::flush`]
-//! fsyncs, and the shard actor calls it before any change is acknowledged.
+//! across a crash. sled fsyncs by itself every 500 ms; nothing waits for
+//! it: an applied change is durable because its log entry is, and
+//! [`GraphStore::flush`] makes the graph durable before a snapshot lets
+//! openraft purge the log.
 
 use super::{decode, encode, redact_key, GraphRead, GraphStore, StoreError};
 use crate::model::{Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::RwLock;
 
 /// Layout 2 places records on shards by slot ranges
 /// ([`crate::txn::keys::SLOTS`]); layout 1 placed them by hash modulo the
@@ -130,7 +133,7 @@ impl SledDb {
     pub fn shard(&self, shard: ShardId) -> Result<SledStore, StoreError> {
         let tree = self.db.open_tree(format!("shard-{shard}")).map_err(io)?;
         let image = self.db.open_tree(format!("shard-{shard}-image")).map_err(io)?;
-        Ok(SledStore { tree, image, write: Mutex::new(()) })
+        SledStore::open(tree, image)
     }
 
     pub fn raft_log(&self, shard: ShardId) -> Result<SledRaftLog, StoreError> {
@@ -198,13 +201,29 @@ impl SledDb {
 }
 
 /// One shard's tables in one sled tree.
+///
+/// A change set is written as plain sled writes, not as a `sled::Batch`:
+/// sled writes out and syncs (`sync_file_range`, waiting) its I/O buffer
+/// twice for every batch, which made each applied log entry two
+/// synchronous disk writes. Atomicity comes from a redo record instead:
+/// the change set's writes are first kept whole under one key (one sled
+/// write is atomic), then made, then the record is removed. sled recovers
+/// a prefix of its writes, so after a crash either the redo record is
+/// there (and opening the store makes its writes again, which are blind
+/// puts and removals: the same result however many of them had landed) or
+/// every write of the change set is. Readers take a shared lock and
+/// `apply` an exclusive one, so no reader sees half a change set.
 pub struct SledStore {
     tree: sled::Tree,
     /// The kept snapshot image, under one key ([`GraphStore::put_image`]).
     image: sled::Tree,
-    /// Serialises `apply` (the counters are read, added to and written back).
-    write: Mutex<()>,
+    /// Shared by reads, exclusive for `apply`, `snapshot` and `restore`
+    /// (the counters are also read, added to and written back under it).
+    lock: RwLock<()>,
 }
+
+/// A change set's writes, in order: a put, or a removal (`None`).
+type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 fn id_key(tag: u8, id: &Identifier) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + id.kind.len() + id.value.len());
@@ -229,10 +248,45 @@ fn parse_id_key(key: &[u8]) -> Option<Identifier> {
 }
 
 const COUNTERS_KEY: &[u8] = b"c";
+/// The redo record of the change set being applied.
+const REDO_KEY: &[u8] = b"w";
 const IMAGE_KEY: &[u8] = b"image";
 
 impl SledStore {
+    fn open(tree: sled::Tree, image: sled::Tree) -> Result<SledStore, StoreError> {
+        let store = SledStore { tree, image, lock: RwLock::new(()) };
+        // A change set interrupted by a crash is finished before anything
+        // reads the store.
+        if let Some(redo) = store.tree.get(REDO_KEY).map_err(io)? {
+            let writes: Writes = decode(REDO_KEY, &redo)?;
+            tracing::info!(writes = writes.len(), "finishing a change set interrupted by a crash");
+            store.write_all(&writes)?;
+        }
+        Ok(store)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.lock.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.lock.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `writes`, then removes the redo record.
+    fn write_all(&self, writes: &Writes) -> Result<(), StoreError> {
+        for (k, v) in writes {
+            match v {
+                Some(v) => self.tree.insert(k, v.as_slice()).map_err(io)?,
+                None => self.tree.remove(k).map_err(io)?,
+            };
+        }
+        self.tree.remove(REDO_KEY).map_err(io)?;
+        Ok(())
+    }
+
     fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        let _read = self.read();
         match self.tree.get(key).map_err(io)? {
             Some(v) => decode(key, &v).map(Some),
             None => Ok(None),
@@ -240,6 +294,7 @@ impl SledStore {
     }
 
     fn get_string(&self, key: &[u8]) -> Result<Option<String>, StoreError> {
+        let _read = self.read();
         match self.tree.get(key).map_err(io)? {
             Some(v) => {
                 String::from_utf8(v.to_vec()).map(Some).map_err(|e| StoreError::Corrupt { key: redact_key(key), reason: e.to_string() })
@@ -269,6 +324,7 @@ impl GraphRead for SledStore {
         self.get(&id_key(b'h', id))
     }
     fn listed_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, StoreError> {
+        let _read = self.read();
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix([b'h']) {
             let (k, v) = kv.map_err(io)?;
@@ -288,12 +344,15 @@ impl GraphRead for SledStore {
         Ok(self.get(COUNTERS_KEY)?.unwrap_or_default())
     }
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
+        let _read = self.read();
         self.tree.scan_prefix([b'p']).map(|kv| kv.map_err(io).and_then(|(k, v)| decode(&k, &v))).collect()
     }
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let _read = self.read();
         Ok(self.tree.get(str_key(b'x', key)).map_err(io)?.map(|v| v.to_vec()))
     }
     fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let _read = self.read();
         self.tree
             .scan_prefix(str_key(b'x', prefix))
             .map(|kv| {
@@ -308,31 +367,45 @@ impl GraphRead for SledStore {
 
 impl GraphStore for SledStore {
     fn apply(&self, cs: &ChangeSet) -> Result<(), StoreError> {
-        let _guard = self.write.lock().map_err(|_| StoreError::Io("write lock poisoned".into()))?;
-        let mut batch = sled::Batch::default();
-        for c in &cs.changes {
-            match c {
-                Change::PutOwner(k, v) => batch.insert(id_key(b'i', k), v.as_bytes()),
-                Change::DeleteOwner(k) => batch.remove(id_key(b'i', k)),
-                Change::PutProfile(p) => batch.insert(str_key(b'p', &p.id), encode(p)),
-                Change::DeleteProfile(id) => batch.remove(str_key(b'p', id)),
-                Change::PutAlias(k, v) => batch.insert(str_key(b'a', k), v.as_bytes()),
-                Change::DeleteAlias(k) => batch.remove(str_key(b'a', k)),
-                Change::PutEvent(k, v) => batch.insert(str_key(b'e', k), encode(v)),
-                Change::PutMerge(m) => batch.insert(str_key(b'm', &m.id), encode(m)),
-                Change::DeleteMerge(id) => batch.remove(str_key(b'm', id)),
-                Change::PutHub(k, v) => batch.insert(id_key(b'h', k), encode(v)),
-                Change::DeleteHub(k) => batch.remove(id_key(b'h', k)),
-                Change::PutMeta(k, v) => batch.insert(str_key(b'x', k), v.as_slice()),
-                Change::DeleteMeta(k) => batch.remove(str_key(b'x', k)),
+        let _write = self.exclusive();
+        let put = |k: Vec<u8>, v: Vec<u8>| (k, Some(v));
+        let mut writes: Writes = cs
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::PutOwner(k, v) => put(id_key(b'i', k), v.as_bytes().to_vec()),
+                Change::DeleteOwner(k) => (id_key(b'i', k), None),
+                Change::PutProfile(p) => put(str_key(b'p', &p.id), encode(p)),
+                Change::DeleteProfile(id) => (str_key(b'p', id), None),
+                Change::PutAlias(k, v) => put(str_key(b'a', k), v.as_bytes().to_vec()),
+                Change::DeleteAlias(k) => (str_key(b'a', k), None),
+                Change::PutEvent(k, v) => put(str_key(b'e', k), encode(v)),
+                Change::PutMerge(m) => put(str_key(b'm', &m.id), encode(m)),
+                Change::DeleteMerge(id) => (str_key(b'm', id), None),
+                Change::PutHub(k, v) => put(id_key(b'h', k), encode(v)),
+                Change::DeleteHub(k) => (id_key(b'h', k), None),
+                Change::PutMeta(k, v) => put(str_key(b'x', k), v.clone()),
+                Change::DeleteMeta(k) => (str_key(b'x', k), None),
+            })
+            .collect();
+        if cs.counters != Counters::default() {
+            let mut counters: Counters = match self.tree.get(COUNTERS_KEY).map_err(io)? {
+                Some(v) => decode(COUNTERS_KEY, &v)?,
+                None => Counters::default(),
+            };
+            counters.add(&cs.counters);
+            writes.push(put(COUNTERS_KEY.to_vec(), encode(&counters)));
+        }
+        match writes.as_slice() {
+            // One write is atomic by itself.
+            [(k, Some(v))] => self.tree.insert(k, v.as_slice()).map(|_| ()).map_err(io),
+            [(k, None)] => self.tree.remove(k).map(|_| ()).map_err(io),
+            _ => {
+                self.tree.insert(REDO_KEY, encode(&writes)).map_err(io)?;
+                crate::crash::crash_point("storage::mid-apply");
+                self.write_all(&writes)
             }
         }
-        if cs.counters != Counters::default() {
-            let mut counters = self.counters()?;
-            counters.add(&cs.counters);
-            batch.insert(COUNTERS_KEY, encode(&counters));
-        }
-        self.tree.apply_batch(batch).map_err(io)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -350,11 +423,11 @@ impl GraphStore for SledStore {
     fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError> {
         let skip: Vec<Vec<u8>> = without_meta.iter().map(|k| str_key(b'x', k)).collect();
         // Applies wait while the tree is read, so the image is one point in time.
-        let _guard = self.write.lock().map_err(|_| StoreError::Io("write lock poisoned".into()))?;
+        let _read = self.read();
         let mut kvs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         for kv in self.tree.iter() {
             let (k, v) = kv.map_err(io)?;
-            if !skip.iter().any(|s| s.as_slice() == k.as_ref()) {
+            if k.as_ref() != REDO_KEY && !skip.iter().any(|s| s.as_slice() == k.as_ref()) {
                 kvs.push((k.to_vec(), v.to_vec()));
             }
         }
@@ -363,7 +436,7 @@ impl GraphStore for SledStore {
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
         let kvs: Vec<(Vec<u8>, Vec<u8>)> = decode(b"snapshot", snapshot)?;
-        let _guard = self.write.lock().map_err(|_| StoreError::Io("write lock poisoned".into()))?;
+        let _write = self.exclusive();
         let mut batch = sled::Batch::default();
         for k in self.tree.iter().keys() {
             batch.remove(k.map_err(io)?);
@@ -469,5 +542,60 @@ impl super::RaftLog for SledRaftLog {
     }
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.tree.get(str_key(b'm', key)).map_err(io)?.map(|v| v.to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::GraphRead;
+
+    /// A crash between a change set's redo record and its last write: the
+    /// reopened store holds the whole change set, whatever part of it had
+    /// landed, and no redo record.
+    #[test]
+    fn a_change_set_interrupted_by_a_crash_is_finished_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = Identifier::new("email", "a@b.c");
+        let mut cs = ChangeSet::default();
+        cs.push(Change::PutOwner(alice.clone(), "p_2".into()));
+        cs.push(Change::DeleteAlias("p_1".into()));
+        cs.push(Change::PutMeta("raft.applied".into(), b"7".to_vec()));
+        cs.counters.events = 1;
+        {
+            let db = SledDb::open(dir.path(), 1).unwrap();
+            let s = db.shard(ShardId(0)).unwrap();
+            let mut before = ChangeSet::default();
+            before.push(Change::PutOwner(alice.clone(), "p_1".into()));
+            before.push(Change::PutAlias("p_1".into(), "p_0".into()));
+            s.apply(&before).unwrap();
+            // What `apply` writes before its first record: the redo
+            // record; then the crash, after one of the writes.
+            let writes: Writes = vec![
+                (id_key(b'i', &alice), Some(b"p_2".to_vec())),
+                (str_key(b'a', "p_1"), None),
+                (str_key(b'x', "raft.applied"), Some(b"7".to_vec())),
+                (COUNTERS_KEY.to_vec(), Some(encode(&Counters { events: 1, ..Default::default() }))),
+            ];
+            s.tree.insert(REDO_KEY, encode(&writes)).unwrap();
+            s.tree.insert(&writes[0].0, writes[0].1.clone().unwrap()).unwrap();
+            s.flush().unwrap();
+        }
+        let db = SledDb::open(dir.path(), 1).unwrap();
+        let s = db.shard(ShardId(0)).unwrap();
+        assert_eq!(s.owner(&alice).unwrap().as_deref(), Some("p_2"));
+        assert_eq!(s.alias("p_1").unwrap(), None);
+        assert_eq!(s.meta("raft.applied").unwrap().as_deref(), Some(&b"7"[..]));
+        assert_eq!(s.counters().unwrap().events, 1);
+        assert_eq!(s.tree.get(REDO_KEY).unwrap(), None);
+        // The same change set applied normally gives the same records.
+        let other = tempfile::tempdir().unwrap();
+        let t = SledDb::open(other.path(), 1).unwrap().shard(ShardId(0)).unwrap();
+        let mut before = ChangeSet::default();
+        before.push(Change::PutOwner(alice.clone(), "p_1".into()));
+        before.push(Change::PutAlias("p_1".into(), "p_0".into()));
+        t.apply(&before).unwrap();
+        t.apply(&cs).unwrap();
+        assert_eq!(t.snapshot(&[]).unwrap(), s.snapshot(&[]).unwrap());
     }
 }
