@@ -67,6 +67,15 @@ fn identify(i: usize) -> crate::engine::Command {
     }
 }
 
+/// Log entry `i`: one new event, `identify(i)`, in term 1.
+fn entry(i: u64) -> openraft::Entry<ShardRaft> {
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+    openraft::Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 0), i),
+        payload: EntryPayload::Normal(super::Proposal { commands: vec![super::ShardCommand::Engine(identify(i as usize))] }),
+    }
+}
+
 #[test]
 fn openraft_suite_passes_on_sled() {
     Suite::test_all(SledBuilder).unwrap();
@@ -87,14 +96,10 @@ fn openraft_suite_passes_in_memory() {
 #[test]
 fn snapshots_do_not_contain_earlier_snapshots() {
     use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
+    use openraft::RaftSnapshotBuilder;
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     rt.block_on(async {
         let mut sm = ShardStateMachine::new(Arc::new(MemStore::new()), Arc::new(RuleSet::builtin()));
-        let entry = |i: u64| Entry::<ShardRaft> {
-            log_id: LogId::new(CommittedLeaderId::new(1, 0), i),
-            payload: EntryPayload::Normal(super::Proposal { commands: vec![super::ShardCommand::Engine(identify(i as usize))] }),
-        };
         sm.apply((1..=50).map(entry)).await.unwrap();
         let first = sm.get_snapshot_builder().await.build_snapshot().await.unwrap().snapshot.into_inner().len();
         let second = sm.get_snapshot_builder().await.build_snapshot().await.unwrap().snapshot.into_inner().len();
@@ -146,7 +151,7 @@ fn replaying_a_partly_applied_entry_skips_the_commands_already_applied() {
 fn a_snapshot_built_while_entries_are_applied_matches_its_log_position() {
     use crate::storage::GraphRead;
     use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
+    use openraft::RaftSnapshotBuilder;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
@@ -154,10 +159,6 @@ fn a_snapshot_built_while_entries_are_applied_matches_its_log_position() {
         let rules = Arc::new(RuleSet::builtin());
         let mut sm = ShardStateMachine::new(Arc::new(db.shard(ShardId(0)).unwrap()), rules.clone());
         let mut builder = sm.get_snapshot_builder().await;
-        let entry = |i: u64| Entry::<ShardRaft> {
-            log_id: LogId::new(CommittedLeaderId::new(1, 0), i),
-            payload: EntryPayload::Normal(super::Proposal { commands: vec![super::ShardCommand::Engine(identify(i as usize))] }),
-        };
         let applier = tokio::spawn(async move {
             for i in 1..=400u64 {
                 sm.apply([entry(i)]).await.unwrap();
@@ -187,14 +188,10 @@ fn a_snapshot_built_while_entries_are_applied_matches_its_log_position() {
 #[test]
 fn a_snapshot_built_before_an_install_does_not_replace_the_installed_image() {
     use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
+    use openraft::RaftSnapshotBuilder;
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     rt.block_on(async {
         let rules = Arc::new(RuleSet::builtin());
-        let entry = |i: u64| Entry::<ShardRaft> {
-            log_id: LogId::new(CommittedLeaderId::new(1, 0), i),
-            payload: EntryPayload::Normal(super::Proposal { commands: vec![super::ShardCommand::Engine(identify(i as usize))] }),
-        };
         // A leader's snapshot at 9, to be installed on the replica below.
         let mut leader = ShardStateMachine::new(Arc::new(MemStore::new()), rules.clone());
         leader.apply((1..=9).map(entry)).await.unwrap();
@@ -230,14 +227,10 @@ fn a_snapshot_built_before_an_install_does_not_replace_the_installed_image() {
 fn an_interrupted_install_is_repaired_before_openraft_opens_the_replica() {
     use crate::storage::GraphStore;
     use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
+    use openraft::RaftSnapshotBuilder;
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     rt.block_on(async {
         let rules = Arc::new(RuleSet::builtin());
-        let entry = |i: u64| Entry::<ShardRaft> {
-            log_id: LogId::new(CommittedLeaderId::new(1, 0), i),
-            payload: EntryPayload::Normal(super::Proposal { commands: vec![super::ShardCommand::Engine(identify(i as usize))] }),
-        };
         let leader_store = Arc::new(MemStore::new());
         let mut leader = ShardStateMachine::new(leader_store.clone(), rules.clone());
         leader.apply((1..=9).map(entry)).await.unwrap();
