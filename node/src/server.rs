@@ -238,14 +238,14 @@ impl ReplicaSetup {
         let members = initialise.lock().map_err(|_| "bootstrap table lock poisoned".to_string())?.remove(&shard);
         if let Some(members) = members.filter(|m| !m.is_empty()) {
             if raft.is_initialized().await.map_err(|e| e.to_string())? {
-                return Ok(ShardReplica { shard, raft, store, rules });
+                return Ok(ShardReplica::new(shard, raft, store, rules));
             }
             match raft.initialize(members).await {
                 Ok(()) | Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
                 Err(e) => return Err(format!("initialising shard {shard}: {e}")),
             }
         }
-        Ok(ShardReplica { shard, raft, store, rules })
+        Ok(ShardReplica::new(shard, raft, store, rules))
     }
 }
 

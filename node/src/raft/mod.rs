@@ -43,6 +43,7 @@
 
 mod log_store;
 pub mod network;
+mod read_barrier;
 pub mod replica;
 mod state_machine;
 

@@ -2,6 +2,7 @@
 //! its graph store, answering requests on the leader and saying who the
 //! leader is elsewhere.
 
+use super::read_barrier::ReadBarrier;
 use super::{Proposal, Refusal, ShardCommand, ShardRaft, ShardResponse};
 use crate::engine::{self, FoundProfile, Outcome, ProfileRef};
 use crate::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
@@ -126,6 +127,24 @@ pub struct ShardReplica {
     pub raft: Raft<ShardRaft>,
     pub store: Arc<SledStore>,
     pub rules: Arc<RuleSet>,
+    /// Leadership confirmations shared by concurrent linearizable reads.
+    pub reads: ReadBarrier<ShardFailure>,
+}
+
+/// What callers learn of a group that stopped: no Raft or storage
+/// internals, and whether the node is reopening its storage.
+fn stopped(shard: ShardId, f: &openraft::error::Fatal<u64>) -> ShardFailure {
+    let reason = match f {
+        openraft::error::Fatal::StorageError(_) if crate::storage::disk_full_seen() => {
+            "its disk is full; the outcome of this write is unknown, and the node reopens its storage once space is freed"
+        }
+        openraft::error::Fatal::StorageError(_) => {
+            "its storage failed; the outcome of this write is unknown, and the node reopens its storage"
+        }
+        openraft::error::Fatal::Panicked => "its raft group panicked",
+        openraft::error::Fatal::Stopped => "its raft group is stopping",
+    };
+    ShardFailure::Unavailable { shard: shard.0, reason: reason.to_string() }
 }
 
 fn leader_of(node: Option<(u64, BasicNode)>) -> Option<(u64, String)> {
@@ -133,8 +152,34 @@ fn leader_of(node: Option<(u64, BasicNode)>) -> Option<(u64, String)> {
 }
 
 impl ShardReplica {
+    pub fn new(shard: ShardId, raft: Raft<ShardRaft>, store: Arc<SledStore>, rules: Arc<RuleSet>) -> ShardReplica {
+        ShardReplica { shard, raft, store, rules, reads: ReadBarrier::default() }
+    }
+
     fn unavailable(&self, reason: impl ToString) -> ShardFailure {
         ShardFailure::Unavailable { shard: self.shard.0, reason: reason.to_string() }
+    }
+
+    /// Confirms that this replica leads and has applied every entry
+    /// committed before the call: one round, shared with every read
+    /// waiting at the same time ([`ReadBarrier`]).
+    async fn confirm_leadership(&self) -> Result<(), ShardFailure> {
+        let (raft, shard) = (self.raft.clone(), self.shard);
+        self.reads
+            .confirm(move || {
+                let raft = raft.clone();
+                async move {
+                    match raft.ensure_linearizable().await {
+                        Ok(_) => Ok(()),
+                        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                            Err(ShardFailure::NotLeader { shard: shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) })
+                        }
+                        Err(RaftError::Fatal(f)) => Err(stopped(shard, &f)),
+                        Err(e) => Err(ShardFailure::Unavailable { shard: shard.0, reason: e.to_string() }),
+                    }
+                }
+            })
+            .await
     }
 
     /// Serves a request on this replica (no forwarding).
@@ -289,20 +334,8 @@ impl ShardReplica {
         }
     }
 
-    /// What callers learn of a group that stopped: no Raft or storage
-    /// internals, and whether the node is reopening its storage.
     fn stopped(&self, f: &openraft::error::Fatal<u64>) -> ShardFailure {
-        let reason = match f {
-            openraft::error::Fatal::StorageError(_) if crate::storage::disk_full_seen() => {
-                "its disk is full; the outcome of this write is unknown, and the node reopens its storage once space is freed"
-            }
-            openraft::error::Fatal::StorageError(_) => {
-                "its storage failed; the outcome of this write is unknown, and the node reopens its storage"
-            }
-            openraft::error::Fatal::Panicked => "its raft group panicked",
-            openraft::error::Fatal::Stopped => "its raft group is stopping",
-        };
-        self.unavailable(reason)
+        stopped(self.shard, f)
     }
 
     /// Fails unless this replica believes it leads (no round trip).
@@ -327,14 +360,7 @@ impl ShardReplica {
             self.check_leader()?;
         }
         if mode == ReadMode::Linearizable {
-            match self.raft.ensure_linearizable().await {
-                Ok(_) => {}
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    return Err(ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) });
-                }
-                Err(RaftError::Fatal(f)) => return Err(self.stopped(&f)),
-                Err(e) => return Err(self.unavailable(e)),
-            }
+            self.confirm_leadership().await?;
         }
         let store = &*self.store;
         let refused = |e: engine::EngineError| match Refusal::from_engine(e) {
