@@ -7,6 +7,12 @@ use idgraph_node::config::{LogFormat, NodeConfig, Overrides};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// sled allocates and frees a node of its page cache for most reads and
+/// writes: with glibc's allocator, malloc and free took about half of a
+/// streaming node's CPU (`bench/analysis.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "idgraph-node", version, about = "idgraph identity-graph node")]
 struct Args {
