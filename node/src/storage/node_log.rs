@@ -330,6 +330,16 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:016}.log"))
 }
 
+/// The numbers of the segments in `dir`, in order.
+fn segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
+    let mut numbers: Vec<u64> = std::fs::read_dir(dir)
+        .map_err(|e| io_error("listing the log directory", e))?
+        .filter_map(|f| f.ok()?.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
+        .collect();
+    numbers.sort();
+    Ok(numbers)
+}
+
 fn io_error(what: &str, e: std::io::Error) -> StoreError {
     if note_disk_full(&e) {
         StoreError::DiskFull
@@ -372,11 +382,7 @@ impl NodeLog {
     pub fn open_with(dir: &Path, limits: LogLimits) -> Result<NodeLog, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error("creating the log directory", e))?;
         let lock = lock(dir)?;
-        let mut segments: Vec<u64> = std::fs::read_dir(dir)
-            .map_err(|e| io_error("listing the log directory", e))?
-            .filter_map(|f| f.ok()?.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
-            .collect();
-        segments.sort();
+        let segments = segments(dir)?;
         let mut groups: BTreeMap<ShardId, Group> = BTreeMap::new();
         let (mut last, mut end) = (1, 0u64);
         for (i, &n) in segments.iter().enumerate() {
@@ -722,13 +728,10 @@ impl Writer {
     }
 
     fn delete_below(&self, below: u64) -> Result<(), StoreError> {
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| io_error("listing the log directory", e))?;
         let mut deleted = 0;
-        for n in entries.filter_map(|f| f.ok()?.file_name().to_str()?.strip_suffix(".log")?.parse::<u64>().ok()) {
-            if n < below {
-                std::fs::remove_file(segment_path(&self.dir, n)).map_err(|e| io_error("deleting a log segment", e))?;
-                deleted += 1;
-            }
+        for n in segments(&self.dir)?.into_iter().take_while(|n| *n < below) {
+            std::fs::remove_file(segment_path(&self.dir, n)).map_err(|e| io_error("deleting a log segment", e))?;
+            deleted += 1;
         }
         if deleted > 0 {
             tracing::debug!(deleted, below, "reclaimed log segments");
@@ -932,8 +935,7 @@ mod tests {
         // Once more, so the writer has reclaimed after its last roll.
         busy.append(&entries(next, next, 1)).unwrap();
         log.sync().unwrap();
-        let segments =
-            std::fs::read_dir(dir.path()).unwrap().filter(|f| f.as_ref().unwrap().file_name().to_string_lossy().ends_with(".log")).count();
+        let segments = segments(dir.path()).unwrap().len();
         assert!(segments <= PINNING_SEGMENTS as usize + 2, "{segments} segments kept");
         assert_eq!(idle.range(0, 10).unwrap(), entries(1, 3, 50), "the idle group's entries moved, not lost");
         let evicted = busy.range(next - 8, next).unwrap();

@@ -287,6 +287,11 @@ impl SledStore {
 
     fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
         let _read = self.read();
+        self.get_held(key)
+    }
+
+    /// [`Self::get`] for a caller that holds the lock already.
+    fn get_held<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
         match self.tree.get(key).map_err(io)? {
             Some(v) => decode(key, &v).map(Some),
             None => Ok(None),
@@ -389,10 +394,7 @@ impl GraphStore for SledStore {
             })
             .collect();
         if cs.counters != Counters::default() {
-            let mut counters: Counters = match self.tree.get(COUNTERS_KEY).map_err(io)? {
-                Some(v) => decode(COUNTERS_KEY, &v)?,
-                None => Counters::default(),
-            };
+            let mut counters: Counters = self.get_held(COUNTERS_KEY)?.unwrap_or_default();
             counters.add(&cs.counters);
             writes.push(put(COUNTERS_KEY.to_vec(), encode(&counters)));
         }
