@@ -80,6 +80,12 @@ impl Profile {
 pub struct EventRecord {
     pub profile_id: ProfileId,
     pub applied_ms: i64,
+    /// The hash slot the record is placed at: the slot of its event's
+    /// smallest usable identifier, so that a new person's records share one
+    /// shard. `None` for records placed by the hash of the event id (written
+    /// before events were placed by identifier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
 }
 
 /// Why a merge happened.

@@ -2,11 +2,12 @@
 
 use super::operator::{check_limits, merge_into, oldest_first, Violation};
 use super::{
-    invalid, known_types, make_id, traits, Conflict, ConflictKind, EngineError, IdentifyEvent, IdentifyOutcome, Ignored, IgnoredReason,
+    invalid, known_types, make_id_near, traits, Conflict, ConflictKind, EngineError, IdentifyEvent, IdentifyOutcome, Ignored, IgnoredReason,
 };
 use crate::model::{Change, ChangeSet, EventRecord, HubRecord, Identifier, MergeCause, Profile, ProfileId};
 use crate::rules::{Rejection, RuleSet, UnknownTypePolicy};
 use crate::storage::GraphRead;
+use crate::txn::GraphKey;
 use std::collections::{BTreeMap, BTreeSet};
 
 pub const MAX_IDENTIFIERS_PER_EVENT: usize = 64;
@@ -126,14 +127,20 @@ pub(super) fn identify<R: GraphRead + ?Sized>(
     ev: &IdentifyEvent,
 ) -> Result<(ChangeSet, IdentifyOutcome), EngineError> {
     validate(ev)?;
+    let (usable, ignored) = normalize_all(rules, ev)?;
+    // The event's own records (its dedup record, a new profile, a merge
+    // record) go on the shard of its smallest usable identifier, whose
+    // owner entry the event reads and writes anyway. A re-delivery carries
+    // the same identifiers, so it finds the dedup record there.
+    let near = GraphKey::Owner(usable.iter().min().expect("normalize_all returns at least one identifier").clone());
+    let shards = state.shard_count();
     let mut cs = ChangeSet::default();
-    if let Some(rec) = state.event(&ev.event_id)? {
+    if let Some(rec) = state.event_at(&ev.event_id, near.slot())? {
         let profile_id = super::resolve_profile_id(state, &rec.profile_id)?.map_or(rec.profile_id, |f| f.profile.id);
         cs.counters.duplicates += 1;
         return Ok((cs, IdentifyOutcome { profile_id, duplicate: true, rule_version: rules.version().into(), ..Default::default() }));
     }
     let ts = if ev.timestamp_ms == 0 { at_ms } else { ev.timestamp_ms };
-    let (usable, ignored) = normalize_all(rules, ev)?;
 
     // Listed hubs no longer link profiles.
     let mut conflicts = Vec::new();
@@ -219,7 +226,7 @@ pub(super) fn identify<R: GraphRead + ?Sized>(
         outcome.created = true;
         cs.counters.profiles += 1;
         Profile {
-            id: make_id("p", ts, &["profile", &ev.event_id]),
+            id: make_id_near("p", ts, &["profile", &ev.event_id], shards, &near, GraphKey::Profile),
             identifiers: Vec::new(),
             traits: BTreeMap::new(),
             merged_from: Vec::new(),
@@ -233,7 +240,7 @@ pub(super) fn identify<R: GraphRead + ?Sized>(
         if owners.is_empty() {
             survivor
         } else {
-            let merge_id = make_id("m", at_ms, &["merge", &ev.event_id]);
+            let merge_id = make_id_near("m", at_ms, &["merge", &ev.event_id], shards, &near, GraphKey::Merge);
             outcome.merged_profile_ids = owners.iter().map(|p| p.id.clone()).collect();
             outcome.merge_id = Some(merge_id.clone());
             let cause = MergeCause::Event { event_id: ev.event_id.clone(), source: ev.source.clone() };
@@ -270,7 +277,7 @@ pub(super) fn identify<R: GraphRead + ?Sized>(
     cs.counters.events += 1;
     outcome.conflicts = conflicts;
     outcome.profile_id = profile.id.clone();
-    cs.push(Change::PutEvent(ev.event_id.clone(), EventRecord { profile_id: profile.id.clone(), applied_ms: at_ms }));
+    cs.push(Change::PutEvent(ev.event_id.clone(), EventRecord { profile_id: profile.id.clone(), applied_ms: at_ms, slot: Some(near.slot()) }));
     cs.push(Change::PutProfile(profile));
     Ok((cs, outcome))
 }

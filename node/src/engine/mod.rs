@@ -53,6 +53,7 @@ pub(crate) mod tests;
 use crate::model::{ChangeSet, Identifier, MergeRecord, Profile, ProfileId};
 use crate::rules::RuleSet;
 use crate::storage::{GraphRead, StoreError};
+use crate::txn::GraphKey;
 use std::collections::BTreeMap;
 
 pub use identify::MAX_IDENTIFIERS_PER_EVENT;
@@ -323,6 +324,47 @@ pub(crate) fn make_id(prefix: &str, ts_ms: i64, seed: &[&str]) -> String {
     let random = h.digest128() & ((1u128 << 80) - 1);
     let ms = ts_ms.clamp(0, (1i64 << 48) - 1) as u64;
     format!("{prefix}_{}", ulid::Ulid::from_parts(ms, random))
+}
+
+/// How many ids per shard [`make_id_near`] tries before it settles for the
+/// first (each lands on a given shard with odds 1 in the shard count).
+const PLACEMENT_TRIES_PER_SHARD: u32 = 8;
+
+/// A new record's id, chosen so that the record (named by `key_of(id)`)
+/// lands on the shard that holds `near`: the first of `make_id`'s ids for
+/// the seed, then for the seed and a counter, whose record hashes there. So
+/// a new person's profile, event record and owner entries share a shard,
+/// and an event with one new identifier is one log entry on one shard
+/// instead of a transaction across three. Records stay placed by the hash
+/// of their ids (nothing to migrate, and a doubled shard count keeps half of
+/// them together); the ids stay deterministic for a given command and shard
+/// count. With one shard it is [`make_id`].
+pub(crate) fn make_id_near(
+    prefix: &str,
+    ts_ms: i64,
+    seed: &[&str],
+    shards: u32,
+    near: &GraphKey,
+    key_of: fn(String) -> GraphKey,
+) -> String {
+    let first = make_id(prefix, ts_ms, seed);
+    if shards <= 1 {
+        return first;
+    }
+    let target = near.shard(shards);
+    if key_of(first.clone()).shard(shards) == target {
+        return first;
+    }
+    for n in 1..shards.saturating_mul(PLACEMENT_TRIES_PER_SHARD) {
+        let counter = n.to_string();
+        let mut seeded: Vec<&str> = seed.to_vec();
+        seeded.push(&counter);
+        let id = make_id(prefix, ts_ms, &seeded);
+        if key_of(id.clone()).shard(shards) == target {
+            return id;
+        }
+    }
+    first
 }
 
 /// Looks merge lineage up.

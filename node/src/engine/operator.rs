@@ -2,12 +2,13 @@
 //! events and operators share.
 
 use super::{
-    find_profile, invalid, make_id, normalize_ref, resolve_profile_id, traits, Command, ConflictKind, DeleteOutcome, EngineError,
+    find_profile, invalid, make_id_near, normalize_ref, resolve_profile_id, traits, Command, ConflictKind, DeleteOutcome, EngineError,
     MergeOutcome, ProfileRef, UnmergeOutcome, UnmergeTarget,
 };
 use crate::model::{AbsorbedProfile, Change, ChangeSet, Identifier, MergeCause, MergeRecord, Profile};
 use crate::rules::RuleSet;
 use crate::storage::GraphRead;
+use crate::txn::GraphKey;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -196,7 +197,8 @@ pub(super) fn merge<R: GraphRead + ?Sized>(
         }
     }
     let survivor = profiles.remove(0);
-    let merge_id = make_id("m", cmd.at_ms, &["merge", &cmd.op_id]);
+    let near = GraphKey::Profile(survivor.id.clone());
+    let merge_id = make_id_near("m", cmd.at_ms, &["merge", &cmd.op_id], state.shard_count(), &near, GraphKey::Merge);
     let outcome = MergeOutcome {
         profile_id: survivor.id.clone(),
         merged_profile_ids: profiles.iter().map(|p| p.id.clone()).collect(),
@@ -346,7 +348,11 @@ fn split<R: GraphRead + ?Sized>(
             }
         }
     }
-    let new_id = make_id("p", cmd.at_ms, &["split", &cmd.op_id]);
+    let Some(first_moved) = moved.iter().next() else {
+        return Err(invalid("split.identifiers", "name at least one identifier to split out"));
+    };
+    let near = GraphKey::Owner(first_moved.clone());
+    let new_id = make_id_near("p", cmd.at_ms, &["split", &cmd.op_id], state.shard_count(), &near, GraphKey::Profile);
     holder.identifiers.retain(|id| !moved.contains(id));
     holder.updated_ms = cmd.at_ms;
     holder.rule_version = rules.version().into();

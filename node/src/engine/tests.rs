@@ -557,3 +557,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn new_ids_land_on_the_shard_of_what_they_are_placed_near() {
+    use crate::engine::{make_id, make_id_near};
+    use crate::txn::GraphKey;
+    assert_eq!(make_id_near("p", 5, &["profile", "ev-1"], 1, &GraphKey::Owner(Identifier::new("email", "a@b.co")), GraphKey::Profile), make_id("p", 5, &["profile", "ev-1"]), "one shard: the plain id");
+    for shards in [2u32, 3, 16, 64, 256] {
+        for n in 0..50 {
+            let near = GraphKey::Owner(Identifier::new("email", format!("p{n}@b.co")));
+            let seed = format!("ev-{n}");
+            let p = make_id_near("p", 5, &["profile", &seed], shards, &near, GraphKey::Profile);
+            assert_eq!(GraphKey::Profile(p.clone()).shard(shards), near.shard(shards), "{shards} shards: profile {p}");
+            assert_eq!(p, make_id_near("p", 5, &["profile", &seed], shards, &near, GraphKey::Profile), "deterministic");
+            let m = make_id_near("m", 5, &["merge", &seed], shards, &near, GraphKey::Merge);
+            assert_eq!(GraphKey::Merge(m).shard(shards), near.shard(shards));
+        }
+    }
+}

@@ -43,7 +43,7 @@ pub fn records_round_trip<S: GraphStore>(s: &S) {
         undone_at_ms: None,
     };
     let hub = HubRecord { colliding_profiles: vec!["p_1".into()], limit_type: "user_id".into(), listed_at_ms: Some(4), reason: "r".into() };
-    let ev = EventRecord { profile_id: "p_1".into(), applied_ms: 3 };
+    let ev = EventRecord { profile_id: "p_1".into(), applied_ms: 3, slot: Some(7) };
     let cs = ChangeSet {
         changes: vec![
             Change::PutOwner(id.clone(), "p_1".into()),

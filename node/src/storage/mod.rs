@@ -98,6 +98,11 @@ pub trait GraphRead {
     /// Where a merged-away profile id now points.
     fn alias(&self, id: &str) -> Result<Option<ProfileId>, StoreError>;
     fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError>;
+    /// An event's record where [`EventRecord::slot`] places it. A store that
+    /// holds every slot (one shard's) looks it up by id alone.
+    fn event_at(&self, event_id: &str, _slot: u32) -> Result<Option<EventRecord>, StoreError> {
+        self.event(event_id)
+    }
     fn merge_record(&self, id: &str) -> Result<Option<MergeRecord>, StoreError>;
     fn hub(&self, id: &Identifier) -> Result<Option<HubRecord>, StoreError>;
     /// Identifiers listed as hubs, at most `limit`.
@@ -109,6 +114,12 @@ pub trait GraphRead {
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every meta value whose key starts with `prefix`, in key order.
     fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// How many shards the records this view reads are spread over: one for
+    /// a shard's own store. The engine places the records it creates on the
+    /// shard of an identifier they belong to (see `engine::make_id_near`).
+    fn shard_count(&self) -> u32 {
+        1
+    }
 }
 
 pub trait GraphStore: GraphRead + Send + Sync + 'static {

@@ -82,7 +82,7 @@ impl Backoff {
 /// Runs the engine over records fetched from their shards until a run reads
 /// nothing it had not fetched; returns that run's result and read set.
 pub async fn gather<A: ShardAccess, T>(a: &A, mode: ReadMode, run: impl Fn(&ReadSet) -> T) -> Result<(ReadSet, T), TxnError> {
-    let mut view = ReadSet::default();
+    let mut view = ReadSet::new(a.shard_count());
     for _ in 0..MAX_ROUNDS {
         let out = run(&view);
         let misses = view.take_misses();

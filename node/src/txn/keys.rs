@@ -23,8 +23,12 @@ pub enum GraphKey {
     Hub(Identifier),
     Profile(ProfileId),
     Alias(ProfileId),
+    /// An event's dedup record placed by the hash of its id (records
+    /// written before events were placed by identifier).
     Event(String),
     Merge(MergeId),
+    /// An event's dedup record at the slot [`EventRecord::slot`] names.
+    EventAt(String, u32),
 }
 
 /// A record's value as read (absent included: absence is a fact a decision
@@ -51,9 +55,10 @@ fn hash_parts(parts: &[&[u8]]) -> u64 {
 impl GraphKey {
     /// The hash slot of this record, in `0..SLOTS`. An identifier's owner
     /// entry and hub entry share a slot, as do a profile and the alias a
-    /// merge leaves under its id.
+    /// merge leaves under its id. An event's record is where its key says.
     pub fn slot(&self) -> u32 {
         let h = match self {
+            GraphKey::EventAt(_, slot) => return slot % SLOTS,
             GraphKey::Owner(id) | GraphKey::Hub(id) => hash_parts(&[b"i", id.kind.as_bytes(), id.value.as_bytes()]),
             GraphKey::Profile(p) | GraphKey::Alias(p) => hash_parts(&[b"p", p.as_bytes()]),
             GraphKey::Event(e) => hash_parts(&[b"e", e.as_bytes()]),
@@ -84,6 +89,7 @@ impl GraphKey {
             GraphKey::Profile(p) => GraphValue::Profile(r.profile(p)?),
             GraphKey::Alias(p) => GraphValue::Alias(r.alias(p)?),
             GraphKey::Event(e) => GraphValue::Event(r.event(e)?),
+            GraphKey::EventAt(e, slot) => GraphValue::Event(r.event_at(e, *slot)?),
             GraphKey::Merge(m) => GraphValue::Merge(r.merge_record(m)?),
         })
     }
@@ -97,7 +103,10 @@ impl GraphKey {
             Change::PutProfile(p) => GraphKey::Profile(p.id.clone()),
             Change::DeleteProfile(p) => GraphKey::Profile(p.clone()),
             Change::PutAlias(p, _) | Change::DeleteAlias(p) => GraphKey::Alias(p.clone()),
-            Change::PutEvent(e, _) => GraphKey::Event(e.clone()),
+            Change::PutEvent(e, rec) => match rec.slot {
+                Some(slot) => GraphKey::EventAt(e.clone(), slot),
+                None => GraphKey::Event(e.clone()),
+            },
             Change::PutMerge(m) => GraphKey::Merge(m.id.clone()),
             Change::DeleteMerge(m) => GraphKey::Merge(m.clone()),
             Change::PutMeta(..) | Change::DeleteMeta(_) => return None,

@@ -14,13 +14,19 @@ use crate::storage::{GraphRead, StoreError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct ReadSet {
+    shards: u32,
     values: BTreeMap<GraphKey, GraphValue>,
     misses: Mutex<BTreeSet<GraphKey>>,
 }
 
 impl ReadSet {
+    /// An empty view of a graph spread over `shards` shards.
+    pub fn new(shards: u32) -> ReadSet {
+        ReadSet { shards: shards.max(1), values: BTreeMap::new(), misses: Mutex::default() }
+    }
+
     pub fn insert(&mut self, key: GraphKey, value: GraphValue) {
         self.values.insert(key, value);
     }
@@ -61,6 +67,12 @@ impl GraphRead for ReadSet {
     }
     fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
         self.get(GraphKey::Event(event_id.to_string()), |v| if let GraphValue::Event(e) = v { e.clone() } else { None })
+    }
+    fn event_at(&self, event_id: &str, slot: u32) -> Result<Option<EventRecord>, StoreError> {
+        self.get(GraphKey::EventAt(event_id.to_string(), slot), |v| if let GraphValue::Event(e) = v { e.clone() } else { None })
+    }
+    fn shard_count(&self) -> u32 {
+        self.shards
     }
     fn merge_record(&self, id: &str) -> Result<Option<MergeRecord>, StoreError> {
         self.get(GraphKey::Merge(id.to_string()), |v| if let GraphValue::Merge(m) = v { m.clone() } else { None })

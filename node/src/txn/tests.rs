@@ -262,6 +262,12 @@ impl GraphRead for Union<'_> {
     fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
         Ok(if let GraphValue::Event(e) = self.get(GraphKey::Event(event_id.into())) { e } else { None })
     }
+    fn event_at(&self, event_id: &str, slot: u32) -> Result<Option<EventRecord>, StoreError> {
+        Ok(if let GraphValue::Event(e) = self.get(GraphKey::EventAt(event_id.into(), slot)) { e } else { None })
+    }
+    fn shard_count(&self) -> u32 {
+        self.0.stores.len() as u32
+    }
     fn merge_record(&self, id: &str) -> Result<Option<MergeRecord>, StoreError> {
         Ok(if let GraphValue::Merge(m) = self.get(GraphKey::Merge(id.into())) { m } else { None })
     }
@@ -472,4 +478,72 @@ fn a_redelivered_event_is_a_duplicate_across_shards() {
     assert_eq!(dups, 1, "the redelivery is answered as a duplicate");
     check_graph(&shards, &rules);
     assert_eq!(Union(&shards).counters().unwrap().events, 1);
+}
+
+/// Runs one command to its end with a healthy coordinator and returns how
+/// many steps (log entries' worth of commands) it sent to shards, settling
+/// included.
+fn steps_of(shards: &Arc<Shards>, rules: &RuleSet, cmd: &Command) -> i64 {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+    let left = Arc::new(AtomicI64::new(i64::MAX));
+    rt.block_on(async {
+        let c = Coordinator { shards: shards.clone(), steps_left: left.clone(), last_step_lands: false };
+        execute(&c, rules, cmd).await.unwrap();
+        // The settling of a committed transaction runs in the background.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    });
+    i64::MAX - left.load(Ordering::SeqCst)
+}
+
+#[test]
+fn a_new_person_with_one_identifier_is_one_step_on_one_shard() {
+    let rules = RuleSet::builtin();
+    for shard_count in [2u32, 3, 8, 16] {
+        let shards = Shards::new(shard_count);
+        for n in 0..20 {
+            let cmd = identify(n, &[("email".to_string(), format!("person{n}@shop.com"))], 5);
+            assert_eq!(steps_of(&shards, &rules, &cmd), 1, "{shard_count} shards, event {n}: one Single step");
+            let id = Identifier::new("email", format!("person{n}@shop.com"));
+            let home = GraphKey::Owner(id.clone()).shard(shard_count);
+            let profile = Union(&shards).owner(&id).unwrap().expect("the identifier has a profile");
+            assert_eq!(GraphKey::Profile(profile.clone()).shard(shard_count), home, "the new profile is beside its identifier");
+            let rec = shards.store(home).event(&format!("ev-{n}")).unwrap().expect("the event record is beside its identifier");
+            assert_eq!(rec.profile_id, profile);
+            assert_eq!(rec.slot, Some(GraphKey::Owner(id).slot()));
+        }
+        check_graph(&shards, &rules);
+        // A re-delivery finds the record where the first delivery put it.
+        let mut again = identify(3, &[("email".to_string(), "person3@shop.com".to_string())], 5);
+        again.op_id = "op-retry".into();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        let c = Coordinator { shards: shards.clone(), steps_left: Arc::new(AtomicI64::new(i64::MAX)), last_step_lands: false };
+        match rt.block_on(execute(&c, &rules, &again)).unwrap() {
+            Outcome::Identify(o) => assert!(o.duplicate, "{shard_count} shards: the re-delivery is a duplicate"),
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_new_person_with_two_identifiers_touches_only_their_shards() {
+    let rules = RuleSet::builtin();
+    let shard_count = 16;
+    let shards = Shards::new(shard_count);
+    let (mut one, mut two) = (0, 0);
+    for n in 0..40 {
+        let ids = [("email".to_string(), format!("person{n}@shop.com")), ("user_id".to_string(), format!("u{n}"))];
+        let homes: BTreeSet<ShardId> =
+            ids.iter().map(|(k, v)| GraphKey::Owner(Identifier::new(k.clone(), v.clone())).shard(shard_count)).collect();
+        let steps = steps_of(&shards, &rules, &identify(n, &ids, 5));
+        if homes.len() == 1 {
+            assert_eq!(steps, 1, "event {n}: both identifiers on one shard make one Single step");
+            one += 1;
+        } else {
+            // Prepare on one shard, commit on the other, apply, forget.
+            assert_eq!(steps, 4, "event {n}: two shards, four steps");
+            two += 1;
+        }
+    }
+    assert!(one > 0 && two > 0, "the sample covers both cases ({one}, {two})");
+    check_graph(&shards, &rules);
 }
