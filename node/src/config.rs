@@ -85,6 +85,12 @@ pub struct NodeConfig {
     /// bound on the node's memory, which grows with the graph beyond it
     /// (`BENCHMARKS.md`).
     pub storage_cache_mb: u64,
+    /// Whether sled compresses the pages it writes (zstd, fastest level):
+    /// the graph's files shrink to about 0.6 of their size, and one node
+    /// ingests about 0.6 as many events a second (`bench/analysis.md`). Off
+    /// by default. Fixed when a data directory is created; an existing one
+    /// keeps its setting.
+    pub storage_compression: bool,
     /// Address of any member of a running cluster to join (instead of
     /// bootstrapping with `initial_cluster`).
     pub join: String,
@@ -115,6 +121,7 @@ impl Default for NodeConfig {
             raft_heartbeat_ms: 100,
             raft_snapshot_logs: 10_000,
             storage_cache_mb: 1024,
+            storage_compression: false,
             join: String::new(),
             peer_routes: String::new(),
         }
@@ -162,6 +169,7 @@ const ENV_FIELDS: &[&str] = &[
     "raft_heartbeat_ms",
     "raft_snapshot_logs",
     "storage_cache_mb",
+    "storage_compression",
     "join",
     "peer_routes",
 ];

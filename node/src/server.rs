@@ -10,7 +10,7 @@ use crate::router::{ShardMap, ShardRouter};
 use crate::rules::RuleSet;
 use crate::service::{status, AdminService, IdentityGraphService};
 use crate::shard::{shard_actor_name, NodeSupervisor, ReplicaOpener, SupervisorArgs, SupervisorMsg};
-use crate::storage::{NodeLog, SledDb};
+use crate::storage::{NodeLog, SledDb, StoreOptions};
 use idgraph_proto::v1::admin_server::AdminServer;
 use idgraph_proto::v1::identity_graph_server::IdentityGraphServer;
 use idgraph_proto::v1::raft_transport_server::RaftTransportServer;
@@ -281,11 +281,11 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     // The shard count is fixed when a cluster is created: a joining node
     // takes the cluster's, a restarted one its data directory's unless one
     // is configured (then they must agree).
-    let cache = config.storage_cache_mb << 20;
+    let options = StoreOptions { cache_bytes: config.storage_cache_mb << 20, compression: config.storage_compression };
     let (db, count) = match (&joined, config.shards) {
-        (Some(map), _) => (SledDb::open_with_cache(&config.data_dir, map.shard_count, cache)?, map.shard_count),
-        (None, Some(n)) => (SledDb::open_with_cache(&config.data_dir, n, cache)?, n),
-        (None, None) => SledDb::open_adopting(&config.data_dir, config.shard_count(), cache)?,
+        (Some(map), _) => (SledDb::open_with(&config.data_dir, map.shard_count, &options)?, map.shard_count),
+        (None, Some(n)) => (SledDb::open_with(&config.data_dir, n, &options)?, n),
+        (None, None) => SledDb::open_adopting(&config.data_dir, config.shard_count(), &options)?,
     };
     let shards = ShardMap::new(count);
     let node: Arc<str> = ulid::Ulid::new().to_string().to_lowercase().into();

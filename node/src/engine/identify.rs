@@ -277,7 +277,10 @@ pub(super) fn identify<R: GraphRead + ?Sized>(
     cs.counters.events += 1;
     outcome.conflicts = conflicts;
     outcome.profile_id = profile.id.clone();
-    cs.push(Change::PutEvent(ev.event_id.clone(), EventRecord { profile_id: profile.id.clone(), applied_ms: at_ms, slot: Some(near.slot()) }));
+    cs.push(Change::PutEvent(
+        ev.event_id.clone(),
+        EventRecord { profile_id: profile.id.clone(), applied_ms: at_ms, slot: Some(near.slot()) },
+    ));
     cs.push(Change::PutProfile(profile));
     Ok((cs, outcome))
 }

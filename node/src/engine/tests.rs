@@ -562,7 +562,11 @@ proptest! {
 fn new_ids_land_on_the_shard_of_what_they_are_placed_near() {
     use crate::engine::{make_id, make_id_near};
     use crate::txn::GraphKey;
-    assert_eq!(make_id_near("p", 5, &["profile", "ev-1"], 1, &GraphKey::Owner(Identifier::new("email", "a@b.co")), GraphKey::Profile), make_id("p", 5, &["profile", "ev-1"]), "one shard: the plain id");
+    assert_eq!(
+        make_id_near("p", 5, &["profile", "ev-1"], 1, &GraphKey::Owner(Identifier::new("email", "a@b.co")), GraphKey::Profile),
+        make_id("p", 5, &["profile", "ev-1"]),
+        "one shard: the plain id"
+    );
     for shards in [2u32, 3, 16, 64, 256] {
         for n in 0..50 {
             let near = GraphKey::Owner(Identifier::new("email", format!("p{n}@b.co")));

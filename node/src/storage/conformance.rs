@@ -245,6 +245,41 @@ mod tests {
     }
 
     #[test]
+    fn compressed_sled_store_conforms() {
+        let dirs: std::cell::RefCell<Vec<tempfile::TempDir>> = Default::default();
+        let options = crate::storage::StoreOptions { compression: true, ..Default::default() };
+        run_all(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SledDb::open_with(dir.path(), 1, &options).unwrap().shard(ShardId(0)).unwrap();
+            dirs.borrow_mut().push(dir);
+            store
+        });
+    }
+
+    #[test]
+    fn a_data_directory_keeps_the_compression_it_was_created_with() {
+        use crate::storage::StoreOptions;
+        for created in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let id = Identifier::new("email", "k@l.mn");
+            {
+                let db = SledDb::open_with(dir.path(), 1, &StoreOptions { compression: created, ..Default::default() }).unwrap();
+                let s = db.shard(ShardId(0)).unwrap();
+                s.apply(&one(Change::PutOwner(id.clone(), "p_9".into()))).unwrap();
+                s.flush().unwrap();
+            }
+            // sled refuses a database opened with the other setting; the
+            // store adopts the stored one instead.
+            let db = SledDb::open_with(dir.path(), 1, &StoreOptions { compression: !created, ..Default::default() })
+                .unwrap_or_else(|e| panic!("created with compression {created}, reopened with {}: {e}", !created));
+            let s = db.shard(ShardId(0)).unwrap();
+            assert_eq!(s.owner(&id).unwrap().as_deref(), Some("p_9"));
+            let conf = String::from_utf8_lossy(&std::fs::read(dir.path().join("db").join("conf")).unwrap()).into_owned();
+            assert!(conf.contains(&format!("use_compression: {created}")), "{conf}");
+        }
+    }
+
+    #[test]
     fn raft_logs_conform() {
         raft_log_conforms(&crate::storage::MemRaftLog::default());
         let dir = tempfile::tempdir().unwrap();

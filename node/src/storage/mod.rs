@@ -27,7 +27,7 @@ mod staged;
 
 pub use mem::{MemRaftLog, MemStore};
 pub use node_log::{Durable, GroupLog, LogLimits, NodeLog};
-pub use sled_store::{SledDb, SledRaftLog, SledStore};
+pub use sled_store::{SledDb, SledRaftLog, SledStore, StoreOptions};
 pub use staged::Staged;
 
 use crate::model::{ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId};

@@ -54,17 +54,50 @@ pub struct SledDb {
     db: sled::Db,
 }
 
+/// How the node's sled database is opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Memory sled may use for its page cache.
+    pub cache_bytes: u64,
+    /// Whether sled compresses what it writes (zstd): about 0.6 of the disk
+    /// for about 0.6 of one node's ingest rate (`bench/analysis.md`).
+    /// Applies to new data directories; an existing one keeps the setting it
+    /// was created with.
+    pub compression: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { cache_bytes: 1 << 30, compression: false }
+    }
+}
+
+/// zstd's fastest level: most of the space saved (records repeat their
+/// field names and ids), at the least CPU per write.
+const COMPRESSION_LEVEL: i32 = 1;
+
+/// The compression setting an existing sled database was created with, read
+/// from the `conf` file sled writes beside its data (`use_compression: bool`
+/// on a line of its own, then a checksum); `None` for a new database.
+fn stored_compression(db_dir: &Path) -> Option<bool> {
+    // The file ends in a binary checksum: read it as bytes.
+    let conf = std::fs::read(db_dir.join("conf")).ok()?;
+    String::from_utf8_lossy(&conf).lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == "use_compression").then(|| v.trim() == "true")
+    })
+}
+
 impl SledDb {
     /// Opens (or creates) the database under `dir` and checks that it was
-    /// written by this layout with the same shard count; sled's default
-    /// cache size.
+    /// written by this layout with the same shard count; default options.
     pub fn open(dir: &Path, shard_count: u32) -> Result<SledDb, StoreError> {
-        SledDb::open_with_cache(dir, shard_count, 1 << 30)
+        SledDb::open_with(dir, shard_count, &StoreOptions::default())
     }
 
-    /// [`SledDb::open`] with a cache of at most `cache_bytes`.
-    pub fn open_with_cache(dir: &Path, shard_count: u32, cache_bytes: u64) -> Result<SledDb, StoreError> {
-        let (db, stored) = SledDb::open_adopting(dir, shard_count, cache_bytes)?;
+    /// [`SledDb::open`] with the given cache size and compression.
+    pub fn open_with(dir: &Path, shard_count: u32, options: &StoreOptions) -> Result<SledDb, StoreError> {
+        let (db, stored) = SledDb::open_adopting(dir, shard_count, options)?;
         if stored != shard_count {
             return Err(StoreError::Layout(format!("data directory was created with {stored} shards, configured {shard_count}")));
         }
@@ -73,9 +106,30 @@ impl SledDb {
 
     /// Opens (or creates, with `shard_count` shards) the database under
     /// `dir` and returns it with the shard count it was created with.
-    pub fn open_adopting(dir: &Path, shard_count: u32, cache_bytes: u64) -> Result<(SledDb, u32), StoreError> {
+    pub fn open_adopting(dir: &Path, shard_count: u32, options: &StoreOptions) -> Result<(SledDb, u32), StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
-        let config = sled::Config::new().path(dir.join("db")).cache_capacity(cache_bytes).flush_every_ms(Some(500));
+        let path = dir.join("db");
+        // sled fixes compression when it creates a database: an existing one
+        // keeps its own setting (sled refuses to open it with the other).
+        let compression = match stored_compression(&path) {
+            Some(stored) => {
+                if stored != options.compression {
+                    tracing::warn!(
+                        stored,
+                        configured = options.compression,
+                        "storage compression is fixed when a data directory is created; keeping the stored setting"
+                    );
+                }
+                stored
+            }
+            None => options.compression,
+        };
+        let config = sled::Config::new()
+            .path(&path)
+            .cache_capacity(options.cache_bytes)
+            .flush_every_ms(Some(500))
+            .use_compression(compression)
+            .compression_factor(COMPRESSION_LEVEL);
         // sled's background flusher lets go of the file lock a moment after
         // the last handle of a database is dropped: a reopen in the same
         // process (a restarted node in a test) waits for it, for a while.
@@ -87,7 +141,7 @@ impl SledDb {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(sled::Error::Io(e)) if super::note_disk_full(&e) => return Err(StoreError::DiskFull),
-                opened => break opened.map_err(|e| StoreError::Io(format!("cannot open {}: {e}", dir.join("db").display())))?,
+                opened => break opened.map_err(|e| StoreError::Io(format!("cannot open {}: {e}", path.display())))?,
             }
         };
         let meta = db.open_tree("meta").map_err(io)?;
