@@ -10,6 +10,7 @@ use std::path::PathBuf;
 /// sled allocates and frees a node of its page cache for most reads and
 /// writes: with glibc's allocator, malloc and free took about half of a
 /// streaming node's CPU (`bench/analysis.md`).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
