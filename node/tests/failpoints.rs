@@ -80,6 +80,24 @@ async fn crash_at(point: &str, applied_before_crash: bool) {
     let mut crashing = start(dirs[0].path(), ports[0], 1, &members, Some(point));
     let others: Vec<NodeProcess> = (1..3).map(|i| start(dirs[i].path(), ports[i], i + 1, &members, None)).collect();
 
+    // Every group is formed before the crash: a group whose initialising
+    // node dies before its first election reaches the others waits for
+    // that node's return, and the checks below read every shard meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in std::iter::once(&crashing).chain(&others) {
+        loop {
+            let led = match n.admin().await.get_cluster(pb::GetClusterRequest {}).await {
+                Ok(c) => c.into_inner().shards.iter().all(|sh| sh.leader_id != 0),
+                Err(_) => false,
+            };
+            if led {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{point}: some shards have no leader after 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     let ids = spread_identifiers(point.trim_start_matches("txn::"));
     let refs: Vec<(&str, &str)> = ids.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let req = event(&format!("crash-{point}"), &refs);
