@@ -28,7 +28,7 @@
 //! [`GraphStore::flush`] makes the graph durable before a snapshot lets
 //! openraft purge the log.
 
-use super::{decode, encode, redact_key, GraphRead, GraphStore, StoreError};
+use super::{decode, encode, encode_record, redact_key, GraphRead, GraphStore, StoreError};
 use crate::model::{Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId};
 use std::path::Path;
 use std::sync::RwLock;
@@ -434,14 +434,14 @@ impl GraphStore for SledStore {
             .map(|c| match c {
                 Change::PutOwner(k, v) => put(id_key(b'i', k), v.as_bytes().to_vec()),
                 Change::DeleteOwner(k) => (id_key(b'i', k), None),
-                Change::PutProfile(p) => put(str_key(b'p', &p.id), encode(p)),
+                Change::PutProfile(p) => put(str_key(b'p', &p.id), encode_record(p)),
                 Change::DeleteProfile(id) => (str_key(b'p', id), None),
                 Change::PutAlias(k, v) => put(str_key(b'a', k), v.as_bytes().to_vec()),
                 Change::DeleteAlias(k) => (str_key(b'a', k), None),
-                Change::PutEvent(k, v) => put(str_key(b'e', k), encode(v)),
-                Change::PutMerge(m) => put(str_key(b'm', &m.id), encode(m)),
+                Change::PutEvent(k, v) => put(str_key(b'e', k), encode_record(v)),
+                Change::PutMerge(m) => put(str_key(b'm', &m.id), encode_record(m)),
                 Change::DeleteMerge(id) => (str_key(b'm', id), None),
-                Change::PutHub(k, v) => put(id_key(b'h', k), encode(v)),
+                Change::PutHub(k, v) => put(id_key(b'h', k), encode_record(v)),
                 Change::DeleteHub(k) => (id_key(b'h', k), None),
                 Change::PutMeta(k, v) => put(str_key(b'x', k), v.clone()),
                 Change::DeleteMeta(k) => (str_key(b'x', k), None),
@@ -450,7 +450,7 @@ impl GraphStore for SledStore {
         if cs.counters != Counters::default() {
             let mut counters: Counters = self.get_held(COUNTERS_KEY)?.unwrap_or_default();
             counters.add(&cs.counters);
-            writes.push(put(COUNTERS_KEY.to_vec(), encode(&counters)));
+            writes.push(put(COUNTERS_KEY.to_vec(), encode_record(&counters)));
         }
         match writes.as_slice() {
             // One write is atomic by itself.
@@ -604,7 +604,60 @@ impl super::RaftLog for SledRaftLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{AbsorbedProfile, EventRecord, HubRecord, Identifier, MergeCause, MergeRecord, Profile, TraitState};
     use crate::storage::GraphRead;
+
+    fn profile() -> Profile {
+        Profile {
+            id: "p_01J0000000000000000000000".into(),
+            identifiers: vec![Identifier::new("email", "ann@shop.com"), Identifier::new("user_id", "u1")],
+            traits: [(
+                "plan".to_string(),
+                TraitState { value: serde_json::json!({"tier": "gold", "seats": 3}), ts: 5, event_id: "e1".into() },
+            )]
+            .into_iter()
+            .collect(),
+            merged_from: vec!["p_old".into()],
+            lineage: vec!["m_1".into()],
+            created_ms: 1,
+            updated_ms: 2,
+            rule_version: "builtin".into(),
+        }
+    }
+
+    /// Every stored record reads back from the compact form and from the
+    /// named form that older data directories hold; the compact one is the
+    /// smaller.
+    #[test]
+    fn stored_records_read_back_from_the_compact_and_the_named_encoding() {
+        fn check<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(v: T) {
+            let (compact, named) = (encode_record(&v), encode(&v));
+            assert_eq!(decode::<T>(b"k", &compact).unwrap(), v, "compact");
+            assert_eq!(decode::<T>(b"k", &named).unwrap(), v, "named");
+            assert!(compact.len() < named.len(), "{v:?}: {} bytes compact, {} named", compact.len(), named.len());
+        }
+        check(profile());
+        check(EventRecord { profile_id: "p_1".into(), applied_ms: 3, slot: Some(7) });
+        check(EventRecord { profile_id: "p_1".into(), applied_ms: 3, slot: None });
+        check(MergeRecord {
+            id: "m_1".into(),
+            survivor: "p_1".into(),
+            absorbed: vec![AbsorbedProfile { profile: profile() }],
+            added: vec![Identifier::new("phone", "+15550100")],
+            cause: MergeCause::Event { event_id: "e1".into(), source: "web".into() },
+            rule_version: "builtin".into(),
+            at_ms: 9,
+            forced: false,
+            undone_at_ms: None,
+        });
+        check(HubRecord {
+            colliding_profiles: vec!["p_1".into(), "p_2".into()],
+            limit_type: "user_id".into(),
+            listed_at_ms: Some(4),
+            reason: "r".into(),
+        });
+        check(Counters { events: 3, profiles: 2, ..Default::default() });
+    }
 
     /// A crash between a change set's redo record and its last write: the
     /// reopened store holds the whole change set, whatever part of it had
