@@ -21,9 +21,10 @@
 //! own. They wait in the actor until the next entry goes out, or until
 //! [`settle_delay`] passes with none, so that on a busy shard they cost no
 //! replicated entry of their own (the cross-shard protocol's applies and
-//! forgets were about a third of its entries). Nothing waits on them but
-//! readers of the records a secondary still holds locked, for at most that
-//! delay.
+//! forgets were about a third of its entries). They go first in the entry
+//! they join. Until an apply lands, its records stay locked: readers wait
+//! and other writers to them retry, for about that delay (longer when the
+//! shard's proposals are all in flight).
 //!
 //! The [`NodeSupervisor`] spawns the shard actors linked to itself. When one
 //! fails, it shuts that shard's Raft instance down and opens it again from
@@ -130,13 +131,18 @@ impl ShardState {
     fn release_deferred(&mut self, myself: &ActorRef<ShardMsg>, all: bool) {
         let now = tokio::time::Instant::now();
         let mut kept = Vec::new();
+        let mut released = Vec::new();
         for (cmd, port, due) in std::mem::take(&mut self.deferred) {
             if all || due <= now {
-                self.waiting.push((cmd, port));
+                released.push((cmd, port));
             } else {
                 kept.push((cmd, port, due));
             }
         }
+        // First in the entry: an apply releases locks that a command in the
+        // same entry may need (settling steps validate nothing, and their
+        // transaction's earlier steps have all been answered).
+        self.waiting.splice(0..0, released);
         if let Some(next) = kept.iter().map(|(_, _, d)| *d).min() {
             if !all {
                 myself.send_after(next.saturating_duration_since(now), || ShardMsg::SettleDue);

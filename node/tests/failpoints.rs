@@ -87,7 +87,12 @@ async fn crash_at(point: &str, applied_before_crash: bool) {
     for n in std::iter::once(&crashing).chain(&others) {
         loop {
             let led = match n.admin().await.get_cluster(pb::GetClusterRequest {}).await {
-                Ok(c) => c.into_inner().shards.iter().all(|sh| sh.leader_id != 0),
+                // Every replica is open (the admin service answers before
+                // they are) and every group has a leader.
+                Ok(c) => {
+                    let c = c.into_inner();
+                    c.shards.len() == c.shard_count as usize && c.shards.iter().all(|sh| sh.leader_id != 0)
+                }
                 Err(_) => false,
             };
             if led {

@@ -26,7 +26,9 @@
 //! 4. Without limits, the partition and the traits do not depend on the order
 //!    in which events are applied: joining is union, and every trait policy
 //!    is a commutative, associative choice over (value, event time, event id).
-//! 5. An event id applied once is never applied again.
+//! 5. An event id applied once is never applied again with the same
+//!    smallest usable identifier (its dedup record is kept beside that
+//!    identifier; a re-delivery carries the same identifiers).
 //!
 //! # Merge protection
 //!

@@ -98,8 +98,8 @@ pub trait GraphRead {
     /// Where a merged-away profile id now points.
     fn alias(&self, id: &str) -> Result<Option<ProfileId>, StoreError>;
     fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError>;
-    /// An event's record where [`EventRecord::slot`] places it. A store that
-    /// holds every slot (one shard's) looks it up by id alone.
+    /// An event's record where [`EventRecord::slot`] places it. A shard's
+    /// store keeps events by id, so it looks the record up by id alone.
     fn event_at(&self, event_id: &str, _slot: u32) -> Result<Option<EventRecord>, StoreError> {
         self.event(event_id)
     }
@@ -182,8 +182,10 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 /// order and no names, about a third smaller than [`encode`]'s named form
 /// (which digests, locks and messages keep). [`decode`] reads both, so
 /// records written before stay readable. Hence, for every stored struct:
-/// fields are only added at the end, and only the last one may be left out
-/// when absent (`skip_serializing_if`), as `EventRecord::slot` is.
+/// fields are only added at the end, each with `#[serde(default)]` (older
+/// records are shorter), and only the last one may be left out when absent
+/// (`skip_serializing_if`), as `EventRecord::slot` is. An older build cannot
+/// read records or log entries written by this one (no downgrade).
 pub(crate) fn encode_record<T: serde::Serialize>(v: &T) -> Vec<u8> {
     rmp_serde::to_vec(v).expect("domain records always serialise")
 }

@@ -684,7 +684,7 @@ mod tests {
                 (id_key(b'i', &alice), Some(b"p_2".to_vec())),
                 (str_key(b'a', "p_1"), None),
                 (str_key(b'x', "raft.applied"), Some(b"7".to_vec())),
-                (COUNTERS_KEY.to_vec(), Some(encode(&Counters { events: 1, ..Default::default() }))),
+                (COUNTERS_KEY.to_vec(), Some(encode_record(&Counters { events: 1, ..Default::default() }))),
             ];
             s.tree.insert(REDO_KEY, encode(&writes)).unwrap();
             s.tree.insert(&writes[0].0, writes[0].1.clone().unwrap()).unwrap();
