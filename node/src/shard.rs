@@ -143,10 +143,9 @@ impl ShardState {
         // same entry may need (settling steps validate nothing, and their
         // transaction's earlier steps have all been answered).
         self.waiting.splice(0..0, released);
+        // (With `all`, nothing is kept.)
         if let Some(next) = kept.iter().map(|(_, _, d)| *d).min() {
-            if !all {
-                myself.send_after(next.saturating_duration_since(now), || ShardMsg::SettleDue);
-            }
+            myself.send_after(next.saturating_duration_since(now), || ShardMsg::SettleDue);
         }
         self.deferred = kept;
     }

@@ -133,9 +133,9 @@ pub(super) fn identify<R: GraphRead + ?Sized>(
     // owner entry the event reads and writes anyway. A re-delivery carries
     // the same identifiers, so it finds the dedup record there.
     let near = GraphKey::Owner(usable.iter().min().expect("normalize_all returns at least one identifier").clone());
-    let shards = state.shard_count();
+    let (slot, shards) = (near.slot(), state.shard_count());
     let mut cs = ChangeSet::default();
-    if let Some(rec) = state.event_at(&ev.event_id, near.slot())? {
+    if let Some(rec) = state.event_at(&ev.event_id, slot)? {
         let profile_id = super::resolve_profile_id(state, &rec.profile_id)?.map_or(rec.profile_id, |f| f.profile.id);
         cs.counters.duplicates += 1;
         return Ok((cs, IdentifyOutcome { profile_id, duplicate: true, rule_version: rules.version().into(), ..Default::default() }));
@@ -277,10 +277,7 @@ pub(super) fn identify<R: GraphRead + ?Sized>(
     cs.counters.events += 1;
     outcome.conflicts = conflicts;
     outcome.profile_id = profile.id.clone();
-    cs.push(Change::PutEvent(
-        ev.event_id.clone(),
-        EventRecord { profile_id: profile.id.clone(), applied_ms: at_ms, slot: Some(near.slot()) },
-    ));
+    cs.push(Change::PutEvent(ev.event_id.clone(), EventRecord { profile_id: profile.id.clone(), applied_ms: at_ms, slot: Some(slot) }));
     cs.push(Change::PutProfile(profile));
     Ok((cs, outcome))
 }

@@ -354,19 +354,17 @@ pub(crate) fn make_id_near(
         return first;
     }
     let target = near.shard(shards);
-    if key_of(first.clone()).shard(shards) == target {
-        return first;
-    }
-    for n in 1..shards.saturating_mul(PLACEMENT_TRIES_PER_SHARD) {
+    // Try 0 is the seed alone, try n the seed and n.
+    let candidate = |n: u32| {
         let counter = n.to_string();
         let mut seeded: Vec<&str> = seed.to_vec();
         seeded.push(&counter);
-        let id = make_id(prefix, ts_ms, &seeded);
-        if key_of(id.clone()).shard(shards) == target {
-            return id;
-        }
-    }
-    first
+        make_id(prefix, ts_ms, &seeded)
+    };
+    std::iter::once(first.clone())
+        .chain((1..shards.saturating_mul(PLACEMENT_TRIES_PER_SHARD)).map(candidate))
+        .find(|id| key_of(id.clone()).shard(shards) == target)
+        .unwrap_or(first)
 }
 
 /// Looks merge lineage up.

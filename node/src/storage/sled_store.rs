@@ -72,8 +72,9 @@ impl Default for StoreOptions {
     }
 }
 
-/// zstd's fastest level: most of the space saved (records repeat their
-/// field names and ids), at the least CPU per write.
+/// zstd's fastest level: most of the space saved (records repeat ids,
+/// identifier kinds and sled's own page headers), at the least CPU per
+/// write.
 const COMPRESSION_LEVEL: i32 = 1;
 
 /// The compression setting an existing sled database was created with, read
