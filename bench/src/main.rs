@@ -270,7 +270,7 @@ async fn measure<P: Peer>(peer: Arc<P>, world: &World, args: &RunArgs) -> anyhow
         anyhow::ensure!(loaded.errors == 0, "preloading failed: {:?}", loaded.first_error);
     }
     // Look-ups ask for identifiers the rules accept (not the placeholders).
-    let rules = idgraph_node::rules::RuleSet::builtin();
+    let rules = idgraph_core::rules::RuleSet::builtin();
     let known: Arc<Vec<RawId>> = Arc::new(
         preload.iter().flat_map(|e| e.ids.iter()).filter(|i| normalized_key(&rules, i.kind, &i.value).is_some()).cloned().collect(),
     );

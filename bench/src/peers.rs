@@ -4,7 +4,7 @@
 //! before acknowledging, no resolution, no Raft, no network).
 
 use crate::world::{normalized_key, normalized_value, Event, RawId};
-use idgraph_node::rules::RuleSet;
+use idgraph_core::rules::RuleSet;
 use idgraph_proto::v1 as pb;
 use std::collections::BTreeSet;
 use std::future::Future;

@@ -26,7 +26,7 @@
 //! a placeholder belongs to no one, and is left out of the accuracy
 //! counts.
 
-use idgraph_node::rules::RuleSet;
+use idgraph_core::rules::RuleSet;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 

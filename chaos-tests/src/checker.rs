@@ -18,6 +18,8 @@
 use crate::cluster::{admin, Cluster};
 use crate::linearizability::{check_graph, GraphInput, GraphOutput, Operation, Verdict};
 use crate::workload::{to_pb, Group, Id, Op, OpKind, Outcome};
+use idgraph_core::checks::{self, Listing};
+use idgraph_core::model::Identifier;
 use idgraph_proto::v1 as pb;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -251,28 +253,15 @@ pub async fn invariants(channel: Channel, finals: &BTreeMap<Id, Option<pb::Profi
         }
         profiles.insert(p.profile_id.clone(), p);
     }
-    let mut listed_by: BTreeMap<Id, String> = BTreeMap::new();
-    for p in profiles.values() {
-        let mut per_type: BTreeMap<&str, usize> = BTreeMap::new();
-        for i in &p.identifiers {
-            *per_type.entry(i.r#type.as_str()).or_default() += 1;
-            let id = crate::workload::id_string(&i.r#type, &i.value);
-            if let Some(other) = listed_by.insert(id.clone(), p.profile_id.clone()) {
-                r.fail(format!("{id} is listed by live profiles {other} and {}", p.profile_id));
-            }
-            if let Some(Some(owner)) = finals.get(&id) {
-                if owner.profile_id != p.profile_id {
-                    r.fail(format!("{id} is listed by {} but resolves to {}", p.profile_id, owner.profile_id));
-                }
-            }
-        }
-        for (kind, n) in per_type {
-            if let Some(limit) = limits.get(kind) {
-                if n > *limit {
-                    r.fail(format!("profile {} holds {n} identifiers of type {kind} (limit {limit})", p.profile_id));
-                }
-            }
-        }
+    // Invariants 1 to 4 of `idgraph_core::checks`, over the profiles read:
+    // an identifier's owner is known where the run read that identifier.
+    let listed: Vec<Listing> = profiles
+        .values()
+        .map(|p| (p.profile_id.clone(), p.identifiers.iter().map(|i| Identifier::new(&i.r#type, &i.value)).collect()))
+        .collect();
+    let owner_of = |i: &Identifier| finals.get(&crate::workload::id_string(&i.kind, &i.value)).map(|p| p.as_ref().map(|p| p.profile_id.clone()));
+    for failure in checks::listings(&listed, owner_of, |kind| limits.get(kind).copied(), None) {
+        r.fail(failure);
     }
     // Lineage: a merged-away profile id resolves to the live profile that
     // lists it in merged_from.

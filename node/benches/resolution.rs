@@ -5,9 +5,9 @@
 //! engine.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use idgraph_node::engine::{execute, Command, CommandKind, IdentifyEvent, RawIdentifier};
-use idgraph_node::model::ShardId;
-use idgraph_node::rules::RuleSet;
+use idgraph_core::engine::{execute, Command, CommandKind, IdentifyEvent, RawIdentifier};
+use idgraph_core::model::ShardId;
+use idgraph_core::rules::RuleSet;
 use idgraph_node::storage::{GraphStore, MemStore, SledDb};
 use std::collections::BTreeMap;
 

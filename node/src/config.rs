@@ -3,9 +3,9 @@
 //! `node/idgraph.example.toml` lists every field
 //! with its default and meaning.
 
-use crate::rules::{RuleSet, RuleSetError};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use idgraph_core::rules::{RuleSet, RuleSetError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

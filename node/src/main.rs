@@ -82,7 +82,7 @@ async fn terminated() {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.print_default_rules {
-        print!("{}", idgraph_node::rules::BUILTIN_RULES_TOML);
+        print!("{}", idgraph_core::rules::BUILTIN_RULES_TOML);
         return Ok(());
     }
     if args.crash_points {

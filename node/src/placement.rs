@@ -1,4 +1,4 @@
-//! The I/O shell around [`crate::meta`]: every node keeps its replicas in
+//! The I/O shell around [`idgraph_core::meta`]: every node keeps its replicas in
 //! line with the cluster map, and the node leading the metadata group
 //! carries out the replica moves the map plans.
 //!
@@ -16,13 +16,13 @@
 //!
 //! Every step is safe to repeat and to interrupt: a move's steps are
 //! recorded in the map before and after the Raft membership change they
-//! bracket (see [`crate::meta`]).
+//! bracket (see [`idgraph_core::meta`]).
 
-use crate::meta::{ClusterMap, MetaCommand, ReplicaMove, META};
 use crate::raft::MembershipChange;
 use crate::router::ShardRouter;
 use crate::service::status::ServiceError;
 use crate::shard::SupervisorMsg;
+use idgraph_core::meta::{ClusterMap, MetaCommand, ReplicaMove, META};
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use std::time::Duration;
@@ -135,8 +135,8 @@ impl Placement {
 
     async fn supervise(
         &self,
-        msg: fn(crate::model::ShardId, ractor::RpcReplyPort<Result<(), String>>) -> SupervisorMsg,
-        group: crate::model::ShardId,
+        msg: fn(idgraph_core::model::ShardId, ractor::RpcReplyPort<Result<(), String>>) -> SupervisorMsg,
+        group: idgraph_core::model::ShardId,
     ) -> Result<(), String> {
         match self.supervisor.call(|port| msg(group, port), Some(Duration::from_secs(30))).await {
             Ok(CallResult::Success(r)) => r,
@@ -164,7 +164,7 @@ impl Placement {
         Ok(map)
     }
 
-    /// The three steps of one move (see [`crate::meta`]); each may have
+    /// The three steps of one move (see [`idgraph_core::meta`]); each may have
     /// been done before.
     #[instrument(skip_all, fields(group = %mv.group, add = ?mv.add, remove = ?mv.remove))]
     async fn carry_out(&self, mv: ReplicaMove) -> Result<ClusterMap, ServiceError> {

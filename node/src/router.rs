@@ -7,14 +7,14 @@
 //! [`ShardAccess`] by sending reads and transaction steps to each shard's
 //! leader, here or on another node.
 
-use crate::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileRef};
-use crate::meta::{ClusterMap, MetaCommand, META};
-use crate::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
 use crate::raft::{LeadershipStep, Peers, Replicas, ShardCommand, ShardFailure, ShardRead, ShardReply, ShardRequest};
-use crate::rules::RuleSet;
 use crate::service::status::ServiceError;
 use crate::shard::{shard_actor_name, ShardMsg};
 use crate::txn::{self, GraphKey, KeyRead, ReadMode, ShardAccess, TxnError, TxnOp, TxnReply};
+use idgraph_core::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileRef};
+use idgraph_core::meta::{ClusterMap, MetaCommand, META};
+use idgraph_core::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
+use idgraph_core::rules::RuleSet;
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use std::sync::{Arc, RwLock};
@@ -261,7 +261,7 @@ impl ShardRouter {
 
     async fn find(&self, r: ProfileRef, mode: ReadMode) -> Result<FoundProfile, ServiceError> {
         let rules = self.rules.clone();
-        txn::coordinator::query(self, mode, |view| crate::engine::find_profile(view, &rules, &r, "key")).await.map_err(txn_error)
+        txn::coordinator::query(self, mode, |view| idgraph_core::engine::find_profile(view, &rules, &r, "key")).await.map_err(txn_error)
     }
 
     pub async fn get_profile(&self, r: ProfileRef) -> Result<FoundProfile, ServiceError> {
@@ -289,7 +289,7 @@ impl ShardRouter {
 
     pub async fn get_merge(&self, id: String) -> Result<MergeRecord, ServiceError> {
         if !self.single_shard() {
-            return txn::coordinator::query(self, ReadMode::Linearizable, |view| crate::engine::find_merge(view, &id))
+            return txn::coordinator::query(self, ReadMode::Linearizable, |view| idgraph_core::engine::find_merge(view, &id))
                 .await
                 .map_err(txn_error);
         }
@@ -384,7 +384,7 @@ impl ShardRouter {
     /// again either way.
     pub async fn transfer_leader(&self, shard: ShardId, to: u64) -> Result<u64, ServiceError> {
         if shard != META && !self.map.shards().contains(&shard) {
-            return Err(ServiceError::Engine(crate::engine::EngineError::InvalidArgument {
+            return Err(ServiceError::Engine(idgraph_core::engine::EngineError::InvalidArgument {
                 field: "shard".into(),
                 reason: format!("the cluster has shards 0 to {}", self.map.count() - 1),
             }));

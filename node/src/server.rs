@@ -3,14 +3,14 @@
 //! all of it down in order.
 
 use crate::config::NodeConfig;
-use crate::meta::{ClusterMap, META};
-use crate::model::ShardId;
 use crate::raft::{LogFlusher, Peers, RaftTransportService, Replicas, ShardLogStore, ShardNetworkFactory, ShardReplica, ShardStateMachine};
 use crate::router::{ShardMap, ShardRouter};
-use crate::rules::RuleSet;
 use crate::service::{status, AdminService, IdentityGraphService};
 use crate::shard::{shard_actor_name, NodeSupervisor, ReplicaOpener, SupervisorArgs, SupervisorMsg};
 use crate::storage::{NodeLog, SledDb, StoreOptions};
+use idgraph_core::meta::{ClusterMap, META};
+use idgraph_core::model::ShardId;
+use idgraph_core::rules::RuleSet;
 use idgraph_proto::v1::admin_server::AdminServer;
 use idgraph_proto::v1::identity_graph_server::IdentityGraphServer;
 use idgraph_proto::v1::raft_transport_server::RaftTransportServer;

@@ -33,9 +33,9 @@
 //! invisible to them but for the calls in flight, which fail as
 //! `UNAVAILABLE`.
 
-use crate::model::ShardId;
 use crate::raft::{Replicas, ShardCommand, ShardFailure, ShardReplica, ShardReply, ShardRequest};
 use futures::future::BoxFuture;
+use idgraph_core::model::ShardId;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::sync::Arc;
 use tracing::{error, info, instrument};
@@ -265,7 +265,7 @@ pub enum SupervisorMsg {
     /// Opens a replica (empty when new) and starts its actor; done if open.
     Open(ShardId, RpcReplyPort<Result<(), String>>),
     /// Stops a replica's actor and Raft instance and deletes its data: the
-    /// group no longer counts on this node (see [`crate::meta`]).
+    /// group no longer counts on this node (see [`idgraph_core::meta`]).
     Discard(ShardId, RpcReplyPort<Result<(), String>>),
 }
 

@@ -14,7 +14,7 @@
 mod common;
 
 use common::*;
-use idgraph_node::model::Identifier;
+use idgraph_core::model::Identifier;
 use idgraph_node::txn::GraphKey;
 use idgraph_proto::v1 as pb;
 use std::time::{Duration, Instant};

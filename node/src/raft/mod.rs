@@ -4,7 +4,7 @@
 //! # Protocol and invariants
 //!
 //! A shard replica is a Raft group member. A client command (a
-//! [`Command`](crate::engine::Command): an identity event or an operator
+//! [`Command`](idgraph_core::engine::Command): an identity event or an operator
 //! call, stamped once by the proposer with its time and operation id) is
 //! appended to the group's log; once a quorum holds it, every replica applies
 //! it to its own graph with the same pure engine. Because the engine reads no
@@ -52,7 +52,7 @@ pub use network::{Peers, RaftTransportService, Replicas, ShardNetworkFactory};
 pub use replica::{LeadershipStep, MembershipChange, ShardFailure, ShardRead, ShardReplica, ShardReply, ShardRequest};
 pub use state_machine::{replica_digest, ReplicaDigest, ShardStateMachine};
 
-use crate::engine::{EngineError, Outcome};
+use idgraph_core::engine::{EngineError, Outcome};
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
 
@@ -77,11 +77,11 @@ pub struct Proposal {
 pub enum ShardCommand {
     /// A client command the engine runs on this shard alone (a one-shard
     /// map: every record is here).
-    Engine(crate::engine::Command),
+    Engine(idgraph_core::engine::Command),
     /// A step of a cross-shard transaction (see [`crate::txn`]).
     Txn(crate::txn::TxnOp),
-    /// A change of the cluster map (metadata group only, see [`crate::meta`]).
-    Meta(crate::meta::MetaCommand),
+    /// A change of the cluster map (metadata group only, see [`idgraph_core::meta`]).
+    Meta(idgraph_core::meta::MetaCommand),
 }
 
 /// What applying one log entry answered.
@@ -94,7 +94,7 @@ pub enum ShardResponse {
     Refused(Refusal),
     Txn(crate::txn::TxnReply),
     /// The cluster map after a [`ShardCommand::Meta`].
-    Map(crate::meta::ClusterMap),
+    Map(idgraph_core::meta::ClusterMap),
 }
 
 /// An engine refusal as it travels through Raft (the caller maps it to a

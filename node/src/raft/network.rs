@@ -10,7 +10,7 @@
 
 use super::replica::{ShardFailure, ShardReplica, ShardRequest};
 use super::{decode, encode, ShardRaft};
-use crate::model::ShardId;
+use idgraph_core::model::ShardId;
 use idgraph_proto::v1::raft_transport_client::RaftTransportClient;
 use idgraph_proto::v1::raft_transport_server::RaftTransport;
 use idgraph_proto::v1::{RaftBatch, RaftMessage};
@@ -85,7 +85,7 @@ impl Peers {
     }
 
     /// The cluster map as the node at `addr` knows it.
-    pub async fn cluster_map(&self, addr: &str) -> Result<crate::meta::ClusterMap, String> {
+    pub async fn cluster_map(&self, addr: &str) -> Result<idgraph_core::meta::ClusterMap, String> {
         let mut client = self.client(addr)?;
         let resp = tokio::time::timeout(Duration::from_secs(5), client.cluster_map(RaftMessage { shard: 0, payload: Vec::new() }))
             .await
@@ -272,11 +272,11 @@ pub type Replicas = Arc<RwLock<HashMap<ShardId, ShardReplica>>>;
 #[derive(Clone)]
 pub struct RaftTransportService {
     replicas: Replicas,
-    cluster: Arc<RwLock<crate::meta::ClusterMap>>,
+    cluster: Arc<RwLock<idgraph_core::meta::ClusterMap>>,
 }
 
 impl RaftTransportService {
-    pub fn new(replicas: Replicas, cluster: Arc<RwLock<crate::meta::ClusterMap>>) -> Self {
+    pub fn new(replicas: Replicas, cluster: Arc<RwLock<idgraph_core::meta::ClusterMap>>) -> Self {
         RaftTransportService { replicas, cluster }
     }
 

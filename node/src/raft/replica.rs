@@ -4,11 +4,11 @@
 
 use super::read_barrier::ReadBarrier;
 use super::{Proposal, Refusal, ShardCommand, ShardRaft, ShardResponse};
-use crate::engine::{self, FoundProfile, Outcome, ProfileRef};
-use crate::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
-use crate::rules::RuleSet;
 use crate::storage::{GraphRead, SledStore};
 use crate::txn::{self, GraphKey, KeyRead, LockRecord, ReadMode, TxnReply};
+use idgraph_core::engine::{self, FoundProfile, Outcome, ProfileRef};
+use idgraph_core::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
+use idgraph_core::rules::RuleSet;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft};
 use serde::{Deserialize, Serialize};
@@ -90,7 +90,7 @@ pub enum ShardReply {
     Locks(Vec<LockRecord>),
     LeaderId(Option<u64>),
     Members(Vec<String>),
-    Map(crate::meta::ClusterMap),
+    Map(idgraph_core::meta::ClusterMap),
 }
 
 /// Why a shard did not answer a request.
@@ -382,7 +382,7 @@ impl ShardReplica {
                 let m = self.raft.metrics().borrow().clone();
                 ShardReply::Members(m.membership_config.membership().nodes().map(|(_, n)| n.addr.clone()).collect())
             }
-            ShardRead::ClusterMap { .. } => ShardReply::Map(crate::meta::read_map(store).map_err(|e| self.unavailable(e))?),
+            ShardRead::ClusterMap { .. } => ShardReply::Map(idgraph_core::meta::read_map(store).map_err(|e| self.unavailable(e))?),
             ShardRead::PreparedBefore { before_ms } => {
                 ShardReply::Locks(txn::prepared_before(store, before_ms).map_err(|e| self.unavailable(e))?)
             }

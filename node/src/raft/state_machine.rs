@@ -2,11 +2,11 @@
 //! [`GraphStore`].
 
 use super::{decode, encode, read_err, write_err, LogId, Refusal, ShardCommand, ShardRaft, ShardResponse, StorageError};
-use crate::engine;
-use crate::model::{Change, ChangeSet};
-use crate::rules::RuleSet;
 use crate::storage::{GraphStore, Staged};
 use crate::txn;
+use idgraph_core::engine;
+use idgraph_core::model::{Change, ChangeSet};
+use idgraph_core::rules::RuleSet;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{BasicNode, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StoredMembership};
 use serde::{Deserialize, Serialize};
@@ -254,10 +254,10 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
                                 let (cs, reply) = txn::apply_op(&staged, op).map_err(failed)?;
                                 (cs, ShardResponse::Txn(reply))
                             }
-                            ShardCommand::Meta(cmd) => match crate::meta::read_map(&staged).map_err(failed)?.apply(cmd) {
+                            ShardCommand::Meta(cmd) => match idgraph_core::meta::read_map(&staged).map_err(failed)?.apply(cmd) {
                                 Ok(map) => {
                                     let mut cs = ChangeSet::default();
-                                    cs.push(Change::PutMeta(crate::meta::MAP_KEY.into(), encode(&map)));
+                                    cs.push(Change::PutMeta(idgraph_core::meta::MAP_KEY.into(), encode(&map)));
                                     (cs, ShardResponse::Map(map))
                                 }
                                 Err(r) => {

@@ -2,9 +2,9 @@
 //! on sled and in memory.
 
 use super::{LogFlusher, ShardLogStore, ShardRaft, ShardStateMachine, StorageError};
-use crate::model::ShardId;
-use crate::rules::RuleSet;
 use crate::storage::{GroupLog, MemRaftLog, MemStore, NodeLog, SledDb, SledRaftLog, SledStore};
+use idgraph_core::model::ShardId;
+use idgraph_core::rules::RuleSet;
 use openraft::testing::{StoreBuilder, Suite};
 use std::sync::Arc;
 
@@ -52,8 +52,8 @@ impl StoreBuilder<ShardRaft, ShardLogStore<MemRaftLog>, ShardStateMachine<MemSto
 }
 
 /// An identity event for `p{i}@shop.com`, as a stamped command.
-fn identify(i: usize) -> crate::engine::Command {
-    use crate::engine::{Command, CommandKind, IdentifyEvent, RawIdentifier};
+fn identify(i: usize) -> idgraph_core::engine::Command {
+    use idgraph_core::engine::{Command, CommandKind, IdentifyEvent, RawIdentifier};
     Command {
         at_ms: 1000,
         op_id: format!("op{i}"),
@@ -113,9 +113,9 @@ fn snapshots_do_not_contain_earlier_snapshots() {
 /// recorded) must not apply them again when the entry is replayed.
 #[test]
 fn replaying_a_partly_applied_entry_skips_the_commands_already_applied() {
-    use crate::engine::execute;
-    use crate::model::Change;
     use crate::storage::{GraphRead, GraphStore};
+    use idgraph_core::engine::execute;
+    use idgraph_core::model::Change;
     use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();

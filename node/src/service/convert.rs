@@ -1,10 +1,10 @@
 //! Conversions between the generated `idgraph.v1` types and the domain
 //! types. Generated types go no further into the node than this module.
 
-use crate::engine::{
+use idgraph_core::engine::{
     self, Conflict, ConflictKind, EngineError, FoundProfile, IdentifyEvent, IdentifyOutcome, Ignored, ProfileRef, RawIdentifier,
 };
-use crate::model::{Identifier, MergeCause, MergeRecord, Profile};
+use idgraph_core::model::{Identifier, MergeCause, MergeRecord, Profile};
 use idgraph_proto::v1 as pb;
 use prost_types::value::Kind;
 use serde_json::Value;
@@ -232,15 +232,15 @@ pub fn shard_status(r: &crate::raft::ShardReplica) -> pb::ShardStatus {
         applied_index: m.last_applied.map_or(0, |l| l.index),
         snapshot_index: m.snapshot.map_or(0, |l| l.index),
         members,
-        prepared_txns: crate::txn::participant::prepared_count(&*r.store).unwrap_or(0) as u64,
+        prepared_txns: idgraph_core::txn::participant::prepared_count(&*r.store).unwrap_or(0) as u64,
     }
 }
 
 /// The cluster map and this node's replicas, as `Admin.GetCluster` answers.
-pub fn cluster_status(node_id: u64, map: &crate::meta::ClusterMap, replicas: &[crate::raft::ShardReplica]) -> pb::ClusterStatus {
-    let mut shards: Vec<pb::ShardStatus> = replicas.iter().filter(|r| r.shard != crate::meta::META).map(shard_status).collect();
+pub fn cluster_status(node_id: u64, map: &idgraph_core::meta::ClusterMap, replicas: &[crate::raft::ShardReplica]) -> pb::ClusterStatus {
+    let mut shards: Vec<pb::ShardStatus> = replicas.iter().filter(|r| r.shard != idgraph_core::meta::META).map(shard_status).collect();
     shards.sort_by_key(|s| s.shard);
-    let metadata = replicas.iter().find(|r| r.shard == crate::meta::META).map(shard_status);
+    let metadata = replicas.iter().find(|r| r.shard == idgraph_core::meta::META).map(shard_status);
     let leads = |id: u64| shards.iter().chain(metadata.iter()).filter(|s| s.leader_id == id && s.state == "Leader").count() as u32;
     let nodes = map
         .nodes
@@ -249,8 +249,8 @@ pub fn cluster_status(node_id: u64, map: &crate::meta::ClusterMap, replicas: &[c
             node_id: *id,
             addr: e.addr.clone(),
             state: match e.state {
-                crate::meta::NodeState::Active => "active".into(),
-                crate::meta::NodeState::Leaving => "leaving".into(),
+                idgraph_core::meta::NodeState::Active => "active".into(),
+                idgraph_core::meta::NodeState::Leaving => "leaving".into(),
             },
             rule_version: e.rule_version.clone(),
             replicas: map.groups_of(*id).len() as u32,

@@ -4,10 +4,10 @@
 pub mod convert;
 pub mod status;
 
-use crate::engine::{CommandKind, Outcome};
-use crate::meta::MetaCommand;
 use crate::router::ShardRouter;
 use futures::{Stream, StreamExt};
+use idgraph_core::engine::{CommandKind, Outcome};
+use idgraph_core::meta::MetaCommand;
 use idgraph_proto::v1 as pb;
 use pb::admin_server::Admin;
 use pb::identity_graph_server::IdentityGraph;
@@ -187,7 +187,10 @@ impl Admin for AdminService {
         for (id, h) in hubs {
             let owner = self
                 .router
-                .get_profile(crate::engine::ProfileRef::Identifier(crate::engine::RawIdentifier::new(id.kind.clone(), id.value.clone())))
+                .get_profile(idgraph_core::engine::ProfileRef::Identifier(idgraph_core::engine::RawIdentifier::new(
+                    id.kind.clone(),
+                    id.value.clone(),
+                )))
                 .await
                 .map(|f| f.profile.id)
                 .unwrap_or_default();
@@ -237,7 +240,7 @@ impl Admin for AdminService {
         let node_id = request.into_inner().node_id;
         check_node_id(node_id)?;
         if !self.router.read_cluster().await?.nodes.contains_key(&node_id) {
-            return Err(ServiceError::Engine(crate::engine::EngineError::NotFound {
+            return Err(ServiceError::Engine(idgraph_core::engine::EngineError::NotFound {
                 field: "node_id".into(),
                 what: format!("node {node_id} in the cluster map"),
             })
@@ -265,7 +268,7 @@ impl Admin for AdminService {
     async fn transfer_leader(&self, request: Request<pb::TransferLeaderRequest>) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         let req = request.into_inner();
         check_node_id(req.node_id)?;
-        let leader_id = self.router.transfer_leader(crate::model::ShardId(req.shard), req.node_id).await?;
+        let leader_id = self.router.transfer_leader(idgraph_core::model::ShardId(req.shard), req.node_id).await?;
         Ok(Response::new(pb::TransferLeaderResponse { leader_id }))
     }
 
@@ -301,7 +304,7 @@ impl Admin for AdminService {
 
 /// INVALID_ARGUMENT naming a field of an admin request.
 fn invalid_field(field: &str, reason: &str) -> Status {
-    ServiceError::from(crate::engine::EngineError::InvalidArgument { field: field.into(), reason: reason.into() }).into()
+    ServiceError::from(idgraph_core::engine::EngineError::InvalidArgument { field: field.into(), reason: reason.into() }).into()
 }
 
 /// Node ids start at 1.

@@ -12,8 +12,8 @@
 //! | oversized message (tonic's OUT_OF_RANGE) | RESOURCE_EXHAUSTED |
 //! | a shard's write queue full (`Overloaded`) | RESOURCE_EXHAUSTED (nothing done; retry after a backoff) |
 
-use crate::engine::EngineError;
 use crate::storage::StoreError;
+use idgraph_core::engine::EngineError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 

@@ -3,7 +3,7 @@
 //! [`run_all`] with a constructor of fresh, empty stores.
 
 use super::GraphStore;
-use crate::model::{
+use idgraph_core::model::{
     AbsorbedProfile, Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeCause, MergeRecord, Profile, TraitState,
 };
 use std::collections::BTreeMap;
@@ -225,8 +225,8 @@ pub fn raft_log_conforms<L: super::RaftLog>(log: &L) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ShardId;
     use crate::storage::{GraphRead, MemStore, SledDb};
+    use idgraph_core::model::ShardId;
 
     #[test]
     fn mem_store_conforms() {

@@ -46,7 +46,7 @@
 //! replication), older ones are read back from the file.
 
 use super::{note_disk_full, RaftLog, StoreError};
-use crate::model::ShardId;
+use idgraph_core::model::ShardId;
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;

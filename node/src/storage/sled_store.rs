@@ -29,7 +29,7 @@
 //! openraft purge the log.
 
 use super::{decode, encode, encode_record, redact_key, GraphRead, GraphStore, StoreError};
-use crate::model::{Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId};
+use idgraph_core::model::{Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId};
 use std::path::Path;
 use std::sync::RwLock;
 
@@ -224,8 +224,8 @@ impl SledDb {
             .iter()
             .filter_map(|name| {
                 let name = std::str::from_utf8(name).ok()?.strip_prefix("shard-")?.strip_suffix("-raft")?;
-                if name == crate::meta::META.to_string() {
-                    Some(crate::meta::META)
+                if name == idgraph_core::meta::META.to_string() {
+                    Some(idgraph_core::meta::META)
                 } else {
                     name.parse().ok().map(ShardId)
                 }
@@ -605,8 +605,8 @@ impl super::RaftLog for SledRaftLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AbsorbedProfile, EventRecord, HubRecord, Identifier, MergeCause, MergeRecord, Profile, TraitState};
     use crate::storage::GraphRead;
+    use idgraph_core::model::{AbsorbedProfile, EventRecord, HubRecord, Identifier, MergeCause, MergeRecord, Profile, TraitState};
 
     fn profile() -> Profile {
         Profile {

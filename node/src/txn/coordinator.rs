@@ -7,15 +7,14 @@
 //! shards through [`ShardAccess`], which the node's router implements over
 //! Raft and gRPC and the tests implement over in-memory stores.
 
-use super::keys::{GraphKey, GraphValue};
-use super::participant::{LockRecord, TxnOp, TxnReply};
-use super::read_set::ReadSet;
 use super::TxnError;
 use crate::crash::crash_point;
-use crate::engine::{self, Command, Outcome};
-use crate::model::{ChangeSet, ShardId};
-use crate::rules::RuleSet;
 use futures::future::join_all;
+use idgraph_core::engine::{self, Command, Outcome};
+use idgraph_core::graph::{GraphKey, GraphValue};
+use idgraph_core::model::{ChangeSet, ShardId};
+use idgraph_core::rules::RuleSet;
+use idgraph_core::txn::{KeyRead, LockRecord, ReadSet, TxnOp, TxnReply};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -45,13 +44,6 @@ pub enum ReadMode {
     Leader,
     /// The receiving node's own replica.
     Local,
-}
-
-/// One record as a shard read it, with the lock on it if any.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct KeyRead {
-    pub value: GraphValue,
-    pub lock: Option<LockRecord>,
 }
 
 /// How the coordinator reaches shards (cheap to clone: the settling of a

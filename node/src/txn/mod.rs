@@ -76,21 +76,18 @@
 //! shards with coordinators that crash at every step, then check the graph.
 
 pub mod coordinator;
-pub mod keys;
-pub mod participant;
-pub mod read_set;
 
 #[cfg(test)]
 mod tests;
 
-pub use coordinator::{gather, KeyRead, ReadMode, ShardAccess, LOCK_TIMEOUT_MS};
-pub use keys::{GraphKey, GraphValue};
-pub use participant::{apply_op, lock_on, prepared_before, read_key, LockRecord, TxnOp, TxnReply};
-pub use read_set::ReadSet;
+pub use coordinator::{gather, ReadMode, ShardAccess, LOCK_TIMEOUT_MS};
+// The pure steps live in `idgraph-core`; the protocol is told here.
+pub use idgraph_core::graph::{GraphKey, GraphValue};
+pub use idgraph_core::txn::{apply_op, lock_on, prepared_before, read_key, KeyRead, LockRecord, ReadSet, TxnOp, TxnReply};
 
-use crate::engine::EngineError;
-use crate::model::ShardId;
 use crate::storage::StoreError;
+use idgraph_core::engine::EngineError;
+use idgraph_core::model::ShardId;
 
 /// Why a cross-shard command failed, by what the caller must do.
 #[derive(Debug, thiserror::Error)]

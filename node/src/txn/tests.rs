@@ -1,184 +1,25 @@
-//! Cross-shard transaction tests over in-memory shards: the participant
-//! steps one by one, then concurrent coordinators that crash at any step
+//! Cross-shard transaction tests over in-memory shards (the participant
+//! steps alone are tested in `idgraph-core`): concurrent coordinators that crash at any step
 //! (on a paused tokio clock, so lock timeouts pass instantly), checked
 //! against the graph invariants and against the same events applied one by
 //! one to a single store.
 
 use super::coordinator::{execute, sweep};
 use super::*;
-use crate::engine::tests::unlimited_rules;
-use crate::engine::{self, Command, CommandKind, IdentifyEvent, Outcome, RawIdentifier};
-use crate::model::{Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId};
-use crate::rules::RuleSet;
 use crate::storage::{GraphRead, GraphStore, MemStore, StoreError};
+use idgraph_core::engine::{self, Command, CommandKind, IdentifyEvent, Outcome, RawIdentifier};
+use idgraph_core::model::{Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId};
+use idgraph_core::rules::RuleSet;
 use proptest::prelude::*;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-// ---- participant steps ------------------------------------------------
-
+/// One participant step on an in-memory shard, its changes applied.
 fn step(s: &MemStore, op: TxnOp) -> TxnReply {
     let (cs, reply) = apply_op(s, &op).unwrap();
     s.apply(&cs).unwrap();
     reply
-}
-
-fn owner_write(v: &str, p: &str) -> ChangeSet {
-    ChangeSet { changes: vec![Change::PutOwner(Identifier::new("email", v), p.into())], counters: Counters::default() }
-}
-
-fn read_of(s: &MemStore, key: &GraphKey) -> (GraphKey, u128) {
-    (key.clone(), key.read(s).unwrap().digest())
-}
-
-fn prepare(txn: &str, reads: Vec<(GraphKey, u128)>, writes: ChangeSet) -> TxnOp {
-    TxnOp::Prepare { txn: txn.into(), primary: ShardId(0), at_ms: 1_000, reads, writes }
-}
-
-fn commit(txn: &str, reads: Vec<(GraphKey, u128)>, writes: ChangeSet) -> TxnOp {
-    TxnOp::Commit { txn: txn.into(), reads, writes }
-}
-
-#[test]
-fn a_value_changed_since_it_was_read_refuses_the_prepare() {
-    let s = MemStore::new();
-    let key = GraphKey::Owner(Identifier::new("email", "a@b.co"));
-    let read = read_of(&s, &key);
-    assert_eq!(step(&s, TxnOp::Single { reads: vec![], writes: owner_write("a@b.co", "p_1") }), TxnReply::Applied);
-    assert_eq!(step(&s, prepare("t1", vec![read], owner_write("a@b.co", "p_2"))), TxnReply::Conflict { lock: None });
-    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"));
-    assert_eq!(participant::prepared_count(&s).unwrap(), 0, "a refused prepare keeps nothing");
-}
-
-#[test]
-fn a_prepared_lock_refuses_other_writers_until_the_part_is_applied() {
-    let s = MemStore::new();
-    let key = GraphKey::Owner(Identifier::new("email", "a@b.co"));
-    let read = read_of(&s, &key);
-    assert_eq!(step(&s, prepare("t1", vec![read.clone()], owner_write("a@b.co", "p_1"))), TxnReply::Prepared);
-    assert_eq!(step(&s, prepare("t1", vec![read.clone()], owner_write("a@b.co", "p_1"))), TxnReply::Prepared, "idempotent");
-    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap(), None, "kept, not applied");
-    let lock = lock_on(&s, &key).unwrap().expect("locked");
-    assert_eq!(lock.txn, "t1");
-    let blocked = step(&s, TxnOp::Single { reads: vec![read.clone()], writes: owner_write("a@b.co", "p_9") });
-    assert_eq!(blocked, TxnReply::Conflict { lock: Some(lock) });
-    assert_eq!(step(&s, TxnOp::Apply { txn: "t1".into() }), TxnReply::Applied);
-    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"));
-    assert_eq!(lock_on(&s, &key).unwrap(), None, "released");
-    assert_eq!(step(&s, TxnOp::Apply { txn: "t1".into() }), TxnReply::Applied, "a repeated apply changes nothing");
-    assert_eq!(s.meta_prefix("txn.").unwrap(), vec![]);
-}
-
-/// A store that applies a prepared part right after the first read a
-/// reader makes of it, as a shard's state machine may between two reads.
-struct ApplyAfterFirstRead {
-    store: MemStore,
-    part: std::sync::Mutex<Option<TxnOp>>,
-}
-
-impl ApplyAfterFirstRead {
-    fn after<T>(&self, v: T) -> T {
-        if let Some(op) = self.part.lock().unwrap().take() {
-            step(&self.store, op);
-        }
-        v
-    }
-}
-
-impl GraphRead for ApplyAfterFirstRead {
-    fn owner(&self, id: &Identifier) -> Result<Option<ProfileId>, StoreError> {
-        self.after(self.store.owner(id))
-    }
-    fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
-        self.after(self.store.profile(id))
-    }
-    fn alias(&self, id: &str) -> Result<Option<ProfileId>, StoreError> {
-        self.after(self.store.alias(id))
-    }
-    fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
-        self.after(self.store.event(event_id))
-    }
-    fn merge_record(&self, id: &str) -> Result<Option<MergeRecord>, StoreError> {
-        self.after(self.store.merge_record(id))
-    }
-    fn hub(&self, id: &Identifier) -> Result<Option<HubRecord>, StoreError> {
-        self.after(self.store.hub(id))
-    }
-    fn listed_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, StoreError> {
-        self.after(self.store.listed_hubs(limit))
-    }
-    fn counters(&self) -> Result<Counters, StoreError> {
-        self.after(self.store.counters())
-    }
-    fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
-        self.after(self.store.all_profiles())
-    }
-    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.after(self.store.meta(key))
-    }
-    fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.after(self.store.meta_prefix(prefix))
-    }
-}
-
-/// Found by the chaos harness: a reader that read a record's value, then
-/// its lock, could get the value from before a committed part's apply and
-/// no lock (released by that apply), and answer a state no transaction
-/// left. Whichever read comes first, the apply lands between the two.
-#[test]
-fn a_part_applied_between_the_reads_of_a_record_shows_its_lock_or_its_new_value() {
-    let key = GraphKey::Owner(Identifier::new("email", "a@b.co"));
-    let s = ApplyAfterFirstRead { store: MemStore::new(), part: std::sync::Mutex::new(None) };
-    let read = read_of(&s.store, &key);
-    assert_eq!(step(&s.store, prepare("t1", vec![read], owner_write("a@b.co", "p_1"))), TxnReply::Prepared);
-    *s.part.lock().unwrap() = Some(TxnOp::Apply { txn: "t1".into() });
-    let got = read_key(&s, &key).unwrap();
-    assert!(s.part.lock().unwrap().is_none(), "the part was applied during the read");
-    let before = crate::txn::GraphValue::Owner(None);
-    assert!(got.lock.is_some() || got.value != before, "the old value came back without the lock that guarded it: {got:?}");
-}
-
-#[test]
-fn the_primary_decides_once_and_a_decision_never_changes() {
-    let s = MemStore::new();
-    let key = GraphKey::Owner(Identifier::new("email", "a@b.co"));
-    let read = read_of(&s, &key);
-    assert_eq!(step(&s, commit("t1", vec![read.clone()], owner_write("a@b.co", "p_1"))), TxnReply::Committed);
-    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"), "the primary's part applies at the commit");
-    assert_eq!(
-        step(&s, commit("t1", vec![read.clone()], owner_write("a@b.co", "p_1"))),
-        TxnReply::Committed,
-        "a repeated commit reads the decision back"
-    );
-    assert_eq!(step(&s, TxnOp::Resolve { txn: "t1".into() }), TxnReply::Committed);
-    assert_eq!(step(&s, TxnOp::Forget { txn: "t1".into() }), TxnReply::Applied);
-    assert_eq!(s.meta_prefix("txn.").unwrap(), vec![]);
-
-    // A commit whose read went stale is decided aborted, for good.
-    assert_eq!(step(&s, commit("t2", vec![read.clone()], owner_write("a@b.co", "p_2"))), TxnReply::Conflict { lock: None });
-    assert_eq!(step(&s, TxnOp::Resolve { txn: "t2".into() }), TxnReply::Aborted);
-    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"));
-
-    // A recovery that finds no decision decides aborted; the late commit of
-    // that transaction then fails.
-    assert_eq!(step(&s, TxnOp::Resolve { txn: "t3".into() }), TxnReply::Aborted);
-    let fresh = read_of(&s, &key);
-    assert_eq!(step(&s, commit("t3", vec![fresh], owner_write("a@b.co", "p_3"))), TxnReply::Aborted);
-    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap().as_deref(), Some("p_1"), "an aborted commit changes nothing");
-}
-
-#[test]
-fn a_secondary_lock_blocks_the_primary_commit_of_another_transaction() {
-    let s = MemStore::new();
-    let key = GraphKey::Owner(Identifier::new("email", "a@b.co"));
-    let read = read_of(&s, &key);
-    assert_eq!(step(&s, prepare("t1", vec![read.clone()], owner_write("a@b.co", "p_1"))), TxnReply::Prepared);
-    let reply = step(&s, commit("t2", vec![read.clone()], owner_write("a@b.co", "p_2")));
-    assert!(matches!(reply, TxnReply::Conflict { lock: Some(ref l) } if l.txn == "t1"), "{reply:?}");
-    assert_eq!(step(&s, TxnOp::Abort { txn: "t1".into() }), TxnReply::Aborted);
-    assert_eq!(s.owner(&Identifier::new("email", "a@b.co")).unwrap(), None, "an aborted part changes nothing");
-    assert!(s.meta_prefix("txn.lock/").unwrap().is_empty());
 }
 
 // ---- coordinators over in-memory shards -------------------------------
@@ -302,9 +143,6 @@ impl GraphRead for Union<'_> {
 /// The graph invariants across shards, and no transaction left behind.
 fn check_graph(shards: &Shards, rules: &RuleSet) {
     let n = shards.stores.len() as u32;
-    let g = Union(shards);
-    let mut seen: BTreeMap<Identifier, ProfileId> = BTreeMap::new();
-    let profiles = g.all_profiles().unwrap();
     for (i, s) in shards.stores.iter().enumerate() {
         assert!(s.meta_prefix("txn.lock/").unwrap().is_empty(), "shard {i} keeps locks");
         assert!(s.meta_prefix("txn.prepared/").unwrap().is_empty(), "shard {i} keeps prepared parts");
@@ -315,28 +153,9 @@ fn check_graph(shards: &Shards, rules: &RuleSet) {
             assert_eq!(GraphKey::Owner(id.clone()).shard(n).0 as usize, i, "owner entry on the wrong shard");
         }
     }
-    for p in &profiles {
-        assert!(!p.identifiers.is_empty(), "live profile {} has no identifiers", p.id);
-        for id in &p.identifiers {
-            assert!(seen.insert(id.clone(), p.id.clone()).is_none(), "{} is in two live profiles", id.redacted());
-            assert_eq!(g.owner(id).unwrap().as_ref(), Some(&p.id), "{} does not point at the profile listing it", id.redacted());
-        }
-        for m in &p.merged_from {
-            let f = engine::resolve_profile_id(&g, m).unwrap().expect("merged-away id resolves");
-            assert_eq!(f.profile.id, p.id, "merged-away {m} resolves elsewhere");
-        }
-        for (kind, rule) in rules.spec().types.iter() {
-            if let Some(limit) = rule.limit {
-                let held = p.identifiers.iter().filter(|i| &i.kind == kind).count() as u32;
-                assert!(held <= limit, "profile {} holds {held} {kind} (limit {limit})", p.id);
-            }
-        }
-    }
     let owners: usize = shards.stores.iter().map(|s| s.owners().len()).sum();
-    assert_eq!(owners, seen.len(), "an identifier points at a profile that does not list it");
-    let c = g.counters().unwrap();
-    assert_eq!(c.profiles, profiles.len() as i64, "profile counter");
-    assert_eq!(c.identifiers, seen.len() as i64, "identifier counter");
+    let found = idgraph_core::checks::graph(&Union(shards), owners, rules, idgraph_core::checks::TypeLimits::Held).unwrap();
+    assert!(found.is_empty(), "invariants broken: {found:#?}");
 }
 
 fn identify(n: usize, ids: &[(String, String)], ts: i64) -> Command {
@@ -428,7 +247,7 @@ proptest! {
     /// with exactly the graph of applying each event once, in any order.
     #[test]
     fn crashing_coordinators_end_with_the_graph_of_applying_each_event_once(evs in events(), shard_count in 1u32..5) {
-        let rules = Arc::new(unlimited_rules());
+        let rules = Arc::new(RuleSet::without_limits());
         let shards = Shards::new(shard_count);
         let cmds: Vec<(Command, Option<(i64, bool)>)> =
             evs.iter().enumerate().map(|(n, (ids, ts, crash))| (identify(n, &ids_of(ids), *ts), *crash)).collect();

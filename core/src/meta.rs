@@ -38,16 +38,15 @@ use crate::model::ShardId;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// The metadata Raft group's id among the node's groups.
-pub const META: ShardId = ShardId(u32::MAX);
+pub use crate::model::META;
 
 /// The meta key the metadata group's replicas keep the map under.
 pub const MAP_KEY: &str = "cluster.map";
 
 /// The map a replica of the metadata group holds (empty before bootstrap).
-pub fn read_map<S: crate::storage::GraphRead + ?Sized>(store: &S) -> Result<ClusterMap, crate::storage::StoreError> {
+pub fn read_map<S: crate::graph::GraphRead + ?Sized>(store: &S) -> Result<ClusterMap, crate::graph::StoreError> {
     match store.meta(MAP_KEY)? {
-        Some(bytes) => crate::storage::decode(MAP_KEY.as_bytes(), &bytes),
+        Some(bytes) => crate::graph::decode(MAP_KEY.as_bytes(), &bytes),
         None => Ok(ClusterMap::default()),
     }
 }

@@ -10,9 +10,12 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ShardId(pub u32);
 
+/// The metadata Raft group's id among the node's groups.
+pub const META: ShardId = ShardId(u32::MAX);
+
 impl fmt::Display for ShardId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if *self == crate::meta::META {
+        if *self == META {
             return f.write_str("meta");
         }
         write!(f, "{:04}", self.0)

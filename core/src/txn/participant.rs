@@ -11,10 +11,16 @@
 //! - `txn.status/<txn>` (primary shard only): the decision, `Committed` or
 //!   `Aborted`, written once; writing `Committed` is the commit point.
 
-use super::keys::GraphKey;
+use crate::graph::{decode, encode, GraphKey, GraphRead, GraphValue, StoreError};
 use crate::model::{Change, ChangeSet, ShardId};
-use crate::storage::{decode, encode, GraphRead, StoreError};
 use serde::{Deserialize, Serialize};
+
+/// One record as a shard read it, with the lock on it if any.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyRead {
+    pub value: GraphValue,
+    pub lock: Option<LockRecord>,
+}
 
 pub type TxnId = String;
 
@@ -103,9 +109,9 @@ pub fn lock_on<R: GraphRead + ?Sized>(r: &R, key: &GraphKey) -> Result<Option<Lo
 /// two reads then shows either its lock or its new value. Read the other
 /// way round, the old value could come back with no lock (the apply
 /// releasing it in between), a state no transaction ever left.
-pub fn read_key<R: GraphRead + ?Sized>(r: &R, key: &GraphKey) -> Result<super::KeyRead, StoreError> {
+pub fn read_key<R: GraphRead + ?Sized>(r: &R, key: &GraphKey) -> Result<KeyRead, StoreError> {
     let lock = lock_on(r, key)?;
-    Ok(super::KeyRead { lock, value: key.read(r)? })
+    Ok(KeyRead { lock, value: key.read(r)? })
 }
 
 /// Prepared parts on this shard whose lock was taken before `before_ms`.

@@ -5,10 +5,9 @@ use super::{
     find_profile, invalid, make_id_near, normalize_ref, resolve_profile_id, traits, Command, ConflictKind, DeleteOutcome, EngineError,
     MergeOutcome, ProfileRef, UnmergeOutcome, UnmergeTarget,
 };
+use crate::graph::{GraphKey, GraphRead};
 use crate::model::{AbsorbedProfile, Change, ChangeSet, Identifier, MergeCause, MergeRecord, Profile};
 use crate::rules::RuleSet;
-use crate::storage::GraphRead;
-use crate::txn::GraphKey;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -52,10 +52,9 @@ mod traits;
 #[cfg(test)]
 pub(crate) mod tests;
 
+use crate::graph::{GraphKey, GraphRead, StoreError};
 use crate::model::{ChangeSet, Identifier, MergeRecord, Profile, ProfileId};
 use crate::rules::RuleSet;
-use crate::storage::{GraphRead, StoreError};
-use crate::txn::GraphKey;
 use std::collections::BTreeMap;
 
 pub use identify::MAX_IDENTIFIERS_PER_EVENT;

@@ -168,8 +168,8 @@ impl<R: GraphRead + ?Sized> GraphRead for Staged<'_, R> {
 mod tests {
     use super::*;
     use crate::engine::{self, Command, CommandKind, IdentifyEvent, RawIdentifier};
+    use crate::graph::{GraphStore, MemStore};
     use crate::rules::RuleSet;
-    use crate::storage::{GraphStore, MemStore};
     use proptest::prelude::*;
 
     /// Every record a store holds (owners, profiles, aliases, events,

@@ -3,9 +3,10 @@
 //! no tokio, no disk.
 
 use super::*;
+use crate::checks::TypeLimits;
+use crate::graph::{GraphStore, MemStore};
 use crate::model::Identifier;
 use crate::rules::RuleSet;
-use crate::storage::{GraphStore, MemStore};
 use proptest::prelude::*;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,6 +16,8 @@ struct Graph {
     rules: RuleSet,
     now: i64,
     ops: u64,
+    /// Whether an operator forced a merge, which may break a type's limit.
+    forced: bool,
 }
 
 impl Graph {
@@ -23,16 +26,18 @@ impl Graph {
     }
 
     fn with_rules(rules: RuleSet) -> Self {
-        Graph { store: MemStore::new(), rules, now: 1_700_000_000_000, ops: 0 }
+        Graph { store: MemStore::new(), rules, now: 1_700_000_000_000, ops: 0, forced: false }
     }
 
     fn run(&mut self, kind: CommandKind) -> Result<Outcome, EngineError> {
         self.now += 1;
         self.ops += 1;
+        self.forced |= matches!(kind, CommandKind::Merge { force: true, .. });
         let cmd = Command { at_ms: self.now, op_id: format!("op-{}", self.ops), kind };
         let (cs, out) = execute(&self.store, &self.rules, &cmd)?;
         self.store.apply(&cs)?;
-        check_invariants(&self.store, &self.rules);
+        let limits = if self.forced { TypeLimits::MayBeForced } else { TypeLimits::Held };
+        check_invariants(&self.store, &self.rules, limits);
         Ok(out)
     }
 
@@ -83,30 +88,14 @@ fn idref(kind: &str, value: &str) -> ProfileRef {
     ProfileRef::Identifier(RawIdentifier::new(kind, value))
 }
 
-/// Invariants 1 to 3 of the module essay, over the whole store.
-fn check_invariants(store: &MemStore, rules: &RuleSet) {
-    let profiles = store.all_profiles().unwrap();
-    let mut seen: BTreeMap<Identifier, String> = BTreeMap::new();
-    for p in &profiles {
-        assert!(!p.identifiers.is_empty(), "live profile {} has no identifiers", p.id);
-        for id in &p.identifiers {
-            assert!(seen.insert(id.clone(), p.id.clone()).is_none(), "{id:?} is in two live profiles");
-            assert_eq!(store.owner(id).unwrap().as_ref(), Some(&p.id), "{id:?} does not point at the profile listing it");
-        }
-        for m in &p.merged_from {
-            let f = resolve_profile_id(store, m).unwrap().expect("merged-away id resolves");
-            assert_eq!(f.profile.id, p.id, "merged-away {m} resolves elsewhere");
-        }
-        assert!(p.identifiers.len() as u32 <= rules.max_identifiers_per_profile());
-    }
-    let owners = store.owners();
-    assert_eq!(owners.len(), seen.len(), "an identifier points at a profile that does not list it");
+/// The graph's invariants ([`crate::checks`]) over the whole store, and
+/// no alias left dangling.
+fn check_invariants(store: &MemStore, rules: &RuleSet, limits: TypeLimits) {
+    let found = crate::checks::graph(store, store.owners().len(), rules, limits).unwrap();
+    assert!(found.is_empty(), "invariants broken: {found:#?}");
     for (alias, _) in store.aliases() {
         assert!(resolve_profile_id(store, &alias).unwrap().is_some(), "alias {alias} dangles");
     }
-    let c = store.counters().unwrap();
-    assert_eq!(c.profiles, profiles.len() as i64, "profile counter");
-    assert_eq!(c.identifiers, seen.len() as i64, "identifier counter");
 }
 
 #[test]
@@ -408,16 +397,6 @@ fn erasure_removes_every_merge_record_that_mentions_an_erased_identifier() {
 
 // ---- properties -------------------------------------------------------
 
-/// Rules without limits: joining is plain union.
-pub(crate) fn unlimited_rules() -> RuleSet {
-    let mut spec = RuleSet::builtin().spec().clone();
-    for t in spec.types.values_mut() {
-        t.limit = None;
-    }
-    spec.max_identifiers_per_profile = 100_000;
-    RuleSet::from_spec(spec).unwrap()
-}
-
 type EventSpec = (Vec<(u8, u8)>, Vec<(u8, i32)>, i64);
 
 fn events() -> impl Strategy<Value = Vec<EventSpec>> {
@@ -471,8 +450,8 @@ proptest! {
             rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             shuffled.swap(i, (rng >> 33) as usize % (i + 1));
         }
-        let mut a = Graph::with_rules(unlimited_rules());
-        let mut b = Graph::with_rules(unlimited_rules());
+        let mut a = Graph::with_rules(RuleSet::without_limits());
+        let mut b = Graph::with_rules(RuleSet::without_limits());
         apply_all(&mut a, &numbered);
         apply_all(&mut b, &shuffled);
         prop_assert_eq!(partition(&a), partition(&b));
@@ -492,7 +471,7 @@ proptest! {
     #[test]
     fn merged_away_ids_keep_resolving_through_merges_and_undos(evs in events(), undo_every in 1usize..4) {
         let numbered: Vec<(usize, EventSpec)> = evs.into_iter().enumerate().collect();
-        let mut g = Graph::with_rules(unlimited_rules());
+        let mut g = Graph::with_rules(RuleSet::without_limits());
         apply_all(&mut g, &numbered);
         let merges: Vec<String> = g.store.all_profiles().unwrap().iter().flat_map(|p| p.lineage.clone()).collect();
         for m in merges.iter().step_by(undo_every) {
@@ -561,7 +540,7 @@ proptest! {
 #[test]
 fn new_ids_land_on_the_shard_of_what_they_are_placed_near() {
     use crate::engine::{make_id, make_id_near};
-    use crate::txn::GraphKey;
+    use crate::graph::GraphKey;
     assert_eq!(
         make_id_near("p", 5, &["profile", "ev-1"], 1, &GraphKey::Owner(Identifier::new("email", "a@b.co")), GraphKey::Profile),
         make_id("p", 5, &["profile", "ev-1"]),

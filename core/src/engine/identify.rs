@@ -4,10 +4,9 @@ use super::operator::{check_limits, merge_into, oldest_first, Violation};
 use super::{
     invalid, known_types, make_id_near, traits, Conflict, ConflictKind, EngineError, IdentifyEvent, IdentifyOutcome, Ignored, IgnoredReason,
 };
+use crate::graph::{GraphKey, GraphRead};
 use crate::model::{Change, ChangeSet, EventRecord, HubRecord, Identifier, MergeCause, Profile, ProfileId};
 use crate::rules::{Rejection, RuleSet, UnknownTypePolicy};
-use crate::storage::GraphRead;
-use crate::txn::GraphKey;
 use std::collections::{BTreeMap, BTreeSet};
 
 pub const MAX_IDENTIFIERS_PER_EVENT: usize = 64;
@@ -177,7 +176,7 @@ pub(super) fn identify<R: GraphRead + ?Sized>(
         let owner = state.owner(id)?;
         if let Some(pid) = &owner {
             if !profiles.contains_key(pid) {
-                let p = state.profile(pid)?.ok_or_else(|| crate::storage::StoreError::Corrupt {
+                let p = state.profile(pid)?.ok_or_else(|| crate::graph::StoreError::Corrupt {
                     key: format!("p{pid}"),
                     reason: "identifier points at a missing profile".into(),
                 })?;

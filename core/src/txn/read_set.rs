@@ -8,9 +8,8 @@
 //! parallel, and runs the engine again. A run without misses decided on
 //! fetched values only, and its read set is what the commit validates.
 
-use super::keys::{GraphKey, GraphValue};
+use crate::graph::{GraphKey, GraphRead, GraphValue, StoreError};
 use crate::model::{Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId};
-use crate::storage::{GraphRead, StoreError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 

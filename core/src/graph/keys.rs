@@ -2,8 +2,8 @@
 //! which shard holds a record, what a coordinator read, and which record a
 //! change writes.
 
+use super::{GraphRead, StoreError};
 use crate::model::{Change, EventRecord, HubRecord, Identifier, MergeId, MergeRecord, Profile, ProfileId, ShardId};
-use crate::storage::{GraphRead, StoreError};
 use serde::{Deserialize, Serialize};
 
 /// Hash slots records are placed by (see [`GraphKey::shard`]); the most
@@ -79,7 +79,7 @@ impl GraphKey {
     /// hash, so identity values never appear in lock tables or logs. Two keys
     /// that collided would only share a lock.
     pub fn lock_name(&self) -> String {
-        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&crate::storage::encode(self)))
+        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&super::encode(self)))
     }
 
     pub fn read<R: GraphRead + ?Sized>(&self, r: &R) -> Result<GraphValue, StoreError> {
@@ -118,7 +118,7 @@ impl GraphValue {
     /// What a participant compares to decide that a value did not change
     /// since the coordinator read it.
     pub fn digest(&self) -> u128 {
-        xxhash_rust::xxh3::xxh3_128(&crate::storage::encode(self))
+        xxhash_rust::xxh3::xxh3_128(&super::encode(self))
     }
 }
 
