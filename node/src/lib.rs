@@ -19,11 +19,14 @@
 //!   the metadata leader carries out replica moves.
 //! - [`service`]: the tonic adapters for `idgraph.v1` (conversions and the
 //!   one error-to-status mapping live there).
+//! - [`error`]: the one request error, from the router to the gRPC edge.
 //! - [`config`] and [`server`]: configuration and process wiring.
 //! - [`crash`]: named crash points for crash tests (`failpoints` feature).
 
 pub mod config;
 pub mod crash;
+pub mod error;
+pub mod peer;
 pub mod placement;
 pub mod raft;
 pub mod router;

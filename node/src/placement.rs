@@ -18,9 +18,9 @@
 //! recorded in the map before and after the Raft membership change they
 //! bracket (see [`idgraph_core::meta`]).
 
+use crate::error::RequestError;
 use crate::raft::MembershipChange;
 use crate::router::ShardRouter;
-use crate::service::status::ServiceError;
 use crate::shard::SupervisorMsg;
 use idgraph_core::meta::{ClusterMap, MetaCommand, ReplicaMove, META};
 use ractor::rpc::CallResult;
@@ -72,7 +72,7 @@ impl Placement {
     }
 
     #[instrument(skip_all, fields(node = self.me()))]
-    async fn round(&self, balance_leaders: bool) -> Result<(), ServiceError> {
+    async fn round(&self, balance_leaders: bool) -> Result<(), RequestError> {
         let map = self.router.read_cluster().await?;
         if !map.is_bootstrapped() {
             if let (Some(initial), true) = (&self.bootstrap, self.leads_meta()) {
@@ -100,7 +100,7 @@ impl Placement {
 
     /// Moves one group's leadership from the node leading most groups to
     /// a replica leading fewest, when they differ by more than one.
-    async fn balance_leaders(&self, map: &ClusterMap) -> Result<(), ServiceError> {
+    async fn balance_leaders(&self, map: &ClusterMap) -> Result<(), RequestError> {
         let mut leaders = std::collections::BTreeMap::new();
         for group in map.groups.keys() {
             if let Some(leader) = self.router.leader_of(*group).await {
@@ -146,7 +146,7 @@ impl Placement {
     }
 
     /// On the metadata leader: moves replicas towards the placement goal.
-    async fn drive(&self, mut map: ClusterMap) -> Result<ClusterMap, ServiceError> {
+    async fn drive(&self, mut map: ClusterMap) -> Result<ClusterMap, RequestError> {
         for _ in 0..MOVES_PER_ROUND {
             let mv = match map.moves.values().next().copied().or_else(|| map.next_move()) {
                 Some(mv) => mv,
@@ -167,13 +167,13 @@ impl Placement {
     /// The three steps of one move (see [`idgraph_core::meta`]); each may have
     /// been done before.
     #[instrument(skip_all, fields(group = %mv.group, add = ?mv.add, remove = ?mv.remove))]
-    async fn carry_out(&self, mv: ReplicaMove) -> Result<ClusterMap, ServiceError> {
+    async fn carry_out(&self, mv: ReplicaMove) -> Result<ClusterMap, RequestError> {
         let map = self.router.change_cluster(MetaCommand::BeginMove(mv)).await?;
         crate::crash::crash_point("placement::after-begin-move");
         let add = match mv.add {
             Some(id) => match map.nodes.get(&id) {
                 Some(entry) => Some((id, entry.addr.clone())),
-                None => return Err(ServiceError::Internal(format!("node {id} of a move is not in the cluster map"))),
+                None => return Err(RequestError::Internal(format!("node {id} of a move is not in the cluster map"))),
             },
             None => None,
         };

@@ -7,8 +7,11 @@
 //! [`ShardAccess`] by sending reads and transaction steps to each shard's
 //! leader, here or on another node.
 
-use crate::raft::{LeadershipStep, Peers, Replicas, ShardCommand, ShardFailure, ShardRead, ShardReply, ShardRequest};
-use crate::service::status::ServiceError;
+use crate::error::RequestError;
+use crate::peer::Peers;
+use crate::raft::{
+    LeadershipStep, ReplicaDigest, ReplicaStatus, Replicas, ShardCommand, ShardFailure, ShardRead, ShardReplica, ShardReply, ShardRequest,
+};
 use crate::shard::{shard_actor_name, ShardMsg};
 use crate::txn::{self, GraphKey, KeyRead, ReadMode, ShardAccess, TxnError, TxnOp, TxnReply};
 use idgraph_core::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileRef};
@@ -59,17 +62,17 @@ pub struct ShardRouter {
 }
 
 /// What a shard's failure means to the caller.
-fn service_error(shard: ShardId, f: ShardFailure) -> ServiceError {
+fn service_error(shard: ShardId, f: ShardFailure) -> RequestError {
     match f {
-        ShardFailure::Refused(r) => ServiceError::Engine(r.into_engine()),
+        ShardFailure::Refused(r) => RequestError::Engine(r.into_engine()),
         ShardFailure::NotLeader { .. } => {
-            ServiceError::Unavailable { shard: shard.to_string(), reason: "no leader was elected in time".into() }
+            RequestError::Unavailable { shard: shard.to_string(), reason: "no leader was elected in time".into() }
         }
-        ShardFailure::Unavailable { reason, .. } => ServiceError::Unavailable { shard: shard.to_string(), reason },
-        ShardFailure::DiskFull { .. } => ServiceError::DiskFull { shard: shard.to_string() },
-        f @ ShardFailure::Overloaded { .. } => ServiceError::Overloaded { shard: shard.to_string(), reason: overload_reason(&f) },
+        ShardFailure::Unavailable { reason, .. } => RequestError::Unavailable { shard: shard.to_string(), reason },
+        ShardFailure::DiskFull { .. } => RequestError::DiskFull { shard: shard.to_string() },
+        f @ ShardFailure::Overloaded { .. } => RequestError::Overloaded { shard: shard.to_string(), reason: overload_reason(&f) },
         ShardFailure::NoReplica { .. } => {
-            ServiceError::Unavailable { shard: shard.to_string(), reason: "no node holding a replica answered".into() }
+            RequestError::Unavailable { shard: shard.to_string(), reason: "no node holding a replica answered".into() }
         }
     }
 }
@@ -83,14 +86,14 @@ fn overload_reason(f: &ShardFailure) -> String {
 }
 
 /// What a cross-shard command's failure means to the caller.
-fn txn_error(e: TxnError) -> ServiceError {
+fn txn_error(e: TxnError) -> RequestError {
     match e {
-        TxnError::Refused(e) => ServiceError::Engine(e),
-        TxnError::Unavailable { shard, reason } => ServiceError::Unavailable { shard: shard.to_string(), reason },
-        e @ TxnError::Contention { .. } => ServiceError::Aborted(e.to_string()),
-        TxnError::Overloaded { shard, reason } => ServiceError::Overloaded { shard: shard.to_string(), reason },
-        TxnError::DiskFull { shard } => ServiceError::DiskFull { shard: shard.to_string() },
-        TxnError::Internal(reason) => ServiceError::Internal(reason),
+        TxnError::Refused(e) => RequestError::Engine(e),
+        TxnError::Unavailable { shard, reason } => RequestError::Unavailable { shard: shard.to_string(), reason },
+        e @ TxnError::Contention { .. } => RequestError::Aborted(e.to_string()),
+        TxnError::Overloaded { shard, reason } => RequestError::Overloaded { shard: shard.to_string(), reason },
+        TxnError::DiskFull { shard } => RequestError::DiskFull { shard: shard.to_string() },
+        TxnError::Internal(reason) => RequestError::Internal(reason),
     }
 }
 
@@ -138,6 +141,29 @@ impl ShardRouter {
     /// Who this node's replica of `group` believes leads it.
     pub fn local_leader(&self, group: ShardId) -> Option<u64> {
         self.replicas.read().ok()?.get(&group).and_then(|r| r.raft.metrics().borrow().current_leader)
+    }
+
+    /// The Raft status of every replica this node holds, in group order.
+    pub fn replica_statuses(&self) -> Vec<ReplicaStatus> {
+        let mut out: Vec<ReplicaStatus> = self.local_replicas().iter().map(ShardReplica::status).collect();
+        out.sort_by_key(|s| s.shard);
+        out
+    }
+
+    /// The state digest of every replica this node holds, in group order.
+    pub fn replica_digests(&self) -> Result<Vec<(ShardId, ReplicaDigest)>, RequestError> {
+        let mut out = Vec::new();
+        for r in self.local_replicas() {
+            let d = crate::raft::replica_digest(&*r.store)
+                .map_err(|e| RequestError::Unavailable { shard: r.shard.to_string(), reason: e.to_string() })?;
+            out.push((r.shard, d));
+        }
+        out.sort_by_key(|(shard, _)| *shard);
+        Ok(out)
+    }
+
+    fn local_replicas(&self) -> Vec<ShardReplica> {
+        self.replicas.read().map(|r| r.values().cloned().collect()).unwrap_or_default()
     }
 
     /// The shared copy of the cluster map (the transport serves it to
@@ -215,7 +241,7 @@ impl ShardRouter {
 
     /// Serves a request on the shard's leader, wherever it is. Only
     /// "not the leader" answers are retried: such a request was not applied.
-    async fn request(&self, shard: ShardId, req: ShardRequest) -> Result<ShardReply, ServiceError> {
+    async fn request(&self, shard: ShardId, req: ShardRequest) -> Result<ShardReply, RequestError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         let mut backoff = Duration::from_millis(20);
         let mut attempt = 0;
@@ -240,54 +266,54 @@ impl ShardRouter {
     /// Runs a state-changing command: one log entry on a one-shard map, a
     /// cross-shard transaction otherwise. The transaction runs as its own
     /// task, so that a caller that goes away does not stop it half-way.
-    pub async fn execute(&self, kind: CommandKind) -> Result<Outcome, ServiceError> {
+    pub async fn execute(&self, kind: CommandKind) -> Result<Outcome, RequestError> {
         let cmd = Command { at_ms: self.now_ms(), op_id: ulid::Ulid::new().to_string(), kind };
         if self.single_shard() {
             return match self.request(ShardId(0), ShardRequest::Write(Box::new(ShardCommand::Engine(cmd)))).await? {
                 ShardReply::Outcome(o) => Ok(o),
-                _ => Err(ServiceError::Internal("a write was answered with a read".into())),
+                _ => Err(RequestError::Internal("a write was answered with a read".into())),
             };
         }
         let router = self.clone();
         tokio::spawn(async move { txn::coordinator::execute(&router, &router.rules, &cmd).await })
             .await
-            .map_err(|e| ServiceError::Internal(format!("a transaction task failed: {e}")))?
+            .map_err(|e| RequestError::Internal(format!("a transaction task failed: {e}")))?
             .map_err(txn_error)
     }
 
-    async fn read(&self, shard: ShardId, r: ShardRead) -> Result<ShardReply, ServiceError> {
+    async fn read(&self, shard: ShardId, r: ShardRead) -> Result<ShardReply, RequestError> {
         self.request(shard, ShardRequest::Read(r)).await
     }
 
-    async fn find(&self, r: ProfileRef, mode: ReadMode) -> Result<FoundProfile, ServiceError> {
+    async fn find(&self, r: ProfileRef, mode: ReadMode) -> Result<FoundProfile, RequestError> {
         let rules = self.rules.clone();
         txn::coordinator::query(self, mode, |view| idgraph_core::engine::find_profile(view, &rules, &r, "key")).await.map_err(txn_error)
     }
 
-    pub async fn get_profile(&self, r: ProfileRef) -> Result<FoundProfile, ServiceError> {
+    pub async fn get_profile(&self, r: ProfileRef) -> Result<FoundProfile, RequestError> {
         if !self.single_shard() {
             return self.find(r, ReadMode::Linearizable).await;
         }
         match self.read(ShardId(0), ShardRead::Profile(r)).await? {
             ShardReply::Profile(p) => Ok(p),
-            _ => Err(ServiceError::Internal("unexpected reply kind".into())),
+            _ => Err(RequestError::Internal("unexpected reply kind".into())),
         }
     }
 
     /// A possibly stale read of the local replicas: no leader round trip, no
     /// forwarding.
-    pub async fn get_profile_stale(&self, r: ProfileRef) -> Result<FoundProfile, ServiceError> {
+    pub async fn get_profile_stale(&self, r: ProfileRef) -> Result<FoundProfile, RequestError> {
         if !self.single_shard() {
             return self.find(r, ReadMode::Local).await;
         }
         let shard = ShardId(0);
         match self.attempt(shard, &ShardRequest::Read(ShardRead::StaleProfile(r)), 0).await.map_err(|f| service_error(shard, f))? {
             ShardReply::Profile(p) => Ok(p),
-            _ => Err(ServiceError::Internal("unexpected reply kind".into())),
+            _ => Err(RequestError::Internal("unexpected reply kind".into())),
         }
     }
 
-    pub async fn get_merge(&self, id: String) -> Result<MergeRecord, ServiceError> {
+    pub async fn get_merge(&self, id: String) -> Result<MergeRecord, RequestError> {
         if !self.single_shard() {
             return txn::coordinator::query(self, ReadMode::Linearizable, |view| idgraph_core::engine::find_merge(view, &id))
                 .await
@@ -295,7 +321,7 @@ impl ShardRouter {
         }
         match self.read(ShardId(0), ShardRead::Merge(id)).await? {
             ShardReply::Merge(m) => Ok(m),
-            _ => Err(ServiceError::Internal("unexpected reply kind".into())),
+            _ => Err(RequestError::Internal("unexpected reply kind".into())),
         }
     }
 
@@ -319,54 +345,54 @@ impl ShardRouter {
         }
     }
 
-    pub async fn list_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, ServiceError> {
+    pub async fn list_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, RequestError> {
         let mut all = Vec::new();
         for shard in self.map.shards() {
             match self.read(shard, ShardRead::Hubs(limit)).await? {
                 ShardReply::Hubs(h) => all.extend(h),
-                _ => return Err(ServiceError::Internal("unexpected reply kind".into())),
+                _ => return Err(RequestError::Internal("unexpected reply kind".into())),
             }
         }
         all.truncate(limit);
         Ok(all)
     }
 
-    pub async fn counters(&self) -> Result<Counters, ServiceError> {
+    pub async fn counters(&self) -> Result<Counters, RequestError> {
         let mut total = Counters::default();
         for shard in self.map.shards() {
             match self.read(shard, ShardRead::Counters).await? {
                 ShardReply::Counters(c) => total.add(&c),
-                _ => return Err(ServiceError::Internal("unexpected reply kind".into())),
+                _ => return Err(RequestError::Internal("unexpected reply kind".into())),
             }
         }
         Ok(total)
     }
 
     /// Applies a change to the cluster map, on the metadata group's leader.
-    pub async fn change_cluster(&self, cmd: MetaCommand) -> Result<ClusterMap, ServiceError> {
+    pub async fn change_cluster(&self, cmd: MetaCommand) -> Result<ClusterMap, RequestError> {
         let reply = self.request(META, ShardRequest::Write(Box::new(ShardCommand::Meta(cmd)))).await?;
         self.adopt_cluster(reply)
     }
 
     /// The map a metadata-group reply carries, kept as this node's copy.
-    fn adopt_cluster(&self, reply: ShardReply) -> Result<ClusterMap, ServiceError> {
+    fn adopt_cluster(&self, reply: ShardReply) -> Result<ClusterMap, RequestError> {
         match reply {
             ShardReply::Map(m) => {
                 self.set_cluster(m.clone());
                 Ok(m)
             }
-            _ => Err(ServiceError::Internal("a cluster map request was answered with something else".into())),
+            _ => Err(RequestError::Internal("a cluster map request was answered with something else".into())),
         }
     }
 
     /// The cluster map as the metadata group holds it (linearizable).
-    pub async fn read_cluster(&self) -> Result<ClusterMap, ServiceError> {
+    pub async fn read_cluster(&self) -> Result<ClusterMap, RequestError> {
         let reply = self.read(META, ShardRead::ClusterMap { mode: ReadMode::Linearizable }).await?;
         self.adopt_cluster(reply)
     }
 
     /// Changes one group's voters on its leader (a step of a replica move).
-    pub async fn change_membership(&self, group: ShardId, change: crate::raft::MembershipChange) -> Result<(), ServiceError> {
+    pub async fn change_membership(&self, group: ShardId, change: crate::raft::MembershipChange) -> Result<(), RequestError> {
         self.request(group, ShardRequest::Membership(change)).await.map(|_| ())
     }
 
@@ -382,9 +408,9 @@ impl ShardRouter {
     /// [`crate::raft::ShardReplica`]'s leadership steps); returns the leader
     /// once `to` leads, or the failure, with the old leader campaigning
     /// again either way.
-    pub async fn transfer_leader(&self, shard: ShardId, to: u64) -> Result<u64, ServiceError> {
+    pub async fn transfer_leader(&self, shard: ShardId, to: u64) -> Result<u64, RequestError> {
         if shard != META && !self.map.shards().contains(&shard) {
-            return Err(ServiceError::Engine(idgraph_core::engine::EngineError::InvalidArgument {
+            return Err(RequestError::Engine(idgraph_core::engine::EngineError::InvalidArgument {
                 field: "shard".into(),
                 reason: format!("the cluster has shards 0 to {}", self.map.count() - 1),
             }));
@@ -392,7 +418,7 @@ impl ShardRouter {
         let target = match self.request(shard, ShardRequest::Leadership(LeadershipStep::Hand { to })).await? {
             ShardReply::Leadership(Some(addr)) => addr,
             ShardReply::Leadership(None) => return Ok(to),
-            _ => return Err(ServiceError::Internal("a leader hand-over was answered with something else".into())),
+            _ => return Err(RequestError::Internal("a leader hand-over was answered with something else".into())),
         };
         // The old leader is wherever `Hand` was served: it answers `Resume`
         // through the same routing until the target has taken over.
@@ -408,7 +434,7 @@ impl ShardRouter {
                     }
                 }
                 if tokio::time::Instant::now() > deadline {
-                    break Err(ServiceError::Unavailable {
+                    break Err(RequestError::Unavailable {
                         shard: shard.to_string(),
                         reason: format!("node {to} did not win the election"),
                     });
@@ -437,9 +463,9 @@ impl ShardRouter {
 
     /// Test hook: makes a shard actor panic.
     #[doc(hidden)]
-    pub fn crash_shard(&self, shard: ShardId) -> Result<(), ServiceError> {
-        let actor = self.actor(shard).map_err(|e| ServiceError::Unavailable { shard: shard.to_string(), reason: e.to_string() })?;
-        actor.cast(ShardMsg::Crash).map_err(|e| ServiceError::Unavailable { shard: shard.to_string(), reason: e.to_string() })
+    pub fn crash_shard(&self, shard: ShardId) -> Result<(), RequestError> {
+        let actor = self.actor(shard).map_err(|e| RequestError::Unavailable { shard: shard.to_string(), reason: e.to_string() })?;
+        actor.cast(ShardMsg::Crash).map_err(|e| RequestError::Unavailable { shard: shard.to_string(), reason: e.to_string() })
     }
 }
 
@@ -470,8 +496,8 @@ impl ShardAccess for ShardRouter {
         match self.request(shard, ShardRequest::Write(Box::new(ShardCommand::Txn(op)))).await {
             Ok(ShardReply::Txn(t)) => Ok(t),
             Ok(_) => Err(TxnError::Internal("a transaction step was answered with something else".into())),
-            Err(ServiceError::Overloaded { reason, .. }) => Err(TxnError::Overloaded { shard, reason }),
-            Err(ServiceError::DiskFull { .. }) => Err(TxnError::DiskFull { shard }),
+            Err(RequestError::Overloaded { reason, .. }) => Err(TxnError::Overloaded { shard, reason }),
+            Err(RequestError::DiskFull { .. }) => Err(TxnError::DiskFull { shard }),
             Err(e) => Err(TxnError::Unavailable { shard, reason: e.to_string() }),
         }
     }

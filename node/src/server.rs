@@ -3,7 +3,8 @@
 //! all of it down in order.
 
 use crate::config::NodeConfig;
-use crate::raft::{LogFlusher, Peers, RaftTransportService, Replicas, ShardLogStore, ShardNetworkFactory, ShardReplica, ShardStateMachine};
+use crate::peer::{Peers, RaftTransportService, ShardNetworkFactory};
+use crate::raft::{LogFlusher, Replicas, ShardLogStore, ShardReplica, ShardStateMachine};
 use crate::router::{ShardMap, ShardRouter};
 use crate::service::{status, AdminService, IdentityGraphService};
 use crate::shard::{shard_actor_name, NodeSupervisor, ReplicaOpener, SupervisorArgs, SupervisorMsg};
@@ -371,7 +372,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         .max_decoding_message_size(max)
         // Responses are bounded by the rule set's caps, not by the request limit.
         .max_encoding_message_size(64 * 1024 * 1024);
-    let admin = AdminServer::new(AdminService::new(router.clone(), replicas.clone())).max_decoding_message_size(max);
+    let admin = AdminServer::new(AdminService::new(router.clone())).max_decoding_message_size(max);
 
     let (tx, rx) = oneshot::channel::<()>();
     // Small request/response messages: no Nagle delay.

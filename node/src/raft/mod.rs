@@ -42,14 +42,15 @@
 #![allow(clippy::result_large_err)]
 
 mod log_store;
-pub mod network;
 mod read_barrier;
 pub mod replica;
 mod state_machine;
 
 pub use log_store::{LogFlusher, ShardLogStore};
-pub use network::{Peers, RaftTransportService, Replicas, ShardNetworkFactory};
-pub use replica::{LeadershipStep, MembershipChange, ShardFailure, ShardRead, ShardReplica, ShardReply, ShardRequest};
+pub use replica::{
+    GroupMember, LeadershipStep, MembershipChange, RaftRole, ReplicaStatus, Replicas, ShardFailure, ShardRead, ShardReplica, ShardReply,
+    ShardRequest,
+};
 pub use state_machine::{replica_digest, ReplicaDigest, ShardStateMachine};
 
 use idgraph_core::engine::{EngineError, Outcome};
@@ -130,12 +131,13 @@ pub type NodeId = u64;
 pub type LogId = openraft::LogId<NodeId>;
 pub type StorageError = openraft::StorageError<NodeId>;
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    rmp_serde::to_vec_named(v).expect("raft records always serialise")
-}
+/// Raft records and peer messages are encoded as stored records are
+/// (MessagePack with field names).
+pub(crate) use crate::storage::encode;
 
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, crate::storage::StoreError> {
-    rmp_serde::from_slice(bytes).map_err(|e| crate::storage::StoreError::Corrupt { key: "raft record".into(), reason: e.to_string() })
+/// Reads back what [`encode`] wrote.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, crate::storage::StoreError> {
+    crate::storage::decode(b"raft record", bytes)
 }
 
 fn read_err(e: crate::storage::StoreError) -> StorageError {

@@ -117,6 +117,9 @@ pub enum ShardFailure {
     DiskFull { shard: u32 },
 }
 
+/// The shard replicas a node holds, by shard.
+pub type Replicas = std::sync::Arc<std::sync::RwLock<std::collections::HashMap<ShardId, ShardReplica>>>;
+
 /// How long a new replica may take to catch up before a move is retried.
 const LEARNER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -129,6 +132,94 @@ pub struct ShardReplica {
     pub rules: Arc<RuleSet>,
     /// Leadership confirmations shared by concurrent linearizable reads.
     pub reads: ReadBarrier<ShardFailure>,
+}
+
+/// A replica's role in its Raft group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RaftRole {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+    Shutdown,
+}
+
+impl RaftRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RaftRole::Leader => "Leader",
+            RaftRole::Follower => "Follower",
+            RaftRole::Candidate => "Candidate",
+            RaftRole::Learner => "Learner",
+            RaftRole::Shutdown => "Shutdown",
+        }
+    }
+}
+
+/// One member of a replica's Raft group, as the replica sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMember {
+    pub node_id: u64,
+    pub addr: String,
+    pub voter: bool,
+    /// The last log index known replicated to it (on a leader; else 0).
+    pub matched_index: u64,
+}
+
+/// A replica's Raft status as its node sees it: what operators read from
+/// `Admin.GetCluster`, without openraft's types.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub shard: ShardId,
+    pub node_id: u64,
+    pub role: RaftRole,
+    /// 0 while no leader is known.
+    pub leader_id: u64,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub members: Vec<GroupMember>,
+    /// Transaction parts prepared here and waiting for their decision.
+    pub prepared_txns: u64,
+}
+
+impl ShardReplica {
+    /// This replica's Raft status, as of now.
+    pub fn status(&self) -> ReplicaStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let matched = m.replication.clone().unwrap_or_default();
+        let voters: std::collections::BTreeSet<u64> = m.membership_config.voter_ids().collect();
+        let members = m
+            .membership_config
+            .nodes()
+            .map(|(id, n)| GroupMember {
+                node_id: *id,
+                addr: n.addr.clone(),
+                voter: voters.contains(id),
+                matched_index: matched.get(id).copied().flatten().map_or(0, |l| l.index),
+            })
+            .collect();
+        let role = match m.state {
+            openraft::ServerState::Leader => RaftRole::Leader,
+            openraft::ServerState::Follower => RaftRole::Follower,
+            openraft::ServerState::Candidate => RaftRole::Candidate,
+            openraft::ServerState::Learner => RaftRole::Learner,
+            openraft::ServerState::Shutdown => RaftRole::Shutdown,
+        };
+        ReplicaStatus {
+            shard: self.shard,
+            node_id: m.id,
+            role,
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            members,
+            prepared_txns: idgraph_core::txn::participant::prepared_count(&*self.store).unwrap_or(0) as u64,
+        }
+    }
 }
 
 /// What callers learn of a group that stopped: no Raft or storage

@@ -1,6 +1,7 @@
 //! Conversions between the generated `idgraph.v1` types and the domain
 //! types. Generated types go no further into the node than this module.
 
+use crate::raft::{RaftRole, ReplicaStatus};
 use idgraph_core::engine::{
     self, Conflict, ConflictKind, EngineError, FoundProfile, IdentifyEvent, IdentifyOutcome, Ignored, ProfileRef, RawIdentifier,
 };
@@ -209,39 +210,30 @@ pub fn merge_record(m: MergeRecord) -> pb::MergeRecord {
 }
 
 /// One shard replica's Raft status as this node sees it.
-pub fn shard_status(r: &crate::raft::ShardReplica) -> pb::ShardStatus {
-    let m = r.raft.metrics().borrow().clone();
-    let matched = m.replication.clone().unwrap_or_default();
-    let voters: std::collections::BTreeSet<u64> = m.membership_config.voter_ids().collect();
-    let members = m
-        .membership_config
-        .nodes()
-        .map(|(id, n)| pb::ShardMember {
-            node_id: *id,
-            addr: n.addr.clone(),
-            voter: voters.contains(id),
-            matched_index: matched.get(id).copied().flatten().map_or(0, |l| l.index),
-        })
-        .collect();
+pub fn shard_status(r: &ReplicaStatus) -> pb::ShardStatus {
     pb::ShardStatus {
         shard: r.shard.0,
-        state: format!("{:?}", m.state),
-        leader_id: m.current_leader.unwrap_or(0),
-        term: m.current_term,
-        last_log_index: m.last_log_index.unwrap_or(0),
-        applied_index: m.last_applied.map_or(0, |l| l.index),
-        snapshot_index: m.snapshot.map_or(0, |l| l.index),
-        members,
-        prepared_txns: idgraph_core::txn::participant::prepared_count(&*r.store).unwrap_or(0) as u64,
+        state: r.role.as_str().to_string(),
+        leader_id: r.leader_id,
+        term: r.term,
+        last_log_index: r.last_log_index,
+        applied_index: r.applied_index,
+        snapshot_index: r.snapshot_index,
+        members: r
+            .members
+            .iter()
+            .map(|m| pb::ShardMember { node_id: m.node_id, addr: m.addr.clone(), voter: m.voter, matched_index: m.matched_index })
+            .collect(),
+        prepared_txns: r.prepared_txns,
     }
 }
 
 /// The cluster map and this node's replicas, as `Admin.GetCluster` answers.
-pub fn cluster_status(node_id: u64, map: &idgraph_core::meta::ClusterMap, replicas: &[crate::raft::ShardReplica]) -> pb::ClusterStatus {
+pub fn cluster_status(node_id: u64, map: &idgraph_core::meta::ClusterMap, replicas: &[ReplicaStatus]) -> pb::ClusterStatus {
     let mut shards: Vec<pb::ShardStatus> = replicas.iter().filter(|r| r.shard != idgraph_core::meta::META).map(shard_status).collect();
     shards.sort_by_key(|s| s.shard);
     let metadata = replicas.iter().find(|r| r.shard == idgraph_core::meta::META).map(shard_status);
-    let leads = |id: u64| shards.iter().chain(metadata.iter()).filter(|s| s.leader_id == id && s.state == "Leader").count() as u32;
+    let leads = |id: u64| replicas.iter().filter(|r| r.leader_id == id && r.role == RaftRole::Leader).count() as u32;
     let nodes = map
         .nodes
         .iter()

@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod status;
 
+use crate::error::RequestError;
 use crate::router::ShardRouter;
 use futures::{Stream, StreamExt};
 use idgraph_core::engine::{CommandKind, Outcome};
@@ -11,7 +12,6 @@ use idgraph_core::meta::MetaCommand;
 use idgraph_proto::v1 as pb;
 use pb::admin_server::Admin;
 use pb::identity_graph_server::IdentityGraph;
-use status::ServiceError;
 use std::pin::Pin;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
@@ -34,11 +34,11 @@ fn unexpected(_: Outcome) -> Status {
     Status::internal("the engine answered with an outcome of another kind")
 }
 
-async fn identify(router: &ShardRouter, req: pb::IdentifyRequest) -> Result<pb::IdentifyResponse, ServiceError> {
+async fn identify(router: &ShardRouter, req: pb::IdentifyRequest) -> Result<pb::IdentifyResponse, RequestError> {
     let event = convert::identify_event(req)?;
     match router.execute(CommandKind::Identify(event)).await? {
         Outcome::Identify(o) => Ok(convert::identify_response(o)),
-        other => Err(ServiceError::Internal(unexpected(other).message().to_string())),
+        other => Err(RequestError::Internal(unexpected(other).message().to_string())),
     }
 }
 
@@ -95,7 +95,7 @@ impl IdentityGraph for IdentityGraphService {
     async fn get_profile(&self, request: Request<pb::GetProfileRequest>) -> Result<Response<pb::Profile>, Status> {
         let req = request.into_inner();
         let stale = req.consistency == pb::ReadConsistency::Stale as i32;
-        let key = convert::get_profile_key(req).map_err(|e| Status::from(ServiceError::from(e)))?;
+        let key = convert::get_profile_key(req).map_err(|e| Status::from(RequestError::from(e)))?;
         let found = if stale { self.router.get_profile_stale(key).await? } else { self.router.get_profile(key).await? };
         let mut profile = convert::found_profile(found);
         profile.stale = stale;
@@ -110,7 +110,7 @@ impl IdentityGraph for IdentityGraphService {
             .enumerate()
             .map(|(i, r)| convert::profile_ref(r, &format!("profiles[{i}]")))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Status::from(ServiceError::from(e)))?;
+            .map_err(|e| Status::from(RequestError::from(e)))?;
         match self.router.execute(CommandKind::Merge { profiles, force: req.force, reason: req.reason }).await? {
             Outcome::Merge(o) => Ok(Response::new(pb::MergeResponse {
                 profile_id: o.profile_id,
@@ -125,7 +125,7 @@ impl IdentityGraph for IdentityGraphService {
     async fn unmerge(&self, request: Request<pb::UnmergeRequest>) -> Result<Response<pb::UnmergeResponse>, Status> {
         let req = request.into_inner();
         let reason = req.reason.clone();
-        let target = convert::unmerge_target(req).map_err(|e| Status::from(ServiceError::from(e)))?;
+        let target = convert::unmerge_target(req).map_err(|e| Status::from(RequestError::from(e)))?;
         match self.router.execute(CommandKind::Unmerge { target, reason }).await? {
             Outcome::Unmerge(o) => Ok(Response::new(pb::UnmergeResponse {
                 profile_id: o.profile_id,
@@ -137,7 +137,7 @@ impl IdentityGraph for IdentityGraphService {
     }
 
     async fn delete_profile(&self, request: Request<pb::DeleteProfileRequest>) -> Result<Response<pb::DeleteProfileResponse>, Status> {
-        let key = convert::delete_key(request.into_inner()).map_err(|e| Status::from(ServiceError::from(e)))?;
+        let key = convert::delete_key(request.into_inner()).map_err(|e| Status::from(RequestError::from(e)))?;
         match self.router.execute(CommandKind::Delete(key)).await? {
             Outcome::Delete(o) => Ok(Response::new(pb::DeleteProfileResponse {
                 profile_id: o.profile_id,
@@ -161,17 +161,11 @@ const REMOVAL_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 #[derive(Clone)]
 pub struct AdminService {
     router: ShardRouter,
-    replicas: crate::raft::Replicas,
 }
 
 impl AdminService {
-    pub fn new(router: ShardRouter, replicas: crate::raft::Replicas) -> Self {
-        AdminService { router, replicas }
-    }
-
-    /// The shard replicas this node holds, as of now.
-    fn local_replicas(&self) -> Result<Vec<crate::raft::ShardReplica>, Status> {
-        Ok(self.replicas.read().map_err(|_| Status::internal("replica table lock poisoned"))?.values().cloned().collect())
+    pub fn new(router: ShardRouter) -> Self {
+        AdminService { router }
     }
 }
 
@@ -240,7 +234,7 @@ impl Admin for AdminService {
         let node_id = request.into_inner().node_id;
         check_node_id(node_id)?;
         if !self.router.read_cluster().await?.nodes.contains_key(&node_id) {
-            return Err(ServiceError::Engine(idgraph_core::engine::EngineError::NotFound {
+            return Err(RequestError::Engine(idgraph_core::engine::EngineError::NotFound {
                 field: "node_id".into(),
                 what: format!("node {node_id} in the cluster map"),
             })
@@ -254,7 +248,7 @@ impl Admin for AdminService {
             let Some(_) = map.nodes.get(&node_id) else { break };
             if tokio::time::Instant::now() > deadline {
                 let left = map.groups_of(node_id).len();
-                return Err(ServiceError::Unavailable {
+                return Err(RequestError::Unavailable {
                     shard: "meta".into(),
                     reason: format!("node {node_id} still holds {left} replicas after {REMOVAL_WAIT:?}; they keep moving"),
                 }
@@ -273,26 +267,23 @@ impl Admin for AdminService {
     }
 
     async fn get_digests(&self, _request: Request<pb::GetDigestsRequest>) -> Result<Response<pb::ReplicaDigests>, Status> {
-        let replicas = self.local_replicas()?;
-        let mut shards = Vec::new();
-        let mut node_id = 0;
-        for r in replicas {
-            node_id = r.raft.metrics().borrow().id;
-            let d = crate::raft::replica_digest(&*r.store).map_err(|e| Status::unavailable(format!("shard {}: {e}", r.shard)))?;
-            shards.push(pb::ShardDigest {
-                shard: r.shard.0,
+        let shards = self
+            .router
+            .replica_digests()?
+            .into_iter()
+            .map(|(shard, d)| pb::ShardDigest {
+                shard: shard.0,
                 applied_index: d.applied_index,
                 digest: format!("{:016x}", d.digest),
                 bytes: d.bytes,
                 settled: d.settled,
-            });
-        }
-        shards.sort_by_key(|s| s.shard);
-        Ok(Response::new(pb::ReplicaDigests { node_id, shards }))
+            })
+            .collect();
+        Ok(Response::new(pb::ReplicaDigests { node_id: self.router.node_id(), shards }))
     }
 
     async fn get_cluster(&self, _request: Request<pb::GetClusterRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
-        let replicas = self.local_replicas()?;
+        let replicas = self.router.replica_statuses();
         Ok(Response::new(convert::cluster_status(self.router.node_id(), &self.router.cluster(), &replicas)))
     }
 
@@ -304,7 +295,7 @@ impl Admin for AdminService {
 
 /// INVALID_ARGUMENT naming a field of an admin request.
 fn invalid_field(field: &str, reason: &str) -> Status {
-    ServiceError::from(idgraph_core::engine::EngineError::InvalidArgument { field: field.into(), reason: reason.into() }).into()
+    RequestError::from(idgraph_core::engine::EngineError::InvalidArgument { field: field.into(), reason: reason.into() }).into()
 }
 
 /// Node ids start at 1.

@@ -12,46 +12,22 @@
 //! | oversized message (tonic's OUT_OF_RANGE) | RESOURCE_EXHAUSTED |
 //! | a shard's write queue full (`Overloaded`) | RESOURCE_EXHAUSTED (nothing done; retry after a backoff) |
 
+use crate::error::RequestError;
 use crate::storage::StoreError;
 use idgraph_core::engine::EngineError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-/// Errors of the service layer, classified by what the caller must do.
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    /// The shard cannot take requests now (restarting, stopping): retry.
-    #[error("shard {shard} is unavailable: {reason}")]
-    Unavailable { shard: String, reason: String },
-    /// More writes arrived than the shard's log takes; nothing changed:
-    /// retry after a backoff.
-    #[error("shard {shard} is overloaded: {reason}")]
-    Overloaded { shard: String, reason: String },
-    /// The node's disk is full; nothing changed: retry once space is freed.
-    #[error(
-        "the disk of the node leading shard {shard} is full: it takes no new writes until space is freed on it, then resumes by itself"
-    )]
-    DiskFull { shard: String },
-    /// Concurrent requests kept conflicting; nothing changed: retry.
-    #[error("{0}")]
-    Aborted(String),
-    /// A bug: nothing the caller can do.
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl From<ServiceError> for Status {
-    fn from(e: ServiceError) -> Status {
+impl From<RequestError> for Status {
+    fn from(e: RequestError) -> Status {
         match e {
-            ServiceError::Engine(EngineError::InvalidArgument { field, reason }) => Status::with_error_details(
+            RequestError::Engine(EngineError::InvalidArgument { field, reason }) => Status::with_error_details(
                 Code::InvalidArgument,
                 format!("{field}: {reason}"),
                 ErrorDetails::with_bad_request_violation(field, reason),
             ),
-            ServiceError::Engine(e @ EngineError::NotFound { .. }) => Status::not_found(e.to_string()),
-            ServiceError::Engine(EngineError::FailedPrecondition { reason, limit }) => match limit {
+            RequestError::Engine(e @ EngineError::NotFound { .. }) => Status::not_found(e.to_string()),
+            RequestError::Engine(EngineError::FailedPrecondition { reason, limit }) => match limit {
                 Some(limit) => Status::with_error_details(
                     Code::FailedPrecondition,
                     reason.clone(),
@@ -59,15 +35,15 @@ impl From<ServiceError> for Status {
                 ),
                 None => Status::failed_precondition(reason),
             },
-            ServiceError::Engine(EngineError::Store(e @ StoreError::Io(_))) => Status::unavailable(e.to_string()),
-            ServiceError::Engine(EngineError::Store(e @ StoreError::DiskFull)) => Status::resource_exhausted(e.to_string()),
-            ServiceError::Engine(EngineError::Store(e @ StoreError::Layout(_))) => Status::failed_precondition(e.to_string()),
-            ServiceError::Engine(EngineError::Store(e @ StoreError::Corrupt { .. })) => Status::internal(e.to_string()),
-            e @ ServiceError::Unavailable { .. } => Status::unavailable(e.to_string()),
-            ServiceError::Aborted(reason) => Status::aborted(reason),
-            e @ ServiceError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
-            e @ ServiceError::DiskFull { .. } => Status::resource_exhausted(e.to_string()),
-            e @ ServiceError::Internal(_) => Status::internal(e.to_string()),
+            RequestError::Engine(EngineError::Store(e @ StoreError::Io(_))) => Status::unavailable(e.to_string()),
+            RequestError::Engine(EngineError::Store(e @ StoreError::DiskFull)) => Status::resource_exhausted(e.to_string()),
+            RequestError::Engine(EngineError::Store(e @ StoreError::Layout(_))) => Status::failed_precondition(e.to_string()),
+            RequestError::Engine(EngineError::Store(e @ StoreError::Corrupt { .. })) => Status::internal(e.to_string()),
+            e @ RequestError::Unavailable { .. } => Status::unavailable(e.to_string()),
+            RequestError::Aborted(reason) => Status::aborted(reason),
+            e @ RequestError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
+            e @ RequestError::DiskFull { .. } => Status::resource_exhausted(e.to_string()),
+            e @ RequestError::Internal(_) => Status::internal(e.to_string()),
         }
     }
 }

@@ -1,18 +1,10 @@
-//! Raft traffic between nodes over gRPC (`idgraph.v1.RaftTransport`).
-//!
-//! Every shard's messages to a node share one HTTP/2 connection ([`Peers`]
-//! keeps one channel per address), so 16 or 64 shards do not multiply
-//! connections. AppendEntries (heartbeats included) of all shards to the
-//! same node are also batched: a sender task per peer takes every append
-//! waiting when it is free and sends them as one `AppendBatch` call, so
-//! under load many shards share one round trip. Payloads are MessagePack of
-//! openraft's own request and result types.
+//! The sending side of the peer transport: one channel and one append
+//! batcher per peer, openraft's `RaftNetwork` over them, and requests
+//! forwarded to the node that leads a shard.
 
-use super::replica::{ShardFailure, ShardReplica, ShardRequest};
-use super::{decode, encode, ShardRaft};
+use crate::raft::{decode, encode, ShardFailure, ShardRaft, ShardReply, ShardRequest};
 use idgraph_core::model::ShardId;
 use idgraph_proto::v1::raft_transport_client::RaftTransportClient;
-use idgraph_proto::v1::raft_transport_server::RaftTransport;
 use idgraph_proto::v1::{RaftBatch, RaftMessage};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -22,11 +14,11 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Response, Status};
 
 /// One lazily connected channel per peer address, shared by all shards,
 /// and one append batcher per peer.
@@ -95,13 +87,7 @@ impl Peers {
     }
 
     /// Sends a shard request to the node at `addr`, which serves it itself.
-    pub async fn forward(
-        &self,
-        addr: &str,
-        shard: ShardId,
-        req: &ShardRequest,
-        timeout: Duration,
-    ) -> Result<super::replica::ShardReply, ShardFailure> {
+    pub async fn forward(&self, addr: &str, shard: ShardId, req: &ShardRequest, timeout: Duration) -> Result<ShardReply, ShardFailure> {
         let unavailable = |reason: String| ShardFailure::Unavailable { shard: shard.0, reason };
         let mut client = self.client(addr).map_err(unavailable)?;
         let msg = RaftMessage { shard: shard.0, payload: encode(req) };
@@ -112,7 +98,7 @@ impl Peers {
                 tonic::Code::NotFound => ShardFailure::NoReplica { shard: shard.0 },
                 _ => unavailable(format!("forwarding to {addr}: {}", s.message())),
             })?;
-        decode::<Result<super::replica::ShardReply, ShardFailure>>(&resp.into_inner().payload).map_err(|e| unavailable(e.to_string()))?
+        decode::<Result<ShardReply, ShardFailure>>(&resp.into_inner().payload).map_err(|e| unavailable(e.to_string()))?
     }
 }
 
@@ -265,96 +251,12 @@ impl RaftNetwork<ShardRaft> for ShardNetwork {
     }
 }
 
-/// The shard replicas a node holds, by shard.
-pub type Replicas = Arc<RwLock<HashMap<ShardId, ShardReplica>>>;
-
-/// The receiving side of [`ShardNetwork`], plus forwarded requests.
-#[derive(Clone)]
-pub struct RaftTransportService {
-    replicas: Replicas,
-    cluster: Arc<RwLock<idgraph_core::meta::ClusterMap>>,
-}
-
-impl RaftTransportService {
-    pub fn new(replicas: Replicas, cluster: Arc<RwLock<idgraph_core::meta::ClusterMap>>) -> Self {
-        RaftTransportService { replicas, cluster }
-    }
-
-    fn replica(&self, shard: u32) -> Result<ShardReplica, Status> {
-        self.replicas
-            .read()
-            .map_err(|_| Status::internal("replica table lock poisoned"))?
-            .get(&ShardId(shard))
-            .cloned()
-            .ok_or_else(|| Status::not_found(format!("this node holds no replica of shard {shard}")))
-    }
-}
-
-fn bad_payload(e: crate::storage::StoreError) -> Status {
-    Status::invalid_argument(format!("payload: {e}"))
-}
-
-fn reply<T: serde::Serialize>(shard: u32, v: &T) -> Result<Response<RaftMessage>, Status> {
-    Ok(Response::new(RaftMessage { shard, payload: encode(v) }))
-}
-
-#[tonic::async_trait]
-impl RaftTransport for RaftTransportService {
-    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let m = request.into_inner();
-        let r = self.replica(m.shard)?;
-        let req: AppendEntriesRequest<ShardRaft> = decode(&m.payload).map_err(bad_payload)?;
-        reply(m.shard, &r.raft.append_entries(req).await)
-    }
-
-    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let m = request.into_inner();
-        let r = self.replica(m.shard)?;
-        let req: VoteRequest<u64> = decode(&m.payload).map_err(bad_payload)?;
-        reply(m.shard, &r.raft.vote(req).await)
-    }
-
-    async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let m = request.into_inner();
-        let r = self.replica(m.shard)?;
-        let req: InstallSnapshotRequest<ShardRaft> = decode(&m.payload).map_err(bad_payload)?;
-        reply(m.shard, &r.raft.install_snapshot(req).await)
-    }
-
-    async fn append_batch(&self, request: Request<RaftBatch>) -> Result<Response<RaftBatch>, Status> {
-        let appends = request.into_inner().messages.into_iter().map(|m| async move {
-            let answer = match self.replica(m.shard) {
-                Ok(r) => match decode::<AppendEntriesRequest<ShardRaft>>(&m.payload) {
-                    Ok(req) => Ok(encode(&r.raft.append_entries(req).await)),
-                    Err(e) => Err(bad_payload(e)),
-                },
-                Err(status) => Err(status),
-            };
-            // A shard this node does not serve answers as an unreachable
-            // target would: an empty payload its sender cannot decode.
-            RaftMessage { shard: m.shard, payload: answer.unwrap_or_default() }
-        });
-        Ok(Response::new(RaftBatch { messages: futures::future::join_all(appends).await }))
-    }
-
-    async fn forward(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let m = request.into_inner();
-        let r = self.replica(m.shard)?;
-        let req: ShardRequest = decode(&m.payload).map_err(bad_payload)?;
-        reply(m.shard, &r.serve(req).await)
-    }
-
-    async fn cluster_map(&self, _request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let map = self.cluster.read().map_err(|_| Status::internal("cluster map lock poisoned"))?.clone();
-        reply(0, &map)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use idgraph_proto::v1::raft_transport_server::RaftTransportServer;
+    use idgraph_proto::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use tonic::Request;
 
     /// A peer that answers each append with its own payload reversed and
     /// counts the batch calls it gets.

@@ -1,0 +1,93 @@
+//! The receiving side of the peer transport: Raft messages for the
+//! node's replicas, requests forwarded to them, and the cluster map.
+
+use crate::raft::{decode, encode, Replicas, ShardRaft, ShardReplica, ShardRequest};
+use idgraph_core::meta::ClusterMap;
+use idgraph_core::model::ShardId;
+use idgraph_proto::v1::raft_transport_server::RaftTransport;
+use idgraph_proto::v1::{RaftBatch, RaftMessage};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use std::sync::{Arc, RwLock};
+use tonic::{Request, Response, Status};
+
+/// The receiving side of [`ShardNetwork`], plus forwarded requests.
+#[derive(Clone)]
+pub struct RaftTransportService {
+    replicas: Replicas,
+    cluster: Arc<RwLock<ClusterMap>>,
+}
+
+impl RaftTransportService {
+    pub fn new(replicas: Replicas, cluster: Arc<RwLock<ClusterMap>>) -> Self {
+        RaftTransportService { replicas, cluster }
+    }
+
+    fn replica(&self, shard: u32) -> Result<ShardReplica, Status> {
+        self.replicas
+            .read()
+            .map_err(|_| Status::internal("replica table lock poisoned"))?
+            .get(&ShardId(shard))
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("this node holds no replica of shard {shard}")))
+    }
+}
+
+fn bad_payload(e: crate::storage::StoreError) -> Status {
+    Status::invalid_argument(format!("payload: {e}"))
+}
+
+fn reply<T: serde::Serialize>(shard: u32, v: &T) -> Result<Response<RaftMessage>, Status> {
+    Ok(Response::new(RaftMessage { shard, payload: encode(v) }))
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftTransportService {
+    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let m = request.into_inner();
+        let r = self.replica(m.shard)?;
+        let req: AppendEntriesRequest<ShardRaft> = decode(&m.payload).map_err(bad_payload)?;
+        reply(m.shard, &r.raft.append_entries(req).await)
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let m = request.into_inner();
+        let r = self.replica(m.shard)?;
+        let req: VoteRequest<u64> = decode(&m.payload).map_err(bad_payload)?;
+        reply(m.shard, &r.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let m = request.into_inner();
+        let r = self.replica(m.shard)?;
+        let req: InstallSnapshotRequest<ShardRaft> = decode(&m.payload).map_err(bad_payload)?;
+        reply(m.shard, &r.raft.install_snapshot(req).await)
+    }
+
+    async fn append_batch(&self, request: Request<RaftBatch>) -> Result<Response<RaftBatch>, Status> {
+        let appends = request.into_inner().messages.into_iter().map(|m| async move {
+            let answer = match self.replica(m.shard) {
+                Ok(r) => match decode::<AppendEntriesRequest<ShardRaft>>(&m.payload) {
+                    Ok(req) => Ok(encode(&r.raft.append_entries(req).await)),
+                    Err(e) => Err(bad_payload(e)),
+                },
+                Err(status) => Err(status),
+            };
+            // A shard this node does not serve answers as an unreachable
+            // target would: an empty payload its sender cannot decode.
+            RaftMessage { shard: m.shard, payload: answer.unwrap_or_default() }
+        });
+        Ok(Response::new(RaftBatch { messages: futures::future::join_all(appends).await }))
+    }
+
+    async fn forward(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let m = request.into_inner();
+        let r = self.replica(m.shard)?;
+        let req: ShardRequest = decode(&m.payload).map_err(bad_payload)?;
+        reply(m.shard, &r.serve(req).await)
+    }
+
+    async fn cluster_map(&self, _request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let map = self.cluster.read().map_err(|_| Status::internal("cluster map lock poisoned"))?.clone();
+        reply(0, &map)
+    }
+}
