@@ -259,7 +259,8 @@ pub async fn invariants(channel: Channel, finals: &BTreeMap<Id, Option<pb::Profi
         .values()
         .map(|p| (p.profile_id.clone(), p.identifiers.iter().map(|i| Identifier::new(&i.r#type, &i.value)).collect()))
         .collect();
-    let owner_of = |i: &Identifier| finals.get(&crate::workload::id_string(&i.kind, &i.value)).map(|p| p.as_ref().map(|p| p.profile_id.clone()));
+    let owner_of =
+        |i: &Identifier| finals.get(&crate::workload::id_string(&i.kind, &i.value)).map(|p| p.as_ref().map(|p| p.profile_id.clone()));
     for failure in checks::listings(&listed, owner_of, |kind| limits.get(kind).copied(), None) {
         r.fail(failure);
     }

@@ -42,7 +42,7 @@
 //! # Lineage
 //!
 //! Every merge writes a [`MergeRecord`] holding the absorbed profiles exactly
-//! as they were, so that [`Command::Unmerge`] by merge id restores them with
+//! as they were, so that [`CommandKind::Unmerge`] by merge id restores them with
 //! their ids, identifiers, traits and own lineage.
 
 mod identify;

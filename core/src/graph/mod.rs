@@ -16,7 +16,7 @@ mod keys;
 mod mem;
 mod staged;
 
-pub use keys::{GraphKey, GraphValue};
+pub use keys::{GraphKey, GraphValue, SLOTS};
 pub use mem::MemStore;
 pub use staged::Staged;
 

@@ -13,9 +13,9 @@
 //! openraft's own request and result types.
 
 //!
-//! - [`client`]: [`Peers`] (channels and batchers) and [`ShardNetwork`],
+//! - `client`: [`Peers`] (channels and batchers) and [`ShardNetwork`],
 //!   openraft's network over them; requests forwarded to a leader.
-//! - [`server`]: [`RaftTransportService`], which hands each message to the
+//! - `server`: [`RaftTransportService`], which hands each message to the
 //!   replica it names.
 
 mod client;

@@ -10,7 +10,7 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use std::sync::{Arc, RwLock};
 use tonic::{Request, Response, Status};
 
-/// The receiving side of [`ShardNetwork`], plus forwarded requests.
+/// The receiving side of [`ShardNetwork`](crate::peer::ShardNetwork), plus forwarded requests.
 #[derive(Clone)]
 pub struct RaftTransportService {
     replicas: Replicas,

@@ -23,7 +23,7 @@ pub enum ShardRequest {
     Leadership(LeadershipStep),
 }
 
-/// The steps of a leader transfer (see [`ShardReplica::leadership`]).
+/// The steps of a leader transfer (see `ShardReplica::leadership`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum LeadershipStep {
     /// On the leader: stop campaigning, wait until `to` holds the whole log;

@@ -34,7 +34,7 @@ use std::path::Path;
 use std::sync::RwLock;
 
 /// Layout 2 places records on shards by slot ranges
-/// ([`crate::txn::keys::SLOTS`]); layout 1 placed them by hash modulo the
+/// ([`idgraph_core::graph::SLOTS`]); layout 1 placed them by hash modulo the
 /// shard count, the same placement for a single shard.
 const LAYOUT_VERSION: &str = "idgraph-layout-2";
 const LAYOUT_MODULO: &str = "idgraph-layout-1";
