@@ -1,13 +1,14 @@
 //! `idgraphctl`: operate an idgraph node from the shell.
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use comfy_table::{presets::UTF8_FULL_CONDENSED, ContentArrangement, Table};
+use clap::{Args, Parser, Subcommand};
 use idgraph_client::idgraph_proto::json;
 use idgraph_client::idgraph_proto::v1 as pb;
 use idgraph_client::{load, parse_identifier, parse_jsonl, Client};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use render::{show, Output};
+
+mod render;
 
 #[derive(Parser)]
 #[command(name = "idgraphctl", version, about = "Operate an idgraph identity graph", propagate_version = true)]
@@ -20,12 +21,6 @@ struct Cli {
     output: Output,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
-    Table,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -193,66 +188,8 @@ fn parse_trait(s: &str) -> Result<(String, serde_json::Value), String> {
     Ok((k.to_string(), value))
 }
 
-fn table(header: &[&str]) -> Table {
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic).set_header(header.to_vec());
-    t
-}
-
-fn ids(list: &[pb::Identifier]) -> String {
-    list.iter().map(|i| format!("{}={}", i.r#type, i.value)).collect::<Vec<_>>().join("\n")
-}
-
-fn print_json<T: Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
-
 fn key_of(k: ProfileKey) -> (Option<pb::Identifier>, Option<String>) {
     (k.id, k.profile)
-}
-
-fn print_identify(r: &pb::IdentifyResponse) {
-    let mut t = table(&["field", "value"]);
-    t.add_row(vec!["profile_id", &r.profile_id]);
-    t.add_row(vec!["created", &r.created.to_string()]);
-    t.add_row(vec!["duplicate", &r.duplicate.to_string()]);
-    if r.merged {
-        t.add_row(vec!["merged".to_string(), format!("{} (merge {})", r.merged_profile_ids.join(", "), r.merge_id)]);
-    }
-    t.add_row(vec!["identifiers_added", &r.identifiers_added.to_string()]);
-    for c in &r.conflicts {
-        t.add_row(vec!["conflict", &c.message]);
-    }
-    for i in &r.ignored {
-        let id = i.identifier.as_ref().map(|i| i.r#type.clone()).unwrap_or_default();
-        t.add_row(vec!["ignored".to_string(), format!("{id}: {} ({})", i.reason, i.detail)]);
-    }
-    t.add_row(vec!["rule_version", &r.rule_version]);
-    println!("{t}");
-}
-
-fn print_profile(p: &pb::Profile) {
-    let mut t = table(&["field", "value"]);
-    t.add_row(vec!["profile_id", &p.profile_id]);
-    if !p.resolved_from.is_empty() {
-        t.add_row(vec!["resolved_from", &p.resolved_from]);
-    }
-    if p.stale {
-        t.add_row(vec!["stale", "true (read from this node's replica; may lag)"]);
-    }
-    t.add_row(vec!["identifiers".to_string(), ids(&p.identifiers)]);
-    let traits = p.traits.as_ref().map(json::from_struct).unwrap_or(serde_json::Value::Null);
-    if let serde_json::Value::Object(m) = &traits {
-        let lines: Vec<String> = m.iter().map(|(k, v)| format!("{k} = {v}")).collect();
-        t.add_row(vec!["traits".to_string(), lines.join("\n")]);
-    }
-    t.add_row(vec!["merged_from".to_string(), p.merged_from.join("\n")]);
-    t.add_row(vec!["merge_ids".to_string(), p.merge_ids.join("\n")]);
-    t.add_row(vec!["created_ms", &p.created_ms.to_string()]);
-    t.add_row(vec!["updated_ms", &p.updated_ms.to_string()]);
-    t.add_row(vec!["rule_version", &p.rule_version]);
-    println!("{t}");
 }
 
 #[tokio::main]
@@ -268,7 +205,7 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let json_out = cli.output == Output::Json;
+    let output = cli.output;
     let mut client = Client::connect(&cli.endpoint).await?;
     match cli.command {
         Command::Identify(a) => {
@@ -279,45 +216,26 @@ async fn run(cli: Cli) -> Result<()> {
                 traits: (!a.traits.is_empty()).then(|| json::to_struct(&a.traits.into_iter().collect())),
                 source: a.source,
             };
-            let r = client.graph().identify(req).await?.into_inner();
-            if json_out {
-                print_json(&r)?
-            } else {
-                print_identify(&r)
-            }
+            show(&client.graph().identify(req).await?.into_inner(), output)
         }
         Command::Load(a) => {
             let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
             let events = parse_jsonl(&text)?;
-            let bar = if a.quiet || json_out { ProgressBar::hidden() } else { ProgressBar::new(events.len() as u64) };
+            let bar = if a.quiet || output == Output::Json { ProgressBar::hidden() } else { ProgressBar::new(events.len() as u64) };
             bar.set_style(ProgressStyle::with_template(
                 "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events ({per_sec}, eta {eta})",
             )?);
             let s = load(&mut client, events, |n| bar.set_position(n)).await?;
             bar.finish_and_clear();
-            if json_out {
-                print_json(&s)?;
-            } else {
-                let mut t =
-                    table(&["events", "profiles created", "merges", "conflicts", "duplicates", "ignored ids", "failed", "events/s"]);
-                t.add_row(vec![
-                    s.events.to_string(),
-                    s.profiles_created.to_string(),
-                    s.merges.to_string(),
-                    s.conflicts.to_string(),
-                    s.duplicates.to_string(),
-                    s.ignored_identifiers.to_string(),
-                    s.failed.to_string(),
-                    format!("{:.0}", s.events_per_second),
-                ]);
-                println!("{t}");
-                for e in &s.errors {
-                    eprintln!("error: {e}");
-                }
+            show(&s, output)?;
+            if output == Output::Table {
+                // JSON lists them in its `errors` field.
+                s.errors.iter().for_each(|e| eprintln!("error: {e}"));
             }
             if s.failed > 0 {
                 std::process::exit(2);
             }
+            Ok(())
         }
         Command::Get(GetArgs { key: k, stale }) => {
             let key = match key_of(k) {
@@ -326,12 +244,7 @@ async fn run(cli: Cli) -> Result<()> {
                 (None, None) => bail!("name a profile with --id or --profile"),
             };
             let consistency = if stale { pb::ReadConsistency::Stale } else { pb::ReadConsistency::Linearizable } as i32;
-            let p = client.graph().get_profile(pb::GetProfileRequest { key: Some(key), consistency }).await?.into_inner();
-            if json_out {
-                print_json(&p)?
-            } else {
-                print_profile(&p)
-            }
+            show(&client.graph().get_profile(pb::GetProfileRequest { key: Some(key), consistency }).await?.into_inner(), output)
         }
         Command::Merge(a) => {
             let mut profiles: Vec<pb::ProfileRef> =
@@ -340,14 +253,7 @@ async fn run(cli: Cli) -> Result<()> {
             if profiles.len() < 2 {
                 bail!("name at least two profiles with --id and/or --profile");
             }
-            let r = client.graph().merge(pb::MergeRequest { profiles, force: a.force, reason: a.reason }).await?.into_inner();
-            if json_out {
-                print_json(&r)?
-            } else {
-                let mut t = table(&["profile_id", "merged", "merge_id", "forced limits"]);
-                t.add_row(vec![r.profile_id, r.merged_profile_ids.join("\n"), r.merge_id, r.forced_limits.join("\n")]);
-                println!("{t}");
-            }
+            show(&client.graph().merge(pb::MergeRequest { profiles, force: a.force, reason: a.reason }).await?.into_inner(), output)
         }
         Command::Unmerge(a) => {
             let target = match (a.merge_id, a.profile) {
@@ -355,14 +261,7 @@ async fn run(cli: Cli) -> Result<()> {
                 (None, Some(p)) => pb::unmerge_request::Target::Split(pb::SplitIdentifiers { profile_id: p, identifiers: a.ids }),
                 (None, None) => bail!("give --merge-id, or --profile with --id"),
             };
-            let r = client.graph().unmerge(pb::UnmergeRequest { target: Some(target), reason: a.reason }).await?.into_inner();
-            if json_out {
-                print_json(&r)?
-            } else {
-                let mut t = table(&["profile_id", "new/restored profiles", "identifiers moved"]);
-                t.add_row(vec![r.profile_id, r.new_profile_ids.join("\n"), r.identifiers_moved.to_string()]);
-                println!("{t}");
-            }
+            show(&client.graph().unmerge(pb::UnmergeRequest { target: Some(target), reason: a.reason }).await?.into_inner(), output)
         }
         Command::Delete(k) => {
             let key = match key_of(k) {
@@ -370,55 +269,16 @@ async fn run(cli: Cli) -> Result<()> {
                 (None, Some(p)) => pb::delete_profile_request::Key::ProfileId(p),
                 (None, None) => bail!("name a profile with --id or --profile"),
             };
-            let r = client.graph().delete_profile(pb::DeleteProfileRequest { key: Some(key) }).await?.into_inner();
-            if json_out {
-                print_json(&r)?
-            } else {
-                let mut t = table(&["erased profile", "identifiers erased", "merge records erased"]);
-                t.add_row(vec![r.profile_id, r.identifiers_erased.to_string(), r.merge_records_erased.to_string()]);
-                println!("{t}");
-            }
+            show(&client.graph().delete_profile(pb::DeleteProfileRequest { key: Some(key) }).await?.into_inner(), output)
         }
         Command::MergeRecord(MergeRecordCmd::Show { merge_id }) => {
-            let m = client.graph().get_merge_record(pb::GetMergeRecordRequest { merge_id }).await?.into_inner();
-            if json_out {
-                print_json(&m)?
-            } else {
-                let mut t = table(&["field", "value"]);
-                t.add_row(vec!["merge_id", &m.merge_id]);
-                t.add_row(vec!["survivor", &m.survivor_profile_id]);
-                for a in &m.absorbed {
-                    t.add_row(vec![format!("absorbed {}", a.profile_id), ids(&a.identifiers)]);
-                }
-                t.add_row(vec!["added by the event".to_string(), ids(&m.added)]);
-                t.add_row(vec!["cause".to_string(), format!("{}: {}", m.cause, m.cause_detail)]);
-                t.add_row(vec!["rule_version", &m.rule_version]);
-                t.add_row(vec!["merged_at_ms", &m.merged_at_ms.to_string()]);
-                t.add_row(vec!["forced", &m.forced.to_string()]);
-                t.add_row(vec!["undone", &m.undone.to_string()]);
-                println!("{t}");
-            }
+            show(&client.graph().get_merge_record(pb::GetMergeRecordRequest { merge_id }).await?.into_inner(), output)
         }
         Command::Hubs(HubsCmd::List { limit }) => {
-            let r = client.admin().list_hubs(pb::ListHubsRequest { limit }).await?.into_inner();
-            if json_out {
-                print_json(&r)?
-            } else {
-                let mut t = table(&["identifier", "profile", "reason", "listed_at_ms"]);
-                for h in r.hubs {
-                    t.add_row(vec![ids(h.identifier.as_slice()), h.profile_id, h.reason, h.listed_at_ms.to_string()]);
-                }
-                println!("{t}");
-            }
+            show(&client.admin().list_hubs(pb::ListHubsRequest { limit }).await?.into_inner(), output)
         }
-        Command::Rules(RulesCmd::Show) => {
-            let r = client.admin().get_rule_set(pb::GetRuleSetRequest {}).await?.into_inner();
-            if json_out {
-                print_json(&r)?
-            } else {
-                print!("{}", r.toml)
-            }
-        }
+        Command::Rules(RulesCmd::Show) => show(&client.admin().get_rule_set(pb::GetRuleSetRequest {}).await?.into_inner(), output),
+        Command::Stats => show(&client.admin().get_stats(pb::GetStatsRequest {}).await?.into_inner(), output),
         Command::Cluster(cmd) => {
             let c = match cmd {
                 ClusterCmd::Status => client.admin().get_cluster(pb::GetClusterRequest {}).await?.into_inner(),
@@ -426,89 +286,13 @@ async fn run(cli: Cli) -> Result<()> {
                 ClusterCmd::RemoveNode { id } => client.admin().remove_node(pb::RemoveNodeRequest { node_id: id }).await?.into_inner(),
                 ClusterCmd::TransferLeader { shard, to } => {
                     let r = client.admin().transfer_leader(pb::TransferLeaderRequest { shard, node_id: to }).await?.into_inner();
-                    if !json_out {
+                    if output == Output::Table {
                         println!("shard {shard} is led by node {}", r.leader_id);
                     }
                     client.admin().get_cluster(pb::GetClusterRequest {}).await?.into_inner()
                 }
             };
-            if json_out {
-                print_json(&c)?
-            } else {
-                println!(
-                    "node {} · cluster map version {} · {} shards · replication factor {}",
-                    c.node_id, c.map_version, c.shard_count, c.replication_factor
-                );
-                let mut nodes = table(&["node", "addr", "state", "replicas", "leads (seen here)", "rule version"]);
-                for n in &c.nodes {
-                    nodes.add_row(vec![
-                        n.node_id.to_string(),
-                        n.addr.clone(),
-                        n.state.clone(),
-                        n.replicas.to_string(),
-                        n.leads.to_string(),
-                        n.rule_version.clone(),
-                    ]);
-                }
-                println!("{nodes}");
-                let mut placement = table(&["group", "replicas on nodes", "moving"]);
-                for p in &c.placement {
-                    let on: Vec<String> = p.node_ids.iter().map(u64::to_string).collect();
-                    placement.add_row(vec![p.group.clone(), on.join(" "), p.moving.clone()]);
-                }
-                println!("{placement}");
-                let mut t =
-                    table(&["shard", "state", "leader", "term", "last log", "applied", "snapshot", "txns", "members (id addr matched)"]);
-                for s in c.metadata.into_iter().chain(c.shards) {
-                    let members: Vec<String> = s.members.iter().map(|m| format!("{} {} {}", m.node_id, m.addr, m.matched_index)).collect();
-                    let group = if s.shard == u32::MAX { "meta".to_string() } else { s.shard.to_string() };
-                    t.add_row(vec![
-                        group,
-                        s.state,
-                        s.leader_id.to_string(),
-                        s.term.to_string(),
-                        s.last_log_index.to_string(),
-                        s.applied_index.to_string(),
-                        s.snapshot_index.to_string(),
-                        s.prepared_txns.to_string(),
-                        members.join("\n"),
-                    ]);
-                }
-                println!("replicas on this node:\n{t}");
-            }
-        }
-        Command::Stats => {
-            let s = client.admin().get_stats(pb::GetStatsRequest {}).await?.into_inner();
-            if json_out {
-                print_json(&s)?
-            } else {
-                let mut t = table(&[
-                    "profiles",
-                    "identifiers",
-                    "events",
-                    "duplicates",
-                    "merges",
-                    "conflicts",
-                    "unmerges",
-                    "deletions",
-                    "hubs",
-                    "rule version",
-                ]);
-                t.add_row(vec![
-                    s.profiles.to_string(),
-                    s.identifiers.to_string(),
-                    s.events.to_string(),
-                    s.duplicates.to_string(),
-                    s.merges.to_string(),
-                    s.conflicts.to_string(),
-                    s.unmerges.to_string(),
-                    s.deletions.to_string(),
-                    s.hubs.to_string(),
-                    s.rule_version,
-                ]);
-                println!("{t}");
-            }
+            show(&c, output)
         }
     }
-    Ok(())
 }

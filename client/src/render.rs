@@ -1,0 +1,245 @@
+//! How `idgraphctl` shows a result: a table (or text) for people, pretty
+//! JSON for scripts (`--output json`). Every result type implements
+//! [`Render`] once; a command calls [`show`] with it, so a new command
+//! adds one `impl` here and one line in `main`.
+
+use anyhow::Result;
+use clap::ValueEnum;
+use comfy_table::{presets::UTF8_FULL_CONDENSED, ContentArrangement, Table};
+use idgraph_client::idgraph_proto::json;
+use idgraph_client::idgraph_proto::v1 as pb;
+use idgraph_client::LoadSummary;
+use serde::Serialize;
+
+/// The output format, `--output`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// A result as people read it; scripts get its JSON (`Serialize`).
+pub trait Render: Serialize {
+    /// The text printed for `--output table`.
+    fn human(&self) -> String;
+}
+
+/// Prints a result in the chosen format.
+pub fn show<T: Render>(v: &T, output: Output) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Output::Table => println!("{}", v.human().trim_end()),
+    }
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic).set_header(header.to_vec());
+    t
+}
+
+fn ids(list: &[pb::Identifier]) -> String {
+    list.iter().map(|i| format!("{}={}", i.r#type, i.value)).collect::<Vec<_>>().join("\n")
+}
+
+impl Render for pb::IdentifyResponse {
+    fn human(&self) -> String {
+        let r = self;
+        let mut t = table(&["field", "value"]);
+        t.add_row(vec!["profile_id", &r.profile_id]);
+        t.add_row(vec!["created", &r.created.to_string()]);
+        t.add_row(vec!["duplicate", &r.duplicate.to_string()]);
+        if r.merged {
+            t.add_row(vec!["merged".to_string(), format!("{} (merge {})", r.merged_profile_ids.join(", "), r.merge_id)]);
+        }
+        t.add_row(vec!["identifiers_added", &r.identifiers_added.to_string()]);
+        for c in &r.conflicts {
+            t.add_row(vec!["conflict", &c.message]);
+        }
+        for i in &r.ignored {
+            let id = i.identifier.as_ref().map(|i| i.r#type.clone()).unwrap_or_default();
+            t.add_row(vec!["ignored".to_string(), format!("{id}: {} ({})", i.reason, i.detail)]);
+        }
+        t.add_row(vec!["rule_version", &r.rule_version]);
+        t.to_string()
+    }
+}
+
+impl Render for pb::Profile {
+    fn human(&self) -> String {
+        let p = self;
+        let mut t = table(&["field", "value"]);
+        t.add_row(vec!["profile_id", &p.profile_id]);
+        if !p.resolved_from.is_empty() {
+            t.add_row(vec!["resolved_from", &p.resolved_from]);
+        }
+        if p.stale {
+            t.add_row(vec!["stale", "true (read from this node's replica; may lag)"]);
+        }
+        t.add_row(vec!["identifiers".to_string(), ids(&p.identifiers)]);
+        let traits = p.traits.as_ref().map(json::from_struct).unwrap_or(serde_json::Value::Null);
+        if let serde_json::Value::Object(m) = &traits {
+            let lines: Vec<String> = m.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+            t.add_row(vec!["traits".to_string(), lines.join("\n")]);
+        }
+        t.add_row(vec!["merged_from".to_string(), p.merged_from.join("\n")]);
+        t.add_row(vec!["merge_ids".to_string(), p.merge_ids.join("\n")]);
+        t.add_row(vec!["created_ms", &p.created_ms.to_string()]);
+        t.add_row(vec!["updated_ms", &p.updated_ms.to_string()]);
+        t.add_row(vec!["rule_version", &p.rule_version]);
+        t.to_string()
+    }
+}
+
+impl Render for LoadSummary {
+    fn human(&self) -> String {
+        let s = self;
+        let mut t = table(&["events", "profiles created", "merges", "conflicts", "duplicates", "ignored ids", "failed", "events/s"]);
+        t.add_row(vec![
+            s.events.to_string(),
+            s.profiles_created.to_string(),
+            s.merges.to_string(),
+            s.conflicts.to_string(),
+            s.duplicates.to_string(),
+            s.ignored_identifiers.to_string(),
+            s.failed.to_string(),
+            format!("{:.0}", s.events_per_second),
+        ]);
+        t.to_string()
+    }
+}
+
+impl Render for pb::MergeResponse {
+    fn human(&self) -> String {
+        let mut t = table(&["profile_id", "merged", "merge_id", "forced limits"]);
+        t.add_row(vec![&self.profile_id, &self.merged_profile_ids.join("\n"), &self.merge_id, &self.forced_limits.join("\n")]);
+        t.to_string()
+    }
+}
+
+impl Render for pb::UnmergeResponse {
+    fn human(&self) -> String {
+        let mut t = table(&["profile_id", "new/restored profiles", "identifiers moved"]);
+        t.add_row(vec![self.profile_id.clone(), self.new_profile_ids.join("\n"), self.identifiers_moved.to_string()]);
+        t.to_string()
+    }
+}
+
+impl Render for pb::DeleteProfileResponse {
+    fn human(&self) -> String {
+        let mut t = table(&["erased profile", "identifiers erased", "merge records erased"]);
+        t.add_row(vec![self.profile_id.clone(), self.identifiers_erased.to_string(), self.merge_records_erased.to_string()]);
+        t.to_string()
+    }
+}
+
+impl Render for pb::MergeRecord {
+    fn human(&self) -> String {
+        let m = self;
+        let mut t = table(&["field", "value"]);
+        t.add_row(vec!["merge_id", &m.merge_id]);
+        t.add_row(vec!["survivor", &m.survivor_profile_id]);
+        for a in &m.absorbed {
+            t.add_row(vec![format!("absorbed {}", a.profile_id), ids(&a.identifiers)]);
+        }
+        t.add_row(vec!["added by the event".to_string(), ids(&m.added)]);
+        t.add_row(vec!["cause".to_string(), format!("{}: {}", m.cause, m.cause_detail)]);
+        t.add_row(vec!["rule_version", &m.rule_version]);
+        t.add_row(vec!["merged_at_ms", &m.merged_at_ms.to_string()]);
+        t.add_row(vec!["forced", &m.forced.to_string()]);
+        t.add_row(vec!["undone", &m.undone.to_string()]);
+        t.to_string()
+    }
+}
+
+impl Render for pb::ListHubsResponse {
+    fn human(&self) -> String {
+        let mut t = table(&["identifier", "profile", "reason", "listed_at_ms"]);
+        for h in &self.hubs {
+            t.add_row(vec![ids(h.identifier.as_slice()), h.profile_id.clone(), h.reason.clone(), h.listed_at_ms.to_string()]);
+        }
+        t.to_string()
+    }
+}
+
+impl Render for pb::RuleSetInfo {
+    /// The rule set's TOML as it is.
+    fn human(&self) -> String {
+        self.toml.clone()
+    }
+}
+
+impl Render for pb::Stats {
+    fn human(&self) -> String {
+        let s = self;
+        let mut t = table(&[
+            "profiles",
+            "identifiers",
+            "events",
+            "duplicates",
+            "merges",
+            "conflicts",
+            "unmerges",
+            "deletions",
+            "hubs",
+            "rule version",
+        ]);
+        t.add_row(vec![
+            s.profiles.to_string(),
+            s.identifiers.to_string(),
+            s.events.to_string(),
+            s.duplicates.to_string(),
+            s.merges.to_string(),
+            s.conflicts.to_string(),
+            s.unmerges.to_string(),
+            s.deletions.to_string(),
+            s.hubs.to_string(),
+            s.rule_version.clone(),
+        ]);
+        t.to_string()
+    }
+}
+
+impl Render for pb::ClusterStatus {
+    fn human(&self) -> String {
+        let c = self;
+        let head = format!(
+            "node {} · cluster map version {} · {} shards · replication factor {}",
+            c.node_id, c.map_version, c.shard_count, c.replication_factor
+        );
+        let mut nodes = table(&["node", "addr", "state", "replicas", "leads (seen here)", "rule version"]);
+        for n in &c.nodes {
+            nodes.add_row(vec![
+                n.node_id.to_string(),
+                n.addr.clone(),
+                n.state.clone(),
+                n.replicas.to_string(),
+                n.leads.to_string(),
+                n.rule_version.clone(),
+            ]);
+        }
+        let mut placement = table(&["group", "replicas on nodes", "moving"]);
+        for p in &c.placement {
+            let on: Vec<String> = p.node_ids.iter().map(u64::to_string).collect();
+            placement.add_row(vec![p.group.clone(), on.join(" "), p.moving.clone()]);
+        }
+        let mut t = table(&["shard", "state", "leader", "term", "last log", "applied", "snapshot", "txns", "members (id addr matched)"]);
+        for s in c.metadata.iter().chain(&c.shards) {
+            let members: Vec<String> = s.members.iter().map(|m| format!("{} {} {}", m.node_id, m.addr, m.matched_index)).collect();
+            let group = if s.shard == u32::MAX { "meta".to_string() } else { s.shard.to_string() };
+            t.add_row(vec![
+                group,
+                s.state.clone(),
+                s.leader_id.to_string(),
+                s.term.to_string(),
+                s.last_log_index.to_string(),
+                s.applied_index.to_string(),
+                s.snapshot_index.to_string(),
+                s.prepared_txns.to_string(),
+                members.join("\n"),
+            ]);
+        }
+        format!("{head}\n{nodes}\n{placement}\nreplicas on this node:\n{t}")
+    }
+}
