@@ -15,21 +15,18 @@
 use crate::proxy::Network;
 use anyhow::{bail, Context};
 use idgraph_proto::v1 as pb;
+use idgraph_testkit::{free_ports, NodeLaunch, NodeProcess};
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::statvfs::statvfs;
-use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::io::{Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
 /// How a cluster is started.
@@ -66,7 +63,7 @@ pub struct Node {
     /// Where the node's own tmpfs is mounted (the data directory is `data`
     /// in it), when it has one.
     pub mount: Option<PathBuf>,
-    child: Option<Child>,
+    child: Option<NodeProcess>,
     paused: bool,
     /// FAILPOINTS the running process was started with.
     failpoints: Option<String>,
@@ -158,50 +155,23 @@ impl Cluster {
         let routes = self.routes(i);
         let node = &mut self.nodes[i];
         std::fs::create_dir_all(&node.dir)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
-        let mut cmd = Command::new(&self.spec.node_bin);
-        cmd.arg("--id")
-            .arg(node.id.to_string())
-            .arg("--listen")
-            .arg(node.addr.to_string())
-            .arg("--data-dir")
-            .arg(&node.dir)
-            .arg("--initial-cluster")
-            .arg(&self.initial_cluster)
-            .arg("--shards")
-            .arg(self.spec.shards.to_string())
+        let mut launch = NodeLaunch::new(&self.spec.node_bin, &node.dir, "CHAOS_NODE_LOG")
+            .listen(node.addr.to_string())
+            .args(["--id".to_string(), node.id.to_string()])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--shards".to_string(), self.spec.shards.to_string()])
             .env("IDGRAPH_PEER_ROUTES", routes)
             .env("IDGRAPH_RAFT_HEARTBEAT_MS", self.spec.heartbeat_ms.to_string())
             // Frequent snapshots: a node back from a fault often catches
             // up by installing one (and a crash point can stop it there).
             .env("IDGRAPH_RAFT_SNAPSHOT_LOGS", "50")
             .env("IDGRAPH_SHUTDOWN_GRACE_MS", "200")
-            // CHAOS_NODE_LOG (a tracing filter) for more of the nodes' logs.
-            .env("IDGRAPH_LOG_LEVEL", std::env::var("CHAOS_NODE_LOG").unwrap_or_else(|_| "warn".into()))
-            .env_remove("FAILPOINTS")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true);
+            .log_to(&node.log);
         if let Some(f) = failpoints {
-            cmd.env("FAILPOINTS", f);
+            launch = launch.env("FAILPOINTS", f);
         }
-        // A node dies with the harness, even when the harness is killed.
-        // SAFETY: the closure only makes one async-signal-safe system call.
-        unsafe {
-            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
-        }
-        let mut child = cmd.spawn().with_context(|| format!("starting {}", self.spec.node_bin.display()))?;
-        let stdout = child.stdout.take().context("node stdout")?;
-        let mut line = String::new();
-        // The node prints its address once it listens; a node that cannot
-        // open its data directory exits instead.
-        let read = tokio::time::timeout(Duration::from_secs(60), BufReader::new(stdout).read_line(&mut line)).await;
-        if !matches!(read, Ok(Ok(_))) || !line.starts_with("idgraph-node listening on ") {
-            let _ = child.start_kill();
-            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
-            bail!("node {} did not start ({status}); see {}", node.id, node.log.display());
-        }
-        node.child = Some(child);
+        let process = launch.start().await.with_context(|| format!("node {}", node.id))?;
+        node.child = Some(process);
         node.paused = false;
         node.failpoints = failpoints.map(str::to_string);
         Ok(())
@@ -211,25 +181,22 @@ impl Cluster {
     pub async fn kill(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         if let Some(mut child) = node.child.take() {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+            child.kill().await;
         }
         node.paused = false;
     }
 
     pub fn pause(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        if let Some(pid) = node.child.as_ref().and_then(Child::id) {
-            if kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).is_ok() {
-                node.paused = true;
-            }
+        if node.child.as_ref().is_some_and(|c| c.signal(Signal::SIGSTOP).is_ok()) {
+            node.paused = true;
         }
     }
 
     pub fn resume(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        if let Some(pid) = node.child.as_ref().and_then(Child::id) {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+        if let Some(child) = &node.child {
+            let _ = child.signal(Signal::SIGCONT);
         }
         node.paused = false;
     }
@@ -423,9 +390,8 @@ impl Drop for Cluster {
     /// Kills what still runs (a paused process dies of SIGKILL too).
     fn drop(&mut self) {
         for node in &mut self.nodes {
-            if let Some(child) = &mut node.child {
-                let _ = child.start_kill();
-            }
+            // A node process is killed when dropped.
+            node.child = None;
         }
     }
 }
@@ -447,12 +413,6 @@ pub fn lazy_channel(endpoint: &str) -> anyhow::Result<Channel> {
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .connect_lazy())
-}
-
-/// Free loopback ports, found by binding port 0.
-pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
-    let listeners: Vec<std::net::TcpListener> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
 }
 
 /// The node binary beside the harness's own (both built into one target

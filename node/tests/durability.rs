@@ -64,15 +64,15 @@ async fn a_panicking_shard_actor_is_restarted_from_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_cleanly_and_kill_9_loses_no_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
-    let mut p = NodeProcess::start(dir.path(), &[]);
+    let mut p = start_process(dir.path(), &[]).await;
     let mut g = p.client().await;
     let a = g.identify(event("e1", &[("user_id", "u1"), ("email", "u1@shop.com")])).await.unwrap().into_inner();
     // An idle client connection must not hold the shutdown up.
-    p.signal("-TERM");
-    let status = p.child.wait().unwrap();
+    p.signal(Signal::SIGTERM).unwrap();
+    let status = p.wait().await.unwrap();
     assert!(status.success(), "SIGTERM exits 0, got {status}");
 
-    let mut p = NodeProcess::start(dir.path(), &[]);
+    let mut p = start_process(dir.path(), &[]).await;
     let mut g = p.client().await;
     assert_eq!(g.get_profile(by_id("user_id", "u1")).await.unwrap().into_inner().profile_id, a.profile_id);
     // Acknowledged events, then kill -9 with no chance to flush.
@@ -84,10 +84,9 @@ async fn sigterm_stops_cleanly_and_kill_9_loses_no_acknowledged_event() {
     while let Some(r) = stream.message().await.unwrap() {
         acked.push(r.profile_id);
     }
-    p.signal("-KILL");
-    let _ = p.child.wait();
+    p.kill().await;
 
-    let p = NodeProcess::start(dir.path(), &[]);
+    let p = start_process(dir.path(), &[]).await;
     let mut g = p.client().await;
     for (i, pid) in acked.iter().enumerate() {
         let got =

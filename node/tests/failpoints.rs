@@ -39,14 +39,15 @@ fn spread_identifiers(tag: &str) -> Vec<(String, String)> {
     picked
 }
 
-fn start(dir: &std::path::Path, port: u16, id: usize, members: &str, crash_at: Option<&str>) -> NodeProcess {
+async fn start(dir: &std::path::Path, port: u16, id: usize, members: &str, crash_at: Option<&str>) -> NodeProcess {
     let listen = format!("127.0.0.1:{port}");
     let id = id.to_string();
     let args = ["--listen", listen.as_str(), "--id", id.as_str(), "--initial-cluster", members, "--shards", "8"];
-    match crash_at {
-        Some(point) => NodeProcess::start_with_env(dir, &args, &[("FAILPOINTS", &format!("{point}=return"))]),
-        None => NodeProcess::start(dir, &args),
+    let mut node = launch(dir, &args);
+    if let Some(point) = crash_at {
+        node = node.env("FAILPOINTS", format!("{point}=return"));
     }
+    node.start().await.expect("the node process starts")
 }
 
 /// Sends an event until it is acknowledged: UNAVAILABLE and ABORTED leave
@@ -77,8 +78,11 @@ async fn crash_at(point: &str, applied_before_crash: bool) {
     let ports = free_ports(3);
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let members = ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect::<Vec<_>>().join(",");
-    let mut crashing = start(dirs[0].path(), ports[0], 1, &members, Some(point));
-    let others: Vec<NodeProcess> = (1..3).map(|i| start(dirs[i].path(), ports[i], i + 1, &members, None)).collect();
+    let mut crashing = start(dirs[0].path(), ports[0], 1, &members, Some(point)).await;
+    let mut others = Vec::new();
+    for i in 1..3 {
+        others.push(start(dirs[i].path(), ports[i], i + 1, &members, None).await);
+    }
 
     // Every group is formed before the crash: a group whose initialising
     // node dies before its first election reaches the others waits for
@@ -116,7 +120,7 @@ async fn crash_at(point: &str, applied_before_crash: bool) {
             // answer may get out before the node dies applying them.
             Ok(_) if point == "txn::between-applies" => break,
             Ok(r) => panic!("{point}: acknowledged by a node that should have crashed: {r:?}"),
-            Err(s) if s.code() == tonic::Code::Unavailable && crashing.child.try_wait().unwrap().is_none() => {
+            Err(s) if s.code() == tonic::Code::Unavailable && crashing.try_wait().unwrap().is_none() => {
                 // No leaders yet: the node is alive and the event not begun.
                 assert!(Instant::now() < deadline, "{point}: never coordinated: {s}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -124,7 +128,7 @@ async fn crash_at(point: &str, applied_before_crash: bool) {
             Err(_) => break,
         }
     }
-    let status = crashing.child.wait().unwrap();
+    let status = crashing.wait().await.unwrap();
     assert_eq!(status.code(), Some(idgraph_node::crash::CRASH_EXIT_CODE), "{point}: the node exited at its crash point");
 
     // The client sends the same event again, to another node.
@@ -154,7 +158,7 @@ async fn crash_at(point: &str, applied_before_crash: bool) {
 
     // The crashed node comes back (without the crash point); every part the
     // dead coordinator left is settled.
-    crashing = start(dirs[0].path(), ports[0], 1, &members, None);
+    crashing = start(dirs[0].path(), ports[0], 1, &members, None).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let left = prepared_parts(&crashing).await + prepared_parts(&others[0]).await + prepared_parts(&others[1]).await;
@@ -192,8 +196,11 @@ async fn move_interrupted_at(point: &str) {
     let ports = free_ports(3);
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let members = ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect::<Vec<_>>().join(",");
-    let mut crashing = start(dirs[0].path(), ports[0], 1, &members, Some(point));
-    let others: Vec<NodeProcess> = (1..3).map(|i| start(dirs[i].path(), ports[i], i + 1, &members, None)).collect();
+    let mut crashing = start(dirs[0].path(), ports[0], 1, &members, Some(point)).await;
+    let mut others = Vec::new();
+    for i in 1..3 {
+        others.push(start(dirs[i].path(), ports[i], i + 1, &members, None).await);
+    }
     // Node 1 must lead the metadata group when the move starts.
     let mut admin = others[0].admin().await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -211,17 +218,17 @@ async fn move_interrupted_at(point: &str) {
     // A fourth node joins: the first move to it crashes node 1.
     let dir4 = tempfile::tempdir().unwrap();
     let listen4 = format!("127.0.0.1:{}", free_ports(1)[0]);
-    let n4 = NodeProcess::start(dir4.path(), &["--listen", &listen4, "--id", "4", "--join", &others[0].addr]);
+    let n4 = start_process(dir4.path(), &["--listen", &listen4, "--id", "4", "--join", &others[0].addr]).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
-        if let Some(status) = crashing.child.try_wait().unwrap() {
+        if let Some(status) = crashing.try_wait().unwrap() {
             break status;
         }
         assert!(Instant::now() < deadline, "{point}: node 1 never reached its crash point");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(status.code(), Some(idgraph_node::crash::CRASH_EXIT_CODE), "{point}: node 1 exited at its crash point");
-    crashing = start(dirs[0].path(), ports[0], 1, &members, None);
+    crashing = start(dirs[0].path(), ports[0], 1, &members, None).await;
 
     // The move is finished and the placement goal reached.
     let nodes = [&crashing, &others[0], &others[1], &n4];

@@ -1,7 +1,7 @@
 //! Shared by the integration tests: a node on a free loopback port with its
 //! own data directory, and clients connected to it over a real socket.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use idgraph_node::config::NodeConfig;
 use idgraph_node::server::{start, RunningNode};
@@ -53,64 +53,51 @@ pub fn by_profile(profile_id: &str) -> pb::GetProfileRequest {
     pb::GetProfileRequest { key: Some(pb::get_profile_request::Key::ProfileId(profile_id.into())), ..Default::default() }
 }
 
-/// A real `idgraph-node` process, reading the address it bound from its
-/// first line of output. Killed when dropped.
-pub struct NodeProcess {
-    pub child: std::process::Child,
-    pub addr: String,
+/// A real `idgraph-node` process (the shared harness, `idgraph-testkit`).
+pub use idgraph_testkit::NodeProcess;
+pub use nix::sys::signal::Signal;
+
+/// How these tests start this package's node binary on `dir`: `extra` are
+/// its arguments, and `--listen ADDR` among them picks its address (a free
+/// port otherwise).
+pub fn launch(dir: &Path, extra: &[&str]) -> idgraph_testkit::NodeLaunch {
+    let mut launch =
+        idgraph_testkit::NodeLaunch::new(env!("CARGO_BIN_EXE_idgraph-node"), dir, "TEST_NODE_LOG").env("IDGRAPH_RAFT_SNAPSHOT_LOGS", "100");
+    let mut args = extra.iter();
+    while let Some(arg) = args.next() {
+        launch = match (*arg, args.clone().next()) {
+            ("--listen", Some(addr)) => {
+                args.next();
+                launch.listen(*addr)
+            }
+            _ => launch.arg(arg),
+        };
+    }
+    launch
 }
 
-impl NodeProcess {
-    pub fn start(dir: &std::path::Path, extra: &[&str]) -> NodeProcess {
-        NodeProcess::start_with_env(dir, extra, &[])
-    }
-
-    pub fn start_with_env(dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> NodeProcess {
-        use std::io::{BufRead, BufReader};
-        let listen = extra.windows(2).find(|w| w[0] == "--listen").map(|w| w[1]).unwrap_or("127.0.0.1:0");
-        let extra: Vec<&str> = extra.iter().copied().filter(|a| *a != "--listen" && *a != listen).collect();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idgraph-node"))
-            .args(["--listen", listen, "--data-dir"])
-            .arg(dir)
-            .args(&extra)
-            .env("IDGRAPH_LOG_LEVEL", std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
-            .env("IDGRAPH_SHUTDOWN_GRACE_MS", "500")
-            .env("IDGRAPH_RAFT_SNAPSHOT_LOGS", "100")
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("spawn idgraph-node");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr =
-            line.trim().strip_prefix("idgraph-node listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
-        NodeProcess { child, addr }
-    }
-
-    pub async fn client(&self) -> IdentityGraphClient<Channel> {
-        IdentityGraphClient::connect(format!("http://{}", self.addr)).await.unwrap()
-    }
-
-    pub async fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::connect(format!("http://{}", self.addr)).await.unwrap()
-    }
-
-    pub fn signal(&mut self, sig: &str) {
-        let ok = std::process::Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
-        assert!(ok, "kill {sig}");
-    }
+/// Starts a node process (see [`launch`]) and waits until it listens.
+pub async fn start_process(dir: &Path, extra: &[&str]) -> NodeProcess {
+    launch(dir, extra).start().await.expect("the node process starts")
 }
 
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// gRPC clients of a node process, over a real socket.
+pub trait Clients {
+    fn client(&self) -> impl std::future::Future<Output = IdentityGraphClient<Channel>>;
+    fn admin(&self) -> impl std::future::Future<Output = AdminClient<Channel>>;
+}
+
+impl Clients for NodeProcess {
+    async fn client(&self) -> IdentityGraphClient<Channel> {
+        IdentityGraphClient::connect(self.endpoint()).await.unwrap()
+    }
+
+    async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::connect(self.endpoint()).await.unwrap()
     }
 }
 
 /// Free loopback ports, found by binding port 0.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    idgraph_testkit::free_ports(n).expect("free loopback ports")
 }

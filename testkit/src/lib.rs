@@ -1,0 +1,191 @@
+//! idgraph-testkit: the one harness for real `idgraph-node` processes,
+//! shared by the node's process tests (`node/tests/`) and the chaos
+//! harness (`chaos-tests/`).
+//!
+//! [`NodeLaunch`] says how to start a node (binary, listen address, data
+//! directory, arguments, environment, where its log goes); [`NodeProcess`]
+//! is the running process: started once it printed the address it listens
+//! on, killed when dropped and when the test process dies (so no node
+//! outlives a test, even one killed itself), and signalled, paused or
+//! waited for by the test. [`free_ports`] finds loopback ports by binding
+//! port 0.
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The line a node prints on stdout once it listens, before its address.
+pub const LISTENING: &str = "idgraph-node listening on ";
+
+/// How long a node may take to print its address (opening a large data
+/// directory included).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How to start one node process.
+#[derive(Clone, Debug)]
+pub struct NodeLaunch {
+    bin: PathBuf,
+    listen: String,
+    data_dir: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(String, String)>,
+    log: Option<PathBuf>,
+}
+
+impl NodeLaunch {
+    /// A node from `bin` on `data_dir`, listening on a free loopback port,
+    /// logging warnings to the test's stderr (`log_var` names an environment
+    /// variable holding another tracing filter, e.g. `TEST_NODE_LOG`), and
+    /// shutting down quickly on SIGTERM.
+    pub fn new(bin: impl Into<PathBuf>, data_dir: impl Into<PathBuf>, log_var: &str) -> NodeLaunch {
+        NodeLaunch {
+            bin: bin.into(),
+            listen: "127.0.0.1:0".into(),
+            data_dir: data_dir.into(),
+            args: Vec::new(),
+            env: vec![
+                ("IDGRAPH_LOG_LEVEL".into(), std::env::var(log_var).unwrap_or_else(|_| "warn".into())),
+                ("IDGRAPH_SHUTDOWN_GRACE_MS".into(), "500".into()),
+            ],
+            log: None,
+        }
+    }
+
+    /// Listens on `addr` instead of a free port.
+    pub fn listen(mut self, addr: impl Into<String>) -> NodeLaunch {
+        self.listen = addr.into();
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<OsString>) -> NodeLaunch {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> NodeLaunch {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable (a later value for the same name wins).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> NodeLaunch {
+        let key = key.into();
+        self.env.retain(|(k, _)| *k != key);
+        self.env.push((key, value.into()));
+        self
+    }
+
+    /// Appends the node's stderr (its log) to `file` instead of the test's.
+    pub fn log_to(mut self, file: impl Into<PathBuf>) -> NodeLaunch {
+        self.log = Some(file.into());
+        self
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Starts the process and waits until it prints the address it listens
+    /// on; a node that exits instead (it could not open its data directory)
+    /// or stays silent is an error naming its log.
+    pub async fn start(&self) -> anyhow::Result<NodeProcess> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--listen")
+            .arg(&self.listen)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env_remove("FAILPOINTS")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        match &self.log {
+            Some(file) => {
+                let log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(file)
+                    .with_context(|| format!("opening {}", file.display()))?;
+                cmd.stderr(Stdio::from(log));
+            }
+            None => {
+                cmd.stderr(Stdio::inherit());
+            }
+        }
+        // The node dies with the test process, even when that is killed.
+        // SAFETY: the closure makes one async-signal-safe system call.
+        unsafe {
+            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", self.bin.display()))?;
+        let stdout = child.stdout.take().context("the node's stdout")?;
+        let mut line = String::new();
+        let read = tokio::time::timeout(START_TIMEOUT, BufReader::new(stdout).read_line(&mut line)).await;
+        let addr = match read {
+            Ok(Ok(_)) => line.trim().strip_prefix(LISTENING).map(str::to_string),
+            _ => None,
+        };
+        let Some(addr) = addr else {
+            let _ = child.start_kill();
+            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+            let log = self.log.as_ref().map_or_else(|| "its stderr above".to_string(), |f| f.display().to_string());
+            bail!("the node on {} did not start ({status}, first line {line:?}); see {log}", self.data_dir.display());
+        };
+        Ok(NodeProcess { child, addr })
+    }
+}
+
+/// A running node process. Killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct NodeProcess {
+    child: Child,
+    /// The address it listens on, `HOST:PORT`.
+    pub addr: String,
+}
+
+impl NodeProcess {
+    /// `http://HOST:PORT`, for gRPC clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The process id, while the process has not been waited for.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends a signal (SIGTERM, SIGKILL, SIGSTOP, SIGCONT, ...).
+    pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.pid().context("the node was already waited for")?;
+        kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("sending {signal} to node {pid}"))
+    }
+
+    /// `kill -9`, then waits for the process to end.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Waits for the process to end.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Whether the process has ended, without waiting.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+}
+
+/// Free loopback ports, found by binding port 0 (all held at once, so
+/// they differ).
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let listeners: Vec<std::net::TcpListener> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
+}
