@@ -1,11 +1,12 @@
 //! Conversions between the generated `idgraph.v1` types and the domain
 //! types. Generated types go no further into the node than this module.
 
-use crate::raft::{RaftRole, ReplicaStatus};
+use crate::raft::{RaftRole, ReplicaDigest, ReplicaStatus};
 use idgraph_core::engine::{
-    self, Conflict, ConflictKind, EngineError, FoundProfile, IdentifyEvent, IdentifyOutcome, Ignored, ProfileRef, RawIdentifier,
+    self, Conflict, ConflictKind, DeleteOutcome, EngineError, FoundProfile, IdentifyEvent, IdentifyOutcome, Ignored, MergeOutcome,
+    ProfileRef, RawIdentifier, UnmergeOutcome,
 };
-use idgraph_core::model::{Identifier, MergeCause, MergeRecord, Profile};
+use idgraph_core::model::{Counters, HubRecord, Identifier, MergeCause, MergeRecord, Profile, ShardId};
 use idgraph_proto::v1 as pb;
 use prost_types::value::Kind;
 use serde_json::Value;
@@ -277,4 +278,76 @@ pub fn cluster_status(node_id: u64, map: &idgraph_core::meta::ClusterMap, replic
         placement,
         metadata,
     }
+}
+
+/// An event of a stream that failed: its answer in the stream carries the
+/// status it would have got alone.
+pub fn event_error(s: tonic::Status) -> pb::IdentifyResponse {
+    pb::IdentifyResponse { error: Some(pb::EventError { code: s.code() as i32, message: s.message().to_string() }), ..Default::default() }
+}
+
+pub fn merge_response(o: MergeOutcome) -> pb::MergeResponse {
+    pb::MergeResponse {
+        profile_id: o.profile_id,
+        merged_profile_ids: o.merged_profile_ids,
+        merge_id: o.merge_id.unwrap_or_default(),
+        forced_limits: o.forced_limits,
+    }
+}
+
+pub fn unmerge_response(o: UnmergeOutcome) -> pb::UnmergeResponse {
+    pb::UnmergeResponse { profile_id: o.profile_id, new_profile_ids: o.new_profile_ids, identifiers_moved: o.identifiers_moved }
+}
+
+pub fn delete_response(o: DeleteOutcome) -> pb::DeleteProfileResponse {
+    pb::DeleteProfileResponse {
+        profile_id: o.profile_id,
+        identifiers_erased: o.identifiers_erased,
+        merge_records_erased: o.merge_records_erased,
+    }
+}
+
+/// A listed hub value, with the profile that holds it now (empty if none).
+pub fn hub(id: &Identifier, h: HubRecord, profile_id: String) -> pb::Hub {
+    pb::Hub {
+        identifier: Some(identifier(id)),
+        reason: h.reason,
+        colliding_profiles: h.colliding_profiles.len() as u32,
+        limit_type: h.limit_type,
+        listed_at_ms: h.listed_at_ms.unwrap_or_default(),
+        profile_id,
+    }
+}
+
+/// The graph's counters (never negative on the wire).
+pub fn stats(c: &Counters, rule_version: &str, shards: u32) -> pb::Stats {
+    let u = |v: i64| v.max(0) as u64;
+    pb::Stats {
+        profiles: u(c.profiles),
+        identifiers: u(c.identifiers),
+        events: u(c.events),
+        duplicates: u(c.duplicates),
+        merges: u(c.merges),
+        conflicts: u(c.conflicts),
+        unmerges: u(c.unmerges),
+        deletions: u(c.deletions),
+        hubs: u(c.hubs),
+        rule_version: rule_version.into(),
+        shards,
+    }
+}
+
+/// This node's replicas' state digests, as `Admin.GetDigests` answers.
+pub fn replica_digests(node_id: u64, digests: Vec<(ShardId, ReplicaDigest)>) -> pb::ReplicaDigests {
+    let shards = digests
+        .into_iter()
+        .map(|(shard, d)| pb::ShardDigest {
+            shard: shard.0,
+            applied_index: d.applied_index,
+            digest: format!("{:016x}", d.digest),
+            bytes: d.bytes,
+            settled: d.settled,
+        })
+        .collect();
+    pb::ReplicaDigests { node_id, shards }
 }

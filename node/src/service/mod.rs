@@ -68,13 +68,7 @@ impl IdentityGraph for IdentityGraphService {
                     match item {
                         Ok(req) => Ok(match identify(&router, req).await {
                             Ok(r) => r,
-                            Err(e) => {
-                                let s = Status::from(e);
-                                pb::IdentifyResponse {
-                                    error: Some(pb::EventError { code: s.code() as i32, message: s.message().to_string() }),
-                                    ..Default::default()
-                                }
-                            }
+                            Err(e) => convert::event_error(Status::from(e)),
                         }),
                         Err(s) => Err(status::oversized_to_resource_exhausted(s)),
                     }
@@ -112,12 +106,7 @@ impl IdentityGraph for IdentityGraphService {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::from(RequestError::from(e)))?;
         match self.router.execute(CommandKind::Merge { profiles, force: req.force, reason: req.reason }).await? {
-            Outcome::Merge(o) => Ok(Response::new(pb::MergeResponse {
-                profile_id: o.profile_id,
-                merged_profile_ids: o.merged_profile_ids,
-                merge_id: o.merge_id.unwrap_or_default(),
-                forced_limits: o.forced_limits,
-            })),
+            Outcome::Merge(o) => Ok(Response::new(convert::merge_response(o))),
             other => Err(unexpected(other)),
         }
     }
@@ -127,11 +116,7 @@ impl IdentityGraph for IdentityGraphService {
         let reason = req.reason.clone();
         let target = convert::unmerge_target(req).map_err(|e| Status::from(RequestError::from(e)))?;
         match self.router.execute(CommandKind::Unmerge { target, reason }).await? {
-            Outcome::Unmerge(o) => Ok(Response::new(pb::UnmergeResponse {
-                profile_id: o.profile_id,
-                new_profile_ids: o.new_profile_ids,
-                identifiers_moved: o.identifiers_moved,
-            })),
+            Outcome::Unmerge(o) => Ok(Response::new(convert::unmerge_response(o))),
             other => Err(unexpected(other)),
         }
     }
@@ -139,11 +124,7 @@ impl IdentityGraph for IdentityGraphService {
     async fn delete_profile(&self, request: Request<pb::DeleteProfileRequest>) -> Result<Response<pb::DeleteProfileResponse>, Status> {
         let key = convert::delete_key(request.into_inner()).map_err(|e| Status::from(RequestError::from(e)))?;
         match self.router.execute(CommandKind::Delete(key)).await? {
-            Outcome::Delete(o) => Ok(Response::new(pb::DeleteProfileResponse {
-                profile_id: o.profile_id,
-                identifiers_erased: o.identifiers_erased,
-                merge_records_erased: o.merge_records_erased,
-            })),
+            Outcome::Delete(o) => Ok(Response::new(convert::delete_response(o))),
             other => Err(unexpected(other)),
         }
     }
@@ -188,34 +169,14 @@ impl Admin for AdminService {
                 .await
                 .map(|f| f.profile.id)
                 .unwrap_or_default();
-            out.push(pb::Hub {
-                identifier: Some(convert::identifier(&id)),
-                reason: h.reason,
-                colliding_profiles: h.colliding_profiles.len() as u32,
-                limit_type: h.limit_type,
-                listed_at_ms: h.listed_at_ms.unwrap_or_default(),
-                profile_id: owner,
-            });
+            out.push(convert::hub(&id, h, owner));
         }
         Ok(Response::new(pb::ListHubsResponse { hubs: out }))
     }
 
     async fn get_stats(&self, _request: Request<pb::GetStatsRequest>) -> Result<Response<pb::Stats>, Status> {
         let c = self.router.counters().await?;
-        let u = |v: i64| v.max(0) as u64;
-        Ok(Response::new(pb::Stats {
-            profiles: u(c.profiles),
-            identifiers: u(c.identifiers),
-            events: u(c.events),
-            duplicates: u(c.duplicates),
-            merges: u(c.merges),
-            conflicts: u(c.conflicts),
-            unmerges: u(c.unmerges),
-            deletions: u(c.deletions),
-            hubs: u(c.hubs),
-            rule_version: self.router.rules().version().into(),
-            shards: self.router.map().count(),
-        }))
+        Ok(Response::new(convert::stats(&c, self.router.rules().version(), self.router.map().count())))
     }
 
     async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
@@ -267,19 +228,7 @@ impl Admin for AdminService {
     }
 
     async fn get_digests(&self, _request: Request<pb::GetDigestsRequest>) -> Result<Response<pb::ReplicaDigests>, Status> {
-        let shards = self
-            .router
-            .replica_digests()?
-            .into_iter()
-            .map(|(shard, d)| pb::ShardDigest {
-                shard: shard.0,
-                applied_index: d.applied_index,
-                digest: format!("{:016x}", d.digest),
-                bytes: d.bytes,
-                settled: d.settled,
-            })
-            .collect();
-        Ok(Response::new(pb::ReplicaDigests { node_id: self.router.node_id(), shards }))
+        Ok(Response::new(convert::replica_digests(self.router.node_id(), self.router.replica_digests()?)))
     }
 
     async fn get_cluster(&self, _request: Request<pb::GetClusterRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
