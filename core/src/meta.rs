@@ -1,6 +1,6 @@
 //! The cluster map: which nodes there are, which nodes hold a replica of
 //! each Raft group, and the moves of replicas under way. It is the state of
-//! the metadata Raft group ([`META`]), replicated like a shard's graph, and
+//! the metadata Raft group ([`GroupId::Meta`]), replicated like a shard's graph, and
 //! every node routes by its copy of it.
 //!
 //! # Protocol and invariants
@@ -34,11 +34,9 @@
 //!   counts of active nodes within one of each other. A node being removed
 //!   (`Leaving`) is forgotten once it holds nothing.
 
-use crate::model::ShardId;
+use crate::model::{GroupId, ShardId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-
-pub use crate::model::META;
 
 /// The meta key the metadata group's replicas keep the map under.
 pub const MAP_KEY: &str = "cluster.map";
@@ -73,7 +71,7 @@ pub struct NodeEntry {
 /// group, `remove` without `add` shrinks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaMove {
-    pub group: ShardId,
+    pub group: GroupId,
     pub add: Option<u64>,
     pub remove: Option<u64>,
 }
@@ -88,9 +86,9 @@ pub struct ClusterMap {
     pub replication: u32,
     pub nodes: BTreeMap<u64, NodeEntry>,
     /// Nodes holding (or receiving) a replica of each group.
-    pub groups: BTreeMap<ShardId, BTreeSet<u64>>,
+    pub groups: BTreeMap<GroupId, BTreeSet<u64>>,
     /// Moves under way, at most one per group.
-    pub moves: BTreeMap<ShardId, ReplicaMove>,
+    pub moves: BTreeMap<GroupId, ReplicaMove>,
 }
 
 /// A change of the cluster map (an entry of the metadata group's log).
@@ -116,7 +114,7 @@ pub enum MetaCommand {
     },
     BeginMove(ReplicaMove),
     FinishMove {
-        group: ShardId,
+        group: GroupId,
     },
 }
 
@@ -139,7 +137,7 @@ impl ClusterMap {
         let ids: Vec<u64> = members.keys().copied().collect();
         let n = ids.len().max(1);
         let rf = (replication.max(1) as usize).min(ids.len());
-        let groups = (0..shard_count).map(|s| (ShardId(s), (0..rf).map(|i| ids[(s as usize + i) % n]).collect())).collect();
+        let groups = (0..shard_count).map(|s| (GroupId::Shard(ShardId(s)), (0..rf).map(|i| ids[(s as usize + i) % n]).collect())).collect();
         let nodes = members
             .iter()
             .map(|(id, addr)| (*id, NodeEntry { addr: addr.clone(), state: NodeState::Active, rule_version: rule_version.into() }))
@@ -147,7 +145,7 @@ impl ClusterMap {
         let mut map = ClusterMap { version: 1, shard_count, replication: replication.max(1), nodes, groups, moves: BTreeMap::new() };
         let mut by_load = ids;
         by_load.sort_by_key(|id| (map.load(*id), *id));
-        map.groups.insert(META, by_load.into_iter().take(rf).collect());
+        map.groups.insert(GroupId::Meta, by_load.into_iter().take(rf).collect());
         map
     }
 
@@ -156,12 +154,12 @@ impl ClusterMap {
     }
 
     /// The groups `node` holds or is receiving.
-    pub fn groups_of(&self, node: u64) -> BTreeSet<ShardId> {
+    pub fn groups_of(&self, node: u64) -> BTreeSet<GroupId> {
         self.groups.iter().filter(|(_, m)| m.contains(&node)).map(|(g, _)| *g).collect()
     }
 
     /// Addresses of a group's replicas.
-    pub fn addrs_of(&self, group: ShardId) -> Vec<String> {
+    pub fn addrs_of(&self, group: GroupId) -> Vec<String> {
         self.groups.get(&group).into_iter().flatten().filter_map(|n| self.nodes.get(n).map(|e| e.addr.clone())).collect()
     }
 
@@ -312,14 +310,14 @@ impl ClusterMap {
     /// one; the metadata group's light load is left out): from the node
     /// leading most to the one leading fewest among the shard's replicas,
     /// when they differ by more than one. None while a move is under way.
-    pub fn next_leader_transfer(&self, leaders: &BTreeMap<ShardId, u64>) -> Option<(ShardId, u64)> {
+    pub fn next_leader_transfer(&self, leaders: &BTreeMap<GroupId, u64>) -> Option<(GroupId, u64)> {
         if !self.moves.is_empty() {
             return None;
         }
-        let leaders: BTreeMap<ShardId, u64> = leaders.iter().filter(|(g, _)| **g != META).map(|(g, l)| (*g, *l)).collect();
+        let leaders: BTreeMap<GroupId, u64> = leaders.iter().filter(|(g, _)| **g != GroupId::Meta).map(|(g, l)| (*g, *l)).collect();
         let active = self.active();
         let leads = |n: u64| leaders.values().filter(|l| **l == n).count();
-        let mut candidates: Vec<(usize, ShardId, u64)> = Vec::new();
+        let mut candidates: Vec<(usize, GroupId, u64)> = Vec::new();
         for (group, leader) in &leaders {
             let Some(members) = self.groups.get(group) else { continue };
             let target = members.iter().copied().filter(|m| active.contains(m) && m != leader).min_by_key(|m| (leads(*m), *m));
@@ -382,11 +380,11 @@ mod tests {
     #[test]
     fn a_static_cluster_starts_with_shards_spread_and_replicated() {
         let map = ClusterMap::initial(&members(5), 16, 3, "v1");
-        assert_eq!(map.groups[&ShardId(0)], BTreeSet::from([1, 2, 3]));
-        assert_eq!(map.groups[&ShardId(4)], BTreeSet::from([5, 1, 2]));
+        assert_eq!(map.groups[&GroupId::Shard(ShardId(0))], BTreeSet::from([1, 2, 3]));
+        assert_eq!(map.groups[&GroupId::Shard(ShardId(4))], BTreeSet::from([5, 1, 2]));
         // 48 shard replicas over 5 nodes: 10, 10, 10, 9, 9; the metadata group
         // goes to the least loaded.
-        assert_eq!(map.groups[&META], BTreeSet::from([1, 4, 5]));
+        assert_eq!(map.groups[&GroupId::Meta], BTreeSet::from([1, 4, 5]));
         assert_goal(&map);
         assert_eq!(map.next_move(), None);
         // Fewer nodes than the replication factor: every node holds every group.
@@ -420,10 +418,10 @@ mod tests {
         let map = ClusterMap::initial(&members(3), 2, 3, "v1");
         let cases = [
             MetaCommand::Forget { node_id: 1 },
-            MetaCommand::BeginMove(ReplicaMove { group: ShardId(0), add: Some(2), remove: Some(1) }),
-            MetaCommand::BeginMove(ReplicaMove { group: ShardId(0), add: Some(9), remove: None }),
-            MetaCommand::BeginMove(ReplicaMove { group: ShardId(7), add: None, remove: Some(1) }),
-            MetaCommand::BeginMove(ReplicaMove { group: ShardId(0), add: None, remove: None }),
+            MetaCommand::BeginMove(ReplicaMove { group: GroupId::Shard(ShardId(0)), add: Some(2), remove: Some(1) }),
+            MetaCommand::BeginMove(ReplicaMove { group: GroupId::Shard(ShardId(0)), add: Some(9), remove: None }),
+            MetaCommand::BeginMove(ReplicaMove { group: GroupId::Shard(ShardId(7)), add: None, remove: Some(1) }),
+            MetaCommand::BeginMove(ReplicaMove { group: GroupId::Shard(ShardId(0)), add: None, remove: None }),
             MetaCommand::NodeUp { node_id: 9, addr: "x:1".into(), rule_version: "v1".into(), create: false },
             MetaCommand::NodeUp { node_id: 9, addr: "127.0.0.1:50061".into(), rule_version: "v1".into(), create: true },
         ];
@@ -432,21 +430,25 @@ mod tests {
         }
         let one = ClusterMap::initial(&members(1), 1, 3, "v1");
         assert!(one.apply(&MetaCommand::Drain { node_id: 1 }).is_err(), "the last node cannot leave");
-        let moving = map.apply(&MetaCommand::BeginMove(ReplicaMove { group: ShardId(1), add: None, remove: Some(1) })).unwrap();
-        assert!(moving.apply(&MetaCommand::BeginMove(ReplicaMove { group: ShardId(1), add: None, remove: Some(2) })).is_err());
+        let moving =
+            map.apply(&MetaCommand::BeginMove(ReplicaMove { group: GroupId::Shard(ShardId(1)), add: None, remove: Some(1) })).unwrap();
+        assert!(moving
+            .apply(&MetaCommand::BeginMove(ReplicaMove { group: GroupId::Shard(ShardId(1)), add: None, remove: Some(2) }))
+            .is_err());
         // The same move again is accepted (a resumed step) and changes nothing more.
-        let again = moving.apply(&MetaCommand::BeginMove(ReplicaMove { group: ShardId(1), add: None, remove: Some(1) })).unwrap();
+        let again =
+            moving.apply(&MetaCommand::BeginMove(ReplicaMove { group: GroupId::Shard(ShardId(1)), add: None, remove: Some(1) })).unwrap();
         assert_eq!(again.groups, moving.groups);
     }
 
     #[test]
     fn a_moving_replica_stays_listed_until_the_move_is_finished() {
         let mut map = ClusterMap::initial(&members(4), 1, 3, "v1");
-        let mv = ReplicaMove { group: ShardId(0), add: Some(4), remove: Some(1) };
+        let mv = ReplicaMove { group: GroupId::Shard(ShardId(0)), add: Some(4), remove: Some(1) };
         map = map.apply(&MetaCommand::BeginMove(mv)).unwrap();
-        assert_eq!(map.groups[&ShardId(0)], BTreeSet::from([1, 2, 3, 4]), "both old and new node listed");
-        map = map.apply(&MetaCommand::FinishMove { group: ShardId(0) }).unwrap();
-        assert_eq!(map.groups[&ShardId(0)], BTreeSet::from([2, 3, 4]));
+        assert_eq!(map.groups[&GroupId::Shard(ShardId(0))], BTreeSet::from([1, 2, 3, 4]), "both old and new node listed");
+        map = map.apply(&MetaCommand::FinishMove { group: GroupId::Shard(ShardId(0)) }).unwrap();
+        assert_eq!(map.groups[&GroupId::Shard(ShardId(0))], BTreeSet::from([2, 3, 4]));
         assert!(map.moves.is_empty());
     }
 
@@ -456,7 +458,7 @@ mod tests {
         map = map.apply(&MetaCommand::NodeUp { node_id: 4, addr: "h:4".into(), rule_version: "v1".into(), create: true }).unwrap();
         settle(&mut map);
         // Node 1 leads every group; node 4 leads none.
-        let mut leaders: BTreeMap<ShardId, u64> = map.groups.iter().map(|(g, m)| (*g, *m.first().unwrap())).collect();
+        let mut leaders: BTreeMap<GroupId, u64> = map.groups.iter().map(|(g, m)| (*g, *m.first().unwrap())).collect();
         let mut transfers = 0;
         while let Some((group, to)) = map.next_leader_transfer(&leaders) {
             assert!(map.groups[&group].contains(&to), "leadership goes to a replica");
@@ -464,7 +466,7 @@ mod tests {
             transfers += 1;
             assert!(transfers < 100, "does not converge");
         }
-        leaders.remove(&META);
+        leaders.remove(&GroupId::Meta);
         let counts: Vec<usize> = (1..=4).map(|n| leaders.values().filter(|l| **l == n).count()).collect();
         assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1, "leaders uneven: {counts:?}");
         assert!(transfers > 0);

@@ -10,15 +10,72 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ShardId(pub u32);
 
-/// The metadata Raft group's id among the node's groups.
-pub const META: ShardId = ShardId(u32::MAX);
-
 impl fmt::Display for ShardId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if *self == META {
-            return f.write_str("meta");
-        }
         write!(f, "{:04}", self.0)
+    }
+}
+
+/// One Raft group of a cluster: a shard of the graph, or the metadata group
+/// that holds the cluster map. On the wire and on disk a group is a `u32`,
+/// the metadata group `u32::MAX` (what it was while the metadata group was
+/// counted among the shards), so stored maps and logs read the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(from = "u32", into = "u32")]
+pub enum GroupId {
+    Shard(ShardId),
+    Meta,
+}
+
+impl GroupId {
+    /// The metadata group's number on the wire and on disk.
+    const META_WIRE: u32 = u32::MAX;
+
+    /// The shard this group is, if it is one.
+    pub fn shard(self) -> Option<ShardId> {
+        match self {
+            GroupId::Shard(s) => Some(s),
+            GroupId::Meta => None,
+        }
+    }
+
+    /// The group's number on the wire and on disk.
+    pub fn wire(self) -> u32 {
+        u32::from(self)
+    }
+}
+
+impl From<u32> for GroupId {
+    fn from(n: u32) -> GroupId {
+        if n == GroupId::META_WIRE {
+            GroupId::Meta
+        } else {
+            GroupId::Shard(ShardId(n))
+        }
+    }
+}
+
+impl From<GroupId> for u32 {
+    fn from(g: GroupId) -> u32 {
+        match g {
+            GroupId::Shard(s) => s.0,
+            GroupId::Meta => GroupId::META_WIRE,
+        }
+    }
+}
+
+impl From<ShardId> for GroupId {
+    fn from(s: ShardId) -> GroupId {
+        GroupId::Shard(s)
+    }
+}
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GroupId::Shard(s) => s.fmt(f),
+            GroupId::Meta => f.write_str("meta"),
+        }
     }
 }
 
@@ -193,5 +250,25 @@ impl ChangeSet {
     }
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty() && self.counters == Counters::default()
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    #[test]
+    fn a_group_is_stored_and_sent_as_the_number_it_had_as_a_shard_id() {
+        for (group, n) in [(GroupId::Shard(ShardId(7)), 7u32), (GroupId::Meta, u32::MAX)] {
+            let old_named = rmp_serde::to_vec_named(&ShardId(n)).unwrap();
+            assert_eq!(rmp_serde::to_vec_named(&group).unwrap(), old_named, "{group} encodes as before");
+            assert_eq!(rmp_serde::from_slice::<GroupId>(&old_named).unwrap(), group, "{group} decodes from before");
+            assert_eq!(GroupId::from(n).wire(), n);
+        }
+        let map: BTreeMap<GroupId, u8> = BTreeMap::from([(GroupId::Meta, 1), (GroupId::Shard(ShardId(u32::MAX - 1)), 2)]);
+        let old: BTreeMap<ShardId, u8> = BTreeMap::from([(ShardId(u32::MAX), 1), (ShardId(u32::MAX - 1), 2)]);
+        assert_eq!(rmp_serde::to_vec(&map).unwrap(), rmp_serde::to_vec(&old).unwrap(), "maps keyed by group keep their order and bytes");
+        assert_eq!(GroupId::Meta.to_string(), "meta");
+        assert_eq!(GroupId::Shard(ShardId(3)).to_string(), "0003");
     }
 }

@@ -69,7 +69,7 @@ fn resolution(c: &mut Criterion) {
     });
     let fresh_sled = || {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledDb::open(dir.path(), 1).unwrap().shard(ShardId(0)).unwrap();
+        let store = SledDb::open(dir.path(), 1).unwrap().shard(ShardId(0).into()).unwrap();
         (dir, store)
     };
     g.bench_function("engine+sled", |b| {

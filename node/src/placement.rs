@@ -22,7 +22,8 @@ use crate::error::RequestError;
 use crate::raft::MembershipChange;
 use crate::router::ShardRouter;
 use crate::shard::SupervisorMsg;
-use idgraph_core::meta::{ClusterMap, MetaCommand, ReplicaMove, META};
+use idgraph_core::meta::{ClusterMap, MetaCommand, ReplicaMove};
+use idgraph_core::model::GroupId;
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use std::time::Duration;
@@ -68,7 +69,7 @@ impl Placement {
 
     /// Whether this node's replica of the metadata group leads it.
     fn leads_meta(&self) -> bool {
-        self.router.local_leader(META) == Some(self.me())
+        self.router.local_leader(GroupId::Meta) == Some(self.me())
     }
 
     #[instrument(skip_all, fields(node = self.me()))]
@@ -135,8 +136,8 @@ impl Placement {
 
     async fn supervise(
         &self,
-        msg: fn(idgraph_core::model::ShardId, ractor::RpcReplyPort<Result<(), String>>) -> SupervisorMsg,
-        group: idgraph_core::model::ShardId,
+        msg: fn(idgraph_core::model::GroupId, ractor::RpcReplyPort<Result<(), String>>) -> SupervisorMsg,
+        group: idgraph_core::model::GroupId,
     ) -> Result<(), String> {
         match self.supervisor.call(|port| msg(group, port), Some(Duration::from_secs(30))).await {
             Ok(CallResult::Success(r)) => r,

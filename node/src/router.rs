@@ -15,8 +15,8 @@ use crate::raft::{
 use crate::shard::{shard_actor_name, ShardMsg};
 use crate::txn::{self, GraphKey, KeyRead, ReadMode, ShardAccess, TxnError, TxnOp, TxnReply};
 use idgraph_core::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileRef};
-use idgraph_core::meta::{ClusterMap, MetaCommand, META};
-use idgraph_core::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
+use idgraph_core::meta::{ClusterMap, MetaCommand};
+use idgraph_core::model::{Counters, GroupId, HubRecord, Identifier, MergeRecord, ShardId};
 use idgraph_core::rules::RuleSet;
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
@@ -62,7 +62,7 @@ pub struct ShardRouter {
 }
 
 /// What a shard's failure means to the caller.
-fn service_error(shard: ShardId, f: ShardFailure) -> RequestError {
+fn service_error(shard: GroupId, f: ShardFailure) -> RequestError {
     match f {
         ShardFailure::Refused(r) => RequestError::Engine(r.into_engine()),
         ShardFailure::NotLeader { .. } => {
@@ -132,31 +132,31 @@ impl ShardRouter {
     }
 
     /// The groups this node holds a replica of.
-    pub fn hosted(&self) -> Vec<ShardId> {
-        let mut out: Vec<ShardId> = self.replicas.read().map(|r| r.keys().copied().collect()).unwrap_or_default();
+    pub fn hosted(&self) -> Vec<GroupId> {
+        let mut out: Vec<GroupId> = self.replicas.read().map(|r| r.keys().copied().collect()).unwrap_or_default();
         out.sort();
         out
     }
 
     /// Who this node's replica of `group` believes leads it.
-    pub fn local_leader(&self, group: ShardId) -> Option<u64> {
+    pub fn local_leader(&self, group: GroupId) -> Option<u64> {
         self.replicas.read().ok()?.get(&group).and_then(|r| r.raft.metrics().borrow().current_leader)
     }
 
     /// The Raft status of every replica this node holds, in group order.
     pub fn replica_statuses(&self) -> Vec<ReplicaStatus> {
         let mut out: Vec<ReplicaStatus> = self.local_replicas().iter().map(ShardReplica::status).collect();
-        out.sort_by_key(|s| s.shard);
+        out.sort_by_key(|s| s.group);
         out
     }
 
     /// The state digest of every replica this node holds, in group order.
-    pub fn replica_digests(&self) -> Result<Vec<(ShardId, ReplicaDigest)>, RequestError> {
+    pub fn replica_digests(&self) -> Result<Vec<(GroupId, ReplicaDigest)>, RequestError> {
         let mut out = Vec::new();
         for r in self.local_replicas() {
             let d = crate::raft::replica_digest(&*r.store)
-                .map_err(|e| RequestError::Unavailable { shard: r.shard.to_string(), reason: e.to_string() })?;
-            out.push((r.shard, d));
+                .map_err(|e| RequestError::Unavailable { shard: r.group.to_string(), reason: e.to_string() })?;
+            out.push((r.group, d));
         }
         out.sort_by_key(|(shard, _)| *shard);
         Ok(out)
@@ -173,13 +173,13 @@ impl ShardRouter {
     }
 
     /// Whether this node holds a replica of `group`.
-    pub fn hosts(&self, group: ShardId) -> bool {
+    pub fn hosts(&self, group: GroupId) -> bool {
         self.replicas.read().is_ok_and(|r| r.contains_key(&group))
     }
 
     /// Where to send a request for a group held elsewhere: its replicas'
     /// addresses, the `attempt`-th first.
-    fn remote_members(&self, group: ShardId, attempt: usize) -> Vec<String> {
+    fn remote_members(&self, group: GroupId, attempt: usize) -> Vec<String> {
         let mut addrs = self.cluster().addrs_of(group);
         if !addrs.is_empty() {
             let n = addrs.len();
@@ -190,8 +190,8 @@ impl ShardRouter {
 
     /// One try of a request: on the local replica, or on a node holding
     /// one; a follower's "not the leader" answer is followed to the leader.
-    async fn attempt(&self, shard: ShardId, req: &ShardRequest, attempt: usize) -> Result<ShardReply, ShardFailure> {
-        let mut answer = if self.hosts(shard) { self.local(shard, req).await } else { Err(ShardFailure::NoReplica { shard: shard.0 }) };
+    async fn attempt(&self, shard: GroupId, req: &ShardRequest, attempt: usize) -> Result<ShardReply, ShardFailure> {
+        let mut answer = if self.hosts(shard) { self.local(shard, req).await } else { Err(ShardFailure::NoReplica { shard }) };
         // No replica here, or one that knows no leader (it may have been
         // removed from its group and not know it yet): ask the replicas
         // the map lists.
@@ -223,14 +223,14 @@ impl ShardRouter {
         &self.map
     }
 
-    fn actor(&self, shard: ShardId) -> Result<ActorRef<ShardMsg>, ShardFailure> {
+    fn actor(&self, shard: GroupId) -> Result<ActorRef<ShardMsg>, ShardFailure> {
         ActorRef::where_is(shard_actor_name(&self.node, shard))
-            .ok_or_else(|| ShardFailure::Unavailable { shard: shard.0, reason: "its actor is restarting".into() })
+            .ok_or_else(|| ShardFailure::Unavailable { shard, reason: "its actor is restarting".into() })
     }
 
-    async fn local(&self, shard: ShardId, req: &ShardRequest) -> Result<ShardReply, ShardFailure> {
+    async fn local(&self, shard: GroupId, req: &ShardRequest) -> Result<ShardReply, ShardFailure> {
         let actor = self.actor(shard)?;
-        let unavailable = |reason: String| ShardFailure::Unavailable { shard: shard.0, reason };
+        let unavailable = |reason: String| ShardFailure::Unavailable { shard, reason };
         match actor.call(|port| ShardMsg::Request(Box::new(req.clone()), port), Some(self.timeout)).await {
             Ok(CallResult::Success(r)) => r,
             Ok(CallResult::Timeout) => Err(unavailable(format!("no answer within {} ms", self.timeout.as_millis()))),
@@ -241,7 +241,7 @@ impl ShardRouter {
 
     /// Serves a request on the shard's leader, wherever it is. Only
     /// "not the leader" answers are retried: such a request was not applied.
-    async fn request(&self, shard: ShardId, req: ShardRequest) -> Result<ShardReply, RequestError> {
+    async fn request(&self, shard: GroupId, req: ShardRequest) -> Result<ShardReply, RequestError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         let mut backoff = Duration::from_millis(20);
         let mut attempt = 0;
@@ -269,7 +269,7 @@ impl ShardRouter {
     pub async fn execute(&self, kind: CommandKind) -> Result<Outcome, RequestError> {
         let cmd = Command { at_ms: self.now_ms(), op_id: ulid::Ulid::new().to_string(), kind };
         if self.single_shard() {
-            return match self.request(ShardId(0), ShardRequest::Write(Box::new(ShardCommand::Engine(cmd)))).await? {
+            return match self.request(GroupId::Shard(ShardId(0)), ShardRequest::Write(Box::new(ShardCommand::Engine(cmd)))).await? {
                 ShardReply::Outcome(o) => Ok(o),
                 _ => Err(RequestError::Internal("a write was answered with a read".into())),
             };
@@ -281,7 +281,7 @@ impl ShardRouter {
             .map_err(txn_error)
     }
 
-    async fn read(&self, shard: ShardId, r: ShardRead) -> Result<ShardReply, RequestError> {
+    async fn read(&self, shard: GroupId, r: ShardRead) -> Result<ShardReply, RequestError> {
         self.request(shard, ShardRequest::Read(r)).await
     }
 
@@ -294,7 +294,7 @@ impl ShardRouter {
         if !self.single_shard() {
             return self.find(r, ReadMode::Linearizable).await;
         }
-        match self.read(ShardId(0), ShardRead::Profile(r)).await? {
+        match self.read(GroupId::Shard(ShardId(0)), ShardRead::Profile(r)).await? {
             ShardReply::Profile(p) => Ok(p),
             _ => Err(RequestError::Internal("unexpected reply kind".into())),
         }
@@ -306,7 +306,7 @@ impl ShardRouter {
         if !self.single_shard() {
             return self.find(r, ReadMode::Local).await;
         }
-        let shard = ShardId(0);
+        let shard = GroupId::Shard(ShardId(0));
         match self.attempt(shard, &ShardRequest::Read(ShardRead::StaleProfile(r)), 0).await.map_err(|f| service_error(shard, f))? {
             ShardReply::Profile(p) => Ok(p),
             _ => Err(RequestError::Internal("unexpected reply kind".into())),
@@ -319,7 +319,7 @@ impl ShardRouter {
                 .await
                 .map_err(txn_error);
         }
-        match self.read(ShardId(0), ShardRead::Merge(id)).await? {
+        match self.read(GroupId::Shard(ShardId(0)), ShardRead::Merge(id)).await? {
             ShardReply::Merge(m) => Ok(m),
             _ => Err(RequestError::Internal("unexpected reply kind".into())),
         }
@@ -331,10 +331,10 @@ impl ShardRouter {
         if self.single_shard() {
             return;
         }
-        for shard in self.map.shards().into_iter().filter(|s| self.hosts(*s)) {
+        for shard in self.map.shards().into_iter().filter(|s| self.hosts(GroupId::Shard(*s))) {
             let req = ShardRequest::Read(ShardRead::PreparedBefore { before_ms: self.now_ms() - txn::LOCK_TIMEOUT_MS });
             // Only the leader answers; followers leave it to their leader.
-            let Ok(ShardReply::Locks(stale)) = self.local(shard, &req).await else { continue };
+            let Ok(ShardReply::Locks(stale)) = self.local(shard.into(), &req).await else { continue };
             if stale.is_empty() {
                 continue;
             }
@@ -348,7 +348,7 @@ impl ShardRouter {
     pub async fn list_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, RequestError> {
         let mut all = Vec::new();
         for shard in self.map.shards() {
-            match self.read(shard, ShardRead::Hubs(limit)).await? {
+            match self.read(shard.into(), ShardRead::Hubs(limit)).await? {
                 ShardReply::Hubs(h) => all.extend(h),
                 _ => return Err(RequestError::Internal("unexpected reply kind".into())),
             }
@@ -360,7 +360,7 @@ impl ShardRouter {
     pub async fn counters(&self) -> Result<Counters, RequestError> {
         let mut total = Counters::default();
         for shard in self.map.shards() {
-            match self.read(shard, ShardRead::Counters).await? {
+            match self.read(shard.into(), ShardRead::Counters).await? {
                 ShardReply::Counters(c) => total.add(&c),
                 _ => return Err(RequestError::Internal("unexpected reply kind".into())),
             }
@@ -370,7 +370,7 @@ impl ShardRouter {
 
     /// Applies a change to the cluster map, on the metadata group's leader.
     pub async fn change_cluster(&self, cmd: MetaCommand) -> Result<ClusterMap, RequestError> {
-        let reply = self.request(META, ShardRequest::Write(Box::new(ShardCommand::Meta(cmd)))).await?;
+        let reply = self.request(GroupId::Meta, ShardRequest::Write(Box::new(ShardCommand::Meta(cmd)))).await?;
         self.adopt_cluster(reply)
     }
 
@@ -387,17 +387,17 @@ impl ShardRouter {
 
     /// The cluster map as the metadata group holds it (linearizable).
     pub async fn read_cluster(&self) -> Result<ClusterMap, RequestError> {
-        let reply = self.read(META, ShardRead::ClusterMap { mode: ReadMode::Linearizable }).await?;
+        let reply = self.read(GroupId::Meta, ShardRead::ClusterMap { mode: ReadMode::Linearizable }).await?;
         self.adopt_cluster(reply)
     }
 
     /// Changes one group's voters on its leader (a step of a replica move).
-    pub async fn change_membership(&self, group: ShardId, change: crate::raft::MembershipChange) -> Result<(), RequestError> {
+    pub async fn change_membership(&self, group: GroupId, change: crate::raft::MembershipChange) -> Result<(), RequestError> {
         self.request(group, ShardRequest::Membership(change)).await.map(|_| ())
     }
 
     /// Who leads a group, as a replica of it believes (no leadership check).
-    pub async fn leader_of(&self, group: ShardId) -> Option<u64> {
+    pub async fn leader_of(&self, group: GroupId) -> Option<u64> {
         match self.attempt(group, &ShardRequest::Read(ShardRead::Leader), 0).await {
             Ok(ShardReply::LeaderId(leader)) => leader,
             _ => None,
@@ -408,8 +408,8 @@ impl ShardRouter {
     /// [`crate::raft::ShardReplica`]'s leadership steps); returns the leader
     /// once `to` leads, or the failure, with the old leader campaigning
     /// again either way.
-    pub async fn transfer_leader(&self, shard: ShardId, to: u64) -> Result<u64, RequestError> {
-        if shard != META && !self.map.shards().contains(&shard) {
+    pub async fn transfer_leader(&self, shard: GroupId, to: u64) -> Result<u64, RequestError> {
+        if matches!(shard, GroupId::Shard(s) if !self.map.shards().contains(&s)) {
             return Err(RequestError::Engine(idgraph_core::engine::EngineError::InvalidArgument {
                 field: "shard".into(),
                 reason: format!("the cluster has shards 0 to {}", self.map.count() - 1),
@@ -451,7 +451,7 @@ impl ShardRouter {
 
     /// Addresses of a shard's members as this node's replica knows them,
     /// or as the cluster map lists them when this node holds none.
-    async fn member_addrs(&self, shard: ShardId) -> Vec<String> {
+    async fn member_addrs(&self, shard: GroupId) -> Vec<String> {
         if !self.hosts(shard) {
             return self.cluster().addrs_of(shard);
         }
@@ -463,7 +463,7 @@ impl ShardRouter {
 
     /// Test hook: makes a shard actor panic.
     #[doc(hidden)]
-    pub fn crash_shard(&self, shard: ShardId) -> Result<(), RequestError> {
+    pub fn crash_shard(&self, shard: GroupId) -> Result<(), RequestError> {
         let actor = self.actor(shard).map_err(|e| RequestError::Unavailable { shard: shard.to_string(), reason: e.to_string() })?;
         actor.cast(ShardMsg::Crash).map_err(|e| RequestError::Unavailable { shard: shard.to_string(), reason: e.to_string() })
     }
@@ -482,9 +482,9 @@ impl ShardAccess for ShardRouter {
     async fn read(&self, shard: ShardId, keys: Vec<GraphKey>, mode: ReadMode) -> Result<Vec<KeyRead>, TxnError> {
         let req = ShardRequest::Read(ShardRead::Keys { keys, mode });
         let reply = if mode == ReadMode::Local {
-            self.attempt(shard, &req, 0).await.map_err(|f| shard_txn_error(shard, f))?
+            self.attempt(shard.into(), &req, 0).await.map_err(|f| shard_txn_error(shard, f))?
         } else {
-            self.request(shard, req).await.map_err(|e| TxnError::Unavailable { shard, reason: e.to_string() })?
+            self.request(shard.into(), req).await.map_err(|e| TxnError::Unavailable { shard, reason: e.to_string() })?
         };
         match reply {
             ShardReply::Keys(k) => Ok(k),
@@ -493,7 +493,7 @@ impl ShardAccess for ShardRouter {
     }
 
     async fn step(&self, shard: ShardId, op: TxnOp) -> Result<TxnReply, TxnError> {
-        match self.request(shard, ShardRequest::Write(Box::new(ShardCommand::Txn(op)))).await {
+        match self.request(shard.into(), ShardRequest::Write(Box::new(ShardCommand::Txn(op)))).await {
             Ok(ShardReply::Txn(t)) => Ok(t),
             Ok(_) => Err(TxnError::Internal("a transaction step was answered with something else".into())),
             Err(RequestError::Overloaded { reason, .. }) => Err(TxnError::Overloaded { shard, reason }),

@@ -9,8 +9,8 @@ use crate::router::{ShardMap, ShardRouter};
 use crate::service::{status, AdminService, IdentityGraphService};
 use crate::shard::{shard_actor_name, NodeSupervisor, ReplicaOpener, SupervisorArgs, SupervisorMsg};
 use crate::storage::{NodeLog, SledDb, StoreOptions};
-use idgraph_core::meta::{ClusterMap, META};
-use idgraph_core::model::ShardId;
+use idgraph_core::meta::ClusterMap;
+use idgraph_core::model::GroupId;
 use idgraph_core::rules::RuleSet;
 use idgraph_proto::v1::admin_server::AdminServer;
 use idgraph_proto::v1::identity_graph_server::IdentityGraphServer;
@@ -216,7 +216,7 @@ struct ReplicaSetup {
     /// The groups this node initialises, with their first members: on the
     /// first start of a static cluster only, each taken at its first open
     /// (a replica opened again later never initialises its group anew).
-    initialise: Arc<Mutex<BTreeMap<ShardId, BTreeMap<u64, BasicNode>>>>,
+    initialise: Arc<Mutex<BTreeMap<GroupId, BTreeMap<u64, BasicNode>>>>,
     raft_config: Arc<openraft::Config>,
     peers: Peers,
     rules: Arc<RuleSet>,
@@ -226,7 +226,7 @@ struct ReplicaSetup {
 impl ReplicaSetup {
     /// Opens one shard replica (log, vote, state machine) from the node's
     /// database and starts its Raft instance.
-    async fn open(self, shard: ShardId) -> Result<ShardReplica, String> {
+    async fn open(self, shard: GroupId) -> Result<ShardReplica, String> {
         let ReplicaSetup { db, log, node_id, initialise, raft_config, peers, rules, flusher } = self;
         let raft_log = Arc::new(log.open_group(shard, &db).map_err(|e| e.to_string())?);
         let last_log_index = crate::storage::RaftLog::last(&*raft_log).map_err(|e| e.to_string())?.map(|(i, _)| i);
@@ -268,11 +268,11 @@ async fn cluster_to_join(peers: &Peers, via: &str) -> Result<ClusterMap, ServerE
 /// Which member initialises a group of a new static cluster, and so leads
 /// it first: shard `s` the `s mod n`-th (leaders start spread over the
 /// members), the metadata group its lowest id.
-fn initialiser(map: &ClusterMap, group: ShardId) -> Option<u64> {
-    if group == META {
-        return map.groups.get(&META).and_then(|m| m.first().copied());
+fn initialiser(map: &ClusterMap, group: GroupId) -> Option<u64> {
+    if group == GroupId::Meta {
+        return map.groups.get(&GroupId::Meta).and_then(|m| m.first().copied());
     }
-    map.nodes.keys().nth(group.0 as usize % map.nodes.len().max(1)).copied()
+    map.nodes.keys().nth(group.wire() as usize % map.nodes.len().max(1)).copied()
 }
 
 pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Result<RunningNode, ServerError> {
@@ -308,7 +308,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     // always on a standalone node, its only member): never twice.
     let first_start = !db.started()?;
     let log = NodeLog::open(&config.data_dir.join("log"))?;
-    let mut open_now: std::collections::BTreeSet<ShardId> = db.groups().into_iter().chain(log.groups()).collect();
+    let mut open_now: std::collections::BTreeSet<GroupId> = db.groups().into_iter().chain(log.groups()).collect();
     let mut initialise = BTreeMap::new();
     if let Some(map) = initial.as_ref().filter(|_| first_start || standalone) {
         for group in map.groups_of(config.node_id) {

@@ -35,7 +35,7 @@
 
 use crate::raft::{Replicas, ShardCommand, ShardFailure, ShardReplica, ShardReply, ShardRequest};
 use futures::future::BoxFuture;
-use idgraph_core::model::ShardId;
+use idgraph_core::model::GroupId;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::sync::Arc;
 use tracing::{error, info, instrument};
@@ -57,7 +57,7 @@ pub enum ShardMsg {
 
 /// Actor names are global in a process; the node tag keeps several nodes
 /// (as in tests) apart.
-pub fn shard_actor_name(node: &str, shard: ShardId) -> String {
+pub fn shard_actor_name(node: &str, shard: GroupId) -> String {
     format!("idgraph-{node}-shard-{shard}")
 }
 
@@ -108,7 +108,7 @@ impl ShardState {
         if !starts_work(cmd) {
             return None;
         }
-        let shard = self.replica.shard.0;
+        let shard = self.replica.group;
         if crate::storage::disk_full_seen() && self.replica.sole_voter_leading() {
             return Some(ShardFailure::DiskFull { shard });
         }
@@ -168,7 +168,7 @@ impl ShardState {
                 // callers learn that the outcome is unknown.
                 let answered = tokio::time::timeout(PROPOSAL_WAIT, replica.write_batch(commands)).await.unwrap_or_else(|_| {
                     Err(ShardFailure::Unavailable {
-                        shard: replica.shard.0,
+                        shard: replica.group,
                         reason: format!("the proposal was not answered within {PROPOSAL_WAIT:?}; its outcome is unknown"),
                     })
                 });
@@ -210,11 +210,11 @@ impl Actor for ShardActor {
         _myself: ActorRef<ShardMsg>,
         (node, max_waiting, replica): Self::Arguments,
     ) -> Result<ShardState, ActorProcessingErr> {
-        info!(shard = %replica.shard, rule_version = replica.rules.version(), "shard replica started");
+        info!(shard = %replica.group, rule_version = replica.rules.version(), "shard replica started");
         Ok(ShardState { node, max_waiting, replica, waiting: Vec::new(), deferred: Vec::new(), in_flight: 0 })
     }
 
-    #[instrument(skip_all, fields(node = %state.node, shard = %state.replica.shard))]
+    #[instrument(skip_all, fields(node = %state.node, shard = %state.replica.group))]
     async fn handle(&self, myself: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Request(req, port) => match *req {
@@ -253,9 +253,9 @@ impl Actor for ShardActor {
 }
 
 /// Opens (or reopens) a shard replica from disk.
-pub type ReplicaOpener = Arc<dyn Fn(ShardId) -> BoxFuture<'static, Result<ShardReplica, String>> + Send + Sync>;
+pub type ReplicaOpener = Arc<dyn Fn(GroupId) -> BoxFuture<'static, Result<ShardReplica, String>> + Send + Sync>;
 /// Deletes a closed replica's data (log, vote, state machine) from disk.
-pub type ReplicaDiscarder = Arc<dyn Fn(ShardId) -> Result<(), String> + Send + Sync>;
+pub type ReplicaDiscarder = Arc<dyn Fn(GroupId) -> Result<(), String> + Send + Sync>;
 
 /// Supervises the node's shard actors.
 pub struct NodeSupervisor;
@@ -263,15 +263,15 @@ pub struct NodeSupervisor;
 /// What the supervisor is asked to do besides restarting failed actors.
 pub enum SupervisorMsg {
     /// Opens a replica (empty when new) and starts its actor; done if open.
-    Open(ShardId, RpcReplyPort<Result<(), String>>),
+    Open(GroupId, RpcReplyPort<Result<(), String>>),
     /// Stops a replica's actor and Raft instance and deletes its data: the
     /// group no longer counts on this node (see [`idgraph_core::meta`]).
-    Discard(ShardId, RpcReplyPort<Result<(), String>>),
+    Discard(GroupId, RpcReplyPort<Result<(), String>>),
 }
 
 pub struct SupervisorArgs {
     pub node: Arc<str>,
-    pub shards: Vec<ShardId>,
+    pub shards: Vec<GroupId>,
     pub open: ReplicaOpener,
     pub discard: ReplicaDiscarder,
     pub replicas: Replicas,
@@ -284,7 +284,7 @@ pub struct SupervisorState {
     restarts: u64,
 }
 
-async fn spawn_shard(sup: &ActorRef<SupervisorMsg>, args: &SupervisorArgs, shard: ShardId) -> Result<(), ActorProcessingErr> {
+async fn spawn_shard(sup: &ActorRef<SupervisorMsg>, args: &SupervisorArgs, shard: GroupId) -> Result<(), ActorProcessingErr> {
     let replica = (args.open)(shard).await?;
     args.replicas.write().map_err(|_| "replica table lock poisoned")?.insert(shard, replica.clone());
     Actor::spawn_linked(
@@ -298,7 +298,7 @@ async fn spawn_shard(sup: &ActorRef<SupervisorMsg>, args: &SupervisorArgs, shard
 }
 
 /// Stops a shard's Raft instance, after its actor has gone.
-async fn close_replica(args: &SupervisorArgs, shard: ShardId) -> Result<(), ActorProcessingErr> {
+async fn close_replica(args: &SupervisorArgs, shard: GroupId) -> Result<(), ActorProcessingErr> {
     let old = args.replicas.write().map_err(|_| "replica table lock poisoned")?.remove(&shard);
     if let Some(old) = old {
         let _ = old.raft.shutdown().await;

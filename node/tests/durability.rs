@@ -39,7 +39,7 @@ async fn a_panicking_shard_actor_is_restarted_from_disk() {
     let node = node(dir.path()).await;
     let mut g = graph(&node).await;
     let first = g.identify(event("e1", &[("email", "kept@shop.com")])).await.unwrap().into_inner();
-    node.router().crash_shard(idgraph_core::model::ShardId(0)).unwrap();
+    node.router().crash_shard(idgraph_core::model::ShardId(0).into()).unwrap();
     // Requests during the restart may be refused as UNAVAILABLE; then the
     // shard serves again with its data.
     let mut served = None;

@@ -3,7 +3,7 @@
 //! forwarded to the node that leads a shard.
 
 use crate::raft::{decode, encode, ShardFailure, ShardRaft, ShardReply, ShardRequest};
-use idgraph_core::model::ShardId;
+use idgraph_core::model::GroupId;
 use idgraph_proto::v1::raft_transport_client::RaftTransportClient;
 use idgraph_proto::v1::{RaftBatch, RaftMessage};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
@@ -87,15 +87,15 @@ impl Peers {
     }
 
     /// Sends a shard request to the node at `addr`, which serves it itself.
-    pub async fn forward(&self, addr: &str, shard: ShardId, req: &ShardRequest, timeout: Duration) -> Result<ShardReply, ShardFailure> {
-        let unavailable = |reason: String| ShardFailure::Unavailable { shard: shard.0, reason };
+    pub async fn forward(&self, addr: &str, shard: GroupId, req: &ShardRequest, timeout: Duration) -> Result<ShardReply, ShardFailure> {
+        let unavailable = |reason: String| ShardFailure::Unavailable { shard, reason };
         let mut client = self.client(addr).map_err(unavailable)?;
-        let msg = RaftMessage { shard: shard.0, payload: encode(req) };
+        let msg = RaftMessage { shard: shard.wire(), payload: encode(req) };
         let resp = tokio::time::timeout(timeout, client.forward(msg))
             .await
             .map_err(|_| unavailable(format!("forwarding to {addr} timed out")))?
             .map_err(|s| match s.code() {
-                tonic::Code::NotFound => ShardFailure::NoReplica { shard: shard.0 },
+                tonic::Code::NotFound => ShardFailure::NoReplica { shard },
                 _ => unavailable(format!("forwarding to {addr}: {}", s.message())),
             })?;
         decode::<Result<ShardReply, ShardFailure>>(&resp.into_inner().payload).map_err(|e| unavailable(e.to_string()))?
@@ -143,12 +143,12 @@ fn spawn_batcher(client: RaftTransportClient<Channel>) -> mpsc::UnboundedSender<
 }
 
 pub struct ShardNetworkFactory {
-    pub shard: ShardId,
+    pub shard: GroupId,
     pub peers: Peers,
 }
 
 pub struct ShardNetwork {
-    shard: ShardId,
+    shard: GroupId,
     target: u64,
     addr: String,
     peers: Peers,
@@ -188,7 +188,7 @@ impl ShardNetwork {
             Ok(c) => c,
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
         };
-        let msg = RaftMessage { shard: self.shard.0, payload };
+        let msg = RaftMessage { shard: self.shard.wire(), payload };
         let (peers, addr) = (&self.peers, &self.addr);
         let fut = async {
             match which {

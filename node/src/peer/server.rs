@@ -3,7 +3,7 @@
 
 use crate::raft::{decode, encode, Replicas, ShardRaft, ShardReplica, ShardRequest};
 use idgraph_core::meta::ClusterMap;
-use idgraph_core::model::ShardId;
+use idgraph_core::model::GroupId;
 use idgraph_proto::v1::raft_transport_server::RaftTransport;
 use idgraph_proto::v1::{RaftBatch, RaftMessage};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
@@ -22,13 +22,15 @@ impl RaftTransportService {
         RaftTransportService { replicas, cluster }
     }
 
-    fn replica(&self, shard: u32) -> Result<ShardReplica, Status> {
+    /// The replica of the group a message names (its number on the wire).
+    fn replica(&self, group: u32) -> Result<ShardReplica, Status> {
+        let group = GroupId::from(group);
         self.replicas
             .read()
             .map_err(|_| Status::internal("replica table lock poisoned"))?
-            .get(&ShardId(shard))
+            .get(&group)
             .cloned()
-            .ok_or_else(|| Status::not_found(format!("this node holds no replica of shard {shard}")))
+            .ok_or_else(|| Status::not_found(format!("this node holds no replica of group {group}")))
     }
 }
 

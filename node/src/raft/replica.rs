@@ -7,7 +7,7 @@ use super::{Proposal, Refusal, ShardCommand, ShardRaft, ShardResponse};
 use crate::storage::{GraphRead, SledStore};
 use crate::txn::{self, GraphKey, KeyRead, LockRecord, ReadMode, TxnReply};
 use idgraph_core::engine::{self, FoundProfile, Outcome, ProfileRef};
-use idgraph_core::model::{Counters, HubRecord, Identifier, MergeRecord, ShardId};
+use idgraph_core::model::{Counters, GroupId, HubRecord, Identifier, MergeRecord};
 use idgraph_core::rules::RuleSet;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft};
@@ -100,25 +100,25 @@ pub enum ShardFailure {
     #[error("{0:?}")]
     Refused(Refusal),
     /// This replica is not the leader; `leader` is where to go, if known.
-    #[error("not the leader of shard {shard} (leader: {leader:?})")]
-    NotLeader { shard: u32, leader: Option<(u64, String)> },
+    #[error("not the leader of group {shard} (leader: {leader:?})")]
+    NotLeader { shard: GroupId, leader: Option<(u64, String)> },
     /// The node asked holds no replica of the shard (nothing was done).
-    #[error("node holds no replica of shard {shard}")]
-    NoReplica { shard: u32 },
+    #[error("node holds no replica of group {shard}")]
+    NoReplica { shard: GroupId },
     /// Raft or storage failed; the outcome of a write is unknown: retry.
-    #[error("shard {shard} unavailable: {reason}")]
-    Unavailable { shard: u32, reason: String },
+    #[error("group {shard} unavailable: {reason}")]
+    Unavailable { shard: GroupId, reason: String },
     /// Too many writes are waiting for the shard's log; this one was not
     /// taken (nothing was done): retry after a backoff.
-    #[error("shard {shard} is overloaded: {waiting} writes are waiting for its log; retry after a backoff")]
-    Overloaded { shard: u32, waiting: usize },
+    #[error("group {shard} is overloaded: {waiting} writes are waiting for its log; retry after a backoff")]
+    Overloaded { shard: GroupId, waiting: usize },
     /// The node's disk is full: this write was not taken (nothing was done).
-    #[error("the disk of shard {shard}'s replica is full")]
-    DiskFull { shard: u32 },
+    #[error("the disk of group {shard}'s replica is full")]
+    DiskFull { shard: GroupId },
 }
 
-/// The shard replicas a node holds, by shard.
-pub type Replicas = std::sync::Arc<std::sync::RwLock<std::collections::HashMap<ShardId, ShardReplica>>>;
+/// The replicas a node holds, by group.
+pub type Replicas = std::sync::Arc<std::sync::RwLock<std::collections::HashMap<GroupId, ShardReplica>>>;
 
 /// How long a new replica may take to catch up before a move is retried.
 const LEARNER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
@@ -126,7 +126,7 @@ const LEARNER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60)
 /// A shard replica's handles.
 #[derive(Clone)]
 pub struct ShardReplica {
-    pub shard: ShardId,
+    pub group: GroupId,
     pub raft: Raft<ShardRaft>,
     pub store: Arc<SledStore>,
     pub rules: Arc<RuleSet>,
@@ -170,7 +170,7 @@ pub struct GroupMember {
 /// `Admin.GetCluster`, without openraft's types.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplicaStatus {
-    pub shard: ShardId,
+    pub group: GroupId,
     pub node_id: u64,
     pub role: RaftRole,
     /// 0 while no leader is known.
@@ -208,7 +208,7 @@ impl ShardReplica {
             openraft::ServerState::Shutdown => RaftRole::Shutdown,
         };
         ReplicaStatus {
-            shard: self.shard,
+            group: self.group,
             node_id: m.id,
             role,
             leader_id: m.current_leader.unwrap_or(0),
@@ -224,7 +224,7 @@ impl ShardReplica {
 
 /// What callers learn of a group that stopped: no Raft or storage
 /// internals, and whether the node is reopening its storage.
-fn stopped(shard: ShardId, f: &openraft::error::Fatal<u64>) -> ShardFailure {
+fn stopped(shard: GroupId, f: &openraft::error::Fatal<u64>) -> ShardFailure {
     let reason = match f {
         openraft::error::Fatal::StorageError(_) if crate::storage::disk_full_seen() => {
             "its disk is full; the outcome of this write is unknown, and the node reopens its storage once space is freed"
@@ -235,7 +235,7 @@ fn stopped(shard: ShardId, f: &openraft::error::Fatal<u64>) -> ShardFailure {
         openraft::error::Fatal::Panicked => "its raft group panicked",
         openraft::error::Fatal::Stopped => "its raft group is stopping",
     };
-    ShardFailure::Unavailable { shard: shard.0, reason: reason.to_string() }
+    ShardFailure::Unavailable { shard, reason: reason.to_string() }
 }
 
 fn leader_of(node: Option<(u64, BasicNode)>) -> Option<(u64, String)> {
@@ -243,19 +243,19 @@ fn leader_of(node: Option<(u64, BasicNode)>) -> Option<(u64, String)> {
 }
 
 impl ShardReplica {
-    pub fn new(shard: ShardId, raft: Raft<ShardRaft>, store: Arc<SledStore>, rules: Arc<RuleSet>) -> ShardReplica {
-        ShardReplica { shard, raft, store, rules, reads: ReadBarrier::default() }
+    pub fn new(group: GroupId, raft: Raft<ShardRaft>, store: Arc<SledStore>, rules: Arc<RuleSet>) -> ShardReplica {
+        ShardReplica { group, raft, store, rules, reads: ReadBarrier::default() }
     }
 
     fn unavailable(&self, reason: impl ToString) -> ShardFailure {
-        ShardFailure::Unavailable { shard: self.shard.0, reason: reason.to_string() }
+        ShardFailure::Unavailable { shard: self.group, reason: reason.to_string() }
     }
 
     /// Confirms that this replica leads and has applied every entry
     /// committed before the call: one round, shared with every read
     /// waiting at the same time ([`ReadBarrier`]).
     async fn confirm_leadership(&self) -> Result<(), ShardFailure> {
-        let (raft, shard) = (self.raft.clone(), self.shard);
+        let (raft, shard) = (self.raft.clone(), self.group);
         self.reads
             .confirm(move || {
                 let raft = raft.clone();
@@ -263,10 +263,10 @@ impl ShardReplica {
                     match raft.ensure_linearizable().await {
                         Ok(_) => Ok(()),
                         Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                            Err(ShardFailure::NotLeader { shard: shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) })
+                            Err(ShardFailure::NotLeader { shard, leader: leader_of(f.leader_id.zip(f.leader_node)) })
                         }
                         Err(RaftError::Fatal(f)) => Err(stopped(shard, &f)),
-                        Err(e) => Err(ShardFailure::Unavailable { shard: shard.0, reason: e.to_string() }),
+                        Err(e) => Err(ShardFailure::Unavailable { shard, reason: e.to_string() }),
                     }
                 }
             })
@@ -286,7 +286,7 @@ impl ShardReplica {
     fn write_failure(&self, e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> ShardFailure {
         match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) }
+                ShardFailure::NotLeader { shard: self.group, leader: leader_of(f.leader_id.zip(f.leader_node)) }
             }
             RaftError::Fatal(f) => self.stopped(&f),
             e => self.unavailable(e),
@@ -308,12 +308,12 @@ impl ShardReplica {
                 let Some(target) = m.membership_config.membership().get_node(&to).cloned() else {
                     return Err(ShardFailure::Refused(Refusal::InvalidArgument {
                         field: "node_id".into(),
-                        reason: format!("node {to} is not a member of shard {}", self.shard),
+                        reason: format!("node {to} is not a member of shard {}", self.group),
                     }));
                 };
                 if !m.membership_config.voter_ids().any(|v| v == to) {
                     return Err(ShardFailure::Refused(Refusal::FailedPrecondition {
-                        reason: format!("node {to} is not a voter of shard {}", self.shard),
+                        reason: format!("node {to} is not a voter of shard {}", self.group),
                         limit: None,
                     }));
                 }
@@ -365,7 +365,7 @@ impl ShardReplica {
         }
         if voters.is_empty() {
             return Err(ShardFailure::Refused(super::Refusal::FailedPrecondition {
-                reason: format!("a change would leave shard {} without members", self.shard),
+                reason: format!("a change would leave shard {} without members", self.group),
                 limit: None,
             }));
         }
@@ -405,7 +405,7 @@ impl ShardReplica {
                     ShardResponse::Applied(o) => {
                         if let Outcome::Identify(i) = &o {
                             for c in &i.conflicts {
-                                tracing::debug!(shard = %self.shard, identifier = %c.identifier.redacted(), kind = ?c.kind, limit_type = %c.limit_type, "identifier dropped by merge protection");
+                                tracing::debug!(shard = %self.group, identifier = %c.identifier.redacted(), kind = ?c.kind, limit_type = %c.limit_type, "identifier dropped by merge protection");
                             }
                         }
                         Ok(ShardReply::Outcome(o))
@@ -418,7 +418,7 @@ impl ShardReplica {
                 .collect()),
             Ok(resp) => Err(self.unavailable(format!("{n} commands got {} answers", resp.data.len()))),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ShardFailure::NotLeader { shard: self.shard.0, leader: leader_of(f.leader_id.zip(f.leader_node)) })
+                Err(ShardFailure::NotLeader { shard: self.group, leader: leader_of(f.leader_id.zip(f.leader_node)) })
             }
             Err(RaftError::Fatal(f)) => Err(self.stopped(&f)),
             Err(e) => Err(self.unavailable(e)),
@@ -426,7 +426,7 @@ impl ShardReplica {
     }
 
     fn stopped(&self, f: &openraft::error::Fatal<u64>) -> ShardFailure {
-        stopped(self.shard, f)
+        stopped(self.group, f)
     }
 
     /// Fails unless this replica believes it leads (no round trip).
@@ -436,7 +436,7 @@ impl ShardReplica {
             return Ok(());
         }
         let leader = m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| (id, n.addr.clone())));
-        Err(ShardFailure::NotLeader { shard: self.shard.0, leader })
+        Err(ShardFailure::NotLeader { shard: self.group, leader })
     }
 
     async fn read(&self, r: ShardRead) -> Result<ShardReply, ShardFailure> {

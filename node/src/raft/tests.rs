@@ -3,7 +3,7 @@
 
 use super::{LogFlusher, ShardLogStore, ShardRaft, ShardStateMachine, StorageError};
 use crate::storage::{GroupLog, MemRaftLog, MemStore, NodeLog, SledDb, SledRaftLog, SledStore};
-use idgraph_core::model::ShardId;
+use idgraph_core::model::{GroupId, ShardId};
 use idgraph_core::rules::RuleSet;
 use openraft::testing::{StoreBuilder, Suite};
 use std::sync::Arc;
@@ -14,9 +14,9 @@ impl StoreBuilder<ShardRaft, ShardLogStore<SledRaftLog>, ShardStateMachine<SledS
     async fn build(&self) -> Result<(tempfile::TempDir, ShardLogStore<SledRaftLog>, ShardStateMachine<SledStore>), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = SledDb::open(dir.path(), 1).expect("open sled");
-        let log = Arc::new(db.raft_log(ShardId(0)).expect("raft log"));
+        let log = Arc::new(db.raft_log(GroupId::Shard(ShardId(0))).expect("raft log"));
         let log = ShardLogStore::new(log.clone(), LogFlusher::for_log(log));
-        let sm = ShardStateMachine::new(Arc::new(db.shard(ShardId(0)).expect("shard")), Arc::new(RuleSet::builtin()));
+        let sm = ShardStateMachine::new(Arc::new(db.shard(GroupId::Shard(ShardId(0))).expect("shard")), Arc::new(RuleSet::builtin()));
         Ok((dir, log, sm))
     }
 }
@@ -29,9 +29,9 @@ impl StoreBuilder<ShardRaft, ShardLogStore<GroupLog>, ShardStateMachine<SledStor
         let dir = tempfile::tempdir().expect("temp dir");
         let db = SledDb::open(&dir.path().join("db"), 1).expect("open sled");
         let log = NodeLog::open(&dir.path().join("log")).expect("open the node log");
-        let group = Arc::new(log.open_group(ShardId(0), &db).expect("group log"));
+        let group = Arc::new(log.open_group(GroupId::Shard(ShardId(0)), &db).expect("group log"));
         let log = ShardLogStore::new(group, LogFlusher::node_log(log));
-        let sm = ShardStateMachine::new(Arc::new(db.shard(ShardId(0)).expect("shard")), Arc::new(RuleSet::builtin()));
+        let sm = ShardStateMachine::new(Arc::new(db.shard(GroupId::Shard(ShardId(0))).expect("shard")), Arc::new(RuleSet::builtin()));
         Ok((dir, log, sm))
     }
 }
@@ -157,7 +157,7 @@ fn a_snapshot_built_while_entries_are_applied_matches_its_log_position() {
         let dir = tempfile::tempdir().unwrap();
         let db = SledDb::open(dir.path(), 2).unwrap();
         let rules = Arc::new(RuleSet::builtin());
-        let mut sm = ShardStateMachine::new(Arc::new(db.shard(ShardId(0)).unwrap()), rules.clone());
+        let mut sm = ShardStateMachine::new(Arc::new(db.shard(GroupId::Shard(ShardId(0))).unwrap()), rules.clone());
         let mut builder = sm.get_snapshot_builder().await;
         let applier = tokio::spawn(async move {
             for i in 1..=400u64 {
@@ -167,7 +167,7 @@ fn a_snapshot_built_while_entries_are_applied_matches_its_log_position() {
         let mut checked = 0;
         while !applier.is_finished() {
             let snap = builder.build_snapshot().await.unwrap();
-            let follower_store = Arc::new(db.shard(ShardId(1)).unwrap());
+            let follower_store = Arc::new(db.shard(GroupId::Shard(ShardId(1))).unwrap());
             let mut follower = ShardStateMachine::new(follower_store.clone(), rules.clone());
             follower.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
             let next = snap.meta.last_log_id.map_or(0, |l| l.index) + 1;

@@ -6,7 +6,7 @@ use idgraph_core::engine::{
     self, Conflict, ConflictKind, DeleteOutcome, EngineError, FoundProfile, IdentifyEvent, IdentifyOutcome, Ignored, MergeOutcome,
     ProfileRef, RawIdentifier, UnmergeOutcome,
 };
-use idgraph_core::model::{Counters, HubRecord, Identifier, MergeCause, MergeRecord, Profile, ShardId};
+use idgraph_core::model::{Counters, GroupId, HubRecord, Identifier, MergeCause, MergeRecord, Profile};
 use idgraph_proto::v1 as pb;
 use prost_types::value::Kind;
 use serde_json::Value;
@@ -213,7 +213,7 @@ pub fn merge_record(m: MergeRecord) -> pb::MergeRecord {
 /// One shard replica's Raft status as this node sees it.
 pub fn shard_status(r: &ReplicaStatus) -> pb::ShardStatus {
     pb::ShardStatus {
-        shard: r.shard.0,
+        shard: r.group.wire(),
         state: r.role.as_str().to_string(),
         leader_id: r.leader_id,
         term: r.term,
@@ -231,9 +231,9 @@ pub fn shard_status(r: &ReplicaStatus) -> pb::ShardStatus {
 
 /// The cluster map and this node's replicas, as `Admin.GetCluster` answers.
 pub fn cluster_status(node_id: u64, map: &idgraph_core::meta::ClusterMap, replicas: &[ReplicaStatus]) -> pb::ClusterStatus {
-    let mut shards: Vec<pb::ShardStatus> = replicas.iter().filter(|r| r.shard != idgraph_core::meta::META).map(shard_status).collect();
+    let mut shards: Vec<pb::ShardStatus> = replicas.iter().filter(|r| r.group != GroupId::Meta).map(shard_status).collect();
     shards.sort_by_key(|s| s.shard);
-    let metadata = replicas.iter().find(|r| r.shard == idgraph_core::meta::META).map(shard_status);
+    let metadata = replicas.iter().find(|r| r.group == GroupId::Meta).map(shard_status);
     let leads = |id: u64| replicas.iter().filter(|r| r.leader_id == id && r.role == RaftRole::Leader).count() as u32;
     let nodes = map
         .nodes
@@ -338,11 +338,11 @@ pub fn stats(c: &Counters, rule_version: &str, shards: u32) -> pb::Stats {
 }
 
 /// This node's replicas' state digests, as `Admin.GetDigests` answers.
-pub fn replica_digests(node_id: u64, digests: Vec<(ShardId, ReplicaDigest)>) -> pb::ReplicaDigests {
+pub fn replica_digests(node_id: u64, digests: Vec<(GroupId, ReplicaDigest)>) -> pb::ReplicaDigests {
     let shards = digests
         .into_iter()
         .map(|(shard, d)| pb::ShardDigest {
-            shard: shard.0,
+            shard: shard.wire(),
             applied_index: d.applied_index,
             digest: format!("{:016x}", d.digest),
             bytes: d.bytes,

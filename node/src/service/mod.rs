@@ -223,7 +223,7 @@ impl Admin for AdminService {
     async fn transfer_leader(&self, request: Request<pb::TransferLeaderRequest>) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         let req = request.into_inner();
         check_node_id(req.node_id)?;
-        let leader_id = self.router.transfer_leader(idgraph_core::model::ShardId(req.shard), req.node_id).await?;
+        let leader_id = self.router.transfer_leader(idgraph_core::model::GroupId::from(req.shard), req.node_id).await?;
         Ok(Response::new(pb::TransferLeaderResponse { leader_id }))
     }
 

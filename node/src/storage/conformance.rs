@@ -226,7 +226,7 @@ pub fn raft_log_conforms<L: super::RaftLog>(log: &L) {
 mod tests {
     use super::*;
     use crate::storage::{GraphRead, MemStore, SledDb};
-    use idgraph_core::model::ShardId;
+    use idgraph_core::model::{GroupId, ShardId};
 
     #[test]
     fn mem_store_conforms() {
@@ -238,7 +238,7 @@ mod tests {
         let dirs: std::cell::RefCell<Vec<tempfile::TempDir>> = Default::default();
         run_all(|| {
             let dir = tempfile::tempdir().unwrap();
-            let store = SledDb::open(dir.path(), 1).unwrap().shard(ShardId(0)).unwrap();
+            let store = SledDb::open(dir.path(), 1).unwrap().shard(GroupId::Shard(ShardId(0))).unwrap();
             dirs.borrow_mut().push(dir);
             store
         });
@@ -250,7 +250,7 @@ mod tests {
         let options = crate::storage::StoreOptions { compression: true, ..Default::default() };
         run_all(|| {
             let dir = tempfile::tempdir().unwrap();
-            let store = SledDb::open_with(dir.path(), 1, &options).unwrap().shard(ShardId(0)).unwrap();
+            let store = SledDb::open_with(dir.path(), 1, &options).unwrap().shard(GroupId::Shard(ShardId(0))).unwrap();
             dirs.borrow_mut().push(dir);
             store
         });
@@ -264,7 +264,7 @@ mod tests {
             let id = Identifier::new("email", "k@l.mn");
             {
                 let db = SledDb::open_with(dir.path(), 1, &StoreOptions { compression: created, ..Default::default() }).unwrap();
-                let s = db.shard(ShardId(0)).unwrap();
+                let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
                 s.apply(&one(Change::PutOwner(id.clone(), "p_9".into()))).unwrap();
                 s.flush().unwrap();
             }
@@ -272,7 +272,7 @@ mod tests {
             // store adopts the stored one instead.
             let db = SledDb::open_with(dir.path(), 1, &StoreOptions { compression: !created, ..Default::default() })
                 .unwrap_or_else(|e| panic!("created with compression {created}, reopened with {}: {e}", !created));
-            let s = db.shard(ShardId(0)).unwrap();
+            let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
             assert_eq!(s.owner(&id).unwrap().as_deref(), Some("p_9"));
             let conf = String::from_utf8_lossy(&std::fs::read(dir.path().join("db").join("conf")).unwrap()).into_owned();
             assert!(conf.contains(&format!("use_compression: {created}")), "{conf}");
@@ -283,7 +283,7 @@ mod tests {
     fn raft_logs_conform() {
         raft_log_conforms(&crate::storage::MemRaftLog::default());
         let dir = tempfile::tempdir().unwrap();
-        raft_log_conforms(&SledDb::open(dir.path(), 1).unwrap().raft_log(ShardId(0)).unwrap());
+        raft_log_conforms(&SledDb::open(dir.path(), 1).unwrap().raft_log(GroupId::Shard(ShardId(0))).unwrap());
     }
 
     #[test]
@@ -291,13 +291,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = SledDb::open(dir.path(), 1).unwrap();
-            let s = db.shard(ShardId(0)).unwrap();
+            let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
             s.apply(&one(Change::PutOwner(Identifier::new("email", "k@l.mn"), "p_9".into()))).unwrap();
             s.put_image(b"kept").unwrap();
             s.flush().unwrap();
         }
         let db = SledDb::open(dir.path(), 1).unwrap();
-        let s = db.shard(ShardId(0)).unwrap();
+        let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
         assert_eq!(s.owner(&Identifier::new("email", "k@l.mn")).unwrap().as_deref(), Some("p_9"));
         assert_eq!(s.image().unwrap().as_deref(), Some(&b"kept"[..]), "a flushed image survives a reopen");
         drop(s);

@@ -46,7 +46,7 @@
 //! replication), older ones are read back from the file.
 
 use super::{note_disk_full, RaftLog, StoreError};
-use idgraph_core::model::ShardId;
+use idgraph_core::model::GroupId;
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -100,7 +100,7 @@ type Placement = Vec<(u64, usize, usize)>;
 
 impl Record<'_> {
     /// The framed record, and where each entry's bytes sit in it.
-    fn frame(&self, group: ShardId) -> (Vec<u8>, Placement) {
+    fn frame(&self, group: GroupId) -> (Vec<u8>, Placement) {
         let mut body = Vec::new();
         let mut placed = Vec::new();
         let kind = match self {
@@ -111,7 +111,7 @@ impl Record<'_> {
             Record::Drop => DROP,
         };
         body.push(kind);
-        body.extend_from_slice(&group.0.to_le_bytes());
+        body.extend_from_slice(&group.wire().to_le_bytes());
         match self {
             Record::Entries(entries) => {
                 body.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -141,7 +141,7 @@ impl Record<'_> {
     /// Reads the record at the start of `buf`: the record, its group, its
     /// entries' placement and its framed length; `None` if `buf` does not
     /// start with a whole, intact record.
-    fn parse(buf: &[u8]) -> Option<(Record<'_>, ShardId, Placement, usize)> {
+    fn parse(buf: &[u8]) -> Option<(Record<'_>, GroupId, Placement, usize)> {
         let len = u32::from_le_bytes(buf.get(0..4)?.try_into().ok()?) as usize;
         let crc = u32::from_le_bytes(buf.get(4..8)?.try_into().ok()?);
         let body = buf.get(HEADER..HEADER.checked_add(len)?)?;
@@ -150,7 +150,7 @@ impl Record<'_> {
         }
         let mut r = Reader { buf: body, at: 0 };
         let kind = r.take(1)?[0];
-        let group = ShardId(r.u32()?);
+        let group = GroupId::from(r.u32()?);
         let mut placed = Vec::new();
         let record = match kind {
             ENTRIES => {
@@ -298,7 +298,7 @@ enum Job {
 }
 
 struct State {
-    groups: BTreeMap<ShardId, Group>,
+    groups: BTreeMap<GroupId, Group>,
     segment: u64,
     /// Bytes enqueued into the current segment.
     offset: u64,
@@ -383,7 +383,7 @@ impl NodeLog {
         std::fs::create_dir_all(dir).map_err(|e| io_error("creating the log directory", e))?;
         let lock = lock(dir)?;
         let segments = segments(dir)?;
-        let mut groups: BTreeMap<ShardId, Group> = BTreeMap::new();
+        let mut groups: BTreeMap<GroupId, Group> = BTreeMap::new();
         let (mut last, mut end) = (1, 0u64);
         for (i, &n) in segments.iter().enumerate() {
             let path = segment_path(dir, n);
@@ -452,14 +452,14 @@ impl NodeLog {
     }
 
     /// One group's log.
-    pub fn group(&self, group: ShardId) -> GroupLog {
+    pub fn group(&self, group: GroupId) -> GroupLog {
         GroupLog { log: self.clone(), group }
     }
 
     /// One group's log, for a replica being opened: from now on the log
     /// lists the group (among [`NodeLog::groups`], after a restart too),
     /// and a log an older build kept in `db` moves here first.
-    pub fn open_group(&self, group: ShardId, db: &super::SledDb) -> Result<GroupLog, StoreError> {
+    pub fn open_group(&self, group: GroupId, db: &super::SledDb) -> Result<GroupLog, StoreError> {
         let log = self.group(group);
         let known = self.state().groups.get(&group).is_some_and(|g| !g.metas.is_empty() || !g.entries.is_empty());
         if let Some(legacy) = db.legacy_raft_log(group)? {
@@ -484,12 +484,12 @@ impl NodeLog {
     }
 
     /// The groups with anything in the log.
-    pub fn groups(&self) -> Vec<ShardId> {
+    pub fn groups(&self) -> Vec<GroupId> {
         self.state().groups.iter().filter(|(_, g)| !g.entries.is_empty() || !g.metas.is_empty()).map(|(id, _)| *id).collect()
     }
 
     /// Removes a group's log and metadata, durably.
-    pub fn drop_group(&self, group: ShardId) -> Result<(), StoreError> {
+    pub fn drop_group(&self, group: GroupId) -> Result<(), StoreError> {
         self.write(group, Record::Drop)?;
         self.state().groups.remove(&group);
         self.sync()
@@ -534,7 +534,7 @@ impl NodeLog {
 
     /// Enqueues one record for `group` and applies it to the in-memory
     /// state, in one step (so the file and the state agree in order).
-    fn write(&self, group: ShardId, record: Record<'_>) -> Result<(), StoreError> {
+    fn write(&self, group: GroupId, record: Record<'_>) -> Result<(), StoreError> {
         let mut st = self.state();
         if let Some(reason) = &st.failed {
             return Err(StoreError::Io(reason.clone()));
@@ -551,7 +551,7 @@ impl NodeLog {
         Ok(())
     }
 
-    fn enqueue(&self, st: &mut State, group: ShardId, record: &Record<'_>, placed: &Placement, frame: Vec<u8>, keep: bool) {
+    fn enqueue(&self, st: &mut State, group: GroupId, record: &Record<'_>, placed: &Placement, frame: Vec<u8>, keep: bool) {
         st.seq += 1;
         let (segment, at, seq) = (st.segment, st.offset, st.seq);
         st.offset += frame.len() as u64;
@@ -568,7 +568,7 @@ impl NodeLog {
         st.offset = 0;
         let _ = st.jobs.send(Job::Roll(st.segment));
         let pinning = st.segment.saturating_sub(PINNING_SEGMENTS);
-        let ids: Vec<ShardId> = st.groups.keys().copied().collect();
+        let ids: Vec<GroupId> = st.groups.keys().copied().collect();
         for id in ids {
             let g = &st.groups[&id];
             let metas: Vec<(String, Vec<u8>)> = g.metas.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -602,7 +602,7 @@ impl NodeLog {
     }
 
     /// An entry's bytes, from the cache or the file.
-    fn read_entry(&self, st: &mut State, group: ShardId, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    fn read_entry(&self, st: &mut State, group: GroupId, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let Some(e) = st.groups.get(&group).and_then(|g| g.entries.get(&index)) else { return Ok(None) };
         if let Some(b) = &e.bytes {
             return Ok(Some(b.to_vec()));
@@ -745,7 +745,7 @@ impl Writer {
 #[derive(Clone)]
 pub struct GroupLog {
     log: NodeLog,
-    group: ShardId,
+    group: GroupId,
 }
 
 impl GroupLog {
@@ -817,13 +817,14 @@ impl RaftLog for GroupLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use idgraph_core::model::ShardId;
 
     #[test]
     fn group_logs_conform() {
         let dir = tempfile::tempdir().unwrap();
         let log = NodeLog::open(dir.path()).unwrap();
-        super::super::conformance::raft_log_conforms(&log.group(ShardId(0)));
-        super::super::conformance::raft_log_conforms(&log.group(ShardId(u32::MAX)));
+        super::super::conformance::raft_log_conforms(&log.group(GroupId::Shard(ShardId(0))));
+        super::super::conformance::raft_log_conforms(&log.group(GroupId::Meta));
     }
 
     fn entries(from: u64, to: u64, size: usize) -> Vec<(u64, Vec<u8>)> {
@@ -835,7 +836,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let log = NodeLog::open(dir.path()).unwrap();
-            let (a, b) = (log.group(ShardId(0)), log.group(ShardId(1)));
+            let (a, b) = (log.group(GroupId::Shard(ShardId(0))), log.group(GroupId::Shard(ShardId(1))));
             a.append(&entries(1, 20, 10)).unwrap();
             b.append(&entries(1, 5, 3)).unwrap();
             a.truncate_from(15).unwrap();
@@ -843,19 +844,19 @@ mod tests {
             a.purge_upto(3).unwrap();
             b.put_meta("vote", b"v").unwrap();
             b.stage_meta("committed", b"c").unwrap();
-            log.group(ShardId(2)).append(&entries(1, 2, 1)).unwrap();
-            log.drop_group(ShardId(2)).unwrap();
+            log.group(GroupId::Shard(ShardId(2))).append(&entries(1, 2, 1)).unwrap();
+            log.drop_group(GroupId::Shard(ShardId(2))).unwrap();
             log.close().unwrap();
         }
         let log = NodeLog::open(dir.path()).unwrap();
-        let (a, b) = (log.group(ShardId(0)), log.group(ShardId(1)));
+        let (a, b) = (log.group(GroupId::Shard(ShardId(0))), log.group(GroupId::Shard(ShardId(1))));
         let mut want = entries(4, 14, 10);
         want.push((15, vec![9]));
         assert_eq!(a.range(0, 100).unwrap(), want);
         assert_eq!(b.range(0, 100).unwrap(), entries(1, 5, 3));
         assert_eq!(b.get_meta("vote").unwrap().as_deref(), Some(&b"v"[..]));
         assert_eq!(b.get_meta("committed").unwrap().as_deref(), Some(&b"c"[..]));
-        assert_eq!(log.groups(), vec![ShardId(0), ShardId(1)], "a dropped group is gone");
+        assert_eq!(log.groups(), vec![GroupId::Shard(ShardId(0)), GroupId::Shard(ShardId(1))], "a dropped group is gone");
     }
 
     /// A crash in the middle of a write leaves a torn record: every record
@@ -865,8 +866,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let log = NodeLog::open(dir.path()).unwrap();
-            log.group(ShardId(0)).append(&entries(1, 10, 100)).unwrap();
-            log.group(ShardId(0)).append(&entries(11, 12, 100)).unwrap();
+            log.group(GroupId::Shard(ShardId(0))).append(&entries(1, 10, 100)).unwrap();
+            log.group(GroupId::Shard(ShardId(0))).append(&entries(11, 12, 100)).unwrap();
             log.close().unwrap();
         }
         let seg = segment_path(dir.path(), 1);
@@ -877,12 +878,16 @@ mod tests {
             f.set_len(cut).unwrap();
             drop(f);
             let log = NodeLog::open(dir.path()).unwrap();
-            let g = log.group(ShardId(0));
+            let g = log.group(GroupId::Shard(ShardId(0)));
             assert_eq!(g.range(0, 100).unwrap(), entries(1, 10, 100), "cut at {cut}");
             g.append(&entries(11, 12, 100)).unwrap();
             log.close().unwrap();
             let log = NodeLog::open(dir.path()).unwrap();
-            assert_eq!(log.group(ShardId(0)).range(0, 100).unwrap(), entries(1, 12, 100), "appends after a cut tail survive");
+            assert_eq!(
+                log.group(GroupId::Shard(ShardId(0))).range(0, 100).unwrap(),
+                entries(1, 12, 100),
+                "appends after a cut tail survive"
+            );
             log.close().unwrap();
         }
         let mut bytes = std::fs::read(&seg).unwrap();
@@ -890,7 +895,11 @@ mod tests {
         bytes[at] ^= 0xff;
         std::fs::write(&seg, &bytes).unwrap();
         let log = NodeLog::open(dir.path()).unwrap();
-        assert_eq!(log.group(ShardId(0)).range(0, 100).unwrap(), entries(1, 10, 100), "a record failing its checksum is cut");
+        assert_eq!(
+            log.group(GroupId::Shard(ShardId(0))).range(0, 100).unwrap(),
+            entries(1, 10, 100),
+            "a record failing its checksum is cut"
+        );
     }
 
     /// A damaged record in a segment other than the last is corruption, not
@@ -899,7 +908,7 @@ mod tests {
     fn a_damaged_record_before_the_last_segment_refuses_to_open() {
         let dir = tempfile::tempdir().unwrap();
         let log = NodeLog::open(dir.path()).unwrap();
-        log.group(ShardId(0)).append(&entries(1, 3, 10)).unwrap();
+        log.group(GroupId::Shard(ShardId(0))).append(&entries(1, 3, 10)).unwrap();
         log.close().unwrap();
         std::fs::write(segment_path(dir.path(), 2), b"").unwrap();
         let seg = segment_path(dir.path(), 1);
@@ -919,7 +928,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let limits = LogLimits { segment_bytes: 1 << 20, cache_bytes: 64 << 10 };
         let log = NodeLog::open_with(dir.path(), limits).unwrap();
-        let (busy, idle) = (log.group(ShardId(0)), log.group(ShardId(1)));
+        let (busy, idle) = (log.group(GroupId::Shard(ShardId(0))), log.group(GroupId::Shard(ShardId(1))));
         idle.append(&entries(1, 3, 50)).unwrap();
         idle.put_meta("vote", b"idle").unwrap();
         let size = 16 << 10;
@@ -942,9 +951,9 @@ mod tests {
         assert_eq!(evicted, entries(next - 8, next - 1, size));
         log.close().unwrap();
         let log = NodeLog::open_with(dir.path(), limits).unwrap();
-        assert_eq!(log.group(ShardId(1)).range(0, 10).unwrap(), entries(1, 3, 50));
-        assert_eq!(log.group(ShardId(1)).get_meta("vote").unwrap().as_deref(), Some(&b"idle"[..]));
-        assert_eq!(log.group(ShardId(0)).range(next - 8, next).unwrap(), entries(next - 8, next - 1, size));
+        assert_eq!(log.group(GroupId::Shard(ShardId(1))).range(0, 10).unwrap(), entries(1, 3, 50));
+        assert_eq!(log.group(GroupId::Shard(ShardId(1))).get_meta("vote").unwrap().as_deref(), Some(&b"idle"[..]));
+        assert_eq!(log.group(GroupId::Shard(ShardId(0))).range(next - 8, next).unwrap(), entries(next - 8, next - 1, size));
     }
 
     /// Many groups' appends waiting together share one fdatasync; each
@@ -955,7 +964,7 @@ mod tests {
         let log = NodeLog::open(dir.path()).unwrap();
         let (tx, rx) = mpsc::channel();
         for g in 0..16 {
-            log.group(ShardId(g)).append(&entries(1, 4, 64)).unwrap();
+            log.group(GroupId::Shard(ShardId(g))).append(&entries(1, 4, 64)).unwrap();
             let tx = tx.clone();
             log.when_durable(Box::new(move |r| tx.send((g, r.is_ok())).unwrap()));
         }
@@ -977,6 +986,7 @@ mod tests {
 mod moving_tests {
     use super::*;
     use crate::storage::SledDb;
+    use idgraph_core::model::ShardId;
 
     /// A data directory of an older build keeps each group's log in a sled
     /// tree: opening the replica moves it into the node's log, whole, and
@@ -985,7 +995,7 @@ mod moving_tests {
     fn a_sled_kept_log_moves_into_the_node_log() {
         let dir = tempfile::tempdir().unwrap();
         let db = SledDb::open(&dir.path().join("db"), 1).unwrap();
-        let old = db.raft_log(ShardId(0)).unwrap();
+        let old = db.raft_log(GroupId::Shard(ShardId(0))).unwrap();
         let entries: Vec<(u64, Vec<u8>)> = (5..=9).map(|i| (i, vec![i as u8; 7])).collect();
         old.append(&entries).unwrap();
         old.put_meta("vote", b"v3").unwrap();
@@ -993,19 +1003,19 @@ mod moving_tests {
         drop(old);
         {
             let log = NodeLog::open(&dir.path().join("log")).unwrap();
-            let g = log.open_group(ShardId(0), &db).unwrap();
+            let g = log.open_group(GroupId::Shard(ShardId(0)), &db).unwrap();
             assert_eq!(g.range(0, 100).unwrap(), entries);
             assert_eq!(g.get_meta("vote").unwrap().as_deref(), Some(&b"v3"[..]));
-            assert!(db.legacy_raft_log(ShardId(0)).unwrap().is_none(), "the tree is dropped");
+            assert!(db.legacy_raft_log(GroupId::Shard(ShardId(0))).unwrap().is_none(), "the tree is dropped");
             assert!(db.groups().is_empty());
             log.close().unwrap();
         }
         let log = NodeLog::open(&dir.path().join("log")).unwrap();
-        assert_eq!(log.groups(), vec![ShardId(0)]);
-        assert_eq!(log.group(ShardId(0)).range(0, 100).unwrap(), entries);
+        assert_eq!(log.groups(), vec![GroupId::Shard(ShardId(0))]);
+        assert_eq!(log.group(GroupId::Shard(ShardId(0))).range(0, 100).unwrap(), entries);
         // A group opened with nothing written yet is listed too.
-        log.open_group(ShardId(7), &db).unwrap();
+        log.open_group(GroupId::Shard(ShardId(7)), &db).unwrap();
         log.close().unwrap();
-        assert_eq!(NodeLog::open(&dir.path().join("log")).unwrap().groups(), vec![ShardId(0), ShardId(7)]);
+        assert_eq!(NodeLog::open(&dir.path().join("log")).unwrap().groups(), vec![GroupId::Shard(ShardId(0)), GroupId::Shard(ShardId(7))]);
     }
 }

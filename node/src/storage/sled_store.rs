@@ -29,7 +29,9 @@
 //! openraft purge the log.
 
 use super::{decode, encode, encode_record, redact_key, GraphRead, GraphStore, StoreError};
-use idgraph_core::model::{Change, ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId};
+use idgraph_core::model::{
+    Change, ChangeSet, Counters, EventRecord, GroupId, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId,
+};
 use std::path::Path;
 use std::sync::RwLock;
 
@@ -185,14 +187,14 @@ impl SledDb {
         Ok((SledDb { db }, shard_count))
     }
 
-    pub fn shard(&self, shard: ShardId) -> Result<SledStore, StoreError> {
-        let tree = self.db.open_tree(format!("shard-{shard}")).map_err(io)?;
-        let image = self.db.open_tree(format!("shard-{shard}-image")).map_err(io)?;
+    pub fn shard(&self, group: GroupId) -> Result<SledStore, StoreError> {
+        let tree = self.db.open_tree(format!("shard-{group}")).map_err(io)?;
+        let image = self.db.open_tree(format!("shard-{group}-image")).map_err(io)?;
         SledStore::open(tree, image)
     }
 
-    pub fn raft_log(&self, shard: ShardId) -> Result<SledRaftLog, StoreError> {
-        Ok(SledRaftLog { tree: self.db.open_tree(format!("shard-{shard}-raft")).map_err(io)? })
+    pub fn raft_log(&self, group: GroupId) -> Result<SledRaftLog, StoreError> {
+        Ok(SledRaftLog { tree: self.db.open_tree(format!("shard-{group}-raft")).map_err(io)? })
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
@@ -201,33 +203,33 @@ impl SledDb {
 
     /// A group's Raft log as an older build kept it (a tree of this
     /// database), if this database still holds one.
-    pub fn legacy_raft_log(&self, shard: ShardId) -> Result<Option<SledRaftLog>, StoreError> {
-        let name = format!("shard-{shard}-raft");
+    pub fn legacy_raft_log(&self, group: GroupId) -> Result<Option<SledRaftLog>, StoreError> {
+        let name = format!("shard-{group}-raft");
         if !self.db.tree_names().iter().any(|n| n.as_ref() == name.as_bytes()) {
             return Ok(None);
         }
-        self.raft_log(shard).map(Some)
+        self.raft_log(group).map(Some)
     }
 
     /// Deletes a group's Raft log tree (moved to the node's log), durably.
-    pub fn drop_raft_log(&self, shard: ShardId) -> Result<(), StoreError> {
-        self.db.drop_tree(format!("shard-{shard}-raft")).map_err(io)?;
+    pub fn drop_raft_log(&self, group: GroupId) -> Result<(), StoreError> {
+        self.db.drop_tree(format!("shard-{group}-raft")).map_err(io)?;
         self.flush()
     }
 
     /// The groups whose Raft log this database holds (the layout of older
     /// builds: the node's log holds them now).
-    pub fn groups(&self) -> Vec<ShardId> {
-        let mut out: Vec<ShardId> = self
+    pub fn groups(&self) -> Vec<GroupId> {
+        let mut out: Vec<GroupId> = self
             .db
             .tree_names()
             .iter()
             .filter_map(|name| {
                 let name = std::str::from_utf8(name).ok()?.strip_prefix("shard-")?.strip_suffix("-raft")?;
-                if name == idgraph_core::meta::META.to_string() {
-                    Some(idgraph_core::meta::META)
+                if name == GroupId::Meta.to_string() {
+                    Some(GroupId::Meta)
                 } else {
-                    name.parse().ok().map(ShardId)
+                    name.parse().ok().map(|n| GroupId::Shard(ShardId(n)))
                 }
             })
             .collect();
@@ -236,10 +238,10 @@ impl SledDb {
     }
 
     /// Deletes a replica's log, Raft metadata and graph, durably.
-    pub fn discard(&self, shard: ShardId) -> Result<(), StoreError> {
-        self.db.drop_tree(format!("shard-{shard}-raft")).map_err(io)?;
-        self.db.drop_tree(format!("shard-{shard}")).map_err(io)?;
-        self.db.drop_tree(format!("shard-{shard}-image")).map_err(io)?;
+    pub fn discard(&self, group: GroupId) -> Result<(), StoreError> {
+        self.db.drop_tree(format!("shard-{group}-raft")).map_err(io)?;
+        self.db.drop_tree(format!("shard-{group}")).map_err(io)?;
+        self.db.drop_tree(format!("shard-{group}-image")).map_err(io)?;
         self.flush()
     }
 
@@ -674,7 +676,7 @@ mod tests {
         cs.counters.events = 1;
         {
             let db = SledDb::open(dir.path(), 1).unwrap();
-            let s = db.shard(ShardId(0)).unwrap();
+            let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
             let mut before = ChangeSet::default();
             before.push(Change::PutOwner(alice.clone(), "p_1".into()));
             before.push(Change::PutAlias("p_1".into(), "p_0".into()));
@@ -692,7 +694,7 @@ mod tests {
             s.flush().unwrap();
         }
         let db = SledDb::open(dir.path(), 1).unwrap();
-        let s = db.shard(ShardId(0)).unwrap();
+        let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
         assert_eq!(s.owner(&alice).unwrap().as_deref(), Some("p_2"));
         assert_eq!(s.alias("p_1").unwrap(), None);
         assert_eq!(s.meta("raft.applied").unwrap().as_deref(), Some(&b"7"[..]));
@@ -700,7 +702,7 @@ mod tests {
         assert_eq!(s.tree.get(REDO_KEY).unwrap(), None);
         // The same change set applied normally gives the same records.
         let other = tempfile::tempdir().unwrap();
-        let t = SledDb::open(other.path(), 1).unwrap().shard(ShardId(0)).unwrap();
+        let t = SledDb::open(other.path(), 1).unwrap().shard(GroupId::Shard(ShardId(0))).unwrap();
         let mut before = ChangeSet::default();
         before.push(Change::PutOwner(alice.clone(), "p_1".into()));
         before.push(Change::PutAlias("p_1".into(), "p_0".into()));
