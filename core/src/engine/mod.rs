@@ -222,7 +222,8 @@ pub enum EngineError {
     Store(#[from] StoreError),
 }
 
-pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> EngineError {
+/// The request is malformed at `field` (the refusal every adapter uses).
+pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> EngineError {
     EngineError::InvalidArgument { field: field.into(), reason: reason.into() }
 }
 

@@ -3,7 +3,7 @@
 
 use crate::raft::{RaftRole, ReplicaDigest, ReplicaStatus};
 use idgraph_core::engine::{
-    self, Conflict, ConflictKind, DeleteOutcome, EngineError, FoundProfile, IdentifyEvent, IdentifyOutcome, Ignored, MergeOutcome,
+    self, invalid, Conflict, ConflictKind, DeleteOutcome, EngineError, FoundProfile, IdentifyEvent, IdentifyOutcome, Ignored, MergeOutcome,
     ProfileRef, RawIdentifier, UnmergeOutcome,
 };
 use idgraph_core::model::{Counters, GroupId, HubRecord, Identifier, MergeCause, MergeRecord, Profile};
@@ -13,10 +13,6 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 
 const MAX_TRAIT_DEPTH: usize = 16;
-
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> EngineError {
-    EngineError::InvalidArgument { field: field.into(), reason: reason.into() }
-}
 
 pub fn raw_identifier(id: pb::Identifier) -> RawIdentifier {
     RawIdentifier { kind: id.r#type, value: id.value }
