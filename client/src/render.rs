@@ -28,7 +28,16 @@ pub trait Render: Serialize {
 pub fn show<T: Render>(v: &T, output: Output) -> Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
-        Output::Table => println!("{}", v.human().trim_end()),
+        Output::Table => {
+            // Text that ends its own last line (a rule set's TOML) is
+            // printed as it is.
+            let text = v.human();
+            if text.ends_with('\n') {
+                print!("{text}")
+            } else {
+                println!("{text}")
+            }
+        }
     }
     Ok(())
 }

@@ -103,8 +103,7 @@ impl NodeLaunch {
             .args(&self.args)
             .env_remove("FAILPOINTS")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::piped())
-            .kill_on_drop(true);
+            .stdout(Stdio::piped());
         match &self.log {
             Some(file) => {
                 let log = std::fs::OpenOptions::new()
@@ -141,7 +140,9 @@ impl NodeLaunch {
     }
 }
 
-/// A running node process. Killed (SIGKILL) when dropped.
+/// A running node process. Killed (SIGKILL) and waited for when dropped,
+/// so that a node started again on the same data directory or port never
+/// meets the old process still holding them.
 #[derive(Debug)]
 pub struct NodeProcess {
     child: Child,
@@ -180,6 +181,16 @@ impl NodeProcess {
     /// Whether the process has ended, without waiting.
     pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
         self.child.try_wait()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        // `id()` is None once the process was waited for.
+        if let Some(pid) = self.child.id() {
+            let _ = self.child.start_kill();
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
+        }
     }
 }
 
