@@ -79,6 +79,30 @@ impl Default for StoreOptions {
 /// write.
 const COMPRESSION_LEVEL: i32 = 1;
 
+/// Deletes the snapshot files sled left half-written. sled writes its page
+/// table snapshot to `snap.<lsn>.generating`, syncs it and renames it to
+/// `snap.<lsn>`; a write that fails (a full disk) leaves the `.generating`
+/// file behind, and sled 0.34 takes it for the newest snapshot when it
+/// opens the database and refuses to open ("empty/corrupt snapshot file").
+/// Such a file is never a complete snapshot, so it can go: sled then starts
+/// from the last complete one, or replays its whole log if there is none.
+fn remove_partial_snapshots(db_dir: &Path) -> Result<(), StoreError> {
+    let entries = match std::fs::read_dir(db_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::Io(format!("cannot list {}: {e}", db_dir.display()))),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %name, "removing a snapshot file sled left half-written");
+            std::fs::remove_file(entry.path()).map_err(|e| StoreError::Io(format!("cannot remove {}: {e}", entry.path().display())))?;
+        }
+    }
+    Ok(())
+}
+
 /// The compression setting an existing sled database was created with, read
 /// from the `conf` file sled writes beside its data (`use_compression: bool`
 /// on a line of its own, then a checksum); `None` for a new database.
@@ -127,6 +151,7 @@ impl SledDb {
             }
             None => options.compression,
         };
+        remove_partial_snapshots(&path)?;
         let config = sled::Config::new()
             .path(&path)
             .cache_capacity(options.cache_bytes)
@@ -660,6 +685,27 @@ mod tests {
             reason: "r".into(),
         });
         check(Counters { events: 3, profiles: 2, ..Default::default() });
+    }
+
+    /// A full disk in the middle of sled writing its snapshot leaves a
+    /// `.generating` file; the database still opens, with its data.
+    #[test]
+    fn a_half_written_sled_snapshot_does_not_stop_the_store_from_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = Identifier::new("email", "a@b.c");
+        {
+            let db = SledDb::open(dir.path(), 1).unwrap();
+            let mut cs = ChangeSet::default();
+            cs.push(Change::PutOwner(alice.clone(), "p_1".into()));
+            db.shard(GroupId::Shard(ShardId(0))).unwrap().apply(&cs).unwrap();
+            db.flush().unwrap();
+        }
+        // Newer than any snapshot sled wrote, so sled would pick it.
+        let partial = dir.path().join("db").join("snap.FFFFFFFFFFFFFF00.generating");
+        std::fs::write(&partial, b"cut").unwrap();
+        let db = SledDb::open(dir.path(), 1).expect("opens despite the half-written snapshot");
+        assert_eq!(db.shard(GroupId::Shard(ShardId(0))).unwrap().owner(&alice).unwrap().as_deref(), Some("p_1"));
+        assert!(!partial.exists(), "the half-written snapshot is gone");
     }
 
     /// A crash between a change set's redo record and its last write: the
