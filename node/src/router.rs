@@ -263,13 +263,16 @@ impl ShardRouter {
         self.map.count() == 1
     }
 
+    /// The group of a one-shard map's only shard.
+    const ONLY_SHARD: GroupId = GroupId::Shard(ShardId(0));
+
     /// Runs a state-changing command: one log entry on a one-shard map, a
     /// cross-shard transaction otherwise. The transaction runs as its own
     /// task, so that a caller that goes away does not stop it half-way.
     pub async fn execute(&self, kind: CommandKind) -> Result<Outcome, RequestError> {
         let cmd = Command { at_ms: self.now_ms(), op_id: ulid::Ulid::new().to_string(), kind };
         if self.single_shard() {
-            return match self.request(GroupId::Shard(ShardId(0)), ShardRequest::Write(Box::new(ShardCommand::Engine(cmd)))).await? {
+            return match self.request(Self::ONLY_SHARD, ShardRequest::Write(Box::new(ShardCommand::Engine(cmd)))).await? {
                 ShardReply::Outcome(o) => Ok(o),
                 _ => Err(RequestError::Internal("a write was answered with a read".into())),
             };
@@ -294,7 +297,7 @@ impl ShardRouter {
         if !self.single_shard() {
             return self.find(r, ReadMode::Linearizable).await;
         }
-        match self.read(GroupId::Shard(ShardId(0)), ShardRead::Profile(r)).await? {
+        match self.read(Self::ONLY_SHARD, ShardRead::Profile(r)).await? {
             ShardReply::Profile(p) => Ok(p),
             _ => Err(RequestError::Internal("unexpected reply kind".into())),
         }
@@ -306,7 +309,7 @@ impl ShardRouter {
         if !self.single_shard() {
             return self.find(r, ReadMode::Local).await;
         }
-        let shard = GroupId::Shard(ShardId(0));
+        let shard = Self::ONLY_SHARD;
         match self.attempt(shard, &ShardRequest::Read(ShardRead::StaleProfile(r)), 0).await.map_err(|f| service_error(shard, f))? {
             ShardReply::Profile(p) => Ok(p),
             _ => Err(RequestError::Internal("unexpected reply kind".into())),
@@ -319,7 +322,7 @@ impl ShardRouter {
                 .await
                 .map_err(txn_error);
         }
-        match self.read(GroupId::Shard(ShardId(0)), ShardRead::Merge(id)).await? {
+        match self.read(Self::ONLY_SHARD, ShardRead::Merge(id)).await? {
             ShardReply::Merge(m) => Ok(m),
             _ => Err(RequestError::Internal("unexpected reply kind".into())),
         }
