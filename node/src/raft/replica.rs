@@ -97,7 +97,7 @@ pub enum ShardReply {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, thiserror::Error)]
 pub enum ShardFailure {
     /// The engine refused it (the caller's fault); nothing changed.
-    #[error("{0:?}")]
+    #[error("{}", .0.clone().into_engine())]
     Refused(Refusal),
     /// This replica is not the leader; `leader` is where to go, if known.
     #[error("not the leader of group {shard} (leader: {leader:?})")]
