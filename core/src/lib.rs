@@ -19,9 +19,12 @@
 //!   and the read set a coordinator runs the engine over.
 //! - [`meta`]: the cluster map (nodes, replica placement, moves under way)
 //!   and its placement planner.
+//! - [`canary`]: canary rollouts of rule-set versions: the plan, the KPI
+//!   samples, the judge and the replicated rollout state.
 //! - [`checks`]: the graph's invariants, checked the same way by every test
 //!   that checks a graph.
 
+pub mod canary;
 pub mod checks;
 pub mod engine;
 pub mod graph;

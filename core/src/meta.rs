@@ -34,7 +34,10 @@
 //!   counts of active nodes within one of each other. A node being removed
 //!   (`Leaving`) is forgotten once it holds nothing.
 
-use crate::model::{GroupId, ShardId};
+use crate::canary::{CanaryCommand, CanaryRefusal, Rollout};
+use crate::graph::{decode, encode, GraphRead, StoreError};
+use crate::model::{Change, ChangeSet, GroupId, ShardId};
+use crate::rules::RuleSet;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -89,10 +92,21 @@ pub struct ClusterMap {
     pub groups: BTreeMap<GroupId, BTreeSet<u64>>,
     /// Moves under way, at most one per group.
     pub moves: BTreeMap<GroupId, ReplicaMove>,
+    /// The rule-set version every shard runs unless `shard_rules` says
+    /// otherwise (empty until the first node seeds it).
+    #[serde(default)]
+    pub active_rules: String,
+    /// Shards running another version: the canary shards of the rollout
+    /// under way.
+    #[serde(default)]
+    pub shard_rules: BTreeMap<ShardId, String>,
+    /// The rollout under way.
+    #[serde(default)]
+    pub canary: Option<String>,
 }
 
 /// A change of the cluster map (an entry of the metadata group's log).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum MetaCommand {
     /// The first map; ignored when there is one already.
     Bootstrap(ClusterMap),
@@ -116,6 +130,14 @@ pub enum MetaCommand {
     FinishMove {
         group: GroupId,
     },
+    /// Stores a rule-set version (immutable once stored); `seed` also makes
+    /// it the cluster's version when the cluster has none yet.
+    PutRuleSet {
+        toml: String,
+        seed: bool,
+    },
+    /// A step of the canary rollout (see [`crate::canary`]).
+    Canary(CanaryCommand),
 }
 
 /// Why the map refused a command.
@@ -125,6 +147,13 @@ pub struct MetaRefusal(pub String);
 
 fn refuse<T>(reason: impl Into<String>) -> Result<T, MetaRefusal> {
     Err(MetaRefusal(reason.into()))
+}
+
+impl ClusterMap {
+    /// The rule-set version a shard runs.
+    pub fn rules_of(&self, shard: ShardId) -> &str {
+        self.shard_rules.get(&shard).unwrap_or(&self.active_rules)
+    }
 }
 
 impl ClusterMap {
@@ -142,7 +171,7 @@ impl ClusterMap {
             .iter()
             .map(|(id, addr)| (*id, NodeEntry { addr: addr.clone(), state: NodeState::Active, rule_version: rule_version.into() }))
             .collect();
-        let mut map = ClusterMap { version: 1, shard_count, replication: replication.max(1), nodes, groups, moves: BTreeMap::new() };
+        let mut map = ClusterMap { version: 1, shard_count, replication: replication.max(1), nodes, groups, ..ClusterMap::default() };
         let mut by_load = ids;
         by_load.sort_by_key(|id| (map.load(*id), *id));
         map.groups.insert(GroupId::Meta, by_load.into_iter().take(rf).collect());
@@ -254,6 +283,9 @@ impl ClusterMap {
                     members.remove(&remove);
                 }
             }
+            MetaCommand::PutRuleSet { .. } | MetaCommand::Canary(_) => {
+                return refuse("rule sets and rollouts change through meta::execute, which reads the store");
+            }
         }
         next.version = self.version + 1;
         Ok(next)
@@ -337,10 +369,196 @@ impl ClusterMap {
     }
 }
 
+/// Where the metadata group keeps rule sets (`rules.<version>`, the TOML)
+/// and rollouts (the one under way, and finished ones by id).
+const RULES_PREFIX: &str = "rules.";
+const ROLLOUT_KEY: &str = "canary.current";
+const FINISHED_PREFIX: &str = "canary.done.";
+
+/// What made a metadata command fail.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error(transparent)]
+    Refused(#[from] MetaRefusal),
+    #[error("rollout: {0}")]
+    Canary(#[from] CanaryRefusal),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn meta_record<R: GraphRead + ?Sized, T: serde::de::DeserializeOwned>(store: &R, key: &str) -> Result<Option<T>, StoreError> {
+    store.meta(key)?.map(|b| decode(key.as_bytes(), &b)).transpose()
+}
+
+/// A stored rule set's TOML.
+pub fn read_rule_set<R: GraphRead + ?Sized>(store: &R, version: &str) -> Result<Option<String>, StoreError> {
+    meta_record(store, &format!("{RULES_PREFIX}{version}"))
+}
+
+/// Every stored rule set: version and TOML, by version.
+pub fn rule_sets<R: GraphRead + ?Sized>(store: &R) -> Result<Vec<(String, String)>, StoreError> {
+    store
+        .meta_prefix(RULES_PREFIX)?
+        .into_iter()
+        .map(|(k, v)| Ok((k[RULES_PREFIX.len()..].to_string(), decode(k.as_bytes(), &v)?)))
+        .collect()
+}
+
+/// The rollout under way.
+pub fn current_rollout<R: GraphRead + ?Sized>(store: &R) -> Result<Option<Rollout>, StoreError> {
+    meta_record(store, ROLLOUT_KEY)
+}
+
+/// Finished rollouts, oldest first (ids are ULIDs).
+pub fn finished_rollouts<R: GraphRead + ?Sized>(store: &R) -> Result<Vec<Rollout>, StoreError> {
+    store.meta_prefix(FINISHED_PREFIX)?.into_iter().map(|(k, v)| decode(k.as_bytes(), &v)).collect()
+}
+
+/// Applies a metadata command to the metadata group's store: the changes
+/// to write and the map after them. Refusals change nothing.
+pub fn execute<R: GraphRead + ?Sized>(store: &R, cmd: &MetaCommand) -> Result<(ChangeSet, ClusterMap), MetaError> {
+    let map = read_map(store)?;
+    let mut cs = ChangeSet::default();
+    let next = match cmd {
+        MetaCommand::PutRuleSet { toml, seed } => {
+            let rules = RuleSet::from_toml(toml).map_err(|e| MetaRefusal(e.to_string()))?;
+            let version = rules.version().to_string();
+            match read_rule_set(store, &version)? {
+                Some(stored) if stored != *toml => {
+                    return Err(MetaRefusal(format!(
+                        "version {version:?} is stored with other rules; a stored version never changes, give the new rules a new version"
+                    ))
+                    .into())
+                }
+                Some(_) => {}
+                None => cs.push(Change::PutMeta(format!("{RULES_PREFIX}{version}"), encode(toml))),
+            }
+            let mut next = map.clone();
+            if *seed && next.active_rules.is_empty() {
+                next.active_rules = version;
+            }
+            next
+        }
+        MetaCommand::Canary(c) => {
+            let current = current_rollout(store)?;
+            let mut rollout = match (c, current) {
+                (CanaryCommand::Start { id, plan_toml, at_ms, .. }, None) => {
+                    let start = CanaryCommand::Start {
+                        id: id.clone(),
+                        plan_toml: plan_toml.clone(),
+                        control: map.active_rules.clone(),
+                        shard_count: map.shard_count,
+                        at_ms: *at_ms,
+                    };
+                    Rollout::start(&start, |v| read_rule_set(store, v).ok().flatten().is_some())?
+                }
+                (CanaryCommand::Start { .. }, Some(r)) => return Err(CanaryRefusal::Running { running: r.id }.into()),
+                (_, Some(mut r)) => {
+                    r.apply(c)?;
+                    r
+                }
+                (_, None) => return Err(CanaryRefusal::NoneRunning.into()),
+            };
+            let mut next = map.clone();
+            next.shard_rules = rollout.assignments();
+            if rollout.phase.is_finished() {
+                if rollout.phase == crate::canary::Phase::Promoted {
+                    next.active_rules = rollout.plan.candidate.clone();
+                }
+                next.canary = None;
+                cs.push(Change::DeleteMeta(ROLLOUT_KEY.into()));
+                rollout.samples.shrink_to_fit();
+                cs.push(Change::PutMeta(format!("{FINISHED_PREFIX}{}", rollout.id), encode(&rollout)));
+            } else {
+                next.canary = Some(rollout.id.clone());
+                cs.push(Change::PutMeta(ROLLOUT_KEY.into(), encode(&rollout)));
+            }
+            next
+        }
+        other => map.apply(other)?,
+    };
+    let changed = next != map;
+    let mut next = next;
+    if changed && matches!(cmd, MetaCommand::PutRuleSet { .. } | MetaCommand::Canary(_)) {
+        next.version = map.version + 1;
+    }
+    if changed || next.version != map.version {
+        cs.push(Change::PutMeta(MAP_KEY.into(), encode(&next)));
+    }
+    Ok((cs, next))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn run(store: &crate::graph::MemStore, cmd: MetaCommand) -> Result<ClusterMap, MetaError> {
+        use crate::graph::GraphStore;
+        let (cs, map) = execute(store, &cmd)?;
+        store.apply(&cs).unwrap();
+        Ok(map)
+    }
+
+    fn rules_toml(version: &str, extra_blocked: &str) -> String {
+        let mut spec = RuleSet::builtin().spec().clone();
+        spec.version = version.into();
+        spec.blocked.values.push(extra_blocked.into());
+        RuleSet::from_spec(spec).unwrap().source().to_string()
+    }
+
+    #[test]
+    fn rule_sets_are_stored_once_and_seed_the_cluster_version() {
+        let store = crate::graph::MemStore::default();
+        run(&store, MetaCommand::Bootstrap(ClusterMap::initial(&members(3), 4, 3, "v1"))).unwrap();
+        let v1 = rules_toml("v1", "none");
+        let map = run(&store, MetaCommand::PutRuleSet { toml: v1.clone(), seed: true }).unwrap();
+        assert_eq!(map.active_rules, "v1");
+        // The same text again changes nothing; other text under the same version is refused.
+        assert_eq!(run(&store, MetaCommand::PutRuleSet { toml: v1.clone(), seed: true }).unwrap(), map);
+        assert!(matches!(
+            run(&store, MetaCommand::PutRuleSet { toml: rules_toml("v1", "other"), seed: false }),
+            Err(MetaError::Refused(r)) if r.0.contains("never changes")
+        ));
+        assert!(run(&store, MetaCommand::PutRuleSet { toml: "version = 3".into(), seed: false }).is_err());
+        let map = run(&store, MetaCommand::PutRuleSet { toml: rules_toml("v2", "guest"), seed: true }).unwrap();
+        assert_eq!(map.active_rules, "v1", "a seed only applies to a cluster without a version");
+        assert_eq!(rule_sets(&store).unwrap().iter().map(|(v, _)| v.as_str()).collect::<Vec<_>>(), ["v1", "v2"]);
+        assert_eq!(read_rule_set(&store, "v1").unwrap(), Some(v1));
+    }
+
+    #[test]
+    fn a_rollout_assigns_canary_shards_and_only_one_runs() {
+        let store = crate::graph::MemStore::default();
+        run(&store, MetaCommand::Bootstrap(ClusterMap::initial(&members(3), 4, 3, "v1"))).unwrap();
+        run(&store, MetaCommand::PutRuleSet { toml: rules_toml("v1", "none"), seed: true }).unwrap();
+        run(&store, MetaCommand::PutRuleSet { toml: rules_toml("v2", "guest"), seed: false }).unwrap();
+        let plan = crate::canary::plan::tests::PLAN.to_string();
+        let start = |id: &str| {
+            MetaCommand::Canary(CanaryCommand::Start {
+                id: id.into(),
+                plan_toml: plan.clone(),
+                control: String::new(),
+                shard_count: 0,
+                at_ms: 0,
+            })
+        };
+        let map = run(&store, start("r1")).unwrap();
+        assert_eq!(map.rules_of(ShardId(0)), "v2");
+        assert_eq!(map.rules_of(ShardId(1)), "v1");
+        assert_eq!(map.canary.as_deref(), Some("r1"));
+        assert!(matches!(run(&store, start("r2")), Err(MetaError::Canary(CanaryRefusal::Running { .. }))));
+        let map = run(&store, MetaCommand::Canary(CanaryCommand::Abort { id: "r1".into(), reason: "test".into(), at_ms: 1 })).unwrap();
+        assert!(map.shard_rules.is_empty());
+        let map = run(&store, MetaCommand::Canary(CanaryCommand::Finish { id: "r1".into(), at_ms: 2 })).unwrap();
+        assert_eq!((map.canary.clone(), map.active_rules.as_str()), (None, "v1"));
+        assert!(current_rollout(&store).unwrap().is_none());
+        assert_eq!(finished_rollouts(&store).unwrap()[0].phase, crate::canary::Phase::RolledBack);
+        assert!(matches!(
+            run(&store, MetaCommand::Canary(CanaryCommand::Promote { id: "r1".into(), at_ms: 3 })),
+            Err(MetaError::Canary(CanaryRefusal::NoneRunning))
+        ));
+    }
 
     fn members(n: u64) -> BTreeMap<u64, String> {
         (1..=n).map(|i| (i, format!("127.0.0.1:{}", 50060 + i))).collect()

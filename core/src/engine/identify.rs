@@ -276,6 +276,7 @@ pub(super) fn identify<R: GraphRead + ?Sized>(
     cs.counters.events += 1;
     outcome.conflicts = conflicts;
     outcome.profile_id = profile.id.clone();
+    outcome.profile_identifiers = profile.identifiers.len() as u32;
     cs.push(Change::PutEvent(ev.event_id.clone(), EventRecord { profile_id: profile.id.clone(), applied_ms: at_ms, slot: Some(slot) }));
     cs.push(Change::PutProfile(profile));
     Ok((cs, outcome))

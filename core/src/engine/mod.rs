@@ -173,6 +173,9 @@ pub struct IdentifyOutcome {
     pub ignored: Vec<Ignored>,
     pub identifiers_added: u32,
     pub rule_version: String,
+    /// Identifiers the profile holds after the event (0 for a duplicate).
+    #[serde(default)]
+    pub profile_identifiers: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]

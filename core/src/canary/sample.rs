@@ -1,0 +1,207 @@
+//! What the nodes count for the judge: per rule-set version, the outcomes,
+//! latencies and traffic mix of the events it resolved.
+
+use super::plan::Kpi;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Upper bounds, in microseconds, of the latency histogram's buckets; one
+/// more bucket holds everything slower.
+pub const LATENCY_BOUNDS_US: [u64; 14] =
+    [250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000, 1_024_000, 2_048_000];
+
+/// Distinct identifier types or sources a tally keeps apart; the rest are
+/// counted as [`OTHER`] (sources are whatever clients send).
+pub const MIX_KEYS: usize = 32;
+pub const OTHER: &str = "(other)";
+
+/// Counts of one rule-set version over some time, from one node or summed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KpiCounts {
+    /// Identify calls resolved (duplicates excluded).
+    pub events: u64,
+    pub merges: u64,
+    /// Identifiers a type limit kept out of a profile.
+    pub conflicts: u64,
+    pub created: u64,
+    /// Identify calls that failed.
+    pub errors: u64,
+    /// Sum over events of the identifiers the event's profile held after it.
+    pub identifiers: u64,
+    /// The most identifiers a profile held after an event.
+    pub largest: u64,
+    /// Identify latency, one count per bucket of [`LATENCY_BOUNDS_US`] plus one.
+    pub latency: Vec<u64>,
+    /// Identifiers sent, per type.
+    pub types: BTreeMap<String, u64>,
+    /// Events, per source.
+    pub sources: BTreeMap<String, u64>,
+}
+
+fn bump(map: &mut BTreeMap<String, u64>, key: &str, n: u64) {
+    if let Some(v) = map.get_mut(key) {
+        *v += n;
+    } else if map.len() < MIX_KEYS {
+        map.insert(key.to_string(), n);
+    } else {
+        *map.entry(OTHER.to_string()).or_default() += n;
+    }
+}
+
+impl KpiCounts {
+    pub fn is_empty(&self) -> bool {
+        self.events == 0 && self.errors == 0
+    }
+
+    /// Counts one call's latency.
+    pub fn observe_latency(&mut self, micros: u64) {
+        if self.latency.len() != LATENCY_BOUNDS_US.len() + 1 {
+            self.latency.resize(LATENCY_BOUNDS_US.len() + 1, 0);
+        }
+        let bucket = LATENCY_BOUNDS_US.iter().position(|b| micros <= *b).unwrap_or(LATENCY_BOUNDS_US.len());
+        self.latency[bucket] += 1;
+    }
+
+    /// Counts the traffic mix of one event.
+    pub fn observe_mix<'a>(&mut self, source: &str, types: impl IntoIterator<Item = &'a str>) {
+        bump(&mut self.sources, source, 1);
+        for t in types {
+            bump(&mut self.types, t, 1);
+        }
+    }
+
+    pub fn add(&mut self, o: &KpiCounts) {
+        self.events += o.events;
+        self.merges += o.merges;
+        self.conflicts += o.conflicts;
+        self.created += o.created;
+        self.errors += o.errors;
+        self.identifiers += o.identifiers;
+        self.largest = self.largest.max(o.largest);
+        if self.latency.len() < o.latency.len() {
+            self.latency.resize(o.latency.len(), 0);
+        }
+        for (a, b) in self.latency.iter_mut().zip(&o.latency) {
+            *a += b;
+        }
+        for (k, v) in &o.types {
+            bump(&mut self.types, k, *v);
+        }
+        for (k, v) in &o.sources {
+            bump(&mut self.sources, k, *v);
+        }
+    }
+
+    /// The 99th percentile latency in milliseconds (its bucket's upper
+    /// bound; the slowest bucket reports twice the last bound).
+    pub fn p99_ms(&self) -> Option<f64> {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (total * 99).div_ceil(100);
+        let mut seen = 0;
+        for (i, n) in self.latency.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let us = LATENCY_BOUNDS_US.get(i).copied().unwrap_or(LATENCY_BOUNDS_US[LATENCY_BOUNDS_US.len() - 1] * 2);
+                return Some(us as f64 / 1000.0);
+            }
+        }
+        None
+    }
+
+    /// The KPI's value over these counts; none without the events it needs.
+    pub fn value(&self, kpi: Kpi) -> Option<f64> {
+        let per_event = |n: u64| (self.events > 0).then(|| n as f64 / self.events as f64);
+        match kpi {
+            Kpi::MergeRate => per_event(self.merges),
+            Kpi::ConflictRate => per_event(self.conflicts),
+            Kpi::NewProfileRate => per_event(self.created),
+            Kpi::IdentifiersPerProfile => per_event(self.identifiers),
+            Kpi::LargestProfile => (self.events > 0).then_some(self.largest as f64),
+            Kpi::ErrorRate => {
+                let calls = self.events + self.errors;
+                (calls > 0).then(|| self.errors as f64 / calls as f64)
+            }
+            Kpi::IdentifyP99Ms => self.p99_ms(),
+        }
+    }
+}
+
+/// The counts of one sampling interval, by rule-set version.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct IntervalSample {
+    /// End of the interval.
+    pub at_ms: i64,
+    /// Index of the rollout step the interval belongs to.
+    pub step: usize,
+    /// Counts of events resolved by the candidate version.
+    pub canary: KpiCounts,
+    /// Counts of events resolved by the control version.
+    pub control: KpiCounts,
+    /// Canary shards during the interval.
+    pub canary_shards: u32,
+    pub shard_count: u32,
+}
+
+/// Total variation distance between two tallies' distributions (0: the
+/// same mix, 1: nothing in common); none when either is empty.
+pub fn mix_distance(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> Option<f64> {
+    let (ta, tb) = (a.values().sum::<u64>() as f64, b.values().sum::<u64>() as f64);
+    if ta == 0.0 || tb == 0.0 {
+        return None;
+    }
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let sum: f64 =
+        keys.into_iter().map(|k| (a.get(k).copied().unwrap_or(0) as f64 / ta - b.get(k).copied().unwrap_or(0) as f64 / tb).abs()).sum();
+    Some(sum / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p99_is_the_upper_bound_of_the_bucket_holding_the_99th_percentile() {
+        let mut c = KpiCounts::default();
+        for _ in 0..98 {
+            c.observe_latency(300);
+        }
+        c.observe_latency(3_000);
+        c.observe_latency(3_000);
+        assert_eq!(c.p99_ms(), Some(4.0));
+        c.observe_latency(10_000_000);
+        assert_eq!(c.p99_ms(), Some(4.0));
+        assert_eq!(KpiCounts::default().p99_ms(), None);
+    }
+
+    #[test]
+    fn rates_are_per_event_and_sums_keep_the_largest_profile() {
+        let mut a = KpiCounts { events: 10, merges: 2, largest: 4, ..Default::default() };
+        let b = KpiCounts { events: 30, merges: 2, largest: 9, errors: 10, ..Default::default() };
+        a.add(&b);
+        assert_eq!(a.value(Kpi::MergeRate), Some(0.1));
+        assert_eq!(a.value(Kpi::LargestProfile), Some(9.0));
+        assert_eq!(a.value(Kpi::ErrorRate), Some(0.2));
+        assert_eq!(KpiCounts::default().value(Kpi::MergeRate), None);
+    }
+
+    #[test]
+    fn mix_distance_is_zero_for_the_same_shares_and_one_for_disjoint_ones() {
+        let m = |pairs: &[(&str, u64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>();
+        assert_eq!(mix_distance(&m(&[("email", 10), ("cookie", 10)]), &m(&[("email", 3), ("cookie", 3)])), Some(0.0));
+        assert_eq!(mix_distance(&m(&[("email", 10)]), &m(&[("phone", 3)])), Some(1.0));
+        assert_eq!(mix_distance(&m(&[]), &m(&[("phone", 3)])), None);
+    }
+
+    #[test]
+    fn a_tally_keeps_a_bounded_number_of_keys() {
+        let mut c = KpiCounts::default();
+        for i in 0..100 {
+            c.observe_mix(&format!("source-{i}"), ["email"]);
+        }
+        assert_eq!(c.sources.len(), MIX_KEYS + 1);
+        assert_eq!(c.sources.values().sum::<u64>(), 100);
+    }
+}
