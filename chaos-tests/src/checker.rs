@@ -289,7 +289,7 @@ pub async fn limits(channel: Channel) -> Result<BTreeMap<String, usize>, String>
     let a = pb::admin_client::AdminClient::new(channel);
     let info = retry(|| {
         let mut a = a.clone();
-        async move { a.get_rule_set(pb::GetRuleSetRequest {}).await }
+        async move { a.get_rule_set(pb::GetRuleSetRequest::default()).await }
     })
     .await
     .map_err(|s| s.message().to_string())?;

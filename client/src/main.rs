@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use render::{show, Output};
 
 mod render;
+mod report;
 
 #[derive(Parser)]
 #[command(name = "idgraphctl", version, about = "Operate an idgraph identity graph", propagate_version = true)]
@@ -43,9 +44,12 @@ enum Command {
     /// Values listed as hubs.
     #[command(subcommand)]
     Hubs(HubsCmd),
-    /// The active rule set.
+    /// Rule-set versions: store, list, show, compare.
     #[command(subcommand)]
     Rules(RulesCmd),
+    /// Canary rollouts of a rule-set version, shard by shard.
+    #[command(subcommand)]
+    Canary(CanaryCmd),
     /// Graph counters.
     Stats,
     /// The cluster as the node sees it: nodes, where each shard's replicas
@@ -178,8 +182,47 @@ enum HubsCmd {
 
 #[derive(Subcommand)]
 enum RulesCmd {
-    /// Print the active rule set (TOML).
-    Show,
+    /// Print a stored rule set (TOML): VERSION, or the cluster's.
+    Show {
+        #[arg(value_name = "VERSION")]
+        rule_version: Option<String>,
+    },
+    /// Every stored version, which one the cluster runs, and which shards
+    /// run another (canary shards).
+    List,
+    /// Store a new version from a TOML file (immutable once stored; a
+    /// canary rollout puts it to work).
+    Put { file: std::path::PathBuf },
+    /// Line diff of two stored versions.
+    Diff { from: String, to: String },
+}
+
+#[derive(Subcommand)]
+enum CanaryCmd {
+    /// Start rolling a stored version out with a canary plan (TOML; see docs/canary.md).
+    Start { plan: std::path::PathBuf },
+    /// The rollout under way: step, shards, KPIs canary against control
+    /// with the judge's verdicts.
+    Status,
+    /// Widen a step that waits for a person (manual gate or marginal verdict).
+    Promote,
+    /// Roll back now: canary shards return to the control version and
+    /// merges made under the candidate are undone.
+    Abort {
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Every rollout, finished or not.
+    History,
+    /// Write a rollout's POC report as Markdown and as a self-contained
+    /// HTML page with KPI charts.
+    Report {
+        /// Rollout id (see `canary history`).
+        id: String,
+        /// Directory to write `canary-ID.md` and `canary-ID.html` into.
+        #[arg(long, default_value = ".")]
+        dir: std::path::PathBuf,
+    },
 }
 
 fn parse_trait(s: &str) -> Result<(String, serde_json::Value), String> {
@@ -277,7 +320,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Hubs(HubsCmd::List { limit }) => {
             show(&client.admin().list_hubs(pb::ListHubsRequest { limit }).await?.into_inner(), output)
         }
-        Command::Rules(RulesCmd::Show) => show(&client.admin().get_rule_set(pb::GetRuleSetRequest {}).await?.into_inner(), output),
+        Command::Rules(cmd) => rules(&mut client, cmd, output).await,
+        Command::Canary(cmd) => canary(&mut client, cmd, output).await,
         Command::Stats => show(&client.admin().get_stats(pb::GetStatsRequest {}).await?.into_inner(), output),
         Command::Cluster(cmd) => {
             let c = match cmd {
@@ -294,5 +338,69 @@ async fn run(cli: Cli) -> Result<()> {
             };
             show(&c, output)
         }
+    }
+}
+
+async fn rules(client: &mut Client, cmd: RulesCmd, output: Output) -> Result<()> {
+    let admin = client.admin();
+    match cmd {
+        RulesCmd::Show { rule_version } => {
+            show(&admin.get_rule_set(pb::GetRuleSetRequest { version: rule_version.unwrap_or_default() }).await?.into_inner(), output)
+        }
+        RulesCmd::List => show(&admin.list_rule_sets(pb::ListRuleSetsRequest {}).await?.into_inner(), output),
+        RulesCmd::Put { file } => {
+            let toml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let stored = admin.put_rule_set(pb::PutRuleSetRequest { toml }).await?.into_inner();
+            if output == Output::Table {
+                println!("stored rule set version {}", stored.version);
+                return Ok(());
+            }
+            show(&stored, output)
+        }
+        RulesCmd::Diff { from, to } => {
+            let a = admin.get_rule_set(pb::GetRuleSetRequest { version: from.clone() }).await?.into_inner();
+            let b = admin.get_rule_set(pb::GetRuleSetRequest { version: to.clone() }).await?.into_inner();
+            let diff = similar::TextDiff::from_lines(&a.toml, &b.toml);
+            print!("{}", diff.unified_diff().context_radius(3).header(&from, &to));
+            Ok(())
+        }
+    }
+}
+
+async fn canary(client: &mut Client, cmd: CanaryCmd, output: Output) -> Result<()> {
+    let admin = client.admin();
+    match cmd {
+        CanaryCmd::Start { plan } => {
+            let plan_toml = std::fs::read_to_string(&plan).with_context(|| format!("reading {}", plan.display()))?;
+            show(&admin.start_canary(pb::StartCanaryRequest { plan_toml }).await?.into_inner(), output)
+        }
+        CanaryCmd::Status => show(&admin.get_canary(pb::GetCanaryRequest { id: String::new() }).await?.into_inner(), output),
+        CanaryCmd::Promote => show(&admin.promote_canary(pb::PromoteCanaryRequest {}).await?.into_inner(), output),
+        CanaryCmd::Abort { reason } => show(&admin.abort_canary(pb::AbortCanaryRequest { reason }).await?.into_inner(), output),
+        CanaryCmd::History => show(&admin.list_canaries(pb::ListCanariesRequest {}).await?.into_inner(), output),
+        CanaryCmd::Report { id, dir } => {
+            let r = admin.get_canary(pb::GetCanaryRequest { id: id.clone() }).await?.into_inner();
+            let record = render::rollout_record(&r)?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let md = dir.join(format!("canary-{id}.md"));
+            let html = dir.join(format!("canary-{id}.html"));
+            std::fs::write(&md, report::markdown(&record)).with_context(|| format!("writing {}", md.display()))?;
+            std::fs::write(&html, report::html(&record)).with_context(|| format!("writing {}", html.display()))?;
+            if output == Output::Json {
+                println!("{}", serde_json::json!({ "markdown": md, "html": html }));
+            } else {
+                println!("wrote {} and {}", md.display(), html.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -9,6 +9,7 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, ContentArrangement, Table};
 use idgraph_client::idgraph_proto::json;
 use idgraph_client::idgraph_proto::v1 as pb;
 use idgraph_client::LoadSummary;
+use idgraph_core::canary::{KpiCounts, Rollout};
 use serde::Serialize;
 
 /// The output format, `--output`.
@@ -250,5 +251,106 @@ impl Render for pb::ClusterStatus {
             ]);
         }
         format!("{head}\n{nodes}\n{placement}\nreplicas on this node:\n{t}")
+    }
+}
+
+impl Render for pb::ListRuleSetsResponse {
+    fn human(&self) -> String {
+        let mut t = table(&["version", "cluster's version", "canary shards"]);
+        for r in &self.rule_sets {
+            let shards = r.canary_shards.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+            t.add_row(vec![r.version.clone(), if r.active { "yes".into() } else { String::new() }, shards]);
+        }
+        t.to_string()
+    }
+}
+
+/// The replicated rollout record a rollout message carries.
+pub fn rollout_record(r: &pb::CanaryRollout) -> Result<Rollout> {
+    serde_json::from_str(&r.record_json).map_err(|e| anyhow::anyhow!("the node sent a rollout record this idgraphctl cannot read: {e}"))
+}
+
+fn value(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".to_string(), |v| format!("{v:.4}"))
+}
+
+impl Render for pb::CanaryRollout {
+    fn human(&self) -> String {
+        let mut out = format!(
+            "rollout {}: {} against {}: {}, step {} of {}, {} of {} shards on {}\nobjective: {}\n",
+            self.id,
+            self.candidate,
+            self.control,
+            self.phase,
+            self.step,
+            self.steps,
+            self.canary_shards,
+            self.shard_count,
+            self.candidate,
+            self.objective
+        );
+        let Ok(r) = rollout_record(self) else { return out };
+        if self.canary_shards > 0 && self.canary_shards < self.shard_count {
+            out.push_str(&format!(
+                "shards 0-{} run {}, shards {}-{} run {}\n",
+                self.canary_shards - 1,
+                self.candidate,
+                self.canary_shards,
+                self.shard_count - 1,
+                self.control
+            ));
+        }
+        let judged = r.judgements.last().filter(|j| j.step == r.step);
+        let mut t = table(&["KPI", "canary", "control", "p-value", "verdict"]);
+        match judged {
+            Some(j) => {
+                for k in &j.kpis {
+                    let verdict = format!("{:?}{}", k.outcome, if k.critical { " (critical)" } else { "" }).to_lowercase();
+                    t.add_row(vec![k.kpi.to_string(), value(k.canary), value(k.control), value(k.p_value), verdict]);
+                }
+            }
+            None => {
+                let (mut canary, mut control) = (KpiCounts::default(), KpiCounts::default());
+                for s in r.samples.iter().filter(|s| s.step == r.step) {
+                    canary.add(&s.canary);
+                    control.add(&s.control);
+                }
+                for k in &r.plan.kpis {
+                    t.add_row(vec![
+                        k.name.to_string(),
+                        value(canary.value(k.name)),
+                        value(control.value(k.name)),
+                        "–".into(),
+                        "not judged yet".into(),
+                    ]);
+                }
+            }
+        }
+        out.push_str(&t.to_string());
+        out.push('\n');
+        if let Some(j) = judged {
+            out.push_str(&format!("step {} judged {} (score {:.0}): {}\n", j.step + 1, j.verdict, j.score, j.reason));
+        }
+        for d in r.history.iter().rev().take(5).rev() {
+            out.push_str(&format!("{:>8.1}s  {}\n", (d.at_ms - r.started_ms) as f64 / 1000.0, d.text));
+        }
+        out
+    }
+}
+
+impl Render for pb::ListCanariesResponse {
+    fn human(&self) -> String {
+        let mut t = table(&["rollout", "candidate", "control", "phase", "step", "last verdict"]);
+        for r in &self.rollouts {
+            t.add_row(vec![
+                r.id.clone(),
+                r.candidate.clone(),
+                r.control.clone(),
+                r.phase.clone(),
+                format!("{} of {}", r.step, r.steps),
+                r.last_verdict.clone(),
+            ]);
+        }
+        t.to_string()
     }
 }

@@ -20,12 +20,17 @@
 //! - [`service`]: the tonic adapters for `idgraph.v1` (conversions and the
 //!   one error-to-status mapping live there).
 //! - [`error`]: the one request error, from the router to the gRPC edge.
+//! - [`kpi`]: per rule-set version counts of resolved events, collected by
+//!   the canary coordinator.
+//! - [`canary`]: the canary coordinator on the metadata leader.
 //! - [`config`] and [`server`]: configuration and process wiring.
 //! - [`crash`]: named crash points for crash tests (`failpoints` feature).
 
+pub mod canary;
 pub mod config;
 pub mod crash;
 pub mod error;
+pub mod kpi;
 pub mod peer;
 pub mod placement;
 pub mod raft;

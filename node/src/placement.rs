@@ -7,6 +7,8 @@
 //!    router's copy; on a cluster not bootstrapped yet, the metadata
 //!    leader proposes the initial map;
 //! 2. refresh what the map says of this node (address, rule-set version);
+//!    on the metadata leader of a cluster without a rule set yet, store
+//!    this node's rules as the cluster's first version;
 //! 3. open the replicas the map gives this node, and discard those it no
 //!    longer lists while no move of their group is under way;
 //! 4. on the metadata leader only: resume a recorded move, or plan and
@@ -81,6 +83,11 @@ impl Placement {
                 self.router.change_cluster(MetaCommand::Bootstrap(initial.clone())).await?;
             }
             return Ok(());
+        }
+        if map.active_rules.is_empty() && self.leads_meta() {
+            let rules = self.router.rules();
+            info!(rule_version = rules.version(), "seeding the cluster's rule set");
+            self.router.change_cluster(MetaCommand::PutRuleSet { toml: rules.source().to_string(), seed: true }).await?;
         }
         let rule_version = self.router.rules().version().to_string();
         if let Some(entry) = map.nodes.get(&self.me()) {

@@ -8,18 +8,23 @@
 //! leader, here or on another node.
 
 use crate::error::RequestError;
+use crate::kpi::{EventMix, KpiLedger};
 use crate::peer::Peers;
 use crate::raft::{
     LeadershipStep, ReplicaDigest, ReplicaStatus, Replicas, ShardCommand, ShardFailure, ShardRead, ShardReplica, ShardReply, ShardRequest,
 };
 use crate::shard::{shard_actor_name, ShardMsg};
 use crate::txn::{self, GraphKey, KeyRead, ReadMode, ShardAccess, TxnError, TxnOp, TxnReply};
+use idgraph_core::canary::KpiCounts;
+use idgraph_core::canary::Rollout;
+use idgraph_core::engine::EngineError;
 use idgraph_core::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileRef};
 use idgraph_core::meta::{ClusterMap, MetaCommand};
 use idgraph_core::model::{Counters, GroupId, HubRecord, Identifier, MergeRecord, ShardId};
 use idgraph_core::rules::RuleSet;
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -51,7 +56,13 @@ pub struct ShardRouter {
     node: Arc<str>,
     node_id: u64,
     map: ShardMap,
+    /// The rules this node was started with: the cluster's first version,
+    /// and the rules of a one-shard map.
     rules: Arc<RuleSet>,
+    /// Compiled rule sets by version, fetched from the metadata group.
+    book: Arc<RwLock<HashMap<String, Arc<RuleSet>>>>,
+    /// What events each version resolved, for the canary coordinator.
+    kpis: KpiLedger,
     timeout: Duration,
     peers: Peers,
     /// The replicas this node holds.
@@ -110,7 +121,19 @@ impl ShardRouter {
         peers: Peers,
         replicas: Replicas,
     ) -> ShardRouter {
-        ShardRouter { node: node.into(), node_id, map, rules, timeout, peers, replicas, cluster: Default::default() }
+        let book = Arc::new(RwLock::new(HashMap::from([(rules.version().to_string(), rules.clone())])));
+        ShardRouter {
+            node: node.into(),
+            node_id,
+            map,
+            rules,
+            book,
+            kpis: KpiLedger::default(),
+            timeout,
+            peers,
+            replicas,
+            cluster: Default::default(),
+        }
     }
 
     pub fn node_id(&self) -> u64 {
@@ -211,12 +234,84 @@ impl ShardRouter {
         }
     }
 
-    fn now_ms(&self) -> i64 {
+    pub fn now_ms(&self) -> i64 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
     }
 
+    /// The rules this node was started with (see [`ShardRouter::active_rules`]).
     pub fn rules(&self) -> &Arc<RuleSet> {
         &self.rules
+    }
+
+    pub fn kpis(&self) -> &KpiLedger {
+        &self.kpis
+    }
+
+    /// The version the cluster runs: the map's, or this node's own rules
+    /// on a one-shard map and before the map names one.
+    pub fn active_version(&self) -> String {
+        let map = self.cluster.read().map(|m| m.active_rules.clone()).unwrap_or_default();
+        if map.is_empty() || self.single_shard() {
+            self.rules.version().to_string()
+        } else {
+            map
+        }
+    }
+
+    /// The cluster's rule set.
+    pub async fn active_rules(&self) -> Result<Arc<RuleSet>, RequestError> {
+        self.rule_set(&self.active_version()).await
+    }
+
+    /// A stored rule set, compiled; fetched from the metadata group the
+    /// first time this node needs it.
+    pub async fn rule_set(&self, version: &str) -> Result<Arc<RuleSet>, RequestError> {
+        if let Some(r) = self.book.read().ok().and_then(|b| b.get(version).cloned()) {
+            return Ok(r);
+        }
+        for (v, toml) in self.stored_rule_sets().await? {
+            if self.book.read().is_ok_and(|b| b.contains_key(&v)) {
+                continue;
+            }
+            let compiled =
+                RuleSet::from_toml(&toml).map_err(|e| RequestError::Internal(format!("stored rule set {v:?} does not compile: {e}")))?;
+            if let Ok(mut b) = self.book.write() {
+                b.insert(v, Arc::new(compiled));
+            }
+        }
+        self.book.read().ok().and_then(|b| b.get(version).cloned()).ok_or_else(|| {
+            RequestError::Engine(EngineError::NotFound { field: "version".into(), what: format!("rule set version {version:?}") })
+        })
+    }
+
+    /// Every stored rule set: version and TOML.
+    pub async fn stored_rule_sets(&self) -> Result<Vec<(String, String)>, RequestError> {
+        match self.read(GroupId::Meta, ShardRead::RuleSets).await? {
+            ShardReply::RuleSets(sets) => Ok(sets),
+            _ => Err(RequestError::Internal("a rule-set listing was answered with something else".into())),
+        }
+    }
+
+    /// The rules an event is resolved under: those of the shard owning its
+    /// anchor identifier (see [`idgraph_core::canary`]); operator commands
+    /// run under the cluster's version.
+    async fn rules_for(&self, kind: &CommandKind) -> Result<Arc<RuleSet>, RequestError> {
+        let active = self.active_rules().await?;
+        let CommandKind::Identify(ev) = kind else { return Ok(active) };
+        let version = {
+            let Ok(map) = self.cluster.read() else { return Ok(active) };
+            if map.shard_rules.is_empty() {
+                return Ok(active);
+            }
+            match idgraph_core::canary::anchor_shard(&active, &ev.identifiers, self.map.count()) {
+                Some(shard) => map.rules_of(shard).to_string(),
+                None => return Ok(active),
+            }
+        };
+        if version == active.version() {
+            return Ok(active);
+        }
+        self.rule_set(&version).await
     }
 
     pub fn map(&self) -> &ShardMap {
@@ -270,18 +365,33 @@ impl ShardRouter {
     /// cross-shard transaction otherwise. The transaction runs as its own
     /// task, so that a caller that goes away does not stop it half-way.
     pub async fn execute(&self, kind: CommandKind) -> Result<Outcome, RequestError> {
+        let started = std::time::Instant::now();
+        let mix = match &kind {
+            CommandKind::Identify(ev) => Some(EventMix::of(ev)),
+            _ => None,
+        };
         let cmd = Command { at_ms: self.now_ms(), op_id: ulid::Ulid::new().to_string(), kind };
-        if self.single_shard() {
-            return match self.request(Self::ONLY_SHARD, ShardRequest::Write(Box::new(ShardCommand::Engine(cmd)))).await? {
-                ShardReply::Outcome(o) => Ok(o),
-                _ => Err(RequestError::Internal("a write was answered with a read".into())),
+        let (version, result) = if self.single_shard() {
+            let result = match self.request(Self::ONLY_SHARD, ShardRequest::Write(Box::new(ShardCommand::Engine(cmd)))).await {
+                Ok(ShardReply::Outcome(o)) => Ok(o),
+                Ok(_) => Err(RequestError::Internal("a write was answered with a read".into())),
+                Err(e) => Err(e),
             };
+            (self.rules.version().to_string(), result)
+        } else {
+            let rules = self.rules_for(&cmd.kind).await?;
+            let router = self.clone();
+            let version = rules.version().to_string();
+            let result = tokio::spawn(async move { txn::coordinator::execute(&router, &rules, &cmd).await })
+                .await
+                .map_err(|e| RequestError::Internal(format!("a transaction task failed: {e}")))
+                .and_then(|r| r.map_err(txn_error));
+            (version, result)
+        };
+        if let Some(mix) = mix {
+            self.kpis.record(&version, &mix, &result, started.elapsed());
         }
-        let router = self.clone();
-        tokio::spawn(async move { txn::coordinator::execute(&router, &router.rules, &cmd).await })
-            .await
-            .map_err(|e| RequestError::Internal(format!("a transaction task failed: {e}")))?
-            .map_err(txn_error)
+        result
     }
 
     async fn read(&self, shard: GroupId, r: ShardRead) -> Result<ShardReply, RequestError> {
@@ -289,7 +399,7 @@ impl ShardRouter {
     }
 
     async fn find(&self, r: ProfileRef, mode: ReadMode) -> Result<FoundProfile, RequestError> {
-        let rules = self.rules.clone();
+        let rules = self.active_rules().await?;
         txn::coordinator::query(self, mode, |view| idgraph_core::engine::find_profile(view, &rules, &r, "key")).await.map_err(txn_error)
     }
 
@@ -375,6 +485,53 @@ impl ShardRouter {
     pub async fn change_cluster(&self, cmd: MetaCommand) -> Result<ClusterMap, RequestError> {
         let reply = self.request(GroupId::Meta, ShardRequest::Write(Box::new(ShardCommand::Meta(cmd)))).await?;
         self.adopt_cluster(reply)
+    }
+
+    /// Every node's KPI counts since they were last collected, summed by
+    /// rule-set version (a node that does not answer is left out).
+    pub async fn collect_kpis(&self) -> BTreeMap<String, KpiCounts> {
+        let mut all = self.kpis.drain();
+        let me = self.node_id;
+        let others: Vec<String> = self.cluster().nodes.iter().filter(|(id, _)| **id != me).map(|(_, e)| e.addr.clone()).collect();
+        for addr in others {
+            match self.peers.kpis(&addr).await {
+                Ok(counts) => {
+                    for (version, c) in counts {
+                        all.entry(version).or_default().add(&c);
+                    }
+                }
+                Err(e) => tracing::debug!(%addr, error = %e, "a node's KPI counts were not collected"),
+            }
+        }
+        all
+    }
+
+    /// Stores a rule-set version after checking it compiles.
+    pub async fn put_rule_set(&self, toml: String) -> Result<ClusterMap, RequestError> {
+        if let Err(e) = RuleSet::from_toml(&toml) {
+            let (field, reason) = match e {
+                idgraph_core::rules::RuleSetError::Invalid { field, reason } => (format!("toml.{field}"), reason),
+                e @ idgraph_core::rules::RuleSetError::Parse(_) => ("toml".to_string(), e.to_string()),
+            };
+            return Err(RequestError::Engine(EngineError::InvalidArgument { field, reason }));
+        }
+        self.change_cluster(MetaCommand::PutRuleSet { toml, seed: false }).await
+    }
+
+    /// The rollout under way and the finished ones (oldest first).
+    pub async fn rollouts(&self) -> Result<(Option<Rollout>, Vec<Rollout>), RequestError> {
+        match self.read(GroupId::Meta, ShardRead::Rollouts).await? {
+            ShardReply::Rollouts { current, finished } => Ok((current.map(|r| *r), finished)),
+            _ => Err(RequestError::Internal("a rollout listing was answered with something else".into())),
+        }
+    }
+
+    /// Merges made on a shard under a rule-set version and not undone.
+    pub async fn merges_under(&self, shard: ShardId, rule_version: &str) -> Result<Vec<MergeRecord>, RequestError> {
+        match self.read(shard.into(), ShardRead::MergesUnder { rule_version: rule_version.to_string() }).await? {
+            ShardReply::Merges(m) => Ok(m),
+            _ => Err(RequestError::Internal("a merge listing was answered with something else".into())),
+        }
     }
 
     /// The map a metadata-group reply carries, kept as this node's copy.

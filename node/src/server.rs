@@ -54,6 +54,7 @@ pub struct RunningNode {
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
     sweeper: JoinHandle<()>,
     placement: JoinHandle<()>,
+    canary: JoinHandle<()>,
 }
 
 /// Why a node's storage must be reopened.
@@ -148,6 +149,7 @@ impl RunningNode {
     async fn stop_actors(&self) {
         self.sweeper.abort();
         self.placement.abort();
+        self.canary.abort();
         for shard in self.router.hosted() {
             if let Some(a) = ActorRef::<crate::shard::ShardMsg>::where_is(shard_actor_name(&self.node, shard)) {
                 let _ = a.stop_and_wait(Some("node shutting down".into()), Some(Duration::from_secs(10))).await;
@@ -352,7 +354,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     }
     // The Raft transport must be reachable while the replicas start: peers
     // may already be electing.
-    let transport = RaftTransportServer::new(RaftTransportService::new(replicas.clone(), router.cluster_handle()))
+    let transport = RaftTransportServer::new(RaftTransportService::new(replicas.clone(), router.cluster_handle(), router.kpis().clone()))
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -419,6 +421,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         balance_leaders: config.balance_leaders,
     });
 
+    let canary = crate::canary::spawn(router.clone());
     if joining {
         tokio::spawn(join_cluster(config.join.clone(), config.node_id, addr.to_string()));
     }
@@ -446,5 +449,6 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         serve,
         sweeper,
         placement,
+        canary,
     })
 }

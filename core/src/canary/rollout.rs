@@ -76,6 +76,8 @@ pub struct Rollout {
     pub history: Vec<Decision>,
     /// Merges made under the candidate that the rollback undid.
     pub merges_undone: u64,
+    #[serde(default)]
+    pub merges_skipped: u64,
     pub finished_ms: Option<i64>,
 }
 
@@ -106,10 +108,12 @@ pub enum CanaryCommand {
         reason: String,
         at_ms: i64,
     },
-    /// The rollback undid `merges` more merges.
+    /// The rollback undid `merges` more merges; `skipped` could not be
+    /// undone (their profiles were erased or their identifiers moved on).
     Undone {
         id: String,
         merges: u64,
+        skipped: u64,
     },
     /// Ends a rollback, or a watch window that ran out.
     Finish {
@@ -188,6 +192,7 @@ impl Rollout {
             judgements: Vec::new(),
             history: Vec::new(),
             merges_undone: 0,
+            merges_skipped: 0,
             finished_ms: None,
         };
         let text = format!("started: {} on {} of {} shards, control {}", r.plan.candidate, r.canary_count(), r.shard_count, r.control);
@@ -301,17 +306,21 @@ impl Rollout {
                 }
                 self.roll_back(*at_ms, format!("aborted: {reason}"));
             }
-            CanaryCommand::Undone { merges, .. } => {
+            CanaryCommand::Undone { merges, skipped, .. } => {
                 if self.phase != Phase::RollingBack {
                     return Err(self.wrong_phase("merges are undone only while rolling back"));
                 }
                 self.merges_undone += merges;
+                self.merges_skipped += skipped;
             }
             CanaryCommand::Finish { at_ms, .. } => match self.phase {
                 Phase::RollingBack => {
                     self.phase = Phase::RolledBack;
                     self.finished_ms = Some(*at_ms);
-                    let text = format!("rolled back: every shard runs {}; {} merges undone", self.control, self.merges_undone);
+                    let text = format!(
+                        "rolled back: every shard runs {}; {} merges made under {} undone, {} could not be",
+                        self.control, self.merges_undone, self.plan.candidate, self.merges_skipped
+                    );
                     self.note(*at_ms, text);
                 }
                 Phase::Watching if self.watch_until_ms.is_some_and(|w| *at_ms >= w) => self.advance(*at_ms),
@@ -372,7 +381,7 @@ mod tests {
         r.apply(&judged(&r, Verdict::Fail, 5_000)).unwrap();
         assert_eq!(r.phase, Phase::RollingBack);
         assert!(r.assignments().is_empty(), "canary shards return to control at once");
-        r.apply(&CanaryCommand::Undone { id: "r1".into(), merges: 3 }).unwrap();
+        r.apply(&CanaryCommand::Undone { id: "r1".into(), merges: 3, skipped: 0 }).unwrap();
         r.apply(&CanaryCommand::Finish { id: "r1".into(), at_ms: 6_000 }).unwrap();
         assert_eq!((r.phase.clone(), r.merges_undone), (Phase::RolledBack, 3));
     }

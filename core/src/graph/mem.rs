@@ -82,6 +82,9 @@ impl GraphRead for MemStore {
     fn counters(&self) -> Result<Counters, StoreError> {
         self.with(|t| t.counters)
     }
+    fn all_merges(&self) -> Result<Vec<MergeRecord>, StoreError> {
+        self.with(|t| t.merges.values().cloned().collect())
+    }
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
         self.with(|t| t.profiles.values().cloned().collect())
     }

@@ -55,6 +55,8 @@ pub trait GraphRead {
     fn counters(&self) -> Result<Counters, StoreError>;
     /// Every live profile, in id order (for checks and digests; not a hot path).
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError>;
+    /// Every merge record, in id order (for a rollback's scan; not a hot path).
+    fn all_merges(&self) -> Result<Vec<MergeRecord>, StoreError>;
     /// A value written with `Change::PutMeta`.
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every meta value whose key starts with `prefix`, in key order.

@@ -151,6 +151,10 @@ impl<R: GraphRead + ?Sized> GraphRead for Staged<'_, R> {
         c.add(&self.counters);
         Ok(c)
     }
+    fn all_merges(&self) -> Result<Vec<MergeRecord>, StoreError> {
+        let base = self.base.all_merges()?.into_iter().map(|m| (m.id.clone(), m));
+        Ok(laid_over(base, self.merges.iter().map(|(id, m)| (id, m.as_ref()))).into_values().collect())
+    }
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
         let base = self.base.all_profiles()?.into_iter().map(|p| (p.id.clone(), p));
         Ok(laid_over(base, self.profiles.iter().map(|(id, p)| (id, p.as_ref()))).into_values().collect())

@@ -88,6 +88,9 @@ impl GraphRead for ReadSet {
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
         Err(Self::not_here("a scan of all profiles"))
     }
+    fn all_merges(&self) -> Result<Vec<MergeRecord>, StoreError> {
+        Err(Self::not_here("a scan of all merges"))
+    }
     fn meta(&self, _key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Err(Self::not_here("shard bookkeeping"))
     }

@@ -103,6 +103,9 @@ impl GraphRead for ApplyAfterFirstRead {
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
         self.after(self.store.all_profiles())
     }
+    fn all_merges(&self) -> Result<Vec<MergeRecord>, StoreError> {
+        self.after(self.store.all_merges())
+    }
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.after(self.store.meta(key))
     }

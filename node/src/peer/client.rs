@@ -3,6 +3,7 @@
 //! forwarded to the node that leads a shard.
 
 use crate::raft::{decode, encode, ShardFailure, ShardRaft, ShardReply, ShardRequest};
+use idgraph_core::canary::KpiCounts;
 use idgraph_core::model::GroupId;
 use idgraph_proto::v1::raft_transport_client::RaftTransportClient;
 use idgraph_proto::v1::{RaftBatch, RaftMessage};
@@ -13,7 +14,7 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -83,6 +84,16 @@ impl Peers {
             .await
             .map_err(|_| format!("asking {addr} for the cluster map timed out"))?
             .map_err(|s| format!("asking {addr} for the cluster map: {}", s.message()))?;
+        decode(&resp.into_inner().payload).map_err(|e| e.to_string())
+    }
+
+    /// The KPI counts the node at `addr` kept since it was last asked.
+    pub async fn kpis(&self, addr: &str) -> Result<BTreeMap<String, KpiCounts>, String> {
+        let mut client = self.client(addr)?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), client.kpis(RaftMessage { shard: 0, payload: Vec::new() }))
+            .await
+            .map_err(|_| format!("asking {addr} for its KPI counts timed out"))?
+            .map_err(|s| format!("asking {addr} for its KPI counts: {}", s.message()))?;
         decode(&resp.into_inner().payload).map_err(|e| e.to_string())
     }
 
@@ -277,6 +288,9 @@ mod tests {
             Err(Status::unimplemented("not used"))
         }
         async fn forward(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented("not used"))
+        }
+        async fn kpis(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
             Err(Status::unimplemented("not used"))
         }
         async fn cluster_map(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

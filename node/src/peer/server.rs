@@ -1,6 +1,7 @@
 //! The receiving side of the peer transport: Raft messages for the
 //! node's replicas, requests forwarded to them, and the cluster map.
 
+use crate::kpi::KpiLedger;
 use crate::raft::{decode, encode, Replicas, ShardRaft, ShardReplica, ShardRequest};
 use idgraph_core::meta::ClusterMap;
 use idgraph_core::model::GroupId;
@@ -15,11 +16,12 @@ use tonic::{Request, Response, Status};
 pub struct RaftTransportService {
     replicas: Replicas,
     cluster: Arc<RwLock<ClusterMap>>,
+    kpis: KpiLedger,
 }
 
 impl RaftTransportService {
-    pub fn new(replicas: Replicas, cluster: Arc<RwLock<ClusterMap>>) -> Self {
-        RaftTransportService { replicas, cluster }
+    pub fn new(replicas: Replicas, cluster: Arc<RwLock<ClusterMap>>, kpis: KpiLedger) -> Self {
+        RaftTransportService { replicas, cluster, kpis }
     }
 
     /// The replica of the group a message names (its number on the wire).
@@ -86,6 +88,10 @@ impl RaftTransport for RaftTransportService {
         let r = self.replica(m.shard)?;
         let req: ShardRequest = decode(&m.payload).map_err(bad_payload)?;
         reply(m.shard, &r.serve(req).await)
+    }
+
+    async fn kpis(&self, _request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        reply(0, &self.kpis.drain())
     }
 
     async fn cluster_map(&self, _request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

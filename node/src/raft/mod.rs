@@ -118,6 +118,17 @@ impl Refusal {
         }
     }
 
+    /// A refusal of the metadata group (never a storage error).
+    pub fn from_meta(e: idgraph_core::meta::MetaError) -> Refusal {
+        use idgraph_core::canary::CanaryRefusal;
+        match e {
+            idgraph_core::meta::MetaError::Canary(CanaryRefusal::InvalidPlan { field, reason }) => {
+                Refusal::InvalidArgument { field: format!("plan.{field}"), reason }
+            }
+            other => Refusal::FailedPrecondition { reason: other.to_string(), limit: None },
+        }
+    }
+
     pub fn into_engine(self) -> EngineError {
         match self {
             Refusal::InvalidArgument { field, reason } => EngineError::InvalidArgument { field, reason },

@@ -6,6 +6,7 @@ use super::read_barrier::ReadBarrier;
 use super::{Proposal, Refusal, ShardCommand, ShardRaft, ShardResponse};
 use crate::storage::{GraphRead, SledStore};
 use crate::txn::{self, GraphKey, KeyRead, LockRecord, ReadMode, TxnReply};
+use idgraph_core::canary::Rollout;
 use idgraph_core::engine::{self, FoundProfile, Outcome, ProfileRef};
 use idgraph_core::model::{Counters, GroupId, HubRecord, Identifier, MergeRecord};
 use idgraph_core::rules::RuleSet;
@@ -72,6 +73,14 @@ pub enum ShardRead {
     ClusterMap {
         mode: ReadMode,
     },
+    /// Every stored rule set (metadata group only).
+    RuleSets,
+    /// The rollout under way and the finished ones (metadata group only).
+    Rollouts,
+    /// Merges made under a rule-set version and not undone.
+    MergesUnder {
+        rule_version: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -91,6 +100,13 @@ pub enum ShardReply {
     LeaderId(Option<u64>),
     Members(Vec<String>),
     Map(idgraph_core::meta::ClusterMap),
+    /// Version and TOML of each stored rule set.
+    RuleSets(Vec<(String, String)>),
+    Rollouts {
+        current: Option<Box<Rollout>>,
+        finished: Vec<Rollout>,
+    },
+    Merges(Vec<MergeRecord>),
 }
 
 /// Why a shard did not answer a request.
@@ -474,6 +490,15 @@ impl ShardReplica {
                 ShardReply::Members(m.membership_config.membership().nodes().map(|(_, n)| n.addr.clone()).collect())
             }
             ShardRead::ClusterMap { .. } => ShardReply::Map(idgraph_core::meta::read_map(store).map_err(|e| self.unavailable(e))?),
+            ShardRead::RuleSets => ShardReply::RuleSets(idgraph_core::meta::rule_sets(store).map_err(|e| self.unavailable(e))?),
+            ShardRead::Rollouts => {
+                let current = idgraph_core::meta::current_rollout(store).map_err(|e| self.unavailable(e))?.map(Box::new);
+                ShardReply::Rollouts { current, finished: idgraph_core::meta::finished_rollouts(store).map_err(|e| self.unavailable(e))? }
+            }
+            ShardRead::MergesUnder { rule_version } => {
+                let all = store.all_merges().map_err(|e| self.unavailable(e))?;
+                ShardReply::Merges(all.into_iter().filter(|m| m.rule_version == rule_version && m.undone_at_ms.is_none()).collect())
+            }
             ShardRead::PreparedBefore { before_ms } => {
                 ShardReply::Locks(txn::prepared_before(store, before_ms).map_err(|e| self.unavailable(e))?)
             }

@@ -5,6 +5,7 @@ use super::{decode, encode, read_err, write_err, LogId, Refusal, ShardCommand, S
 use crate::storage::{GraphStore, Staged};
 use crate::txn;
 use idgraph_core::engine;
+use idgraph_core::meta::MetaError;
 use idgraph_core::model::{Change, ChangeSet};
 use idgraph_core::rules::RuleSet;
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -254,15 +255,10 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
                                 let (cs, reply) = txn::apply_op(&staged, op).map_err(failed)?;
                                 (cs, ShardResponse::Txn(reply))
                             }
-                            ShardCommand::Meta(cmd) => match idgraph_core::meta::read_map(&staged).map_err(failed)?.apply(cmd) {
-                                Ok(map) => {
-                                    let mut cs = ChangeSet::default();
-                                    cs.push(Change::PutMeta(idgraph_core::meta::MAP_KEY.into(), encode(&map)));
-                                    (cs, ShardResponse::Map(map))
-                                }
-                                Err(r) => {
-                                    (ChangeSet::default(), ShardResponse::Refused(Refusal::FailedPrecondition { reason: r.0, limit: None }))
-                                }
+                            ShardCommand::Meta(cmd) => match idgraph_core::meta::execute(&staged, cmd) {
+                                Ok((cs, map)) => (cs, ShardResponse::Map(map)),
+                                Err(MetaError::Store(e)) => return Err(failed(e)),
+                                Err(e) => (ChangeSet::default(), ShardResponse::Refused(Refusal::from_meta(e))),
                             },
                         };
                         staged.stage(cs);

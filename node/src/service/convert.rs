@@ -347,3 +347,26 @@ pub fn replica_digests(node_id: u64, digests: Vec<(GroupId, ReplicaDigest)>) -> 
         .collect();
     pb::ReplicaDigests { node_id, shards }
 }
+
+/// A stored rule set as the admin API shows it.
+pub fn rule_set_info(version: String, toml: String, map: &idgraph_core::meta::ClusterMap, active: &str) -> pb::RuleSetInfo {
+    let canary_shards = map.shard_rules.iter().filter(|(_, v)| **v == version).map(|(s, _)| s.0).collect();
+    pb::RuleSetInfo { active: version == active, version, toml, canary_shards }
+}
+
+/// A rollout as the admin API shows it (the whole record as JSON).
+pub fn canary_rollout(r: &idgraph_core::canary::Rollout) -> pb::CanaryRollout {
+    pb::CanaryRollout {
+        id: r.id.clone(),
+        phase: r.phase.name().into(),
+        candidate: r.plan.candidate.clone(),
+        control: r.control.clone(),
+        step: r.step as u32 + 1,
+        steps: r.plan.steps.len() as u32,
+        canary_shards: if matches!(r.phase, idgraph_core::canary::Phase::Promoted) { r.shard_count } else { r.assignments().len() as u32 },
+        shard_count: r.shard_count,
+        objective: r.plan.objective.clone(),
+        last_verdict: r.judgements.last().map(|j| j.verdict.to_string()).unwrap_or_default(),
+        record_json: serde_json::to_string(r).unwrap_or_default(),
+    }
+}

@@ -7,6 +7,7 @@ pub mod status;
 use crate::error::RequestError;
 use crate::router::ShardRouter;
 use futures::{Stream, StreamExt};
+use idgraph_core::canary::CanaryCommand;
 use idgraph_core::engine::{CommandKind, Outcome};
 use idgraph_core::meta::MetaCommand;
 use idgraph_proto::v1 as pb;
@@ -14,7 +15,7 @@ use pb::admin_server::Admin;
 use pb::identity_graph_server::IdentityGraph;
 use std::pin::Pin;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::debug;
+use tracing::{debug, info};
 
 /// The `IdentityGraph` service.
 #[derive(Clone)]
@@ -176,7 +177,7 @@ impl Admin for AdminService {
 
     async fn get_stats(&self, _request: Request<pb::GetStatsRequest>) -> Result<Response<pb::Stats>, Status> {
         let c = self.router.counters().await?;
-        Ok(Response::new(convert::stats(&c, self.router.rules().version(), self.router.map().count())))
+        Ok(Response::new(convert::stats(&c, &self.router.active_version(), self.router.map().count())))
     }
 
     async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
@@ -236,10 +237,103 @@ impl Admin for AdminService {
         Ok(Response::new(convert::cluster_status(self.router.node_id(), &self.router.cluster(), &replicas)))
     }
 
-    async fn get_rule_set(&self, _request: Request<pb::GetRuleSetRequest>) -> Result<Response<pb::RuleSetInfo>, Status> {
-        let rules = self.router.rules();
-        Ok(Response::new(pb::RuleSetInfo { version: rules.version().into(), toml: rules.source().into() }))
+    async fn get_rule_set(&self, request: Request<pb::GetRuleSetRequest>) -> Result<Response<pb::RuleSetInfo>, Status> {
+        let version = request.into_inner().version;
+        let active = self.router.active_version();
+        let rules = if version.is_empty() { self.router.active_rules().await? } else { self.router.rule_set(&version).await? };
+        let info = convert::rule_set_info(rules.version().into(), rules.source().into(), &self.router.cluster(), &active);
+        Ok(Response::new(info))
     }
+
+    async fn put_rule_set(&self, request: Request<pb::PutRuleSetRequest>) -> Result<Response<pb::RuleSetInfo>, Status> {
+        let toml = request.into_inner().toml;
+        let map = self.router.put_rule_set(toml.clone()).await?;
+        let version = idgraph_core::rules::RuleSet::from_toml(&toml).map(|r| r.version().to_string()).unwrap_or_default();
+        info!(rule_version = %version, "rule set stored");
+        Ok(Response::new(convert::rule_set_info(version, toml, &map, &self.router.active_version())))
+    }
+
+    async fn list_rule_sets(&self, _request: Request<pb::ListRuleSetsRequest>) -> Result<Response<pb::ListRuleSetsResponse>, Status> {
+        let sets = self.router.stored_rule_sets().await?;
+        let map = self.router.read_cluster().await?;
+        let active = self.router.active_version();
+        let rule_sets = sets.into_iter().map(|(v, t)| convert::rule_set_info(v, t, &map, &active)).collect();
+        Ok(Response::new(pb::ListRuleSetsResponse { rule_sets, active_version: active }))
+    }
+
+    async fn start_canary(&self, request: Request<pb::StartCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
+        let plan_toml = request.into_inner().plan_toml;
+        // Precise errors before anything is proposed; the metadata group
+        // checks again against its state (stored versions, a rollout under way).
+        if let Err(e) = idgraph_core::canary::CanaryPlan::from_toml(&plan_toml) {
+            let (field, reason) = match e {
+                idgraph_core::canary::PlanError::Invalid { field, reason } => (format!("plan_toml.{field}"), reason),
+                e @ idgraph_core::canary::PlanError::Parse(_) => ("plan_toml".to_string(), e.to_string()),
+            };
+            return Err(invalid_field(&field, &reason));
+        }
+        let id = ulid::Ulid::new().to_string();
+        let start = CanaryCommand::Start { id: id.clone(), plan_toml, control: String::new(), shard_count: 0, at_ms: self.router.now_ms() };
+        self.router.change_cluster(MetaCommand::Canary(start)).await?;
+        info!(rollout = %id, "canary rollout started");
+        self.get_canary(Request::new(pb::GetCanaryRequest { id })).await
+    }
+
+    async fn get_canary(&self, request: Request<pb::GetCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
+        let id = request.into_inner().id;
+        let (current, finished) = self.router.rollouts().await?;
+        let found = current.into_iter().chain(finished.into_iter().rev()).find(|r| id.is_empty() || r.id == id);
+        match found {
+            Some(r) if id.is_empty() && r.phase.is_finished() => Err(no_rollout("")),
+            Some(r) => Ok(Response::new(convert::canary_rollout(&r))),
+            None => Err(no_rollout(&id)),
+        }
+    }
+
+    async fn list_canaries(&self, _request: Request<pb::ListCanariesRequest>) -> Result<Response<pb::ListCanariesResponse>, Status> {
+        let (current, finished) = self.router.rollouts().await?;
+        let rollouts = finished.iter().chain(current.as_ref()).map(convert::canary_rollout).collect();
+        Ok(Response::new(pb::ListCanariesResponse { rollouts }))
+    }
+
+    async fn promote_canary(&self, _request: Request<pb::PromoteCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
+        let id = self.current_rollout().await?;
+        self.router.change_cluster(MetaCommand::Canary(CanaryCommand::Promote { id: id.clone(), at_ms: self.router.now_ms() })).await?;
+        info!(rollout = %id, "canary step promoted by an operator");
+        self.get_canary(Request::new(pb::GetCanaryRequest { id })).await
+    }
+
+    async fn abort_canary(&self, request: Request<pb::AbortCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
+        let reason = match request.into_inner().reason.trim() {
+            "" => "an operator aborted it".to_string(),
+            r => r.chars().take(200).collect(),
+        };
+        let id = self.current_rollout().await?;
+        let abort = CanaryCommand::Abort { id: id.clone(), reason, at_ms: self.router.now_ms() };
+        self.router.change_cluster(MetaCommand::Canary(abort)).await?;
+        info!(rollout = %id, "canary rollout aborted by an operator");
+        self.get_canary(Request::new(pb::GetCanaryRequest { id })).await
+    }
+}
+
+impl AdminService {
+    /// The id of the rollout under way (FAILED_PRECONDITION when none).
+    async fn current_rollout(&self) -> Result<String, Status> {
+        match self.router.rollouts().await? {
+            (Some(r), _) => Ok(r.id),
+            (None, _) => Err(RequestError::Engine(idgraph_core::engine::EngineError::FailedPrecondition {
+                reason: "no canary rollout is under way".into(),
+                limit: None,
+            })
+            .into()),
+        }
+    }
+}
+
+/// NOT_FOUND for a rollout.
+fn no_rollout(id: &str) -> Status {
+    let what = if id.is_empty() { "a canary rollout under way".to_string() } else { format!("canary rollout {id}") };
+    RequestError::Engine(idgraph_core::engine::EngineError::NotFound { field: "id".into(), what }).into()
 }
 
 /// INVALID_ARGUMENT naming a field of an admin request.

@@ -60,7 +60,8 @@ pub fn records_round_trip<S: GraphStore>(s: &S) {
     assert_eq!(s.profile("p_1").unwrap(), Some(p.clone()));
     assert_eq!(s.alias("p_2").unwrap().as_deref(), Some("p_1"));
     assert_eq!(s.event("e1").unwrap(), Some(ev));
-    assert_eq!(s.merge_record("m_1").unwrap(), Some(m));
+    assert_eq!(s.merge_record("m_1").unwrap(), Some(m.clone()));
+    assert_eq!(s.all_merges().unwrap(), vec![m]);
     assert_eq!(s.hub(&id).unwrap(), Some(hub.clone()));
     assert_eq!(s.listed_hubs(10).unwrap(), vec![(id.clone(), hub)]);
     assert_eq!(s.all_profiles().unwrap(), vec![p]);

@@ -430,6 +430,10 @@ impl GraphRead for SledStore {
     fn counters(&self) -> Result<Counters, StoreError> {
         Ok(self.get(COUNTERS_KEY)?.unwrap_or_default())
     }
+    fn all_merges(&self) -> Result<Vec<MergeRecord>, StoreError> {
+        let _read = self.read();
+        self.tree.scan_prefix([b'm']).map(|kv| kv.map_err(io).and_then(|(k, v)| decode(&k, &v))).collect()
+    }
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
         let _read = self.read();
         self.tree.scan_prefix([b'p']).map(|kv| kv.map_err(io).and_then(|(k, v)| decode(&k, &v))).collect()

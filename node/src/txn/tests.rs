@@ -132,6 +132,13 @@ impl GraphRead for Union<'_> {
         }
         Ok(all)
     }
+    fn all_merges(&self) -> Result<Vec<MergeRecord>, StoreError> {
+        let mut all = Vec::new();
+        for s in &self.0.stores {
+            all.extend(s.all_merges()?);
+        }
+        Ok(all)
+    }
     fn meta(&self, _: &str) -> Result<Option<Vec<u8>>, StoreError> {
         unimplemented!()
     }

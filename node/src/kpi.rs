@@ -1,0 +1,90 @@
+//! The KPI ledger: what this node's router counted of the events each
+//! rule-set version resolved, until the canary coordinator collects it
+//! (see [`idgraph_core::canary`]). Counts are samples, not records: a node
+//! that restarts loses the counts not collected yet, which only shortens
+//! one interval's evidence.
+
+use crate::error::RequestError;
+use idgraph_core::canary::KpiCounts;
+use idgraph_core::engine::{EngineError, IdentifyEvent, Outcome};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Counts by rule-set version, shared by the router and the peer service.
+#[derive(Clone, Default)]
+pub struct KpiLedger {
+    counts: Arc<Mutex<BTreeMap<String, KpiCounts>>>,
+}
+
+/// What the ledger keeps of an event before it is resolved: its traffic mix.
+pub struct EventMix {
+    source: String,
+    types: Vec<String>,
+}
+
+impl EventMix {
+    pub fn of(ev: &IdentifyEvent) -> EventMix {
+        EventMix { source: ev.source.clone(), types: ev.identifiers.iter().map(|i| i.kind.trim().to_ascii_lowercase()).collect() }
+    }
+}
+
+impl KpiLedger {
+    /// Counts one identify call resolved (or refused) under `version`.
+    pub fn record(&self, version: &str, mix: &EventMix, result: &Result<Outcome, RequestError>, took: Duration) {
+        let Ok(mut counts) = self.counts.lock() else { return };
+        let c = counts.entry(version.to_string()).or_default();
+        match result {
+            Ok(Outcome::Identify(o)) if o.duplicate => return,
+            Ok(Outcome::Identify(o)) => {
+                c.events += 1;
+                c.merges += u64::from(o.merge_id.is_some());
+                c.conflicts += o.conflicts.len() as u64;
+                c.created += u64::from(o.created);
+                c.identifiers += u64::from(o.profile_identifiers);
+                c.largest = c.largest.max(u64::from(o.profile_identifiers));
+            }
+            Ok(_) => return,
+            // A refusal of the event itself is the candidate's doing (say,
+            // every identifier blocked); so is any other failure to us.
+            Err(RequestError::Engine(EngineError::NotFound { .. })) => return,
+            Err(_) => c.errors += 1,
+        }
+        c.observe_latency(took.as_micros() as u64);
+        c.observe_mix(&mix.source, mix.types.iter().map(String::as_str));
+    }
+
+    /// Everything counted since the last drain, by version.
+    pub fn drain(&self) -> BTreeMap<String, KpiCounts> {
+        self.counts.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idgraph_core::engine::{IdentifyOutcome, RawIdentifier};
+
+    #[test]
+    fn the_ledger_counts_outcomes_by_version_and_drains() {
+        let ledger = KpiLedger::default();
+        let ev = IdentifyEvent {
+            event_id: "e".into(),
+            timestamp_ms: 0,
+            identifiers: vec![RawIdentifier { kind: "Email".into(), value: "a@b.c".into() }],
+            traits: Default::default(),
+            source: "web".into(),
+        };
+        let mix = EventMix::of(&ev);
+        let merged = IdentifyOutcome { merge_id: Some("m".into()), profile_identifiers: 4, ..Default::default() };
+        ledger.record("v2", &mix, &Ok(Outcome::Identify(merged)), Duration::from_millis(3));
+        let dup = IdentifyOutcome { duplicate: true, ..Default::default() };
+        ledger.record("v2", &mix, &Ok(Outcome::Identify(dup)), Duration::from_millis(3));
+        ledger.record("v1", &mix, &Err(RequestError::Internal("x".into())), Duration::from_millis(1));
+        let got = ledger.drain();
+        let v2 = &got["v2"];
+        assert_eq!((v2.events, v2.merges, v2.largest, v2.types["email"], v2.sources["web"]), (1, 1, 4, 1, 1));
+        assert_eq!((got["v1"].events, got["v1"].errors), (0, 1));
+        assert!(ledger.drain().is_empty());
+    }
+}
