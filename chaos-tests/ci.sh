@@ -23,8 +23,8 @@ chaos="$root/target/debug/idgraph-chaos"
 # The faulty run keeps the fault kinds it passed with before the two new
 # ones; with overload bursts beside crash points it failed no-lost-writes
 # once in three runs (a split found after healing, under investigation).
-echo "-- faulty run: kills, pauses, partitions, a bridge, slow links, crash points armed"
-"$chaos" run --seed 20261123 --nodes 3 --duration 75s \
+echo "-- faulty run: kills, pauses, partitions, a bridge, slow links, crash points armed, a canary rollout running through them"
+"$chaos" run --seed 20261123 --nodes 3 --duration 75s --canary \
   --faults kill,pause,partition,bridge,slow,crash-point \
   --node-bin "$bins/idgraph-node-failpoints" --report "$reports/run.json"
 

@@ -25,11 +25,17 @@ pub struct RunSpec {
     pub max_steps: u64,
     /// The command line that replays this run (for the report).
     pub replay: String,
+    /// Run a canary rollout through the faults (see [`crate::canary`]).
+    pub canary: bool,
 }
 
 /// Faulty run: the workload and the nemesis side by side.
 pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
     let mut cluster = Cluster::start(cluster_spec(spec, spec.nodes)).await?;
+    let rollout = match spec.canary {
+        true => Some(crate::canary::start(lazy_channel(&cluster.nodes[0].endpoint())?, spec.duration).await?),
+        false => None,
+    };
     let started = Instant::now();
     let endpoints: Vec<String> = cluster.nodes.iter().map(|n| n.endpoint()).collect();
     let wl = WorkloadSpec {
@@ -56,7 +62,15 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
     }
     let workload_s = started.elapsed().as_secs_f64();
     let exits = nemesis.exits.clone();
-    conclude(spec, &mut cluster, &history, &exits, start_errors, nemesis.log, workload_s).await
+    let mut report = conclude_checks(spec, &mut cluster, &history, &exits, start_errors).await;
+    if let Some(id) = rollout {
+        let check = match lazy_channel(&cluster.nodes[0].endpoint()) {
+            Ok(channel) => crate::canary::check(channel, &id).await,
+            Err(e) => unavailable("canary", e.to_string()),
+        };
+        report.checks.push(check);
+    }
+    conclude(spec, &mut cluster, &history, report, nemesis.log, workload_s).await
 }
 
 /// Crash loop: one node under heavy load, `kill -9`'d at a random moment,
@@ -101,31 +115,42 @@ pub async fn crash_loop(spec: &RunSpec, cycles: u64) -> anyhow::Result<Report> {
     }
     let workload_s = started.elapsed().as_secs_f64();
     let exits = cluster.reap();
-    let mut report = conclude(spec, &mut cluster, &history, &exits, start_errors, log, workload_s).await?;
+    let report = conclude_checks(spec, &mut cluster, &history, &exits, start_errors).await;
+    let mut report = conclude(spec, &mut cluster, &history, report, log, workload_s).await?;
     report.mode = "crash-loop";
     report.nodes = 1;
     report.duration_s = workload_s;
     Ok(report)
 }
 
-/// After the workload: check, note nodes that exited while the checkers ran
-/// (none were armed any more), fill in the faults and the rate, keep the
-/// history, stop the cluster.
-async fn conclude(
+/// After the workload: check, and note nodes that exited while the checkers
+/// ran (none were armed any more).
+async fn conclude_checks(
     spec: &RunSpec,
     cluster: &mut Cluster,
     history: &[Op],
     exits: &[crate::cluster::UnexpectedExit],
     start_errors: Vec<String>,
-    faults: Vec<crate::nemesis::FaultEvent>,
-    workload_s: f64,
-) -> anyhow::Result<Report> {
+) -> Report {
     let mut report = check(spec, cluster, history, exits, start_errors).await;
     if let Some(processes) = report.checks.iter_mut().find(|c| c.name == "processes") {
         for e in cluster.reap() {
             processes.fail(format!("node {} exited while the checkers ran: {}", e.node + 1, e.status));
         }
     }
+    report
+}
+
+/// The verdict, faults and rate of a checked run; keeps the history and
+/// stops the cluster.
+async fn conclude(
+    spec: &RunSpec,
+    cluster: &mut Cluster,
+    history: &[Op],
+    mut report: Report,
+    faults: Vec<crate::nemesis::FaultEvent>,
+    workload_s: f64,
+) -> anyhow::Result<Report> {
     report.passed = report.checks.iter().all(|c| c.passed);
     report.faults_by_kind = Report::fault_counts(&faults);
     report.faults = faults;

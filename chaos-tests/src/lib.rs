@@ -12,6 +12,7 @@
 //! - [`checker`]: the checkers over the history and the final state.
 //! - [`harness`]: a whole run, start to report; [`report`]: its report.
 
+pub mod canary;
 pub mod checker;
 pub mod cluster;
 pub mod harness;

@@ -32,6 +32,10 @@ enum Command {
         /// node built with `--features failpoints`, `disk-full` needs root.
         #[arg(long, value_delimiter = ',', default_values = ["kill", "pause", "partition", "bridge", "slow"])]
         faults: Vec<FaultKind>,
+        /// Run a canary rollout of a rule-set version through the faults
+        /// (it must survive them; checked as `canary`).
+        #[arg(long)]
+        canary: bool,
     },
     /// One node under heavy load, `kill -9`'d at a random moment, again and
     /// again; every restart must open its data directory and keep every
@@ -97,8 +101,8 @@ fn run() -> anyhow::Result<bool> {
         .init();
     let cli = Cli::parse();
     let (common, replay_args, report) = match &cli.command {
-        Command::Run { common, nodes, duration, faults } => {
-            let spec = spec(common, *nodes, *duration, faults.clone())?;
+        Command::Run { common, nodes, duration, faults, canary } => {
+            let spec = RunSpec { canary: *canary, ..spec(common, *nodes, *duration, faults.clone())? };
             if faults.contains(&FaultKind::DiskFull) {
                 // The nodes' tmpfs mounts, seen by the harness and its nodes
                 // only, vanish with it. Unsharing needs a single thread:
@@ -109,14 +113,15 @@ fn run() -> anyhow::Result<bool> {
             let faults: Vec<String> =
                 faults.iter().map(|f| serde_json::to_value(f).map(|v| v.as_str().unwrap_or("").to_string())).collect::<Result<_, _>>()?;
             let replay = format!(
-                "idgraph-chaos run --seed {} --nodes {nodes} --shards {} --clients {} --duration {} --faults {} --max-steps {} --node-bin {}",
+                "idgraph-chaos run --seed {} --nodes {nodes} --shards {} --clients {} --duration {} --faults {} --max-steps {} --node-bin {}{}",
                 spec.seed,
                 spec.shards,
                 spec.clients,
                 humantime::format_duration(*duration),
                 faults.join(","),
                 spec.max_steps,
-                spec.node_bin.display()
+                spec.node_bin.display(),
+                if *canary { " --canary" } else { "" }
             );
             let spec = RunSpec { replay: replay.clone(), ..spec };
             (common, spec.clone(), runtime.block_on(harness::run(&spec)))
@@ -197,5 +202,6 @@ fn spec(common: &Common, nodes: usize, duration: Duration, faults: Vec<FaultKind
         dir,
         max_steps: common.max_steps,
         replay: String::new(),
+        canary: false,
     })
 }
