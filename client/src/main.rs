@@ -204,8 +204,13 @@ enum CanaryCmd {
     /// The rollout under way: step, shards, KPIs canary against control
     /// with the judge's verdicts.
     Status,
-    /// Widen a step that waits for a person (manual gate or marginal verdict).
-    Promote,
+    /// Widen a step that waits for a person (manual gate or marginal
+    /// verdict), or one judged inconclusive.
+    Promote {
+        /// The step (from 1) being promoted: refused if another is current.
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        step: u32,
+    },
     /// Roll back now: canary shards return to the control version and
     /// merges made under the candidate are undone.
     Abort {
@@ -375,7 +380,7 @@ async fn canary(client: &mut Client, cmd: CanaryCmd, output: Output) -> Result<(
             show(&admin.start_canary(pb::StartCanaryRequest { plan_toml }).await?.into_inner(), output)
         }
         CanaryCmd::Status => show(&admin.get_canary(pb::GetCanaryRequest { id: String::new() }).await?.into_inner(), output),
-        CanaryCmd::Promote => show(&admin.promote_canary(pb::PromoteCanaryRequest {}).await?.into_inner(), output),
+        CanaryCmd::Promote { step } => show(&admin.promote_canary(pb::PromoteCanaryRequest { step }).await?.into_inner(), output),
         CanaryCmd::Abort { reason } => show(&admin.abort_canary(pb::AbortCanaryRequest { reason }).await?.into_inner(), output),
         CanaryCmd::History => show(&admin.list_canaries(pb::ListCanariesRequest {}).await?.into_inner(), output),
         CanaryCmd::Report { id, dir } => {

@@ -450,7 +450,17 @@ pub fn execute<R: GraphRead + ?Sized>(store: &R, cmd: &MetaCommand) -> Result<(C
                         shard_count: map.shard_count,
                         at_ms: *at_ms,
                     };
-                    Rollout::start(&start, |v| read_rule_set(store, v).ok().flatten().is_some())?
+                    // Which versions the start names are stored, read up front so a
+                    // storage error fails the entry instead of refusing it on one
+                    // replica only.
+                    let candidate = crate::canary::CanaryPlan::from_toml(plan_toml).map(|p| p.candidate).unwrap_or_default();
+                    let mut stored = std::collections::BTreeSet::new();
+                    for v in [&candidate, &map.active_rules] {
+                        if !v.is_empty() && read_rule_set(store, v)?.is_some() {
+                            stored.insert(v.clone());
+                        }
+                    }
+                    Rollout::start(&start, |v| stored.contains(v))?
                 }
                 (CanaryCommand::Start { .. }, Some(r)) => return Err(CanaryRefusal::Running { running: r.id }.into()),
                 (_, Some(mut r)) => {
@@ -555,7 +565,7 @@ mod tests {
         assert!(current_rollout(&store).unwrap().is_none());
         assert_eq!(finished_rollouts(&store).unwrap()[0].phase, crate::canary::Phase::RolledBack);
         assert!(matches!(
-            run(&store, MetaCommand::Canary(CanaryCommand::Promote { id: "r1".into(), at_ms: 3 })),
+            run(&store, MetaCommand::Canary(CanaryCommand::Promote { id: "r1".into(), step: None, at_ms: 3 })),
             Err(MetaError::Canary(CanaryRefusal::NoneRunning))
         ));
     }

@@ -24,7 +24,7 @@
 
 use crate::error::RequestError;
 use crate::router::ShardRouter;
-use idgraph_core::canary::{judge, CanaryCommand, IntervalSample, KpiCounts, Phase, Rollout};
+use idgraph_core::canary::{judge, rollback_order, CanaryCommand, IntervalSample, KpiCounts, MergeStamp, Phase, Rollout};
 use idgraph_core::engine::{CommandKind, EngineError, UnmergeTarget};
 use idgraph_core::meta::MetaCommand;
 use idgraph_core::model::GroupId;
@@ -39,6 +39,12 @@ const EVERY: Duration = Duration::from_millis(500);
 /// map twice a second, and an event already resolving under the candidate
 /// commits within its request timeout.
 const ROLLBACK_GRACE_MS: i64 = 3_000;
+/// Passes of a rollback over the merges left to undo.
+const MAX_UNDO_PASSES: usize = 5;
+/// How far the clocks of the nodes stamping merges may be behind the
+/// metadata leader's (a merge stamped before the rollout started is not
+/// the candidate's doing, unless the stamping clock was behind).
+const CLOCK_SLACK_MS: i64 = 10_000;
 
 pub fn spawn(router: ShardRouter) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -74,7 +80,7 @@ impl Coordinator {
             self.sampling = None;
             return Ok(());
         }
-        let (Some(r), _) = self.router.rollouts().await? else {
+        let (Some(r), _) = self.router.rollouts(false).await? else {
             self.sampling = None;
             return Ok(());
         };
@@ -109,7 +115,7 @@ impl Coordinator {
             }
         }
         if matches!(r.phase, Phase::Baking | Phase::Watching) && now >= r.judge_at_ms {
-            let (Some(r), _) = self.router.rollouts().await? else { return Ok(()) };
+            let (Some(r), _) = self.router.rollouts(false).await? else { return Ok(()) };
             let j = judge(&r.plan, r.step, &r.samples, now);
             info!(
                 rollout = %r.id, step = r.step + 1, verdict = %j.verdict, score = j.score,
@@ -125,38 +131,57 @@ impl Coordinator {
     }
 
     /// Undoes the merges made under the candidate, newest first, then
-    /// finishes the rollback.
+    /// finishes the rollback. Passes repeat until one finds nothing left to
+    /// undo (a node a moment behind the map may still have merged under the
+    /// candidate during the previous pass); the totals recorded are counted
+    /// from the merge records, so a pass cut short, or run twice by two
+    /// leaders, counts nothing twice.
     async fn roll_back(&mut self, r: &Rollout, now: i64) -> Result<(), RequestError> {
         let since = r.history.last().map(|d| d.at_ms).unwrap_or(now);
         if now - since < ROLLBACK_GRACE_MS {
             return Ok(());
         }
-        let mut merges = Vec::new();
-        for shard in self.router.map().shards() {
-            merges.extend(self.router.merges_under(shard, &r.plan.candidate).await?.into_iter().filter(|m| m.at_ms >= r.started_ms));
-        }
-        merges.sort_by(|a, b| (b.at_ms, &b.id).cmp(&(a.at_ms, &a.id)));
-        info!(rollout = %r.id, merges = merges.len(), "canary rollback undoing merges made under the candidate");
-        let (mut undone, mut skipped) = (0u64, 0u64);
-        for m in merges {
-            let reason = format!("rollback of canary {} ({})", r.id, r.plan.candidate);
-            match self.router.execute(CommandKind::Unmerge { target: UnmergeTarget::MergeId(m.id.clone()), reason }).await {
-                Ok(_) => undone += 1,
-                Err(RequestError::Engine(EngineError::FailedPrecondition { reason, .. })) => {
-                    warn!(rollout = %r.id, merge = %m.id, %reason, "a merge made under the candidate cannot be undone");
-                    skipped += 1;
+        let mut cannot = std::collections::BTreeSet::new();
+        for pass in 1..=MAX_UNDO_PASSES {
+            let mut pending: Vec<MergeStamp> =
+                self.merges_of(r).await?.into_iter().filter(|m| !m.undone && !cannot.contains(&m.id)).collect();
+            if pending.is_empty() {
+                break;
+            }
+            rollback_order(&mut pending);
+            info!(rollout = %r.id, pass, merges = pending.len(), "canary rollback undoing merges made under the candidate");
+            for m in pending {
+                if !self.leads() {
+                    return Ok(());
                 }
-                Err(e) => {
-                    // Record the progress; the next round resumes (undone
-                    // merges are no longer listed).
-                    self.propose(CanaryCommand::Undone { id: r.id.clone(), merges: undone, skipped }).await?;
-                    return Err(e);
+                let reason = format!("rollback of canary {} ({})", r.id, r.plan.candidate);
+                match self.router.execute(CommandKind::Unmerge { target: UnmergeTarget::MergeId(m.id.clone()), reason }).await {
+                    Ok(_) => {}
+                    Err(RequestError::Engine(EngineError::FailedPrecondition { reason, .. })) => {
+                        warn!(rollout = %r.id, merge = %m.id, %reason, "a merge made under the candidate cannot be undone");
+                        cannot.insert(m.id);
+                    }
+                    Err(e) => return Err(e),
                 }
             }
         }
+        let merges = self.merges_of(r).await?;
+        let undone = merges.iter().filter(|m| m.undone).count() as u64;
+        let skipped = merges.len() as u64 - undone;
         self.propose(CanaryCommand::Undone { id: r.id.clone(), merges: undone, skipped }).await?;
         self.propose(CanaryCommand::Finish { id: r.id.clone(), at_ms: self.router.now_ms() }).await?;
         info!(rollout = %r.id, undone, skipped, "canary rolled back");
         Ok(())
+    }
+
+    /// Merges made under the rollout's candidate since it started (with a
+    /// slack for the clocks of the nodes that stamped them), on every shard.
+    async fn merges_of(&self, r: &Rollout) -> Result<Vec<MergeStamp>, RequestError> {
+        let mut merges = Vec::new();
+        for shard in self.router.map().shards() {
+            let on_shard = self.router.merges_under(shard, &r.plan.candidate).await?;
+            merges.extend(on_shard.into_iter().filter(|m| m.at_ms >= r.started_ms - CLOCK_SLACK_MS));
+        }
+        Ok(merges)
     }
 }

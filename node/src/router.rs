@@ -16,7 +16,7 @@ use crate::raft::{
 use crate::shard::{shard_actor_name, ShardMsg};
 use crate::txn::{self, GraphKey, KeyRead, ReadMode, ShardAccess, TxnError, TxnOp, TxnReply};
 use idgraph_core::canary::KpiCounts;
-use idgraph_core::canary::Rollout;
+use idgraph_core::canary::{MergeStamp, Rollout};
 use idgraph_core::engine::EngineError;
 use idgraph_core::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileRef};
 use idgraph_core::meta::{ClusterMap, MetaCommand};
@@ -518,16 +518,17 @@ impl ShardRouter {
         self.change_cluster(MetaCommand::PutRuleSet { toml, seed: false }).await
     }
 
-    /// The rollout under way and the finished ones (oldest first).
-    pub async fn rollouts(&self) -> Result<(Option<Rollout>, Vec<Rollout>), RequestError> {
-        match self.read(GroupId::Meta, ShardRead::Rollouts).await? {
+    /// The rollout under way, and the finished ones (oldest first) when
+    /// `finished`.
+    pub async fn rollouts(&self, finished: bool) -> Result<(Option<Rollout>, Vec<Rollout>), RequestError> {
+        match self.read(GroupId::Meta, ShardRead::Rollouts { finished }).await? {
             ShardReply::Rollouts { current, finished } => Ok((current.map(|r| *r), finished)),
             _ => Err(RequestError::Internal("a rollout listing was answered with something else".into())),
         }
     }
 
-    /// Merges made on a shard under a rule-set version and not undone.
-    pub async fn merges_under(&self, shard: ShardId, rule_version: &str) -> Result<Vec<MergeRecord>, RequestError> {
+    /// Merges made on a shard under a rule-set version.
+    pub async fn merges_under(&self, shard: ShardId, rule_version: &str) -> Result<Vec<MergeStamp>, RequestError> {
         match self.read(shard.into(), ShardRead::MergesUnder { rule_version: rule_version.to_string() }).await? {
             ShardReply::Merges(m) => Ok(m),
             _ => Err(RequestError::Internal("a merge listing was answered with something else".into())),

@@ -161,7 +161,9 @@ pub fn judge(plan: &CanaryPlan, step: usize, samples: &[IntervalSample], at_ms: 
     let here: Vec<&IntervalSample> = samples.iter().filter(|s| s.step == step).collect();
     let canary: Vec<&KpiCounts> = here.iter().map(|s| &s.canary).filter(|c| !c.is_empty()).collect();
     let live_control: Vec<&KpiCounts> = here.iter().map(|s| &s.control).filter(|c| !c.is_empty()).collect();
-    let historical_control = live_control.is_empty() && here.iter().all(|s| s.canary_shards >= s.shard_count);
+    // Every shard on the candidate: stray control counts (events without a
+    // valid anchor, nodes a moment behind the map) are not a control group.
+    let historical_control = !here.is_empty() && here.iter().all(|s| s.canary_shards >= s.shard_count);
     let control: Vec<&KpiCounts> = if historical_control {
         samples.iter().filter(|s| s.step < step).map(|s| &s.control).filter(|c| !c.is_empty()).collect()
     } else {
@@ -331,7 +333,8 @@ mod tests {
                 at_ms: 10_000 + i,
                 step: 2,
                 canary: counts(80, 30, 50, MIX),
-                control: KpiCounts::default(),
+                // A straggler resolved under control: not a control group.
+                control: if i == 0 { counts(1, 0, 1, MIX) } else { KpiCounts::default() },
                 canary_shards: 4,
                 shard_count: 4,
             });

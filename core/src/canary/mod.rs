@@ -51,6 +51,26 @@ use crate::graph::GraphKey;
 use crate::model::{Identifier, ShardId};
 use crate::rules::RuleSet;
 
+/// A merge made under some version, as a rollback lists it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MergeStamp {
+    pub id: String,
+    pub at_ms: i64,
+    pub undone: bool,
+}
+
+impl MergeStamp {
+    pub fn of(m: &crate::model::MergeRecord) -> MergeStamp {
+        MergeStamp { id: m.id.clone(), at_ms: m.at_ms, undone: m.undone_at_ms.is_some() }
+    }
+}
+
+/// The order a rollback undoes merges in: newest first, so that a merge
+/// built on an earlier one is undone before it (oldest last).
+pub fn rollback_order(merges: &mut [MergeStamp]) {
+    merges.sort_by(|a, b| (b.at_ms, &b.id).cmp(&(a.at_ms, &a.id)));
+}
+
 /// The identifier an event is anchored by: of those that normalise under
 /// `rules`, the one of highest priority, then smallest type and value.
 pub fn anchor(rules: &RuleSet, ids: &[RawIdentifier]) -> Option<Identifier> {
@@ -90,5 +110,13 @@ mod tests {
         assert_eq!(anchor(&rules, &reversed), Some(a));
         assert_eq!(anchor(&rules, &[raw("no_such_type", "x")]), None);
         assert!(anchor_shard(&rules, &ids, 16).is_some_and(|s| s.0 < 16));
+    }
+
+    #[test]
+    fn a_rollback_undoes_the_newest_merge_first() {
+        let stamp = |id: &str, at_ms| MergeStamp { id: id.into(), at_ms, undone: false };
+        let mut merges = vec![stamp("m_a", 10), stamp("m_c", 30), stamp("m_b", 20), stamp("m_d", 30)];
+        rollback_order(&mut merges);
+        assert_eq!(merges.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["m_d", "m_c", "m_b", "m_a"]);
     }
 }

@@ -232,8 +232,8 @@ impl CanaryPlan {
         if self.watch_secs > 30 * 86_400 {
             return Err(invalid("watch_secs", "must be at most 30 days"));
         }
-        if self.steps.is_empty() {
-            return Err(invalid("steps", "at least one step is required"));
+        if self.steps.len() < 2 {
+            return Err(invalid("steps", "at least two steps are required: a canary step with control shards, then `percent = 100`"));
         }
         let mut last = 0.0;
         for (i, s) in self.steps.iter().enumerate() {
@@ -350,6 +350,8 @@ kpis = [
         assert_eq!(error_field(&PLAN.replace("threshold = 1.0", "threshold = -1.0")), "kpis[1].threshold");
         assert_eq!(error_field(&PLAN.replace("largest_profile", "merge_rate")), "kpis[1].name");
         assert_eq!(error_field(&PLAN.replace("interval_secs = 1", "interval_secs = 10")), "steps[0].bake_secs");
+        let one_step = PLAN.replace("  { shards = 1, bake_secs = 5, min_events = 10 },\n  { percent = 50, bake_secs = 5 },\n", "");
+        assert_eq!(error_field(&one_step), "steps");
         assert!(matches!(CanaryPlan::from_toml(&PLAN.replace("merge_rate", "merge_speed")), Err(PlanError::Parse(_))));
     }
 }

@@ -99,8 +99,12 @@ pub enum CanaryCommand {
         id: String,
         judgement: StepJudgement,
     },
+    /// Widens a step waiting for a person, or one judged inconclusive (an
+    /// operator's override); `step` (from 0), when given, must be the
+    /// current one, so a late retry never passes a later gate.
     Promote {
         id: String,
+        step: Option<usize>,
         at_ms: i64,
     },
     Abort {
@@ -108,8 +112,8 @@ pub enum CanaryCommand {
         reason: String,
         at_ms: i64,
     },
-    /// The rollback undid `merges` more merges; `skipped` could not be
-    /// undone (their profiles were erased or their identifiers moved on).
+    /// The rollback has undone `merges` merges in all; `skipped` could not
+    /// be undone (their profiles were erased or their identifiers moved on).
     Undone {
         id: String,
         merges: u64,
@@ -149,6 +153,9 @@ pub enum CanaryRefusal {
     NotCurrent(String),
     #[error("rollout {id} is {phase}: {reason}")]
     WrongPhase { id: String, phase: String, reason: String },
+    /// The cluster cannot run a rollout as it is.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 impl Rollout {
@@ -169,11 +176,11 @@ impl Rollout {
         if plan.candidate == *control {
             return refuse(format!("{:?} is already the cluster's version", plan.candidate));
         }
+        if control.is_empty() || !known(control) {
+            return Err(CanaryRefusal::Cluster("the cluster has no stored rule-set version yet to compare against".into()));
+        }
         if *shard_count < 2 {
-            return Err(CanaryRefusal::InvalidPlan {
-                field: "steps".into(),
-                reason: "a canary needs at least two shards, one canary and one control".into(),
-            });
+            return Err(CanaryRefusal::Cluster("a canary needs at least two shards, one canary and one control".into()));
         }
         let bake = plan.steps[0].bake_secs as i64 * 1000;
         let mut r = Rollout {
@@ -293,9 +300,18 @@ impl Rollout {
                     Verdict::Inconclusive => self.judge_at_ms = at + self.plan.steps[self.step].bake_secs as i64 * 1000,
                 }
             }
-            CanaryCommand::Promote { at_ms, .. } => {
-                if self.phase != Phase::AwaitingPromotion {
-                    return Err(self.wrong_phase("only a step waiting for promotion can be promoted"));
+            CanaryCommand::Promote { step, at_ms, .. } => {
+                let inconclusive = self.phase == Phase::Baking
+                    && self.judgements.last().is_some_and(|j| j.step == self.step && j.verdict == Verdict::Inconclusive);
+                if self.phase != Phase::AwaitingPromotion && !inconclusive {
+                    return Err(self.wrong_phase("only a step waiting for promotion, or judged inconclusive, can be promoted"));
+                }
+                if step.is_some_and(|s| s != self.step) {
+                    return Err(self.wrong_phase(&format!(
+                        "step {} is the current step, not step {}",
+                        self.step + 1,
+                        step.unwrap_or(0) + 1
+                    )));
                 }
                 self.note(*at_ms, format!("step {} promoted by an operator", self.step + 1));
                 self.advance(*at_ms);
@@ -310,8 +326,8 @@ impl Rollout {
                 if self.phase != Phase::RollingBack {
                     return Err(self.wrong_phase("merges are undone only while rolling back"));
                 }
-                self.merges_undone += merges;
-                self.merges_skipped += skipped;
+                self.merges_undone = *merges;
+                self.merges_skipped = *skipped;
             }
             CanaryCommand::Finish { at_ms, .. } => match self.phase {
                 Phase::RollingBack => {
@@ -381,6 +397,8 @@ mod tests {
         r.apply(&judged(&r, Verdict::Fail, 5_000)).unwrap();
         assert_eq!(r.phase, Phase::RollingBack);
         assert!(r.assignments().is_empty(), "canary shards return to control at once");
+        // Totals: a coordinator that reports twice does not count twice.
+        r.apply(&CanaryCommand::Undone { id: "r1".into(), merges: 3, skipped: 0 }).unwrap();
         r.apply(&CanaryCommand::Undone { id: "r1".into(), merges: 3, skipped: 0 }).unwrap();
         r.apply(&CanaryCommand::Finish { id: "r1".into(), at_ms: 6_000 }).unwrap();
         assert_eq!((r.phase.clone(), r.merges_undone), (Phase::RolledBack, 3));
@@ -391,10 +409,24 @@ mod tests {
         let mut r = start(&PLAN.replace("{ shards = 1, bake_secs = 5, min_events = 10 }", "{ shards = 1, bake_secs = 5, manual = true }"));
         r.apply(&judged(&r, Verdict::Pass, 5_000)).unwrap();
         assert_eq!(r.phase, Phase::AwaitingPromotion);
-        r.apply(&CanaryCommand::Promote { id: "r1".into(), at_ms: 7_000 }).unwrap();
+        r.apply(&CanaryCommand::Promote { id: "r1".into(), step: Some(0), at_ms: 7_000 }).unwrap();
         assert_eq!((r.step, r.phase.clone()), (1, Phase::Baking));
         r.apply(&judged(&r, Verdict::Marginal, 12_000)).unwrap();
         assert_eq!(r.phase, Phase::AwaitingPromotion);
+        // A late retry of the first promotion does not pass this gate.
+        let late = CanaryCommand::Promote { id: "r1".into(), step: Some(0), at_ms: 13_000 };
+        assert!(matches!(r.apply(&late), Err(CanaryRefusal::WrongPhase { .. })));
+        assert_eq!(r.step, 1);
+    }
+
+    #[test]
+    fn an_operator_may_promote_past_an_inconclusive_step_only() {
+        let mut r = start(PLAN);
+        let promote = CanaryCommand::Promote { id: "r1".into(), step: None, at_ms: 6_000 };
+        assert!(r.apply(&promote).is_err(), "a step not judged yet is not promoted");
+        r.apply(&judged(&r, Verdict::Inconclusive, 5_000)).unwrap();
+        r.apply(&promote).unwrap();
+        assert_eq!((r.step, r.phase.clone()), (1, Phase::Baking));
     }
 
     #[test]
@@ -413,7 +445,7 @@ mod tests {
     fn refusals_change_nothing() {
         let mut r = start(PLAN);
         let before = r.clone();
-        let promote = CanaryCommand::Promote { id: "r1".into(), at_ms: 1 };
+        let promote = CanaryCommand::Promote { id: "r1".into(), step: None, at_ms: 1 };
         assert!(matches!(r.apply(&promote), Err(CanaryRefusal::WrongPhase { .. })));
         assert!(matches!(r.apply(&CanaryCommand::Finish { id: "r1".into(), at_ms: 1 }), Err(CanaryRefusal::WrongPhase { .. })));
         assert!(matches!(
@@ -430,6 +462,8 @@ mod tests {
         };
         assert!(matches!(Rollout::start(&unknown, |v| v == "v1"), Err(CanaryRefusal::InvalidPlan { field, .. }) if field == "candidate"));
         let one_shard = CanaryCommand::Start { id: "r2".into(), plan_toml: PLAN.into(), control: "v1".into(), shard_count: 1, at_ms: 0 };
-        assert!(Rollout::start(&one_shard, |_| true).is_err());
+        assert!(matches!(Rollout::start(&one_shard, |_| true), Err(CanaryRefusal::Cluster(_))));
+        let no_control = CanaryCommand::Start { id: "r2".into(), plan_toml: PLAN.into(), control: String::new(), shard_count: 4, at_ms: 0 };
+        assert!(matches!(Rollout::start(&no_control, |_| true), Err(CanaryRefusal::Cluster(_))));
     }
 }

@@ -80,21 +80,15 @@ impl Peers {
     /// The cluster map as the node at `addr` knows it.
     pub async fn cluster_map(&self, addr: &str) -> Result<idgraph_core::meta::ClusterMap, String> {
         let mut client = self.client(addr)?;
-        let resp = tokio::time::timeout(Duration::from_secs(5), client.cluster_map(RaftMessage { shard: 0, payload: Vec::new() }))
-            .await
-            .map_err(|_| format!("asking {addr} for the cluster map timed out"))?
-            .map_err(|s| format!("asking {addr} for the cluster map: {}", s.message()))?;
-        decode(&resp.into_inner().payload).map_err(|e| e.to_string())
+        let asked = tokio::time::timeout(PEER_QUERY, client.cluster_map(RaftMessage { shard: 0, payload: Vec::new() })).await;
+        peer_answer(addr, "the cluster map", asked)
     }
 
     /// The KPI counts the node at `addr` kept since it was last asked.
     pub async fn kpis(&self, addr: &str) -> Result<BTreeMap<String, KpiCounts>, String> {
         let mut client = self.client(addr)?;
-        let resp = tokio::time::timeout(Duration::from_secs(5), client.kpis(RaftMessage { shard: 0, payload: Vec::new() }))
-            .await
-            .map_err(|_| format!("asking {addr} for its KPI counts timed out"))?
-            .map_err(|s| format!("asking {addr} for its KPI counts: {}", s.message()))?;
-        decode(&resp.into_inner().payload).map_err(|e| e.to_string())
+        let asked = tokio::time::timeout(PEER_QUERY, client.kpis(RaftMessage { shard: 0, payload: Vec::new() })).await;
+        peer_answer(addr, "its KPI counts", asked)
     }
 
     /// Sends a shard request to the node at `addr`, which serves it itself.
@@ -260,6 +254,22 @@ impl RaftNetwork<ShardRaft> for ShardNetwork {
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         self.call(Rpc::Vote, encode(&rpc), &option).await
     }
+}
+
+/// How long a node waits for another node's answer to a query of its own
+/// state (the cluster map, KPI counts).
+const PEER_QUERY: Duration = Duration::from_secs(5);
+
+/// The decoded answer of a peer query, or what went wrong, naming the peer.
+fn peer_answer<T: DeserializeOwned>(
+    addr: &str,
+    what: &str,
+    asked: Result<Result<tonic::Response<RaftMessage>, Status>, tokio::time::error::Elapsed>,
+) -> Result<T, String> {
+    let resp = asked
+        .map_err(|_| format!("asking {addr} for {what} timed out"))?
+        .map_err(|s| format!("asking {addr} for {what}: {}", s.message()))?;
+    decode(&resp.into_inner().payload).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use super::read_barrier::ReadBarrier;
 use super::{Proposal, Refusal, ShardCommand, ShardRaft, ShardResponse};
 use crate::storage::{GraphRead, SledStore};
 use crate::txn::{self, GraphKey, KeyRead, LockRecord, ReadMode, TxnReply};
-use idgraph_core::canary::Rollout;
+use idgraph_core::canary::{MergeStamp, Rollout};
 use idgraph_core::engine::{self, FoundProfile, Outcome, ProfileRef};
 use idgraph_core::model::{Counters, GroupId, HubRecord, Identifier, MergeRecord};
 use idgraph_core::rules::RuleSet;
@@ -75,9 +75,12 @@ pub enum ShardRead {
     },
     /// Every stored rule set (metadata group only).
     RuleSets,
-    /// The rollout under way and the finished ones (metadata group only).
-    Rollouts,
-    /// Merges made under a rule-set version and not undone.
+    /// The rollout under way, and the finished ones if asked (metadata
+    /// group only).
+    Rollouts {
+        finished: bool,
+    },
+    /// Merges made under a rule-set version.
     MergesUnder {
         rule_version: String,
     },
@@ -106,7 +109,7 @@ pub enum ShardReply {
         current: Option<Box<Rollout>>,
         finished: Vec<Rollout>,
     },
-    Merges(Vec<MergeRecord>),
+    Merges(Vec<MergeStamp>),
 }
 
 /// Why a shard did not answer a request.
@@ -491,13 +494,17 @@ impl ShardReplica {
             }
             ShardRead::ClusterMap { .. } => ShardReply::Map(idgraph_core::meta::read_map(store).map_err(|e| self.unavailable(e))?),
             ShardRead::RuleSets => ShardReply::RuleSets(idgraph_core::meta::rule_sets(store).map_err(|e| self.unavailable(e))?),
-            ShardRead::Rollouts => {
+            ShardRead::Rollouts { finished } => {
                 let current = idgraph_core::meta::current_rollout(store).map_err(|e| self.unavailable(e))?.map(Box::new);
-                ShardReply::Rollouts { current, finished: idgraph_core::meta::finished_rollouts(store).map_err(|e| self.unavailable(e))? }
+                let finished = match finished {
+                    true => idgraph_core::meta::finished_rollouts(store).map_err(|e| self.unavailable(e))?,
+                    false => Vec::new(),
+                };
+                ShardReply::Rollouts { current, finished }
             }
             ShardRead::MergesUnder { rule_version } => {
                 let all = store.all_merges().map_err(|e| self.unavailable(e))?;
-                ShardReply::Merges(all.into_iter().filter(|m| m.rule_version == rule_version && m.undone_at_ms.is_none()).collect())
+                ShardReply::Merges(all.iter().filter(|m| m.rule_version == rule_version).map(MergeStamp::of).collect())
             }
             ShardRead::PreparedBefore { before_ms } => {
                 ShardReply::Locks(txn::prepared_before(store, before_ms).map_err(|e| self.unavailable(e))?)

@@ -281,7 +281,7 @@ impl Admin for AdminService {
 
     async fn get_canary(&self, request: Request<pb::GetCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
         let id = request.into_inner().id;
-        let (current, finished) = self.router.rollouts().await?;
+        let (current, finished) = self.router.rollouts(!id.is_empty()).await?;
         let found = current.into_iter().chain(finished.into_iter().rev()).find(|r| id.is_empty() || r.id == id);
         match found {
             Some(r) if id.is_empty() && r.phase.is_finished() => Err(no_rollout("")),
@@ -291,14 +291,19 @@ impl Admin for AdminService {
     }
 
     async fn list_canaries(&self, _request: Request<pb::ListCanariesRequest>) -> Result<Response<pb::ListCanariesResponse>, Status> {
-        let (current, finished) = self.router.rollouts().await?;
+        let (current, finished) = self.router.rollouts(true).await?;
         let rollouts = finished.iter().chain(current.as_ref()).map(convert::canary_rollout).collect();
         Ok(Response::new(pb::ListCanariesResponse { rollouts }))
     }
 
-    async fn promote_canary(&self, _request: Request<pb::PromoteCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
+    async fn promote_canary(&self, request: Request<pb::PromoteCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
+        let step = match request.into_inner().step {
+            0 => None,
+            n => Some(n as usize - 1),
+        };
         let id = self.current_rollout().await?;
-        self.router.change_cluster(MetaCommand::Canary(CanaryCommand::Promote { id: id.clone(), at_ms: self.router.now_ms() })).await?;
+        let promote = CanaryCommand::Promote { id: id.clone(), step, at_ms: self.router.now_ms() };
+        self.router.change_cluster(MetaCommand::Canary(promote)).await?;
         info!(rollout = %id, "canary step promoted by an operator");
         self.get_canary(Request::new(pb::GetCanaryRequest { id })).await
     }
@@ -319,7 +324,7 @@ impl Admin for AdminService {
 impl AdminService {
     /// The id of the rollout under way (FAILED_PRECONDITION when none).
     async fn current_rollout(&self) -> Result<String, Status> {
-        match self.router.rollouts().await? {
+        match self.router.rollouts(false).await? {
             (Some(r), _) => Ok(r.id),
             (None, _) => Err(RequestError::Engine(idgraph_core::engine::EngineError::FailedPrecondition {
                 reason: "no canary rollout is under way".into(),
