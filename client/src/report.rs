@@ -119,12 +119,26 @@ fn blocks(r: &Rollout) -> Vec<Block> {
     b
 }
 
+/// Which step a judgement is of, in words.
+fn judged_step(r: &Rollout, j: &idgraph_core::canary::StepJudgement) -> String {
+    if j.shadow {
+        "the shadow step (the candidate beside the cluster's version, writing nothing)".to_string()
+    } else {
+        format!("step {} of {}", j.step + 1, r.plan.steps.len())
+    }
+}
+
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+}
+
 fn overview(r: &Rollout, b: &mut Vec<Block>) {
     b.push(Block::Heading(1, title(r)));
     let (tone, text) = decision(r);
     b.push(Block::Callout(tone, "Decision:".into(), text));
     if let Some(j) = r.judgements.last() {
-        let text = format!("step {} of {} judged {} at {}: {}", j.step + 1, r.plan.steps.len(), j.verdict, when(r, j.at_ms), grounds(j));
+        let text = format!("{} judged {} at {}: {}", judged_step(r, j), j.verdict, when(r, j.at_ms), grounds(j));
         b.push(Block::Callout(verdict_tone(j.verdict), "Latest judgement:".into(), text));
     }
     b.push(Block::Fields(vec![
@@ -229,7 +243,7 @@ fn sample(r: &Rollout, b: &mut Vec<Block>) {
     ));
     let mut any = false;
     for step in 0..r.plan.steps.len() {
-        let here: Vec<&IntervalSample> = r.samples.iter().filter(|s| s.step == step).collect();
+        let here: Vec<&IntervalSample> = r.samples.iter().filter(|s| s.step == step && !s.shadow).collect();
         let (Some(first), Some(last)) = (here.first(), here.last()) else { continue };
         any = true;
         let (mut canary, mut control) = (KpiCounts::default(), KpiCounts::default());
@@ -258,7 +272,7 @@ fn sample(r: &Rollout, b: &mut Vec<Block>) {
         t.rows.push(vec!["identifier types".into(), mix(&canary.types), mix(&control.types)]);
         t.rows.push(vec!["sources".into(), mix(&canary.sources), mix(&control.sources)]);
         b.push(Block::Table(t));
-        let Some(j) = r.judgements.iter().rev().find(|j| j.step == step) else {
+        let Some(j) = r.judgements.iter().rev().find(|j| j.step == step && !j.shadow) else {
             b.push(Block::Para("Not judged yet.".into()));
             continue;
         };
@@ -326,7 +340,7 @@ fn kpis(r: &Rollout, b: &mut Vec<Block>) {
         for s in &r.samples {
             t.rows.push(vec![
                 offset(r, s.at_ms),
-                (s.step + 1).to_string(),
+                if s.shadow { "shadow".to_string() } else { (s.step + 1).to_string() },
                 value(k.name, s.canary.value(k.name)),
                 value(k.name, s.control.value(k.name)),
             ]);
@@ -348,10 +362,7 @@ fn verdicts(r: &Rollout, b: &mut Vec<Block>) {
         b.push(Block::Para("No step has been judged yet.".into()));
     }
     for j in &r.judgements {
-        b.push(Block::Heading(
-            3,
-            format!("Step {} of {}, judged at {} UTC ({})", j.step + 1, r.plan.steps.len(), utc(j.at_ms), offset(r, j.at_ms)),
-        ));
+        b.push(Block::Heading(3, format!("{}, judged at {} UTC ({})", capitalised(&judged_step(r, j)), utc(j.at_ms), offset(r, j.at_ms))));
         b.push(Block::Callout(verdict_tone(j.verdict), format!("Verdict: {}.", j.verdict), grounds(j)));
         b.push(Block::Para(verdict_evidence(j)));
         let mut t = table(&["KPI", "canary", "control", "p-value", "outcome", "critical"], &[1, 2, 3]);
@@ -862,6 +873,7 @@ kpis = [
                 control: counts(60, 3 + i % 3),
                 canary_shards: 1,
                 shard_count: 4,
+                shadow: false,
             };
             r.apply(&CanaryCommand::Sample { id: r.id.clone(), sample }).unwrap();
         }

@@ -103,6 +103,10 @@ pub struct ClusterMap {
     /// The rollout under way.
     #[serde(default)]
     pub canary: Option<String>,
+    /// A version every shard evaluates beside its own without writing (the
+    /// shadow step of the rollout under way).
+    #[serde(default)]
+    pub shadow_rules: Option<String>,
 }
 
 /// A change of the cluster map (an entry of the metadata group's log).
@@ -471,6 +475,7 @@ pub fn execute<R: GraphRead + ?Sized>(store: &R, cmd: &MetaCommand) -> Result<(C
             };
             let mut next = map.clone();
             next.shard_rules = rollout.assignments();
+            next.shadow_rules = rollout.shadow().map(str::to_string);
             if rollout.phase.is_finished() {
                 if rollout.phase == crate::canary::Phase::Promoted {
                     next.active_rules = rollout.plan.candidate.clone();

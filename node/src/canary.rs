@@ -4,12 +4,15 @@
 //! metadata group, twice a second:
 //! 1. read the rollout under way (linearizable), if any;
 //! 2. at the end of each sampling interval, collect every node's KPI counts
+//!    (in the shadow step, what the candidate would have done with each
+//!    event, evaluated by the event's coordinator over the records the
+//!    event read, beside what the cluster's version did)
 //!    (each node's router counts the events each version resolved; asking
 //!    resets them) and record the candidate's and control's sums as one
 //!    [`IntervalSample`]; the first collection after this node took over,
 //!    or after the step changed, only resets the counts, so an interval
 //!    never mixes two steps or two coordinators;
-//! 3. once the step has baked, judge it ([`judge`]) and record the
+//! 3. once the step has baked, judge it ([`judge()`]) and record the
 //!    judgement, which widens, waits, bakes again or rolls back (the
 //!    transition is [`idgraph_core::canary::Rollout::apply`]'s);
 //! 4. while rolling back, after a grace period that lets every node see the
@@ -24,7 +27,9 @@
 
 use crate::error::RequestError;
 use crate::router::ShardRouter;
-use idgraph_core::canary::{judge, rollback_order, CanaryCommand, IntervalSample, KpiCounts, MergeStamp, Phase, Rollout};
+use idgraph_core::canary::{
+    judge, judge_shadow, rollback_order, shadow_key, CanaryCommand, IntervalSample, KpiCounts, MergeStamp, Phase, Rollout,
+};
 use idgraph_core::engine::{CommandKind, EngineError, UnmergeTarget};
 use idgraph_core::meta::MetaCommand;
 use idgraph_core::model::GroupId;
@@ -62,8 +67,9 @@ pub fn spawn(router: ShardRouter) -> JoinHandle<()> {
 
 struct Coordinator {
     router: ShardRouter,
-    /// The rollout and step this node samples, and when the interval began.
-    sampling: Option<(String, usize, i64)>,
+    /// The rollout, step and shadow flag this node samples, and when the
+    /// interval began.
+    sampling: Option<((String, usize, bool), i64)>,
 }
 
 impl Coordinator {
@@ -88,35 +94,41 @@ impl Coordinator {
         match r.phase {
             Phase::RollingBack => return self.roll_back(&r, now).await,
             Phase::Promoted | Phase::RolledBack => return Ok(()),
-            Phase::Baking | Phase::AwaitingPromotion | Phase::Watching => {}
+            Phase::Shadow | Phase::Baking | Phase::AwaitingPromotion | Phase::Watching => {}
         }
         let interval_ms = r.plan.interval_secs as i64 * 1000;
+        let shadow = r.shadow().is_some();
+        let stage = (r.id.clone(), r.step, shadow);
         match &self.sampling {
-            Some((id, step, since)) if *id == r.id && *step == r.step => {
+            Some((sampled, since)) if *sampled == stage => {
                 if now - since >= interval_ms {
                     let mut counts = self.router.collect_kpis().await;
+                    // In the shadow, the candidate's counts are what it
+                    // would have done with the events control resolved.
+                    let canary_key = if shadow { shadow_key(&r.plan.candidate) } else { r.plan.candidate.clone() };
                     let sample = IntervalSample {
                         at_ms: now,
                         step: r.step,
-                        canary: counts.remove(&r.plan.candidate).unwrap_or_default(),
+                        canary: counts.remove(&canary_key).unwrap_or_default(),
                         control: counts.remove(&r.control).unwrap_or_default(),
                         canary_shards: r.canary_count(),
                         shard_count: r.shard_count,
+                        shadow,
                     };
-                    self.sampling = Some((r.id.clone(), r.step, now));
+                    self.sampling = Some((stage, now));
                     self.propose(CanaryCommand::Sample { id: r.id.clone(), sample }).await?;
                 }
             }
             _ => {
                 let _: BTreeMap<String, KpiCounts> = self.router.collect_kpis().await;
-                info!(rollout = %r.id, step = r.step + 1, canary_shards = r.canary_count(), "canary sampling step");
-                self.sampling = Some((r.id.clone(), r.step, now));
+                info!(rollout = %r.id, step = r.step + 1, shadow, canary_shards = r.canary_count(), "canary sampling step");
+                self.sampling = Some((stage, now));
                 return Ok(());
             }
         }
-        if matches!(r.phase, Phase::Baking | Phase::Watching) && now >= r.judge_at_ms {
+        if matches!(r.phase, Phase::Shadow | Phase::Baking | Phase::Watching) && now >= r.judge_at_ms {
             let (Some(r), _) = self.router.rollouts(false).await? else { return Ok(()) };
-            let j = judge(&r.plan, r.step, &r.samples, now);
+            let j = if shadow { judge_shadow(&r.plan, &r.samples, now) } else { judge(&r.plan, r.step, &r.samples, now) };
             info!(
                 rollout = %r.id, step = r.step + 1, verdict = %j.verdict, score = j.score,
                 canary_events = j.canary_events, control_events = j.control_events, reason = %j.reason,

@@ -5,33 +5,58 @@
 //! one interval's evidence.
 
 use crate::error::RequestError;
-use idgraph_core::canary::KpiCounts;
-use idgraph_core::engine::{EngineError, IdentifyEvent, Outcome};
+use idgraph_core::canary::{identifier_hash, Components, KpiCounts};
+use idgraph_core::engine::{EngineError, IdentifyEvent, Outcome, RawIdentifier};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Counts by rule-set version, shared by the router and the peer service.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct KpiLedger {
     counts: Arc<Mutex<BTreeMap<String, KpiCounts>>>,
+    /// The shadow version's would-be components, and which version they are of.
+    shadow: Arc<Mutex<Option<(String, Components)>>>,
+    /// Shadow evaluations running at once; an event past the bound is not
+    /// evaluated in the shadow (it is a sample, not a record).
+    shadow_slots: Arc<tokio::sync::Semaphore>,
 }
 
-/// What the ledger keeps of an event before it is resolved: its traffic mix.
+/// Shadow evaluations a node runs at once.
+const SHADOW_SLOTS: usize = 256;
+
+impl Default for KpiLedger {
+    fn default() -> Self {
+        KpiLedger {
+            counts: Default::default(),
+            shadow: Default::default(),
+            shadow_slots: Arc::new(tokio::sync::Semaphore::new(SHADOW_SLOTS)),
+        }
+    }
+}
+
+/// What the ledger keeps of an event before it is resolved: its traffic
+/// mix, and its identifiers as hashes (for a shadow's components).
 pub struct EventMix {
     source: String,
     types: Vec<String>,
+    ids: Vec<(u64, RawIdentifier)>,
 }
 
 impl EventMix {
     pub fn of(ev: &IdentifyEvent) -> EventMix {
-        EventMix { source: ev.source.clone(), types: ev.identifiers.iter().map(|i| i.kind.trim().to_ascii_lowercase()).collect() }
+        EventMix {
+            source: ev.source.clone(),
+            types: ev.identifiers.iter().map(|i| i.kind.trim().to_ascii_lowercase()).collect(),
+            ids: ev.identifiers.iter().map(|i| (identifier_hash(&i.kind, &i.value), i.clone())).collect(),
+        }
     }
 }
 
 impl KpiLedger {
     /// Counts one identify call resolved (or refused) under `version`.
-    pub fn record(&self, version: &str, mix: &EventMix, result: &Result<Outcome, RequestError>, took: Duration) {
+    /// `took` is none for what a version would have done in the shadow.
+    pub fn record(&self, version: &str, mix: &EventMix, result: &Result<Outcome, RequestError>, took: Option<Duration>) {
         let Ok(mut counts) = self.counts.lock() else { return };
         let c = counts.entry(version.to_string()).or_default();
         match result {
@@ -50,8 +75,38 @@ impl KpiLedger {
             Err(RequestError::Engine(EngineError::NotFound { .. })) => return,
             Err(_) => c.errors += 1,
         }
-        c.observe_latency(took.as_micros() as u64);
+        if let Some(took) = took {
+            c.observe_latency(took.as_micros() as u64);
+        }
         c.observe_mix(&mix.source, mix.types.iter().map(String::as_str));
+    }
+
+    /// A slot for one shadow evaluation, if one is free.
+    pub fn shadow_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.shadow_slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Counts what `version` would have done with an event in the shadow,
+    /// joining the identifiers it would have kept into its would-be
+    /// components: the largest of those is its `largest` profile.
+    pub fn record_shadow(&self, version: &str, mix: &EventMix, would: Result<Outcome, EngineError>) {
+        let mut joined = 0;
+        if let (Ok(Outcome::Identify(o)), Ok(mut shadow)) = (&would, self.shadow.lock()) {
+            if shadow.as_ref().is_none_or(|(v, _)| v != version) {
+                *shadow = Some((version.to_string(), Components::default()));
+            }
+            if let Some((_, components)) = shadow.as_mut() {
+                let kept: Vec<u64> =
+                    mix.ids.iter().filter(|(_, raw)| !o.ignored.iter().any(|i| i.identifier == *raw)).map(|(h, _)| *h).collect();
+                joined = components.join(&kept);
+            }
+        }
+        let key = idgraph_core::canary::shadow_key(version);
+        self.record(&key, mix, &would.map_err(RequestError::Engine), None);
+        if let Ok(mut counts) = self.counts.lock() {
+            let c = counts.entry(key).or_default();
+            c.largest = c.largest.max(joined);
+        }
     }
 
     /// Everything counted since the last drain, by version.
@@ -77,10 +132,10 @@ mod tests {
         };
         let mix = EventMix::of(&ev);
         let merged = IdentifyOutcome { merge_id: Some("m".into()), profile_identifiers: 4, ..Default::default() };
-        ledger.record("v2", &mix, &Ok(Outcome::Identify(merged)), Duration::from_millis(3));
+        ledger.record("v2", &mix, &Ok(Outcome::Identify(merged)), Some(Duration::from_millis(3)));
         let dup = IdentifyOutcome { duplicate: true, ..Default::default() };
-        ledger.record("v2", &mix, &Ok(Outcome::Identify(dup)), Duration::from_millis(3));
-        ledger.record("v1", &mix, &Err(RequestError::Internal("x".into())), Duration::from_millis(1));
+        ledger.record("v2", &mix, &Ok(Outcome::Identify(dup)), Some(Duration::from_millis(3)));
+        ledger.record("v1", &mix, &Err(RequestError::Internal("x".into())), Some(Duration::from_millis(1)));
         let got = ledger.drain();
         let v2 = &got["v2"];
         assert_eq!((v2.events, v2.merges, v2.largest, v2.types["email"], v2.sources["web"]), (1, 1, 4, 1, 1));

@@ -292,6 +292,12 @@ impl ShardRouter {
         }
     }
 
+    /// The version evaluated beside the cluster's on every event (the
+    /// shadow step of a rollout), if any.
+    fn shadow_version(&self) -> Option<String> {
+        self.cluster.read().ok().and_then(|m| m.shadow_rules.clone())
+    }
+
     /// The rules an event is resolved under: those of the shard owning its
     /// anchor identifier (see [`idgraph_core::canary`]); operator commands
     /// run under the cluster's version.
@@ -380,16 +386,41 @@ impl ShardRouter {
             (self.rules.version().to_string(), result)
         } else {
             let rules = self.rules_for(&cmd.kind).await?;
+            let shadow = match (&mix, self.shadow_version()) {
+                (Some(_), Some(v)) => self.rule_set(&v).await.ok(),
+                _ => None,
+            };
             let router = self.clone();
             let version = rules.version().to_string();
-            let result = tokio::spawn(async move { txn::coordinator::execute(&router, &rules, &cmd).await })
-                .await
-                .map_err(|e| RequestError::Internal(format!("a transaction task failed: {e}")))
-                .and_then(|r| r.map_err(txn_error));
+            let mix_of_shadow = shadow.as_ref().and_then(|_| match &cmd.kind {
+                CommandKind::Identify(ev) => Some(EventMix::of(ev)),
+                _ => None,
+            });
+            let kpis = self.kpis.clone();
+            let run = tokio::spawn(async move {
+                let Some(shadow) = shadow else { return txn::coordinator::execute(&router, &rules, &cmd).await };
+                let (result, before) = txn::coordinator::execute_keeping_reads(&router, &rules, &cmd).await;
+                // What the shadow would have done is worked out after the
+                // answer, off the caller's path.
+                if let (Some(before), Some(mix), Some(slot)) = (before, mix_of_shadow, kpis.shadow_slot()) {
+                    tokio::spawn(async move {
+                        let _slot = slot;
+                        if let Some(would) = txn::coordinator::shadow(&router, &shadow, &cmd, before).await {
+                            kpis.record_shadow(shadow.version(), &mix, would);
+                        }
+                    });
+                }
+                result
+            })
+            .await;
+            let result = match run {
+                Ok(r) => r.map_err(txn_error),
+                Err(e) => Err(RequestError::Internal(format!("a transaction task failed: {e}"))),
+            };
             (version, result)
         };
         if let Some(mix) = mix {
-            self.kpis.record(&version, &mix, &result, started.elapsed());
+            self.kpis.record(&version, &mix, &result, Some(started.elapsed()));
         }
         result
     }

@@ -100,7 +100,7 @@ candidate = "{candidate}"
 interval_secs = 1
 steps = [{steps}]
 kpis = [
-  {{ name = "merge_rate", direction = "lower_is_better", threshold = 0.5, floor = 0.1, critical = true }},
+  {{ name = "merge_rate", direction = "lower_is_better", threshold = 1.0, floor = 0.1, critical = true }},
   {{ name = "largest_profile", direction = "lower_is_better", threshold = 1.0, floor = 3, critical = true }},
   {{ name = "new_profile_rate", direction = "either", threshold = 0.5, floor = 0.2 }},
   {{ name = "identifiers_per_profile", direction = "lower_is_better", threshold = 1.0, floor = 2 }},
@@ -138,8 +138,9 @@ async fn wait_for(c: &Cluster, id: &str, what: &str, timeout: Duration, done: im
             last = Some(r);
         }
         if Instant::now() > deadline {
-            let history = last.map(|r| r.history.iter().map(|d| d.text.clone()).collect::<Vec<_>>());
-            panic!("rollout {id}: {what} did not happen within {timeout:?}; history: {history:#?}");
+            let history = last.as_ref().map(|r| r.history.iter().map(|d| d.text.clone()).collect::<Vec<_>>());
+            let judged = last.as_ref().and_then(|r| r.judgements.last());
+            panic!("rollout {id}: {what} did not happen within {timeout:?}; history: {history:#?}; last judgement: {judged:#?}");
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -464,4 +465,49 @@ async fn killing_the_coordinators_node_neither_loses_nor_restarts_the_rollout() 
     assert_eq!(r.history.iter().filter(|d| d.text.starts_with("started")).count(), 1, "it was not restarted: {:#?}", r.history);
     assert_eq!(&r.samples[..before.samples.len()], &before.samples[..], "samples taken before the kill are kept");
     assert_eq!(r.judgements.iter().map(|j| j.step).collect::<Vec<_>>(), vec![0, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_step_stops_a_bad_candidate_before_it_writes_anything() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start().await;
+    put_rules(
+        &c,
+        rules_with("v2-no-blocklist", |s| {
+            s.blocked.values.clear();
+            s.blocked.patterns.clear();
+            s.types.get_mut("user_id").unwrap().limit = None;
+        }),
+    )
+    .await;
+    let mut g = c.running().next().unwrap().1.client().await;
+    for p in 0..KNOWN {
+        g.identify(known_person(p)).await.expect("a known person is stored");
+    }
+    let shadowed = plan("v2-no-blocklist", "{ shards = 1, bake_secs = 6 }, { percent = 100, bake_secs = 6 }")
+        .replace("interval_secs = 1", "interval_secs = 1\nshadow_secs = 6");
+    let id = start_canary(&c, shadowed).await;
+    let in_shadow = rollout(&c, &id).await.unwrap();
+    assert_eq!(in_shadow.phase, Phase::Shadow);
+    let listing = c.admin().await.list_rule_sets(pb::ListRuleSetsRequest {}).await.unwrap().into_inner();
+    assert!(listing.rule_sets.iter().all(|r| r.canary_shards.is_empty()), "the shadow runs on no shard");
+    let traffic = Traffic::start(endpoints(&c), guest_or_new);
+    let r = wait_for(&c, &id, "the rollback", Duration::from_secs(120), finished).await;
+    traffic.stop().await;
+    assert_eq!(r.phase, Phase::RolledBack, "history: {:#?}", r.history);
+    let first = &r.judgements[0];
+    assert!(first.shadow && first.verdict == Verdict::Fail, "{first:#?}");
+    assert!(first.canary_events > 0 && first.control_events > 0);
+    // Each shadow event reads the real graph, where "guest" joins nobody
+    // yet; the would-be components show the strangers it would join.
+    let largest = first.kpis.iter().find(|k| k.kpi == idgraph_core::canary::Kpi::LargestProfile).unwrap();
+    assert_eq!(largest.outcome, idgraph_core::canary::KpiOutcome::Fail, "{largest:?}");
+    assert!(largest.canary.unwrap() > 10.0 * largest.control.unwrap(), "{largest:?}");
+    assert_eq!((r.merges_undone, r.merges_skipped), (0, 0), "the shadow wrote nothing to undo");
+    // Every known person kept exactly their own identifiers.
+    for p in 0..KNOWN {
+        let got = g.get_profile(by_id("email", &format!("person{p}@shop.example"))).await.unwrap().into_inner();
+        assert_eq!(got.identifiers.len(), 2, "person {p}: {:?}", got.identifiers);
+        assert_ne!(got.rule_version, "v2-no-blocklist");
+    }
 }

@@ -89,6 +89,9 @@ pub struct StepJudgement {
     /// Whether control came from earlier steps (the last step has no live
     /// control shards).
     pub historical_control: bool,
+    /// A judgement of the shadow step (before the first step).
+    #[serde(default)]
+    pub shadow: bool,
     pub kpis: Vec<KpiJudgement>,
     pub mix: MixJudgement,
     pub score: f64,
@@ -156,23 +159,18 @@ fn judge_mix(plan: &CanaryPlan, canary: &KpiCounts, control: &KpiCounts, rate_ra
 /// Judges step `step` of `plan` at `at_ms` over `samples` (every interval
 /// recorded so far; those of the step are the canary's evidence, and
 /// control comes from the same intervals or, when the step left no control
-/// shard, from the earlier steps).
+/// shard, from the earlier steps and the shadow).
 pub fn judge(plan: &CanaryPlan, step: usize, samples: &[IntervalSample], at_ms: i64) -> StepJudgement {
-    let here: Vec<&IntervalSample> = samples.iter().filter(|s| s.step == step).collect();
+    let here: Vec<&IntervalSample> = samples.iter().filter(|s| s.step == step && !s.shadow).collect();
     let canary: Vec<&KpiCounts> = here.iter().map(|s| &s.canary).filter(|c| !c.is_empty()).collect();
     let live_control: Vec<&KpiCounts> = here.iter().map(|s| &s.control).filter(|c| !c.is_empty()).collect();
     // Every shard on the candidate: stray control counts (events without a
     // valid anchor, nodes a moment behind the map) are not a control group.
     let historical_control = !here.is_empty() && here.iter().all(|s| s.canary_shards >= s.shard_count);
     let control: Vec<&KpiCounts> = if historical_control {
-        samples.iter().filter(|s| s.step < step).map(|s| &s.control).filter(|c| !c.is_empty()).collect()
+        samples.iter().filter(|s| s.step < step || s.shadow).map(|s| &s.control).filter(|c| !c.is_empty()).collect()
     } else {
         live_control
-    };
-    let total = |side: &[&KpiCounts]| {
-        let mut sum = KpiCounts::default();
-        side.iter().for_each(|c| sum.add(c));
-        sum
     };
     let (canary_total, control_total) = (total(&canary), total(&control));
     // Events per shard: only comparable while both groups run side by side.
@@ -185,7 +183,50 @@ pub fn judge(plan: &CanaryPlan, step: usize, samples: &[IntervalSample], at_ms: 
             .then(|| (canary_total.events as f64 / canary_shards as f64) / (control_total.events as f64 / control_shards as f64))
     };
     let mix = judge_mix(plan, &canary_total, &control_total, rate_ratio);
-    let kpis: Vec<KpiJudgement> = plan.kpis.iter().map(|k| judge_kpi(k, plan.alpha, &canary, &control)).collect();
+    let evidence = Evidence { step, at_ms, intervals: here.len(), canary, control, historical_control, shadow: false };
+    decide(plan, evidence, mix)
+}
+
+/// Judges the shadow step: what the candidate would have done with every
+/// event against what the cluster's version did with the same events. The
+/// traffic is the same by construction, so there is no mix to compare;
+/// latency is not measured in the shadow.
+pub fn judge_shadow(plan: &CanaryPlan, samples: &[IntervalSample], at_ms: i64) -> StepJudgement {
+    let here: Vec<&IntervalSample> = samples.iter().filter(|s| s.shadow).collect();
+    let canary: Vec<&KpiCounts> = here.iter().map(|s| &s.canary).filter(|c| !c.is_empty()).collect();
+    let control: Vec<&KpiCounts> = here.iter().map(|s| &s.control).filter(|c| !c.is_empty()).collect();
+    let mix = MixJudgement {
+        type_distance: None,
+        source_distance: None,
+        rate_ratio: None,
+        representative: true,
+        reason: "the shadow resolved the same events as control".into(),
+    };
+    let evidence = Evidence { step: 0, at_ms, intervals: here.len(), canary, control, historical_control: false, shadow: true };
+    decide(plan, evidence, mix)
+}
+
+fn total(side: &[&KpiCounts]) -> KpiCounts {
+    let mut sum = KpiCounts::default();
+    side.iter().for_each(|c| sum.add(c));
+    sum
+}
+
+/// What a judgement rests on.
+struct Evidence<'a> {
+    step: usize,
+    at_ms: i64,
+    intervals: usize,
+    canary: Vec<&'a KpiCounts>,
+    control: Vec<&'a KpiCounts>,
+    historical_control: bool,
+    shadow: bool,
+}
+
+fn decide(plan: &CanaryPlan, e: Evidence<'_>, mix: MixJudgement) -> StepJudgement {
+    let (canary, control) = (&e.canary, &e.control);
+    let (canary_total, control_total) = (total(canary), total(control));
+    let kpis: Vec<KpiJudgement> = plan.kpis.iter().map(|k| judge_kpi(k, plan.alpha, canary, control)).collect();
     let judged: Vec<&KpiJudgement> = kpis.iter().filter(|k| k.outcome != KpiOutcome::NoData).collect();
     let points: f64 = judged
         .iter()
@@ -196,7 +237,7 @@ pub fn judge(plan: &CanaryPlan, step: usize, samples: &[IntervalSample], at_ms: 
         })
         .sum();
     let score = if judged.is_empty() { 0.0 } else { 100.0 * points / judged.len() as f64 };
-    let min_events = plan.steps.get(step).map(|s| s.min_events).unwrap_or(0);
+    let min_events = plan.steps.get(e.step).map(|s| s.min_events).unwrap_or(0);
     let failed: Vec<String> = kpis.iter().filter(|k| k.outcome == KpiOutcome::Fail).map(|k| k.kpi.to_string()).collect();
     let critical_failed = kpis.iter().any(|k| k.critical && k.outcome == KpiOutcome::Fail);
     let (verdict, reason) = if canary.len() < MIN_INTERVALS || control.len() < MIN_INTERVALS {
@@ -230,12 +271,13 @@ pub fn judge(plan: &CanaryPlan, step: usize, samples: &[IntervalSample], at_ms: 
         (Verdict::Fail, format!("score {score:.0} < {:.0}; failed: {}", plan.score.marginal, failed.join(", ")))
     };
     StepJudgement {
-        step,
-        at_ms,
+        step: e.step,
+        at_ms: e.at_ms,
         canary_events: canary_total.events,
         control_events: control_total.events,
-        intervals: here.len(),
-        historical_control,
+        intervals: e.intervals,
+        historical_control: e.historical_control,
+        shadow: e.shadow,
         kpis,
         mix,
         score,
@@ -270,6 +312,7 @@ mod tests {
                 control: control(i),
                 canary_shards: 1,
                 shard_count: 4,
+                shadow: false,
             })
             .collect()
     }
@@ -326,6 +369,39 @@ mod tests {
     }
 
     #[test]
+    fn a_shadow_that_would_merge_strangers_fails_and_latency_is_not_judged_in_it() {
+        let shadow = |merges: u64| {
+            (0..6)
+                .map(|i| IntervalSample {
+                    at_ms: i,
+                    step: 0,
+                    canary: counts(40, merges, 3, MIX),
+                    control: KpiCounts { latency: vec![5; 15], ..counts(40, 2, 3, MIX) },
+                    canary_shards: 0,
+                    shard_count: 4,
+                    shadow: true,
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut plan = plan();
+        plan.kpis.push(KpiSpec {
+            name: Kpi::IdentifyP99Ms,
+            direction: Direction::LowerIsBetter,
+            threshold: 0.1,
+            floor: 0.0,
+            critical: true,
+        });
+        let j = judge_shadow(&plan, &shadow(20), 6);
+        assert!(j.shadow);
+        assert_eq!(j.verdict, Verdict::Fail, "{j:?}");
+        let good = judge_shadow(&plan, &shadow(2), 6);
+        assert_eq!(good.verdict, Verdict::Pass, "{good:?}");
+        assert_eq!(good.kpis.last().unwrap().outcome, KpiOutcome::NoData);
+        // Shadow intervals are not a step's evidence.
+        assert_eq!(judge(&plan, 0, &shadow(20), 6).verdict, Verdict::Inconclusive);
+    }
+
+    #[test]
     fn the_last_step_is_judged_against_control_of_earlier_steps() {
         let mut s = step0(|_| counts(20, 1, 3, MIX), |_| counts(60, 3, 3, MIX), 6);
         for i in 0..6 {
@@ -337,6 +413,7 @@ mod tests {
                 control: if i == 0 { counts(1, 0, 1, MIX) } else { KpiCounts::default() },
                 canary_shards: 4,
                 shard_count: 4,
+                shadow: false,
             });
         }
         let j = judge(&plan(), 2, &s, 20_000);

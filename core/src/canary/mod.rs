@@ -41,15 +41,20 @@ pub mod plan;
 pub mod rollout;
 pub mod sample;
 
-pub use judge::{judge, KpiJudgement, KpiOutcome, MixJudgement, StepJudgement, Verdict};
+pub use judge::{judge, judge_shadow, KpiJudgement, KpiOutcome, MixJudgement, StepJudgement, Verdict};
 pub use plan::{CanaryPlan, Direction, Kpi, KpiSpec, PlanError, StepSpec};
 pub use rollout::{CanaryCommand, CanaryRefusal, Decision, Phase, Rollout};
-pub use sample::{IntervalSample, KpiCounts};
+pub use sample::{identifier_hash, Components, IntervalSample, KpiCounts};
 
 use crate::engine::RawIdentifier;
 use crate::graph::GraphKey;
 use crate::model::{Identifier, ShardId};
 use crate::rules::RuleSet;
+
+/// The KPI ledger's key for what a version would have done in the shadow.
+pub fn shadow_key(version: &str) -> String {
+    format!("shadow:{version}")
+}
 
 /// A merge made under some version, as a rollback lists it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

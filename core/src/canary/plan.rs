@@ -194,6 +194,11 @@ pub struct CanaryPlan {
     /// After the last step, how long a KPI breach still rolls back.
     #[serde(default)]
     pub watch_secs: u64,
+    /// Before the first step, how long the candidate runs in the shadow of
+    /// the cluster's version on every shard, writing nothing (0: no shadow
+    /// step).
+    #[serde(default)]
+    pub shadow_secs: u64,
     pub steps: Vec<StepSpec>,
     pub kpis: Vec<KpiSpec>,
     #[serde(default)]
@@ -231,6 +236,9 @@ impl CanaryPlan {
         }
         if self.watch_secs > 30 * 86_400 {
             return Err(invalid("watch_secs", "must be at most 30 days"));
+        }
+        if self.shadow_secs > 0 && !(self.interval_secs..=7 * 86_400).contains(&self.shadow_secs) {
+            return Err(invalid("shadow_secs", "must be 0 (no shadow step) or one sampling interval to 7 days"));
         }
         if self.steps.len() < 2 {
             return Err(invalid("steps", "at least two steps are required: a canary step with control shards, then `percent = 100`"));
@@ -325,6 +333,12 @@ kpis = [
   { name = "largest_profile", direction = "lower_is_better", threshold = 1.0, floor = 2 },
 ]
 "#;
+
+    #[test]
+    fn the_example_plan_is_valid() {
+        let p = CanaryPlan::from_toml(include_str!("../../../examples/canary-plan.toml")).unwrap();
+        assert_eq!((p.steps.len(), p.kpis.len(), p.shadow_secs), (4, 7, 600));
+    }
 
     #[test]
     fn a_plan_parses_and_sizes_its_steps() {

@@ -14,6 +14,9 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
+    /// Before the first step: the candidate resolves every event beside
+    /// the cluster's version, writing nothing.
+    Shadow,
     /// The current step runs and is judged once it has baked.
     Baking,
     /// The step passed (or was marginal) and waits for `canary promote`.
@@ -37,6 +40,7 @@ impl Phase {
 
     pub fn name(&self) -> &'static str {
         match self {
+            Phase::Shadow => "shadow",
             Phase::Baking => "baking",
             Phase::AwaitingPromotion => "awaiting promotion",
             Phase::Watching => "watching",
@@ -182,7 +186,8 @@ impl Rollout {
         if *shard_count < 2 {
             return Err(CanaryRefusal::Cluster("a canary needs at least two shards, one canary and one control".into()));
         }
-        let bake = plan.steps[0].bake_secs as i64 * 1000;
+        let shadow = plan.shadow_secs > 0;
+        let bake = if shadow { plan.shadow_secs } else { plan.steps[0].bake_secs } as i64 * 1000;
         let mut r = Rollout {
             id: id.clone(),
             plan,
@@ -194,7 +199,7 @@ impl Rollout {
             step_started_ms: *at_ms,
             judge_at_ms: at_ms + bake,
             watch_until_ms: None,
-            phase: Phase::Baking,
+            phase: if shadow { Phase::Shadow } else { Phase::Baking },
             samples: Vec::new(),
             judgements: Vec::new(),
             history: Vec::new(),
@@ -202,7 +207,11 @@ impl Rollout {
             merges_skipped: 0,
             finished_ms: None,
         };
-        let text = format!("started: {} on {} of {} shards, control {}", r.plan.candidate, r.canary_count(), r.shard_count, r.control);
+        let text = if shadow {
+            format!("started: {} in the shadow of {} on every shard for {} s", r.plan.candidate, r.control, r.plan.shadow_secs)
+        } else {
+            format!("started: {} on {} of {} shards, control {}", r.plan.candidate, r.canary_count(), r.shard_count, r.control)
+        };
         r.note(*at_ms, text);
         Ok(r)
     }
@@ -213,7 +222,15 @@ impl Rollout {
 
     /// Canary shards at the current step.
     pub fn canary_count(&self) -> u32 {
-        self.plan.shards_at(self.step, self.shard_count)
+        match self.phase {
+            Phase::Shadow => 0,
+            _ => self.plan.shards_at(self.step, self.shard_count),
+        }
+    }
+
+    /// The version evaluated in the shadow of the cluster's, if any.
+    pub fn shadow(&self) -> Option<&str> {
+        (self.phase == Phase::Shadow).then_some(self.plan.candidate.as_str())
     }
 
     /// The version each shard runs while this rollout stands (shards not
@@ -223,7 +240,7 @@ impl Rollout {
             Phase::Baking | Phase::AwaitingPromotion | Phase::Watching => {
                 (0..self.canary_count()).map(|s| (ShardId(s), self.plan.candidate.clone())).collect()
             }
-            Phase::RollingBack | Phase::Promoted | Phase::RolledBack => BTreeMap::new(),
+            Phase::Shadow | Phase::RollingBack | Phase::Promoted | Phase::RolledBack => BTreeMap::new(),
         }
     }
 
@@ -237,7 +254,13 @@ impl Rollout {
 
     /// Moves to the next step, or past the last one.
     fn advance(&mut self, at_ms: i64) {
-        if self.step + 1 < self.plan.steps.len() {
+        if self.phase == Phase::Shadow {
+            self.phase = Phase::Baking;
+            self.step_started_ms = at_ms;
+            self.judge_at_ms = at_ms + self.plan.steps[0].bake_secs as i64 * 1000;
+            let text = format!("out of the shadow: step 1, {} of {} shards", self.canary_count(), self.shard_count);
+            self.note(at_ms, text);
+        } else if self.step + 1 < self.plan.steps.len() {
             self.step += 1;
             self.step_started_ms = at_ms;
             self.judge_at_ms = at_ms + self.plan.steps[self.step].bake_secs as i64 * 1000;
@@ -277,17 +300,24 @@ impl Rollout {
             }
             CanaryCommand::Judged { judgement, .. } => {
                 let j = judgement.clone();
-                if !matches!(self.phase, Phase::Baking | Phase::Watching) || j.step != self.step {
+                let shadow = self.phase == Phase::Shadow;
+                if !matches!(self.phase, Phase::Shadow | Phase::Baking | Phase::Watching) || j.step != self.step || j.shadow != shadow {
                     return Err(self.wrong_phase("the judgement is for a step not being judged"));
                 }
                 let at = j.at_ms;
-                let text = format!("step {} judged {}: {}", j.step + 1, j.verdict, j.reason);
+                let what = if shadow { "shadow".to_string() } else { format!("step {}", j.step + 1) };
+                let text = format!("{what} judged {}: {}", j.verdict, j.reason);
                 self.note(at, text);
                 self.judgements.push(j.clone());
                 let watching = self.phase == Phase::Watching;
                 match j.verdict {
-                    Verdict::Fail => self.roll_back(at, format!("step {} failed: {}", j.step + 1, j.reason)),
+                    Verdict::Fail => self.roll_back(at, format!("{what} failed: {}", j.reason)),
                     _ if watching => self.judge_at_ms = at + self.plan.interval_secs as i64 * 1000,
+                    Verdict::Pass if shadow => self.advance(at),
+                    // A person may promote out of the shadow, or abort.
+                    Verdict::Marginal | Verdict::Inconclusive if shadow => {
+                        self.judge_at_ms = at + self.plan.shadow_secs as i64 * 1000;
+                    }
                     Verdict::Pass if self.plan.steps[self.step].manual => {
                         self.phase = Phase::AwaitingPromotion;
                         self.note(at, "waiting for `idgraphctl canary promote` (manual gate)".into());
@@ -301,8 +331,13 @@ impl Rollout {
                 }
             }
             CanaryCommand::Promote { step, at_ms, .. } => {
-                let inconclusive = self.phase == Phase::Baking
-                    && self.judgements.last().is_some_and(|j| j.step == self.step && j.verdict == Verdict::Inconclusive);
+                let shadow = self.phase == Phase::Shadow;
+                let held = |j: &StepJudgement| {
+                    j.step == self.step
+                        && j.shadow == shadow
+                        && (j.verdict == Verdict::Inconclusive || (shadow && j.verdict == Verdict::Marginal))
+                };
+                let inconclusive = matches!(self.phase, Phase::Baking | Phase::Shadow) && self.judgements.last().is_some_and(held);
                 if self.phase != Phase::AwaitingPromotion && !inconclusive {
                     return Err(self.wrong_phase("only a step waiting for promotion, or judged inconclusive, can be promoted"));
                 }
@@ -365,6 +400,7 @@ mod tests {
             control_events: 0,
             intervals: 0,
             historical_control: false,
+            shadow: r.phase == Phase::Shadow,
             kpis: vec![],
             mix: MixJudgement { type_distance: None, source_distance: None, rate_ratio: None, representative: true, reason: String::new() },
             score: 0.0,
@@ -417,6 +453,21 @@ mod tests {
         let late = CanaryCommand::Promote { id: "r1".into(), step: Some(0), at_ms: 13_000 };
         assert!(matches!(r.apply(&late), Err(CanaryRefusal::WrongPhase { .. })));
         assert_eq!(r.step, 1);
+    }
+
+    #[test]
+    fn a_shadow_step_comes_first_writes_nothing_and_can_stop_the_rollout() {
+        let shadowed = PLAN.replace("interval_secs = 1", "interval_secs = 1\nshadow_secs = 4");
+        let mut r = start(&shadowed);
+        assert_eq!((r.phase.clone(), r.shadow(), r.assignments().len(), r.judge_at_ms), (Phase::Shadow, Some("v2"), 0, 4_000));
+        r.apply(&judged(&r, Verdict::Inconclusive, 4_000)).unwrap();
+        assert_eq!((r.phase.clone(), r.judge_at_ms), (Phase::Shadow, 8_000));
+        r.apply(&judged(&r, Verdict::Pass, 8_000)).unwrap();
+        assert_eq!((r.phase.clone(), r.step, r.shadow(), r.assignments().len()), (Phase::Baking, 0, None, 1));
+        let mut bad = start(&shadowed);
+        bad.apply(&judged(&bad, Verdict::Fail, 4_000)).unwrap();
+        assert_eq!(bad.phase, Phase::RollingBack);
+        assert!(bad.assignments().is_empty());
     }
 
     #[test]

@@ -143,6 +143,10 @@ pub struct IntervalSample {
     /// Canary shards during the interval.
     pub canary_shards: u32,
     pub shard_count: u32,
+    /// A shadow interval: `canary` counts what the candidate would have
+    /// done with the same events `control` counts.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 /// Total variation distance between two tallies' distributions (0: the
@@ -203,5 +207,89 @@ mod tests {
         }
         assert_eq!(c.sources.len(), MIX_KEYS + 1);
         assert_eq!(c.sources.values().sum::<u64>(), 100);
+    }
+}
+
+/// The identifiers a shadow version would have joined, across events: a
+/// union-find over hashed identifiers (no value is kept), so the shadow can
+/// report the largest component it would have built, which no single
+/// event's outcome shows (a placeholder joining strangers grows one
+/// component event by event while writing nothing). Bounded: past
+/// [`Components::MAX`] identifiers, new ones are not tracked.
+#[derive(Clone, Debug, Default)]
+pub struct Components {
+    parent: std::collections::HashMap<u64, u64>,
+    size: std::collections::HashMap<u64, u64>,
+}
+
+impl Components {
+    pub const MAX: usize = 1_000_000;
+
+    fn root(&mut self, mut x: u64) -> u64 {
+        while let Some(&p) = self.parent.get(&x) {
+            if p == x {
+                break;
+            }
+            let grand = self.parent.get(&p).copied().unwrap_or(p);
+            self.parent.insert(x, grand);
+            x = grand;
+        }
+        x
+    }
+
+    fn add(&mut self, x: u64) -> bool {
+        if self.parent.contains_key(&x) {
+            return true;
+        }
+        if self.parent.len() >= Self::MAX {
+            return false;
+        }
+        self.parent.insert(x, x);
+        self.size.insert(x, 1);
+        true
+    }
+
+    /// Joins `ids` (hashes) into one component; the size of that component.
+    pub fn join(&mut self, ids: &[u64]) -> u64 {
+        let tracked: Vec<u64> = ids.iter().copied().filter(|x| self.add(*x)).collect();
+        let Some((&first, rest)) = tracked.split_first() else { return 0 };
+        let mut root = self.root(first);
+        for &x in rest {
+            let other = self.root(x);
+            if other == root {
+                continue;
+            }
+            let (big, small) = if self.size[&root] >= self.size[&other] { (root, other) } else { (other, root) };
+            let moved = self.size.remove(&small).unwrap_or(0);
+            *self.size.entry(big).or_insert(0) += moved;
+            self.parent.insert(small, big);
+            root = big;
+        }
+        self.size.get(&root).copied().unwrap_or(0)
+    }
+}
+
+/// How a shadow tracks an identifier: a hash of its type and value.
+pub fn identifier_hash(kind: &str, value: &str) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(kind.trim().to_ascii_lowercase().as_bytes());
+    h.update(&[0]);
+    h.update(value.trim().to_lowercase().as_bytes());
+    h.digest()
+}
+
+#[cfg(test)]
+mod component_tests {
+    use super::*;
+
+    #[test]
+    fn a_placeholder_grows_one_component_event_by_event() {
+        let mut c = Components::default();
+        let guest = identifier_hash("user_id", "guest");
+        assert_eq!(c.join(&[identifier_hash("email", "a@x.com"), guest]), 2);
+        assert_eq!(c.join(&[identifier_hash("email", "b@x.com"), identifier_hash("user_id", " GUEST ")]), 3);
+        assert_eq!(c.join(&[identifier_hash("email", "c@x.com"), identifier_hash("anonymous_id", "c")]), 2);
+        assert_eq!(c.join(&[identifier_hash("anonymous_id", "c"), guest]), 5);
+        assert_eq!(c.join(&[]), 0);
     }
 }

@@ -74,7 +74,16 @@ impl Backoff {
 /// Runs the engine over records fetched from their shards until a run reads
 /// nothing it had not fetched; returns that run's result and read set.
 pub async fn gather<A: ShardAccess, T>(a: &A, mode: ReadMode, run: impl Fn(&ReadSet) -> T) -> Result<(ReadSet, T), TxnError> {
-    let mut view = ReadSet::new(a.shard_count());
+    gather_into(a, mode, ReadSet::new(a.shard_count()), run).await
+}
+
+/// [`gather`], starting from records read already.
+async fn gather_into<A: ShardAccess, T>(
+    a: &A,
+    mode: ReadMode,
+    mut view: ReadSet,
+    run: impl Fn(&ReadSet) -> T,
+) -> Result<(ReadSet, T), TxnError> {
     for _ in 0..MAX_ROUNDS {
         let out = run(&view);
         let misses = view.take_misses();
@@ -157,12 +166,55 @@ enum Decision {
 /// engine, commit; again with fresh reads when another transaction got in
 /// the way.
 pub async fn execute<A: ShardAccess>(a: &A, rules: &RuleSet, cmd: &Command) -> Result<Outcome, TxnError> {
+    execute_attempts(a, rules, cmd, |_| {}).await
+}
+
+/// What a shadow version would have done with a command: its outcome or
+/// refusal, or none when its records could not be read.
+pub type ShadowOutcome = Option<Result<Outcome, engine::EngineError>>;
+
+/// [`execute`], also returning the records its first attempt read: the
+/// state the command was decided on, for a shadow version to be run over
+/// ([`shadow`]).
+pub async fn execute_keeping_reads<A: ShardAccess>(a: &A, rules: &RuleSet, cmd: &Command) -> (Result<Outcome, TxnError>, Option<ReadSet>) {
+    let mut first = None;
+    let result = execute_attempts(a, rules, cmd, |reads| {
+        if first.is_none() {
+            let mut copy = ReadSet::new(a.shard_count());
+            for (k, v) in reads.values() {
+                copy.insert(k.clone(), v.clone());
+            }
+            first = Some(copy);
+        }
+    })
+    .await;
+    (result, first)
+}
+
+/// What `rules` would have done with `cmd` over the state the command was
+/// decided on (`before`, from [`execute_keeping_reads`]); records the
+/// command did not read are read now (the command did not write them).
+/// Nothing is written.
+pub async fn shadow<A: ShardAccess>(a: &A, rules: &RuleSet, cmd: &Command, before: ReadSet) -> ShadowOutcome {
+    match gather_into(a, ReadMode::Local, before, |view| engine::execute(view, rules, cmd)).await {
+        Ok((_, Err(engine::EngineError::Store(_)))) | Err(_) => None,
+        Ok((_, outcome)) => Some(outcome.map(|(_, o)| o)),
+    }
+}
+
+async fn execute_attempts<A: ShardAccess>(
+    a: &A,
+    rules: &RuleSet,
+    cmd: &Command,
+    mut first_read: impl FnMut(&ReadSet),
+) -> Result<Outcome, TxnError> {
     let mut backoff = Backoff::new();
     let started = a.now_ms();
     let mut attempt = 0;
     while attempt < MAX_ATTEMPTS || a.now_ms() - started < RETRY_FOR_MS {
         attempt += 1;
         let (reads, result) = gather(a, ReadMode::Leader, |view| engine::execute(view, rules, cmd)).await?;
+        first_read(&reads);
         let (changes, outcome) = match result {
             Ok((changes, outcome)) if !changes.is_empty() => (changes, outcome),
             // Nothing to commit: the answer stands if what it rests on was
