@@ -177,9 +177,14 @@ impl Coordinator {
                 }
             }
         }
+        // Merges still listed now could not be undone, or were made after
+        // the last pass (a node far behind the map).
         let merges = self.merges_of(r).await?;
         let undone = merges.iter().filter(|m| m.undone).count() as u64;
         let skipped = merges.len() as u64 - undone;
+        if skipped > cannot.len() as u64 {
+            warn!(rollout = %r.id, left = skipped - cannot.len() as u64, "merges made under the candidate are left after the last rollback pass");
+        }
         self.propose(CanaryCommand::Undone { id: r.id.clone(), merges: undone, skipped }).await?;
         self.propose(CanaryCommand::Finish { id: r.id.clone(), at_ms: self.router.now_ms() }).await?;
         info!(rollout = %r.id, undone, skipped, "canary rolled back");

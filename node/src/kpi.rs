@@ -7,6 +7,7 @@
 use crate::error::RequestError;
 use idgraph_core::canary::{identifier_hash, Components, KpiCounts};
 use idgraph_core::engine::{EngineError, IdentifyEvent, Outcome, RawIdentifier};
+use idgraph_core::rules::RuleSet;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,11 +37,12 @@ impl Default for KpiLedger {
 }
 
 /// What the ledger keeps of an event before it is resolved: its traffic
-/// mix, and its identifiers as hashes (for a shadow's components).
+/// mix, and its identifiers (for a shadow's components, which keep only
+/// hashes of them).
 pub struct EventMix {
     source: String,
     types: Vec<String>,
-    ids: Vec<(u64, RawIdentifier)>,
+    ids: Vec<RawIdentifier>,
 }
 
 impl EventMix {
@@ -48,7 +50,7 @@ impl EventMix {
         EventMix {
             source: ev.source.clone(),
             types: ev.identifiers.iter().map(|i| i.kind.trim().to_ascii_lowercase()).collect(),
-            ids: ev.identifiers.iter().map(|i| (identifier_hash(&i.kind, &i.value), i.clone())).collect(),
+            ids: ev.identifiers.clone(),
         }
     }
 }
@@ -86,26 +88,45 @@ impl KpiLedger {
         self.shadow_slots.clone().try_acquire_owned().ok()
     }
 
-    /// Counts what `version` would have done with an event in the shadow,
-    /// joining the identifiers it would have kept into its would-be
-    /// components: the largest of those is its `largest` profile.
-    pub fn record_shadow(&self, version: &str, mix: &EventMix, would: Result<Outcome, EngineError>) {
+    /// Counts what `rules` would have done with an event in the shadow of
+    /// rollout `rollout`, joining the identifiers it would have kept (valid
+    /// under `rules`, not refused by a limit) into its would-be components:
+    /// the largest of those is its `largest` profile.
+    pub fn record_shadow(&self, rollout: &str, rules: &RuleSet, mix: &EventMix, would: Result<Outcome, EngineError>) {
         let mut joined = 0;
         if let (Ok(Outcome::Identify(o)), Ok(mut shadow)) = (&would, self.shadow.lock()) {
-            if shadow.as_ref().is_none_or(|(v, _)| v != version) {
-                *shadow = Some((version.to_string(), Components::default()));
+            if o.duplicate {
+                return;
+            }
+            if shadow.as_ref().is_none_or(|(id, _)| id != rollout) {
+                *shadow = Some((rollout.to_string(), Components::default()));
             }
             if let Some((_, components)) = shadow.as_mut() {
-                let kept: Vec<u64> =
-                    mix.ids.iter().filter(|(_, raw)| !o.ignored.iter().any(|i| i.identifier == *raw)).map(|(h, _)| *h).collect();
+                let kept: Vec<u64> = mix
+                    .ids
+                    .iter()
+                    .filter_map(|raw| {
+                        let kind = raw.kind.trim().to_ascii_lowercase();
+                        let value = rules.normalize(rules.type_rule(&kind)?, &raw.value).ok()?;
+                        let refused = o.conflicts.iter().any(|c| c.identifier.kind == kind && c.identifier.value == value);
+                        (!refused).then(|| identifier_hash(&kind, &value))
+                    })
+                    .collect();
                 joined = components.join(&kept);
             }
         }
-        let key = idgraph_core::canary::shadow_key(version);
+        let key = idgraph_core::canary::shadow_key(rules.version());
         self.record(&key, mix, &would.map_err(RequestError::Engine), None);
         if let Ok(mut counts) = self.counts.lock() {
             let c = counts.entry(key).or_default();
             c.largest = c.largest.max(joined);
+        }
+    }
+
+    /// Forgets the would-be components of a shadow that ended.
+    pub fn end_shadow(&self) {
+        if let Ok(mut shadow) = self.shadow.lock() {
+            *shadow = None;
         }
     }
 

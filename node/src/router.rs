@@ -147,6 +147,9 @@ impl ShardRouter {
 
     /// Replaces this node's copy of the cluster map with a newer one.
     pub fn set_cluster(&self, map: ClusterMap) {
+        if map.shadow_rules.is_none() {
+            self.kpis.end_shadow();
+        }
         if let Ok(mut m) = self.cluster.write() {
             if map.version >= m.version {
                 *m = map;
@@ -292,10 +295,11 @@ impl ShardRouter {
         }
     }
 
-    /// The version evaluated beside the cluster's on every event (the
-    /// shadow step of a rollout), if any.
-    fn shadow_version(&self) -> Option<String> {
-        self.cluster.read().ok().and_then(|m| m.shadow_rules.clone())
+    /// The rollout and version evaluated beside the cluster's on every
+    /// event (the shadow step of a rollout), if any.
+    fn shadow_version(&self) -> Option<(String, String)> {
+        let map = self.cluster.read().ok()?;
+        Some((map.canary.clone()?, map.shadow_rules.clone()?))
     }
 
     /// The rules an event is resolved under: those of the shard owning its
@@ -386,27 +390,33 @@ impl ShardRouter {
             (self.rules.version().to_string(), result)
         } else {
             let rules = self.rules_for(&cmd.kind).await?;
+            // A shadow evaluation when the map asks for one and a slot is free.
             let shadow = match (&mix, self.shadow_version()) {
-                (Some(_), Some(v)) => self.rule_set(&v).await.ok(),
+                (Some(_), Some((rollout, v))) => match (self.rule_set(&v).await.ok(), self.kpis.shadow_slot()) {
+                    (Some(rules), Some(slot)) => Some((rollout, rules, slot)),
+                    _ => None,
+                },
                 _ => None,
             };
             let router = self.clone();
             let version = rules.version().to_string();
-            let mix_of_shadow = shadow.as_ref().and_then(|_| match &cmd.kind {
-                CommandKind::Identify(ev) => Some(EventMix::of(ev)),
+            let mix_of_shadow = match &cmd.kind {
+                CommandKind::Identify(ev) if shadow.is_some() => Some(EventMix::of(ev)),
                 _ => None,
-            });
+            };
             let kpis = self.kpis.clone();
             let run = tokio::spawn(async move {
-                let Some(shadow) = shadow else { return txn::coordinator::execute(&router, &rules, &cmd).await };
+                let (Some((rollout, shadow, slot)), Some(mix)) = (shadow, mix_of_shadow) else {
+                    return txn::coordinator::execute(&router, &rules, &cmd).await;
+                };
                 let (result, before) = txn::coordinator::execute_keeping_reads(&router, &rules, &cmd).await;
                 // What the shadow would have done is worked out after the
                 // answer, off the caller's path.
-                if let (Some(before), Some(mix), Some(slot)) = (before, mix_of_shadow, kpis.shadow_slot()) {
+                if let Some(before) = before {
                     tokio::spawn(async move {
                         let _slot = slot;
                         if let Some(would) = txn::coordinator::shadow(&router, &shadow, &cmd, before).await {
-                            kpis.record_shadow(shadow.version(), &mix, would);
+                            kpis.record_shadow(&rollout, &shadow, &mix, would);
                         }
                     });
                 }

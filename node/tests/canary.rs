@@ -495,8 +495,9 @@ async fn a_shadow_step_stops_a_bad_candidate_before_it_writes_anything() {
     let r = wait_for(&c, &id, "the rollback", Duration::from_secs(120), finished).await;
     traffic.stop().await;
     assert_eq!(r.phase, Phase::RolledBack, "history: {:#?}", r.history);
-    let first = &r.judgements[0];
+    let first = r.judgements.iter().find(|j| j.verdict != Verdict::Inconclusive).expect("a judgement on data");
     assert!(first.shadow && first.verdict == Verdict::Fail, "{first:#?}");
+    assert!(r.judgements.iter().all(|j| j.shadow), "it never left the shadow");
     assert!(first.canary_events > 0 && first.control_events > 0);
     // Each shadow event reads the real graph, where "guest" joins nobody
     // yet; the would-be components show the strangers it would join.

@@ -341,14 +341,16 @@ impl Rollout {
                 if self.phase != Phase::AwaitingPromotion && !inconclusive {
                     return Err(self.wrong_phase("only a step waiting for promotion, or judged inconclusive, can be promoted"));
                 }
-                if step.is_some_and(|s| s != self.step) {
+                // A step names a step of the rollout, never the shadow.
+                if step.is_some_and(|s| s != self.step || shadow) {
                     return Err(self.wrong_phase(&format!(
                         "step {} is the current step, not step {}",
                         self.step + 1,
                         step.unwrap_or(0) + 1
                     )));
                 }
-                self.note(*at_ms, format!("step {} promoted by an operator", self.step + 1));
+                let what = if shadow { "the shadow".to_string() } else { format!("step {}", self.step + 1) };
+                self.note(*at_ms, format!("{what} promoted by an operator"));
                 self.advance(*at_ms);
             }
             CanaryCommand::Abort { reason, at_ms, .. } => {

@@ -191,15 +191,37 @@ pub async fn execute_keeping_reads<A: ShardAccess>(a: &A, rules: &RuleSet, cmd: 
     (result, first)
 }
 
-/// What `rules` would have done with `cmd` over the state the command was
-/// decided on (`before`, from [`execute_keeping_reads`]); records the
-/// command did not read are read now (the command did not write them).
-/// Nothing is written.
-pub async fn shadow<A: ShardAccess>(a: &A, rules: &RuleSet, cmd: &Command, before: ReadSet) -> ShadowOutcome {
-    match gather_into(a, ReadMode::Local, before, |view| engine::execute(view, rules, cmd)).await {
-        Ok((_, Err(engine::EngineError::Store(_)))) | Err(_) => None,
-        Ok((_, outcome)) => Some(outcome.map(|(_, o)| o)),
+/// What `rules` would have done with `cmd` over the state the command's
+/// first attempt read (`before`, from [`execute_keeping_reads`]); records
+/// the command did not read are read now from the local replicas (the
+/// command did not write them). Nothing is written: a record under a
+/// transaction's lock ends the evaluation (none) instead of settling the
+/// lock, as a command's own reads would.
+pub async fn shadow<A: ShardAccess>(a: &A, rules: &RuleSet, cmd: &Command, mut view: ReadSet) -> ShadowOutcome {
+    for _ in 0..MAX_ROUNDS {
+        let outcome = engine::execute(&view, rules, cmd);
+        let misses = view.take_misses();
+        if misses.is_empty() {
+            return match outcome {
+                Err(engine::EngineError::Store(_)) => None,
+                other => Some(other.map(|(_, o)| o)),
+            };
+        }
+        let mut by_shard: BTreeMap<ShardId, Vec<GraphKey>> = BTreeMap::new();
+        for k in misses {
+            by_shard.entry(k.shard(a.shard_count())).or_default().push(k);
+        }
+        for (shard, keys) in by_shard {
+            let reads = a.read(shard, keys.clone(), ReadMode::Local).await.ok()?;
+            if reads.len() != keys.len() || reads.iter().any(|r| r.lock.is_some()) {
+                return None;
+            }
+            for (k, r) in keys.into_iter().zip(reads) {
+                view.insert(k, r.value);
+            }
+        }
     }
+    None
 }
 
 async fn execute_attempts<A: ShardAccess>(
