@@ -9,7 +9,7 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, ContentArrangement, Table};
 use idgraph_client::idgraph_proto::json;
 use idgraph_client::idgraph_proto::v1 as pb;
 use idgraph_client::LoadSummary;
-use idgraph_core::canary::{KpiCounts, Rollout};
+use idgraph_core::canary::{KpiCounts, Phase, Rollout};
 use serde::Serialize;
 
 /// The output format, `--output`.
@@ -300,7 +300,25 @@ impl Render for pb::CanaryRollout {
                 self.control
             ));
         }
-        let judged = r.judgements.last().filter(|j| j.step == r.step);
+        // Events per shard of their anchor over the current step, with the
+        // version each shard runs.
+        let mut by_shard: std::collections::BTreeMap<u32, u64> = Default::default();
+        for s in r.samples.iter().filter(|s| s.step == r.step && s.shadow == (r.phase == Phase::Shadow)) {
+            for (shard, n) in s.canary.by_shard.iter().chain(&s.control.by_shard) {
+                *by_shard.entry(*shard).or_default() += n;
+            }
+        }
+        if !by_shard.is_empty() {
+            let line: Vec<String> = by_shard
+                .iter()
+                .map(|(shard, n)| {
+                    let mark = if *shard < self.canary_shards && r.phase != Phase::Shadow { "*" } else { "" };
+                    format!("{shard}{mark}: {n}")
+                })
+                .collect();
+            out.push_str(&format!("events per shard this step (* runs {}): {}\n", self.candidate, line.join(", ")));
+        }
+        let judged = r.judgements.last().filter(|j| j.step == r.step && j.shadow == (r.phase == Phase::Shadow));
         let mut t = table(&["KPI", "canary", "control", "p-value", "verdict"]);
         match judged {
             Some(j) => {

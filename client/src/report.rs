@@ -119,6 +119,14 @@ fn blocks(r: &Rollout) -> Vec<Block> {
     b
 }
 
+/// Events per shard of their anchor, as `shard: events` pairs.
+fn per_shard(by_shard: &std::collections::BTreeMap<u32, u64>) -> String {
+    if by_shard.is_empty() {
+        return "–".into();
+    }
+    by_shard.iter().map(|(s, n)| format!("{s}: {n}")).collect::<Vec<_>>().join(", ")
+}
+
 /// Which step a judgement is of, in words.
 fn judged_step(r: &Rollout, j: &idgraph_core::canary::StepJudgement) -> String {
     if j.shadow {
@@ -271,6 +279,7 @@ fn sample(r: &Rollout, b: &mut Vec<Block>) {
         ]);
         t.rows.push(vec!["identifier types".into(), mix(&canary.types), mix(&control.types)]);
         t.rows.push(vec!["sources".into(), mix(&canary.sources), mix(&control.sources)]);
+        t.rows.push(vec!["events by shard".into(), per_shard(&canary.by_shard), per_shard(&control.by_shard)]);
         b.push(Block::Table(t));
         let Some(j) = r.judgements.iter().rev().find(|j| j.step == step && !j.shadow) else {
             b.push(Block::Para("Not judged yet.".into()));

@@ -58,9 +58,22 @@ impl EventMix {
 impl KpiLedger {
     /// Counts one identify call resolved (or refused) under `version`.
     /// `took` is none for what a version would have done in the shadow.
-    pub fn record(&self, version: &str, mix: &EventMix, result: &Result<Outcome, RequestError>, took: Option<Duration>) {
+    /// `shard` is the shard of the event's anchor, when known.
+    pub fn record(
+        &self,
+        version: &str,
+        shard: Option<u32>,
+        mix: &EventMix,
+        result: &Result<Outcome, RequestError>,
+        took: Option<Duration>,
+    ) {
         let Ok(mut counts) = self.counts.lock() else { return };
-        let c = counts.entry(version.to_string()).or_default();
+        // No allocation for a version already counted (every event but the
+        // first of an interval).
+        if !counts.contains_key(version) {
+            counts.insert(version.to_string(), KpiCounts::default());
+        }
+        let Some(c) = counts.get_mut(version) else { return };
         match result {
             Ok(Outcome::Identify(o)) if o.duplicate => return,
             Ok(Outcome::Identify(o)) => {
@@ -70,6 +83,9 @@ impl KpiLedger {
                 c.created += u64::from(o.created);
                 c.identifiers += u64::from(o.profile_identifiers);
                 c.largest = c.largest.max(u64::from(o.profile_identifiers));
+                if let Some(shard) = shard {
+                    *c.by_shard.entry(shard).or_default() += 1;
+                }
             }
             Ok(_) => return,
             // A refusal of the event itself is the candidate's doing (say,
@@ -116,7 +132,7 @@ impl KpiLedger {
             }
         }
         let key = idgraph_core::canary::shadow_key(rules.version());
-        self.record(&key, mix, &would.map_err(RequestError::Engine), None);
+        self.record(&key, None, mix, &would.map_err(RequestError::Engine), None);
         if let Ok(mut counts) = self.counts.lock() {
             let c = counts.entry(key).or_default();
             c.largest = c.largest.max(joined);
@@ -153,13 +169,13 @@ mod tests {
         };
         let mix = EventMix::of(&ev);
         let merged = IdentifyOutcome { merge_id: Some("m".into()), profile_identifiers: 4, ..Default::default() };
-        ledger.record("v2", &mix, &Ok(Outcome::Identify(merged)), Some(Duration::from_millis(3)));
+        ledger.record("v2", Some(3), &mix, &Ok(Outcome::Identify(merged)), Some(Duration::from_millis(3)));
         let dup = IdentifyOutcome { duplicate: true, ..Default::default() };
-        ledger.record("v2", &mix, &Ok(Outcome::Identify(dup)), Some(Duration::from_millis(3)));
-        ledger.record("v1", &mix, &Err(RequestError::Internal("x".into())), Some(Duration::from_millis(1)));
+        ledger.record("v2", Some(3), &mix, &Ok(Outcome::Identify(dup)), Some(Duration::from_millis(3)));
+        ledger.record("v1", None, &mix, &Err(RequestError::Internal("x".into())), Some(Duration::from_millis(1)));
         let got = ledger.drain();
         let v2 = &got["v2"];
-        assert_eq!((v2.events, v2.merges, v2.largest, v2.types["email"], v2.sources["web"]), (1, 1, 4, 1, 1));
+        assert_eq!((v2.events, v2.merges, v2.largest, v2.types["email"], v2.sources["web"], v2.by_shard[&3]), (1, 1, 4, 1, 1, 1));
         assert_eq!((got["v1"].events, got["v1"].errors), (0, 1));
         assert!(ledger.drain().is_empty());
     }

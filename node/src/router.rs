@@ -305,23 +305,25 @@ impl ShardRouter {
     /// The rules an event is resolved under: those of the shard owning its
     /// anchor identifier (see [`idgraph_core::canary`]); operator commands
     /// run under the cluster's version.
-    async fn rules_for(&self, kind: &CommandKind) -> Result<Arc<RuleSet>, RequestError> {
+    /// With the shard of the event's anchor while a rollout runs (its KPIs
+    /// are counted per shard too).
+    async fn rules_for(&self, kind: &CommandKind) -> Result<(Arc<RuleSet>, Option<ShardId>), RequestError> {
         let active = self.active_rules().await?;
-        let CommandKind::Identify(ev) = kind else { return Ok(active) };
-        let version = {
-            let Ok(map) = self.cluster.read() else { return Ok(active) };
-            if map.shard_rules.is_empty() {
-                return Ok(active);
+        let CommandKind::Identify(ev) = kind else { return Ok((active, None)) };
+        let (version, shard) = {
+            let Ok(map) = self.cluster.read() else { return Ok((active, None)) };
+            if map.canary.is_none() {
+                return Ok((active, None));
             }
             match idgraph_core::canary::anchor_shard(&active, &ev.identifiers, self.map.count()) {
-                Some(shard) => map.rules_of(shard).to_string(),
-                None => return Ok(active),
+                Some(shard) => (map.rules_of(shard).to_string(), Some(shard)),
+                None => return Ok((active, None)),
             }
         };
         if version == active.version() {
-            return Ok(active);
+            return Ok((active, shard));
         }
-        self.rule_set(&version).await
+        Ok((self.rule_set(&version).await?, shard))
     }
 
     pub fn map(&self) -> &ShardMap {
@@ -381,15 +383,15 @@ impl ShardRouter {
             _ => None,
         };
         let cmd = Command { at_ms: self.now_ms(), op_id: ulid::Ulid::new().to_string(), kind };
-        let (version, result) = if self.single_shard() {
+        let (version, anchor, result) = if self.single_shard() {
             let result = match self.request(Self::ONLY_SHARD, ShardRequest::Write(Box::new(ShardCommand::Engine(cmd)))).await {
                 Ok(ShardReply::Outcome(o)) => Ok(o),
                 Ok(_) => Err(RequestError::Internal("a write was answered with a read".into())),
                 Err(e) => Err(e),
             };
-            (self.rules.version().to_string(), result)
+            (self.rules.version().to_string(), None, result)
         } else {
-            let rules = self.rules_for(&cmd.kind).await?;
+            let (rules, anchor) = self.rules_for(&cmd.kind).await?;
             // A shadow evaluation when the map asks for one and a slot is free.
             let shadow = match (&mix, self.shadow_version()) {
                 (Some(_), Some((rollout, v))) => match (self.rule_set(&v).await.ok(), self.kpis.shadow_slot()) {
@@ -427,10 +429,10 @@ impl ShardRouter {
                 Ok(r) => r.map_err(txn_error),
                 Err(e) => Err(RequestError::Internal(format!("a transaction task failed: {e}"))),
             };
-            (version, result)
+            (version, anchor.map(|s| s.0), result)
         };
         if let Some(mix) = mix {
-            self.kpis.record(&version, &mix, &result, Some(started.elapsed()));
+            self.kpis.record(&version, anchor, &mix, &result, Some(started.elapsed()));
         }
         result
     }

@@ -231,6 +231,17 @@ async fn a_good_candidate_widens_through_every_step_to_all_shards() {
     let passes: Vec<usize> = r.judgements.iter().filter(|j| j.verdict == Verdict::Pass).map(|j| j.step).collect();
     assert_eq!(passes, vec![0, 1, 2], "every step passed once");
     assert!(r.judgements.iter().all(|j| j.canary_events > 0 && j.control_events > 0));
+    // KPIs are counted per shard too: at step 1 the candidate resolved the
+    // events anchored on shard 0, and only those.
+    let (mut canary_shards, mut control_shards) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+    for s in r.samples.iter().filter(|s| s.step == 0) {
+        canary_shards.extend(s.canary.by_shard.keys().copied());
+        control_shards.extend(s.control.by_shard.keys().copied());
+    }
+    assert_eq!(canary_shards.into_iter().collect::<Vec<_>>(), vec![0]);
+    // (A node a moment behind the map may still resolve a shard-0 event
+    // under control right after the start: control may list shard 0 too.)
+    assert!(control_shards.iter().any(|s| *s > 0), "{control_shards:?}");
     // The whole cluster now runs the candidate.
     let listing = c.admin().await.list_rule_sets(pb::ListRuleSetsRequest {}).await.unwrap().into_inner();
     assert_eq!(listing.active_version, "v2-more-blocked");

@@ -36,6 +36,9 @@ pub struct KpiCounts {
     pub types: BTreeMap<String, u64>,
     /// Events, per source.
     pub sources: BTreeMap<String, u64>,
+    /// Events, per shard of their anchor (counted while a rollout runs).
+    #[serde(default)]
+    pub by_shard: BTreeMap<u32, u64>,
 }
 
 fn bump(map: &mut BTreeMap<String, u64>, key: &str, n: u64) {
@@ -89,6 +92,9 @@ impl KpiCounts {
         }
         for (k, v) in &o.sources {
             bump(&mut self.sources, k, *v);
+        }
+        for (s, n) in &o.by_shard {
+            *self.by_shard.entry(*s).or_default() += n;
         }
     }
 
@@ -183,8 +189,15 @@ mod tests {
     #[test]
     fn rates_are_per_event_and_sums_keep_the_largest_profile() {
         let mut a = KpiCounts { events: 10, merges: 2, largest: 4, ..Default::default() };
-        let b = KpiCounts { events: 30, merges: 2, largest: 9, errors: 10, ..Default::default() };
+        let b = KpiCounts { events: 30, merges: 2, largest: 9, errors: 10, by_shard: [(3, 30)].into(), ..Default::default() };
         a.add(&b);
+        a.add(&b);
+        assert_eq!(a.by_shard[&3], 60);
+        let a = {
+            let mut a = KpiCounts { events: 10, merges: 2, largest: 4, ..Default::default() };
+            a.add(&b);
+            a
+        };
         assert_eq!(a.value(Kpi::MergeRate), Some(0.1));
         assert_eq!(a.value(Kpi::LargestProfile), Some(9.0));
         assert_eq!(a.value(Kpi::ErrorRate), Some(0.2));
