@@ -295,6 +295,11 @@ impl ShardRouter {
         }
     }
 
+    /// Whether a canary rollout runs (as this node's copy of the map says).
+    fn rollout_running(&self) -> bool {
+        !self.single_shard() && self.cluster.read().is_ok_and(|m| m.canary.is_some())
+    }
+
     /// The rollout and version evaluated beside the cluster's on every
     /// event (the shadow step of a rollout), if any.
     fn shadow_version(&self) -> Option<(String, String)> {
@@ -378,8 +383,10 @@ impl ShardRouter {
     /// task, so that a caller that goes away does not stop it half-way.
     pub async fn execute(&self, kind: CommandKind) -> Result<Outcome, RequestError> {
         let started = std::time::Instant::now();
+        // KPIs are counted only while a rollout runs (nothing reads them
+        // otherwise); a one-shard map never runs one.
         let mix = match &kind {
-            CommandKind::Identify(ev) => Some(EventMix::of(ev)),
+            CommandKind::Identify(ev) if self.rollout_running() => Some(EventMix::of(ev)),
             _ => None,
         };
         let cmd = Command { at_ms: self.now_ms(), op_id: ulid::Ulid::new().to_string(), kind };
