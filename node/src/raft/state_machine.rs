@@ -216,8 +216,20 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
         I::IntoIter: OptionalSend,
     {
         let mut out = Vec::new();
+        // The records never go back: an entry the store has applied already
+        // (openraft may hand it again after an older snapshot was offered,
+        // see `install_snapshot`) is answered and not applied twice.
+        let (already, _) = self.applied()?;
         for entry in entries {
             let log_id = entry.log_id;
+            if already.is_some_and(|a| a.index >= log_id.index) {
+                let commands = match &entry.payload {
+                    EntryPayload::Normal(p) => p.commands.len(),
+                    _ => 1,
+                };
+                out.push(vec![ShardResponse::Nothing; commands]);
+                continue;
+            }
             let failed = |e: crate::storage::StoreError| -> StorageError {
                 openraft::StorageIOError::apply(log_id, openraft::AnyError::new(&e)).into()
             };
@@ -296,6 +308,21 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
         let write = |e: crate::storage::StoreError| -> StorageError {
             openraft::StorageIOError::write_snapshot(Some(meta.signature()), openraft::AnyError::new(&e)).into()
         };
+        // Never back: a snapshot older than the records (a restarted
+        // follower offered the leader's older image while its own log was
+        // already purged past it) is not installed over them. Restoring it
+        // would leave the records behind a log purged further, which
+        // openraft refuses at the next start; the entries after the offered
+        // snapshot are skipped by `apply` as already applied.
+        let (applied, _) = self.applied()?;
+        if applied > meta.last_log_id {
+            tracing::warn!(
+                applied = applied.map(|a| a.index),
+                snapshot = meta.last_log_id.map(|l| l.index),
+                "a snapshot older than the applied records was offered; keeping the records"
+            );
+            return Ok(());
+        }
         self.store.restore(&img.graph).map_err(write)?;
         crate::crash::crash_point("raft::snapshot-install");
         let mut cs = ChangeSet::default();

@@ -253,3 +253,39 @@ fn an_interrupted_install_is_repaired_before_openraft_opens_the_replica() {
         assert!(!reopened.repair_interrupted_install(Some(4)).await.unwrap(), "repaired once");
     });
 }
+
+/// Found by CI's chaos run (crash points armed): a restarted follower whose
+/// records were at 451 was offered the leader's older image at 426, the
+/// install restored it over the newer records, and the next start found
+/// the log purged past the records (openraft refuses that: the replica
+/// never came back). The records never go back: the older image is not
+/// installed, and the entries after it, handed again, are not applied twice.
+#[test]
+fn an_older_snapshot_is_not_installed_over_newer_records() {
+    use crate::storage::GraphRead;
+    use openraft::storage::RaftStateMachine;
+    use openraft::RaftSnapshotBuilder;
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(async {
+        let rules = Arc::new(RuleSet::builtin());
+        let mut leader = ShardStateMachine::new(Arc::new(MemStore::new()), rules.clone());
+        leader.apply((1..=4).map(entry)).await.unwrap();
+        let older = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+
+        let store = Arc::new(MemStore::new());
+        let mut sm = ShardStateMachine::new(store.clone(), rules.clone());
+        sm.apply((1..=9).map(entry)).await.unwrap();
+        let before = store.counters().unwrap();
+        sm.install_snapshot(&older.meta, older.snapshot).await.unwrap();
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(9), "the records stay at 9");
+        assert_eq!(store.counters().unwrap(), before);
+        // Entries 5 to 9 again: answered, not applied twice.
+        let answers = sm.apply((5..=9).map(entry)).await.unwrap();
+        assert_eq!(answers.len(), 5);
+        assert_eq!(store.counters().unwrap(), before);
+        // Entry 10 is new.
+        sm.apply([entry(10)]).await.unwrap();
+        assert_eq!(store.counters().unwrap().events, before.events + 1);
+    });
+}
