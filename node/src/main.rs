@@ -107,18 +107,19 @@ async fn main() -> anyhow::Result<()> {
     #[cfg(feature = "failpoints")]
     let _crash_points = fail::FailScenario::setup();
     // A full disk at start (a restart in place whose room was taken again)
-    // is waited out, not an exit: the node opens once it has room.
-    let node = loop {
-        match idgraph_node::server::start(&config).await {
-            Err(idgraph_node::server::ServerError::Store(idgraph_node::storage::StoreError::DiskFull)) => {
-                tracing::error!("the data directory's disk is full; the node opens its storage once the disk has room");
-                tokio::select! {
-                    _ = terminated() => return Ok(()),
-                    () = wait_for_room(&config.data_dir) => idgraph_node::storage::forget_disk_full(),
-                }
+    // is waited out, not an exit: the node opens once it has room, in a
+    // fresh process image (the failed start may still hold its storage
+    // open, and sled's lock on it, from tasks it had started).
+    let node = match idgraph_node::server::start(&config).await {
+        Err(idgraph_node::server::ServerError::Store(idgraph_node::storage::StoreError::DiskFull)) => {
+            tracing::error!("the data directory's disk is full; the node opens its storage once the disk has room");
+            tokio::select! {
+                _ = terminated() => return Ok(()),
+                () = wait_for_room(&config.data_dir) => {}
             }
-            started => break started.context("starting the node")?,
+            return Err(restart_in_place(config.listen).context("restarting the node to open its storage"));
         }
+        started => started.context("starting the node")?,
     };
     // The first line on stdout says where the node listens (scripts and
     // tests that start it on port 0 read it). A reader that has gone (after
