@@ -272,6 +272,20 @@ fn guest_or_new(k: usize) -> pb::IdentifyRequest {
     }
 }
 
+/// The bad version: no blocklist and no user-id limit, so the placeholder
+/// "guest" joins strangers.
+fn no_blocklist() -> String {
+    rules_with("v2-no-blocklist", |s| {
+        s.blocked.values.clear();
+        s.blocked.patterns.clear();
+        for t in s.types.values_mut() {
+            t.blocked.clear();
+            t.blocked_patterns.clear();
+        }
+        s.types.get_mut("user_id").unwrap().limit = None;
+    })
+}
+
 fn to_event(r: &pb::IdentifyRequest) -> IdentifyEvent {
     IdentifyEvent {
         event_id: r.event_id.clone(),
@@ -303,21 +317,7 @@ fn pairwise(ids: &[RawIdentifier], cluster: &HashMap<String, String>, reference:
 async fn a_bad_candidate_is_stopped_at_its_first_step_and_its_merges_are_undone() {
     let _serial = SERIAL.lock().await;
     let c = Cluster::start().await;
-    // The bad version: no user-id limit and no blocklist, so the placeholder
-    // "guest" joins strangers.
-    put_rules(
-        &c,
-        rules_with("v2-no-blocklist", |s| {
-            s.blocked.values.clear();
-            s.blocked.patterns.clear();
-            for t in s.types.values_mut() {
-                t.blocked.clear();
-                t.blocked_patterns.clear();
-            }
-            s.types.get_mut("user_id").unwrap().limit = None;
-        }),
-    )
-    .await;
+    put_rules(&c, no_blocklist()).await;
     let mut all: Vec<pb::IdentifyRequest> = Vec::new();
     let mut g = c.running().next().unwrap().1.client().await;
     for p in 0..KNOWN {
@@ -482,15 +482,7 @@ async fn killing_the_coordinators_node_neither_loses_nor_restarts_the_rollout() 
 async fn a_shadow_step_stops_a_bad_candidate_before_it_writes_anything() {
     let _serial = SERIAL.lock().await;
     let c = Cluster::start().await;
-    put_rules(
-        &c,
-        rules_with("v2-no-blocklist", |s| {
-            s.blocked.values.clear();
-            s.blocked.patterns.clear();
-            s.types.get_mut("user_id").unwrap().limit = None;
-        }),
-    )
-    .await;
+    put_rules(&c, no_blocklist()).await;
     let mut g = c.running().next().unwrap().1.client().await;
     for p in 0..KNOWN {
         g.identify(known_person(p)).await.expect("a known person is stored");

@@ -219,7 +219,7 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
         // The records never go back: an entry the store has applied already
         // (openraft may hand it again after an older snapshot was offered,
         // see `install_snapshot`) is answered and not applied twice.
-        let (already, _) = self.applied()?;
+        let already: Option<LogId> = self.meta::<Option<LogId>>(APPLIED)?.flatten();
         for entry in entries {
             let log_id = entry.log_id;
             if already.is_some_and(|a| a.index >= log_id.index) {
