@@ -39,6 +39,7 @@ impl Default for KpiLedger {
 /// What the ledger keeps of an event before it is resolved: its traffic
 /// mix, and its identifiers (for a shadow's components, which keep only
 /// hashes of them).
+#[derive(Clone)]
 pub struct EventMix {
     source: String,
     types: Vec<String>,

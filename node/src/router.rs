@@ -409,10 +409,7 @@ impl ShardRouter {
             };
             let router = self.clone();
             let version = rules.version().to_string();
-            let mix_of_shadow = match &cmd.kind {
-                CommandKind::Identify(ev) if shadow.is_some() => Some(EventMix::of(ev)),
-                _ => None,
-            };
+            let mix_of_shadow = shadow.as_ref().and(mix.clone());
             let kpis = self.kpis.clone();
             let run = tokio::spawn(async move {
                 let (Some((rollout, shadow, slot)), Some(mix)) = (shadow, mix_of_shadow) else {
