@@ -5,8 +5,9 @@
    import each other without a circle: every `crate::<module>` path in a
    file is an arrow from the file's module to that module.
 2. Only the edges name the generated proto types (`idgraph_proto`): the
-   client-facing adapters (`service`), the peer transport (`peer`) and the
-   process wiring (`server.rs`, `main.rs`).
+   client-facing adapters (`service`), the peer transport (`peer`), the
+   transport security around both (`auth`, `tls`: the bearer token on the
+   wire) and the process wiring (`server.rs`, `main.rs`).
 
 Prints each violation and exits 1 if there is one. Usage: .ci/layers.py
 """
@@ -15,7 +16,7 @@ import re
 import sys
 
 SRC = pathlib.Path(__file__).resolve().parent.parent / "node" / "src"
-PROTO_ALLOWED = {"service", "peer", "server", "main"}
+PROTO_ALLOWED = {"service", "peer", "auth", "tls", "server", "main"}
 
 
 def module_of(path: pathlib.Path) -> str:

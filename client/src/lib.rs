@@ -8,12 +8,17 @@
 //! - [`load`]: bulk ingest over `IdentifyStream` with a summary.
 
 use futures::StreamExt;
+use idgraph_proto::auth::BearerToken;
 use idgraph_proto::v1 as pb;
 use pb::admin_client::AdminClient;
 use pb::identity_graph_client::IdentityGraphClient;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 pub use idgraph_proto;
 
@@ -31,36 +36,88 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
 }
 
+/// How a client proves who it is and checks the node: a bearer token
+/// (`--token`, `IDGRAPH_TOKEN`) and the certificate authority that signed
+/// the node's certificate (`--ca-cert`; with it, or an `https://`
+/// endpoint, the connection is TLS).
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    pub token: Option<String>,
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// The name the node's certificate must carry, when it differs from the
+    /// endpoint's host (an address, a tunnel).
+    pub tls_domain: Option<String>,
+}
+
+/// The channel every call of a [`Client`] goes over, with its token.
+pub type Transport = InterceptedService<Channel, BearerToken>;
+
 /// A connection to one idgraph node.
 #[derive(Clone)]
 pub struct Client {
-    graph: IdentityGraphClient<Channel>,
-    admin: AdminClient<Channel>,
+    graph: IdentityGraphClient<Transport>,
+    admin: AdminClient<Transport>,
+    channel: Channel,
 }
 
 impl Client {
     /// Connects to `endpoint` (`http://host:port`; a bare `host:port` is
-    /// taken as plain-text HTTP/2).
+    /// taken as plain-text HTTP/2) without credentials.
     pub async fn connect(endpoint: &str) -> Result<Client, ClientError> {
-        let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
-        let ep = Endpoint::from_shared(uri).map_err(|e| ClientError::Endpoint { endpoint: endpoint.into(), reason: e.to_string() })?;
+        Client::connect_with(endpoint, &Credentials::default()).await
+    }
+
+    /// Connects to `endpoint` with `credentials`.
+    pub async fn connect_with(endpoint: &str, credentials: &Credentials) -> Result<Client, ClientError> {
+        let bad = |reason: String| ClientError::Endpoint { endpoint: endpoint.into(), reason };
+        let tls = credentials.ca_cert.is_some() || endpoint.starts_with("https://");
+        let uri = match (endpoint.contains("://"), tls) {
+            (true, _) => endpoint.to_string(),
+            (false, true) => format!("https://{endpoint}"),
+            (false, false) => format!("http://{endpoint}"),
+        };
+        let mut ep = Endpoint::from_shared(uri).map_err(|e| bad(e.to_string()))?;
+        if tls {
+            let mut config = ClientTlsConfig::new().with_webpki_roots();
+            if let Some(ca) = &credentials.ca_cert {
+                let pem = std::fs::read(ca).map_err(|e| bad(format!("--ca-cert {}: {e}", ca.display())))?;
+                config = config.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let Some(domain) = &credentials.tls_domain {
+                config = config.domain_name(domain.clone());
+            }
+            ep = ep.tls_config(config).map_err(|e| bad(e.to_string()))?;
+        }
+        let token = match &credentials.token {
+            Some(t) => BearerToken::new(t.trim()).map_err(|e| bad(format!("--token: {e}")))?,
+            None => BearerToken::none(),
+        };
         let channel = ep.connect_timeout(Duration::from_secs(5)).connect().await.map_err(|e| ClientError::Connect {
             endpoint: endpoint.into(),
             reason: format!("{e} ({})", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()),
         })?;
         let max = 64 * 1024 * 1024;
         Ok(Client {
-            graph: IdentityGraphClient::new(channel.clone()).max_decoding_message_size(max),
-            admin: AdminClient::new(channel).max_decoding_message_size(max),
+            graph: IdentityGraphClient::with_interceptor(channel.clone(), token.clone()).max_decoding_message_size(max),
+            admin: AdminClient::with_interceptor(channel.clone(), token).max_decoding_message_size(max),
+            channel,
         })
     }
 
-    pub fn graph(&mut self) -> &mut IdentityGraphClient<Channel> {
+    pub fn graph(&mut self) -> &mut IdentityGraphClient<Transport> {
         &mut self.graph
     }
 
-    pub fn admin(&mut self) -> &mut AdminClient<Channel> {
+    pub fn admin(&mut self) -> &mut AdminClient<Transport> {
         &mut self.admin
+    }
+
+    /// The node's health (`grpc.health.v1`, no token needed): whether it
+    /// serves its shards.
+    pub async fn serving(&self) -> Result<bool, ClientError> {
+        let mut health = HealthClient::new(self.channel.clone());
+        let answer = health.check(HealthCheckRequest { service: String::new() }).await?.into_inner();
+        Ok(answer.status == ServingStatus::Serving as i32)
     }
 }
 

@@ -17,6 +17,18 @@ struct Cli {
     /// Node to talk to.
     #[arg(long, global = true, env = "IDGRAPH_ENDPOINT", default_value = "http://127.0.0.1:50051")]
     endpoint: String,
+    /// Bearer token to send (a cluster that checks tokens needs one: role
+    /// client for events and profiles, admin for everything else).
+    #[arg(long, global = true, env = "IDGRAPH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM certificate of the authority that signed the node's certificate;
+    /// with it (or an https:// endpoint) the connection uses TLS.
+    #[arg(long, global = true, env = "IDGRAPH_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
+    /// Name the node's certificate must carry, when it differs from the
+    /// endpoint's host.
+    #[arg(long, global = true, env = "IDGRAPH_TLS_DOMAIN")]
+    tls_domain: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -56,6 +68,25 @@ enum Command {
     /// are, moves under way, and its own replicas' leaders, log indexes, lag.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// The audit log: operator actions, who made them, when, on what.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Whether the node serves its shards (grpc.health.v1; no token
+    /// needed): exits 0 when it does, 1 when not.
+    Health,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Entries, oldest first.
+    List {
+        /// Only entries after this entry id.
+        #[arg(long, default_value = "")]
+        after: String,
+        /// At most this many (up to 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -254,7 +285,8 @@ async fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     let output = cli.output;
-    let mut client = Client::connect(&cli.endpoint).await?;
+    let credentials = idgraph_client::Credentials { token: cli.token, ca_cert: cli.ca_cert, tls_domain: cli.tls_domain };
+    let mut client = Client::connect_with(&cli.endpoint, &credentials).await?;
     match cli.command {
         Command::Identify(a) => {
             let req = pb::IdentifyRequest {
@@ -327,6 +359,17 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Rules(cmd) => rules(&mut client, cmd, output).await,
         Command::Canary(cmd) => canary(&mut client, cmd, output).await,
+        Command::Audit(AuditCmd::List { after, limit }) => {
+            show(&client.admin().list_audit(pb::ListAuditRequest { after, limit }).await?.into_inner(), output)
+        }
+        Command::Health => {
+            let serving = client.serving().await?;
+            show(&render::Health { serving }, output)?;
+            if !serving {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Stats => show(&client.admin().get_stats(pb::GetStatsRequest {}).await?.into_inner(), output),
         Command::Cluster(cmd) => {
             let c = match cmd {

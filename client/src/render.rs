@@ -163,6 +163,37 @@ impl Render for pb::MergeRecord {
     }
 }
 
+impl Render for pb::ListAuditResponse {
+    fn human(&self) -> String {
+        let mut t = table(&["id", "when (UTC)", "who", "node", "action", "target", "outcome"]);
+        for e in &self.entries {
+            let when = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.at_ms.max(0) as u64));
+            t.add_row(vec![
+                e.id.clone(),
+                when.to_string(),
+                e.who.clone(),
+                e.node_id.to_string(),
+                e.action.clone(),
+                e.target.clone(),
+                e.outcome.clone(),
+            ]);
+        }
+        t.to_string()
+    }
+}
+
+/// `idgraphctl health`.
+#[derive(Serialize)]
+pub struct Health {
+    pub serving: bool,
+}
+
+impl Render for Health {
+    fn human(&self) -> String {
+        if self.serving { "SERVING" } else { "NOT_SERVING" }.to_string()
+    }
+}
+
 impl Render for pb::ListHubsResponse {
     fn human(&self) -> String {
         let mut t = table(&["identifier", "profile", "reason", "listed_at_ms"]);

@@ -142,6 +142,28 @@ pub enum MetaCommand {
     },
     /// A step of the canary rollout (see [`crate::canary`]).
     Canary(CanaryCommand),
+    /// Records an operator action in the audit log.
+    Audit(AuditEntry),
+}
+
+/// One operator action, as the audit log keeps it. It names profiles,
+/// versions, rollouts and nodes, never an identifier's value: the log
+/// outlives a GDPR erasure and must not undo it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// A ULID: entries sort by the time they were made.
+    pub id: String,
+    pub at_ms: i64,
+    /// The caller's token name (`anonymous` on a cluster without tokens).
+    pub who: String,
+    /// The node that took the call.
+    pub node_id: u64,
+    /// The gRPC method, e.g. `DeleteProfile`.
+    pub action: String,
+    /// What it acted on, e.g. `profile 01H...`.
+    pub target: String,
+    /// `OK` or the gRPC status code it was refused with, and why.
+    pub outcome: String,
 }
 
 /// Why the map refused a command.
@@ -287,8 +309,8 @@ impl ClusterMap {
                     members.remove(&remove);
                 }
             }
-            MetaCommand::PutRuleSet { .. } | MetaCommand::Canary(_) => {
-                return refuse("rule sets and rollouts change through meta::execute, which reads the store");
+            MetaCommand::PutRuleSet { .. } | MetaCommand::Canary(_) | MetaCommand::Audit(_) => {
+                return refuse("rule sets, rollouts and the audit log change through meta::execute, which reads the store");
             }
         }
         next.version = self.version + 1;
@@ -378,6 +400,7 @@ impl ClusterMap {
 const RULES_PREFIX: &str = "rules.";
 const ROLLOUT_KEY: &str = "canary.current";
 const FINISHED_PREFIX: &str = "canary.done.";
+const AUDIT_PREFIX: &str = "audit.";
 
 /// What made a metadata command fail.
 #[derive(Debug, thiserror::Error)]
@@ -416,6 +439,21 @@ pub fn current_rollout<R: GraphRead + ?Sized>(store: &R) -> Result<Option<Rollou
 /// Finished rollouts, oldest first (ids are ULIDs).
 pub fn finished_rollouts<R: GraphRead + ?Sized>(store: &R) -> Result<Vec<Rollout>, StoreError> {
     store.meta_prefix(FINISHED_PREFIX)?.into_iter().map(|(k, v)| decode(k.as_bytes(), &v)).collect()
+}
+
+/// The audit log's entries made after the entry `after` (all: empty), oldest
+/// first, at most `limit`.
+pub fn audit_entries<R: GraphRead + ?Sized>(store: &R, after: &str, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+    let mut out = Vec::new();
+    for (k, v) in store.meta_prefix(AUDIT_PREFIX)? {
+        if after.is_empty() || k[AUDIT_PREFIX.len()..] > *after {
+            out.push(decode(k.as_bytes(), &v)?);
+            if out.len() == limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Applies a metadata command to the metadata group's store: the changes
@@ -489,6 +527,13 @@ pub fn execute<R: GraphRead + ?Sized>(store: &R, cmd: &MetaCommand) -> Result<(C
                 cs.push(Change::PutMeta(ROLLOUT_KEY.into(), encode(&rollout)));
             }
             next
+        }
+        MetaCommand::Audit(entry) => {
+            if entry.id.is_empty() || entry.id.contains('.') {
+                return Err(MetaRefusal("an audit entry needs an id without dots".into()).into());
+            }
+            cs.push(Change::PutMeta(format!("{AUDIT_PREFIX}{}", entry.id), encode(entry)));
+            map.clone()
         }
         other => map.apply(other)?,
     };
@@ -709,6 +754,29 @@ mod tests {
     enum Change {
         Join,
         Drain(u64),
+    }
+
+    #[test]
+    fn audit_entries_are_kept_in_order_and_leave_the_map_alone() {
+        let store = crate::graph::MemStore::default();
+        let entry = |id: &str| AuditEntry {
+            id: id.into(),
+            at_ms: 1,
+            who: "ops".into(),
+            node_id: 1,
+            action: "DeleteProfile".into(),
+            target: "profile p1".into(),
+            outcome: "OK".into(),
+        };
+        let before = read_map(&store).unwrap();
+        for id in ["01B", "01A", "01C"] {
+            let map = run(&store, MetaCommand::Audit(entry(id))).unwrap();
+            assert_eq!(map, before, "an audit entry does not change the map");
+        }
+        let ids = |after: &str, limit: usize| audit_entries(&store, after, limit).unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(ids("", 10), ["01A", "01B", "01C"]);
+        assert_eq!(ids("01A", 1), ["01B"]);
+        assert!(run(&store, MetaCommand::Audit(entry(""))).is_err());
     }
 
     proptest! {

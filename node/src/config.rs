@@ -98,6 +98,36 @@ pub struct NodeConfig {
     /// `ADVERTISED=DIAL,...` (a local proxy or tunnel in front of a peer);
     /// empty: dial every peer at its advertised address.
     pub peer_routes: String,
+    /// The address peers and clients reach this node at, `HOST:PORT` (a DNS
+    /// name is fine: a StatefulSet pod's stable name); empty: the address
+    /// the node listens on.
+    pub advertise: String,
+    /// Where to serve Prometheus metrics (`GET /metrics`) and, in plain
+    /// text, the gRPC health service (for probes that cannot speak TLS);
+    /// none: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// A file of bearer tokens, one `NAME:ROLE:SECRET` per line (roles
+    /// `client`, `admin`, `peer`; `#` starts a comment); with
+    /// `auth_tokens`, every call must carry one. Read again when it changes.
+    pub auth_tokens_file: Option<PathBuf>,
+    /// Bearer tokens as `NAME:ROLE:SECRET`, separated by commas (for an
+    /// environment variable); none here and no file: calls are not
+    /// authenticated.
+    pub auth_tokens: String,
+    /// PEM certificate chain this node serves TLS with (and, with
+    /// `tls_peer_mtls`, presents to peers); with `tls_key_file`, the node
+    /// serves TLS only. Read again when the file changes.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM certificates of the authority that signed the peers'
+    /// certificates: trusted when dialling peers, and checked on peers'
+    /// client certificates with `tls_peer_mtls`.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Mutual TLS between nodes: the node presents its certificate to the
+    /// peers it dials, and takes peer calls only from a client certificate
+    /// that `tls_ca_file` signed.
+    pub tls_peer_mtls: bool,
 }
 
 impl Default for NodeConfig {
@@ -124,6 +154,14 @@ impl Default for NodeConfig {
             storage_compression: false,
             join: String::new(),
             peer_routes: String::new(),
+            advertise: String::new(),
+            metrics_listen: None,
+            auth_tokens_file: None,
+            auth_tokens: String::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
+            tls_peer_mtls: false,
         }
     }
 }
@@ -147,6 +185,10 @@ pub struct Overrides {
     pub join: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shards: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Environment variables read (`IDGRAPH_` + the field name in capitals).
@@ -172,6 +214,14 @@ const ENV_FIELDS: &[&str] = &[
     "storage_compression",
     "join",
     "peer_routes",
+    "advertise",
+    "metrics_listen",
+    "auth_tokens_file",
+    "auth_tokens",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_ca_file",
+    "tls_peer_mtls",
 ];
 
 impl NodeConfig {
@@ -236,6 +286,17 @@ impl NodeConfig {
             return bad("initial_cluster", "must list this node's node_id");
         }
         self.routes().map_err(|reason| ConfigError::Invalid { field: "peer_routes", reason })?;
+        if !self.advertise.is_empty() {
+            check_host_port(&self.advertise).map_err(|reason| ConfigError::Invalid { field: "advertise", reason })?;
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return bad("tls_key_file", "give tls_cert_file and tls_key_file together");
+        }
+        if self.tls_peer_mtls && (self.tls_cert_file.is_none() || self.tls_ca_file.is_none()) {
+            return bad("tls_peer_mtls", "needs tls_cert_file, tls_key_file and tls_ca_file");
+        }
+        crate::auth::TokenBook::parse(&self.auth_tokens, "auth_tokens")
+            .map_err(|e| ConfigError::Invalid { field: "auth_tokens", reason: e.to_string() })?;
         Ok(())
     }
 
@@ -254,6 +315,11 @@ impl NodeConfig {
             }
         }
         Ok(out)
+    }
+
+    /// Whether the node serves TLS.
+    pub fn tls(&self) -> bool {
+        self.tls_cert_file.is_some()
     }
 
     /// The bootstrap members from `initial_cluster` (empty: single node).
@@ -279,7 +345,7 @@ impl NodeConfig {
         for part in self.initial_cluster.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (id, addr) = part.split_once('=').ok_or_else(|| format!("{part:?} is not ID=HOST:PORT"))?;
             let id: u64 = id.trim().parse().map_err(|_| format!("{id:?} is not a node id"))?;
-            if id == 0 || addr.trim().is_empty() {
+            if id == 0 || check_host_port(addr.trim()).is_err() {
                 return Err(format!("{part:?} is not ID=HOST:PORT"));
             }
             if out.insert(id, addr.trim().to_string()).is_some() {
@@ -298,6 +364,14 @@ impl NodeConfig {
                 RuleSet::from_toml(&text).map_err(|source| ConfigError::Rules { path: path.clone(), source })
             }
         }
+    }
+}
+
+/// `HOST:PORT` with a host name or address and a port number.
+pub fn check_host_port(addr: &str) -> Result<(), String> {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
+        _ => Err(format!("{addr:?} is not HOST:PORT")),
     }
 }
 
@@ -352,6 +426,16 @@ mod tests {
         let mut fields: Vec<&str> = fields.iter().map(String::as_str).collect();
         fields.sort();
         assert_eq!(env, fields);
+    }
+
+    #[test]
+    fn the_kubernetes_config_map_is_a_valid_node_configuration() {
+        let manifest = include_str!("../../deploy/kubernetes/configmap.yaml");
+        let start = manifest.find("idgraph.toml: |").expect("the ConfigMap holds idgraph.toml");
+        let toml: String = manifest[start..].lines().skip(1).map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l))).collect();
+        let parsed: NodeConfig = Figment::from(Serialized::defaults(NodeConfig::default())).merge(Toml::string(&toml)).extract().unwrap();
+        parsed.validate().unwrap();
+        assert!(parsed.tls() && parsed.tls_peer_mtls && parsed.metrics_listen.is_some());
     }
 
     #[test]

@@ -23,14 +23,20 @@
 //! - [`kpi`]: per rule-set version counts of resolved events, collected by
 //!   the canary coordinator.
 //! - [`canary`]: the canary coordinator on the metadata leader.
-//! - [`config`] and [`server`]: configuration and process wiring.
+//! - [`auth`]: bearer tokens and roles, checked in front of every service.
+//! - [`tls`]: TLS for the gRPC port (certificates reloaded) and for peers.
+//! - [`metrics`]: the Prometheus metrics and the request-counting layer.
+//! - [`config`] and [`server`]: configuration and process wiring (the
+//!   metrics endpoint and readiness included).
 //! - [`crash`]: named crash points for crash tests (`failpoints` feature).
 
+pub mod auth;
 pub mod canary;
 pub mod config;
 pub mod crash;
 pub mod error;
 pub mod kpi;
+pub mod metrics;
 pub mod peer;
 pub mod placement;
 pub mod raft;
@@ -39,4 +45,5 @@ pub mod server;
 pub mod service;
 pub mod shard;
 pub mod storage;
+pub mod tls;
 pub mod txn;

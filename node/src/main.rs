@@ -45,6 +45,13 @@ struct Args {
     /// Join a running cluster through any member (HOST:PORT).
     #[arg(long)]
     join: Option<String>,
+    /// The address peers and clients reach this node at (HOST:PORT; default:
+    /// the listen address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Serve Prometheus metrics and plain-text gRPC health on this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Print the built-in rule set and exit.
     #[arg(long)]
     print_default_rules: bool,
@@ -100,6 +107,8 @@ async fn main() -> anyhow::Result<()> {
         initial_cluster: args.initial_cluster,
         join: args.join,
         shards: args.shards,
+        advertise: args.advertise,
+        metrics_listen: args.metrics_listen,
     };
     let config = NodeConfig::load(args.config.as_deref(), &overrides)?;
     init_logs(&config);
@@ -121,12 +130,16 @@ async fn main() -> anyhow::Result<()> {
         }
         started => started.context("starting the node")?,
     };
-    // The first line on stdout says where the node listens (scripts and
-    // tests that start it on port 0 read it). A reader that has gone (after
+    // A line on stdout says where the node listens (scripts and tests that
+    // start it on port 0 read it), after one saying where its metrics are
+    // served, when they are. A reader that has gone (after
     // the first line, before a restart in place) is no reason to stop.
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
+        if let Some(metrics) = node.metrics_addr() {
+            let _ = writeln!(out, "idgraph-node metrics on {metrics}");
+        }
         let _ = writeln!(out, "idgraph-node listening on {}", node.addr()).and_then(|()| out.flush());
     }
     let addr = node.addr();

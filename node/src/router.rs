@@ -9,6 +9,7 @@
 
 use crate::error::RequestError;
 use crate::kpi::{EventMix, KpiLedger};
+use crate::metrics::NodeMetrics;
 use crate::peer::Peers;
 use crate::raft::{
     LeadershipStep, ReplicaDigest, ReplicaStatus, Replicas, ShardCommand, ShardFailure, ShardRead, ShardReplica, ShardReply, ShardRequest,
@@ -19,7 +20,7 @@ use idgraph_core::canary::KpiCounts;
 use idgraph_core::canary::{MergeStamp, Rollout};
 use idgraph_core::engine::EngineError;
 use idgraph_core::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileRef};
-use idgraph_core::meta::{ClusterMap, MetaCommand};
+use idgraph_core::meta::{AuditEntry, ClusterMap, MetaCommand};
 use idgraph_core::model::{Counters, GroupId, HubRecord, Identifier, MergeRecord, ShardId};
 use idgraph_core::rules::RuleSet;
 use ractor::rpc::CallResult;
@@ -63,6 +64,8 @@ pub struct ShardRouter {
     book: Arc<RwLock<HashMap<String, Arc<RuleSet>>>>,
     /// What events each version resolved, for the canary coordinator.
     kpis: KpiLedger,
+    /// The node's Prometheus counters.
+    metrics: Arc<NodeMetrics>,
     timeout: Duration,
     peers: Peers,
     /// The replicas this node holds.
@@ -129,6 +132,7 @@ impl ShardRouter {
             rules,
             book,
             kpis: KpiLedger::default(),
+            metrics: NodeMetrics::new(),
             timeout,
             peers,
             replicas,
@@ -186,6 +190,73 @@ impl ShardRouter {
         }
         out.sort_by_key(|(shard, _)| *shard);
         Ok(out)
+    }
+
+    /// Whether the node can serve: it has a cluster map, and every group
+    /// the map gives it has a replica here that knows its leader.
+    pub fn serves_its_groups(&self) -> bool {
+        let map = self.cluster();
+        if !map.is_bootstrapped() {
+            return false;
+        }
+        let held: HashMap<GroupId, ShardReplica> = self.local_replicas().into_iter().map(|r| (r.group, r)).collect();
+        map.groups_of(self.node_id).into_iter().all(|g| held.get(&g).is_some_and(|r| r.status().leader_id != 0))
+    }
+
+    /// Sets the metrics' gauges from this node's replicas and data
+    /// directory, as of now (each scrape).
+    pub fn refresh_gauges(&self, data_dir: &std::path::Path) {
+        use crate::raft::RaftRole;
+        use idgraph_core::graph::GraphRead;
+        let m = &self.metrics;
+        let groups = [&m.raft_role, &m.raft_term, &m.raft_last_log_index, &m.raft_applied_index, &m.raft_snapshot_index, &m.snapshot_bytes];
+        // Groups this node no longer holds drop out.
+        for g in groups {
+            g.reset();
+        }
+        let mut hubs = 0;
+        for r in self.local_replicas() {
+            let s = r.status();
+            let label = match r.group {
+                GroupId::Meta => "meta".to_string(),
+                GroupId::Shard(n) => format!("shard-{}", n.0),
+            };
+            let role = match s.role {
+                RaftRole::Follower => 0,
+                RaftRole::Candidate => 1,
+                RaftRole::Leader => 2,
+                RaftRole::Learner => 3,
+                RaftRole::Shutdown => -1,
+            };
+            let label = [label.as_str()];
+            m.raft_role.with_label_values(&label).set(role);
+            m.raft_term.with_label_values(&label).set(s.term as i64);
+            m.raft_last_log_index.with_label_values(&label).set(s.last_log_index as i64);
+            m.raft_applied_index.with_label_values(&label).set(s.applied_index as i64);
+            m.raft_snapshot_index.with_label_values(&label).set(s.snapshot_index as i64);
+            m.snapshot_bytes.with_label_values(&label).set(r.store.image_bytes() as i64);
+            if s.role == RaftRole::Leader && r.group != GroupId::Meta {
+                hubs += r.store.counters().map_or(0, |c| c.hubs);
+            }
+        }
+        m.hubs.set(hubs);
+        let (mut log, mut store) = (0u64, 0u64);
+        let mut dirs = vec![(data_dir.to_path_buf(), false)];
+        while let Some((dir, in_log)) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                let in_log = in_log || (dir == data_dir && entry.file_name() == "log");
+                if meta.is_dir() {
+                    dirs.push((entry.path(), in_log));
+                } else if in_log {
+                    log += meta.len();
+                } else {
+                    store += meta.len();
+                }
+            }
+        }
+        m.log_bytes.set(log as i64);
+        m.storage_bytes.set(store as i64);
     }
 
     fn local_replicas(&self) -> Vec<ShardReplica> {
@@ -438,7 +509,29 @@ impl ShardRouter {
         if let Some(mix) = mix {
             self.kpis.record(&version, anchor, &mix, &result, Some(started.elapsed()));
         }
+        self.count(&result);
         result
+    }
+
+    /// Counts a command's result in the node's metrics.
+    fn count(&self, result: &Result<Outcome, RequestError>) {
+        let m = &self.metrics;
+        match result {
+            Ok(Outcome::Identify(o)) => {
+                m.events.inc();
+                m.merges.inc_by(o.merged_profile_ids.len() as u64);
+                m.conflicts.inc_by(o.conflicts.len() as u64);
+                if o.created {
+                    m.new_profiles.inc();
+                }
+            }
+            Err(RequestError::Aborted(_)) => m.txn_aborts.inc(),
+            _ => {}
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.metrics
     }
 
     async fn read(&self, shard: GroupId, r: ShardRead) -> Result<ShardReply, RequestError> {
@@ -574,6 +667,28 @@ impl ShardRouter {
         }
     }
 
+    /// Records an operator action in the audit log (the metadata group).
+    pub async fn audit(&self, who: String, action: &str, target: String, outcome: String) -> Result<(), RequestError> {
+        let entry = AuditEntry {
+            id: ulid::Ulid::new().to_string(),
+            at_ms: self.now_ms(),
+            who,
+            node_id: self.node_id,
+            action: action.to_string(),
+            target,
+            outcome,
+        };
+        self.change_cluster(MetaCommand::Audit(entry)).await.map(|_| ())
+    }
+
+    /// Audit log entries after the entry `after` (all: empty), oldest first.
+    pub async fn audit_log(&self, after: String, limit: usize) -> Result<Vec<AuditEntry>, RequestError> {
+        match self.read(GroupId::Meta, ShardRead::Audit { after, limit }).await? {
+            ShardReply::Audit(entries) => Ok(entries),
+            _ => Err(RequestError::Internal("an audit listing was answered with something else".into())),
+        }
+    }
+
     /// Merges made on a shard under a rule-set version.
     pub async fn merges_under(&self, shard: ShardId, rule_version: &str) -> Result<Vec<MergeStamp>, RequestError> {
         match self.read(shard.into(), ShardRead::MergesUnder { rule_version: rule_version.to_string() }).await? {
@@ -681,6 +796,10 @@ impl ShardRouter {
 impl ShardAccess for ShardRouter {
     fn shard_count(&self) -> u32 {
         self.map.count()
+    }
+
+    fn retried(&self) {
+        self.metrics.txn_retries.inc();
     }
 
     fn now_ms(&self) -> i64 {

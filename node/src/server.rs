@@ -37,12 +37,19 @@ pub enum ServerError {
     Actors(String),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tokens(#[from] crate::auth::TokenError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("configuration field `{field}`: {reason}")]
+    Security { field: &'static str, reason: String },
 }
 
 /// A started node. Drop it without [`RunningNode::shutdown`] only in a
 /// crash test.
 pub struct RunningNode {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     router: ShardRouter,
     db: SledDb,
     log: NodeLog,
@@ -55,6 +62,8 @@ pub struct RunningNode {
     sweeper: JoinHandle<()>,
     placement: JoinHandle<()>,
     canary: JoinHandle<()>,
+    /// Readiness, certificate and token reloads, the metrics endpoint.
+    background: Vec<JoinHandle<()>>,
 }
 
 /// Why a node's storage must be reopened.
@@ -68,6 +77,11 @@ impl RunningNode {
     /// The address the node serves on (the bound port when configured 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address metrics and plain-text health are served on, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn router(&self) -> &ShardRouter {
@@ -150,6 +164,9 @@ impl RunningNode {
         self.sweeper.abort();
         self.placement.abort();
         self.canary.abort();
+        for task in &self.background {
+            task.abort();
+        }
         for shard in self.router.hosted() {
             if let Some(a) = ActorRef::<crate::shard::ShardMsg>::where_is(shard_actor_name(&self.node, shard)) {
                 let _ = a.stop_and_wait(Some("node shutting down".into()), Some(Duration::from_secs(10))).await;
@@ -164,12 +181,11 @@ impl RunningNode {
 }
 
 /// Asks a member of a running cluster to add this node, until it is done.
-async fn join_cluster(via: String, node_id: u64, addr: String) {
-    use idgraph_proto::v1::admin_client::AdminClient;
+async fn join_cluster(peers: Peers, via: String, node_id: u64, addr: String) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let attempt = async {
-            let mut admin = AdminClient::connect(format!("http://{via}")).await.map_err(|e| e.to_string())?;
+            let mut admin = peers.admin(&via)?;
             admin.add_node(idgraph_proto::v1::AddNodeRequest { node_id, addr: addr.clone() }).await.map_err(|s| s.message().to_string())
         };
         match attempt.await {
@@ -279,7 +295,16 @@ fn initialiser(map: &ClusterMap, group: GroupId) -> Option<u64> {
 
 pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Result<RunningNode, ServerError> {
     let joining = !config.join.is_empty();
-    let peers = Peers::new(config.routes().map_err(|reason| ServerError::Actors(format!("peer_routes: {reason}")))?);
+    let tokens = crate::auth::Tokens::load(&config.auth_tokens, config.auth_tokens_file.as_deref())?;
+    let peer_secret = tokens.current().peer_secret();
+    if !tokens.current().is_empty() && peer_secret.is_none() && (joining || !config.initial_cluster.is_empty()) {
+        return Err(ServerError::Security {
+            field: "auth_tokens",
+            reason: "a cluster that checks tokens needs a token with the role peer, which its nodes send to each other".into(),
+        });
+    }
+    let security = crate::tls::PeerSecurity::from_config(config, peer_secret.as_deref())?;
+    let peers = Peers::new(config.routes().map_err(|reason| ServerError::Actors(format!("peer_routes: {reason}")))?, security);
     let joined = if joining { Some(cluster_to_join(&peers, &config.join).await?) } else { None };
     // The shard count is fixed when a cluster is created: a joining node
     // takes the cluster's, a restarted one its data directory's unless one
@@ -296,6 +321,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let advertised = if config.advertise.is_empty() { addr.to_string() } else { config.advertise.clone() };
 
     // A static cluster (or a standalone node: a cluster of itself) starts
     // from the map every member computes alike; a joining node from the
@@ -303,7 +329,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     let mut members = config.members().map_err(|reason| ServerError::Actors(format!("initial_cluster: {reason}")))?;
     let standalone = members.is_empty() && !joining;
     if standalone {
-        members.insert(config.node_id, addr.to_string());
+        members.insert(config.node_id, advertised.clone());
     }
     let initial = (!joining).then(|| ClusterMap::initial(&members, shards.count(), config.replication_factor, rules.version()));
     // Groups are initialised on a static cluster's first start only (and
@@ -349,6 +375,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         peers.clone(),
         replicas.clone(),
     );
+    let metrics = router.metrics().clone();
     if let Some(map) = initial.clone().or(joined) {
         router.set_cluster(map);
     }
@@ -357,9 +384,9 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     let transport = RaftTransportServer::new(RaftTransportService::new(replicas.clone(), router.cluster_handle(), router.kpis().clone()))
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
+    // Not serving until the node serves its shards (see `readiness`).
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<IdentityGraphServer<IdentityGraphService>>().await;
-    health.set_serving::<AdminServer<AdminService>>().await;
+    set_health(&health, false).await;
     // Reflection, both protocol versions, over the same descriptors.
     let descriptors = || {
         tonic_reflection::server::Builder::configure()
@@ -377,22 +404,47 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     let admin = AdminServer::new(AdminService::new(router.clone())).max_decoding_message_size(max);
 
     let (tx, rx) = oneshot::channel::<()>();
-    // Small request/response messages: no Nagle delay.
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(Duration::from_secs(60)));
-    let serve = tokio::spawn(
-        tonic::transport::Server::builder()
-            .layer(tower::util::MapResponseLayer::new(status::fix_oversized_response))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(transport)
-            .add_service(graph)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = rx.await;
-            }),
-    );
+    let mut background = Vec::new();
+    let routes = tonic::transport::Server::builder()
+        .layer(crate::metrics::RequestMetricsLayer(metrics.clone()))
+        .layer(crate::auth::AuthLayer::new(tokens.clone(), config.tls_peer_mtls))
+        .layer(tower::util::MapResponseLayer::new(status::fix_oversized_response))
+        .add_service(health_service.clone())
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(transport)
+        .add_service(graph)
+        .add_service(admin);
+    let stopped = async {
+        let _ = rx.await;
+    };
+    let serve = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let certificate = crate::tls::ServerCertificate::load(cert, key)?;
+            background.push(certificate.spawn_reloader(RELOAD_EVERY));
+            let incoming = crate::tls::incoming(listener, crate::tls::server_config(config, certificate)?);
+            tokio::spawn(routes.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        _ => {
+            // Small request/response messages: no Nagle delay.
+            let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60)));
+            tokio::spawn(routes.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    };
+    background.push(tokens.spawn_reloader(RELOAD_EVERY));
+    let metrics_addr = match config.metrics_listen {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
+            let bound = listener.local_addr().map_err(|source| ServerError::Bind { addr: listen, source })?;
+            background.push(serve_metrics(listener, router.clone(), config.data_dir.clone(), health_service));
+            info!(addr = %bound, "serving metrics and plain-text health");
+            Some(bound)
+        }
+        None => None,
+    };
+    background.push(tokio::spawn(readiness(router.clone(), health)));
 
     let (supervisor, _) = Actor::spawn(
         Some(format!("idgraph-{node}-supervisor")),
@@ -417,13 +469,13 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         router: router.clone(),
         supervisor: supervisor.clone(),
         bootstrap: initial,
-        addr: addr.to_string(),
+        addr: advertised.clone(),
         balance_leaders: config.balance_leaders,
     });
 
     let canary = crate::canary::spawn(router.clone());
     if joining {
-        tokio::spawn(join_cluster(config.join.clone(), config.node_id, addr.to_string()));
+        tokio::spawn(join_cluster(peers.clone(), config.join.clone(), config.node_id, advertised.clone()));
     }
     let sweeper = {
         let router = router.clone();
@@ -438,6 +490,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     info!(%addr, node_id = config.node_id, data_dir = %config.data_dir.display(), rule_version = rules.version(), shards = shards.count(), "idgraph node serving");
     Ok(RunningNode {
         addr,
+        metrics_addr,
         router,
         db,
         log,
@@ -450,5 +503,73 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         sweeper,
         placement,
         canary,
+        background,
+    })
+}
+
+/// How often certificate and token files are checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(5);
+
+/// Sets the health of the whole server and of its two client services.
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+    health.set_service_status("", status).await;
+    if serving {
+        health.set_serving::<IdentityGraphServer<IdentityGraphService>>().await;
+        health.set_serving::<AdminServer<AdminService>>().await;
+    } else {
+        health.set_not_serving::<IdentityGraphServer<IdentityGraphService>>().await;
+        health.set_not_serving::<AdminServer<AdminService>>().await;
+    }
+}
+
+/// Keeps the health service (and `idgraph_ready`) in line with whether the
+/// node can serve: it has a cluster map, and every group the map gives it
+/// has a replica here that knows its leader. A node that holds no replica
+/// yet (just joined) serves by forwarding.
+async fn readiness(router: ShardRouter, health: tonic_health::server::HealthReporter) {
+    let mut was = None;
+    loop {
+        let ready = router.serves_its_groups();
+        if was != Some(ready) {
+            set_health(&health, ready).await;
+            router.metrics().ready.set(i64::from(ready));
+            info!(ready, "readiness changed");
+            was = Some(ready);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Serves `GET /metrics` (Prometheus text format) and the gRPC health
+/// service in plain text on the metrics listener.
+fn serve_metrics<H>(listener: tokio::net::TcpListener, router: ShardRouter, data_dir: std::path::PathBuf, health: H) -> JoinHandle<()>
+where
+    H: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>, Error = std::convert::Infallible>
+        + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    H::Future: Send + 'static,
+{
+    let scrape = move || {
+        let (router, data_dir) = (router.clone(), data_dir.clone());
+        async move {
+            let text = tokio::task::spawn_blocking(move || {
+                router.refresh_gauges(&data_dir);
+                router.metrics().encode()
+            })
+            .await
+            .unwrap_or_default();
+            ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+        }
+    };
+    let app = tonic::service::Routes::new(health).into_axum_router().route("/metrics", axum::routing::get(scrape));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "the metrics endpoint stopped");
+        }
     })
 }

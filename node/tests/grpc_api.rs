@@ -207,9 +207,19 @@ async fn health_and_reflection_serve_off_the_shelf_tools() {
     let node = node(dir.path()).await;
     let ch = channel(&node).await;
     let mut health = HealthClient::new(ch.clone());
+    // SERVING once the node serves its shards (elected leaders), soon after
+    // it starts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     for service in ["", "idgraph.v1.IdentityGraph", "idgraph.v1.Admin"] {
-        let r = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
-        assert_eq!(r.status, ServingStatus::Serving as i32, "{service:?}");
+        loop {
+            let r = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+            if r.status == ServingStatus::Serving as i32 {
+                break;
+            }
+            assert_eq!(r.status, ServingStatus::NotServing as i32, "{service:?}");
+            assert!(std::time::Instant::now() < deadline, "{service:?} not SERVING within 20 s");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
     let mut refl = ServerReflectionClient::new(ch);
     let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };

@@ -6,6 +6,7 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, served by gRPC
 //!   reflection so that off-the-shelf tools (grpcurl, Postman) work.
 //! - [`json`]: `google.protobuf.Struct` to and from JSON.
+//! - [`auth`]: the bearer token every call carries on a protected cluster.
 //!
 //! Generated types stay at the edge: the node converts them to its own
 //! domain types in `idgraph_node::service::convert`.
@@ -15,6 +16,7 @@ pub mod v1 {
     tonic::include_proto!("idgraph.v1");
 }
 
+pub mod auth;
 pub mod json;
 
 /// Encoded `FileDescriptorSet` of every idgraph proto file, for reflection.

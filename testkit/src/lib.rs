@@ -22,6 +22,8 @@ use tokio::process::{Child, Command};
 
 /// The line a node prints on stdout once it listens, before its address.
 pub const LISTENING: &str = "idgraph-node listening on ";
+/// The line before it when the node serves metrics, before their address.
+pub const METRICS: &str = "idgraph-node metrics on ";
 
 /// How long a node may take to print its address (opening a large data
 /// directory included).
@@ -124,11 +126,19 @@ impl NodeLaunch {
         }
         let mut child = cmd.spawn().with_context(|| format!("starting {}", self.bin.display()))?;
         let stdout = child.stdout.take().context("the node's stdout")?;
+        // The metrics line, when the node serves metrics, comes first.
         let mut line = String::new();
-        let read = tokio::time::timeout(START_TIMEOUT, BufReader::new(stdout).read_line(&mut line)).await;
-        let addr = match read {
-            Ok(Ok(_)) => line.trim().strip_prefix(LISTENING).map(str::to_string),
-            _ => None,
+        let mut metrics_addr = None;
+        let mut lines = BufReader::new(stdout);
+        let addr = loop {
+            line.clear();
+            match tokio::time::timeout(START_TIMEOUT, lines.read_line(&mut line)).await {
+                Ok(Ok(n)) if n > 0 => match line.trim().strip_prefix(METRICS) {
+                    Some(m) => metrics_addr = Some(m.to_string()),
+                    None => break line.trim().strip_prefix(LISTENING).map(str::to_string),
+                },
+                _ => break None,
+            }
         };
         let Some(addr) = addr else {
             let _ = child.start_kill();
@@ -136,7 +146,7 @@ impl NodeLaunch {
             let log = self.log.as_ref().map_or_else(|| "its stderr above".to_string(), |f| f.display().to_string());
             bail!("the node on {} did not start ({status}, first line {line:?}); see {log}", self.data_dir.display());
         };
-        Ok(NodeProcess { child, addr })
+        Ok(NodeProcess { child, addr, metrics_addr })
     }
 }
 
@@ -148,6 +158,8 @@ pub struct NodeProcess {
     child: Child,
     /// The address it listens on, `HOST:PORT`.
     pub addr: String,
+    /// Where it serves metrics, when started with `--metrics-listen`.
+    pub metrics_addr: Option<String>,
 }
 
 impl NodeProcess {

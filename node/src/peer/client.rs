@@ -18,8 +18,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Response, Status};
+
+/// A channel to a peer that adds this node's peer token to every call.
+pub type PeerChannel = InterceptedService<Channel, idgraph_proto::auth::BearerToken>;
 
 /// One lazily connected channel per peer address, shared by all shards,
 /// and one append batcher per peer.
@@ -27,6 +31,8 @@ use tonic::{Response, Status};
 pub struct Peers {
     /// Advertised address to the address dialled instead (`peer_routes`).
     routes: Arc<HashMap<String, String>>,
+    /// TLS and credentials for calls to peers.
+    security: crate::tls::PeerSecurity,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     batchers: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<PendingAppend>>>>,
 }
@@ -38,8 +44,8 @@ type PendingAppend = (RaftMessage, oneshot::Sender<Result<RaftMessage, Status>>)
 const MAX_APPEND_BATCH: usize = 64;
 
 impl Peers {
-    pub fn new(routes: HashMap<String, String>) -> Peers {
-        Peers { routes: Arc::new(routes), ..Peers::default() }
+    pub fn new(routes: HashMap<String, String>, security: crate::tls::PeerSecurity) -> Peers {
+        Peers { routes: Arc::new(routes), security, ..Peers::default() }
     }
 
     /// Sends one shard's AppendEntries to `addr` in the next batch to that
@@ -62,19 +68,28 @@ impl Peers {
         rx.await.map_err(|_| Status::unavailable("the append batcher dropped the message"))?
     }
 
-    pub fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
+    pub fn client(&self, addr: &str) -> Result<RaftTransportClient<PeerChannel>, String> {
+        let ch = self.channel(addr)?;
+        Ok(RaftTransportClient::with_interceptor(ch, self.security.token.clone())
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20))
+    }
+
+    /// The Admin service of the node at `addr`, with this node's peer
+    /// credentials (joining a cluster).
+    pub fn admin(&self, addr: &str) -> Result<idgraph_proto::v1::admin_client::AdminClient<PeerChannel>, String> {
+        Ok(idgraph_proto::v1::admin_client::AdminClient::with_interceptor(self.channel(addr)?, self.security.token.clone()))
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, String> {
         let mut map = self.channels.lock().map_err(|_| "peer table lock poisoned".to_string())?;
         if let Some(ch) = map.get(addr) {
-            return Ok(RaftTransportClient::new(ch.clone()).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20));
+            return Ok(ch.clone());
         }
         let dial = self.routes.get(addr).map_or(addr, String::as_str);
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{dial}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let ch = self.security.endpoint(addr, dial)?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect_lazy();
         map.insert(addr.to_string(), ch.clone());
-        Ok(RaftTransportClient::new(ch).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
+        Ok(ch)
     }
 
     /// The cluster map as the node at `addr` knows it.
@@ -113,7 +128,7 @@ const BATCHES_IN_FLIGHT: usize = 4;
 
 /// The sender task of one peer: every append waiting when a batch slot is
 /// free goes out in one `AppendBatch` call.
-fn spawn_batcher(client: RaftTransportClient<Channel>) -> mpsc::UnboundedSender<PendingAppend> {
+fn spawn_batcher(client: RaftTransportClient<PeerChannel>) -> mpsc::UnboundedSender<PendingAppend> {
     let (tx, mut rx) = mpsc::unbounded_channel::<PendingAppend>();
     let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     tokio::spawn(async move {
@@ -157,7 +172,7 @@ pub struct ShardNetwork {
     target: u64,
     addr: String,
     peers: Peers,
-    client: Result<RaftTransportClient<Channel>, String>,
+    client: Result<RaftTransportClient<PeerChannel>, String>,
 }
 
 impl RaftNetworkFactory<ShardRaft> for ShardNetworkFactory {

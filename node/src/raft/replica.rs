@@ -84,6 +84,12 @@ pub enum ShardRead {
     MergesUnder {
         rule_version: String,
     },
+    /// Audit log entries after `after`, at most `limit` (metadata group
+    /// only).
+    Audit {
+        after: String,
+        limit: usize,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -110,6 +116,7 @@ pub enum ShardReply {
         finished: Vec<Rollout>,
     },
     Merges(Vec<MergeStamp>),
+    Audit(Vec<idgraph_core::meta::AuditEntry>),
 }
 
 /// Why a shard did not answer a request.
@@ -501,6 +508,9 @@ impl ShardReplica {
                     false => Vec::new(),
                 };
                 ShardReply::Rollouts { current, finished }
+            }
+            ShardRead::Audit { after, limit } => {
+                ShardReply::Audit(idgraph_core::meta::audit_entries(store, &after, limit).map_err(|e| self.unavailable(e))?)
             }
             ShardRead::MergesUnder { rule_version } => {
                 let all = store.all_merges().map_err(|e| self.unavailable(e))?;

@@ -333,6 +333,11 @@ pub fn stats(c: &Counters, rule_version: &str, shards: u32) -> pb::Stats {
     }
 }
 
+/// An audit log entry on the wire.
+pub fn audit_entry(e: idgraph_core::meta::AuditEntry) -> pb::AuditEntry {
+    pb::AuditEntry { id: e.id, at_ms: e.at_ms, who: e.who, node_id: e.node_id, action: e.action, target: e.target, outcome: e.outcome }
+}
+
 /// This node's replicas' state digests, as `Admin.GetDigests` answers.
 pub fn replica_digests(node_id: u64, digests: Vec<(GroupId, ReplicaDigest)>) -> pb::ReplicaDigests {
     let shards = digests

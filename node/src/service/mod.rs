@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod status;
 
+use crate::auth::Caller;
 use crate::error::RequestError;
 use crate::router::ShardRouter;
 use futures::{Stream, StreamExt};
@@ -33,6 +34,51 @@ impl IdentityGraphService {
 /// The shard answered a command with another command's outcome (a bug).
 fn unexpected(_: Outcome) -> Status {
     Status::internal("the engine answered with an outcome of another kind")
+}
+
+/// Runs an operator action, then records it in the audit log with its
+/// outcome (its status code only: a message may quote an identifier).
+/// An entry the metadata group cannot take now is retried in the
+/// background for a minute, then logged as lost; the action's answer does
+/// not wait for it.
+async fn audited<T>(
+    router: &ShardRouter,
+    who: String,
+    action: &'static str,
+    target: impl FnOnce(&Result<T, Status>) -> String,
+    run: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let result = run.await;
+    let outcome = match &result {
+        Ok(_) => "OK".to_string(),
+        Err(s) => crate::metrics::code_name(s.code()),
+    };
+    let target = target(&result);
+    let router = router.clone();
+    let record = async move {
+        let mut backoff = std::time::Duration::from_millis(100);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match router.audit(who.clone(), action, target.clone(), outcome.clone()).await {
+                Ok(()) => return,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    debug!(action, error = %e, "recording an audit entry failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(action, %who, %outcome, error = %e, "an operator action could not be recorded in the audit log");
+                    return;
+                }
+            }
+        }
+    };
+    // Recorded before answering when the metadata group takes it at once.
+    let mut record = Box::pin(record);
+    if tokio::time::timeout(std::time::Duration::from_secs(5), &mut record).await.is_err() {
+        tokio::spawn(record);
+    }
+    result
 }
 
 async fn identify(router: &ShardRouter, req: pb::IdentifyRequest) -> Result<pb::IdentifyResponse, RequestError> {
@@ -98,36 +144,69 @@ impl IdentityGraph for IdentityGraphService {
     }
 
     async fn merge(&self, request: Request<pb::MergeRequest>) -> Result<Response<pb::MergeResponse>, Status> {
+        let who = Caller::name_of(&request);
         let req = request.into_inner();
-        let profiles = req
-            .profiles
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| convert::profile_ref(r, &format!("profiles[{i}]")))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Status::from(RequestError::from(e)))?;
-        match self.router.execute(CommandKind::Merge { profiles, force: req.force, reason: req.reason }).await? {
-            Outcome::Merge(o) => Ok(Response::new(convert::merge_response(o))),
-            other => Err(unexpected(other)),
-        }
+        let asked = req.profiles.len();
+        let run = async {
+            let profiles = req
+                .profiles
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| convert::profile_ref(r, &format!("profiles[{i}]")))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Status::from(RequestError::from(e)))?;
+            match self.router.execute(CommandKind::Merge { profiles, force: req.force, reason: req.reason }).await? {
+                Outcome::Merge(o) => Ok(convert::merge_response(o)),
+                other => Err(unexpected(other)),
+            }
+        };
+        let target = |r: &Result<pb::MergeResponse, Status>| match r {
+            Ok(m) => format!("profile {} absorbed {}", m.profile_id, m.merged_profile_ids.join(" ")),
+            Err(_) => format!("{asked} profiles"),
+        };
+        audited(&self.router, who, "Merge", target, run).await.map(Response::new)
     }
 
     async fn unmerge(&self, request: Request<pb::UnmergeRequest>) -> Result<Response<pb::UnmergeResponse>, Status> {
+        let who = Caller::name_of(&request);
         let req = request.into_inner();
         let reason = req.reason.clone();
-        let target = convert::unmerge_target(req).map_err(|e| Status::from(RequestError::from(e)))?;
-        match self.router.execute(CommandKind::Unmerge { target, reason }).await? {
-            Outcome::Unmerge(o) => Ok(Response::new(convert::unmerge_response(o))),
-            other => Err(unexpected(other)),
-        }
+        let asked = match &req.target {
+            Some(pb::unmerge_request::Target::MergeId(m)) => format!("merge {m}"),
+            Some(pb::unmerge_request::Target::Split(s)) => {
+                format!("profile {}, {} identifiers split off", s.profile_id, s.identifiers.len())
+            }
+            None => "nothing".into(),
+        };
+        let run = async {
+            let target = convert::unmerge_target(req).map_err(|e| Status::from(RequestError::from(e)))?;
+            match self.router.execute(CommandKind::Unmerge { target, reason }).await? {
+                Outcome::Unmerge(o) => Ok(convert::unmerge_response(o)),
+                other => Err(unexpected(other)),
+            }
+        };
+        audited(&self.router, who, "Unmerge", |_| asked, run).await.map(Response::new)
     }
 
     async fn delete_profile(&self, request: Request<pb::DeleteProfileRequest>) -> Result<Response<pb::DeleteProfileResponse>, Status> {
-        let key = convert::delete_key(request.into_inner()).map_err(|e| Status::from(RequestError::from(e)))?;
-        match self.router.execute(CommandKind::Delete(key)).await? {
-            Outcome::Delete(o) => Ok(Response::new(convert::delete_response(o))),
-            other => Err(unexpected(other)),
-        }
+        let who = Caller::name_of(&request);
+        let run = async {
+            let key = convert::delete_key(request.into_inner()).map_err(|e| Status::from(RequestError::from(e)))?;
+            match self.router.execute(CommandKind::Delete(key)).await? {
+                Outcome::Delete(o) => Ok(convert::delete_response(o)),
+                other => Err(unexpected(other)),
+            }
+        };
+        // A GDPR erasure's entry names the profile and counts, never the
+        // identifier it was asked by.
+        let target = |r: &Result<pb::DeleteProfileResponse, Status>| match r {
+            Ok(d) => format!(
+                "profile {}: {} identifiers and {} merge records erased",
+                d.profile_id, d.identifiers_erased, d.merge_records_erased
+            ),
+            Err(_) => "a profile (nothing erased)".to_string(),
+        };
+        audited(&self.router, who, "DeleteProfile", target, run).await.map(Response::new)
     }
 
     async fn get_merge_record(&self, request: Request<pb::GetMergeRecordRequest>) -> Result<Response<pb::MergeRecord>, Status> {
@@ -181,19 +260,177 @@ impl Admin for AdminService {
     }
 
     async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let who = Caller::name_of(&request);
         let req = request.into_inner();
-        check_node_id(req.node_id)?;
-        if req.addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid_field("addr", "not HOST:PORT"));
-        }
-        let rule_version = self.router.rules().version().to_string();
-        let up = MetaCommand::NodeUp { node_id: req.node_id, addr: req.addr, rule_version, create: true };
-        self.router.change_cluster(up).await?;
-        self.get_cluster(Request::new(pb::GetClusterRequest {})).await
+        let target = format!("node {} at {}", req.node_id, req.addr);
+        let run = async {
+            check_node_id(req.node_id)?;
+            if let Err(reason) = crate::config::check_host_port(&req.addr) {
+                return Err(invalid_field("addr", &reason));
+            }
+            let rule_version = self.router.rules().version().to_string();
+            let up = MetaCommand::NodeUp { node_id: req.node_id, addr: req.addr, rule_version, create: true };
+            self.router.change_cluster(up).await?;
+            self.get_cluster(Request::new(pb::GetClusterRequest {})).await
+        };
+        audited(&self.router, who, "AddNode", |_| target, run).await
     }
 
     async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let who = Caller::name_of(&request);
         let node_id = request.into_inner().node_id;
+        audited(&self.router, who, "RemoveNode", |_| format!("node {node_id}"), self.remove(node_id)).await
+    }
+
+    async fn transfer_leader(&self, request: Request<pb::TransferLeaderRequest>) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let who = Caller::name_of(&request);
+        let req = request.into_inner();
+        let run = async {
+            check_node_id(req.node_id)?;
+            let leader_id = self.router.transfer_leader(idgraph_core::model::GroupId::from(req.shard), req.node_id).await?;
+            Ok(Response::new(pb::TransferLeaderResponse { leader_id }))
+        };
+        audited(&self.router, who, "TransferLeader", |_| format!("shard {} to node {}", req.shard, req.node_id), run).await
+    }
+
+    async fn list_audit(&self, request: Request<pb::ListAuditRequest>) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => 1000,
+            n => n.min(10_000) as usize,
+        };
+        let entries = self.router.audit_log(req.after, limit).await?;
+        Ok(Response::new(pb::ListAuditResponse { entries: entries.into_iter().map(convert::audit_entry).collect() }))
+    }
+
+    async fn get_digests(&self, _request: Request<pb::GetDigestsRequest>) -> Result<Response<pb::ReplicaDigests>, Status> {
+        Ok(Response::new(convert::replica_digests(self.router.node_id(), self.router.replica_digests()?)))
+    }
+
+    async fn get_cluster(&self, _request: Request<pb::GetClusterRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let replicas = self.router.replica_statuses();
+        Ok(Response::new(convert::cluster_status(self.router.node_id(), &self.router.cluster(), &replicas)))
+    }
+
+    async fn get_rule_set(&self, request: Request<pb::GetRuleSetRequest>) -> Result<Response<pb::RuleSetInfo>, Status> {
+        let version = request.into_inner().version;
+        let active = self.router.active_version();
+        let rules = if version.is_empty() { self.router.active_rules().await? } else { self.router.rule_set(&version).await? };
+        let info = convert::rule_set_info(rules.version().into(), rules.source().into(), &self.router.cluster(), &active);
+        Ok(Response::new(info))
+    }
+
+    async fn put_rule_set(&self, request: Request<pb::PutRuleSetRequest>) -> Result<Response<pb::RuleSetInfo>, Status> {
+        let who = Caller::name_of(&request);
+        let toml = request.into_inner().toml;
+        let version = idgraph_core::rules::RuleSet::from_toml(&toml).map(|r| r.version().to_string()).unwrap_or_default();
+        let run = async {
+            let map = self.router.put_rule_set(toml.clone()).await?;
+            info!(rule_version = %version, "rule set stored");
+            Ok(Response::new(convert::rule_set_info(version.clone(), toml.clone(), &map, &self.router.active_version())))
+        };
+        let target = format!("rule set {}", if version.is_empty() { "(invalid)" } else { &version });
+        audited(&self.router, who, "PutRuleSet", |_| target, run).await
+    }
+
+    async fn list_rule_sets(&self, _request: Request<pb::ListRuleSetsRequest>) -> Result<Response<pb::ListRuleSetsResponse>, Status> {
+        let sets = self.router.stored_rule_sets().await?;
+        let map = self.router.read_cluster().await?;
+        let active = self.router.active_version();
+        let rule_sets = sets.into_iter().map(|(v, t)| convert::rule_set_info(v, t, &map, &active)).collect();
+        Ok(Response::new(pb::ListRuleSetsResponse { rule_sets, active_version: active }))
+    }
+
+    async fn start_canary(&self, request: Request<pb::StartCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
+        let who = Caller::name_of(&request);
+        let plan_toml = request.into_inner().plan_toml;
+        let candidate = idgraph_core::canary::CanaryPlan::from_toml(&plan_toml).map(|p| p.candidate).unwrap_or_default();
+        let id = ulid::Ulid::new().to_string();
+        let target = format!("rollout {id} of rule set {candidate}");
+        audited(&self.router, who, "StartCanary", |_| target, self.start(id, plan_toml)).await
+    }
+
+    async fn get_canary(&self, request: Request<pb::GetCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
+        let id = request.into_inner().id;
+        let (current, finished) = self.router.rollouts(!id.is_empty()).await?;
+        let found = current.into_iter().chain(finished.into_iter().rev()).find(|r| id.is_empty() || r.id == id);
+        match found {
+            Some(r) if id.is_empty() && r.phase.is_finished() => Err(no_rollout("")),
+            Some(r) => Ok(Response::new(convert::canary_rollout(&r))),
+            None => Err(no_rollout(&id)),
+        }
+    }
+
+    async fn list_canaries(&self, _request: Request<pb::ListCanariesRequest>) -> Result<Response<pb::ListCanariesResponse>, Status> {
+        let (current, finished) = self.router.rollouts(true).await?;
+        let rollouts = finished.iter().chain(current.as_ref()).map(convert::canary_rollout).collect();
+        Ok(Response::new(pb::ListCanariesResponse { rollouts }))
+    }
+
+    async fn promote_canary(&self, request: Request<pb::PromoteCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
+        let who = Caller::name_of(&request);
+        let step = match request.into_inner().step {
+            0 => None,
+            n => Some(n as usize - 1),
+        };
+        let id = self.current_rollout().await;
+        let target = format!("rollout {}", id.as_deref().unwrap_or("(none under way)"));
+        audited(&self.router, who, "PromoteCanary", |_| target, self.steer(id, Some(step), String::new())).await
+    }
+
+    async fn abort_canary(&self, request: Request<pb::AbortCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
+        let who = Caller::name_of(&request);
+        let reason = match request.into_inner().reason.trim() {
+            "" => "an operator aborted it".to_string(),
+            r => r.chars().take(200).collect(),
+        };
+        let id = self.current_rollout().await;
+        let target = format!("rollout {}", id.as_deref().unwrap_or("(none under way)"));
+        audited(&self.router, who, "AbortCanary", |_| target, self.steer(id, None, reason)).await
+    }
+}
+
+impl AdminService {
+    /// Starts a rollout under `id`.
+    async fn start(&self, id: String, plan_toml: String) -> Result<Response<pb::CanaryRollout>, Status> {
+        // Precise errors before anything is proposed; the metadata group
+        // checks again against its state (stored versions, a rollout under way).
+        if let Err(e) = idgraph_core::canary::CanaryPlan::from_toml(&plan_toml) {
+            let (field, reason) = match e {
+                idgraph_core::canary::PlanError::Invalid { field, reason } => (format!("plan_toml.{field}"), reason),
+                e @ idgraph_core::canary::PlanError::Parse(_) => ("plan_toml".to_string(), e.to_string()),
+            };
+            return Err(invalid_field(&field, &reason));
+        }
+        let start = CanaryCommand::Start { id: id.clone(), plan_toml, control: String::new(), shard_count: 0, at_ms: self.router.now_ms() };
+        self.router.change_cluster(MetaCommand::Canary(start)).await?;
+        info!(rollout = %id, "canary rollout started");
+        self.get_canary(Request::new(pb::GetCanaryRequest { id })).await
+    }
+
+    /// Promotes (`Some(step)`) or aborts (`None`) the rollout under way.
+    async fn steer(
+        &self,
+        id: Result<String, Status>,
+        promote: Option<Option<usize>>,
+        reason: String,
+    ) -> Result<Response<pb::CanaryRollout>, Status> {
+        let id = id?;
+        let at_ms = self.router.now_ms();
+        let cmd = match promote {
+            Some(step) => CanaryCommand::Promote { id: id.clone(), step, at_ms },
+            None => CanaryCommand::Abort { id: id.clone(), reason, at_ms },
+        };
+        self.router.change_cluster(MetaCommand::Canary(cmd)).await?;
+        match promote {
+            Some(_) => info!(rollout = %id, "canary step promoted by an operator"),
+            None => info!(rollout = %id, "canary rollout aborted by an operator"),
+        }
+        self.get_canary(Request::new(pb::GetCanaryRequest { id })).await
+    }
+
+    /// Drains a node and waits until the metadata leader forgot it.
+    async fn remove(&self, node_id: u64) -> Result<Response<pb::ClusterStatus>, Status> {
         check_node_id(node_id)?;
         if !self.router.read_cluster().await?.nodes.contains_key(&node_id) {
             return Err(RequestError::Engine(idgraph_core::engine::EngineError::NotFound {
@@ -221,107 +458,6 @@ impl Admin for AdminService {
         self.get_cluster(Request::new(pb::GetClusterRequest {})).await
     }
 
-    async fn transfer_leader(&self, request: Request<pb::TransferLeaderRequest>) -> Result<Response<pb::TransferLeaderResponse>, Status> {
-        let req = request.into_inner();
-        check_node_id(req.node_id)?;
-        let leader_id = self.router.transfer_leader(idgraph_core::model::GroupId::from(req.shard), req.node_id).await?;
-        Ok(Response::new(pb::TransferLeaderResponse { leader_id }))
-    }
-
-    async fn get_digests(&self, _request: Request<pb::GetDigestsRequest>) -> Result<Response<pb::ReplicaDigests>, Status> {
-        Ok(Response::new(convert::replica_digests(self.router.node_id(), self.router.replica_digests()?)))
-    }
-
-    async fn get_cluster(&self, _request: Request<pb::GetClusterRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
-        let replicas = self.router.replica_statuses();
-        Ok(Response::new(convert::cluster_status(self.router.node_id(), &self.router.cluster(), &replicas)))
-    }
-
-    async fn get_rule_set(&self, request: Request<pb::GetRuleSetRequest>) -> Result<Response<pb::RuleSetInfo>, Status> {
-        let version = request.into_inner().version;
-        let active = self.router.active_version();
-        let rules = if version.is_empty() { self.router.active_rules().await? } else { self.router.rule_set(&version).await? };
-        let info = convert::rule_set_info(rules.version().into(), rules.source().into(), &self.router.cluster(), &active);
-        Ok(Response::new(info))
-    }
-
-    async fn put_rule_set(&self, request: Request<pb::PutRuleSetRequest>) -> Result<Response<pb::RuleSetInfo>, Status> {
-        let toml = request.into_inner().toml;
-        let map = self.router.put_rule_set(toml.clone()).await?;
-        let version = idgraph_core::rules::RuleSet::from_toml(&toml).map(|r| r.version().to_string()).unwrap_or_default();
-        info!(rule_version = %version, "rule set stored");
-        Ok(Response::new(convert::rule_set_info(version, toml, &map, &self.router.active_version())))
-    }
-
-    async fn list_rule_sets(&self, _request: Request<pb::ListRuleSetsRequest>) -> Result<Response<pb::ListRuleSetsResponse>, Status> {
-        let sets = self.router.stored_rule_sets().await?;
-        let map = self.router.read_cluster().await?;
-        let active = self.router.active_version();
-        let rule_sets = sets.into_iter().map(|(v, t)| convert::rule_set_info(v, t, &map, &active)).collect();
-        Ok(Response::new(pb::ListRuleSetsResponse { rule_sets, active_version: active }))
-    }
-
-    async fn start_canary(&self, request: Request<pb::StartCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
-        let plan_toml = request.into_inner().plan_toml;
-        // Precise errors before anything is proposed; the metadata group
-        // checks again against its state (stored versions, a rollout under way).
-        if let Err(e) = idgraph_core::canary::CanaryPlan::from_toml(&plan_toml) {
-            let (field, reason) = match e {
-                idgraph_core::canary::PlanError::Invalid { field, reason } => (format!("plan_toml.{field}"), reason),
-                e @ idgraph_core::canary::PlanError::Parse(_) => ("plan_toml".to_string(), e.to_string()),
-            };
-            return Err(invalid_field(&field, &reason));
-        }
-        let id = ulid::Ulid::new().to_string();
-        let start = CanaryCommand::Start { id: id.clone(), plan_toml, control: String::new(), shard_count: 0, at_ms: self.router.now_ms() };
-        self.router.change_cluster(MetaCommand::Canary(start)).await?;
-        info!(rollout = %id, "canary rollout started");
-        self.get_canary(Request::new(pb::GetCanaryRequest { id })).await
-    }
-
-    async fn get_canary(&self, request: Request<pb::GetCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
-        let id = request.into_inner().id;
-        let (current, finished) = self.router.rollouts(!id.is_empty()).await?;
-        let found = current.into_iter().chain(finished.into_iter().rev()).find(|r| id.is_empty() || r.id == id);
-        match found {
-            Some(r) if id.is_empty() && r.phase.is_finished() => Err(no_rollout("")),
-            Some(r) => Ok(Response::new(convert::canary_rollout(&r))),
-            None => Err(no_rollout(&id)),
-        }
-    }
-
-    async fn list_canaries(&self, _request: Request<pb::ListCanariesRequest>) -> Result<Response<pb::ListCanariesResponse>, Status> {
-        let (current, finished) = self.router.rollouts(true).await?;
-        let rollouts = finished.iter().chain(current.as_ref()).map(convert::canary_rollout).collect();
-        Ok(Response::new(pb::ListCanariesResponse { rollouts }))
-    }
-
-    async fn promote_canary(&self, request: Request<pb::PromoteCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
-        let step = match request.into_inner().step {
-            0 => None,
-            n => Some(n as usize - 1),
-        };
-        let id = self.current_rollout().await?;
-        let promote = CanaryCommand::Promote { id: id.clone(), step, at_ms: self.router.now_ms() };
-        self.router.change_cluster(MetaCommand::Canary(promote)).await?;
-        info!(rollout = %id, "canary step promoted by an operator");
-        self.get_canary(Request::new(pb::GetCanaryRequest { id })).await
-    }
-
-    async fn abort_canary(&self, request: Request<pb::AbortCanaryRequest>) -> Result<Response<pb::CanaryRollout>, Status> {
-        let reason = match request.into_inner().reason.trim() {
-            "" => "an operator aborted it".to_string(),
-            r => r.chars().take(200).collect(),
-        };
-        let id = self.current_rollout().await?;
-        let abort = CanaryCommand::Abort { id: id.clone(), reason, at_ms: self.router.now_ms() };
-        self.router.change_cluster(MetaCommand::Canary(abort)).await?;
-        info!(rollout = %id, "canary rollout aborted by an operator");
-        self.get_canary(Request::new(pb::GetCanaryRequest { id })).await
-    }
-}
-
-impl AdminService {
     /// The id of the rollout under way (FAILED_PRECONDITION when none).
     async fn current_rollout(&self) -> Result<String, Status> {
         match self.router.rollouts(false).await? {

@@ -347,6 +347,11 @@ impl SledStore {
         Ok(store)
     }
 
+    /// Bytes of the kept snapshot image (0 before the first snapshot).
+    pub fn image_bytes(&self) -> u64 {
+        self.image.get(IMAGE_KEY).ok().flatten().map_or(0, |v| v.len() as u64)
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.lock.read().unwrap_or_else(|p| p.into_inner())
     }

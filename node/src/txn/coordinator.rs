@@ -56,6 +56,8 @@ pub trait ShardAccess: Clone + Send + Sync + 'static {
     fn read(&self, shard: ShardId, keys: Vec<GraphKey>, mode: ReadMode) -> impl Future<Output = Result<Vec<KeyRead>, TxnError>> + Send;
     /// Applies one step through the shard's log, on its leader.
     fn step(&self, shard: ShardId, op: TxnOp) -> impl Future<Output = Result<TxnReply, TxnError>> + Send;
+    /// Called when a command's attempt must be run again (metrics).
+    fn retried(&self) {}
 }
 
 /// Jittered exponential backoff between attempts.
@@ -245,6 +247,7 @@ async fn execute_attempts<A: ShardAccess>(
                 if unchanged(a, &reads, ReadMode::Leader).await? {
                     return done.map(|(_, outcome)| outcome).map_err(TxnError::from_engine);
                 }
+                a.retried();
                 backoff.wait().await;
                 continue;
             }
@@ -258,7 +261,10 @@ async fn execute_attempts<A: ShardAccess>(
         let decision = unsafe_early_ack(a, txn, reads, changes);
         match decision {
             Decision::Committed => return Ok(outcome),
-            Decision::Retry => backoff.wait().await,
+            Decision::Retry => {
+                a.retried();
+                backoff.wait().await
+            }
         }
     }
     Err(TxnError::Contention { attempts: attempt })

@@ -1,0 +1,433 @@
+//! Who may call what.
+//!
+//! A cluster that has tokens configured (`auth_tokens`, `auth_tokens_file`)
+//! takes a call only with `authorization: Bearer SECRET` naming one of them.
+//! Each token has a name (recorded in the audit log as the caller) and a
+//! role:
+//! - `client`: what a backend service needs: `Identify`, `IdentifyStream`,
+//!   `GetProfile`, `GetMergeRecord` (and reflection);
+//! - `admin`: everything a client may, plus `Merge`, `Unmerge`,
+//!   `DeleteProfile` and the whole `Admin` service;
+//! - `peer`: the nodes themselves (the Raft transport, and joining); a node
+//!   sends the first peer token it has to its peers.
+//!
+//! One tower layer ([`AuthLayer`]) in front of every gRPC service checks the
+//! call before any handler runs, so a refused call changes nothing: no or an
+//! unknown token is UNAUTHENTICATED, a known token without the role
+//! PERMISSION_DENIED. The health service stays open (probes carry no
+//! token). With `tls_peer_mtls`, Raft transport calls also need a client
+//! certificate that the cluster's authority signed (checked by rustls during
+//! the handshake; here only that one was presented).
+//!
+//! Secrets are compared in constant time and never logged; the token file
+//! is read again when it changes, so a token is added or revoked without a
+//! restart.
+
+use idgraph_proto::auth::AUTHORIZATION;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+use subtle::ConstantTimeEq;
+use tonic::Status;
+use tracing::{info, warn};
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Client,
+    Admin,
+    Peer,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Admin => "admin",
+            Role::Peer => "peer",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Role> {
+        match s {
+            "client" => Some(Role::Client),
+            "admin" => Some(Role::Admin),
+            "peer" => Some(Role::Peer),
+            _ => None,
+        }
+    }
+
+    /// Whether a token of this role may make a call that needs `needed`:
+    /// admin includes client, and peer (the cluster itself) everything.
+    pub fn may(self, needed: Role) -> bool {
+        self >= needed
+    }
+}
+
+/// The role a call needs, by its gRPC path; `None`: open to anyone.
+pub fn needed_role(path: &str) -> Option<Role> {
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+    match service {
+        "grpc.health.v1.Health" => None,
+        "grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection" => Some(Role::Client),
+        "idgraph.v1.IdentityGraph" => match method {
+            "Identify" | "IdentifyStream" | "GetProfile" | "GetMergeRecord" => Some(Role::Client),
+            _ => Some(Role::Admin),
+        },
+        "idgraph.v1.RaftTransport" => Some(Role::Peer),
+        // The Admin service, and anything unknown.
+        _ => Some(Role::Admin),
+    }
+}
+
+/// A configured token.
+#[derive(Clone)]
+struct Token {
+    name: Arc<str>,
+    role: Role,
+    secret: Vec<u8>,
+}
+
+/// Why a token list was refused; names the entry, never its secret.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{source_name} entry {entry}: {reason}")]
+    Invalid { source_name: String, entry: usize, reason: String },
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// The tokens a node accepts.
+#[derive(Clone, Default)]
+pub struct TokenBook {
+    tokens: Vec<Token>,
+}
+
+/// Shortest secret accepted.
+const MIN_SECRET: usize = 16;
+
+impl TokenBook {
+    /// Parses `NAME:ROLE:SECRET` entries separated by commas or new lines;
+    /// `#` starts a comment. `source_name` names the text in errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<TokenBook, TokenError> {
+        let mut tokens: Vec<Token> = Vec::new();
+        let entries = text.lines().map(|l| l.split('#').next().unwrap_or_default()).flat_map(|l| l.split(','));
+        for (i, entry) in entries.map(str::trim).filter(|e| !e.is_empty()).enumerate() {
+            let bad = |reason: &str| TokenError::Invalid { source_name: source_name.into(), entry: i + 1, reason: reason.into() };
+            let mut parts = entry.splitn(3, ':');
+            let (Some(name), Some(role), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(bad("expected NAME:ROLE:SECRET"));
+            };
+            let (name, secret) = (name.trim(), secret.trim());
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) {
+                return Err(bad("the name must be letters, digits, '-', '_', '.' or '@'"));
+            }
+            let role = Role::parse(role.trim()).ok_or_else(|| bad("the role must be client, admin or peer"))?;
+            if secret.len() < MIN_SECRET || !secret.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(bad("the secret must be at least 16 printable characters without spaces"));
+            }
+            if tokens.iter().any(|t| &*t.name == name) {
+                return Err(bad(&format!("the name {name} is given twice")));
+            }
+            if tokens.iter().any(|t| t.secret == secret.as_bytes()) {
+                return Err(bad("two tokens have the same secret"));
+            }
+            tokens.push(Token { name: name.into(), role, secret: secret.as_bytes().to_vec() });
+        }
+        Ok(TokenBook { tokens })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The token with this secret. Every token is compared, in constant
+    /// time, whichever matches.
+    fn find(&self, secret: &[u8]) -> Option<&Token> {
+        let mut found = None;
+        for t in &self.tokens {
+            if bool::from(t.secret.as_slice().ct_eq(secret)) {
+                found = Some(t);
+            }
+        }
+        found
+    }
+
+    /// The secret this node sends to its peers: its first peer token.
+    pub fn peer_secret(&self) -> Option<String> {
+        self.tokens.iter().find(|t| t.role == Role::Peer).map(|t| String::from_utf8_lossy(&t.secret).into_owned())
+    }
+
+    fn merged(mut self, other: TokenBook, source_name: &str) -> Result<TokenBook, TokenError> {
+        for t in other.tokens {
+            if self.tokens.iter().any(|s| s.name == t.name || s.secret == t.secret) {
+                return Err(TokenError::Invalid {
+                    source_name: source_name.into(),
+                    entry: 0,
+                    reason: format!("token {} is also in auth_tokens", t.name),
+                });
+            }
+            self.tokens.push(t);
+        }
+        Ok(self)
+    }
+}
+
+/// Who made a call, as its token names it; in the request's extensions
+/// once [`AuthLayer`] took it.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub name: Arc<str>,
+    pub role: Role,
+}
+
+impl Caller {
+    /// The caller's name for the audit log: its token's name, `anonymous`
+    /// on a node that checks no tokens.
+    pub fn name_of<T>(request: &tonic::Request<T>) -> String {
+        request.extensions().get::<Caller>().map_or_else(|| "anonymous".to_string(), |c| c.name.to_string())
+    }
+}
+
+/// The node's tokens: `auth_tokens` and the token file, which is read again
+/// when it changes.
+pub struct Tokens {
+    inline: TokenBook,
+    file: Option<PathBuf>,
+    state: RwLock<(Option<SystemTime>, Arc<TokenBook>)>,
+}
+
+impl Tokens {
+    /// Loads both sources; an error names the field or file.
+    pub fn load(inline: &str, file: Option<&Path>) -> Result<Arc<Tokens>, TokenError> {
+        let inline = TokenBook::parse(inline, "auth_tokens")?;
+        let tokens = Tokens { inline, file: file.map(Path::to_path_buf), state: RwLock::new((None, Arc::default())) };
+        let (stamp, book) = tokens.read_file()?;
+        *tokens.state.write().unwrap_or_else(|e| e.into_inner()) = (stamp, Arc::new(book));
+        Ok(Arc::new(tokens))
+    }
+
+    fn read_file(&self) -> Result<(Option<SystemTime>, TokenBook), TokenError> {
+        let Some(path) = &self.file else { return Ok((None, self.inline.clone())) };
+        let io = |source| TokenError::Io { path: path.clone(), source };
+        let stamp = std::fs::metadata(path).and_then(|m| m.modified()).map_err(io)?;
+        let text = std::fs::read_to_string(path).map_err(io)?;
+        let name = path.display().to_string();
+        let book = self.inline.clone().merged(TokenBook::parse(&text, &name)?, &name)?;
+        Ok((Some(stamp), book))
+    }
+
+    /// The tokens as of now.
+    pub fn current(&self) -> Arc<TokenBook> {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
+    /// Reads the token file again if it changed; a file that no longer
+    /// parses keeps the tokens in force (and is logged, without secrets).
+    pub fn reload(&self) {
+        let Some(path) = &self.file else { return };
+        let changed = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if changed.is_none() || changed == self.state.read().unwrap_or_else(|e| e.into_inner()).0 {
+            return;
+        }
+        match self.read_file() {
+            Ok((stamp, book)) => {
+                info!(file = %path.display(), tokens = book.len(), "token file read again");
+                *self.state.write().unwrap_or_else(|e| e.into_inner()) = (stamp, Arc::new(book));
+            }
+            Err(e) => warn!(error = %e, "the token file changed but cannot be used; the tokens in force stay"),
+        }
+    }
+
+    /// Checks the token file for changes every `every` until dropped.
+    pub fn spawn_reloader(self: &Arc<Tokens>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let tokens = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match tokens.upgrade() {
+                    Some(t) => t.reload(),
+                    None => return,
+                }
+            }
+        })
+    }
+
+    /// Decides a call: the caller it names, or the status to refuse it with.
+    pub fn check(&self, path: &str, headers: &http::HeaderMap, has_client_cert: bool, peer_mtls: bool) -> Result<Option<Caller>, Status> {
+        let Some(needed) = needed_role(path) else { return Ok(None) };
+        if peer_mtls && needed == Role::Peer && !has_client_cert {
+            return Err(Status::unauthenticated("peer calls need a client certificate signed by the cluster's certificate authority"));
+        }
+        let book = self.current();
+        if book.is_empty() {
+            return Ok(None);
+        }
+        let Some(value) = headers.get(AUTHORIZATION) else {
+            return Err(Status::unauthenticated("missing credentials: send the metadata `authorization: Bearer TOKEN`"));
+        };
+        let secret = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).unwrap_or_default();
+        if secret.is_empty() {
+            return Err(Status::unauthenticated("the `authorization` metadata must be `Bearer TOKEN`"));
+        }
+        let Some(token) = book.find(secret.as_bytes()) else {
+            return Err(Status::unauthenticated("unknown or revoked token"));
+        };
+        if !token.role.may(needed) {
+            let method = path.rsplit('/').next().unwrap_or(path);
+            return Err(Status::permission_denied(format!(
+                "token {} has the role {}; {method} needs the role {}",
+                token.name,
+                token.role.name(),
+                needed.name()
+            )));
+        }
+        Ok(Some(Caller { name: token.name.clone(), role: token.role }))
+    }
+}
+
+/// The tower layer that checks every call (see the module doc).
+#[derive(Clone)]
+pub struct AuthLayer {
+    tokens: Arc<Tokens>,
+    peer_mtls: bool,
+}
+
+impl AuthLayer {
+    pub fn new(tokens: Arc<Tokens>, peer_mtls: bool) -> AuthLayer {
+        AuthLayer { tokens, peer_mtls }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = Authenticated<S>;
+
+    fn layer(&self, inner: S) -> Authenticated<S> {
+        Authenticated { inner, tokens: self.tokens.clone(), peer_mtls: self.peer_mtls }
+    }
+}
+
+/// A gRPC service behind [`AuthLayer`].
+#[derive(Clone)]
+pub struct Authenticated<S> {
+    inner: S,
+    tokens: Arc<Tokens>,
+    peer_mtls: bool,
+}
+
+type TlsInfo = tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>;
+
+impl<S, B> tower::Service<http::Request<B>> for Authenticated<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::Either<futures::future::Ready<Result<S::Response, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let has_cert = request.extensions().get::<TlsInfo>().and_then(|i| i.peer_certs()).is_some_and(|c| !c.is_empty());
+        match self.tokens.check(request.uri().path(), request.headers(), has_cert, self.peer_mtls) {
+            Ok(caller) => {
+                if let Some(caller) = caller {
+                    request.extensions_mut().insert(caller);
+                }
+                futures::future::Either::Right(self.inner.call(request))
+            }
+            Err(status) => futures::future::Either::Left(futures::future::ready(Ok(status.into_http()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(token: Option<&str>) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        if let Some(t) = token {
+            h.insert(AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+        }
+        h
+    }
+
+    const BOOK: &str =
+        "svc:client:client-secret-0123456789\nops:admin:admin-secret-0123456789 # the on-call team\n\nnodes:peer:peer-secret-0123456789";
+
+    #[test]
+    fn roles_decide_each_method_and_refusals_say_why() {
+        let tokens = Tokens { inline: TokenBook::parse(BOOK, "t").unwrap(), file: None, state: RwLock::new((None, Arc::default())) };
+        *tokens.state.write().unwrap() = (None, Arc::new(tokens.inline.clone()));
+        let call = |path: &str, token: Option<&str>| tokens.check(path, &headers(token), false, false);
+        let client = Some("client-secret-0123456789");
+        let admin = Some("admin-secret-0123456789");
+        let peer = Some("peer-secret-0123456789");
+        assert_eq!(call("/idgraph.v1.IdentityGraph/Identify", client).unwrap().unwrap().name.as_ref(), "svc");
+        assert_eq!(call("/idgraph.v1.IdentityGraph/GetProfile", admin).unwrap().unwrap().role, Role::Admin);
+        for path in ["/idgraph.v1.IdentityGraph/DeleteProfile", "/idgraph.v1.Admin/PutRuleSet", "/idgraph.v1.RaftTransport/Vote"] {
+            let e = call(path, client).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{path}");
+            assert!(e.message().contains("token svc has the role client"), "{}", e.message());
+        }
+        assert!(call("/idgraph.v1.Admin/PutRuleSet", admin).is_ok());
+        assert_eq!(call("/idgraph.v1.RaftTransport/Vote", admin).unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert!(call("/idgraph.v1.RaftTransport/Vote", peer).is_ok());
+        for bad in [None, Some("nope-nope-nope-nope-nope")] {
+            assert_eq!(call("/idgraph.v1.IdentityGraph/Identify", bad).unwrap_err().code(), tonic::Code::Unauthenticated);
+        }
+        // Probes carry no token.
+        assert!(call("/grpc.health.v1.Health/Check", None).unwrap().is_none());
+        // A peer call without a client certificate, when peers need one.
+        let e = tokens.check("/idgraph.v1.RaftTransport/Vote", &headers(peer), false, true).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(tokens.check("/idgraph.v1.RaftTransport/Vote", &headers(peer), true, true).is_ok());
+        assert_eq!(tokens.current().peer_secret().as_deref(), peer);
+    }
+
+    #[test]
+    fn bad_token_lists_name_the_entry_and_never_the_secret() {
+        for (text, says) in [
+            ("a:client", "NAME:ROLE:SECRET"),
+            ("a:root:0123456789abcdef", "client, admin or peer"),
+            ("a:client:short", "at least 16"),
+            ("a b:client:0123456789abcdef", "the name"),
+            ("a:client:0123456789abcdef,a:admin:0123456789abcdeg", "given twice"),
+            ("a:client:0123456789abcdef,b:admin:0123456789abcdef", "same secret"),
+        ] {
+            let e = TokenBook::parse(text, "auth_tokens").err().expect(text).to_string();
+            assert!(e.contains(says) && e.contains("auth_tokens entry"), "{text}: {e}");
+            assert!(!e.contains("0123456789abcde"), "{e}");
+        }
+        assert!(TokenBook::parse("", "x").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_token_file_is_read_again_when_it_changes_and_a_broken_one_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tokens");
+        std::fs::write(&f, "a:client:aaaaaaaaaaaaaaaaaaaa\n").unwrap();
+        let tokens = Tokens::load("", Some(&f)).unwrap();
+        let ok = |secret: &str| tokens.check("/idgraph.v1.IdentityGraph/Identify", &headers(Some(secret)), false, false).is_ok();
+        assert!(ok("aaaaaaaaaaaaaaaaaaaa"));
+        // Revoke a, add b (a later modification time than the first write).
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&f, "b:client:bbbbbbbbbbbbbbbbbbbb\n").unwrap();
+        let later = SystemTime::now() + Duration::from_secs(2);
+        std::fs::File::options().write(true).open(&f).unwrap().set_modified(later).unwrap();
+        tokens.reload();
+        assert!(!ok("aaaaaaaaaaaaaaaaaaaa") && ok("bbbbbbbbbbbbbbbbbbbb"));
+        std::fs::write(&f, "garbage").unwrap();
+        std::fs::File::options().write(true).open(&f).unwrap().set_modified(later + Duration::from_secs(2)).unwrap();
+        tokens.reload();
+        assert!(ok("bbbbbbbbbbbbbbbbbbbb"), "a broken file keeps the tokens in force");
+    }
+}
