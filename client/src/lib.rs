@@ -71,11 +71,10 @@ impl Client {
     pub async fn connect_with(endpoint: &str, credentials: &Credentials) -> Result<Client, ClientError> {
         let bad = |reason: String| ClientError::Endpoint { endpoint: endpoint.into(), reason };
         let tls = credentials.ca_cert.is_some() || endpoint.starts_with("https://");
-        let uri = match (endpoint.contains("://"), tls) {
-            (true, _) => endpoint.to_string(),
-            (false, true) => format!("https://{endpoint}"),
-            (false, false) => format!("http://{endpoint}"),
-        };
+        // A CA certificate means TLS: an http:// endpoint is not dialled in
+        // plain text with the token in it.
+        let bare = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")).unwrap_or(endpoint);
+        let uri = if tls { format!("https://{bare}") } else { format!("http://{bare}") };
         let mut ep = Endpoint::from_shared(uri).map_err(|e| bad(e.to_string()))?;
         if tls {
             let mut config = ClientTlsConfig::new().with_webpki_roots();

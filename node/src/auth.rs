@@ -203,7 +203,9 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Loads both sources; an error names the field or file.
+    /// Loads both sources; an error names the field or file. A token file
+    /// that holds no token is refused: a node given one means to check
+    /// tokens.
     pub fn load(inline: &str, file: Option<&Path>) -> Result<Arc<Tokens>, TokenError> {
         let inline = TokenBook::parse(inline, "auth_tokens")?;
         let tokens = Tokens { inline, file: file.map(Path::to_path_buf), state: RwLock::new((None, Arc::default())) };
@@ -218,7 +220,13 @@ impl Tokens {
         let stamp = std::fs::metadata(path).and_then(|m| m.modified()).map_err(io)?;
         let text = std::fs::read_to_string(path).map_err(io)?;
         let name = path.display().to_string();
-        let book = self.inline.clone().merged(TokenBook::parse(&text, &name)?, &name)?;
+        let from_file = TokenBook::parse(&text, &name)?;
+        if from_file.is_empty() {
+            // Checked on every read: a file emptied (or cut short by an
+            // editor) must not turn the checks off.
+            return Err(TokenError::Invalid { source_name: name, entry: 0, reason: "holds no token".into() });
+        }
+        let book = self.inline.clone().merged(from_file, &name)?;
         Ok((Some(stamp), book))
     }
 
@@ -228,14 +236,19 @@ impl Tokens {
     }
 
     /// Reads the token file again if it changed; a file that no longer
-    /// parses keeps the tokens in force (and is logged, without secrets).
+    /// parses, holds no token, or drops the last peer token of a node that
+    /// had one keeps the tokens in force (and is logged, without secrets).
     pub fn reload(&self) {
         let Some(path) = &self.file else { return };
         let changed = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         if changed.is_none() || changed == self.state.read().unwrap_or_else(|e| e.into_inner()).0 {
             return;
         }
+        let had_peer = self.current().peer_secret().is_some();
         match self.read_file() {
+            Ok((_, book)) if had_peer && book.peer_secret().is_none() => {
+                warn!(file = %path.display(), "the token file no longer holds a peer token; the tokens in force stay (add the new peer token before removing the old one)")
+            }
             Ok((stamp, book)) => {
                 info!(file = %path.display(), tokens = book.len(), "token file read again");
                 *self.state.write().unwrap_or_else(|e| e.into_inner()) = (stamp, Arc::new(book));
@@ -288,6 +301,29 @@ impl Tokens {
             )));
         }
         Ok(Some(Caller { name: token.name.clone(), role: token.role }))
+    }
+}
+
+/// The credentials a node sends to its peers: the first peer token in
+/// force, read at each call (a rotated peer token is used at once).
+#[derive(Clone, Default)]
+pub struct PeerCredentials(Option<Arc<Tokens>>);
+
+impl PeerCredentials {
+    pub fn new(tokens: Arc<Tokens>) -> PeerCredentials {
+        PeerCredentials(Some(tokens))
+    }
+}
+
+impl tonic::service::Interceptor for PeerCredentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(secret) = self.0.as_ref().and_then(|t| t.current().peer_secret()) {
+            let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                format!("Bearer {secret}").parse().map_err(|_| Status::internal("the peer token cannot travel as metadata"))?;
+            value.set_sensitive(true);
+            request.metadata_mut().insert(AUTHORIZATION, value);
+        }
+        Ok(request)
     }
 }
 
@@ -429,5 +465,11 @@ mod tests {
         std::fs::File::options().write(true).open(&f).unwrap().set_modified(later + Duration::from_secs(2)).unwrap();
         tokens.reload();
         assert!(ok("bbbbbbbbbbbbbbbbbbbb"), "a broken file keeps the tokens in force");
+        // An emptied file does not turn the checks off.
+        std::fs::write(&f, "# nothing here\n").unwrap();
+        std::fs::File::options().write(true).open(&f).unwrap().set_modified(later + Duration::from_secs(4)).unwrap();
+        tokens.reload();
+        assert!(ok("bbbbbbbbbbbbbbbbbbbb") && !tokens.current().is_empty());
+        assert!(Tokens::load("", Some(&f)).is_err(), "a token file without tokens is refused at start");
     }
 }

@@ -295,6 +295,10 @@ impl NodeConfig {
         if self.tls_peer_mtls && (self.tls_cert_file.is_none() || self.tls_ca_file.is_none()) {
             return bad("tls_peer_mtls", "needs tls_cert_file, tls_key_file and tls_ca_file");
         }
+        // Peers are dialled over TLS and trust only this authority.
+        if self.tls() && self.tls_ca_file.is_none() && (!self.join.is_empty() || members.len() > 1) {
+            return bad("tls_ca_file", "a node of a cluster that serves TLS needs the authority that signed its peers' certificates");
+        }
         crate::auth::TokenBook::parse(&self.auth_tokens, "auth_tokens")
             .map_err(|e| ConfigError::Invalid { field: "auth_tokens", reason: e.to_string() })?;
         Ok(())

@@ -667,9 +667,9 @@ impl ShardRouter {
         }
     }
 
-    /// Records an operator action in the audit log (the metadata group).
-    pub async fn audit(&self, who: String, action: &str, target: String, outcome: String) -> Result<(), RequestError> {
-        let entry = AuditEntry {
+    /// An audit log entry for an operator action taken by this node, now.
+    pub fn audit_entry(&self, who: String, action: &str, target: String, outcome: String) -> AuditEntry {
+        AuditEntry {
             id: ulid::Ulid::new().to_string(),
             at_ms: self.now_ms(),
             who,
@@ -677,7 +677,12 @@ impl ShardRouter {
             action: action.to_string(),
             target,
             outcome,
-        };
+        }
+    }
+
+    /// Records an entry in the audit log (the metadata group). The same
+    /// entry written twice (a retry after an unknown outcome) is one entry.
+    pub async fn audit(&self, entry: AuditEntry) -> Result<(), RequestError> {
         self.change_cluster(MetaCommand::Audit(entry)).await.map(|_| ())
     }
 

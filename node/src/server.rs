@@ -303,7 +303,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
             reason: "a cluster that checks tokens needs a token with the role peer, which its nodes send to each other".into(),
         });
     }
-    let security = crate::tls::PeerSecurity::from_config(config, peer_secret.as_deref())?;
+    let security = crate::tls::PeerSecurity::from_config(config, crate::auth::PeerCredentials::new(tokens.clone()))?;
     let peers = Peers::new(config.routes().map_err(|reason| ServerError::Actors(format!("peer_routes: {reason}")))?, security);
     let joined = if joining { Some(cluster_to_join(&peers, &config.join).await?) } else { None };
     // The shard count is fixed when a cluster is created: a joining node

@@ -189,16 +189,12 @@ pub fn incoming(
 #[derive(Clone, Default)]
 pub struct PeerSecurity {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
-    pub token: idgraph_proto::auth::BearerToken,
+    pub token: crate::auth::PeerCredentials,
 }
 
 impl PeerSecurity {
-    /// From the node's configuration and its peer token.
-    pub fn from_config(config: &NodeConfig, peer_secret: Option<&str>) -> Result<PeerSecurity, TlsError> {
-        let token = match peer_secret {
-            Some(s) => idgraph_proto::auth::BearerToken::new(s).map_err(|e| TlsError::Config(format!("peer token: {e}")))?,
-            None => idgraph_proto::auth::BearerToken::none(),
-        };
+    /// From the node's configuration and its tokens.
+    pub fn from_config(config: &NodeConfig, token: crate::auth::PeerCredentials) -> Result<PeerSecurity, TlsError> {
         if !config.tls() {
             return Ok(PeerSecurity { tls: None, token });
         }

@@ -16,7 +16,9 @@ pub struct BearerToken(Option<MetadataValue<Ascii>>);
 impl BearerToken {
     /// A token to send; refused when it cannot travel as HTTP/2 metadata.
     pub fn new(secret: &str) -> Result<BearerToken, String> {
-        let value = format!("Bearer {secret}").parse().map_err(|_| "a token must be printable ASCII without spaces".to_string())?;
+        let mut value: MetadataValue<Ascii> =
+            format!("Bearer {secret}").parse().map_err(|_| "a token must be printable ASCII without spaces".to_string())?;
+        value.set_sensitive(true);
         Ok(BearerToken(Some(value)))
     }
 

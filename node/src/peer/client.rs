@@ -23,7 +23,7 @@ use tonic::transport::Channel;
 use tonic::{Response, Status};
 
 /// A channel to a peer that adds this node's peer token to every call.
-pub type PeerChannel = InterceptedService<Channel, idgraph_proto::auth::BearerToken>;
+pub type PeerChannel = InterceptedService<Channel, crate::auth::PeerCredentials>;
 
 /// One lazily connected channel per peer address, shared by all shards,
 /// and one append batcher per peer.

@@ -37,10 +37,11 @@ fn unexpected(_: Outcome) -> Status {
 }
 
 /// Runs an operator action, then records it in the audit log with its
-/// outcome (its status code only: a message may quote an identifier).
-/// An entry the metadata group cannot take now is retried in the
-/// background for a minute, then logged as lost; the action's answer does
-/// not wait for it.
+/// outcome (its status code only: a message may quote an identifier). The
+/// entry is written by a task of its own, so a caller that goes away does
+/// not lose it; the answer waits for it up to five seconds. An entry the
+/// metadata group cannot take is retried (the same entry: written once
+/// however many tries land) for a minute, then logged as lost.
 async fn audited<T>(
     router: &ShardRouter,
     who: String,
@@ -53,13 +54,13 @@ async fn audited<T>(
         Ok(_) => "OK".to_string(),
         Err(s) => crate::metrics::code_name(s.code()),
     };
-    let target = target(&result);
+    let entry = router.audit_entry(who, action, target(&result), outcome);
     let router = router.clone();
-    let record = async move {
+    let record = tokio::spawn(async move {
         let mut backoff = std::time::Duration::from_millis(100);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
-            match router.audit(who.clone(), action, target.clone(), outcome.clone()).await {
+            match router.audit(entry.clone()).await {
                 Ok(()) => return,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     debug!(action, error = %e, "recording an audit entry failed; retrying");
@@ -67,17 +68,13 @@ async fn audited<T>(
                     backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
                 }
                 Err(e) => {
-                    tracing::error!(action, %who, %outcome, error = %e, "an operator action could not be recorded in the audit log");
+                    tracing::error!(action, who = %entry.who, outcome = %entry.outcome, error = %e, "an operator action could not be recorded in the audit log");
                     return;
                 }
             }
         }
-    };
-    // Recorded before answering when the metadata group takes it at once.
-    let mut record = Box::pin(record);
-    if tokio::time::timeout(std::time::Duration::from_secs(5), &mut record).await.is_err() {
-        tokio::spawn(record);
-    }
+    });
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), record).await;
     result
 }
 
