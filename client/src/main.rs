@@ -8,6 +8,7 @@ use idgraph_client::{load, parse_identifier, parse_jsonl, Client};
 use indicatif::{ProgressBar, ProgressStyle};
 use render::{show, Output};
 
+mod backup;
 mod render;
 mod report;
 
@@ -74,6 +75,17 @@ enum Command {
     /// Whether the node serves its shards (grpc.health.v1; no token
     /// needed): exits 0 when it does, 1 when not.
     Health,
+    /// Back up every shard, consistently, while the cluster serves, into a
+    /// new directory.
+    Backup {
+        /// Directory to create (must not exist, or be empty).
+        dir: std::path::PathBuf,
+    },
+    /// Restore a backup into a new cluster (same shard count, no records yet).
+    Restore {
+        /// A directory written by `idgraphctl backup`.
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -361,6 +373,15 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Canary(cmd) => canary(&mut client, cmd, output).await,
         Command::Audit(AuditCmd::List { after, limit }) => {
             show(&client.admin().list_audit(pb::ListAuditRequest { after, limit }).await?.into_inner(), output)
+        }
+        Command::Backup { dir } => {
+            let summary = backup::write(&mut client, &dir, output == Output::Table).await?;
+            show(&summary, output)
+        }
+        Command::Restore { dir } => {
+            let chunks = backup::read(&dir)?;
+            let r = client.admin().restore(chunks).await?.into_inner();
+            show(&backup::Restored { dir: dir.display().to_string(), shards: r.shards, bytes: r.bytes }, output)
         }
         Command::Health => {
             let serving = client.serving().await?;

@@ -3,22 +3,15 @@
 //! named, a rollout started, shown, aborted and rolled back, its report
 //! written as Markdown and HTML.
 
+mod common;
+
+use common::{ok, refused};
 use idgraph_node::config::NodeConfig;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 fn ctl(endpoint: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_idgraphctl")).arg("--endpoint").arg(endpoint).args(args).output().expect("idgraphctl runs")
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn refused(out: Output) -> String {
-    assert!(!out.status.success(), "expected a refusal, got {}", String::from_utf8_lossy(&out.stdout));
-    String::from_utf8(out.stderr).unwrap()
 }
 
 const PLAN: &str = r#"

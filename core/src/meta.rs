@@ -107,6 +107,30 @@ pub struct ClusterMap {
     /// shadow step of the rollout under way).
     #[serde(default)]
     pub shadow_rules: Option<String>,
+    /// A backup under way: while it holds, coordinators make no new
+    /// cross-shard decision and apply no decided part (see
+    /// `docs/operations.md`), so the shards' images form one cut.
+    #[serde(default)]
+    pub backup_fence: Option<BackupFence>,
+}
+
+/// A backup's hold on cross-shard commits, until `until_ms` at the latest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupFence {
+    pub id: String,
+    pub until_ms: i64,
+}
+
+/// What a backup keeps of the metadata group: not the cluster map (nodes
+/// and placement belong to the cluster restored into), but what the
+/// cluster decided: its rule sets, their active version, finished
+/// rollouts and the audit log.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetaBackup {
+    pub rule_sets: Vec<(String, String)>,
+    pub active_rules: String,
+    pub finished_rollouts: Vec<Rollout>,
+    pub audit: Vec<AuditEntry>,
 }
 
 /// A change of the cluster map (an entry of the metadata group's log).
@@ -144,6 +168,14 @@ pub enum MetaCommand {
     Canary(CanaryCommand),
     /// Records an operator action in the audit log.
     Audit(AuditEntry),
+    /// Holds cross-shard commits for a backup (refused while another holds).
+    Fence(BackupFence),
+    /// Ends a backup's hold.
+    Unfence {
+        id: String,
+    },
+    /// Takes a backup's metadata into this cluster (see [`MetaBackup`]).
+    Restore(Box<MetaBackup>),
 }
 
 /// One operator action, as the audit log keeps it. It names profiles,
@@ -309,7 +341,20 @@ impl ClusterMap {
                     members.remove(&remove);
                 }
             }
-            MetaCommand::PutRuleSet { .. } | MetaCommand::Canary(_) | MetaCommand::Audit(_) => {
+            MetaCommand::Fence(fence) => match &next.backup_fence {
+                Some(f) if f.id != fence.id && f.until_ms > fence.until_ms - BACKUP_FENCE_MAX_MS => {
+                    return refuse(format!("backup {} is under way", f.id));
+                }
+                _ => next.backup_fence = Some(fence.clone()),
+            },
+            MetaCommand::Unfence { id } => {
+                if next.backup_fence.as_ref().is_some_and(|f| &f.id == id) {
+                    next.backup_fence = None;
+                } else {
+                    return Ok(next);
+                }
+            }
+            MetaCommand::PutRuleSet { .. } | MetaCommand::Canary(_) | MetaCommand::Audit(_) | MetaCommand::Restore(_) => {
                 return refuse("rule sets, rollouts and the audit log change through meta::execute, which reads the store");
             }
         }
@@ -402,6 +447,10 @@ const ROLLOUT_KEY: &str = "canary.current";
 const FINISHED_PREFIX: &str = "canary.done.";
 const AUDIT_PREFIX: &str = "audit.";
 
+/// The longest a backup may hold cross-shard commits; a fence older than
+/// this is taken over by the next backup (its backup died).
+pub const BACKUP_FENCE_MAX_MS: i64 = 5 * 60 * 1000;
+
 /// What made a metadata command fail.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -454,6 +503,16 @@ pub fn audit_entries<R: GraphRead + ?Sized>(store: &R, after: &str, limit: usize
         }
     }
     Ok(out)
+}
+
+/// What a backup keeps of the metadata group (see [`MetaBackup`]).
+pub fn meta_backup<R: GraphRead + ?Sized>(store: &R) -> Result<MetaBackup, StoreError> {
+    Ok(MetaBackup {
+        rule_sets: rule_sets(store)?,
+        active_rules: read_map(store)?.active_rules,
+        finished_rollouts: finished_rollouts(store)?,
+        audit: audit_entries(store, "", usize::MAX)?,
+    })
 }
 
 /// Applies a metadata command to the metadata group's store: the changes
@@ -528,6 +587,37 @@ pub fn execute<R: GraphRead + ?Sized>(store: &R, cmd: &MetaCommand) -> Result<(C
             }
             next
         }
+        MetaCommand::Restore(backup) => {
+            if map.canary.is_some() {
+                return Err(MetaRefusal("a canary rollout is under way; restore into a cluster without one".into()).into());
+            }
+            for (version, toml) in &backup.rule_sets {
+                match read_rule_set(store, version)? {
+                    Some(stored) if stored != *toml => {
+                        return Err(MetaRefusal(format!("rule set {version:?} is stored here with other rules")).into())
+                    }
+                    Some(_) => {}
+                    None => {
+                        RuleSet::from_toml(toml).map_err(|e| MetaRefusal(format!("rule set {version:?} of the backup: {e}")))?;
+                        cs.push(Change::PutMeta(format!("{RULES_PREFIX}{version}"), encode(toml)));
+                    }
+                }
+            }
+            for r in &backup.finished_rollouts {
+                cs.push(Change::PutMeta(format!("{FINISHED_PREFIX}{}", r.id), encode(r)));
+            }
+            for e in &backup.audit {
+                cs.push(Change::PutMeta(format!("{AUDIT_PREFIX}{}", e.id), encode(e)));
+            }
+            let mut next = map.clone();
+            if !backup.active_rules.is_empty() {
+                if !backup.rule_sets.iter().any(|(v, _)| *v == backup.active_rules) {
+                    return Err(MetaRefusal(format!("the backup's active rule set {:?} is not in it", backup.active_rules)).into());
+                }
+                next.active_rules = backup.active_rules.clone();
+            }
+            next
+        }
         MetaCommand::Audit(entry) => {
             if entry.id.is_empty() || entry.id.contains('.') {
                 return Err(MetaRefusal("an audit entry needs an id without dots".into()).into());
@@ -539,7 +629,7 @@ pub fn execute<R: GraphRead + ?Sized>(store: &R, cmd: &MetaCommand) -> Result<(C
     };
     let changed = next != map;
     let mut next = next;
-    if changed && matches!(cmd, MetaCommand::PutRuleSet { .. } | MetaCommand::Canary(_)) {
+    if changed && matches!(cmd, MetaCommand::PutRuleSet { .. } | MetaCommand::Canary(_) | MetaCommand::Restore(_)) {
         next.version = map.version + 1;
     }
     if changed || next.version != map.version {

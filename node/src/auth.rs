@@ -259,16 +259,7 @@ impl Tokens {
 
     /// Checks the token file for changes every `every` until dropped.
     pub fn spawn_reloader(self: &Arc<Tokens>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let tokens = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match tokens.upgrade() {
-                    Some(t) => t.reload(),
-                    None => return,
-                }
-            }
-        })
+        spawn_reloads(self, every, Tokens::reload)
     }
 
     /// Decides a call: the caller it names, or the status to refuse it with.
@@ -302,6 +293,21 @@ impl Tokens {
         }
         Ok(Some(Caller { name: token.name.clone(), role: token.role }))
     }
+}
+
+/// Calls `reload` on `what` every `every` until `what` is dropped (the
+/// token file here, the certificate files in `tls`).
+pub fn spawn_reloads<T: Send + Sync + 'static>(what: &Arc<T>, every: Duration, reload: fn(&T)) -> tokio::task::JoinHandle<()> {
+    let what = Arc::downgrade(what);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match what.upgrade() {
+                Some(t) => reload(&t),
+                None => return,
+            }
+        }
+    })
 }
 
 /// The credentials a node sends to its peers: the first peer token in

@@ -686,6 +686,84 @@ impl ShardRouter {
         self.change_cluster(MetaCommand::Audit(entry)).await.map(|_| ())
     }
 
+    /// Waits while a backup holds cross-shard commits (as this node's map
+    /// says; at most until the fence's deadline).
+    async fn wait_for_fence(&self) {
+        loop {
+            let until = self.cluster.read().ok().and_then(|m| m.backup_fence.as_ref().map(|f| f.until_ms));
+            match until {
+                Some(until) if self.now_ms() < until => tokio::time::sleep(Duration::from_millis(10)).await,
+                _ => return,
+            }
+        }
+    }
+
+    /// Holds cross-shard commits for backup `id` and waits until every node
+    /// of the map holds them (its copy of the map has the fence) and the
+    /// decisions they had under way have landed.
+    pub async fn fence(&self, id: &str) -> Result<(), RequestError> {
+        let fence =
+            idgraph_core::meta::BackupFence { id: id.to_string(), until_ms: self.now_ms() + idgraph_core::meta::BACKUP_FENCE_MAX_MS };
+        let map = self.change_cluster(MetaCommand::Fence(fence)).await?;
+        self.set_cluster(map.clone());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for (node_id, node) in &map.nodes {
+            loop {
+                let seen = if *node_id == self.node_id {
+                    self.cluster().backup_fence.is_some_and(|f| f.id == id)
+                } else {
+                    self.peers.cluster_map(&node.addr).await.is_ok_and(|m| m.backup_fence.is_some_and(|f| f.id == id))
+                };
+                if seen {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    let _ = self.unfence(id).await;
+                    return Err(RequestError::Unavailable {
+                        shard: "meta".into(),
+                        reason: format!("node {node_id} did not take the backup's fence within 30 s"),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        // A decision proposed just before its node saw the fence lands
+        // within a request's deadline.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(())
+    }
+
+    /// Ends backup `id`'s hold on cross-shard commits.
+    pub async fn unfence(&self, id: &str) -> Result<(), RequestError> {
+        let map = self.change_cluster(MetaCommand::Unfence { id: id.to_string() }).await?;
+        self.set_cluster(map);
+        Ok(())
+    }
+
+    /// A shard's records as one image, read on its leader.
+    pub async fn backup_image(&self, shard: ShardId) -> Result<Vec<u8>, RequestError> {
+        match self.read(shard.into(), ShardRead::Image).await? {
+            ShardReply::Image(image) => Ok(image),
+            _ => Err(RequestError::Internal("an image read was answered with something else".into())),
+        }
+    }
+
+    /// What a backup keeps of the metadata group.
+    pub async fn meta_backup(&self) -> Result<idgraph_core::meta::MetaBackup, RequestError> {
+        match self.read(GroupId::Meta, ShardRead::MetaBackup).await? {
+            ShardReply::MetaBackup(b) => Ok(*b),
+            _ => Err(RequestError::Internal("a metadata backup read was answered with something else".into())),
+        }
+    }
+
+    /// Replaces an empty shard's records with a backup's image of them.
+    pub async fn restore_image(&self, shard: ShardId, image: Vec<u8>) -> Result<u64, RequestError> {
+        match self.request(shard.into(), ShardRequest::Write(Box::new(ShardCommand::Restore(image)))).await? {
+            ShardReply::Restored(bytes) => Ok(bytes),
+            _ => Err(RequestError::Internal("a restore was answered with something else".into())),
+        }
+    }
+
     /// Audit log entries after the entry `after` (all: empty), oldest first.
     pub async fn audit_log(&self, after: String, limit: usize) -> Result<Vec<AuditEntry>, RequestError> {
         match self.read(GroupId::Meta, ShardRead::Audit { after, limit }).await? {
@@ -825,6 +903,11 @@ impl ShardAccess for ShardRouter {
     }
 
     async fn step(&self, shard: ShardId, op: TxnOp) -> Result<TxnReply, TxnError> {
+        // A backup's fence holds decisions and the parts that follow them
+        // (docs/operations.md); prepares, aborts and forgets go on.
+        if matches!(op, TxnOp::Commit { .. } | TxnOp::Apply { .. }) {
+            self.wait_for_fence().await;
+        }
         match self.request(shard.into(), ShardRequest::Write(Box::new(ShardCommand::Txn(op)))).await {
             Ok(ShardReply::Txn(t)) => Ok(t),
             Ok(_) => Err(TxnError::Internal("a transaction step was answered with something else".into())),

@@ -538,7 +538,7 @@ async fn readiness(router: ShardRouter, health: tonic_health::server::HealthRepo
             info!(ready, "readiness changed");
             was = Some(ready);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -193,7 +193,7 @@ impl ShardState {
 /// Whether a write starts new work (admission control refuses those first).
 fn starts_work(cmd: &ShardCommand) -> bool {
     match cmd {
-        ShardCommand::Engine(_) => true,
+        ShardCommand::Engine(_) | ShardCommand::Restore(_) => true,
         ShardCommand::Txn(op) => matches!(op, crate::txn::TxnOp::Single { .. } | crate::txn::TxnOp::Prepare { .. }),
         ShardCommand::Meta(_) => false,
     }

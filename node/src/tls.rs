@@ -102,16 +102,7 @@ impl ServerCertificate {
 
     /// Checks the files every `every` until dropped.
     pub fn spawn_reloader(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let me = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match me.upgrade() {
-                    Some(c) => c.reload(),
-                    None => return,
-                }
-            }
-        })
+        crate::auth::spawn_reloads(self, every, ServerCertificate::reload)
     }
 }
 

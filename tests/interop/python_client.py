@@ -4,6 +4,7 @@ Each call asserts what the API promises; any failure exits non-zero.
 Prints a plain 'N passed, N failed' line at the end.
 """
 import sys
+import time
 
 import grpc
 from google.protobuf import struct_pb2
@@ -142,8 +143,14 @@ def admin_calls():
 
 
 def health_check():
-    r = health.Check(health_pb2.HealthCheckRequest(service="idgraph.v1.IdentityGraph"))
-    assert r.status == health_pb2.HealthCheckResponse.SERVING, r
+    # SERVING once the node serves its shards, soon after it starts.
+    deadline = time.monotonic() + 20
+    while True:
+        r = health.Check(health_pb2.HealthCheckRequest(service="idgraph.v1.IdentityGraph"))
+        if r.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline, r
+        time.sleep(0.1)
 
 
 for name, fn in [

@@ -83,6 +83,9 @@ pub enum ShardCommand {
     Txn(crate::txn::TxnOp),
     /// A change of the cluster map (metadata group only, see [`idgraph_core::meta`]).
     Meta(idgraph_core::meta::MetaCommand),
+    /// Replaces a shard's records, which must be empty, with a backup's
+    /// image of them (`Admin.Restore`).
+    Restore(Vec<u8>),
 }
 
 /// What applying one log entry answered.
@@ -96,6 +99,8 @@ pub enum ShardResponse {
     Txn(crate::txn::TxnReply),
     /// The cluster map after a [`ShardCommand::Meta`].
     Map(idgraph_core::meta::ClusterMap),
+    /// A [`ShardCommand::Restore`] took the image: its size in bytes.
+    Restored(u64),
 }
 
 /// An engine refusal as it travels through Raft (the caller maps it to a

@@ -90,6 +90,10 @@ pub enum ShardRead {
         after: String,
         limit: usize,
     },
+    /// The shard's records as one image, for a backup (read on the leader).
+    Image,
+    /// What a backup keeps of the metadata group.
+    MetaBackup,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -117,6 +121,9 @@ pub enum ShardReply {
     },
     Merges(Vec<MergeStamp>),
     Audit(Vec<idgraph_core::meta::AuditEntry>),
+    Image(Vec<u8>),
+    MetaBackup(Box<idgraph_core::meta::MetaBackup>),
+    Restored(u64),
 }
 
 /// Why a shard did not answer a request.
@@ -438,6 +445,7 @@ impl ShardReplica {
                     }
                     ShardResponse::Txn(t) => Ok(ShardReply::Txn(t)),
                     ShardResponse::Map(m) => Ok(ShardReply::Map(m)),
+                    ShardResponse::Restored(bytes) => Ok(ShardReply::Restored(bytes)),
                     ShardResponse::Refused(r) => Err(ShardFailure::Refused(r)),
                     ShardResponse::Nothing => Err(self.unavailable("a command was answered as a blank entry")),
                 })
@@ -508,6 +516,10 @@ impl ShardReplica {
                     false => Vec::new(),
                 };
                 ShardReply::Rollouts { current, finished }
+            }
+            ShardRead::Image => ShardReply::Image(crate::raft::state_machine::backup_image(store).map_err(|e| self.unavailable(e))?),
+            ShardRead::MetaBackup => {
+                ShardReply::MetaBackup(Box::new(idgraph_core::meta::meta_backup(store).map_err(|e| self.unavailable(e))?))
             }
             ShardRead::Audit { after, limit } => {
                 ShardReply::Audit(idgraph_core::meta::audit_entries(store, &after, limit).map_err(|e| self.unavailable(e))?)

@@ -103,6 +103,13 @@ fn image_at_position<S: GraphStore>(
     Ok(None)
 }
 
+/// A shard's records as a backup keeps them: everything but the Raft
+/// bookkeeping (applied position, membership, kept image), which belongs
+/// to the cluster the image is restored into. One point in time.
+pub fn backup_image<S: GraphStore>(store: &S) -> Result<Vec<u8>, crate::storage::StoreError> {
+    store.snapshot(&[APPLIED, APPLIED_COMMAND, SNAPSHOT, MEMBERSHIP])
+}
+
 /// Digests a replica's state without stopping it. Replicas of one shard
 /// that applied the same log hold the same records, whatever mix of entries
 /// and snapshots brought them there. Not `settled` when entries kept being
@@ -272,6 +279,31 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
                                 Err(MetaError::Store(e)) => return Err(failed(e)),
                                 Err(e) => (ChangeSet::default(), ShardResponse::Refused(Refusal::from_meta(e))),
                             },
+                            ShardCommand::Restore(image) => {
+                                // Only into a shard without records (counting what
+                                // this entry's earlier commands staged): nothing
+                                // acknowledged is replaced.
+                                let c = idgraph_core::graph::GraphRead::counters(&staged).map_err(failed)?;
+                                if c.profiles != 0 || c.identifiers != 0 || c.events != 0 {
+                                    let reason = "the shard holds records; restore into a new cluster".to_string();
+                                    responses.push(ShardResponse::Refused(Refusal::FailedPrecondition { reason, limit: None }));
+                                    continue;
+                                }
+                                // The image replaces the records whole; the Raft
+                                // bookkeeping goes back with the entry's last write.
+                                // A crash in between replays the log from its start
+                                // (the applied position went with the records), the
+                                // restore included.
+                                let membership: Option<StoredMembership<u64, BasicNode>> = self.meta(MEMBERSHIP)?;
+                                drop(staged);
+                                self.store.restore(image).map_err(failed)?;
+                                staged = Staged::new(&*self.store);
+                                let mut cs = ChangeSet::default();
+                                if let Some(m) = membership {
+                                    cs.push(Change::PutMeta(MEMBERSHIP.into(), encode(&m)));
+                                }
+                                (cs, ShardResponse::Restored(image.len() as u64))
+                            }
                         };
                         staged.stage(cs);
                         responses.push(response);

@@ -290,6 +290,50 @@ impl Admin for AdminService {
         audited(&self.router, who, "TransferLeader", |_| format!("shard {} to node {}", req.shard, req.node_id), run).await
     }
 
+    type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+    async fn backup(&self, request: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        let who = Caller::name_of(&request);
+        let id = ulid::Ulid::new().to_string();
+        let router = self.router.clone();
+        // The fence is taken before the call is answered: a backup that
+        // cannot hold the commits fails with the reason.
+        audited(&self.router, who, "Backup", |_| format!("backup {id}"), async { Ok(router.fence(&id).await?) }).await?;
+        info!(backup = %id, "backup started: cross-shard commits held");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let sent = send_backup(&router, &id, &tx).await;
+            if let Err(e) = router.unfence(&id).await {
+                tracing::warn!(backup = %id, error = %e, "ending the backup's hold failed; it lapses by itself");
+            }
+            match sent {
+                Ok(bytes) => info!(backup = %id, bytes, "backup sent"),
+                Err(status) => {
+                    tracing::warn!(backup = %id, code = ?status.code(), "backup failed");
+                    let _ = tx.send(Err(status)).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn restore(&self, request: Request<Streaming<pb::BackupChunk>>) -> Result<Response<pb::RestoreResponse>, Status> {
+        let who = Caller::name_of(&request);
+        let run = restore_backup(&self.router, request.into_inner());
+        audited(
+            &self.router,
+            who,
+            "Restore",
+            |r| match r {
+                Ok(r) => format!("{} shards, {} bytes", r.shards, r.bytes),
+                Err(_) => "a backup (not restored)".to_string(),
+            },
+            run,
+        )
+        .await
+        .map(Response::new)
+    }
+
     async fn list_audit(&self, request: Request<pb::ListAuditRequest>) -> Result<Response<pb::ListAuditResponse>, Status> {
         let req = request.into_inner();
         let limit = match req.limit {
@@ -466,6 +510,114 @@ impl AdminService {
             .into()),
         }
     }
+}
+
+/// The first chunk of a backup: what it holds and the metadata it keeps.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BackupManifest {
+    /// 1: shard images as `GraphStore::snapshot` writes them.
+    format: u32,
+    backup_id: String,
+    created_at_ms: i64,
+    shard_count: u32,
+    meta: idgraph_core::meta::MetaBackup,
+}
+
+const BACKUP_FORMAT: u32 = 1;
+/// Bytes of an image per chunk.
+const BACKUP_PIECE: usize = 1 << 20;
+
+/// Streams a backup: its manifest, then every shard's image, read on its
+/// leader while the fence holds. The bytes sent, or why it stopped.
+async fn send_backup(
+    router: &ShardRouter,
+    id: &str,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::BackupChunk, Status>>,
+) -> Result<u64, Status> {
+    let gone = || Status::cancelled("the caller went away");
+    let manifest = BackupManifest {
+        format: BACKUP_FORMAT,
+        backup_id: id.to_string(),
+        created_at_ms: router.now_ms(),
+        shard_count: router.map().count(),
+        meta: router.meta_backup().await?,
+    };
+    let manifest_json = serde_json::to_string(&manifest).map_err(|e| Status::internal(e.to_string()))?;
+    tx.send(Ok(pb::BackupChunk { manifest_json, ..Default::default() })).await.map_err(|_| gone())?;
+    let mut bytes = 0;
+    for shard in router.map().shards() {
+        let image = router.backup_image(shard).await?;
+        let digest = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&image));
+        let pieces: Vec<&[u8]> = if image.is_empty() { vec![&[]] } else { image.chunks(BACKUP_PIECE).collect() };
+        let last = pieces.len() - 1;
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let chunk = pb::BackupChunk {
+                manifest_json: String::new(),
+                shard: shard.0,
+                data: piece.to_vec(),
+                digest: if i == last { digest.clone() } else { String::new() },
+            };
+            tx.send(Ok(chunk)).await.map_err(|_| gone())?;
+        }
+        bytes += image.len() as u64;
+    }
+    Ok(bytes)
+}
+
+/// Takes a backup's chunks into this cluster: every shard's image, each
+/// checked against its digest, then the metadata.
+async fn restore_backup(router: &ShardRouter, mut inbound: Streaming<pb::BackupChunk>) -> Result<pb::RestoreResponse, Status> {
+    let first = inbound.message().await?.ok_or_else(|| invalid_field("manifest_json", "the stream is empty"))?;
+    let manifest: BackupManifest =
+        serde_json::from_str(&first.manifest_json).map_err(|e| invalid_field("manifest_json", &format!("not a backup manifest: {e}")))?;
+    if manifest.format != BACKUP_FORMAT {
+        return Err(invalid_field(
+            "manifest_json.format",
+            &format!("{} is not a format this node reads ({BACKUP_FORMAT})", manifest.format),
+        ));
+    }
+    let count = router.map().count();
+    if manifest.shard_count != count {
+        return Err(RequestError::Engine(idgraph_core::engine::EngineError::FailedPrecondition {
+            reason: format!(
+                "the backup has {} shards and this cluster {count}: restore into a cluster created with --shards {}",
+                manifest.shard_count, manifest.shard_count
+            ),
+            limit: None,
+        })
+        .into());
+    }
+    let mut image: Vec<u8> = Vec::new();
+    let mut current: Option<u32> = None;
+    let mut done = std::collections::BTreeSet::new();
+    let mut bytes = 0u64;
+    while let Some(chunk) = inbound.message().await? {
+        if chunk.shard >= count {
+            return Err(invalid_field("shard", &format!("{} is not a shard of this cluster", chunk.shard)));
+        }
+        if done.contains(&chunk.shard) || current.is_some_and(|c| c != chunk.shard) {
+            return Err(invalid_field("shard", &format!("shard {}'s pieces are not in one run", chunk.shard)));
+        }
+        current = Some(chunk.shard);
+        image.extend_from_slice(&chunk.data);
+        if chunk.digest.is_empty() {
+            continue;
+        }
+        if format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&image)) != chunk.digest {
+            return Err(invalid_field("digest", &format!("shard {}'s image does not match its digest", chunk.shard)));
+        }
+        let shard = idgraph_core::model::ShardId(chunk.shard);
+        bytes += router.restore_image(shard, std::mem::take(&mut image)).await?;
+        info!(%shard, "shard restored from a backup");
+        done.insert(chunk.shard);
+        current = None;
+    }
+    if let Some(missing) = (0..count).find(|s| !done.contains(s)) {
+        return Err(invalid_field("shard", &format!("the backup ended before shard {missing}'s image")));
+    }
+    router.change_cluster(MetaCommand::Restore(Box::new(manifest.meta))).await?;
+    info!(backup = %manifest.backup_id, shards = count, bytes, "backup restored");
+    Ok(pb::RestoreResponse { shards: count, bytes })
 }
 
 /// NOT_FOUND for a rollout.
