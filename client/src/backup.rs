@@ -85,33 +85,71 @@ pub async fn write(client: &mut Client, dir: &Path, progress: bool) -> Result<Wr
     Ok(Written { dir: dir.display().to_string(), shards: digests.len(), bytes })
 }
 
+/// An error met while reading a backup's files as they are sent.
+pub type ReadError = std::sync::Arc<std::sync::Mutex<Option<std::io::Error>>>;
+
+/// Bytes of an image per chunk.
+const PIECE: usize = 1 << 20;
+
+/// Fills `buf` from `file` as far as the file goes: the bytes read.
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// The chunks of the backup in `dir`, in the order `Admin.Restore` takes
-/// them, read from the files as they are sent.
-pub fn read(dir: &Path) -> Result<impl futures::Stream<Item = pb::BackupChunk>> {
+/// them, read from the files as they are sent. A file that cannot be read
+/// ends the stream early and leaves its error in the returned slot (the
+/// node then refuses the torn backup; the caller reports the read error).
+pub fn read(dir: &Path) -> Result<(impl futures::Stream<Item = pb::BackupChunk>, ReadError)> {
     let manifest_json = std::fs::read_to_string(dir.join("manifest.json")).with_context(|| format!("{} holds no backup", dir.display()))?;
     let digests: BTreeMap<u32, String> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("digests.json"))?).context("digests.json")?;
-    for shard in digests.keys() {
-        if !image_path(dir, *shard).exists() {
-            bail!("{} is missing", image_path(dir, *shard).display());
-        }
+    let mut files = Vec::new();
+    for (shard, digest) in digests {
+        let path = image_path(dir, shard);
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        files.push((shard, digest, file));
     }
+    let failed: ReadError = Default::default();
     let first = pb::BackupChunk { manifest_json, ..Default::default() };
-    let dir = dir.to_path_buf();
-    let pieces = futures::stream::iter(digests).flat_map(move |(shard, digest)| {
-        let mut file = std::fs::File::open(image_path(&dir, shard)).ok();
+    let slot = failed.clone();
+    let pieces = futures::stream::iter(files).flat_map(move |(shard, digest, mut file)| {
+        let slot = slot.clone();
         let mut done = false;
         futures::stream::iter(std::iter::from_fn(move || {
-            if done {
+            if done || slot.lock().map_or(true, |e| e.is_some()) {
                 return None;
             }
-            let mut data = vec![0u8; 1 << 20];
-            let n = file.as_mut().map_or(0, |f| f.read(&mut data).unwrap_or(0));
-            data.truncate(n);
-            // A short read ends the image: its last piece carries the digest.
-            done = n < (1 << 20);
-            Some(pb::BackupChunk { manifest_json: String::new(), shard, data, digest: if done { digest.clone() } else { String::new() } })
+            let mut data = vec![0u8; PIECE];
+            match read_full(&mut file, &mut data) {
+                Ok(n) => {
+                    data.truncate(n);
+                    // The file's end ends the image: its last piece carries the digest.
+                    done = n < PIECE;
+                    Some(pb::BackupChunk {
+                        manifest_json: String::new(),
+                        shard,
+                        data,
+                        digest: if done { digest.clone() } else { String::new() },
+                    })
+                }
+                Err(e) => {
+                    if let Ok(mut slot) = slot.lock() {
+                        *slot = Some(e);
+                    }
+                    None
+                }
+            }
         }))
     });
-    Ok(futures::stream::iter([first]).chain(pieces))
+    Ok((futures::stream::iter([first]).chain(pieces), failed))
 }

@@ -379,8 +379,15 @@ async fn run(cli: Cli) -> Result<()> {
             show(&summary, output)
         }
         Command::Restore { dir } => {
-            let chunks = backup::read(&dir)?;
-            let r = client.admin().restore(chunks).await?.into_inner();
+            let (chunks, failed) = backup::read(&dir)?;
+            let answer = client.admin().restore(chunks).await;
+            if let Some(e) = failed.lock().ok().and_then(|mut e| e.take()) {
+                bail!(
+                    "reading the backup in {}: {e} (the node refused the torn backup; nothing was restored from it past that point)",
+                    dir.display()
+                );
+            }
+            let r = answer?.into_inner();
             show(&backup::Restored { dir: dir.display().to_string(), shards: r.shards, bytes: r.bytes }, output)
         }
         Command::Health => {

@@ -73,6 +73,10 @@ pub struct ShardRouter {
     /// This node's copy of the cluster map (see [`crate::placement`]): where
     /// to send requests for groups held elsewhere.
     cluster: Arc<RwLock<ClusterMap>>,
+    /// When the node first read the map from the metadata group (until
+    /// then its copy may lack a backup's fence).
+    map_read: Arc<std::sync::OnceLock<std::time::Instant>>,
+    started: std::time::Instant,
 }
 
 /// What a shard's failure means to the caller.
@@ -137,6 +141,8 @@ impl ShardRouter {
             peers,
             replicas,
             cluster: Default::default(),
+            map_read: Default::default(),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -687,8 +693,13 @@ impl ShardRouter {
     }
 
     /// Waits while a backup holds cross-shard commits (as this node's map
-    /// says; at most until the fence's deadline).
+    /// says; at most until the fence's deadline). A node that has not read
+    /// the map from the metadata group since it started waits for that
+    /// first (up to 30 s): its first copy may lack a fence set meanwhile.
     async fn wait_for_fence(&self) {
+        while self.map_read.get().is_none() && self.started.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         loop {
             let until = self.cluster.read().ok().and_then(|m| m.backup_fence.as_ref().map(|f| f.until_ms));
             match until {
@@ -696,6 +707,13 @@ impl ShardRouter {
                 _ => return,
             }
         }
+    }
+
+    /// Whether backup `id`'s fence still holds with `margin_ms` to spare,
+    /// as the metadata group says.
+    pub async fn fence_holds(&self, id: &str, margin_ms: i64) -> Result<bool, RequestError> {
+        let map = self.read_cluster().await?;
+        Ok(map.backup_fence.is_some_and(|f| f.id == id && self.now_ms() + margin_ms < f.until_ms))
     }
 
     /// Holds cross-shard commits for backup `id` and waits until every node
@@ -727,9 +745,8 @@ impl ShardRouter {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        // A decision proposed just before its node saw the fence lands
-        // within a request's deadline.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Steps that passed the fence before their node saw it may still
+        // land while the images are read: harmless (docs/operations.md).
         Ok(())
     }
 
@@ -785,6 +802,7 @@ impl ShardRouter {
         match reply {
             ShardReply::Map(m) => {
                 self.set_cluster(m.clone());
+                let _ = self.map_read.set(std::time::Instant::now());
                 Ok(m)
             }
             _ => Err(RequestError::Internal("a cluster map request was answered with something else".into())),
@@ -903,9 +921,10 @@ impl ShardAccess for ShardRouter {
     }
 
     async fn step(&self, shard: ShardId, op: TxnOp) -> Result<TxnReply, TxnError> {
-        // A backup's fence holds decisions and the parts that follow them
-        // (docs/operations.md); prepares, aborts and forgets go on.
-        if matches!(op, TxnOp::Commit { .. } | TxnOp::Apply { .. }) {
+        // A backup's fence holds decisions, the parts that follow them and
+        // the forgetting of decisions (docs/operations.md); prepares and
+        // aborts go on.
+        if matches!(op, TxnOp::Commit { .. } | TxnOp::Apply { .. } | TxnOp::Forget { .. }) {
             self.wait_for_fence().await;
         }
         match self.request(shard.into(), ShardRequest::Write(Box::new(ShardCommand::Txn(op)))).await {

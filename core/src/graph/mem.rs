@@ -151,6 +151,20 @@ impl GraphStore for MemStore {
     }
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
+        self.restore_with_meta(snapshot, &[])
+    }
+
+    fn holds_records(&self) -> Result<bool, StoreError> {
+        let t = self.tables.lock().map_err(|_| StoreError::Io("memory store lock poisoned".into()))?;
+        Ok(!(t.owners.is_empty()
+            && t.profiles.is_empty()
+            && t.aliases.is_empty()
+            && t.events.is_empty()
+            && t.merges.is_empty()
+            && t.hubs.is_empty()))
+    }
+
+    fn restore_with_meta(&self, snapshot: &[u8], meta: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
         let img: TablesImage = super::decode(b"snapshot", snapshot)?;
         let mut t = self.tables.lock().map_err(|_| StoreError::Io("memory store lock poisoned".into()))?;
         *t = Tables {
@@ -160,7 +174,7 @@ impl GraphStore for MemStore {
             events: img.events.into_iter().collect(),
             merges: img.merges.into_iter().map(|m| (m.id.clone(), m)).collect(),
             hubs: img.hubs.into_iter().collect(),
-            meta: img.meta.into_iter().collect(),
+            meta: img.meta.into_iter().chain(meta.iter().cloned()).collect(),
             counters: img.counters,
         };
         Ok(())

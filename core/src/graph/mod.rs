@@ -82,6 +82,12 @@ pub trait GraphStore: GraphRead + Send + Sync + 'static {
     /// Replaces everything the store holds with a snapshot's content (the
     /// kept image, [`Self::put_image`], is not part of it).
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError>;
+    /// [`Self::restore`], then the `meta` values written, as one atomic
+    /// write: a crash leaves the old content or all of the new. Durable
+    /// after the next [`Self::flush`].
+    fn restore_with_meta(&self, snapshot: &[u8], meta: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
+    /// Whether the store holds any record besides meta values and counters.
+    fn holds_records(&self) -> Result<bool, StoreError>;
     /// Keeps the replica's current Raft snapshot image, replacing the last
     /// one; durable after the next [`Self::flush`]. It is kept apart from
     /// the records: it is as large as the graph, and among them every write

@@ -260,6 +260,8 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
                     // Every command reads the writes of those before it; the
                     // entry lands as one atomic write.
                     let mut staged = Staged::new(&*self.store);
+                    let mut staged_any = false;
+                    let mut marked = false;
                     for (i, cmd) in proposal.commands.iter().enumerate() {
                         if i < skip {
                             responses.push(ShardResponse::Nothing);
@@ -280,36 +282,37 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
                                 Err(e) => (ChangeSet::default(), ShardResponse::Refused(Refusal::from_meta(e))),
                             },
                             ShardCommand::Restore(image) => {
-                                // Only into a shard without records (counting what
-                                // this entry's earlier commands staged): nothing
-                                // acknowledged is replaced.
-                                let c = idgraph_core::graph::GraphRead::counters(&staged).map_err(failed)?;
-                                if c.profiles != 0 || c.identifiers != 0 || c.events != 0 {
+                                // Only into a shard without records, alone in its
+                                // entry's writes: nothing acknowledged is replaced.
+                                if staged_any || self.store.holds_records().map_err(failed)? {
                                     let reason = "the shard holds records; restore into a new cluster".to_string();
                                     responses.push(ShardResponse::Refused(Refusal::FailedPrecondition { reason, limit: None }));
                                     continue;
                                 }
-                                // The image replaces the records whole; the Raft
-                                // bookkeeping goes back with the entry's last write.
-                                // A crash in between replays the log from its start
-                                // (the applied position went with the records), the
-                                // restore included.
-                                let membership: Option<StoredMembership<u64, BasicNode>> = self.meta(MEMBERSHIP)?;
-                                drop(staged);
-                                self.store.restore(image).map_err(failed)?;
-                                staged = Staged::new(&*self.store);
-                                let mut cs = ChangeSet::default();
-                                if let Some(m) = membership {
-                                    cs.push(Change::PutMeta(MEMBERSHIP.into(), encode(&m)));
+                                // The image replaces the records whole, in one atomic
+                                // write with the Raft bookkeeping: the position kept
+                                // and this command marked applied (a crash replays the
+                                // entry's later commands only, like any entry
+                                // interrupted half-way).
+                                let mut bookkeeping = vec![(APPLIED_COMMAND.to_string(), encode(&(log_id, i)))];
+                                for key in [APPLIED, MEMBERSHIP] {
+                                    if let Some(v) = self.store.meta(key).map_err(failed)? {
+                                        bookkeeping.push((key.to_string(), v));
+                                    }
                                 }
-                                (cs, ShardResponse::Restored(image.len() as u64))
+                                marked = true;
+                                drop(staged);
+                                self.store.restore_with_meta(image, &bookkeeping).map_err(failed)?;
+                                staged = Staged::new(&*self.store);
+                                (ChangeSet::default(), ShardResponse::Restored(image.len() as u64))
                             }
                         };
+                        staged_any |= !cs.is_empty();
                         staged.stage(cs);
                         responses.push(response);
                     }
                     last = staged.into_changes();
-                    if done.is_some() {
+                    if done.is_some() || marked {
                         last.push(Change::DeleteMeta(APPLIED_COMMAND.into()));
                     }
                 }

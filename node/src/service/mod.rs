@@ -296,17 +296,32 @@ impl Admin for AdminService {
         let who = Caller::name_of(&request);
         let id = ulid::Ulid::new().to_string();
         let router = self.router.clone();
-        // The fence is taken before the call is answered: a backup that
-        // cannot hold the commits fails with the reason.
-        audited(&self.router, who, "Backup", |_| format!("backup {id}"), async { Ok(router.fence(&id).await?) }).await?;
-        info!(backup = %id, "backup started: cross-shard commits held");
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // The whole backup runs as its own task: a caller that goes away
+        // does not leave the fence behind, and the audit entry says how the
+        // backup ended.
         tokio::spawn(async move {
-            let sent = send_backup(&router, &id, &tx).await;
-            if let Err(e) = router.unfence(&id).await {
-                tracing::warn!(backup = %id, error = %e, "ending the backup's hold failed; it lapses by itself");
-            }
-            match sent {
+            let run = async {
+                router.fence(&id).await?;
+                info!(backup = %id, "backup started: cross-shard commits held");
+                let sent = send_backup(&router, &id, &tx).await;
+                // The images are one cut only if the fence held throughout.
+                let held = match &sent {
+                    Ok(_) => router.fence_holds(&id, 0).await,
+                    Err(_) => Ok(true),
+                };
+                if let Err(e) = router.unfence(&id).await {
+                    tracing::warn!(backup = %id, error = %e, "ending the backup's hold failed; it lapses by itself");
+                }
+                match held? {
+                    true => sent,
+                    false => Err(Status::unavailable(format!(
+                        "the backup took longer than its hold on cross-shard commits ({} s): take it again, from a quieter cluster",
+                        idgraph_core::meta::BACKUP_FENCE_MAX_MS / 1000
+                    ))),
+                }
+            };
+            match audited(&router, who, "Backup", |_| format!("backup {id}"), run).await {
                 Ok(bytes) => info!(backup = %id, bytes, "backup sent"),
                 Err(status) => {
                     tracing::warn!(backup = %id, code = ?status.code(), "backup failed");
@@ -583,6 +598,23 @@ async fn restore_backup(router: &ShardRouter, mut inbound: Streaming<pb::BackupC
                 "the backup has {} shards and this cluster {count}: restore into a cluster created with --shards {}",
                 manifest.shard_count, manifest.shard_count
             ),
+            limit: None,
+        })
+        .into());
+    }
+    // What the metadata group would refuse is refused before any shard
+    // changes.
+    if let (Some(r), _) = router.rollouts(false).await? {
+        return Err(RequestError::Engine(idgraph_core::engine::EngineError::FailedPrecondition {
+            reason: format!("canary rollout {} is under way; restore into a new cluster", r.id),
+            limit: None,
+        })
+        .into());
+    }
+    let stored: std::collections::BTreeMap<String, String> = router.stored_rule_sets().await?.into_iter().collect();
+    if let Some((version, _)) = manifest.meta.rule_sets.iter().find(|(v, t)| stored.get(v).is_some_and(|s| s != t)) {
+        return Err(RequestError::Engine(idgraph_core::engine::EngineError::FailedPrecondition {
+            reason: format!("rule set {version:?} is stored here with other rules than the backup's"),
             limit: None,
         })
         .into());

@@ -528,8 +528,14 @@ impl GraphStore for SledStore {
     }
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
+        self.restore_with_meta(snapshot, &[])?;
+        self.tree.flush().map(|_| ()).map_err(io)
+    }
+
+    fn restore_with_meta(&self, snapshot: &[u8], meta: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
         let kvs: Vec<(Vec<u8>, Vec<u8>)> = decode(b"snapshot", snapshot)?;
         let _write = self.exclusive();
+        // One sled batch: atomic, whatever a crash interrupts.
         let mut batch = sled::Batch::default();
         for k in self.tree.iter().keys() {
             batch.remove(k.map_err(io)?);
@@ -537,8 +543,21 @@ impl GraphStore for SledStore {
         for (k, v) in kvs {
             batch.insert(k, v);
         }
-        self.tree.apply_batch(batch).map_err(io)?;
-        self.tree.flush().map(|_| ()).map_err(io)
+        for (k, v) in meta {
+            batch.insert(str_key(b'x', k), v.clone());
+        }
+        self.tree.apply_batch(batch).map_err(io)
+    }
+
+    fn holds_records(&self) -> Result<bool, StoreError> {
+        let _read = self.read();
+        for k in self.tree.iter().keys() {
+            let k = k.map_err(io)?;
+            if !(k.first() == Some(&b'x') || k.as_ref() == COUNTERS_KEY || k.as_ref() == REDO_KEY) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
 
