@@ -150,6 +150,32 @@ pub fn snapshot_restores_everything<S: GraphStore>(a: &S, b: &S) {
     assert_eq!(b.counters().unwrap(), a.counters().unwrap());
 }
 
+/// A restore with meta values replaces the records and writes the values;
+/// a store holds records once anything but meta values and counters is in
+/// it.
+pub fn restore_with_meta_replaces_and_writes<S: GraphStore>(a: &S, b: &S) {
+    assert!(!b.holds_records().unwrap(), "a fresh store holds no record");
+    b.apply(&ChangeSet {
+        changes: vec![Change::PutMeta("raft.membership".into(), vec![5])],
+        counters: Counters { events: 0, ..Default::default() },
+    })
+    .unwrap();
+    assert!(!b.holds_records().unwrap(), "meta values are not records");
+    let id = Identifier::new("email", "restore@shop.co");
+    a.apply(&ChangeSet {
+        changes: vec![Change::PutOwner(id.clone(), "p_9".into()), Change::PutProfile(profile("p_9", &[("email", "restore@shop.co")]))],
+        counters: Counters { profiles: 1, identifiers: 1, ..Default::default() },
+    })
+    .unwrap();
+    assert!(a.holds_records().unwrap());
+    b.restore_with_meta(&a.snapshot(&[]).unwrap(), &[("raft.membership".into(), vec![5]), ("raft.applied".into(), vec![7])]).unwrap();
+    assert_eq!(b.owner(&id).unwrap().as_deref(), Some("p_9"));
+    assert_eq!(b.meta("raft.membership").unwrap(), Some(vec![5]));
+    assert_eq!(b.meta("raft.applied").unwrap(), Some(vec![7]));
+    assert_eq!(b.counters().unwrap(), a.counters().unwrap());
+    assert!(b.holds_records().unwrap());
+}
+
 /// Meta values are found by key prefix, in key order, and deleted.
 pub fn meta_prefix_scans_and_deletes<S: GraphStore>(s: &S) {
     for k in ["txn.lock/b", "txn.lock/a", "txn.lockz", "txn.prepared/a", "raft.applied"] {
@@ -192,6 +218,7 @@ pub fn run_all<S: GraphStore>(mut fresh: impl FnMut() -> S) {
     snapshot_restores_everything(&fresh(), &fresh());
     meta_prefix_scans_and_deletes(&fresh());
     image_is_kept_apart(&fresh(), &fresh());
+    restore_with_meta_replaces_and_writes(&fresh(), &fresh());
 }
 
 /// The Raft log conformance checks: append, range, last, truncate, purge,
