@@ -62,6 +62,7 @@ pub struct NodeMetrics {
     pub new_profiles: IntCounter,
     pub txn_retries: IntCounter,
     pub txn_aborts: IntCounter,
+    pub backup_held_steps: IntCounter,
     pub hubs: IntGauge,
     pub raft_role: IntGaugeVec,
     pub raft_term: IntGaugeVec,
@@ -114,6 +115,10 @@ impl NodeMetrics {
             new_profiles: counter("idgraph_new_profiles_total", "profiles created by events"),
             txn_retries: counter("idgraph_txn_retries_total", "cross-shard transaction attempts that had to be run again"),
             txn_aborts: counter("idgraph_txn_aborts_total", "cross-shard transactions given up after conflicting too often"),
+            backup_held_steps: counter(
+                "idgraph_backup_held_steps_total",
+                "cross-shard commit, apply and forget steps that waited for a backup's fence",
+            ),
             hubs: gauge("idgraph_hubs", "identifiers flagged as hubs on the shards this node leads"),
             raft_role: group_gauge("idgraph_raft_role", "this replica's Raft role: 0 follower, 1 candidate, 2 leader, 3 learner"),
             raft_term: group_gauge("idgraph_raft_term", "this replica's Raft term"),

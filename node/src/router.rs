@@ -700,10 +700,17 @@ impl ShardRouter {
         while self.map_read.get().is_none() && self.started.elapsed() < Duration::from_secs(30) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let mut held = false;
         loop {
             let until = self.cluster.read().ok().and_then(|m| m.backup_fence.as_ref().map(|f| f.until_ms));
             match until {
-                Some(until) if self.now_ms() < until => tokio::time::sleep(Duration::from_millis(10)).await,
+                Some(until) if self.now_ms() < until => {
+                    if !held {
+                        held = true;
+                        self.metrics.backup_held_steps.inc();
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
                 _ => return,
             }
         }

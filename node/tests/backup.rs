@@ -20,15 +20,19 @@ struct Cluster {
 }
 
 async fn cluster(shards: u32) -> Cluster {
+    cluster_with(shards, &[]).await
+}
+
+async fn cluster_with(shards: u32, extra: &[&str]) -> Cluster {
     let ports = free_ports(3);
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let members = ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect::<Vec<_>>().join(",");
     let mut nodes = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         let (listen, id, shards) = (format!("127.0.0.1:{port}"), (i + 1).to_string(), shards.to_string());
-        nodes.push(
-            start_process(dirs[i].path(), &["--listen", &listen, "--id", &id, "--initial-cluster", &members, "--shards", &shards]).await,
-        );
+        let mut args = vec!["--listen", &listen, "--id", &id, "--initial-cluster", &members, "--shards", &shards];
+        args.extend_from_slice(extra);
+        nodes.push(start_process(dirs[i].path(), &args).await);
     }
     Cluster { _dirs: dirs, nodes }
 }
@@ -140,13 +144,23 @@ async fn settled_and_whole(c: &Cluster, ids: &BTreeSet<(String, String)>) {
     }
 }
 
+/// One counter's value from a node's `/metrics`.
+async fn metric(addr: &str, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    raw.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("{name} not in {raw}"))
+}
+
 fn identifiers_of(events: &[pb::IdentifyRequest]) -> BTreeSet<(String, String)> {
     events.iter().flat_map(|e| e.identifiers.iter().map(|i| (i.r#type.clone(), i.value.to_lowercase()))).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_under_load_restores_every_acknowledged_event_and_a_quiet_one_every_profile() {
-    let source = cluster(4).await;
+    let source = cluster_with(4, &["--metrics-listen", "127.0.0.1:0"]).await;
     let mut acked: Vec<pb::IdentifyRequest> = Vec::new();
     for p in 0..40 {
         for n in 0..3 {
@@ -187,6 +201,11 @@ async fn a_backup_under_load_restores_every_acknowledged_event_and_a_quiet_one_e
     }
     let streamed = during.lock().unwrap().len();
     assert!(streamed > before_backup.len(), "events were acknowledged while the backup ran");
+    let mut held = 0.0;
+    for n in &source.nodes {
+        held += metric(n.metrics_addr.as_deref().expect("metrics address"), "idgraph_backup_held_steps_total").await;
+    }
+    assert!(held > 0.0, "cross-shard steps waited for the backup's fence");
     assert!(under_load[0].manifest_json.contains("\"shard_count\":4"), "{}", under_load[0].manifest_json);
     assert_eq!(under_load.iter().filter(|c| !c.digest.is_empty()).count(), 4, "one image per shard");
 
