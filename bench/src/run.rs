@@ -206,15 +206,40 @@ pub async fn ingest_stream(peer: &Idgraph, events: Arc<Vec<Event>>, clients: usi
 }
 
 /// `count` look-ups of identifiers drawn from `ids`, by `clients` callers.
-pub async fn lookups<P: Peer>(peer: Arc<P>, ids: Arc<Vec<RawId>>, clients: usize, count: usize, seed: u64) -> Measured {
+/// How late tokio's timer may wake a paced client (its resolution is a
+/// millisecond).
+const TIMER_SLACK: std::time::Duration = std::time::Duration::from_millis(2);
+
+pub async fn lookups<P: Peer>(peer: Arc<P>, ids: Arc<Vec<RawId>>, clients: usize, count: usize, rate: Option<f64>, seed: u64) -> Measured {
     let done = Arc::new(AtomicUsize::new(0));
+    // With a rate, client `c` is due every `clients / rate` seconds, offset
+    // by its share of one interval; each look-up is timed from when it was
+    // due (no coordinated omission).
+    let interval = rate.filter(|r| *r > 0.0).map(|r| std::time::Duration::from_secs_f64(clients as f64 / r));
+    let start = Instant::now();
     drive(clients, |c, rec| {
         let (peer, ids, done) = (peer.clone(), ids.clone(), done.clone());
         async move {
             let mut rng = fastrand::Rng::with_seed(seed ^ c as u64);
+            let mut due = interval.map(|i| start + i.mul_f64(c as f64 / clients as f64));
             while done.fetch_add(1, Ordering::Relaxed) < count && !ids.is_empty() {
                 let id = &ids[rng.usize(0..ids.len())];
-                let t = Instant::now();
+                let t = match (due, interval) {
+                    (Some(at), Some(i)) => {
+                        tokio::time::sleep_until(at.into()).await;
+                        due = Some(at + i);
+                        // tokio's timer wakes up to a millisecond late: within
+                        // that the look-up counts from when it went out; a
+                        // client further behind counts its backlog.
+                        let now = Instant::now();
+                        if now.duration_since(at) <= TIMER_SLACK {
+                            now
+                        } else {
+                            at
+                        }
+                    }
+                    _ => Instant::now(),
+                };
                 let r = peer.lookup(c, id).await;
                 rec.record(t, &r);
             }

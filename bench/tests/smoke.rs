@@ -43,8 +43,13 @@ async fn workloads_run_against_a_node_and_the_profiles_match_the_truth() {
     assert!(acc.recall > 0.5 && acc.recall < 1.0, "{acc:?}");
 
     let known = Arc::new(world.events.iter().flat_map(|e| e.ids.clone()).collect::<Vec<_>>());
-    let looked = run::lookups(peer.clone(), known, 4, 500, 1).await;
+    let looked = run::lookups(peer.clone(), known.clone(), 4, 500, None, 1).await;
     assert_eq!((looked.ops, looked.errors), (500, 0), "{:?}", looked.first_error);
+    // Paced: 400 look-ups at 2,000 a second take about 0.2 s, not less.
+    let started = std::time::Instant::now();
+    let paced = run::lookups(peer.clone(), known, 4, 400, Some(2_000.0), 1).await;
+    assert_eq!((paced.ops, paced.errors), (400, 0), "{:?}", paced.first_error);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(190), "the rate paced the clients: {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
