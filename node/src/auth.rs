@@ -23,14 +23,14 @@
 //! is read again when it changes, so a token is added or revoked without a
 //! restart.
 
+use crate::reload::{spawn_reloads, Reloading};
 use idgraph_proto::auth::AUTHORIZATION;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tonic::Status;
-use tracing::{info, warn};
 
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -96,6 +96,8 @@ pub enum TokenError {
     Invalid { source_name: String, entry: usize, reason: String },
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("the token file no longer holds a peer token (add the new peer token before removing the old one)")]
+    PeerTokenDropped,
 }
 
 /// The tokens a node accepts.
@@ -199,7 +201,7 @@ impl Caller {
 pub struct Tokens {
     inline: TokenBook,
     file: Option<PathBuf>,
-    state: RwLock<(Option<SystemTime>, Arc<TokenBook>)>,
+    book: Reloading<TokenBook>,
 }
 
 impl Tokens {
@@ -208,53 +210,27 @@ impl Tokens {
     /// tokens.
     pub fn load(inline: &str, file: Option<&Path>) -> Result<Arc<Tokens>, TokenError> {
         let inline = TokenBook::parse(inline, "auth_tokens")?;
-        let tokens = Tokens { inline, file: file.map(Path::to_path_buf), state: RwLock::new((None, Arc::default())) };
-        let (stamp, book) = tokens.read_file()?;
-        *tokens.state.write().unwrap_or_else(|e| e.into_inner()) = (stamp, Arc::new(book));
-        Ok(Arc::new(tokens))
-    }
-
-    fn read_file(&self) -> Result<(Option<SystemTime>, TokenBook), TokenError> {
-        let Some(path) = &self.file else { return Ok((None, self.inline.clone())) };
-        let io = |source| TokenError::Io { path: path.clone(), source };
-        let stamp = std::fs::metadata(path).and_then(|m| m.modified()).map_err(io)?;
-        let text = std::fs::read_to_string(path).map_err(io)?;
-        let name = path.display().to_string();
-        let from_file = TokenBook::parse(&text, &name)?;
-        if from_file.is_empty() {
-            // Checked on every read: a file emptied (or cut short by an
-            // editor) must not turn the checks off.
-            return Err(TokenError::Invalid { source_name: name, entry: 0, reason: "holds no token".into() });
-        }
-        let book = self.inline.clone().merged(from_file, &name)?;
-        Ok((Some(stamp), book))
+        let file = file.map(Path::to_path_buf);
+        let book = Reloading::load("token file", file.iter().cloned().collect(), || read_book(&inline, file.as_deref()))?;
+        Ok(Arc::new(Tokens { inline, file, book }))
     }
 
     /// The tokens as of now.
     pub fn current(&self) -> Arc<TokenBook> {
-        self.state.read().unwrap_or_else(|e| e.into_inner()).1.clone()
+        self.book.current()
     }
 
     /// Reads the token file again if it changed; a file that no longer
     /// parses, holds no token, or drops the last peer token of a node that
     /// had one keeps the tokens in force (and is logged, without secrets).
     pub fn reload(&self) {
-        let Some(path) = &self.file else { return };
-        let changed = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        if changed.is_none() || changed == self.state.read().unwrap_or_else(|e| e.into_inner()).0 {
-            return;
-        }
-        let had_peer = self.current().peer_secret().is_some();
-        match self.read_file() {
-            Ok((_, book)) if had_peer && book.peer_secret().is_none() => {
-                warn!(file = %path.display(), "the token file no longer holds a peer token; the tokens in force stay (add the new peer token before removing the old one)")
+        self.book.reload(|old| {
+            let book = read_book(&self.inline, self.file.as_deref())?;
+            if old.peer_secret().is_some() && book.peer_secret().is_none() {
+                return Err(TokenError::PeerTokenDropped);
             }
-            Ok((stamp, book)) => {
-                info!(file = %path.display(), tokens = book.len(), "token file read again");
-                *self.state.write().unwrap_or_else(|e| e.into_inner()) = (stamp, Arc::new(book));
-            }
-            Err(e) => warn!(error = %e, "the token file changed but cannot be used; the tokens in force stay"),
-        }
+            Ok(book)
+        })
     }
 
     /// Checks the token file for changes every `every` until dropped.
@@ -295,19 +271,18 @@ impl Tokens {
     }
 }
 
-/// Calls `reload` on `what` every `every` until `what` is dropped (the
-/// token file here, the certificate files in `tls`).
-pub fn spawn_reloads<T: Send + Sync + 'static>(what: &Arc<T>, every: Duration, reload: fn(&T)) -> tokio::task::JoinHandle<()> {
-    let what = Arc::downgrade(what);
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(every).await;
-            match what.upgrade() {
-                Some(t) => reload(&t),
-                None => return,
-            }
-        }
-    })
+/// The inline tokens and those of the token file, if any.
+fn read_book(inline: &TokenBook, file: Option<&Path>) -> Result<TokenBook, TokenError> {
+    let Some(path) = file else { return Ok(inline.clone()) };
+    let text = std::fs::read_to_string(path).map_err(|source| TokenError::Io { path: path.to_path_buf(), source })?;
+    let name = path.display().to_string();
+    let from_file = TokenBook::parse(&text, &name)?;
+    if from_file.is_empty() {
+        // Checked on every read: a file emptied (or cut short by an editor)
+        // must not turn the checks off.
+        return Err(TokenError::Invalid { source_name: name, entry: 0, reason: "holds no token".into() });
+    }
+    inline.clone().merged(from_file, &name)
 }
 
 /// The credentials a node sends to its peers: the first peer token in
@@ -407,8 +382,7 @@ mod tests {
 
     #[test]
     fn roles_decide_each_method_and_refusals_say_why() {
-        let tokens = Tokens { inline: TokenBook::parse(BOOK, "t").unwrap(), file: None, state: RwLock::new((None, Arc::default())) };
-        *tokens.state.write().unwrap() = (None, Arc::new(tokens.inline.clone()));
+        let tokens = Tokens::load(BOOK, None).unwrap();
         let call = |path: &str, token: Option<&str>| tokens.check(path, &headers(token), false, false);
         let client = Some("client-secret-0123456789");
         let admin = Some("admin-secret-0123456789");
@@ -463,7 +437,7 @@ mod tests {
         // Revoke a, add b (a later modification time than the first write).
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&f, "b:client:bbbbbbbbbbbbbbbbbbbb\n").unwrap();
-        let later = SystemTime::now() + Duration::from_secs(2);
+        let later = std::time::SystemTime::now() + Duration::from_secs(2);
         std::fs::File::options().write(true).open(&f).unwrap().set_modified(later).unwrap();
         tokens.reload();
         assert!(!ok("aaaaaaaaaaaaaaaaaaaa") && ok("bbbbbbbbbbbbbbbbbbbb"));

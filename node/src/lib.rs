@@ -25,6 +25,7 @@
 //! - [`canary`]: the canary coordinator on the metadata leader.
 //! - [`auth`]: bearer tokens and roles, checked in front of every service.
 //! - [`tls`]: TLS for the gRPC port (certificates reloaded) and for peers.
+//! - [`reload`]: a value read from files and read again when they change.
 //! - [`metrics`]: the Prometheus metrics and the request-counting layer.
 //! - [`config`] and [`server`]: configuration and process wiring (the
 //!   metrics endpoint and readiness included).
@@ -40,6 +41,7 @@ pub mod metrics;
 pub mod peer;
 pub mod placement;
 pub mod raft;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod service;

@@ -11,16 +11,17 @@
 //! node's own certificate; they are set up when a peer is first dialled.
 
 use crate::config::NodeConfig;
+use crate::reload::Reloading;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -52,63 +53,49 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// When the certificate and key files were last modified.
-type Stamps = Option<(SystemTime, SystemTime)>;
-
 /// The node's certificate, read again when its files change.
-#[derive(Debug)]
 pub struct ServerCertificate {
     cert: PathBuf,
     key: PathBuf,
-    current: RwLock<(Stamps, Arc<CertifiedKey>)>,
+    current: Reloading<CertifiedKey>,
+}
+
+impl std::fmt::Debug for ServerCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCertificate").field("cert", &self.cert).field("key", &self.key).finish_non_exhaustive()
+    }
 }
 
 impl ServerCertificate {
     pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerCertificate>, TlsError> {
-        let (stamp, certified) = Self::read_pair(cert, key)?;
-        Ok(Arc::new(ServerCertificate { cert: cert.into(), key: key.into(), current: RwLock::new((stamp, Arc::new(certified))) }))
+        let current = Reloading::load("TLS certificate", vec![cert.into(), key.into()], || Self::read_pair(cert, key))?;
+        Ok(Arc::new(ServerCertificate { cert: cert.into(), key: key.into(), current }))
     }
 
-    fn stamps(cert: &Path, key: &Path) -> Stamps {
-        let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        Some((m(cert)?, m(key)?))
-    }
-
-    fn read_pair(cert: &Path, key: &Path) -> Result<(Stamps, CertifiedKey), TlsError> {
-        let stamp = Self::stamps(cert, key);
+    fn read_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
         let chain = certificates("tls_cert_file", cert)?;
         let bad_key = |reason: String| TlsError::File { field: "tls_key_file", path: key.into(), reason };
         let der = PrivateKeyDer::from_pem_slice(&read("tls_key_file", key)?).map_err(|e| bad_key(e.to_string()))?;
         let signing = provider().key_provider.load_private_key(der).map_err(|e| bad_key(e.to_string()))?;
         let certified = CertifiedKey::new(chain, signing);
         certified.keys_match().map_err(|e| bad_key(format!("does not match tls_cert_file: {e}")))?;
-        Ok((stamp, certified))
+        Ok(certified)
     }
 
     /// Reads the pair again if either file changed.
     pub fn reload(&self) {
-        let stamp = Self::stamps(&self.cert, &self.key);
-        if stamp.is_none() || stamp == self.current.read().unwrap_or_else(|e| e.into_inner()).0 {
-            return;
-        }
-        match Self::read_pair(&self.cert, &self.key) {
-            Ok((stamp, certified)) => {
-                info!(cert = %self.cert.display(), "TLS certificate read again");
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = (stamp, Arc::new(certified));
-            }
-            Err(e) => warn!(error = %e, "the TLS certificate files changed but cannot be used; the certificate in force stays"),
-        }
+        self.current.reload(|_| Self::read_pair(&self.cert, &self.key))
     }
 
     /// Checks the files every `every` until dropped.
     pub fn spawn_reloader(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        crate::auth::spawn_reloads(self, every, ServerCertificate::reload)
+        crate::reload::spawn_reloads(self, every, ServerCertificate::reload)
     }
 }
 
 impl ResolvesServerCert for ServerCertificate {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).1.clone())
+        Some(self.current.current())
     }
 }
 
