@@ -296,8 +296,8 @@ fn initialiser(map: &ClusterMap, group: GroupId) -> Option<u64> {
 pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Result<RunningNode, ServerError> {
     let joining = !config.join.is_empty();
     let tokens = crate::auth::Tokens::load(&config.auth_tokens, config.auth_tokens_file.as_deref())?;
-    let peer_secret = tokens.current().peer_secret();
-    if !tokens.current().is_empty() && peer_secret.is_none() && (joining || !config.initial_cluster.is_empty()) {
+    let book = tokens.current();
+    if !book.is_empty() && book.peer_secret().is_none() && (joining || !config.initial_cluster.is_empty()) {
         return Err(ServerError::Security {
             field: "auth_tokens",
             reason: "a cluster that checks tokens needs a token with the role peer, which its nodes send to each other".into(),
@@ -512,15 +512,11 @@ const RELOAD_EVERY: Duration = Duration::from_secs(5);
 
 /// Sets the health of the whole server and of its two client services.
 async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic::server::NamedService;
     use tonic_health::ServingStatus;
     let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
-    health.set_service_status("", status).await;
-    if serving {
-        health.set_serving::<IdentityGraphServer<IdentityGraphService>>().await;
-        health.set_serving::<AdminServer<AdminService>>().await;
-    } else {
-        health.set_not_serving::<IdentityGraphServer<IdentityGraphService>>().await;
-        health.set_not_serving::<AdminServer<AdminService>>().await;
+    for service in ["", IdentityGraphServer::<IdentityGraphService>::NAME, AdminServer::<AdminService>::NAME] {
+        health.set_service_status(service, status).await;
     }
 }
 
