@@ -61,6 +61,9 @@ pub struct NodeConfig {
     /// (nothing done), so a burst above what the log sustains keeps the
     /// latency of the writes taken, and the node's memory, bounded.
     pub max_waiting_writes: usize,
+    /// Proposals one shard has in flight at once: the writes that arrive
+    /// meanwhile wait and go out together in the next entry.
+    pub proposals_in_flight: usize,
     /// On shutdown, how long in-flight requests may take before connections
     /// are cut, in milliseconds.
     pub shutdown_grace_ms: u64,
@@ -143,6 +146,7 @@ impl Default for NodeConfig {
             stream_window: 256,
             request_timeout_ms: 30_000,
             max_waiting_writes: crate::shard::MAX_WAITING,
+            proposals_in_flight: crate::shard::PROPOSALS_IN_FLIGHT,
             shutdown_grace_ms: 10_000,
             log_level: "info".into(),
             log_format: LogFormat::Text,
@@ -203,6 +207,7 @@ const ENV_FIELDS: &[&str] = &[
     "stream_window",
     "request_timeout_ms",
     "max_waiting_writes",
+    "proposals_in_flight",
     "shutdown_grace_ms",
     "log_level",
     "log_format",
@@ -256,6 +261,9 @@ impl NodeConfig {
         }
         if !(1..=1_000_000).contains(&self.max_waiting_writes) {
             return bad("max_waiting_writes", "must be 1 to 1000000");
+        }
+        if !(1..=64).contains(&self.proposals_in_flight) {
+            return bad("proposals_in_flight", "must be 1 to 64");
         }
         if self.request_timeout_ms < 100 {
             return bad("request_timeout_ms", "must be at least 100");
@@ -398,7 +406,11 @@ mod tests {
         let err = NodeConfig::load(Some(&f), &Overrides::default()).unwrap_err().to_string();
         assert!(err.contains("listne"), "{err}");
 
-        for (bad, field) in [("stream_window = 0\n", "stream_window"), ("storage_cache_mb = 1\n", "storage_cache_mb")] {
+        for (bad, field) in [
+            ("stream_window = 0\n", "stream_window"),
+            ("storage_cache_mb = 1\n", "storage_cache_mb"),
+            ("proposals_in_flight = 0\n", "proposals_in_flight"),
+        ] {
             std::fs::write(&f, bad).unwrap();
             let err = NodeConfig::load(Some(&f), &Overrides::default()).unwrap_err().to_string();
             assert!(err.contains(field), "{bad}: {err}");

@@ -63,6 +63,9 @@ pub struct NodeMetrics {
     pub txn_retries: IntCounter,
     pub txn_aborts: IntCounter,
     pub backup_held_steps: IntCounter,
+    /// Linearizable reads on this node's leaders, by how leadership was
+    /// confirmed: `lease` or `round` (a heartbeat round).
+    pub linearizable_reads: IntCounterVec,
     pub hubs: IntGauge,
     pub raft_role: IntGaugeVec,
     pub raft_term: IntGaugeVec,
@@ -108,6 +111,17 @@ impl NodeMetrics {
             &["method"],
         ));
         must(registry.register(Box::new(request_seconds.clone())));
+        let linearizable_reads = must(IntCounterVec::new(
+            Opts::new(
+                "idgraph_linearizable_reads_total",
+                "linearizable reads served by this node's leaders, by how leadership was confirmed",
+            ),
+            &["via"],
+        ));
+        must(registry.register(Box::new(linearizable_reads.clone())));
+        for via in ["lease", "round"] {
+            linearizable_reads.with_label_values(&[via]);
+        }
         Arc::new(NodeMetrics {
             events: counter("idgraph_events_total", "identity events resolved (duplicates included)"),
             merges: counter("idgraph_merges_total", "profiles merged into others by events"),
@@ -119,6 +133,7 @@ impl NodeMetrics {
                 "idgraph_backup_held_steps_total",
                 "cross-shard commit, apply and forget steps that waited for a backup's fence",
             ),
+            linearizable_reads,
             hubs: gauge("idgraph_hubs", "identifiers flagged as hubs on the shards this node leads"),
             raft_role: group_gauge("idgraph_raft_role", "this replica's Raft role: 0 follower, 1 candidate, 2 leader, 3 learner"),
             raft_term: group_gauge("idgraph_raft_term", "this replica's Raft term"),

@@ -23,7 +23,6 @@ use idgraph_core::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileR
 use idgraph_core::meta::{AuditEntry, ClusterMap, MetaCommand};
 use idgraph_core::model::{Counters, GroupId, HubRecord, Identifier, MergeRecord, ShardId};
 use idgraph_core::rules::RuleSet;
-use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -241,6 +240,9 @@ impl ShardRouter {
             m.raft_applied_index.with_label_values(&label).set(s.applied_index as i64);
             m.raft_snapshot_index.with_label_values(&label).set(s.snapshot_index as i64);
             m.snapshot_bytes.with_label_values(&label).set(r.store.image_bytes() as i64);
+            let (leased, after_round) = r.lease.take_read_counts();
+            m.linearizable_reads.with_label_values(&["lease"]).inc_by(leased);
+            m.linearizable_reads.with_label_values(&["round"]).inc_by(after_round);
             if s.role == RaftRole::Leader && r.group != GroupId::Meta {
                 hubs += r.store.counters().map_or(0, |c| c.hubs);
             }
@@ -294,7 +296,16 @@ impl ShardRouter {
     /// One try of a request: on the local replica, or on a node holding
     /// one; a follower's "not the leader" answer is followed to the leader.
     async fn attempt(&self, shard: GroupId, req: &ShardRequest, attempt: usize) -> Result<ShardReply, ShardFailure> {
-        let mut answer = if self.hosts(shard) { self.local(shard, req).await } else { Err(ShardFailure::NoReplica { shard }) };
+        let local = self.replicas.read().ok().and_then(|r| r.get(&shard).cloned());
+        let mut answer = match local {
+            // A follower that knows its leader would only answer "not the
+            // leader": the request goes straight there.
+            Some(replica) => match req.needs_leader().then(|| replica.leader_elsewhere()).flatten() {
+                Some(addr) => self.peers.forward(&addr, shard, req, self.timeout).await,
+                None => self.local(shard, req).await,
+            },
+            None => Err(ShardFailure::NoReplica { shard }),
+        };
         // No replica here, or one that knows no leader (it may have been
         // removed from its group and not know it yet): ask the replicas
         // the map lists.
@@ -412,20 +423,8 @@ impl ShardRouter {
         &self.map
     }
 
-    fn actor(&self, shard: GroupId) -> Result<ActorRef<ShardMsg>, ShardFailure> {
-        ActorRef::where_is(shard_actor_name(&self.node, shard))
-            .ok_or_else(|| ShardFailure::Unavailable { shard, reason: "its actor is restarting".into() })
-    }
-
     async fn local(&self, shard: GroupId, req: &ShardRequest) -> Result<ShardReply, ShardFailure> {
-        let actor = self.actor(shard)?;
-        let unavailable = |reason: String| ShardFailure::Unavailable { shard, reason };
-        match actor.call(|port| ShardMsg::Request(Box::new(req.clone()), port), Some(self.timeout)).await {
-            Ok(CallResult::Success(r)) => r,
-            Ok(CallResult::Timeout) => Err(unavailable(format!("no answer within {} ms", self.timeout.as_millis()))),
-            Ok(CallResult::SenderError) => Err(unavailable("the shard stopped while serving the request; its outcome is unknown".into())),
-            Err(e) => Err(unavailable(e.to_string())),
-        }
+        crate::shard::call(&self.node, shard, req.clone(), self.timeout).await
     }
 
     /// Serves a request on the shard's leader, wherever it is. Only
@@ -895,8 +894,10 @@ impl ShardRouter {
     /// Test hook: makes a shard actor panic.
     #[doc(hidden)]
     pub fn crash_shard(&self, shard: GroupId) -> Result<(), RequestError> {
-        let actor = self.actor(shard).map_err(|e| RequestError::Unavailable { shard: shard.to_string(), reason: e.to_string() })?;
-        actor.cast(ShardMsg::Crash).map_err(|e| RequestError::Unavailable { shard: shard.to_string(), reason: e.to_string() })
+        let unavailable = |reason: String| RequestError::Unavailable { shard: shard.to_string(), reason };
+        let actor = ActorRef::<ShardMsg>::where_is(shard_actor_name(&self.node, shard))
+            .ok_or_else(|| unavailable("its actor is restarting".into()))?;
+        actor.cast(ShardMsg::Crash).map_err(|e| unavailable(e.to_string()))
     }
 }
 

@@ -381,9 +381,15 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     }
     // The Raft transport must be reachable while the replicas start: peers
     // may already be electing.
-    let transport = RaftTransportServer::new(RaftTransportService::new(replicas.clone(), router.cluster_handle(), router.kpis().clone()))
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20);
+    let transport = RaftTransportServer::new(RaftTransportService::new(
+        node.clone(),
+        Duration::from_millis(config.request_timeout_ms),
+        replicas.clone(),
+        router.cluster_handle(),
+        router.kpis().clone(),
+    ))
+    .max_decoding_message_size(256 << 20)
+    .max_encoding_message_size(256 << 20);
     // Not serving until the node serves its shards (see `readiness`).
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, false).await;
@@ -458,7 +464,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
                 db_for_discard.discard(shard).map_err(|e| e.to_string())
             }),
             replicas: replicas.clone(),
-            max_waiting: config.max_waiting_writes,
+            limits: crate::shard::WriteLimits { max_waiting: config.max_waiting_writes, in_flight: config.proposals_in_flight },
         },
     )
     .await

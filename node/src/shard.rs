@@ -2,7 +2,8 @@
 //!
 //! A [`ShardActor`] owns a [`ShardReplica`]: the shard's openraft instance
 //! and its graph store. Reads run as their own tasks. Writes are batched:
-//! while a proposal is in flight (at most [`MAX_IN_FLIGHT`] at once), the
+//! while a proposal is in flight (by default one at a time,
+//! [`PROPOSALS_IN_FLIGHT`]), the
 //! writes that arrive wait in the actor and go out together as the next
 //! log entry, so under load one entry, and one fsync, carries many
 //! commands; the state machine applies each entry as one atomic write.
@@ -36,6 +37,7 @@
 use crate::raft::{Replicas, ShardCommand, ShardFailure, ShardReplica, ShardReply, ShardRequest};
 use futures::future::BoxFuture;
 use idgraph_core::model::GroupId;
+use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::sync::Arc;
 use tracing::{error, info, instrument};
@@ -55,6 +57,22 @@ pub enum ShardMsg {
     Crash,
 }
 
+/// Hands a request to the node's actor of `shard` and waits at most
+/// `timeout` for its answer: the one way into a local replica, for the
+/// router and for requests other nodes forward, so that every write is
+/// batched and admitted the same way.
+pub async fn call(node: &str, shard: GroupId, req: ShardRequest, timeout: std::time::Duration) -> Result<ShardReply, ShardFailure> {
+    let unavailable = |reason: String| ShardFailure::Unavailable { shard, reason };
+    let actor =
+        ActorRef::<ShardMsg>::where_is(shard_actor_name(node, shard)).ok_or_else(|| unavailable("its actor is restarting".into()))?;
+    match actor.call(|port| ShardMsg::Request(Box::new(req), port), Some(timeout)).await {
+        Ok(CallResult::Success(r)) => r,
+        Ok(CallResult::Timeout) => Err(unavailable(format!("no answer within {} ms", timeout.as_millis()))),
+        Ok(CallResult::SenderError) => Err(unavailable("the shard stopped while serving the request; its outcome is unknown".into())),
+        Err(e) => Err(unavailable(e.to_string())),
+    }
+}
+
 /// Actor names are global in a process; the node tag keeps several nodes
 /// (as in tests) apart.
 pub fn shard_actor_name(node: &str, shard: GroupId) -> String {
@@ -63,8 +81,13 @@ pub fn shard_actor_name(node: &str, shard: GroupId) -> String {
 
 pub struct ShardActor;
 
-/// Proposals in flight at once per shard.
-pub const MAX_IN_FLIGHT: usize = 2;
+/// Proposals in flight at once per shard, by default. One: the writes that
+/// arrive while an entry is replicated and applied go out together in the
+/// next, so entries grow with the load (group commit, self-clocked); on a
+/// machine whose cores are all busy, a second proposal in flight split the
+/// same writes over twice the entries and cost more per write than it
+/// overlapped (bench/analysis.md). `proposals_in_flight` sets it.
+pub const PROPOSALS_IN_FLIGHT: usize = 1;
 /// How long a proposal may wait for its entry to be applied.
 pub const PROPOSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 /// Commands in one proposal at most.
@@ -89,9 +112,24 @@ pub fn settle_delay(cmd: &ShardCommand) -> Option<std::time::Duration> {
     }
 }
 
+/// Bounds on one shard actor's writes (from the node's configuration).
+#[derive(Clone, Copy, Debug)]
+pub struct WriteLimits {
+    /// Writes that start new work waiting, at most (`max_waiting_writes`).
+    pub max_waiting: usize,
+    /// Proposals in flight at once (`proposals_in_flight`).
+    pub in_flight: usize,
+}
+
+impl Default for WriteLimits {
+    fn default() -> Self {
+        WriteLimits { max_waiting: MAX_WAITING, in_flight: PROPOSALS_IN_FLIGHT }
+    }
+}
+
 pub struct ShardState {
     node: Arc<str>,
-    max_waiting: usize,
+    limits: WriteLimits,
     replica: ShardReplica,
     waiting: Vec<(ShardCommand, Reply)>,
     /// Settling steps waiting for an entry to ride along with, each with
@@ -112,7 +150,7 @@ impl ShardState {
         if crate::storage::disk_full_seen() && self.replica.sole_voter_leading() {
             return Some(ShardFailure::DiskFull { shard });
         }
-        (self.waiting.len() >= self.max_waiting).then_some(ShardFailure::Overloaded { shard, waiting: self.waiting.len() })
+        (self.waiting.len() >= self.limits.max_waiting).then_some(ShardFailure::Overloaded { shard, waiting: self.waiting.len() })
     }
 
     /// Keeps a settling step until an entry goes out, and makes sure the
@@ -151,7 +189,7 @@ impl ShardState {
     }
 
     fn propose(&mut self, myself: &ActorRef<ShardMsg>) {
-        while self.in_flight < MAX_IN_FLIGHT && !self.waiting.is_empty() {
+        while self.in_flight < self.limits.in_flight && !self.waiting.is_empty() {
             // An entry goes out: the deferred settling steps ride along.
             if self.waiting.len() < MAX_BATCH {
                 self.release_deferred(myself, true);
@@ -202,16 +240,16 @@ fn starts_work(cmd: &ShardCommand) -> bool {
 impl Actor for ShardActor {
     type Msg = ShardMsg;
     type State = ShardState;
-    /// Node tag, most writes waiting, the replica.
-    type Arguments = (Arc<str>, usize, ShardReplica);
+    /// Node tag, bounds on writes, the replica.
+    type Arguments = (Arc<str>, WriteLimits, ShardReplica);
 
     async fn pre_start(
         &self,
         _myself: ActorRef<ShardMsg>,
-        (node, max_waiting, replica): Self::Arguments,
+        (node, limits, replica): Self::Arguments,
     ) -> Result<ShardState, ActorProcessingErr> {
         info!(shard = %replica.group, rule_version = replica.rules.version(), "shard replica started");
-        Ok(ShardState { node, max_waiting, replica, waiting: Vec::new(), deferred: Vec::new(), in_flight: 0 })
+        Ok(ShardState { node, limits, replica, waiting: Vec::new(), deferred: Vec::new(), in_flight: 0 })
     }
 
     #[instrument(skip_all, fields(node = %state.node, shard = %state.replica.group))]
@@ -275,8 +313,8 @@ pub struct SupervisorArgs {
     pub open: ReplicaOpener,
     pub discard: ReplicaDiscarder,
     pub replicas: Replicas,
-    /// Each shard actor's bound on waiting writes (`max_waiting_writes`).
-    pub max_waiting: usize,
+    /// Each shard actor's bounds on writes.
+    pub limits: WriteLimits,
 }
 
 pub struct SupervisorState {
@@ -287,13 +325,8 @@ pub struct SupervisorState {
 async fn spawn_shard(sup: &ActorRef<SupervisorMsg>, args: &SupervisorArgs, shard: GroupId) -> Result<(), ActorProcessingErr> {
     let replica = (args.open)(shard).await?;
     args.replicas.write().map_err(|_| "replica table lock poisoned")?.insert(shard, replica.clone());
-    Actor::spawn_linked(
-        Some(shard_actor_name(&args.node, shard)),
-        ShardActor,
-        (args.node.clone(), args.max_waiting, replica),
-        sup.get_cell(),
-    )
-    .await?;
+    Actor::spawn_linked(Some(shard_actor_name(&args.node, shard)), ShardActor, (args.node.clone(), args.limits, replica), sup.get_cell())
+        .await?;
     Ok(())
 }
 

@@ -42,7 +42,7 @@ impl Cluster {
         let members = self.initial_cluster();
         let p = start_process(
             self.dirs[i].path(),
-            &["--listen", &listen, "--id", &id, "--initial-cluster", &members, "--shards", &self.shards],
+            &["--listen", &listen, "--id", &id, "--initial-cluster", &members, "--shards", &self.shards, "--metrics-listen", "127.0.0.1:0"],
         )
         .await;
         self.nodes[i] = Some(p);
@@ -475,4 +475,90 @@ async fn concurrent_events_racing_to_merge_across_shards_keep_the_invariants() {
     }
     let stats = c.node(1).admin().await.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner();
     assert_eq!(stats.events, 300, "each acknowledged event applied exactly once: {stats:?}");
+}
+
+/// Shard 0's last log index as `node` sees it.
+async fn last_log_index(node: &NodeProcess) -> u64 {
+    let s = cluster(node).await;
+    s.shards.iter().find(|sh| sh.shard == 0).expect("the node holds shard 0").last_log_index
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_sent_to_a_follower_join_the_leaders_batches() {
+    let c = Cluster::with_shards(3, 1).await;
+    let leader = c.leader().await;
+    let follower = (leader + 1) % 3;
+    // One event first: the follower has learnt who leads.
+    let mut client = c.node(follower).client().await;
+    deliver(&mut client, person_event(0)).await;
+    let before = last_log_index(c.node(leader)).await;
+    // Concurrent writes at a follower are forwarded to the leader, where
+    // they wait in the shard's actor with its own writes and go out
+    // together: far fewer log entries than writes (one entry per forwarded
+    // write before forwarded writes went through the actor).
+    const WRITES: usize = 96;
+    let calls: Vec<_> = (1..=WRITES)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.identify(person_event(i)).await.map(|r| r.into_inner().profile_id) })
+        })
+        .collect();
+    for call in calls {
+        let answer = call.await.unwrap();
+        assert!(answer.is_ok(), "a forwarded write failed: {answer:?}");
+    }
+    let entries = last_log_index(c.node(leader)).await - before;
+    assert!(entries < (WRITES / 3) as u64, "{WRITES} concurrent forwarded writes took {entries} log entries");
+    // And every one of them is on every replica.
+    for n in 0..3 {
+        let mut reader = c.node(n).client().await;
+        for i in (1..=WRITES).step_by(5) {
+            let p = reader.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap().into_inner();
+            assert!(p.identifiers.iter().any(|id| id.value == format!("anon-{i}")), "node {} lacks event {i}", n + 1);
+        }
+    }
+}
+
+/// Linearizable reads served by a node's leaders so far: (under a lease,
+/// after a heartbeat round).
+async fn reads_by_lease_and_round(node: &NodeProcess) -> (f64, f64) {
+    let s = scrape(node.metrics_addr.as_deref().expect("the node serves metrics")).await;
+    let via = |v| value(&s, "idgraph_linearizable_reads_total", &[("via", v)]).expect("the read counter is exported");
+    (via("lease"), via("round"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_on_the_leader_ride_its_lease_and_see_every_acknowledged_write() {
+    let c = Cluster::with_shards(3, 1).await;
+    let leader = c.leader().await;
+    let follower = (leader + 1) % 3;
+    let mut writer = c.node(follower).client().await;
+    let mut reader = c.node(leader).client().await;
+    // Each event is acknowledged (through a follower, which forwards it)
+    // before the leader is asked for it: a read that missed it would not
+    // be linearizable.
+    const READS: usize = 150;
+    for i in 0..READS {
+        let acked = deliver(&mut writer, person_event(i)).await;
+        let p = reader.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap().into_inner();
+        assert_eq!(p.profile_id, acked.profile_id, "read {i} on the leader missed an acknowledged write");
+        assert!(!p.stale);
+    }
+    let (leased, after_round) = reads_by_lease_and_round(c.node(leader)).await;
+    assert!(leased + after_round >= READS as f64, "{leased} + {after_round} reads counted for {READS}");
+    // A round renews the lease for a while: most reads need none.
+    assert!(leased > after_round, "{leased} reads under the lease, {after_round} after a round");
+
+    // Handing leadership over revokes the lease: right after the transfer
+    // the old leader forwards reads, and they see writes the new leader
+    // acknowledged.
+    let to = follower as u64 + 1;
+    let moved = c.node(leader).admin().await.transfer_leader(pb::TransferLeaderRequest { shard: 0, node_id: to }).await.unwrap();
+    assert_eq!(moved.into_inner().leader_id, to);
+    let mut new_leader = c.node(follower).client().await;
+    for i in READS..READS + 20 {
+        let acked = deliver(&mut new_leader, person_event(i)).await;
+        let p = reader.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap().into_inner();
+        assert_eq!(p.profile_id, acked.profile_id, "the old leader answered read {i} from its own state after the transfer");
+    }
 }

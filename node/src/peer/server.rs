@@ -9,19 +9,24 @@ use idgraph_proto::v1::raft_transport_server::RaftTransport;
 use idgraph_proto::v1::{RaftBatch, RaftMessage};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 /// The receiving side of [`ShardNetwork`](crate::peer::ShardNetwork), plus forwarded requests.
 #[derive(Clone)]
 pub struct RaftTransportService {
+    /// The node's tag, which names its shard actors.
+    node: Arc<str>,
+    /// How long a forwarded request may wait for its shard's answer.
+    timeout: Duration,
     replicas: Replicas,
     cluster: Arc<RwLock<ClusterMap>>,
     kpis: KpiLedger,
 }
 
 impl RaftTransportService {
-    pub fn new(replicas: Replicas, cluster: Arc<RwLock<ClusterMap>>, kpis: KpiLedger) -> Self {
-        RaftTransportService { replicas, cluster, kpis }
+    pub fn new(node: Arc<str>, timeout: Duration, replicas: Replicas, cluster: Arc<RwLock<ClusterMap>>, kpis: KpiLedger) -> Self {
+        RaftTransportService { node, timeout, replicas, cluster, kpis }
     }
 
     /// The replica of the group a message names (its number on the wire).
@@ -85,9 +90,12 @@ impl RaftTransport for RaftTransportService {
 
     async fn forward(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let m = request.into_inner();
-        let r = self.replica(m.shard)?;
+        // A node without a replica of the group says so (NOT_FOUND).
+        self.replica(m.shard)?;
         let req: ShardRequest = decode(&m.payload).map_err(bad_payload)?;
-        reply(m.shard, &r.serve(req).await)
+        // Through the shard's actor, as the node's own requests go: a
+        // forwarded write joins the leader's next batch.
+        reply(m.shard, &crate::shard::call(&self.node, GroupId::from(m.shard), req, self.timeout).await)
     }
 
     async fn kpis(&self, _request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

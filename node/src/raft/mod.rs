@@ -30,6 +30,11 @@
 //!   applied whole or not at all. (Data directories written before kept
 //!   `(log id, command index)` per command; replay still skips the commands
 //!   such a half-applied entry had applied.)
+//! - A linearizable read on the leader waits for a round of heartbeats
+//!   confirming its leadership (shared by the reads waiting,
+//!   `read_barrier`), or reads at once while the lease of a recent round
+//!   holds (`lease`, whose essay argues why no other leader can exist
+//!   meanwhile). A leadership transfer revokes the lease first.
 //! - A refused command (bad input, a limit) is a deterministic outcome, not
 //!   a storage error: it is applied as "no change" and answered on every
 //!   replica alike.
@@ -41,6 +46,7 @@
 // return the same type rather than boxing and unboxing it.
 #![allow(clippy::result_large_err)]
 
+mod lease;
 mod log_store;
 mod read_barrier;
 pub mod replica;

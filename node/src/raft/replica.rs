@@ -2,6 +2,7 @@
 //! its graph store, answering requests on the leader and saying who the
 //! leader is elsewhere.
 
+use super::lease::{LeaderLease, Leadership};
 use super::read_barrier::ReadBarrier;
 use super::{Proposal, Refusal, ShardCommand, ShardRaft, ShardResponse};
 use crate::storage::{GraphRead, SledStore};
@@ -22,6 +23,19 @@ pub enum ShardRequest {
     Read(ShardRead),
     Membership(MembershipChange),
     Leadership(LeadershipStep),
+}
+
+impl ShardRequest {
+    /// Whether only the group's leader can serve the request: writes and
+    /// reads other than local ones (membership and leadership steps have
+    /// rules of their own).
+    pub fn needs_leader(&self) -> bool {
+        match self {
+            ShardRequest::Write(_) => true,
+            ShardRequest::Read(r) => r.mode() != ReadMode::Local,
+            ShardRequest::Membership(_) | ShardRequest::Leadership(_) => false,
+        }
+    }
 }
 
 /// The steps of a leader transfer (see `ShardReplica::leadership`).
@@ -96,6 +110,20 @@ pub enum ShardRead {
     MetaBackup,
 }
 
+impl ShardRead {
+    /// How the read is served: on this replica as it is, on the replica
+    /// that believes it leads, or linearizably.
+    pub fn mode(&self) -> ReadMode {
+        match self {
+            // A stale read skips the leadership check: it reads this replica as is.
+            ShardRead::StaleProfile(_) | ShardRead::Leader | ShardRead::Members => ReadMode::Local,
+            ShardRead::Keys { mode, .. } | ShardRead::ClusterMap { mode } => *mode,
+            ShardRead::PreparedBefore { .. } => ReadMode::Leader,
+            _ => ReadMode::Linearizable,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ShardReply {
     Outcome(Outcome),
@@ -165,6 +193,8 @@ pub struct ShardReplica {
     pub rules: Arc<RuleSet>,
     /// Leadership confirmations shared by concurrent linearizable reads.
     pub reads: ReadBarrier<ShardFailure>,
+    /// Reads served without a round while a recent one holds ([`LeaderLease`]).
+    pub lease: Arc<LeaderLease>,
 }
 
 /// A replica's role in its Raft group.
@@ -271,13 +301,22 @@ fn stopped(shard: GroupId, f: &openraft::error::Fatal<u64>) -> ShardFailure {
     ShardFailure::Unavailable { shard, reason: reason.to_string() }
 }
 
+/// The leadership this replica holds now, if it leads (from its metrics).
+fn leadership(raft: &Raft<ShardRaft>) -> Option<Leadership> {
+    let m = raft.metrics();
+    let m = m.borrow();
+    (m.current_leader == Some(m.id) && m.vote.is_committed())
+        .then(|| Leadership { term: m.current_term, membership: *m.membership_config.log_id() })
+}
+
 fn leader_of(node: Option<(u64, BasicNode)>) -> Option<(u64, String)> {
     node.map(|(id, n)| (id, n.addr))
 }
 
 impl ShardReplica {
     pub fn new(group: GroupId, raft: Raft<ShardRaft>, store: Arc<SledStore>, rules: Arc<RuleSet>) -> ShardReplica {
-        ShardReplica { group, raft, store, rules, reads: ReadBarrier::default() }
+        let lease = Arc::new(LeaderLease::for_election_timeout(std::time::Duration::from_millis(raft.config().election_timeout_min)));
+        ShardReplica { group, raft, store, rules, reads: ReadBarrier::default(), lease }
     }
 
     fn unavailable(&self, reason: impl ToString) -> ShardFailure {
@@ -286,15 +325,23 @@ impl ShardReplica {
 
     /// Confirms that this replica leads and has applied every entry
     /// committed before the call: one round, shared with every read
-    /// waiting at the same time ([`ReadBarrier`]).
+    /// waiting at the same time ([`ReadBarrier`]). A round that confirms
+    /// the leadership it started under renews the lease.
     async fn confirm_leadership(&self) -> Result<(), ShardFailure> {
-        let (raft, shard) = (self.raft.clone(), self.group);
+        let (raft, shard, lease) = (self.raft.clone(), self.group, self.lease.clone());
         self.reads
             .confirm(move || {
-                let raft = raft.clone();
+                let (raft, lease) = (raft.clone(), lease.clone());
                 async move {
+                    let started = std::time::Instant::now();
+                    let before = leadership(&raft);
                     match raft.ensure_linearizable().await {
-                        Ok(_) => Ok(()),
+                        Ok(_) => {
+                            if let Some(of) = before.filter(|b| leadership(&raft) == Some(*b)) {
+                                lease.confirmed(of, started);
+                            }
+                            Ok(())
+                        }
                         Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                             Err(ShardFailure::NotLeader { shard, leader: leader_of(f.leader_id.zip(f.leader_node)) })
                         }
@@ -304,6 +351,11 @@ impl ShardReplica {
                 }
             })
             .await
+    }
+
+    /// Whether this replica leads under a lease that holds now.
+    fn leased(&self) -> bool {
+        leadership(&self.raft).is_some_and(|of| self.lease.holds(of, std::time::Instant::now()))
     }
 
     /// Serves a request on this replica (no forwarding).
@@ -350,6 +402,8 @@ impl ShardReplica {
                         limit: None,
                     }));
                 }
+                // No lease across a transfer: the target campaigns at once.
+                self.lease.revoke(m.current_term);
                 self.raft.runtime_config().elect(false);
                 let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
                 loop {
@@ -360,6 +414,7 @@ impl ShardReplica {
                     }
                     if tokio::time::Instant::now() > deadline {
                         self.raft.runtime_config().elect(true);
+                        self.lease.resume();
                         return Err(self.unavailable(format!("node {to} did not catch up with the leader within 5 s")));
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -371,6 +426,7 @@ impl ShardReplica {
             }
             LeadershipStep::Resume => {
                 self.raft.runtime_config().elect(true);
+                self.lease.resume();
                 Ok(ShardReply::Leadership(None))
             }
         }
@@ -473,20 +529,39 @@ impl ShardReplica {
         Err(ShardFailure::NotLeader { shard: self.group, leader })
     }
 
+    /// The address of the replica this one believes leads its group, when
+    /// that is another replica (no round trip: from the last metrics).
+    pub fn leader_elsewhere(&self) -> Option<String> {
+        match self.check_leader() {
+            Err(ShardFailure::NotLeader { leader: Some((_, addr)), .. }) => Some(addr),
+            _ => None,
+        }
+    }
+
     async fn read(&self, r: ShardRead) -> Result<ShardReply, ShardFailure> {
-        let mode = match &r {
-            // A stale read skips the leadership check: it reads this replica as is.
-            ShardRead::StaleProfile(_) | ShardRead::Leader | ShardRead::Members => ReadMode::Local,
-            ShardRead::Keys { mode, .. } | ShardRead::ClusterMap { mode } => *mode,
-            ShardRead::PreparedBefore { .. } => ReadMode::Leader,
-            _ => ReadMode::Linearizable,
-        };
+        let mode = r.mode();
         if mode == ReadMode::Leader {
             self.check_leader()?;
         }
-        if mode == ReadMode::Linearizable {
-            self.confirm_leadership().await?;
+        if mode != ReadMode::Linearizable {
+            return self.read_here(&r);
         }
+        // Under a lease: read, then make sure the lease still held once
+        // read (a read that outlasted it is served again after a round).
+        if self.leased() {
+            let answer = self.read_here(&r);
+            if self.leased() {
+                self.lease.count_read(true);
+                return answer;
+            }
+        }
+        self.confirm_leadership().await?;
+        self.lease.count_read(false);
+        self.read_here(&r)
+    }
+
+    /// Reads this replica's state as it is.
+    fn read_here(&self, r: &ShardRead) -> Result<ShardReply, ShardFailure> {
         let store = &*self.store;
         let refused = |e: engine::EngineError| match Refusal::from_engine(e) {
             Ok(r) => ShardFailure::Refused(r),
@@ -494,10 +569,10 @@ impl ShardReplica {
         };
         Ok(match r {
             ShardRead::Profile(p) | ShardRead::StaleProfile(p) => {
-                ShardReply::Profile(engine::find_profile(store, &self.rules, &p, "key").map_err(refused)?)
+                ShardReply::Profile(engine::find_profile(store, &self.rules, p, "key").map_err(refused)?)
             }
-            ShardRead::Merge(id) => ShardReply::Merge(engine::find_merge(store, &id).map_err(refused)?),
-            ShardRead::Hubs(limit) => ShardReply::Hubs(store.listed_hubs(limit).map_err(|e| self.unavailable(e))?),
+            ShardRead::Merge(id) => ShardReply::Merge(engine::find_merge(store, id).map_err(refused)?),
+            ShardRead::Hubs(limit) => ShardReply::Hubs(store.listed_hubs(*limit).map_err(|e| self.unavailable(e))?),
             ShardRead::Counters => ShardReply::Counters(store.counters().map_err(|e| self.unavailable(e))?),
             ShardRead::Keys { keys, .. } => {
                 ShardReply::Keys(keys.iter().map(|k| txn::read_key(store, k)).collect::<Result<_, _>>().map_err(|e| self.unavailable(e))?)
@@ -510,6 +585,7 @@ impl ShardReplica {
             ShardRead::ClusterMap { .. } => ShardReply::Map(idgraph_core::meta::read_map(store).map_err(|e| self.unavailable(e))?),
             ShardRead::RuleSets => ShardReply::RuleSets(idgraph_core::meta::rule_sets(store).map_err(|e| self.unavailable(e))?),
             ShardRead::Rollouts { finished } => {
+                let finished = *finished;
                 let current = idgraph_core::meta::current_rollout(store).map_err(|e| self.unavailable(e))?.map(Box::new);
                 let finished = match finished {
                     true => idgraph_core::meta::finished_rollouts(store).map_err(|e| self.unavailable(e))?,
@@ -522,14 +598,14 @@ impl ShardReplica {
                 ShardReply::MetaBackup(Box::new(idgraph_core::meta::meta_backup(store).map_err(|e| self.unavailable(e))?))
             }
             ShardRead::Audit { after, limit } => {
-                ShardReply::Audit(idgraph_core::meta::audit_entries(store, &after, limit).map_err(|e| self.unavailable(e))?)
+                ShardReply::Audit(idgraph_core::meta::audit_entries(store, after, *limit).map_err(|e| self.unavailable(e))?)
             }
             ShardRead::MergesUnder { rule_version } => {
                 let all = store.all_merges().map_err(|e| self.unavailable(e))?;
-                ShardReply::Merges(all.iter().filter(|m| m.rule_version == rule_version).map(MergeStamp::of).collect())
+                ShardReply::Merges(all.iter().filter(|m| m.rule_version == *rule_version).map(MergeStamp::of).collect())
             }
             ShardRead::PreparedBefore { before_ms } => {
-                ShardReply::Locks(txn::prepared_before(store, before_ms).map_err(|e| self.unavailable(e))?)
+                ShardReply::Locks(txn::prepared_before(store, *before_ms).map_err(|e| self.unavailable(e))?)
             }
         })
     }

@@ -1,0 +1,189 @@
+//! Leader leases: linearizable reads on a leader without a round trip.
+//!
+//! A linearizable read must see every write acknowledged before it
+//! arrived. On the leader of the current term that holds once (1) no other
+//! replica can have been elected meanwhile and (2) the leader's state
+//! machine has applied what its term's first entry committed: openraft
+//! answers a write only after the leader applied it, so every write
+//! acknowledged in this term is already in the leader's state.
+//!
+//! A round of `ensure_linearizable` gives both: a quorum acknowledged a
+//! heartbeat sent after the round started, and the leader applied up to the
+//! commit point it saw. The lease stretches (1) over a while after that:
+//!
+//! - Every quorum that could elect another leader contains a replica that
+//!   acknowledged the round, at a moment `a` after the round started at `t`.
+//! - That replica, as a follower, refuses to vote while its vote is
+//!   committed and younger than `election_timeout_max` (openraft 0.9's
+//!   `handle_vote_req`; every heartbeat renews it), and campaigns itself only
+//!   after `election_timeout_min` without a heartbeat. So no election can
+//!   finish before `a + election_timeout_min >= t + election_timeout_min`.
+//! - If the replica in common is the leader itself, it gave its vote away
+//!   and its own metrics say so before it answers the candidate: the lease
+//!   holds only while this replica still leads in the term and under the
+//!   membership the round saw.
+//!
+//! The lease therefore runs from the round's start for half of
+//! `election_timeout_min` (the other half absorbs clock-rate differences
+//! and scheduling delays), and a read served under it checks the lease
+//! again after reading: a read that took longer is discarded and served
+//! after a round. A leadership transfer revokes the lease before the leader
+//! lets the target campaign (the target campaigns at once, not after an
+//! election timeout, and wins with the leader's own vote); only a resumed
+//! leader (transfer abandoned) or a new term may hold one again.
+//!
+//! The lease's bookkeeping is plain data: time is passed in, so the rules
+//! are unit-tested without a clock or a Raft group.
+
+use openraft::LogId;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What identifies a leadership the lease is for: the term and the
+/// membership configuration's log id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leadership {
+    pub term: u64,
+    pub membership: Option<LogId<u64>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    of: Leadership,
+    until: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    held: Option<Held>,
+    /// A term whose leadership is being handed over: no lease in it.
+    revoked: Option<u64>,
+}
+
+/// A replica's leader lease. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct LeaderLease {
+    length: Duration,
+    state: Mutex<State>,
+    /// Reads served under the lease, and after a round, not yet taken by
+    /// the metrics.
+    leased_reads: AtomicU64,
+    round_reads: AtomicU64,
+}
+
+impl LeaderLease {
+    /// A lease of half `election_timeout_min` after each confirmed round.
+    pub fn for_election_timeout(election_timeout_min: Duration) -> LeaderLease {
+        LeaderLease {
+            length: election_timeout_min / 2,
+            state: Mutex::new(State::default()),
+            leased_reads: AtomicU64::new(0),
+            round_reads: AtomicU64::new(0),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A round that started at `started` confirmed `of` (the same before
+    /// and after the round): the lease runs until `started + length`.
+    pub fn confirmed(&self, of: Leadership, started: Instant) {
+        let mut s = self.state();
+        if s.revoked == Some(of.term) {
+            return;
+        }
+        let until = started + self.length;
+        s.held = match s.held {
+            Some(h) if h.of == of && h.until >= until => Some(h),
+            _ => Some(Held { of, until }),
+        };
+    }
+
+    /// Whether a read arriving `now` may be served without a round, by a
+    /// replica that leads `current`.
+    pub fn holds(&self, current: Leadership, now: Instant) -> bool {
+        let s = self.state();
+        s.revoked != Some(current.term) && s.held.is_some_and(|h| h.of == current && now < h.until)
+    }
+
+    /// No lease in `term` from now on (a leadership transfer begins).
+    pub fn revoke(&self, term: u64) {
+        let mut s = self.state();
+        s.held = None;
+        s.revoked = Some(term);
+    }
+
+    /// The transfer was abandoned: rounds may grant leases again.
+    pub fn resume(&self) {
+        self.state().revoked = None;
+    }
+
+    /// Counts a linearizable read, served under the lease or after a round.
+    pub fn count_read(&self, leased: bool) {
+        let counter = if leased { &self.leased_reads } else { &self.round_reads };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The reads counted since the last call: (under the lease, after a round).
+    pub fn take_read_counts(&self) -> (u64, u64) {
+        (self.leased_reads.swap(0, Ordering::Relaxed), self.round_reads.swap(0, Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn of(term: u64, membership_index: u64) -> Leadership {
+        Leadership { term, membership: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), membership_index)) }
+    }
+
+    #[test]
+    fn a_lease_runs_half_the_election_timeout_from_the_rounds_start() {
+        let lease = LeaderLease::for_election_timeout(Duration::from_millis(300));
+        let t = Instant::now();
+        assert!(!lease.holds(of(2, 1), t), "no round, no lease");
+        lease.confirmed(of(2, 1), t);
+        assert!(lease.holds(of(2, 1), t + Duration::from_millis(149)));
+        assert!(!lease.holds(of(2, 1), t + Duration::from_millis(150)));
+        // A later round extends it; an older one does not shorten it.
+        lease.confirmed(of(2, 1), t + Duration::from_millis(100));
+        lease.confirmed(of(2, 1), t + Duration::from_millis(10));
+        assert!(lease.holds(of(2, 1), t + Duration::from_millis(249)));
+        assert!(!lease.holds(of(2, 1), t + Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn a_new_term_or_membership_needs_a_round_of_its_own() {
+        let lease = LeaderLease::for_election_timeout(Duration::from_millis(300));
+        let t = Instant::now();
+        lease.confirmed(of(2, 1), t);
+        assert!(!lease.holds(of(3, 1), t), "another term");
+        assert!(!lease.holds(of(2, 7), t), "another membership");
+        lease.confirmed(of(3, 1), t);
+        assert!(lease.holds(of(3, 1), t));
+        assert!(!lease.holds(of(2, 1), t), "the old term's lease is gone");
+    }
+
+    #[test]
+    fn a_transfer_revokes_the_lease_until_it_is_abandoned_or_the_term_changes() {
+        let lease = LeaderLease::for_election_timeout(Duration::from_millis(300));
+        let t = Instant::now();
+        lease.confirmed(of(2, 1), t);
+        lease.revoke(2);
+        assert!(!lease.holds(of(2, 1), t));
+        // Rounds during the transfer confirm reads but grant no lease.
+        lease.confirmed(of(2, 1), t);
+        assert!(!lease.holds(of(2, 1), t));
+        // Won again in a later term: leases again.
+        lease.confirmed(of(4, 1), t);
+        assert!(lease.holds(of(4, 1), t));
+        // Abandoned: leases again in the same term.
+        lease.revoke(4);
+        lease.resume();
+        lease.confirmed(of(4, 1), t);
+        assert!(lease.holds(of(4, 1), t));
+    }
+}
