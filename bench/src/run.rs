@@ -205,42 +205,50 @@ pub async fn ingest_stream(peer: &Idgraph, events: Arc<Vec<Event>>, clients: usi
     .await
 }
 
-/// `count` look-ups of identifiers drawn from `ids`, by `clients` callers.
-/// How late tokio's timer may wake a paced client (its resolution is a
-/// millisecond).
-const TIMER_SLACK: std::time::Duration = std::time::Duration::from_millis(2);
-
+/// `count` look-ups of identifiers drawn from `ids`, by `clients` callers:
+/// each as soon as the previous answer came (closed loop), or, with a
+/// `rate`, at evenly spaced moments (open loop).
 pub async fn lookups<P: Peer>(peer: Arc<P>, ids: Arc<Vec<RawId>>, clients: usize, count: usize, rate: Option<f64>, seed: u64) -> Measured {
+    if ids.is_empty() {
+        return drive(0, |_, _| async {}).await;
+    }
+    // With a rate, a pacer thread releases one look-up every `1 / rate`
+    // seconds (a thread's sleep is precise to tens of microseconds, where
+    // tokio's timer wakes on millisecond ticks and would release the
+    // clients in bursts); an idle client takes it, and it is timed from
+    // the moment it was due, so a backlog counts (no coordinated omission).
+    let due = rate.filter(|r| *r > 0.0).map(|r| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        let period = std::time::Duration::from_secs_f64(1.0 / r);
+        std::thread::spawn(move || {
+            let mut at = Instant::now();
+            for _ in 0..count {
+                if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if tx.send(at).is_err() {
+                    return;
+                }
+                at += period;
+            }
+        });
+        Arc::new(tokio::sync::Mutex::new(rx))
+    });
     let done = Arc::new(AtomicUsize::new(0));
-    // With a rate, client `c` is due every `clients / rate` seconds, offset
-    // by its share of one interval; each look-up is timed from when it was
-    // due (no coordinated omission).
-    let interval = rate.filter(|r| *r > 0.0).map(|r| std::time::Duration::from_secs_f64(clients as f64 / r));
-    let start = Instant::now();
     drive(clients, |c, rec| {
-        let (peer, ids, done) = (peer.clone(), ids.clone(), done.clone());
+        let (peer, ids, done, due) = (peer.clone(), ids.clone(), done.clone(), due.clone());
         async move {
             let mut rng = fastrand::Rng::with_seed(seed ^ c as u64);
-            let mut due = interval.map(|i| start + i.mul_f64(c as f64 / clients as f64));
-            while done.fetch_add(1, Ordering::Relaxed) < count && !ids.is_empty() {
-                let id = &ids[rng.usize(0..ids.len())];
-                let t = match (due, interval) {
-                    (Some(at), Some(i)) => {
-                        tokio::time::sleep_until(at.into()).await;
-                        due = Some(at + i);
-                        // tokio's timer wakes up to a millisecond late: within
-                        // that the look-up counts from when it went out; a
-                        // client further behind counts its backlog.
-                        let now = Instant::now();
-                        if now.duration_since(at) <= TIMER_SLACK {
-                            now
-                        } else {
-                            at
-                        }
-                    }
-                    _ => Instant::now(),
+            loop {
+                let t = match &due {
+                    Some(due) => match due.lock().await.recv().await {
+                        Some(at) => at,
+                        None => break,
+                    },
+                    None if done.fetch_add(1, Ordering::Relaxed) < count => Instant::now(),
+                    None => break,
                 };
-                let r = peer.lookup(c, id).await;
+                let r = peer.lookup(c, &ids[rng.usize(0..ids.len())]).await;
                 rec.record(t, &r);
             }
         }

@@ -32,6 +32,10 @@
 //! election timeout, and wins with the leader's own vote); only a resumed
 //! leader (transfer abandoned) or a new term may hold one again.
 //!
+//! A read served in the second half of the lease starts a round in the
+//! background, so under a steady load of reads the lease is renewed before
+//! it lapses and no read waits for a round.
+//!
 //! The lease's bookkeeping is plain data: time is passed in, so the rules
 //! are unit-tested without a clock or a Raft group.
 
@@ -59,6 +63,8 @@ struct State {
     held: Option<Held>,
     /// A term whose leadership is being handed over: no lease in it.
     revoked: Option<u64>,
+    /// A round renewing the lease is under way.
+    renewing: bool,
 }
 
 /// A replica's leader lease. Cheap to share behind an `Arc`.
@@ -120,6 +126,27 @@ impl LeaderLease {
         self.state().revoked = None;
     }
 
+    /// Whether a read served under the lease at `now` should start a round
+    /// in the background: more than half the lease has run and no renewal
+    /// is under way (then the caller has claimed it and calls
+    /// [`LeaderLease::renewed`] when the round ends). Under a steady load of
+    /// reads the lease is renewed before it lapses, and no read waits for a
+    /// round.
+    pub fn claim_renewal(&self, now: Instant) -> bool {
+        let mut s = self.state();
+        let due = s.held.is_some_and(|h| h.until.saturating_duration_since(now) < self.length / 2);
+        if due && !s.renewing {
+            s.renewing = true;
+            return true;
+        }
+        false
+    }
+
+    /// The renewal round claimed by [`LeaderLease::claim_renewal`] ended.
+    pub fn renewed(&self) {
+        self.state().renewing = false;
+    }
+
     /// Counts a linearizable read, served under the lease or after a round.
     pub fn count_read(&self, leased: bool) {
         let counter = if leased { &self.leased_reads } else { &self.round_reads };
@@ -153,6 +180,21 @@ mod tests {
         lease.confirmed(of(2, 1), t + Duration::from_millis(10));
         assert!(lease.holds(of(2, 1), t + Duration::from_millis(249)));
         assert!(!lease.holds(of(2, 1), t + Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn reads_late_in_a_lease_renew_it_once_at_a_time() {
+        let lease = LeaderLease::for_election_timeout(Duration::from_millis(300));
+        let t = Instant::now();
+        assert!(!lease.claim_renewal(t), "no lease to renew");
+        lease.confirmed(of(2, 1), t);
+        assert!(!lease.claim_renewal(t + Duration::from_millis(50)), "early in the lease");
+        assert!(lease.claim_renewal(t + Duration::from_millis(80)), "past half of it");
+        assert!(!lease.claim_renewal(t + Duration::from_millis(90)), "one renewal at a time");
+        lease.confirmed(of(2, 1), t + Duration::from_millis(80));
+        lease.renewed();
+        assert!(!lease.claim_renewal(t + Duration::from_millis(100)), "renewed");
+        assert!(lease.claim_renewal(t + Duration::from_millis(160)));
     }
 
     #[test]

@@ -552,6 +552,14 @@ impl ShardReplica {
             let answer = self.read_here(&r);
             if self.leased() {
                 self.lease.count_read(true);
+                if self.lease.claim_renewal(std::time::Instant::now()) {
+                    let replica = self.clone();
+                    tokio::spawn(async move {
+                        // A failed round leaves the lease to lapse.
+                        let _ = replica.confirm_leadership().await;
+                        replica.lease.renewed();
+                    });
+                }
                 return answer;
             }
         }
