@@ -67,7 +67,7 @@ pub async fn call(node: &str, shard: GroupId, req: ShardRequest, timeout: std::t
         ActorRef::<ShardMsg>::where_is(shard_actor_name(node, shard)).ok_or_else(|| unavailable("its actor is restarting".into()))?;
     match actor.call(|port| ShardMsg::Request(Box::new(req), port), Some(timeout)).await {
         Ok(CallResult::Success(r)) => r,
-        Ok(CallResult::Timeout) => Err(unavailable(format!("no answer within {} ms", timeout.as_millis()))),
+        Ok(CallResult::Timeout) => Err(unavailable(format!("no answer within {} ms; a write's outcome is unknown", timeout.as_millis()))),
         Ok(CallResult::SenderError) => Err(unavailable("the shard stopped while serving the request; its outcome is unknown".into())),
         Err(e) => Err(unavailable(e.to_string())),
     }

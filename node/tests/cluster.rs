@@ -509,12 +509,26 @@ async fn writes_sent_to_a_follower_join_the_leaders_batches() {
     }
     let entries = last_log_index(c.node(leader)).await - before;
     assert!(entries < (WRITES / 3) as u64, "{WRITES} concurrent forwarded writes took {entries} log entries");
-    // And every one of them is on every replica.
+    // And every one of them reaches every replica (stale reads answer from
+    // the receiving node's own replica).
     for n in 0..3 {
         let mut reader = c.node(n).client().await;
         for i in (1..=WRITES).step_by(5) {
-            let p = reader.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap().into_inner();
-            assert!(p.identifiers.iter().any(|id| id.value == format!("anon-{i}")), "node {} lacks event {i}", n + 1);
+            let read =
+                pb::GetProfileRequest { consistency: pb::ReadConsistency::Stale as i32, ..by_id("anonymous_id", &format!("anon-{i}")) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match reader.get_profile(read.clone()).await {
+                    Ok(p) => {
+                        assert!(p.into_inner().identifiers.iter().any(|id| id.value == format!("anon-{i}")));
+                        break;
+                    }
+                    Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    Err(s) => panic!("node {} lacks event {i}: {s}", n + 1),
+                }
+            }
         }
     }
 }

@@ -18,10 +18,18 @@
 //!   `handle_vote_req`; every heartbeat renews it), and campaigns itself only
 //!   after `election_timeout_min` without a heartbeat. So no election can
 //!   finish before `a + election_timeout_min >= t + election_timeout_min`.
-//! - If the replica in common is the leader itself, it gave its vote away
-//!   and its own metrics say so before it answers the candidate: the lease
-//!   holds only while this replica still leads in the term and under the
-//!   membership the round saw.
+//! - If the replica in common is the leader itself, it changed its vote in
+//!   its Raft core before it answered the candidate (its metrics may say so
+//!   only later). So a read under the lease is confirmed after it read, by
+//!   a check of the vote inside the Raft core that started after the read
+//!   (checks are shared by the reads waiting, like rounds): if the leader
+//!   still holds the lease's vote then, no candidate has its vote yet, and
+//!   any other quorum is held off by the first point.
+//! - The lease holds only while this replica leads in the term and under
+//!   the membership the round saw (a new configuration changes quorums).
+//! - Every node must run the same `raft_heartbeat_ms` (the lease is
+//!   computed from the leader's election timeout, the protection comes from
+//!   the followers').
 //!
 //! The lease therefore runs from the round's start for half of
 //! `election_timeout_min` (the other half absorbs clock-rate differences
@@ -29,8 +37,11 @@
 //! again after reading: a read that took longer is discarded and served
 //! after a round. A leadership transfer revokes the lease before the leader
 //! lets the target campaign (the target campaigns at once, not after an
-//! election timeout, and wins with the leader's own vote); only a resumed
-//! leader (transfer abandoned) or a new term may hold one again.
+//! election timeout, and may win with the leader's vote or with that of a
+//! replica that did not acknowledge the round); only a round that started
+//! after the transfer was abandoned, or one in a new term, grants a lease
+//! again (a round that started before may count the target's
+//! acknowledgement from before it campaigned).
 //!
 //! A read served in the second half of the lease starts a round in the
 //! background, so under a steady load of reads the lease is renewed before
@@ -39,7 +50,7 @@
 //! The lease's bookkeeping is plain data: time is passed in, so the rules
 //! are unit-tested without a clock or a Raft group.
 
-use openraft::LogId;
+use openraft::{LogId, Vote};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -49,6 +60,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Leadership {
     pub term: u64,
+    /// The leader's committed vote in that term.
+    pub vote: Vote<u64>,
     pub membership: Option<LogId<u64>>,
 }
 
@@ -63,6 +76,10 @@ struct State {
     held: Option<Held>,
     /// A term whose leadership is being handed over: no lease in it.
     revoked: Option<u64>,
+    /// When the lease was last revoked or resumed: a round that started
+    /// before it grants nothing (it may have been acknowledged by a
+    /// transfer's target before that target campaigned).
+    changed_at: Option<Instant>,
     /// A round renewing the lease is under way.
     renewing: bool,
 }
@@ -97,7 +114,7 @@ impl LeaderLease {
     /// and after the round): the lease runs until `started + length`.
     pub fn confirmed(&self, of: Leadership, started: Instant) {
         let mut s = self.state();
-        if s.revoked == Some(of.term) {
+        if s.revoked == Some(of.term) || s.changed_at.is_some_and(|c| started <= c) {
             return;
         }
         let until = started + self.length;
@@ -119,11 +136,20 @@ impl LeaderLease {
         let mut s = self.state();
         s.held = None;
         s.revoked = Some(term);
+        s.changed_at = Some(Instant::now());
     }
 
-    /// The transfer was abandoned: rounds may grant leases again.
+    /// The transfer was abandoned: rounds that start from now on may grant
+    /// leases again.
     pub fn resume(&self) {
-        self.state().revoked = None;
+        let mut s = self.state();
+        s.revoked = None;
+        s.changed_at = Some(Instant::now());
+    }
+
+    /// The vote of the leadership the lease is held for, if one is.
+    pub fn held_vote(&self) -> Option<Vote<u64>> {
+        self.state().held.map(|h| h.of.vote)
     }
 
     /// Whether a read served under the lease at `now` should start a round
@@ -164,7 +190,9 @@ mod tests {
     use super::*;
 
     fn of(term: u64, membership_index: u64) -> Leadership {
-        Leadership { term, membership: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), membership_index)) }
+        let mut vote = Vote::new(term, 1);
+        vote.commit();
+        Leadership { term, vote, membership: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), membership_index)) }
     }
 
     #[test]
@@ -217,15 +245,23 @@ mod tests {
         lease.revoke(2);
         assert!(!lease.holds(of(2, 1), t));
         // Rounds during the transfer confirm reads but grant no lease.
-        lease.confirmed(of(2, 1), t);
-        assert!(!lease.holds(of(2, 1), t));
-        // Won again in a later term: leases again.
-        lease.confirmed(of(4, 1), t);
-        assert!(lease.holds(of(4, 1), t));
-        // Abandoned: leases again in the same term.
+        let during = Instant::now() + Duration::from_millis(1);
+        lease.confirmed(of(2, 1), during);
+        assert!(!lease.holds(of(2, 1), during));
+        // Won again in a later term, by a round after the revocation.
+        let later = Instant::now() + Duration::from_millis(1);
+        lease.confirmed(of(4, 1), later);
+        assert!(lease.holds(of(4, 1), later));
+        // Abandoned: a round that started before the transfer was given up
+        // grants nothing; one that started after it does.
+        let before = Instant::now();
         lease.revoke(4);
         lease.resume();
-        lease.confirmed(of(4, 1), t);
-        assert!(lease.holds(of(4, 1), t));
+        lease.confirmed(of(4, 1), before);
+        assert!(!lease.holds(of(4, 1), before), "a round from before the transfer");
+        let after = Instant::now() + Duration::from_millis(1);
+        lease.confirmed(of(4, 1), after);
+        assert!(lease.holds(of(4, 1), after));
+        assert_eq!(lease.held_vote(), Some(of(4, 1).vote));
     }
 }

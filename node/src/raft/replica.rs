@@ -195,6 +195,9 @@ pub struct ShardReplica {
     pub reads: ReadBarrier<ShardFailure>,
     /// Reads served without a round while a recent one holds ([`LeaderLease`]).
     pub lease: Arc<LeaderLease>,
+    /// Checks, inside the Raft core, that the lease's vote is still this
+    /// replica's, shared by the reads served under the lease meanwhile.
+    vote_checks: ReadBarrier<ShardFailure>,
 }
 
 /// A replica's role in its Raft group.
@@ -305,8 +308,11 @@ fn stopped(shard: GroupId, f: &openraft::error::Fatal<u64>) -> ShardFailure {
 fn leadership(raft: &Raft<ShardRaft>) -> Option<Leadership> {
     let m = raft.metrics();
     let m = m.borrow();
-    (m.current_leader == Some(m.id) && m.vote.is_committed())
-        .then(|| Leadership { term: m.current_term, membership: *m.membership_config.log_id() })
+    (m.current_leader == Some(m.id) && m.vote.is_committed()).then(|| Leadership {
+        term: m.current_term,
+        vote: m.vote,
+        membership: *m.membership_config.log_id(),
+    })
 }
 
 fn leader_of(node: Option<(u64, BasicNode)>) -> Option<(u64, String)> {
@@ -316,7 +322,7 @@ fn leader_of(node: Option<(u64, BasicNode)>) -> Option<(u64, String)> {
 impl ShardReplica {
     pub fn new(group: GroupId, raft: Raft<ShardRaft>, store: Arc<SledStore>, rules: Arc<RuleSet>) -> ShardReplica {
         let lease = Arc::new(LeaderLease::for_election_timeout(std::time::Duration::from_millis(raft.config().election_timeout_min)));
-        ShardReplica { group, raft, store, rules, reads: ReadBarrier::default(), lease }
+        ShardReplica { group, raft, store, rules, reads: ReadBarrier::default(), lease, vote_checks: ReadBarrier::default() }
     }
 
     fn unavailable(&self, reason: impl ToString) -> ShardFailure {
@@ -351,6 +357,28 @@ impl ShardReplica {
                 }
             })
             .await
+    }
+
+    /// Confirms, after a read under the lease, that this replica's Raft
+    /// core still holds the lease's vote (it has not voted for a candidate
+    /// since; its metrics may lag): one check, shared with the reads
+    /// waiting, that started after the call.
+    async fn vote_kept(&self) -> bool {
+        let (raft, lease, shard) = (self.raft.clone(), self.lease.clone(), self.group);
+        let lapsed = move || ShardFailure::Unavailable { shard, reason: "the leader lease lapsed".into() };
+        self.vote_checks
+            .confirm(move || {
+                let (raft, held) = (raft.clone(), lease.held_vote());
+                async move {
+                    let Some(held) = held else { return Err(lapsed()) };
+                    match raft.with_raft_state(move |st| *st.vote_ref() == held).await {
+                        Ok(true) => Ok(()),
+                        _ => Err(lapsed()),
+                    }
+                }
+            })
+            .await
+            .is_ok()
     }
 
     /// Whether this replica leads under a lease that holds now.
@@ -550,7 +578,7 @@ impl ShardReplica {
         // read (a read that outlasted it is served again after a round).
         if self.leased() {
             let answer = self.read_here(&r);
-            if self.leased() {
+            if self.leased() && self.vote_kept().await {
                 self.lease.count_read(true);
                 if self.lease.claim_renewal(std::time::Instant::now()) {
                     let replica = self.clone();
