@@ -46,7 +46,7 @@
 // return the same type rather than boxing and unboxing it.
 #![allow(clippy::result_large_err)]
 
-mod lease;
+pub mod lease;
 mod log_store;
 mod read_barrier;
 pub mod replica;
