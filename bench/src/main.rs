@@ -95,10 +95,10 @@ struct RunArgs {
     /// Look-ups of the lookup workload.
     #[arg(long, default_value_t = 20_000)]
     lookups: usize,
-    /// Lookup workload at this many look-ups a second in all, spread evenly
-    /// over the clients (open loop: a look-up's latency counts from when it
-    /// was due, so a slow answer delays no measurement); unset: as fast as
-    /// the clients go.
+    /// Lookup workload at this many look-ups a second in all, released at
+    /// evenly spaced moments to whichever client is idle (open loop: a
+    /// look-up's latency counts from when it was due, so a slow answer
+    /// delays no measurement); unset: as fast as the clients go.
     #[arg(long)]
     rate: Option<f64>,
     /// Persons whose identifiers are looked up afterwards for precision and

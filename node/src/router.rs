@@ -14,7 +14,7 @@ use crate::peer::Peers;
 use crate::raft::{
     LeadershipStep, ReplicaDigest, ReplicaStatus, Replicas, ShardCommand, ShardFailure, ShardRead, ShardReplica, ShardReply, ShardRequest,
 };
-use crate::shard::{shard_actor_name, ShardMsg};
+use crate::shard::ShardMsg;
 use crate::txn::{self, GraphKey, KeyRead, ReadMode, ShardAccess, TxnError, TxnOp, TxnReply};
 use idgraph_core::canary::KpiCounts;
 use idgraph_core::canary::{MergeStamp, Rollout};
@@ -23,7 +23,6 @@ use idgraph_core::engine::{Command, CommandKind, FoundProfile, Outcome, ProfileR
 use idgraph_core::meta::{AuditEntry, ClusterMap, MetaCommand};
 use idgraph_core::model::{Counters, GroupId, HubRecord, Identifier, MergeRecord, ShardId};
 use idgraph_core::rules::RuleSet;
-use ractor::ActorRef;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -424,7 +423,9 @@ impl ShardRouter {
     }
 
     async fn local(&self, shard: GroupId, req: &ShardRequest) -> Result<ShardReply, ShardFailure> {
-        crate::shard::call(&self.node, shard, req.clone(), self.timeout).await
+        let actor = crate::shard::actor(&self.node, shard)
+            .ok_or_else(|| ShardFailure::Unavailable { shard, reason: "its actor is restarting".into() })?;
+        crate::shard::call(&actor, shard, req.clone(), self.timeout).await
     }
 
     /// Serves a request on the shard's leader, wherever it is. Only
@@ -895,8 +896,7 @@ impl ShardRouter {
     #[doc(hidden)]
     pub fn crash_shard(&self, shard: GroupId) -> Result<(), RequestError> {
         let unavailable = |reason: String| RequestError::Unavailable { shard: shard.to_string(), reason };
-        let actor = ActorRef::<ShardMsg>::where_is(shard_actor_name(&self.node, shard))
-            .ok_or_else(|| unavailable("its actor is restarting".into()))?;
+        let actor = crate::shard::actor(&self.node, shard).ok_or_else(|| unavailable("its actor is restarting".into()))?;
         actor.cast(ShardMsg::Crash).map_err(|e| unavailable(e.to_string()))
     }
 }

@@ -57,14 +57,22 @@ pub enum ShardMsg {
     Crash,
 }
 
-/// Hands a request to the node's actor of `shard` and waits at most
-/// `timeout` for its answer: the one way into a local replica, for the
-/// router and for requests other nodes forward, so that every write is
-/// batched and admitted the same way.
-pub async fn call(node: &str, shard: GroupId, req: ShardRequest, timeout: std::time::Duration) -> Result<ShardReply, ShardFailure> {
+/// The node's actor of `shard`, if it runs (not while it restarts).
+pub fn actor(node: &str, shard: GroupId) -> Option<ActorRef<ShardMsg>> {
+    ActorRef::where_is(shard_actor_name(node, shard))
+}
+
+/// Hands a request to a shard's actor and waits at most `timeout` for its
+/// answer: the one way into a local replica, for the router and for
+/// requests other nodes forward, so that every write is batched and
+/// admitted the same way.
+pub async fn call(
+    actor: &ActorRef<ShardMsg>,
+    shard: GroupId,
+    req: ShardRequest,
+    timeout: std::time::Duration,
+) -> Result<ShardReply, ShardFailure> {
     let unavailable = |reason: String| ShardFailure::Unavailable { shard, reason };
-    let actor =
-        ActorRef::<ShardMsg>::where_is(shard_actor_name(node, shard)).ok_or_else(|| unavailable("its actor is restarting".into()))?;
     match actor.call(|port| ShardMsg::Request(Box::new(req), port), Some(timeout)).await {
         Ok(CallResult::Success(r)) => r,
         Ok(CallResult::Timeout) => Err(unavailable(format!("no answer within {} ms; a write's outcome is unknown", timeout.as_millis()))),
@@ -119,12 +127,6 @@ pub struct WriteLimits {
     pub max_waiting: usize,
     /// Proposals in flight at once (`proposals_in_flight`).
     pub in_flight: usize,
-}
-
-impl Default for WriteLimits {
-    fn default() -> Self {
-        WriteLimits { max_waiting: MAX_WAITING, in_flight: PROPOSALS_IN_FLIGHT }
-    }
 }
 
 pub struct ShardState {

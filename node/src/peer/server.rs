@@ -95,13 +95,13 @@ impl RaftTransport for RaftTransportService {
         // tries another replica.
         self.replica(m.shard)?;
         let group = GroupId::from(m.shard);
-        if ractor::ActorRef::<crate::shard::ShardMsg>::where_is(crate::shard::shard_actor_name(&self.node, group)).is_none() {
+        let Some(actor) = crate::shard::actor(&self.node, group) else {
             return Err(Status::not_found(format!("the replica of group {group} on this node is starting")));
-        }
+        };
         let req: ShardRequest = decode(&m.payload).map_err(bad_payload)?;
         // Through the shard's actor, as the node's own requests go: a
         // forwarded write joins the leader's next batch.
-        reply(m.shard, &crate::shard::call(&self.node, group, req, self.timeout).await)
+        reply(m.shard, &crate::shard::call(&actor, group, req, self.timeout).await)
     }
 
     async fn kpis(&self, _request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

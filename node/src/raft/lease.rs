@@ -55,14 +55,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// What identifies a leadership the lease is for: the term and the
-/// membership configuration's log id.
+/// What identifies a leadership the lease is for: the leader's committed
+/// vote (its term and node) and the membership configuration's log id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Leadership {
-    pub term: u64,
-    /// The leader's committed vote in that term.
     pub vote: Vote<u64>,
     pub membership: Option<LogId<u64>>,
+}
+
+impl Leadership {
+    pub fn term(&self) -> u64 {
+        self.vote.leader_id().term
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -114,7 +118,7 @@ impl LeaderLease {
     /// and after the round): the lease runs until `started + length`.
     pub fn confirmed(&self, of: Leadership, started: Instant) {
         let mut s = self.state();
-        if s.revoked == Some(of.term) || s.changed_at.is_some_and(|c| started <= c) {
+        if s.revoked == Some(of.term()) || s.changed_at.is_some_and(|c| started <= c) {
             return;
         }
         let until = started + self.length;
@@ -128,7 +132,7 @@ impl LeaderLease {
     /// replica that leads `current`.
     pub fn holds(&self, current: Leadership, now: Instant) -> bool {
         let s = self.state();
-        s.revoked != Some(current.term) && s.held.is_some_and(|h| h.of == current && now < h.until)
+        s.revoked != Some(current.term()) && s.held.is_some_and(|h| h.of == current && now < h.until)
     }
 
     /// No lease in `term` from now on (a leadership transfer begins).
@@ -192,7 +196,7 @@ mod tests {
     fn of(term: u64, membership_index: u64) -> Leadership {
         let mut vote = Vote::new(term, 1);
         vote.commit();
-        Leadership { term, vote, membership: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), membership_index)) }
+        Leadership { vote, membership: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), membership_index)) }
     }
 
     #[test]

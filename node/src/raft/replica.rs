@@ -308,11 +308,8 @@ fn stopped(shard: GroupId, f: &openraft::error::Fatal<u64>) -> ShardFailure {
 fn leadership(raft: &Raft<ShardRaft>) -> Option<Leadership> {
     let m = raft.metrics();
     let m = m.borrow();
-    (m.current_leader == Some(m.id) && m.vote.is_committed()).then(|| Leadership {
-        term: m.current_term,
-        vote: m.vote,
-        membership: *m.membership_config.log_id(),
-    })
+    (m.current_leader == Some(m.id) && m.vote.is_committed())
+        .then(|| Leadership { vote: m.vote, membership: *m.membership_config.log_id() })
 }
 
 fn leader_of(node: Option<(u64, BasicNode)>) -> Option<(u64, String)> {
@@ -386,10 +383,16 @@ impl ShardReplica {
         leadership(&self.raft).is_some_and(|of| self.lease.holds(of, std::time::Instant::now()))
     }
 
-    /// Serves a request on this replica (no forwarding).
+    /// Serves a request on this replica (no forwarding). The shard actor
+    /// batches writes itself ([`ShardReplica::write_batch`]); a write
+    /// served here is an entry of its own.
     pub async fn serve(&self, req: ShardRequest) -> Result<ShardReply, ShardFailure> {
         match req {
-            ShardRequest::Write(cmd) => self.write(*cmd).await,
+            ShardRequest::Write(cmd) => self
+                .write_batch(vec![*cmd])
+                .await?
+                .pop()
+                .unwrap_or_else(|| Err(self.unavailable("a proposal was answered without outcomes"))),
             ShardRequest::Read(r) => self.read(r).await,
             ShardRequest::Membership(c) => self.change_membership(c).await,
             ShardRequest::Leadership(step) => self.leadership(step).await,
@@ -490,10 +493,6 @@ impl ShardReplica {
             self.raft.change_membership(voters.clone(), false).await.map_err(|e| self.write_failure(e))?;
         }
         Ok(ShardReply::Voters(voters.into_iter().collect()))
-    }
-
-    async fn write(&self, cmd: ShardCommand) -> Result<ShardReply, ShardFailure> {
-        self.write_batch(vec![cmd]).await?.pop().unwrap_or_else(|| Err(self.unavailable("a proposal was answered without outcomes")))
     }
 
     /// Whether this replica leads its group and is its only voter: no other
