@@ -42,6 +42,7 @@ const METHODS: &[&str] = &[
     "Restore",
     "AppendEntries",
     "AppendBatch",
+    "Exchange",
     "Vote",
     "InstallSnapshot",
     "Forward",
@@ -66,6 +67,11 @@ pub struct NodeMetrics {
     /// Linearizable reads on this node's leaders, by how leadership was
     /// confirmed: `lease` or `round` (a heartbeat round).
     pub linearizable_reads: IntCounterVec,
+    /// Calls received over peers' exchanges, by kind: `append` or `forward`.
+    pub peer_calls: IntCounterVec,
+    /// Frames received over peers' exchanges (calls per frame is the
+    /// batching).
+    pub peer_frames: IntCounter,
     pub hubs: IntGauge,
     pub raft_role: IntGaugeVec,
     pub raft_term: IntGaugeVec,
@@ -122,6 +128,14 @@ impl NodeMetrics {
         for via in ["lease", "round"] {
             linearizable_reads.with_label_values(&[via]);
         }
+        let peer_calls = must(IntCounterVec::new(
+            Opts::new("idgraph_peer_calls_total", "calls received from other nodes over their exchanges, by kind"),
+            &["kind"],
+        ));
+        must(registry.register(Box::new(peer_calls.clone())));
+        for kind in ["append", "forward"] {
+            peer_calls.with_label_values(&[kind]);
+        }
         Arc::new(NodeMetrics {
             events: counter("idgraph_events_total", "identity events resolved (duplicates included)"),
             merges: counter("idgraph_merges_total", "profiles merged into others by events"),
@@ -134,6 +148,8 @@ impl NodeMetrics {
                 "cross-shard commit, apply and forget steps that waited for a backup's fence",
             ),
             linearizable_reads,
+            peer_calls,
+            peer_frames: counter("idgraph_peer_frames_total", "frames received from other nodes over their exchanges"),
             hubs: gauge("idgraph_hubs", "identifiers flagged as hubs on the shards this node leads"),
             raft_role: group_gauge("idgraph_raft_role", "this replica's Raft role: 0 follower, 1 candidate, 2 leader, 3 learner"),
             raft_term: group_gauge("idgraph_raft_term", "this replica's Raft term"),

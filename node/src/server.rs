@@ -21,7 +21,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -57,7 +56,8 @@ pub struct RunningNode {
     replicas: Replicas,
     grace: Duration,
     supervisor: ActorRef<SupervisorMsg>,
-    shutdown: Option<oneshot::Sender<()>>,
+    /// Set to true (or dropped) to stop serving.
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
     sweeper: JoinHandle<()>,
     placement: JoinHandle<()>,
@@ -109,7 +109,7 @@ impl RunningNode {
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         info!("shutting down");
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
         // In-flight requests get a grace period; connections still open after
         // it are cut. (hyper's HTTP/2 graceful shutdown can wait for idle
@@ -381,12 +381,17 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     }
     // The Raft transport must be reachable while the replicas start: peers
     // may already be electing.
+    // Shutdown: the server stops taking connections, and peers' exchanges
+    // stop taking calls and end once the calls in flight are answered.
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
     let transport = RaftTransportServer::new(RaftTransportService::new(
         node.clone(),
         Duration::from_millis(config.request_timeout_ms),
         replicas.clone(),
         router.cluster_handle(),
         router.kpis().clone(),
+        metrics.clone(),
+        rx.clone(),
     ))
     .max_decoding_message_size(256 << 20)
     .max_encoding_message_size(256 << 20);
@@ -409,7 +414,6 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         .max_encoding_message_size(64 * 1024 * 1024);
     let admin = AdminServer::new(AdminService::new(router.clone())).max_decoding_message_size(max);
 
-    let (tx, rx) = oneshot::channel::<()>();
     let mut background = Vec::new();
     let routes = tonic::transport::Server::builder()
         .layer(crate::metrics::RequestMetricsLayer(metrics.clone()))
@@ -421,8 +425,8 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         .add_service(transport)
         .add_service(graph)
         .add_service(admin);
-    let stopped = async {
-        let _ = rx.await;
+    let stopped = async move {
+        let _ = rx.wait_for(|stop| *stop).await;
     };
     let serve = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => {

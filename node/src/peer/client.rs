@@ -1,12 +1,12 @@
-//! The sending side of the peer transport: one channel and one append
-//! batcher per peer, openraft's `RaftNetwork` over them, and requests
+//! The sending side of the peer transport: one channel and one exchange
+//! per peer, openraft's `RaftNetwork` over them, and requests
 //! forwarded to the node that leads a shard.
 
 use crate::raft::{decode, encode, ShardFailure, ShardRaft, ShardReply, ShardRequest};
 use idgraph_core::canary::KpiCounts;
 use idgraph_core::model::GroupId;
 use idgraph_proto::v1::raft_transport_client::RaftTransportClient;
-use idgraph_proto::v1::{RaftBatch, RaftMessage};
+use idgraph_proto::v1::{PeerCall, PeerCallKind, PeerFrame, RaftMessage};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -16,7 +16,7 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -26,7 +26,7 @@ use tonic::{Response, Status};
 pub type PeerChannel = InterceptedService<Channel, crate::auth::PeerCredentials>;
 
 /// One lazily connected channel per peer address, shared by all shards,
-/// and one append batcher per peer.
+/// and one exchange per peer for appends and forwarded requests.
 #[derive(Clone, Default)]
 pub struct Peers {
     /// Advertised address to the address dialled instead (`peer_routes`).
@@ -34,40 +34,89 @@ pub struct Peers {
     /// TLS and credentials for calls to peers.
     security: crate::tls::PeerSecurity,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
-    batchers: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<PendingAppend>>>>,
+    exchanges: Arc<Mutex<HashMap<String, Exchange>>>,
 }
 
-/// An append waiting for its peer's batcher, and where its answer goes.
-type PendingAppend = (RaftMessage, oneshot::Sender<Result<RaftMessage, Status>>);
+/// The sending side of one peer's exchange (`RaftTransport.Exchange`).
+#[derive(Clone)]
+struct Exchange {
+    calls: mpsc::UnboundedSender<Outgoing>,
+    /// When the peer last answered that it does not know `Exchange` (an
+    /// older version, during a rolling upgrade): for [`LEGACY_RETRY`]
+    /// after that, its calls go one by one as `AppendEntries` and
+    /// `Forward`.
+    legacy: Legacy,
+}
 
-/// Appends of one batch at most.
-const MAX_APPEND_BATCH: usize = 64;
+type Legacy = Arc<Mutex<Option<Instant>>>;
+
+/// How long a peer that did not know `Exchange` is served the older way
+/// before the exchange is tried again (it may have been upgraded).
+const LEGACY_RETRY: Duration = Duration::from_secs(30);
+
+/// A call waiting for its peer's exchange, and where its answer goes.
+struct Outgoing {
+    shard: u32,
+    kind: PeerCallKind,
+    payload: Vec<u8>,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// What became of a call sent through an exchange.
+enum Answer {
+    /// The peer's answer payload.
+    Done(Vec<u8>),
+    /// The exchange failed before the answer (the call may have been
+    /// served).
+    Failed(Status),
+    /// The peer does not know `Exchange`: the call was not sent.
+    Legacy(Vec<u8>),
+}
 
 impl Peers {
     pub fn new(routes: HashMap<String, String>, security: crate::tls::PeerSecurity) -> Peers {
         Peers { routes: Arc::new(routes), security, ..Peers::default() }
     }
 
-    /// Sends one shard's AppendEntries to `addr` in the next batch to that
-    /// node.
+    /// Sends one shard's AppendEntries to `addr` in the next frame of the
+    /// exchange with that node.
     pub async fn append(&self, addr: &str, msg: RaftMessage) -> Result<RaftMessage, Status> {
-        let batcher = {
-            let mut map = self.batchers.lock().map_err(|_| Status::internal("batcher table lock poisoned"))?;
+        let shard = msg.shard;
+        match self.call(addr, shard, PeerCallKind::Append, msg.payload).await? {
+            Answer::Done(payload) => Ok(RaftMessage { shard, payload }),
+            Answer::Failed(status) => Err(status),
+            Answer::Legacy(payload) => {
+                Ok(self.client(addr).map_err(Status::unavailable)?.append_entries(RaftMessage { shard, payload }).await?.into_inner())
+            }
+        }
+    }
+
+    /// Puts a call into the exchange with `addr` (opened on first use, and
+    /// again after it failed) and waits for its answer.
+    async fn call(&self, addr: &str, shard: u32, kind: PeerCallKind, payload: Vec<u8>) -> Result<Answer, Status> {
+        let exchange = {
+            let mut map = self.exchanges.lock().map_err(|_| Status::internal("exchange table lock poisoned"))?;
             match map.get(addr) {
-                Some(tx) if !tx.is_closed() => tx.clone(),
+                Some(ex) if !ex.calls.is_closed() => ex.clone(),
                 _ => {
+                    let legacy = Legacy::default();
                     let client = self.client(addr).map_err(Status::unavailable)?;
-                    let tx = spawn_batcher(client);
-                    map.insert(addr.to_string(), tx.clone());
-                    tx
+                    let ex = Exchange { calls: spawn_exchange(client, legacy.clone()), legacy };
+                    map.insert(addr.to_string(), ex.clone());
+                    ex
                 }
             }
         };
-        let (tx, rx) = oneshot::channel();
-        batcher.send((msg, tx)).map_err(|_| Status::unavailable("the append batcher stopped"))?;
-        rx.await.map_err(|_| Status::unavailable("the append batcher dropped the message"))?
+        if exchange.legacy.lock().ok().and_then(|at| *at).is_some_and(|at| at.elapsed() < LEGACY_RETRY) {
+            return Ok(Answer::Legacy(payload));
+        }
+        let (answer, answered) = oneshot::channel();
+        exchange
+            .calls
+            .send(Outgoing { shard, kind, payload, answer })
+            .map_err(|_| Status::unavailable("the exchange with the peer stopped"))?;
+        answered.await.map_err(|_| Status::unavailable("the exchange with the peer dropped the call"))
     }
-
     pub fn client(&self, addr: &str) -> Result<RaftTransportClient<PeerChannel>, String> {
         let ch = self.channel(addr)?;
         Ok(RaftTransportClient::with_interceptor(ch, self.security.token.clone())
@@ -87,7 +136,15 @@ impl Peers {
             return Ok(ch.clone());
         }
         let dial = self.routes.get(addr).map_or(addr, String::as_str);
-        let ch = self.security.endpoint(addr, dial)?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect_lazy();
+        let ch = self
+            .security
+            .endpoint(addr, dial)?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(PEER_KEEPALIVE)
+            .keep_alive_timeout(PEER_KEEPALIVE)
+            .keep_alive_while_idle(true)
+            .connect_lazy();
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
@@ -109,54 +166,147 @@ impl Peers {
     /// Sends a shard request to the node at `addr`, which serves it itself.
     pub async fn forward(&self, addr: &str, shard: GroupId, req: &ShardRequest, timeout: Duration) -> Result<ShardReply, ShardFailure> {
         let unavailable = |reason: String| ShardFailure::Unavailable { shard, reason };
-        let mut client = self.client(addr).map_err(unavailable)?;
-        let msg = RaftMessage { shard: shard.wire(), payload: encode(req) };
-        let resp = tokio::time::timeout(timeout, client.forward(msg))
-            .await
-            .map_err(|_| unavailable(format!("forwarding to {addr} timed out")))?
-            .map_err(|s| match s.code() {
-                tonic::Code::NotFound => ShardFailure::NoReplica { shard },
-                _ => unavailable(format!("forwarding to {addr}: {}", s.message())),
-            })?;
-        decode::<Result<ShardReply, ShardFailure>>(&resp.into_inner().payload).map_err(|e| unavailable(e.to_string()))?
+        let sent = tokio::time::timeout(timeout, async {
+            match self.call(addr, shard.wire(), PeerCallKind::Forward, encode(req)).await? {
+                Answer::Done(payload) => Ok(payload),
+                Answer::Failed(status) => Err(status),
+                Answer::Legacy(payload) => {
+                    let mut client = self.client(addr).map_err(Status::unavailable)?;
+                    Ok(client.forward(RaftMessage { shard: shard.wire(), payload }).await?.into_inner().payload)
+                }
+            }
+        });
+        let payload = sent.await.map_err(|_| unavailable(format!("forwarding to {addr} timed out")))?.map_err(|s| match s.code() {
+            tonic::Code::NotFound => ShardFailure::NoReplica { shard },
+            _ => unavailable(format!("forwarding to {addr}: {}", s.message())),
+        })?;
+        decode::<Result<ShardReply, ShardFailure>>(&payload).map_err(|e| unavailable(e.to_string()))?
     }
 }
 
-/// Batch calls in flight to one peer at once: while they are, appends wait
-/// and go out together in the next; a slow append holds up only its batch.
-const BATCHES_IN_FLIGHT: usize = 4;
+/// Calls of one frame at most.
+const MAX_FRAME_CALLS: usize = 256;
 
-/// The sender task of one peer: every append waiting when a batch slot is
-/// free goes out in one `AppendBatch` call.
-fn spawn_batcher(client: RaftTransportClient<PeerChannel>) -> mpsc::UnboundedSender<PendingAppend> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<PendingAppend>();
-    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+/// Bytes of call payloads in one frame at most (a larger call goes alone).
+const MAX_FRAME_BYTES: usize = 4 << 20;
+
+/// How long opening an exchange may take (a stopped peer's kernel still
+/// accepts the connection).
+const EXCHANGE_OPEN: Duration = Duration::from_secs(5);
+
+/// HTTP/2 pings on peer connections: a connection whose peer does not
+/// answer one within [`PEER_KEEPALIVE`] is closed, failing its exchange's
+/// calls, instead of waiting for TCP to give up (minutes after a host
+/// vanished without a reset).
+const PEER_KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// Frames handed to HTTP/2 and not yet sent: while they wait, calls gather
+/// for the next frame.
+const FRAMES_QUEUED: usize = 2;
+
+/// The task of one peer's exchange: opens the stream when a call comes,
+/// sends every call waiting as one frame, hands each answer to its caller
+/// by id; when the stream fails, fails the calls in flight (their outcome
+/// is unknown, as for a failed unary call) and opens a new one for the
+/// next call.
+fn spawn_exchange(client: RaftTransportClient<PeerChannel>, legacy: Legacy) -> mpsc::UnboundedSender<Outgoing> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
     tokio::spawn(async move {
+        let mut next_id = 0u64;
         while let Some(first) = rx.recv().await {
-            let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let mut waiting = vec![first];
-            while waiting.len() < MAX_APPEND_BATCH {
-                match rx.try_recv() {
-                    Ok(more) => waiting.push(more),
-                    Err(_) => break,
+            let (frames, queued) = mpsc::channel::<PeerFrame>(FRAMES_QUEUED);
+            let mut opener = client.clone();
+            let opened = tokio::time::timeout(EXCHANGE_OPEN, opener.exchange(tokio_stream::wrappers::ReceiverStream::new(queued)));
+            let opened = opened.await.unwrap_or_else(|_| Err(Status::unavailable("opening the exchange timed out")));
+            let mut inbound = match opened {
+                Ok(resp) => {
+                    if let Ok(mut at) = legacy.lock() {
+                        *at = None;
+                    }
+                    resp.into_inner()
                 }
+                Err(status) => {
+                    let older = status.code() == tonic::Code::Unimplemented;
+                    if let Ok(mut at) = legacy.lock() {
+                        *at = older.then(Instant::now);
+                    }
+                    while let Ok(more) = rx.try_recv() {
+                        waiting.push(more);
+                    }
+                    for call in waiting {
+                        let answer = if older { Answer::Legacy(call.payload) } else { Answer::Failed(status.clone()) };
+                        let _ = call.answer.send(answer);
+                    }
+                    continue;
+                }
+            };
+            let mut in_flight: HashMap<u64, oneshot::Sender<Answer>> = HashMap::new();
+            let failure = loop {
+                tokio::select! {
+                    biased;
+                    answers = inbound.message() => match answers {
+                        Ok(Some(frame)) => {
+                            for call in frame.calls {
+                                if let Some(answer) = in_flight.remove(&call.id) {
+                                    let _ = answer.send(Answer::Done(call.payload));
+                                }
+                            }
+                        }
+                        Ok(None) => break Status::unavailable("the peer closed the exchange"),
+                        Err(status) => break status,
+                    },
+                    permit = frames.reserve(), if !waiting.is_empty() => {
+                        let Ok(permit) = permit else { break Status::unavailable("the exchange stopped sending") };
+                        while waiting.len() < MAX_FRAME_CALLS {
+                            match rx.try_recv() {
+                                Ok(more) => waiting.push(more),
+                                Err(_) => break,
+                            }
+                        }
+                        // A call whose caller gave up (timed out) before it
+                        // left is not sent: the caller was told its outcome
+                        // is unknown, and it is simply not done.
+                        waiting.retain(|c| !c.answer.is_closed());
+                        // Callers that gave up after their call left keep
+                        // their entries until the peer answers; a peer that
+                        // never does must not grow the table.
+                        if in_flight.len() >= 4 * MAX_FRAME_CALLS {
+                            in_flight.retain(|_, answer| !answer.is_closed());
+                        }
+                        // A frame of at most MAX_FRAME_BYTES (or one call),
+                        // so that a large catch-up append delays the calls
+                        // behind it by one frame, not the whole queue.
+                        let mut bytes = 0;
+                        let fit = waiting.iter().take_while(|c| {
+                            bytes += c.payload.len();
+                            bytes <= MAX_FRAME_BYTES
+                        });
+                        let take = fit.count().max(1).min(waiting.len());
+                        let calls: Vec<PeerCall> = waiting
+                            .drain(..take)
+                            .map(|c| {
+                                next_id += 1;
+                                in_flight.insert(next_id, c.answer);
+                                PeerCall { id: next_id, shard: c.shard, kind: c.kind as i32, payload: c.payload }
+                            })
+                            .collect();
+                        if !calls.is_empty() {
+                            permit.send(PeerFrame { calls });
+                        }
+                    },
+                    more = rx.recv(), if waiting.len() < MAX_FRAME_CALLS => match more {
+                        Some(call) => waiting.push(call),
+                        None => return,
+                    },
+                }
+            };
+            for (_, answer) in in_flight.drain() {
+                let _ = answer.send(Answer::Failed(failure.clone()));
             }
-            let mut client = client.clone();
-            tokio::spawn(async move {
-                let (messages, answers): (Vec<RaftMessage>, Vec<_>) = waiting.into_iter().unzip();
-                let n = messages.len();
-                let result = client.append_batch(RaftBatch { messages }).await;
-                drop(slot);
-                let replies = match result {
-                    Ok(resp) if resp.get_ref().messages.len() == n => Ok(resp.into_inner().messages),
-                    Ok(_) => Err(Status::internal("a batch was answered with the wrong number of messages")),
-                    Err(status) => Err(status),
-                };
-                match replies {
-                    Ok(replies) => answers.into_iter().zip(replies).for_each(|(answer, m)| drop(answer.send(Ok(m)))),
-                    Err(status) => answers.into_iter().for_each(|answer| drop(answer.send(Err(status.clone())))),
-                }
-            });
+            for call in waiting {
+                let _ = call.answer.send(Answer::Failed(failure.clone()));
+            }
         }
     });
     tx
@@ -290,21 +440,33 @@ fn peer_answer<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
     use idgraph_proto::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
+    use idgraph_proto::v1::RaftBatch;
+    use std::pin::Pin;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tonic::Request;
+    use tonic::{Request, Streaming};
 
-    /// A peer that answers each append with its own payload reversed and
-    /// counts the batch calls it gets.
+    /// A peer that answers each append with its own payload reversed, the
+    /// calls of a frame in another order than they came, and counts the
+    /// frames and one-by-one calls it gets. Without `exchange` it is an
+    /// older version that does not know the method.
     #[derive(Clone, Default)]
     struct EchoPeer {
-        batches: Arc<AtomicUsize>,
+        frames: Arc<AtomicUsize>,
+        unary: Arc<AtomicUsize>,
+        older: bool,
+    }
+
+    fn echo(m: RaftMessage) -> RaftMessage {
+        RaftMessage { shard: m.shard, payload: m.payload.into_iter().rev().collect() }
     }
 
     #[tonic::async_trait]
     impl RaftTransport for EchoPeer {
-        async fn append_entries(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-            Err(Status::unimplemented("appends come batched"))
+        async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            self.unary.fetch_add(1, Ordering::SeqCst);
+            Ok(Response::new(echo(request.into_inner())))
         }
         async fn vote(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
             Err(Status::unimplemented("not used"))
@@ -313,7 +475,8 @@ mod tests {
             Err(Status::unimplemented("not used"))
         }
         async fn forward(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-            Err(Status::unimplemented("not used"))
+            self.unary.fetch_add(1, Ordering::SeqCst);
+            Err(Status::not_found("no replica of that group here"))
         }
         async fn kpis(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
             Err(Status::unimplemented("not used"))
@@ -321,42 +484,84 @@ mod tests {
         async fn cluster_map(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
             Err(Status::unimplemented("not used"))
         }
-        async fn append_batch(&self, request: Request<RaftBatch>) -> Result<Response<RaftBatch>, Status> {
-            self.batches.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let messages = request
-                .into_inner()
-                .messages
-                .into_iter()
-                .map(|m| RaftMessage { shard: m.shard, payload: m.payload.into_iter().rev().collect() })
-                .collect();
-            Ok(Response::new(RaftBatch { messages }))
+        async fn append_batch(&self, _: Request<RaftBatch>) -> Result<Response<RaftBatch>, Status> {
+            Err(Status::unimplemented("not used"))
+        }
+
+        type ExchangeStream = Pin<Box<dyn futures::Stream<Item = Result<PeerFrame, Status>> + Send>>;
+
+        async fn exchange(&self, request: Request<Streaming<PeerFrame>>) -> Result<Response<Self::ExchangeStream>, Status> {
+            if self.older {
+                return Err(Status::unimplemented("unknown method"));
+            }
+            let frames = self.frames.clone();
+            let answers = request.into_inner().map(move |frame| {
+                frames.fetch_add(1, Ordering::SeqCst);
+                let mut calls: Vec<PeerCall> = frame?
+                    .calls
+                    .into_iter()
+                    .map(|c| {
+                        let m = echo(RaftMessage { shard: c.shard, payload: c.payload });
+                        PeerCall { payload: m.payload, ..c }
+                    })
+                    .collect();
+                calls.reverse();
+                Ok(PeerFrame { calls })
+            });
+            Ok(Response::new(Box::pin(answers)))
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn appends_of_many_shards_to_one_peer_share_calls_and_get_their_own_answers() {
+    async fn serve(peer: EchoPeer) -> (String, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let peer = EchoPeer::default();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(RaftTransportServer::new(peer.clone()))
+                .add_service(RaftTransportServer::new(peer))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let peers = Peers::default();
-        let sends = (0..200u32).map(|i| {
-            let peers = peers.clone();
-            let addr = addr.clone();
+        (addr, server)
+    }
+
+    async fn send_appends(peers: &Peers, addr: &str, n: u32) -> Vec<Result<RaftMessage, Status>> {
+        let sends = (0..n).map(|i| {
+            let (peers, addr) = (peers.clone(), addr.to_string());
             async move { peers.append(&addr, RaftMessage { shard: i % 64, payload: vec![i as u8, 0, 1] }).await }
         });
-        let answers = futures::future::join_all(sends).await;
-        for (i, a) in answers.into_iter().enumerate() {
-            let a = a.expect("answered");
-            assert_eq!((a.shard, a.payload), (i as u32 % 64, vec![1, 0, i as u8]), "append {i} got another append's answer");
+        futures::future::join_all(sends).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_of_many_shards_to_one_peer_share_frames_and_get_their_own_answers() {
+        let peer = EchoPeer::default();
+        let (addr, server) = serve(peer.clone()).await;
+        let peers = Peers::default();
+        for round in 0..2 {
+            for (i, a) in send_appends(&peers, &addr, 200).await.into_iter().enumerate() {
+                let a = a.expect("answered");
+                assert_eq!((a.shard, a.payload), (i as u32 % 64, vec![1, 0, i as u8]), "append {i} of round {round} got another's answer");
+            }
         }
-        let calls = peer.batches.load(Ordering::SeqCst);
-        assert!(calls < 200 / 4, "200 concurrent appends took {calls} calls");
+        let frames = peer.frames.load(Ordering::SeqCst);
+        assert!(frames < 400 / 4, "400 appends, 200 at a time, took {frames} frames");
+        assert_eq!(peer.unary.load(Ordering::SeqCst), 0, "no call went one by one");
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_to_a_peer_without_the_exchange_go_one_by_one() {
+        let peer = EchoPeer { older: true, ..EchoPeer::default() };
+        let (addr, server) = serve(peer.clone()).await;
+        let peers = Peers::default();
+        for (i, a) in send_appends(&peers, &addr, 20).await.into_iter().enumerate() {
+            assert_eq!(a.expect("answered").payload, vec![1, 0, i as u8], "append {i}");
+        }
+        let shard = GroupId::Shard(idgraph_core::model::ShardId(3));
+        let read = ShardRequest::Read(crate::raft::ShardRead::Keys { keys: Vec::new(), mode: crate::txn::coordinator::ReadMode::Leader });
+        let forwarded = peers.forward(&addr, shard, &read, Duration::from_secs(5)).await;
+        assert!(matches!(forwarded, Err(ShardFailure::NoReplica { .. })), "the older peer's NOT_FOUND is kept: {forwarded:?}");
+        assert_eq!(peer.unary.load(Ordering::SeqCst), 21, "each call went one by one");
+        assert_eq!(peer.frames.load(Ordering::SeqCst), 0);
         server.abort();
     }
 }

@@ -6,14 +6,20 @@
 //!
 //! Every shard's messages to a node share one HTTP/2 connection ([`Peers`]
 //! keeps one channel per address), so 16 or 64 shards do not multiply
-//! connections. AppendEntries (heartbeats included) of all shards to the
-//! same node are also batched: a sender task per peer takes every append
-//! waiting when it is free and sends them as one `AppendBatch` call, so
-//! under load many shards share one round trip. Payloads are MessagePack of
-//! openraft's own request and result types.
-
+//! connections. The frequent traffic, AppendEntries of every shard
+//! (heartbeats included) and requests forwarded to shard leaders, goes
+//! over one long-lived `Exchange` stream per peer: a sender task puts
+//! every call waiting when it is free into one frame, the peer serves each
+//! call as its own task and answers it by id as soon as it is done, in
+//! frames of the answers ready together. So under load many shards share
+//! one frame, and a call costs a few bytes on an open stream instead of an
+//! HTTP/2 stream of its own (headers, trailers, a task on each side). A
+//! peer that does not know `Exchange` (an older version during a rolling
+//! upgrade) gets one `AppendEntries` or `Forward` call per message.
+//! Votes, snapshots and the rare queries stay unary calls. Payloads are
+//! MessagePack of openraft's own request and result types.
 //!
-//! - `client`: [`Peers`] (channels and batchers) and [`ShardNetwork`],
+//! - `client`: [`Peers`] (channels and exchanges) and [`ShardNetwork`],
 //!   openraft's network over them; requests forwarded to a leader.
 //! - `server`: [`RaftTransportService`], which hands each message to the
 //!   replica it names.

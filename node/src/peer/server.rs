@@ -2,15 +2,18 @@
 //! node's replicas, requests forwarded to them, and the cluster map.
 
 use crate::kpi::KpiLedger;
-use crate::raft::{decode, encode, Replicas, ShardRaft, ShardReplica, ShardRequest};
+use crate::raft::{decode, encode, Replicas, ShardFailure, ShardRaft, ShardReplica, ShardReply, ShardRequest};
+use futures::Stream;
 use idgraph_core::meta::ClusterMap;
 use idgraph_core::model::GroupId;
 use idgraph_proto::v1::raft_transport_server::RaftTransport;
-use idgraph_proto::v1::{RaftBatch, RaftMessage};
+use idgraph_proto::v1::{PeerCall, PeerCallKind, PeerFrame, RaftBatch, RaftMessage};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tonic::{Request, Response, Status};
+use tokio::sync::{mpsc, Semaphore};
+use tonic::{Request, Response, Status, Streaming};
 
 /// The receiving side of [`ShardNetwork`](crate::peer::ShardNetwork), plus forwarded requests.
 #[derive(Clone)]
@@ -22,11 +25,22 @@ pub struct RaftTransportService {
     replicas: Replicas,
     cluster: Arc<RwLock<ClusterMap>>,
     kpis: KpiLedger,
+    metrics: Arc<crate::metrics::NodeMetrics>,
+    /// Becomes true when the node shuts down: exchanges stop taking calls.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RaftTransportService {
-    pub fn new(node: Arc<str>, timeout: Duration, replicas: Replicas, cluster: Arc<RwLock<ClusterMap>>, kpis: KpiLedger) -> Self {
-        RaftTransportService { node, timeout, replicas, cluster, kpis }
+    pub fn new(
+        node: Arc<str>,
+        timeout: Duration,
+        replicas: Replicas,
+        cluster: Arc<RwLock<ClusterMap>>,
+        kpis: KpiLedger,
+        metrics: Arc<crate::metrics::NodeMetrics>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        RaftTransportService { node, timeout, replicas, cluster, kpis, metrics, stopping }
     }
 
     /// The replica of the group a message names (its number on the wire).
@@ -40,6 +54,74 @@ impl RaftTransportService {
             .ok_or_else(|| Status::not_found(format!("this node holds no replica of group {group}")))
     }
 }
+
+impl RaftTransportService {
+    /// Hands one AppendEntries to the replica it names; the MessagePack of
+    /// its result, or empty when this node holds no such replica (an
+    /// unreachable target, to the sender) or the payload is not one.
+    async fn serve_append(&self, shard: u32, payload: &[u8]) -> Vec<u8> {
+        match self.replica(shard) {
+            Ok(r) => match decode::<AppendEntriesRequest<ShardRaft>>(payload) {
+                Ok(req) => encode(&r.raft.append_entries(req).await),
+                Err(_) => Vec::new(),
+            },
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Serves a forwarded request through the shard's actor, as the node's
+    /// own requests go (a forwarded write joins the leader's next batch).
+    /// A node without a replica of the group, or whose replica's actor is
+    /// (re)starting, did nothing and says so (NOT_FOUND): the sender tries
+    /// another replica.
+    async fn serve_forward(&self, shard: u32, payload: &[u8]) -> Result<Vec<u8>, Status> {
+        self.replica(shard)?;
+        let group = GroupId::from(shard);
+        let Some(actor) = crate::shard::actor(&self.node, group) else {
+            return Err(Status::not_found(format!("the replica of group {group} on this node is starting")));
+        };
+        let req: ShardRequest = decode(payload).map_err(bad_payload)?;
+        Ok(encode(&crate::shard::call(&actor, group, req, self.timeout).await))
+    }
+
+    /// One call of an exchange: its answer's payload.
+    async fn serve_call(&self, call: &PeerCall) -> Vec<u8> {
+        match PeerCallKind::try_from(call.kind) {
+            Ok(PeerCallKind::Append) => {
+                self.metrics.peer_calls.with_label_values(&["append"]).inc();
+                self.serve_append(call.shard, &call.payload).await
+            }
+            Ok(PeerCallKind::Forward) => {
+                self.metrics.peer_calls.with_label_values(&["forward"]).inc();
+                let group = GroupId::from(call.shard);
+                self.serve_forward(call.shard, &call.payload).await.unwrap_or_else(|status| {
+                    let failure = match status.code() {
+                        tonic::Code::NotFound => ShardFailure::NoReplica { shard: group },
+                        _ => ShardFailure::Unavailable { shard: group, reason: status.message().to_string() },
+                    };
+                    encode(&Err::<ShardReply, _>(failure))
+                })
+            }
+            // A kind this node does not know: no replica served it.
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The answer of a call a stopping node does not serve: "no replica here",
+/// which tells the sender that nothing was done.
+fn refusal(call: &PeerCall) -> Vec<u8> {
+    match PeerCallKind::try_from(call.kind) {
+        Ok(PeerCallKind::Forward) => encode(&Err::<ShardReply, _>(ShardFailure::NoReplica { shard: GroupId::from(call.shard) })),
+        _ => Vec::new(),
+    }
+}
+
+/// Calls of one exchange served at once at most.
+const MAX_CALLS_IN_FLIGHT: usize = 1024;
+
+/// Answers of one exchange frame at most.
+const MAX_FRAME_CALLS: usize = 256;
 
 fn bad_payload(e: crate::storage::StoreError) -> Status {
     Status::invalid_argument(format!("payload: {e}"))
@@ -74,34 +156,83 @@ impl RaftTransport for RaftTransportService {
 
     async fn append_batch(&self, request: Request<RaftBatch>) -> Result<Response<RaftBatch>, Status> {
         let appends = request.into_inner().messages.into_iter().map(|m| async move {
-            let answer = match self.replica(m.shard) {
-                Ok(r) => match decode::<AppendEntriesRequest<ShardRaft>>(&m.payload) {
-                    Ok(req) => Ok(encode(&r.raft.append_entries(req).await)),
-                    Err(e) => Err(bad_payload(e)),
-                },
-                Err(status) => Err(status),
-            };
-            // A shard this node does not serve answers as an unreachable
-            // target would: an empty payload its sender cannot decode.
-            RaftMessage { shard: m.shard, payload: answer.unwrap_or_default() }
+            let payload = self.serve_append(m.shard, &m.payload).await;
+            RaftMessage { shard: m.shard, payload }
         });
         Ok(Response::new(RaftBatch { messages: futures::future::join_all(appends).await }))
     }
 
     async fn forward(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let m = request.into_inner();
-        // A node without a replica of the group, or whose replica's actor
-        // is (re)starting, did nothing and says so (NOT_FOUND): the sender
-        // tries another replica.
-        self.replica(m.shard)?;
-        let group = GroupId::from(m.shard);
-        let Some(actor) = crate::shard::actor(&self.node, group) else {
-            return Err(Status::not_found(format!("the replica of group {group} on this node is starting")));
-        };
-        let req: ShardRequest = decode(&m.payload).map_err(bad_payload)?;
-        // Through the shard's actor, as the node's own requests go: a
-        // forwarded write joins the leader's next batch.
-        reply(m.shard, &crate::shard::call(&actor, group, req, self.timeout).await)
+        let answer = self.serve_forward(m.shard, &m.payload).await?;
+        Ok(Response::new(RaftMessage { shard: m.shard, payload: answer }))
+    }
+
+    type ExchangeStream = Pin<Box<dyn Stream<Item = Result<PeerFrame, Status>> + Send>>;
+
+    async fn exchange(&self, request: Request<Streaming<PeerFrame>>) -> Result<Response<Self::ExchangeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (answers, ready) = mpsc::unbounded_channel::<PeerCall>();
+        let service = self.clone();
+        // Each call is served as its own task, so that a write waiting for
+        // its log entry holds up no append or read behind it; its answer
+        // goes out as soon as it is done. At most MAX_CALLS_IN_FLIGHT calls
+        // of one exchange are served at once (then the reading waits, and
+        // HTTP/2 flow control holds the sender). When the node shuts down,
+        // calls that arrive are refused at once as by a node without the
+        // replica (the sender tries another), and the stream ends when the
+        // calls taken are answered.
+        tokio::spawn(async move {
+            let mut stopping = service.stopping.clone();
+            let slots = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
+            let mut refusing = false;
+            loop {
+                let frame = if refusing {
+                    if slots.available_permits() == MAX_CALLS_IN_FLIGHT {
+                        break;
+                    }
+                    tokio::select! {
+                        frame = inbound.message() => frame,
+                        _ = tokio::time::sleep(Duration::from_millis(10)) => continue,
+                    }
+                } else {
+                    tokio::select! {
+                        frame = inbound.message() => frame,
+                        _ = stopping.wait_for(|stop| *stop) => {
+                            refusing = true;
+                            continue;
+                        }
+                    }
+                };
+                let Ok(Some(frame)) = frame else { break };
+                service.metrics.peer_frames.inc();
+                for call in frame.calls {
+                    if refusing {
+                        let _ = answers.send(PeerCall { payload: refusal(&call), ..call });
+                        continue;
+                    }
+                    let Ok(slot) = slots.clone().acquire_owned().await else { break };
+                    let (service, answers) = (service.clone(), answers.clone());
+                    tokio::spawn(async move {
+                        let payload = service.serve_call(&call).await;
+                        let _ = answers.send(PeerCall { payload, ..call });
+                        drop(slot);
+                    });
+                }
+            }
+        });
+        // Answers that are ready together leave in one frame.
+        let frames = futures::stream::unfold(ready, |mut ready| async move {
+            let mut calls = vec![ready.recv().await?];
+            while calls.len() < MAX_FRAME_CALLS {
+                match ready.try_recv() {
+                    Ok(more) => calls.push(more),
+                    Err(_) => break,
+                }
+            }
+            Some((Ok(PeerFrame { calls }), ready))
+        });
+        Ok(Response::new(Box::pin(frames)))
     }
 
     async fn kpis(&self, _request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
