@@ -75,7 +75,10 @@ def main():
     mem = sh("free -g | awk '/Mem:/{print $2}'")
     w(f"- CPU: {cpu or platform.processor()} ({os.cpu_count()} cores); memory: {mem} GiB")
     w(f"- OS: {platform.platform()}")
-    w(f"- idgraph: {sh('git rev-parse --short HEAD')}, {sh('rustc --version')}, release build")
+    # The measured commit (MEASURED_COMMIT when the report is rendered again
+    # later from the same results, e.g. after bench/analysis.md changed).
+    commit = os.environ.get("MEASURED_COMMIT") or sh("git rev-parse --short HEAD")
+    w(f"- idgraph: {commit}, {sh('rustc --version')}, release build")
     w(f"- PostgreSQL: {sh('ls /usr/lib/postgresql/ 2>/dev/null | tail -1') or 'not installed'} "
       f"({sh('/usr/lib/postgresql/15/bin/postgres --version 2>/dev/null')}), fsync and synchronous_commit on")
     w(f"- etcd: {sh('/usr/bin/etcd --version 2>/dev/null | head -1') or 'not installed'}, three members on loopback")

@@ -5,6 +5,7 @@
 #   bench/run.sh                        # default size, every stage
 #   PERSONS=2000 REPS=1 bench/run.sh    # a quick look
 #   STAGES="sled postgres" APPEND=1 bench/run.sh   # some stages, added to the last results
+#   MEASURED_COMMIT=abc1234 python3 bench/report.py target/bench/results.jsonl PERSONS REPS > BENCHMARKS.md   # render again
 #
 # Systems: idgraph on one node (one shard; unary and streaming), idgraph on
 # three nodes on loopback (replication factor 3; 16 shards, and 1 shard),
