@@ -392,6 +392,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         router.kpis().clone(),
         metrics.clone(),
         rx.clone(),
+        tokens.clone(),
     ))
     .max_decoding_message_size(256 << 20)
     .max_encoding_message_size(256 << 20);

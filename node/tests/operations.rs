@@ -20,6 +20,7 @@ use tonic::Code;
 const CLIENT: &str = "client-secret-7f3a9c1e5b";
 const ADMIN: &str = "admin-secret-2d8e4b6a0c";
 const PEER: &str = "peer-secret-9b1f3d5e7a";
+const PEER_ROTATED: &str = "peer-secret-rotated-4c6e8a0b2d";
 /// Identity values of the run; none may appear in a log line.
 const SECRET_VALUES: &[&str] = &["ann.ops@shop.example", "bob.ops@shop.example", "carol.ops@shop.example", "dev-ann-77", "dev-bob-88"];
 
@@ -53,6 +54,8 @@ fn pki(dir: &Path) -> Pki {
 struct Protected {
     _dirs: Vec<tempfile::TempDir>,
     pki: Pki,
+    /// The token file every node reads (and reads again when it changes).
+    tokens: PathBuf,
     nodes: Vec<NodeProcess>,
     logs: Vec<PathBuf>,
 }
@@ -85,7 +88,7 @@ impl Protected {
             nodes.push(launch.start().await.expect("a protected node starts"));
             logs.push(log);
         }
-        Protected { _dirs: dirs, pki, nodes, logs }
+        Protected { _dirs: dirs, pki, tokens, nodes, logs }
     }
 
     fn tls(&self) -> ClientTlsConfig {
@@ -288,4 +291,62 @@ async fn a_protected_cluster_refuses_wrong_credentials_audits_operators_and_expo
             assert!(!text.contains(v), "{} logs an identity value", log.display());
         }
     }
+}
+
+/// Exchanges opened by each node, summed over the nodes.
+async fn exchanges_opened(c: &Protected) -> f64 {
+    let mut total = 0.0;
+    for i in 0..3 {
+        let s = scrape(c.metrics_addr(i)).await;
+        total += value(&s, "idgraph_requests_total", &[("method", "Exchange"), ("code", "OK")]).unwrap_or(0.0);
+    }
+    total
+}
+
+/// The peer token rotated in the token file: once the nodes read the file
+/// again, the old token opens nothing, the exchanges opened with it end
+/// (their token is checked again while they stay open), new ones open with
+/// the new token, and writes through every node go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_peer_token_ends_the_exchanges_opened_with_the_old_one() {
+    let c = Protected::start().await;
+    wait_serving(&c).await;
+    for i in 0..3 {
+        let ev = event(&format!("rot-a-{i}"), &[("email", SECRET_VALUES[i]), ("device_id", SECRET_VALUES[3 + i % 2])]);
+        identify(&mut c.graph(i, Some(CLIENT)).await, ev).await;
+    }
+    let before = exchanges_opened(&c).await;
+    assert!(before >= 2.0, "the nodes exchange appends and forwarded writes: {before} exchanges");
+
+    std::fs::write(&c.tokens, format!("# rotated\napp:client:{CLIENT}\nops:admin:{ADMIN}\nnodes:peer:{PEER_ROTATED}\n")).unwrap();
+    use pb::raft_transport_client::RaftTransportClient;
+    let identity = Identity::from_pem(std::fs::read(&c.pki.cert).unwrap(), std::fs::read(&c.pki.key).unwrap());
+    let ask = pb::RaftMessage { shard: 0, payload: Vec::new() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..3 {
+        let with_cert = c.channel(i, c.tls().identity(identity.clone())).await;
+        loop {
+            let old = RaftTransportClient::with_interceptor(with_cert.clone(), bearer(Some(PEER))).cluster_map(ask.clone()).await;
+            if matches!(&old, Err(e) if e.code() == Code::Unauthenticated) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {i} still takes the old peer token 30 s after the file changed: {old:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // An exchange opened with the old token ends within a recheck.
+    let ended = loop {
+        let logged = c.logs.iter().any(|l| std::fs::read_to_string(l).unwrap_or_default().contains("no longer passes the token check"));
+        if logged || Instant::now() > deadline {
+            break logged;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(ended, "no node ended an exchange opened with the revoked token");
+    for i in 0..3 {
+        let ev = event(&format!("rot-b-{i}"), &[("email", SECRET_VALUES[i]), ("device_id", SECRET_VALUES[4 - i % 2])]);
+        identify(&mut c.graph(i, Some(CLIENT)).await, ev).await;
+    }
+    let after = exchanges_opened(&c).await;
+    assert!(after > before, "new exchanges opened with the rotated token: {before} before, {after} after");
 }

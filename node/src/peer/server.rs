@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::warn;
 
 /// The receiving side of [`ShardNetwork`](crate::peer::ShardNetwork), plus forwarded requests.
 #[derive(Clone)]
@@ -28,6 +29,9 @@ pub struct RaftTransportService {
     metrics: Arc<crate::metrics::NodeMetrics>,
     /// Becomes true when the node shuts down: exchanges stop taking calls.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// The node's tokens: an open exchange is checked against them again
+    /// every [`TOKEN_RECHECK`], so that a revoked peer token ends it.
+    tokens: Arc<crate::auth::Tokens>,
 }
 
 impl RaftTransportService {
@@ -39,8 +43,9 @@ impl RaftTransportService {
         kpis: KpiLedger,
         metrics: Arc<crate::metrics::NodeMetrics>,
         stopping: tokio::sync::watch::Receiver<bool>,
+        tokens: Arc<crate::auth::Tokens>,
     ) -> Self {
-        RaftTransportService { node, timeout, replicas, cluster, kpis, metrics, stopping }
+        RaftTransportService { node, timeout, replicas, cluster, kpis, metrics, stopping, tokens }
     }
 
     /// The replica of the group a message names (its number on the wire).
@@ -117,6 +122,12 @@ fn refusal(call: &PeerCall) -> Vec<u8> {
     }
 }
 
+/// How often an open exchange's token is checked again.
+const TOKEN_RECHECK: Duration = Duration::from_secs(1);
+
+/// The gRPC path of `RaftTransport.Exchange` (for the token check).
+const EXCHANGE_PATH: &str = "/idgraph.v1.RaftTransport/Exchange";
+
 /// Calls of one exchange served at once at most.
 const MAX_CALLS_IN_FLIGHT: usize = 1024;
 
@@ -171,6 +182,9 @@ impl RaftTransport for RaftTransportService {
     type ExchangeStream = Pin<Box<dyn Stream<Item = Result<PeerFrame, Status>> + Send>>;
 
     async fn exchange(&self, request: Request<Streaming<PeerFrame>>) -> Result<Response<Self::ExchangeStream>, Status> {
+        // The credentials it was opened with (checked then by the auth
+        // layer), to check again while it stays open.
+        let credentials = request.metadata().clone().into_headers();
         let mut inbound = request.into_inner();
         let (answers, ready) = mpsc::unbounded_channel::<PeerCall>();
         let service = self.clone();
@@ -181,9 +195,13 @@ impl RaftTransport for RaftTransportService {
         // HTTP/2 flow control holds the sender). When the node shuts down,
         // calls that arrive are refused at once as by a node without the
         // replica (the sender tries another), and the stream ends when the
-        // calls taken are answered.
+        // calls taken are answered. The same happens when the token the
+        // exchange was opened with is revoked: the peer's next exchange is
+        // then refused when it opens (or accepted with its new token).
         tokio::spawn(async move {
             let mut stopping = service.stopping.clone();
+            let mut recheck = tokio::time::interval(TOKEN_RECHECK);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let slots = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
             let mut refusing = false;
             loop {
@@ -200,6 +218,15 @@ impl RaftTransport for RaftTransportService {
                         frame = inbound.message() => frame,
                         _ = stopping.wait_for(|stop| *stop) => {
                             refusing = true;
+                            continue;
+                        }
+                        _ = recheck.tick() => {
+                            // The certificate was checked when the
+                            // connection was made; the token may change.
+                            if let Err(status) = service.tokens.check(EXCHANGE_PATH, &credentials, true, false) {
+                                warn!(reason = status.message(), "a peer's exchange no longer passes the token check; ending it");
+                                refusing = true;
+                            }
                             continue;
                         }
                     }
