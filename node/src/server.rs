@@ -384,16 +384,16 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     // Shutdown: the server stops taking connections, and peers' exchanges
     // stop taking calls and end once the calls in flight are answered.
     let (tx, mut rx) = tokio::sync::watch::channel(false);
-    let transport = RaftTransportServer::new(RaftTransportService::new(
-        node.clone(),
-        Duration::from_millis(config.request_timeout_ms),
-        replicas.clone(),
-        router.cluster_handle(),
-        router.kpis().clone(),
-        metrics.clone(),
-        rx.clone(),
-        tokens.clone(),
-    ))
+    let transport = RaftTransportServer::new(RaftTransportService {
+        node: node.clone(),
+        timeout: Duration::from_millis(config.request_timeout_ms),
+        replicas: replicas.clone(),
+        cluster: router.cluster_handle(),
+        kpis: router.kpis().clone(),
+        metrics: metrics.clone(),
+        stopping: rx.clone(),
+        tokens: tokens.clone(),
+    })
     .max_decoding_message_size(256 << 20)
     .max_encoding_message_size(256 << 20);
     // Not serving until the node serves its shards (see `readiness`).

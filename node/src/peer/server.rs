@@ -20,34 +20,21 @@ use tracing::warn;
 #[derive(Clone)]
 pub struct RaftTransportService {
     /// The node's tag, which names its shard actors.
-    node: Arc<str>,
+    pub node: Arc<str>,
     /// How long a forwarded request may wait for its shard's answer.
-    timeout: Duration,
-    replicas: Replicas,
-    cluster: Arc<RwLock<ClusterMap>>,
-    kpis: KpiLedger,
-    metrics: Arc<crate::metrics::NodeMetrics>,
+    pub timeout: Duration,
+    pub replicas: Replicas,
+    pub cluster: Arc<RwLock<ClusterMap>>,
+    pub kpis: KpiLedger,
+    pub metrics: Arc<crate::metrics::NodeMetrics>,
     /// Becomes true when the node shuts down: exchanges stop taking calls.
-    stopping: tokio::sync::watch::Receiver<bool>,
+    pub stopping: tokio::sync::watch::Receiver<bool>,
     /// The node's tokens: an open exchange is checked against them again
-    /// every [`TOKEN_RECHECK`], so that a revoked peer token ends it.
-    tokens: Arc<crate::auth::Tokens>,
+    /// every second, so that a revoked peer token ends it.
+    pub tokens: Arc<crate::auth::Tokens>,
 }
 
 impl RaftTransportService {
-    pub fn new(
-        node: Arc<str>,
-        timeout: Duration,
-        replicas: Replicas,
-        cluster: Arc<RwLock<ClusterMap>>,
-        kpis: KpiLedger,
-        metrics: Arc<crate::metrics::NodeMetrics>,
-        stopping: tokio::sync::watch::Receiver<bool>,
-        tokens: Arc<crate::auth::Tokens>,
-    ) -> Self {
-        RaftTransportService { node, timeout, replicas, cluster, kpis, metrics, stopping, tokens }
-    }
-
     /// The replica of the group a message names (its number on the wire).
     fn replica(&self, group: u32) -> Result<ShardReplica, Status> {
         let group = GroupId::from(group);
