@@ -237,7 +237,11 @@ async fn execute_attempts<A: ShardAccess>(
     let mut attempt = 0;
     while attempt < MAX_ATTEMPTS || a.now_ms() - started < RETRY_FOR_MS {
         attempt += 1;
-        let (reads, result) = gather(a, ReadMode::Leader, |view| engine::execute(view, rules, cmd)).await?;
+        // The first attempt reads the nearest replica (this node's own, when
+        // it holds one): the commit validates every value read, so a stale
+        // one costs a retry, never a wrong result. A retry reads the leaders.
+        let mode = if attempt == 1 { ReadMode::Local } else { ReadMode::Leader };
+        let (reads, result) = gather(a, mode, |view| engine::execute(view, rules, cmd)).await?;
         first_read(&reads);
         let (changes, outcome) = match result {
             Ok((changes, outcome)) if !changes.is_empty() => (changes, outcome),

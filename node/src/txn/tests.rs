@@ -26,15 +26,34 @@ fn step(s: &MemStore, op: TxnOp) -> TxnReply {
 
 const T0: i64 = 1_700_000_000_000;
 
-/// In-memory shards; each step is applied atomically (one thread).
+/// In-memory shards; each step is applied atomically (one thread). Each
+/// shard also has a lagging replica, which `ReadMode::Local` reads: a copy
+/// of the shard as it was at some earlier moment, brought up to date at
+/// random moments (a follower that applies in jumps).
 struct Shards {
     stores: Vec<MemStore>,
+    lagging: Vec<std::sync::Mutex<Option<MemStore>>>,
     started: tokio::time::Instant,
 }
 
 impl Shards {
     fn new(n: u32) -> Arc<Shards> {
-        Arc::new(Shards { stores: (0..n).map(|_| MemStore::new()).collect(), started: tokio::time::Instant::now() })
+        Arc::new(Shards {
+            stores: (0..n).map(|_| MemStore::new()).collect(),
+            lagging: (0..n).map(|_| std::sync::Mutex::new(None)).collect(),
+            started: tokio::time::Instant::now(),
+        })
+    }
+    /// Reads keys from the shard's lagging replica.
+    fn read_lagging(&self, shard: ShardId, keys: &[GraphKey]) -> Vec<KeyRead> {
+        let mut lagging = self.lagging[shard.0 as usize].lock().unwrap();
+        if lagging.is_none() || fastrand::bool() {
+            let copy = MemStore::new();
+            copy.restore(&self.store(shard).snapshot(&[]).unwrap()).unwrap();
+            *lagging = Some(copy);
+        }
+        let copy = lagging.as_ref().unwrap();
+        keys.iter().map(|k| read_key(copy, k).unwrap()).collect()
     }
     fn store(&self, shard: ShardId) -> &MemStore {
         &self.stores[shard.0 as usize]
@@ -64,8 +83,11 @@ impl ShardAccess for Coordinator {
     fn now_ms(&self) -> i64 {
         self.shards.now()
     }
-    async fn read(&self, shard: ShardId, keys: Vec<GraphKey>, _mode: ReadMode) -> Result<Vec<KeyRead>, TxnError> {
+    async fn read(&self, shard: ShardId, keys: Vec<GraphKey>, mode: ReadMode) -> Result<Vec<KeyRead>, TxnError> {
         tokio::task::yield_now().await;
+        if mode == ReadMode::Local {
+            return Ok(self.shards.read_lagging(shard, &keys));
+        }
         let s = self.shards.store(shard);
         Ok(keys.iter().map(|k| read_key(s, k).unwrap()).collect())
     }
