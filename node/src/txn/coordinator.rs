@@ -105,7 +105,7 @@ async fn fetch<A: ShardAccess>(
     a: &A,
     shard: ShardId,
     keys: Vec<GraphKey>,
-    mode: ReadMode,
+    mut mode: ReadMode,
 ) -> Result<Vec<(GraphKey, GraphValue)>, TxnError> {
     let started = a.now_ms();
     let mut backoff = Backoff::new();
@@ -117,6 +117,13 @@ async fn fetch<A: ShardAccess>(
         let mut locks: Vec<LockRecord> = reads.iter().filter_map(|r| r.lock.clone()).collect();
         if locks.is_empty() {
             return Ok(keys.into_iter().zip(reads.into_iter().map(|r| r.value)).collect());
+        }
+        // A replica that lags (or cannot hear its leader) may show locks
+        // long released: they are read again on the leader before anyone
+        // waits for them or settles them.
+        if mode == ReadMode::Local {
+            mode = ReadMode::Leader;
+            continue;
         }
         locks.sort_by(|x, y| x.txn.cmp(&y.txn));
         locks.dedup();

@@ -33,6 +33,9 @@ const T0: i64 = 1_700_000_000_000;
 struct Shards {
     stores: Vec<MemStore>,
     lagging: Vec<std::sync::Mutex<Option<MemStore>>>,
+    /// Set: the lagging replicas never catch up (one cut off from its
+    /// leader).
+    frozen: std::sync::atomic::AtomicBool,
     started: tokio::time::Instant,
 }
 
@@ -41,13 +44,14 @@ impl Shards {
         Arc::new(Shards {
             stores: (0..n).map(|_| MemStore::new()).collect(),
             lagging: (0..n).map(|_| std::sync::Mutex::new(None)).collect(),
+            frozen: std::sync::atomic::AtomicBool::new(false),
             started: tokio::time::Instant::now(),
         })
     }
     /// Reads keys from the shard's lagging replica.
     fn read_lagging(&self, shard: ShardId, keys: &[GraphKey]) -> Vec<KeyRead> {
         let mut lagging = self.lagging[shard.0 as usize].lock().unwrap();
-        if lagging.is_none() || fastrand::bool() {
+        if lagging.is_none() || (!self.frozen.load(Ordering::SeqCst) && fastrand::bool()) {
             let copy = MemStore::new();
             copy.restore(&self.store(shard).snapshot(&[]).unwrap()).unwrap();
             *lagging = Some(copy);
@@ -394,4 +398,34 @@ fn a_new_person_with_two_identifiers_touches_only_their_shards() {
     }
     assert!(one > 0 && two > 0, "the sample covers both cases ({one}, {two})");
     check_graph(&shards, &rules);
+}
+
+#[test]
+fn a_lock_seen_on_a_lagging_replica_is_read_again_on_the_leader() {
+    let rules = RuleSet::builtin();
+    let shards = Shards::new(2);
+    let id = Identifier::new("email", "lagging@shop.com");
+    let cmd = identify(1, &[("email".to_string(), "lagging@shop.com".to_string())], 5);
+    steps_of(&shards, &rules, &cmd);
+    let profile = Union(&shards).owner(&id).unwrap().expect("the identifier has a profile");
+    // The lagging replica stopped while a transaction held the record
+    // locked; on the leader that transaction was aborted since.
+    let key = GraphKey::Owner(id.clone());
+    let shard = key.shard(2);
+    let digest = read_key(shards.store(shard), &key).unwrap().value.digest();
+    let prepare =
+        TxnOp::Prepare { txn: "t-old".into(), primary: shard, at_ms: shards.now(), reads: vec![(key, digest)], writes: Default::default() };
+    assert_eq!(shards.apply(shard, &prepare), TxnReply::Prepared);
+    shards.frozen.store(true, Ordering::SeqCst);
+    let copy = MemStore::new();
+    copy.restore(&shards.store(shard).snapshot(&[]).unwrap()).unwrap();
+    *shards.lagging[shard.0 as usize].lock().unwrap() = Some(copy);
+    shards.apply(shard, &TxnOp::Abort { txn: "t-old".into() });
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+    let c = Coordinator { shards: shards.clone(), steps_left: Arc::new(AtomicI64::new(i64::MAX)), last_step_lands: false };
+    let (_, found) = rt
+        .block_on(coordinator::gather(&c, ReadMode::Local, |view| view.owner(&id)))
+        .expect("the locked record is read again on the leader instead of waiting for a lock long released");
+    assert_eq!(found.unwrap(), Some(profile));
 }
