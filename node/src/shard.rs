@@ -114,7 +114,7 @@ pub const MAX_WAITING: usize = 4 * MAX_BATCH;
 /// briefly; a `Forget` only drops the primary's decision record.
 pub fn settle_delay(cmd: &ShardCommand) -> Option<std::time::Duration> {
     match cmd {
-        ShardCommand::Txn(crate::txn::TxnOp::Apply { .. }) => Some(std::time::Duration::from_millis(5)),
+        ShardCommand::Txn(crate::txn::TxnOp::Apply { .. }) => Some(std::time::Duration::from_millis(20)),
         ShardCommand::Txn(crate::txn::TxnOp::Forget { .. }) => Some(std::time::Duration::from_millis(50)),
         _ => None,
     }
