@@ -2,6 +2,7 @@
 //! per peer, openraft's `RaftNetwork` over them, and requests
 //! forwarded to the node that leads a shard.
 
+use super::{take_ready, MAX_FRAME_CALLS};
 use crate::raft::{decode, encode, ShardFailure, ShardRaft, ShardReply, ShardRequest};
 use idgraph_core::canary::KpiCounts;
 use idgraph_core::model::GroupId;
@@ -184,9 +185,6 @@ impl Peers {
     }
 }
 
-/// Calls of one frame at most.
-const MAX_FRAME_CALLS: usize = 256;
-
 /// Bytes of call payloads in one frame at most (a larger call goes alone).
 const MAX_FRAME_BYTES: usize = 4 << 20;
 
@@ -231,9 +229,7 @@ fn spawn_exchange(client: RaftTransportClient<PeerChannel>, legacy: Legacy) -> m
                     if let Ok(mut at) = legacy.lock() {
                         *at = older.then(Instant::now);
                     }
-                    while let Ok(more) = rx.try_recv() {
-                        waiting.push(more);
-                    }
+                    take_ready(&mut rx, &mut waiting, usize::MAX);
                     for call in waiting {
                         let answer = if older { Answer::Legacy(call.payload) } else { Answer::Failed(status.clone()) };
                         let _ = call.answer.send(answer);
@@ -258,12 +254,7 @@ fn spawn_exchange(client: RaftTransportClient<PeerChannel>, legacy: Legacy) -> m
                     },
                     permit = frames.reserve(), if !waiting.is_empty() => {
                         let Ok(permit) = permit else { break Status::unavailable("the exchange stopped sending") };
-                        while waiting.len() < MAX_FRAME_CALLS {
-                            match rx.try_recv() {
-                                Ok(more) => waiting.push(more),
-                                Err(_) => break,
-                            }
-                        }
+                        take_ready(&mut rx, &mut waiting, MAX_FRAME_CALLS);
                         // A call whose caller gave up (timed out) before it
                         // left is not sent: the caller was told its outcome
                         // is unknown, and it is simply not done.

@@ -29,3 +29,17 @@ mod server;
 
 pub use client::{Peers, ShardNetwork, ShardNetworkFactory};
 pub use server::RaftTransportService;
+
+/// Calls (or answers) in one exchange frame at most, either way.
+const MAX_FRAME_CALLS: usize = 256;
+
+/// Moves what waits in `rx` into `into` without waiting, until `into`
+/// holds `max`: a frame is everything ready when its sender gets to send.
+fn take_ready<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, into: &mut Vec<T>, max: usize) {
+    while into.len() < max {
+        match rx.try_recv() {
+            Ok(more) => into.push(more),
+            Err(_) => break,
+        }
+    }
+}

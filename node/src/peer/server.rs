@@ -1,6 +1,7 @@
 //! The receiving side of the peer transport: Raft messages for the
 //! node's replicas, requests forwarded to them, and the cluster map.
 
+use super::{take_ready, MAX_FRAME_CALLS};
 use crate::kpi::KpiLedger;
 use crate::raft::{decode, encode, Replicas, ShardFailure, ShardRaft, ShardReplica, ShardReply, ShardRequest};
 use futures::Stream;
@@ -45,9 +46,7 @@ impl RaftTransportService {
             .cloned()
             .ok_or_else(|| Status::not_found(format!("this node holds no replica of group {group}")))
     }
-}
 
-impl RaftTransportService {
     /// Hands one AppendEntries to the replica it names; the MessagePack of
     /// its result, or empty when this node holds no such replica (an
     /// unreachable target, to the sender) or the payload is not one.
@@ -87,11 +86,10 @@ impl RaftTransportService {
                 self.metrics.peer_calls.with_label_values(&["forward"]).inc();
                 let group = GroupId::from(call.shard);
                 self.serve_forward(call.shard, &call.payload).await.unwrap_or_else(|status| {
-                    let failure = match status.code() {
+                    failed_forward(match status.code() {
                         tonic::Code::NotFound => ShardFailure::NoReplica { shard: group },
                         _ => ShardFailure::Unavailable { shard: group, reason: status.message().to_string() },
-                    };
-                    encode(&Err::<ShardReply, _>(failure))
+                    })
                 })
             }
             // A kind this node does not know: no replica served it.
@@ -104,9 +102,15 @@ impl RaftTransportService {
 /// which tells the sender that nothing was done.
 fn refusal(call: &PeerCall) -> Vec<u8> {
     match PeerCallKind::try_from(call.kind) {
-        Ok(PeerCallKind::Forward) => encode(&Err::<ShardReply, _>(ShardFailure::NoReplica { shard: GroupId::from(call.shard) })),
+        Ok(PeerCallKind::Forward) => failed_forward(ShardFailure::NoReplica { shard: GroupId::from(call.shard) }),
         _ => Vec::new(),
     }
+}
+
+/// The answer payload of a forwarded call that failed, as the sender
+/// decodes every forwarded answer.
+fn failed_forward(failure: ShardFailure) -> Vec<u8> {
+    encode(&Err::<ShardReply, _>(failure))
 }
 
 /// How often an open exchange's token is checked again.
@@ -117,9 +121,6 @@ const EXCHANGE_PATH: &str = "/idgraph.v1.RaftTransport/Exchange";
 
 /// Calls of one exchange served at once at most.
 const MAX_CALLS_IN_FLIGHT: usize = 1024;
-
-/// Answers of one exchange frame at most.
-const MAX_FRAME_CALLS: usize = 256;
 
 fn bad_payload(e: crate::storage::StoreError) -> Status {
     Status::invalid_argument(format!("payload: {e}"))
@@ -238,12 +239,7 @@ impl RaftTransport for RaftTransportService {
         // Answers that are ready together leave in one frame.
         let frames = futures::stream::unfold(ready, |mut ready| async move {
             let mut calls = vec![ready.recv().await?];
-            while calls.len() < MAX_FRAME_CALLS {
-                match ready.try_recv() {
-                    Ok(more) => calls.push(more),
-                    Err(_) => break,
-                }
-            }
+            take_ready(&mut ready, &mut calls, MAX_FRAME_CALLS);
             Some((Ok(PeerFrame { calls }), ready))
         });
         Ok(Response::new(Box::pin(frames)))
