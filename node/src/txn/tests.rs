@@ -48,13 +48,17 @@ impl Shards {
             started: tokio::time::Instant::now(),
         })
     }
+    /// A copy of the shard as it is now.
+    fn copy(&self, shard: ShardId) -> MemStore {
+        let copy = MemStore::new();
+        copy.restore(&self.store(shard).snapshot(&[]).unwrap()).unwrap();
+        copy
+    }
     /// Reads keys from the shard's lagging replica.
     fn read_lagging(&self, shard: ShardId, keys: &[GraphKey]) -> Vec<KeyRead> {
         let mut lagging = self.lagging[shard.0 as usize].lock().unwrap();
         if lagging.is_none() || (!self.frozen.load(Ordering::SeqCst) && fastrand::bool()) {
-            let copy = MemStore::new();
-            copy.restore(&self.store(shard).snapshot(&[]).unwrap()).unwrap();
-            *lagging = Some(copy);
+            *lagging = Some(self.copy(shard));
         }
         let copy = lagging.as_ref().unwrap();
         keys.iter().map(|k| read_key(copy, k).unwrap()).collect()
@@ -417,9 +421,7 @@ fn a_lock_seen_on_a_lagging_replica_is_read_again_on_the_leader() {
         TxnOp::Prepare { txn: "t-old".into(), primary: shard, at_ms: shards.now(), reads: vec![(key, digest)], writes: Default::default() };
     assert_eq!(shards.apply(shard, &prepare), TxnReply::Prepared);
     shards.frozen.store(true, Ordering::SeqCst);
-    let copy = MemStore::new();
-    copy.restore(&shards.store(shard).snapshot(&[]).unwrap()).unwrap();
-    *shards.lagging[shard.0 as usize].lock().unwrap() = Some(copy);
+    *shards.lagging[shard.0 as usize].lock().unwrap() = Some(shards.copy(shard));
     shards.apply(shard, &TxnOp::Abort { txn: "t-old".into() });
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
