@@ -101,6 +101,8 @@ for w in ingest merge-heavy; do
 done
 echo "== idgraph, three nodes, 1 shard"
 start_nodes 3 1; run "3 nodes, 1 shard" --target idgraph --endpoints "$endpoints" --workload ingest --clients "$CLIENTS"; stop_nodes
+start_nodes 3 1; run "3 nodes, 1 shard" --target idgraph --endpoints "$endpoints" --workload ingest --clients 4 --stream --window 256; stop_nodes
+start_nodes 3 1; run "3 nodes, 1 shard, clients" --target idgraph --endpoints "$endpoints" --workload ingest --clients 64 --accuracy-sample 0; stop_nodes
 fi
 
 if stage sled; then
