@@ -105,7 +105,8 @@ pub fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 
 /// A graph record as stored: MessagePack with the fields in declaration
 /// order and no names, about a third smaller than [`encode`]'s named form
-/// (which digests, locks and messages keep). [`decode`] reads both, so
+/// (which digests and locks keep; Raft records and peer messages are
+/// encoded this way too). [`decode`] reads both, so
 /// records written before stay readable. Hence, for every stored struct:
 /// fields are only added at the end, each with `#[serde(default)]` (older
 /// records are shorter), and only the last one may be left out when absent

@@ -153,9 +153,11 @@ pub type NodeId = u64;
 pub type LogId = openraft::LogId<NodeId>;
 pub type StorageError = openraft::StorageError<NodeId>;
 
-/// Raft records and peer messages are encoded as stored records are
-/// (MessagePack with field names).
-pub(crate) use crate::storage::encode;
+/// Raft records (log entries, vote, bookkeeping) and peer messages are
+/// encoded as stored graph records are: MessagePack with the fields in
+/// declaration order and no names. [`decode`] also reads the named form
+/// that builds before it wrote, so logs and peers of those stay readable.
+pub(crate) use crate::storage::encode_record as encode;
 
 /// Reads back what [`encode`] wrote.
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, crate::storage::StoreError> {
