@@ -423,9 +423,10 @@ impl ShardRouter {
     }
 
     async fn local(&self, shard: GroupId, req: &ShardRequest) -> Result<ShardReply, ShardFailure> {
-        let actor = crate::shard::actor(&self.node, shard)
-            .ok_or_else(|| ShardFailure::Unavailable { shard, reason: "its actor is restarting".into() })?;
-        crate::shard::call(&actor, shard, req.clone(), self.timeout).await
+        let restarting = || ShardFailure::Unavailable { shard, reason: "its actor is restarting".into() };
+        let actor = crate::shard::actor(&self.node, shard).ok_or_else(restarting)?;
+        let replica = self.replicas.read().ok().and_then(|r| r.get(&shard).cloned()).ok_or_else(restarting)?;
+        crate::shard::serve(&actor, &replica, req.clone(), self.timeout).await
     }
 
     /// Serves a request on the shard's leader, wherever it is. Only

@@ -1,7 +1,9 @@
 //! Shard actors: one ractor actor per shard replica, supervised.
 //!
 //! A [`ShardActor`] owns a [`ShardReplica`]: the shard's openraft instance
-//! and its graph store. Reads run as their own tasks. Writes are batched:
+//! and its graph store. Reads are served on the replica in the caller's
+//! task ([`serve`]), steps of membership and leadership as tasks the actor
+//! spawns. Writes are batched:
 //! while a proposal is in flight (by default one at a time,
 //! [`PROPOSALS_IN_FLIGHT`]), the
 //! writes that arrive wait in the actor and go out together as the next
@@ -63,9 +65,9 @@ pub fn actor(node: &str, shard: GroupId) -> Option<ActorRef<ShardMsg>> {
 }
 
 /// Hands a request to a shard's actor and waits at most `timeout` for its
-/// answer: the one way into a local replica, for the router and for
-/// requests other nodes forward, so that every write is batched and
-/// admitted the same way.
+/// answer: the one way for writes into a local replica, for the router and
+/// for requests other nodes forward ([`serve`]), so that every write is
+/// batched and admitted the same way.
 pub async fn call(
     actor: &ActorRef<ShardMsg>,
     shard: GroupId,
@@ -78,6 +80,27 @@ pub async fn call(
         Ok(CallResult::Timeout) => Err(unavailable(format!("no answer within {} ms; a write's outcome is unknown", timeout.as_millis()))),
         Ok(CallResult::SenderError) => Err(unavailable("the shard stopped while serving the request; its outcome is unknown".into())),
         Err(e) => Err(unavailable(e.to_string())),
+    }
+}
+
+/// Serves a request on a local replica whose actor runs: writes and the
+/// other steps through the actor ([`call`]), reads on the replica itself in
+/// the caller's task (the actor would only spawn a task for them: one
+/// hand-off and one wake-up fewer per read), within `timeout` alike.
+pub async fn serve(
+    actor: &ActorRef<ShardMsg>,
+    replica: &ShardReplica,
+    req: ShardRequest,
+    timeout: std::time::Duration,
+) -> Result<ShardReply, ShardFailure> {
+    match req {
+        ShardRequest::Read(_) => match tokio::time::timeout(timeout, replica.serve(req)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                Err(ShardFailure::Unavailable { shard: replica.group, reason: format!("no answer within {} ms", timeout.as_millis()) })
+            }
+        },
+        req => call(actor, replica.group, req, timeout).await,
     }
 }
 

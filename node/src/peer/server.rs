@@ -60,19 +60,20 @@ impl RaftTransportService {
         }
     }
 
-    /// Serves a forwarded request through the shard's actor, as the node's
-    /// own requests go (a forwarded write joins the leader's next batch).
+    /// Serves a forwarded request as the node's own requests go
+    /// ([`crate::shard::serve`]: a forwarded write joins the leader's next
+    /// batch in the shard's actor, a read is served on the replica).
     /// A node without a replica of the group, or whose replica's actor is
     /// (re)starting, did nothing and says so (NOT_FOUND): the sender tries
     /// another replica.
     async fn serve_forward(&self, shard: u32, payload: &[u8]) -> Result<Vec<u8>, Status> {
-        self.replica(shard)?;
+        let replica = self.replica(shard)?;
         let group = GroupId::from(shard);
         let Some(actor) = crate::shard::actor(&self.node, group) else {
             return Err(Status::not_found(format!("the replica of group {group} on this node is starting")));
         };
         let req: ShardRequest = decode(payload).map_err(bad_payload)?;
-        Ok(encode(&crate::shard::call(&actor, group, req, self.timeout).await))
+        Ok(encode(&crate::shard::serve(&actor, &replica, req, self.timeout).await))
     }
 
     /// One call of an exchange: its answer's payload.
