@@ -517,14 +517,30 @@ impl GraphStore for SledStore {
         let skip: Vec<Vec<u8>> = without_meta.iter().map(|k| str_key(b'x', k)).collect();
         // Applies wait while the tree is read, so the image is one point in time.
         let _read = self.read();
-        let mut kvs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        // The image is the MessagePack of the list of (key, value) pairs,
+        // written pair by pair as the tree is read: no list of the shard's
+        // records is held besides the image (a list of pairs, each two
+        // allocations, took about twice the image's memory at 10 million
+        // identifiers). The list's length comes first in MessagePack, so
+        // room for the longest header is kept and the header written once
+        // the pairs are counted; the bytes equal `encode` of the list.
+        const HEADER_ROOM: usize = 5;
+        let mut image = vec![0u8; HEADER_ROOM];
+        let mut pairs: u32 = 0;
         for kv in self.tree.iter() {
             let (k, v) = kv.map_err(io)?;
             if k.as_ref() != REDO_KEY && !skip.iter().any(|s| s.as_slice() == k.as_ref()) {
-                kvs.push((k.to_vec(), v.to_vec()));
+                rmp_serde::encode::write(&mut image, &(k.as_ref(), v.as_ref()))
+                    .map_err(|e| StoreError::Io(format!("cannot encode a snapshot record: {e}")))?;
+                pairs += 1;
             }
         }
-        Ok(encode(&kvs))
+        let mut header = Vec::with_capacity(HEADER_ROOM);
+        rmp::encode::write_array_len(&mut header, pairs).map_err(|e| StoreError::Io(format!("cannot encode a snapshot header: {e}")))?;
+        let start = HEADER_ROOM - header.len();
+        image[start..HEADER_ROOM].copy_from_slice(&header);
+        image.drain(..start);
+        Ok(image)
     }
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
@@ -533,14 +549,20 @@ impl GraphStore for SledStore {
     }
 
     fn restore_with_meta(&self, snapshot: &[u8], meta: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
-        let kvs: Vec<(Vec<u8>, Vec<u8>)> = decode(b"snapshot", snapshot)?;
+        let corrupt = |reason: String| StoreError::Corrupt { key: "snapshot".into(), reason };
+        // Read pair by pair into the batch ([`GraphStore::snapshot`]'s
+        // format), with no list of the records besides.
+        let mut rest = snapshot;
+        let pairs = rmp::decode::read_array_len(&mut rest).map_err(|e| corrupt(format!("no list of records: {e}")))?;
+        let mut de = rmp_serde::Deserializer::from_read_ref(rest);
         let _write = self.exclusive();
         // One sled batch: atomic, whatever a crash interrupts.
         let mut batch = sled::Batch::default();
         for k in self.tree.iter().keys() {
             batch.remove(k.map_err(io)?);
         }
-        for (k, v) in kvs {
+        for _ in 0..pairs {
+            let (k, v): (Vec<u8>, Vec<u8>) = serde::Deserialize::deserialize(&mut de).map_err(|e| corrupt(e.to_string()))?;
             batch.insert(k, v);
         }
         for (k, v) in meta {
@@ -783,5 +805,53 @@ mod tests {
         t.apply(&before).unwrap();
         t.apply(&cs).unwrap();
         assert_eq!(t.snapshot(&[]).unwrap(), s.snapshot(&[]).unwrap());
+    }
+
+    /// The image written pair by pair is byte for byte what encoding the
+    /// whole list of pairs wrote (older builds' images and replica digests
+    /// stay comparable), with and without the skipped keys and at every
+    /// length of MessagePack's list header; it restores to the same records.
+    #[test]
+    fn a_snapshot_written_pair_by_pair_equals_the_encoded_list_and_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SledDb::open(dir.path(), 1).unwrap();
+        let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
+        let listed = |s: &SledStore, skip: &[Vec<u8>]| -> Vec<u8> {
+            let kvs: Vec<(Vec<u8>, Vec<u8>)> = s
+                .tree
+                .iter()
+                .map(|kv| kv.unwrap())
+                .filter(|(k, _)| k.as_ref() != REDO_KEY && !skip.iter().any(|x| x.as_slice() == k.as_ref()))
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            encode(&kvs)
+        };
+        assert_eq!(s.snapshot(&[]).unwrap(), listed(&s, &[]), "an empty shard");
+        // 10 pairs (one-byte header), then past 15 (three bytes), then past
+        // 65,535 (five bytes); values with bytes of 128 and above.
+        let mut added = 0usize;
+        for target in [10usize, 300, 66_000] {
+            let mut cs = ChangeSet::default();
+            for i in added..target {
+                cs.push(Change::PutOwner(Identifier::new("email", format!("p{i}@shop.com")), format!("p_\u{e9}{i}")));
+            }
+            cs.push(Change::PutMeta("raft.applied".into(), vec![0xff, 0x80, 7]));
+            s.apply(&cs).unwrap();
+            added = target;
+            assert_eq!(s.snapshot(&[]).unwrap(), listed(&s, &[]), "{target} records");
+            let skip = vec![str_key(b'x', "raft.applied")];
+            assert_eq!(s.snapshot(&["raft.applied"]).unwrap(), listed(&s, &skip), "{target} records, bookkeeping left out");
+        }
+        let other = tempfile::tempdir().unwrap();
+        let t = SledDb::open(other.path(), 1).unwrap().shard(GroupId::Shard(ShardId(0))).unwrap();
+        t.apply(&ChangeSet {
+            changes: vec![Change::PutOwner(Identifier::new("email", "gone@shop.com"), "p_x".into())],
+            ..Default::default()
+        })
+        .unwrap();
+        t.restore(&s.snapshot(&[]).unwrap()).unwrap();
+        assert_eq!(t.snapshot(&[]).unwrap(), s.snapshot(&[]).unwrap(), "the restored shard holds the same records, and only those");
+        assert_eq!(t.owner(&Identifier::new("email", "p42@shop.com")).unwrap().as_deref(), Some("p_\u{e9}42"));
+        assert!(t.restore(&[0x93, 0x01]).is_err(), "a truncated image is refused");
     }
 }
