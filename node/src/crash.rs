@@ -15,7 +15,7 @@
 //! | `log::mid-write` | half of a batch of log records written to the node's log file: a torn tail |
 //! | `raft::before-fsync` | log records written to the node's log file, not yet fdatasync'd or acknowledged |
 //! | `raft::after-fsync` | log records fdatasync'd, not yet acknowledged to Raft |
-//! | `storage::mid-apply` | an applied entry's redo record written, its records partly |
+//! | `storage::mid-apply` | the storage writer wrote an applied entry's redo record, its records partly (the entry may be acknowledged already) |
 //! | `raft::snapshot-install` | a received snapshot's records replaced the replica's, its log position not yet recorded |
 //! | `placement::after-begin-move` | the metadata leader recorded a replica move; the group's membership is unchanged |
 //! | `placement::after-membership-change` | the group's voters changed; the move is not yet recorded as finished |

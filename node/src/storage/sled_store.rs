@@ -22,8 +22,9 @@
 //! older builds kept each in a tree `shard-NNNN-raft` ([`SledRaftLog`]),
 //! which is moved there when its replica opens.
 //!
-//! One change set is one `sled::Batch`, which sled applies atomically, also
-//! across a crash. sled fsyncs by itself every 500 ms; nothing waits for
+//! A change set is applied atomically, also across a crash, and written
+//! into its tree behind the apply by the node's writer thread (see
+//! [`SledStore`]). sled fsyncs by itself every 500 ms; nothing waits for
 //! it: an applied change is durable because its log entry is, and
 //! [`GraphStore::flush`] makes the graph durable before a snapshot lets
 //! openraft purge the log.
@@ -32,8 +33,10 @@ use super::{decode, encode, encode_record, redact_key, GraphRead, GraphStore, St
 use idgraph_core::model::{
     Change, ChangeSet, Counters, EventRecord, GroupId, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId,
 };
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Layout 2 places records on shards by slot ranges
 /// ([`idgraph_core::graph::SLOTS`]); layout 1 placed them by hash modulo the
@@ -50,10 +53,13 @@ fn io(e: sled::Error) -> StoreError {
     }
 }
 
-/// The node's sled database: opened once per process, shared by its shards.
+/// The node's sled database: opened once per process, shared by its shards,
+/// with the thread that writes their applied change sets into it (see
+/// [`SledStore`]).
 #[derive(Clone)]
 pub struct SledDb {
     db: sled::Db,
+    writer: mpsc::Sender<WriteJob>,
 }
 
 /// How the node's sled database is opened.
@@ -113,6 +119,16 @@ fn stored_compression(db_dir: &Path) -> Option<bool> {
         let (k, v) = l.split_once(':')?;
         (k.trim() == "use_compression").then(|| v.trim() == "true")
     })
+}
+
+/// Starts the writer thread of a database being opened.
+fn spawn_writer() -> Result<mpsc::Sender<WriteJob>, StoreError> {
+    let (writer, jobs) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("sled-writer".into())
+        .spawn(move || write_applied(jobs))
+        .map_err(|e| StoreError::Io(format!("cannot start the storage writer thread: {e}")))?;
+    Ok(writer)
 }
 
 impl SledDb {
@@ -206,16 +222,16 @@ impl SledDb {
                     meta.insert("layout", LAYOUT_VERSION).map_err(io)?;
                     db.flush().map_err(io)?;
                 }
-                return Ok((SledDb { db }, stored));
+                return Ok((SledDb { db, writer: spawn_writer()? }, stored));
             }
         }
-        Ok((SledDb { db }, shard_count))
+        Ok((SledDb { db, writer: spawn_writer()? }, shard_count))
     }
 
     pub fn shard(&self, group: GroupId) -> Result<SledStore, StoreError> {
         let tree = self.db.open_tree(format!("shard-{group}")).map_err(io)?;
         let image = self.db.open_tree(format!("shard-{group}-image")).map_err(io)?;
-        SledStore::open(tree, image)
+        SledStore::open(tree, image, self.writer.clone())
     }
 
     pub fn raft_log(&self, group: GroupId) -> Result<SledRaftLog, StoreError> {
@@ -284,24 +300,92 @@ impl SledDb {
 
 /// One shard's tables in one sled tree.
 ///
-/// A change set is written as plain sled writes, not as a `sled::Batch`:
-/// sled writes out and syncs (`sync_file_range`, waiting) its I/O buffer
-/// twice for every batch, which made each applied log entry two
-/// synchronous disk writes. Atomicity comes from a redo record instead:
-/// the change set's writes are first kept whole under one key (one sled
-/// write is atomic), then made, then the record is removed. sled recovers
-/// a prefix of its writes, so after a crash either the redo record is
-/// there (and opening the store makes its writes again, which are blind
-/// puts and removals: the same result however many of them had landed) or
-/// every write of the change set is. Readers take a shared lock and
-/// `apply` an exclusive one, so no reader sees half a change set.
+/// **Atomic change sets.** A change set is written as plain sled writes,
+/// not as a `sled::Batch`: sled writes out and syncs (`sync_file_range`,
+/// waiting) its I/O buffer twice for every batch, which made each applied
+/// log entry two synchronous disk writes. Atomicity comes from a redo
+/// record instead: the change set's writes are first kept whole under one
+/// key (one sled write is atomic), then made, then the record is removed.
+/// sled recovers a prefix of its writes, so after a crash either the redo
+/// record is there (and opening the store makes its writes again, which
+/// are blind puts and removals: the same result however many of them had
+/// landed) or every write of the change set is.
+///
+/// **Written behind.** `apply` does not write the tree: it adds the change
+/// set's writes to the shard's pending writes, where every read finds them
+/// at once, and hands them to the node's writer thread (see [`SledDb`]),
+/// which writes them into the tree as above and then drops them from the
+/// pending writes. So the state machine decides the next log entry while
+/// the writer stores the last one (openraft applies a group's entries on
+/// one task, and sled's inserts were about half of its time). Invariants:
+/// - a key's newest applied value is pending from the moment `apply`
+///   returns until the tree holds it, and a read looks at the pending
+///   writes first: it never sees less than was applied before it began,
+///   nor half of a change set;
+/// - the writer writes a shard's change sets in the order they were
+///   applied, and after a failed one none of the later ones (the tree, like
+///   sled's log, only ever holds a prefix of the applied change sets);
+/// - durability is as before: an applied change set is durable through its
+///   Raft log entry, and [`GraphStore::flush`] first waits until every
+///   applied change set is in the tree;
+/// - at most `MAX_PENDING` (4) change sets of a shard wait; `apply` waits for
+///   room beyond that, so the memory they take stays bounded;
+/// - a failed write (a full disk) fails every later `apply` and `flush`
+///   with its error, while reads keep being served, pending writes
+///   included.
+///
+/// Scans merge the pending writes over the tree. `snapshot` and `restore`
+/// wait until nothing is pending, and hold applies off meanwhile.
 pub struct SledStore {
+    tables: Arc<ShardTables>,
+    writer: mpsc::Sender<WriteJob>,
+}
+
+/// Change sets of one shard that may wait for the writer thread.
+const MAX_PENDING: u64 = 4;
+
+struct ShardTables {
     tree: sled::Tree,
     /// The kept snapshot image, under one key ([`GraphStore::put_image`]).
     image: sled::Tree,
-    /// Shared by reads, exclusive for `apply`, `snapshot` and `restore`
-    /// (the counters are also read, added to and written back under it).
+    pending: Mutex<PendingWrites>,
+    /// Notified when the writer has written a change set, or failed.
+    written: Condvar,
+    /// Keys in `pending.values`: a read skips the lock at 0.
+    pending_keys: AtomicUsize,
+    /// Shared by applies, exclusive for scans, `snapshot` and `restore`, so
+    /// that no change set arrives while they read.
     lock: RwLock<()>,
+}
+
+#[derive(Default)]
+struct PendingWrites {
+    /// The newest pending value of each key (`None`: removed) and the
+    /// number of the change set that wrote it.
+    values: BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+    /// Change sets applied so far; those numbered below `written` are in
+    /// the tree.
+    applied: u64,
+    written: u64,
+    /// The error the writer met; nothing is written after it.
+    failed: Option<StoreError>,
+}
+
+/// One applied change set for the writer thread.
+struct WriteJob {
+    tables: Arc<ShardTables>,
+    number: u64,
+    writes: Writes,
+}
+
+/// The node's writer thread: writes every shard's applied change sets into
+/// sled, one at a time and in order (two threads writing sled were slower
+/// than one, `bench/analysis.md`). Ends when the database and every store
+/// of it are dropped.
+fn write_applied(jobs: mpsc::Receiver<WriteJob>) {
+    while let Ok(job) = jobs.recv() {
+        job.tables.write_behind(job.number, &job.writes);
+    }
 }
 
 /// A change set's writes, in order: a put, or a removal (`None`).
@@ -334,30 +418,60 @@ const COUNTERS_KEY: &[u8] = b"c";
 const REDO_KEY: &[u8] = b"w";
 const IMAGE_KEY: &[u8] = b"image";
 
-impl SledStore {
-    fn open(tree: sled::Tree, image: sled::Tree) -> Result<SledStore, StoreError> {
-        let store = SledStore { tree, image, lock: RwLock::new(()) };
-        // A change set interrupted by a crash is finished before anything
-        // reads the store.
-        if let Some(redo) = store.tree.get(REDO_KEY).map_err(io)? {
-            let writes: Writes = decode(REDO_KEY, &redo)?;
-            tracing::info!(writes = writes.len(), "finishing a change set interrupted by a crash");
-            store.write_all(&writes)?;
-        }
-        Ok(store)
+impl ShardTables {
+    fn pending(&self) -> MutexGuard<'_, PendingWrites> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Bytes of the kept snapshot image (0 before the first snapshot).
-    pub fn image_bytes(&self) -> u64 {
-        self.image.get(IMAGE_KEY).ok().flatten().map_or(0, |v| v.len() as u64)
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
         self.lock.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
         self.lock.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes change set `number` into the tree (on the writer thread),
+    /// then lets go of its pending values that no later change set replaced.
+    fn write_behind(&self, number: u64, writes: &Writes) {
+        if self.pending().failed.is_some() {
+            return;
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_change_set(writes)))
+            .unwrap_or_else(|_| Err(StoreError::Io("the storage writer panicked".into())));
+        let mut pending = self.pending();
+        match result {
+            Ok(()) => {
+                for (k, _) in writes {
+                    if pending.values.get(k).is_some_and(|(n, _)| *n == number) {
+                        pending.values.remove(k);
+                    }
+                }
+                pending.written = number + 1;
+                self.pending_keys.store(pending.values.len(), Ordering::Release);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "writing applied changes into the shard's tree failed; the shard takes no more writes");
+                pending.failed = Some(e);
+            }
+        }
+        drop(pending);
+        self.written.notify_all();
+    }
+
+    /// One change set into the tree, atomically across a crash.
+    fn write_change_set(&self, writes: &Writes) -> Result<(), StoreError> {
+        match writes.as_slice() {
+            [] => Ok(()),
+            // One write is atomic by itself.
+            [(k, Some(v))] => self.tree.insert(k, v.as_slice()).map(|_| ()).map_err(io),
+            [(k, None)] => self.tree.remove(k).map(|_| ()).map_err(io),
+            _ => {
+                self.tree.insert(REDO_KEY, encode(writes)).map_err(io)?;
+                crate::crash::crash_point("storage::mid-apply");
+                self.write_all(writes)
+            }
+        }
     }
 
     /// Makes `writes`, then removes the redo record.
@@ -372,27 +486,118 @@ impl SledStore {
         Ok(())
     }
 
-    fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
-        let _read = self.read();
-        self.get_held(key)
+    /// Waits until every change set applied so far is in the tree.
+    fn settle(&self) -> Result<(), StoreError> {
+        let mut pending = self.pending();
+        let target = pending.applied;
+        while pending.written < target && pending.failed.is_none() {
+            pending = self.written.wait(pending).unwrap_or_else(|p| p.into_inner());
+        }
+        match &pending.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
     }
 
-    /// [`Self::get`] for a caller that holds the lock already.
-    fn get_held<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
-        match self.tree.get(key).map_err(io)? {
+    /// A key's newest applied value: pending, or in the tree.
+    fn value(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
+        if self.pending_keys.load(Ordering::Acquire) > 0 {
+            if let Some((_, v)) = self.pending().values.get(key) {
+                return Ok(v.as_deref().map(sled::IVec::from));
+            }
+        }
+        self.tree.get(key).map_err(io)
+    }
+
+    /// Every record whose key starts with `prefix`, in key order, pending
+    /// writes laid over the tree. The caller holds the lock exclusively, so
+    /// no change set is added meanwhile; one being written into the tree is
+    /// still pending, and its pending values are the ones taken.
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
+        let over: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
+            .pending()
+            .values
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, (_, v))| (k.clone(), v.clone()))
+            .collect();
+        let mut over = over.into_iter().peekable();
+        let mut out = Vec::new();
+        let take = |out: &mut Vec<(sled::IVec, sled::IVec)>, (k, v): (Vec<u8>, Option<Vec<u8>>)| {
+            if let Some(v) = v {
+                out.push((k.into(), v.into()));
+            }
+        };
+        for kv in self.tree.scan_prefix(prefix) {
+            let (k, v) = kv.map_err(io)?;
+            while let Some(pending) = over.next_if(|(p, _)| p.as_slice() < k.as_ref()) {
+                take(&mut out, pending);
+            }
+            match over.next_if(|(p, _)| p.as_slice() == k.as_ref()) {
+                Some(pending) => take(&mut out, pending),
+                None => out.push((k, v)),
+            }
+        }
+        for pending in over {
+            take(&mut out, pending);
+        }
+        Ok(out)
+    }
+}
+
+impl SledStore {
+    fn open(tree: sled::Tree, image: sled::Tree, writer: mpsc::Sender<WriteJob>) -> Result<SledStore, StoreError> {
+        let tables = ShardTables {
+            tree,
+            image,
+            pending: Mutex::new(PendingWrites::default()),
+            written: Condvar::new(),
+            pending_keys: AtomicUsize::new(0),
+            lock: RwLock::new(()),
+        };
+        // A change set interrupted by a crash is finished before anything
+        // reads the store.
+        if let Some(redo) = tables.tree.get(REDO_KEY).map_err(io)? {
+            let writes: Writes = decode(REDO_KEY, &redo)?;
+            tracing::info!(writes = writes.len(), "finishing a change set interrupted by a crash");
+            tables.write_all(&writes)?;
+        }
+        Ok(SledStore { tables: Arc::new(tables), writer })
+    }
+
+    /// Bytes of the kept snapshot image (0 before the first snapshot).
+    pub fn image_bytes(&self) -> u64 {
+        self.tables.image.get(IMAGE_KEY).ok().flatten().map_or(0, |v| v.len() as u64)
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.tables.value(key)? {
             Some(v) => decode(key, &v).map(Some),
             None => Ok(None),
         }
     }
 
     fn get_string(&self, key: &[u8]) -> Result<Option<String>, StoreError> {
-        let _read = self.read();
-        match self.tree.get(key).map_err(io)? {
+        match self.tables.value(key)? {
             Some(v) => {
                 String::from_utf8(v.to_vec()).map(Some).map_err(|e| StoreError::Corrupt { key: redact_key(key), reason: e.to_string() })
             }
             None => Ok(None),
         }
+    }
+
+    /// [`ShardTables::scan`] with the lock held.
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
+        let _scan = self.tables.exclusive();
+        self.tables.scan(prefix)
+    }
+}
+
+impl Drop for SledStore {
+    /// A store let go of (a replica closing) leaves nothing half-written
+    /// behind it for the writer: its tree may be dropped next.
+    fn drop(&mut self) {
+        let _ = self.tables.settle();
     }
 }
 
@@ -416,10 +621,8 @@ impl GraphRead for SledStore {
         self.get(&id_key(b'h', id))
     }
     fn listed_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, StoreError> {
-        let _read = self.read();
         let mut out = Vec::new();
-        for kv in self.tree.scan_prefix([b'h']) {
-            let (k, v) = kv.map_err(io)?;
+        for (k, v) in self.scan(b"h")? {
             let rec: HubRecord = decode(&k, &v)?;
             if rec.listed_at_ms.is_some() {
                 let id =
@@ -436,23 +639,18 @@ impl GraphRead for SledStore {
         Ok(self.get(COUNTERS_KEY)?.unwrap_or_default())
     }
     fn all_merges(&self) -> Result<Vec<MergeRecord>, StoreError> {
-        let _read = self.read();
-        self.tree.scan_prefix([b'm']).map(|kv| kv.map_err(io).and_then(|(k, v)| decode(&k, &v))).collect()
+        self.scan(b"m")?.into_iter().map(|(k, v)| decode(&k, &v)).collect()
     }
     fn all_profiles(&self) -> Result<Vec<Profile>, StoreError> {
-        let _read = self.read();
-        self.tree.scan_prefix([b'p']).map(|kv| kv.map_err(io).and_then(|(k, v)| decode(&k, &v))).collect()
+        self.scan(b"p")?.into_iter().map(|(k, v)| decode(&k, &v)).collect()
     }
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let _read = self.read();
-        Ok(self.tree.get(str_key(b'x', key)).map_err(io)?.map(|v| v.to_vec()))
+        Ok(self.tables.value(&str_key(b'x', key))?.map(|v| v.to_vec()))
     }
     fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let _read = self.read();
-        self.tree
-            .scan_prefix(str_key(b'x', prefix))
-            .map(|kv| {
-                let (k, v) = kv.map_err(io)?;
+        self.scan(&str_key(b'x', prefix))?
+            .into_iter()
+            .map(|(k, v)| {
                 let key = String::from_utf8(k[1..].to_vec())
                     .map_err(|_| StoreError::Corrupt { key: super::redact_key(&k), reason: "meta key is not UTF-8".into() })?;
                 Ok((key, v.to_vec()))
@@ -463,7 +661,8 @@ impl GraphRead for SledStore {
 
 impl GraphStore for SledStore {
     fn apply(&self, cs: &ChangeSet) -> Result<(), StoreError> {
-        let _write = self.exclusive();
+        let tables = &self.tables;
+        let _applying = tables.shared();
         let put = |k: Vec<u8>, v: Vec<u8>| (k, Some(v));
         let mut writes: Writes = cs
             .changes
@@ -485,38 +684,57 @@ impl GraphStore for SledStore {
             })
             .collect();
         if cs.counters != Counters::default() {
-            let mut counters: Counters = self.get_held(COUNTERS_KEY)?.unwrap_or_default();
+            // Only the shard's state machine applies: nothing changes the
+            // counters between this read and the write.
+            let mut counters: Counters = self.get(COUNTERS_KEY)?.unwrap_or_default();
             counters.add(&cs.counters);
             writes.push(put(COUNTERS_KEY.to_vec(), encode_record(&counters)));
         }
-        match writes.as_slice() {
-            // One write is atomic by itself.
-            [(k, Some(v))] => self.tree.insert(k, v.as_slice()).map(|_| ()).map_err(io),
-            [(k, None)] => self.tree.remove(k).map(|_| ()).map_err(io),
-            _ => {
-                self.tree.insert(REDO_KEY, encode(&writes)).map_err(io)?;
-                crate::crash::crash_point("storage::mid-apply");
-                self.write_all(&writes)
-            }
+        if writes.is_empty() {
+            return Ok(());
         }
+        let mut pending = tables.pending();
+        while pending.applied - pending.written >= MAX_PENDING && pending.failed.is_none() {
+            pending = tables.written.wait(pending).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(e) = &pending.failed {
+            return Err(e.clone());
+        }
+        let number = pending.applied;
+        for (k, v) in &writes {
+            pending.values.insert(k.clone(), (number, v.clone()));
+        }
+        tables.pending_keys.store(pending.values.len(), Ordering::Release);
+        // Sent under the lock, so that change sets reach the writer in the
+        // order they are numbered.
+        if self.writer.send(WriteJob { tables: tables.clone(), number, writes }).is_err() {
+            let e = StoreError::Io("the storage writer thread has stopped".into());
+            pending.failed = Some(e.clone());
+            return Err(e);
+        }
+        pending.applied += 1;
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.tree.flush().map(|_| ()).map_err(io)
+        self.tables.settle()?;
+        self.tables.tree.flush().map(|_| ()).map_err(io)
     }
 
     fn put_image(&self, image: &[u8]) -> Result<(), StoreError> {
-        self.image.insert(IMAGE_KEY, image).map(|_| ()).map_err(io)
+        self.tables.image.insert(IMAGE_KEY, image).map(|_| ()).map_err(io)
     }
 
     fn image(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.image.get(IMAGE_KEY).map_err(io)?.map(|v| v.to_vec()))
+        Ok(self.tables.image.get(IMAGE_KEY).map_err(io)?.map(|v| v.to_vec()))
     }
 
     fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError> {
         let skip: Vec<Vec<u8>> = without_meta.iter().map(|k| str_key(b'x', k)).collect();
-        // Applies wait while the tree is read, so the image is one point in time.
-        let _read = self.read();
+        // Applies wait while the tree is read, so the image is one point in
+        // time, and it is all in the tree.
+        let _read = self.tables.exclusive();
+        self.tables.settle()?;
         // The image is the MessagePack of the list of (key, value) pairs,
         // written pair by pair as the tree is read: no list of the shard's
         // records is held besides the image (a list of pairs, each two
@@ -527,7 +745,7 @@ impl GraphStore for SledStore {
         const HEADER_ROOM: usize = 5;
         let mut image = vec![0u8; HEADER_ROOM];
         let mut pairs: u32 = 0;
-        for kv in self.tree.iter() {
+        for kv in self.tables.tree.iter() {
             let (k, v) = kv.map_err(io)?;
             if k.as_ref() != REDO_KEY && !skip.iter().any(|s| s.as_slice() == k.as_ref()) {
                 rmp_serde::encode::write(&mut image, &(k.as_ref(), v.as_ref()))
@@ -545,7 +763,7 @@ impl GraphStore for SledStore {
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
         self.restore_with_meta(snapshot, &[])?;
-        self.tree.flush().map(|_| ()).map_err(io)
+        self.tables.tree.flush().map(|_| ()).map_err(io)
     }
 
     fn restore_with_meta(&self, snapshot: &[u8], meta: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
@@ -555,10 +773,13 @@ impl GraphStore for SledStore {
         let mut rest = snapshot;
         let pairs = rmp::decode::read_array_len(&mut rest).map_err(|e| corrupt(format!("no list of records: {e}")))?;
         let mut de = rmp_serde::Deserializer::from_read_ref(rest);
-        let _write = self.exclusive();
+        let _write = self.tables.exclusive();
+        // Nothing applied before may land over the restored records.
+        self.tables.settle()?;
+        let tree = &self.tables.tree;
         // One sled batch: atomic, whatever a crash interrupts.
         let mut batch = sled::Batch::default();
-        for k in self.tree.iter().keys() {
+        for k in tree.iter().keys() {
             batch.remove(k.map_err(io)?);
         }
         for _ in 0..pairs {
@@ -568,12 +789,13 @@ impl GraphStore for SledStore {
         for (k, v) in meta {
             batch.insert(str_key(b'x', k), v.clone());
         }
-        self.tree.apply_batch(batch).map_err(io)
+        tree.apply_batch(batch).map_err(io)
     }
 
     fn holds_records(&self) -> Result<bool, StoreError> {
-        let _read = self.read();
-        for k in self.tree.iter().keys() {
+        let _read = self.tables.exclusive();
+        self.tables.settle()?;
+        for k in self.tables.tree.iter().keys() {
             let k = k.map_err(io)?;
             if !(k.first() == Some(&b'x') || k.as_ref() == COUNTERS_KEY || k.as_ref() == REDO_KEY) {
                 return Ok(true);
@@ -777,16 +999,18 @@ mod tests {
             before.push(Change::PutOwner(alice.clone(), "p_1".into()));
             before.push(Change::PutAlias("p_1".into(), "p_0".into()));
             s.apply(&before).unwrap();
-            // What `apply` writes before its first record: the redo
-            // record; then the crash, after one of the writes.
+            // In the tree before the writer's next change set starts.
+            s.flush().unwrap();
+            // What the writer writes before a change set's first record:
+            // the redo record; then the crash, after one of the writes.
             let writes: Writes = vec![
                 (id_key(b'i', &alice), Some(b"p_2".to_vec())),
                 (str_key(b'a', "p_1"), None),
                 (str_key(b'x', "raft.applied"), Some(b"7".to_vec())),
                 (COUNTERS_KEY.to_vec(), Some(encode_record(&Counters { events: 1, ..Default::default() }))),
             ];
-            s.tree.insert(REDO_KEY, encode(&writes)).unwrap();
-            s.tree.insert(&writes[0].0, writes[0].1.clone().unwrap()).unwrap();
+            s.tables.tree.insert(REDO_KEY, encode(&writes)).unwrap();
+            s.tables.tree.insert(&writes[0].0, writes[0].1.clone().unwrap()).unwrap();
             s.flush().unwrap();
         }
         let db = SledDb::open(dir.path(), 1).unwrap();
@@ -795,7 +1019,7 @@ mod tests {
         assert_eq!(s.alias("p_1").unwrap(), None);
         assert_eq!(s.meta("raft.applied").unwrap().as_deref(), Some(&b"7"[..]));
         assert_eq!(s.counters().unwrap().events, 1);
-        assert_eq!(s.tree.get(REDO_KEY).unwrap(), None);
+        assert_eq!(s.tables.tree.get(REDO_KEY).unwrap(), None);
         // The same change set applied normally gives the same records.
         let other = tempfile::tempdir().unwrap();
         let t = SledDb::open(other.path(), 1).unwrap().shard(GroupId::Shard(ShardId(0))).unwrap();
@@ -818,6 +1042,7 @@ mod tests {
         let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
         let listed = |s: &SledStore, skip: &[Vec<u8>]| -> Vec<u8> {
             let kvs: Vec<(Vec<u8>, Vec<u8>)> = s
+                .tables
                 .tree
                 .iter()
                 .map(|kv| kv.unwrap())
@@ -853,5 +1078,90 @@ mod tests {
         assert_eq!(t.snapshot(&[]).unwrap(), s.snapshot(&[]).unwrap(), "the restored shard holds the same records, and only those");
         assert_eq!(t.owner(&Identifier::new("email", "p42@shop.com")).unwrap().as_deref(), Some("p_\u{e9}42"));
         assert!(t.restore(&[0x93, 0x01]).is_err(), "a truncated image is refused");
+    }
+
+    fn owner_change(n: usize, profile: &str) -> ChangeSet {
+        let mut cs = ChangeSet::default();
+        cs.push(Change::PutOwner(Identifier::new("email", format!("p{n}@shop.com")), profile.into()));
+        cs.push(Change::PutMeta(format!("raft.n{}", n % 3), n.to_string().into_bytes()));
+        cs.counters.events = 1;
+        cs
+    }
+
+    /// Change sets applied faster than the writer stores them are read back
+    /// at once, scans included, and all are in the tree after a flush, the
+    /// later value of a key over the earlier one.
+    #[test]
+    fn applied_change_sets_are_read_at_once_while_the_writer_stores_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SledDb::open(dir.path(), 1).unwrap();
+        let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
+        let mut saw_pending = 0;
+        for n in 0..400 {
+            s.apply(&owner_change(n, &format!("p_{n}"))).unwrap();
+            saw_pending += usize::from(s.tables.pending_keys.load(Ordering::Acquire) > 0);
+            assert_eq!(s.owner(&Identifier::new("email", format!("p{n}@shop.com"))).unwrap(), Some(format!("p_{n}")));
+            assert_eq!(s.counters().unwrap().events, n as i64 + 1);
+            let metas = s.meta_prefix("raft.n").unwrap();
+            assert_eq!(metas.len(), (n + 1).min(3), "after change set {n}");
+            assert!(metas.contains(&(format!("raft.n{}", n % 3), n.to_string().into_bytes())), "after change set {n}");
+        }
+        assert!(saw_pending > 0, "the writer always kept up: nothing was read while pending");
+        // The same key again: the later value stays.
+        s.apply(&owner_change(7, "p_later")).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.tables.pending_keys.load(Ordering::Acquire), 0, "nothing pending after a flush");
+        let in_tree = s.tables.tree.get(id_key(b'i', &Identifier::new("email", "p7@shop.com"))).unwrap();
+        assert_eq!(in_tree.as_deref(), Some(&b"p_later"[..]));
+        assert_eq!(s.counters().unwrap().events, 401);
+    }
+
+    /// A scan lays the pending writes over the tree: pending puts added or
+    /// replacing, pending removals hiding a record, in key order.
+    #[test]
+    fn a_scan_lays_pending_writes_over_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SledDb::open(dir.path(), 1).unwrap();
+        let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
+        for k in ["xa1", "xa3", "xa5", "xb1"] {
+            s.tables.tree.insert(k, b"tree").unwrap();
+        }
+        {
+            let mut pending = s.tables.pending();
+            for (k, v) in [("xa0", Some("new")), ("xa3", None), ("xa5", Some("new")), ("xa6", Some("new")), ("xc", Some("new"))] {
+                pending.values.insert(k.as_bytes().to_vec(), (0, v.map(|v| v.as_bytes().to_vec())));
+            }
+            s.tables.pending_keys.store(pending.values.len(), Ordering::Release);
+        }
+        let scanned: Vec<(String, String)> = s
+            .tables
+            .scan(b"xa")
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8(k.to_vec()).unwrap(), String::from_utf8(v.to_vec()).unwrap()))
+            .collect();
+        let expected = [("xa0", "new"), ("xa1", "tree"), ("xa5", "new"), ("xa6", "new")];
+        assert_eq!(scanned, expected.map(|(k, v)| (k.to_string(), v.to_string())).to_vec());
+        assert_eq!(s.meta("a3").unwrap(), None, "a pending removal hides the record");
+        assert_eq!(s.meta("a1").unwrap().as_deref(), Some(&b"tree"[..]));
+        // Let the store go without waiting for the hand-made pending values.
+        s.tables.pending().values.clear();
+    }
+
+    /// After the writer failed (a full disk), applies and flushes fail with
+    /// its error, and reads still see everything applied.
+    #[test]
+    fn after_a_failed_write_applies_fail_and_reads_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SledDb::open(dir.path(), 1).unwrap();
+        let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
+        s.apply(&owner_change(1, "p_1")).unwrap();
+        s.flush().unwrap();
+        s.tables.pending().failed = Some(StoreError::DiskFull);
+        assert!(matches!(s.apply(&owner_change(2, "p_2")), Err(StoreError::DiskFull)));
+        assert!(matches!(s.flush(), Err(StoreError::DiskFull)));
+        assert!(matches!(s.snapshot(&[]), Err(StoreError::DiskFull)));
+        assert_eq!(s.owner(&Identifier::new("email", "p1@shop.com")).unwrap().as_deref(), Some("p_1"));
+        assert_eq!(s.owner(&Identifier::new("email", "p2@shop.com")).unwrap(), None, "the refused change set is not applied");
     }
 }
