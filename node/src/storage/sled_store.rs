@@ -29,7 +29,7 @@
 //! [`GraphStore::flush`] makes the graph durable before a snapshot lets
 //! openraft purge the log.
 
-use super::{decode, encode, encode_record, redact_key, GraphRead, GraphStore, StoreError};
+use super::{decode, encode_record, redact_key, GraphRead, GraphStore, StoreError};
 use idgraph_core::model::{
     Change, ChangeSet, Counters, EventRecord, GroupId, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId,
 };
@@ -238,7 +238,13 @@ impl SledDb {
         Ok(SledRaftLog { tree: self.db.open_tree(format!("shard-{group}-raft")).map_err(io)? })
     }
 
+    /// Makes everything applied to the database's shards so far durable:
+    /// waits for the writer to write what was handed to it, then fsyncs.
     pub fn flush(&self) -> Result<(), StoreError> {
+        let (done, written) = mpsc::sync_channel(1);
+        if self.writer.send(WriteJob::Barrier(done)).is_ok() {
+            let _ = written.recv();
+        }
         self.db.flush().map(|_| ()).map_err(io)
     }
 
@@ -371,11 +377,12 @@ struct PendingWrites {
     failed: Option<StoreError>,
 }
 
-/// One applied change set for the writer thread.
-struct WriteJob {
-    tables: Arc<ShardTables>,
-    number: u64,
-    writes: Writes,
+/// Work for the writer thread.
+enum WriteJob {
+    /// One applied change set of a shard.
+    ChangeSet { tables: Arc<ShardTables>, number: u64, writes: Writes },
+    /// Answered once every change set handed over before it is written.
+    Barrier(mpsc::SyncSender<()>),
 }
 
 /// The node's writer thread: writes every shard's applied change sets into
@@ -384,7 +391,12 @@ struct WriteJob {
 /// of it are dropped.
 fn write_applied(jobs: mpsc::Receiver<WriteJob>) {
     while let Ok(job) = jobs.recv() {
-        job.tables.write_behind(job.number, &job.writes);
+        match job {
+            WriteJob::ChangeSet { tables, number, writes } => tables.write_behind(number, &writes),
+            WriteJob::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
     }
 }
 
@@ -411,6 +423,62 @@ fn parse_id_key(key: &[u8]) -> Option<Identifier> {
     let body = key.get(1..)?;
     let nul = body.iter().position(|b| *b == 0)?;
     Some(Identifier::new(String::from_utf8(body[..nul].to_vec()).ok()?, String::from_utf8(body[nul + 1..].to_vec()).ok()?))
+}
+
+/// A redo record: the MessagePack list of a change set's writes, each a
+/// pair of byte strings (`bin`), the value `nil` for a removal. Older
+/// builds wrote the bytes as lists of integers (each byte of 128 or more
+/// taking two, and slow to write), which [`decode_redo`] still reads.
+fn encode_redo(writes: &Writes) -> Vec<u8> {
+    let size: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 11).sum();
+    let mut out = Vec::with_capacity(size + 5);
+    // Writing into a Vec cannot fail, and no write is 4 GiB long.
+    let _ = rmp::encode::write_array_len(&mut out, writes.len() as u32);
+    for (k, v) in writes {
+        let _ = rmp::encode::write_array_len(&mut out, 2);
+        let _ = rmp::encode::write_bin(&mut out, k);
+        match v {
+            Some(v) => {
+                let _ = rmp::encode::write_bin(&mut out, v);
+            }
+            None => {
+                let _ = rmp::encode::write_nil(&mut out);
+            }
+        }
+    }
+    out
+}
+
+/// Reads a redo record of this build ([`encode_redo`]) or of an older one.
+fn decode_redo(bytes: &[u8]) -> Result<Writes, StoreError> {
+    fn bin<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = rmp::decode::read_bin_len(rest).ok()? as usize;
+        let (bytes, after) = (rest.get(..len)?, rest.get(len..)?);
+        *rest = after;
+        Some(bytes)
+    }
+    fn compact(mut rest: &[u8]) -> Option<Writes> {
+        let count = rmp::decode::read_array_len(&mut rest).ok()?;
+        let mut writes = Vec::with_capacity(count.min(1 << 16) as usize);
+        for _ in 0..count {
+            if rmp::decode::read_array_len(&mut rest).ok()? != 2 {
+                return None;
+            }
+            let key = bin(&mut rest)?.to_vec();
+            let value = if rest.first() == Some(&0xc0) {
+                rest = &rest[1..];
+                None
+            } else {
+                Some(bin(&mut rest)?.to_vec())
+            };
+            writes.push((key, value));
+        }
+        rest.is_empty().then_some(writes)
+    }
+    match compact(bytes) {
+        Some(writes) => Ok(writes),
+        None => decode(REDO_KEY, bytes),
+    }
 }
 
 const COUNTERS_KEY: &[u8] = b"c";
@@ -467,7 +535,7 @@ impl ShardTables {
             [(k, Some(v))] => self.tree.insert(k, v.as_slice()).map(|_| ()).map_err(io),
             [(k, None)] => self.tree.remove(k).map(|_| ()).map_err(io),
             _ => {
-                self.tree.insert(REDO_KEY, encode(writes)).map_err(io)?;
+                self.tree.insert(REDO_KEY, encode_redo(writes)).map_err(io)?;
                 crate::crash::crash_point("storage::mid-apply");
                 self.write_all(writes)
             }
@@ -558,7 +626,7 @@ impl SledStore {
         // A change set interrupted by a crash is finished before anything
         // reads the store.
         if let Some(redo) = tables.tree.get(REDO_KEY).map_err(io)? {
-            let writes: Writes = decode(REDO_KEY, &redo)?;
+            let writes = decode_redo(&redo)?;
             tracing::info!(writes = writes.len(), "finishing a change set interrupted by a crash");
             tables.write_all(&writes)?;
         }
@@ -707,7 +775,7 @@ impl GraphStore for SledStore {
         tables.pending_keys.store(pending.values.len(), Ordering::Release);
         // Sent under the lock, so that change sets reach the writer in the
         // order they are numbered.
-        if self.writer.send(WriteJob { tables: tables.clone(), number, writes }).is_err() {
+        if self.writer.send(WriteJob::ChangeSet { tables: tables.clone(), number, writes }).is_err() {
             let e = StoreError::Io("the storage writer thread has stopped".into());
             pending.failed = Some(e.clone());
             return Err(e);
@@ -904,7 +972,7 @@ impl super::RaftLog for SledRaftLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::GraphRead;
+    use crate::storage::{encode, GraphRead};
     use idgraph_core::model::{AbsorbedProfile, EventRecord, HubRecord, Identifier, MergeCause, MergeRecord, Profile, TraitState};
 
     fn profile() -> Profile {
@@ -1009,7 +1077,7 @@ mod tests {
                 (str_key(b'x', "raft.applied"), Some(b"7".to_vec())),
                 (COUNTERS_KEY.to_vec(), Some(encode_record(&Counters { events: 1, ..Default::default() }))),
             ];
-            s.tables.tree.insert(REDO_KEY, encode(&writes)).unwrap();
+            s.tables.tree.insert(REDO_KEY, encode_redo(&writes)).unwrap();
             s.tables.tree.insert(&writes[0].0, writes[0].1.clone().unwrap()).unwrap();
             s.flush().unwrap();
         }
@@ -1163,5 +1231,41 @@ mod tests {
         assert!(matches!(s.snapshot(&[]), Err(StoreError::DiskFull)));
         assert_eq!(s.owner(&Identifier::new("email", "p1@shop.com")).unwrap().as_deref(), Some("p_1"));
         assert_eq!(s.owner(&Identifier::new("email", "p2@shop.com")).unwrap(), None, "the refused change set is not applied");
+    }
+
+    /// A redo record reads back as written, and one written by an older
+    /// build (integer lists) still reads; this build's is the smaller.
+    #[test]
+    fn redo_records_of_this_and_older_builds_read_back() {
+        let writes: Writes = vec![
+            (b"iemail\0ann@shop.com".to_vec(), Some(vec![0x92, 0xff, 0x80, 0x00, 0x7f])),
+            (b"ap_1".to_vec(), None),
+            (Vec::new(), Some(Vec::new())),
+            (vec![0xc0], Some(vec![0xc0; 300])),
+        ];
+        let (new, old) = (encode_redo(&writes), encode(&writes));
+        assert_eq!(decode_redo(&new).unwrap(), writes);
+        assert_eq!(decode_redo(&old).unwrap(), writes);
+        assert!(new.len() < old.len(), "{} bytes against {}", new.len(), old.len());
+        assert_eq!(decode_redo(&encode_redo(&Vec::new())).unwrap(), Vec::new());
+        assert!(decode_redo(&new[..new.len() - 1]).is_err(), "a cut record is refused");
+    }
+
+    /// A flush of the whole database (the node's shutdown) waits until the
+    /// writer has written every shard's applied change sets.
+    #[test]
+    fn a_database_flush_waits_for_every_shards_pending_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SledDb::open(dir.path(), 2).unwrap();
+        let shards = [db.shard(GroupId::Shard(ShardId(0))).unwrap(), db.shard(GroupId::Shard(ShardId(1))).unwrap()];
+        for n in 0..200 {
+            shards[n % 2].apply(&owner_change(n, &format!("p_{n}"))).unwrap();
+        }
+        db.flush().unwrap();
+        for (i, s) in shards.iter().enumerate() {
+            assert_eq!(s.tables.pending_keys.load(Ordering::Acquire), 0, "shard {i} still has pending writes");
+            let last = Identifier::new("email", format!("p{}@shop.com", 198 + i));
+            assert_eq!(s.tables.tree.get(id_key(b'i', &last)).unwrap().as_deref(), Some(format!("p_{}", 198 + i).as_bytes()));
+        }
     }
 }
