@@ -21,7 +21,9 @@
 //!
 //! Secrets are compared in constant time and never logged; the token file
 //! is read again when it changes, so a token is added or revoked without a
-//! restart.
+//! restart. A call that stays open (a stream) keeps its [`Grant`] and checks
+//! it again as it goes, so a revoked token also ends the streams opened
+//! with it.
 
 use crate::reload::{spawn_reloads, Reloading};
 use idgraph_proto::auth::AUTHORIZATION;
@@ -186,6 +188,8 @@ impl TokenBook {
 pub struct Caller {
     pub name: Arc<str>,
     pub role: Role,
+    /// What let the call in, to check again while it runs.
+    pub grant: Grant,
 }
 
 impl Caller {
@@ -193,6 +197,59 @@ impl Caller {
     /// on a node that checks no tokens.
     pub fn name_of<T>(request: &tonic::Request<T>) -> String {
         request.extensions().get::<Caller>().map_or_else(|| "anonymous".to_string(), |c| c.name.to_string())
+    }
+
+    /// The grant a call was let in with; `None` on a node that checks no
+    /// tokens.
+    pub fn grant_of<T>(request: &tonic::Request<T>) -> Option<Grant> {
+        request.extensions().get::<Caller>().map(|c| c.grant.clone())
+    }
+}
+
+/// The token a call was let in with and the role it needed. A call that
+/// stays open (a stream) checks it again as it goes, so that a token
+/// revoked in the token file (or given a lesser role) ends the streams
+/// opened with it, not only the calls made after.
+#[derive(Clone)]
+pub struct Grant {
+    tokens: Arc<Tokens>,
+    secret: Arc<[u8]>,
+    needed: Role,
+    /// The method, for messages.
+    method: Arc<str>,
+}
+
+impl std::fmt::Debug for Grant {
+    /// Never the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant").field("needed", &self.needed).field("method", &self.method).finish_non_exhaustive()
+    }
+}
+
+impl Grant {
+    /// The caller the token names as of now, or the status to refuse the
+    /// call with.
+    fn caller(&self) -> Result<Caller, Status> {
+        let book = self.tokens.current();
+        let Some(token) = book.find(&self.secret) else {
+            return Err(Status::unauthenticated("unknown or revoked token"));
+        };
+        if !token.role.may(self.needed) {
+            return Err(Status::permission_denied(format!(
+                "token {} has the role {}; {} needs the role {}",
+                token.name,
+                token.role.name(),
+                self.method,
+                self.needed.name()
+            )));
+        }
+        Ok(Caller { name: token.name.clone(), role: token.role, grant: self.clone() })
+    }
+
+    /// Checks the token again (a stream, before each message it takes or
+    /// sends): the status to end the call with once it no longer passes.
+    pub fn check(&self) -> Result<(), Status> {
+        self.caller().map(|_| ()).map_err(|s| Status::new(s.code(), format!("{}: the stream opened with it ends", s.message())))
     }
 }
 
@@ -239,7 +296,13 @@ impl Tokens {
     }
 
     /// Decides a call: the caller it names, or the status to refuse it with.
-    pub fn check(&self, path: &str, headers: &http::HeaderMap, has_client_cert: bool, peer_mtls: bool) -> Result<Option<Caller>, Status> {
+    pub fn check(
+        self: &Arc<Self>,
+        path: &str,
+        headers: &http::HeaderMap,
+        has_client_cert: bool,
+        peer_mtls: bool,
+    ) -> Result<Option<Caller>, Status> {
         let Some(needed) = needed_role(path) else { return Ok(None) };
         if peer_mtls && needed == Role::Peer && !has_client_cert {
             return Err(Status::unauthenticated("peer calls need a client certificate signed by the cluster's certificate authority"));
@@ -255,19 +318,8 @@ impl Tokens {
         if secret.is_empty() {
             return Err(Status::unauthenticated("the `authorization` metadata must be `Bearer TOKEN`"));
         }
-        let Some(token) = book.find(secret.as_bytes()) else {
-            return Err(Status::unauthenticated("unknown or revoked token"));
-        };
-        if !token.role.may(needed) {
-            let method = path.rsplit('/').next().unwrap_or(path);
-            return Err(Status::permission_denied(format!(
-                "token {} has the role {}; {method} needs the role {}",
-                token.name,
-                token.role.name(),
-                needed.name()
-            )));
-        }
-        Ok(Some(Caller { name: token.name.clone(), role: token.role }))
+        let method = path.rsplit('/').next().unwrap_or(path);
+        Grant { tokens: self.clone(), secret: Arc::from(secret.as_bytes()), needed, method: Arc::from(method) }.caller().map(Some)
     }
 }
 

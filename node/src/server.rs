@@ -392,7 +392,6 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         kpis: router.kpis().clone(),
         metrics: metrics.clone(),
         stopping: rx.clone(),
-        tokens: tokens.clone(),
     })
     .max_decoding_message_size(256 << 20)
     .max_encoding_message_size(256 << 20);

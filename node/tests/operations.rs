@@ -350,3 +350,48 @@ async fn a_rotated_peer_token_ends_the_exchanges_opened_with_the_old_one() {
     let after = exchanges_opened(&c).await;
     assert!(after > before, "new exchanges opened with the rotated token: {before} before, {after} after");
 }
+
+/// A client token revoked in the token file ends the `IdentifyStream`
+/// opened with it: the events sent after the node read the file again are
+/// answered with UNAUTHENTICATED and not applied, and the stream ends.
+/// Operators' calls with other tokens go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_token_ends_the_streams_opened_with_it() {
+    use futures::StreamExt;
+    let c = Protected::start().await;
+    wait_serving(&c).await;
+    let mut app = c.graph(0, Some(CLIENT)).await;
+    // The cluster writes (a unary call retried past elections) before the
+    // stream opens.
+    identify(&mut app, event("rev-0", &[("email", "erin.ops@shop.example")])).await;
+    let (events, inbound) = tokio::sync::mpsc::channel(4);
+    let mut answers = app.identify_stream(tokio_stream::wrappers::ReceiverStream::new(inbound)).await.unwrap().into_inner();
+    events.send(event("rev-1", &[("email", "dave.ops@shop.example")])).await.unwrap();
+    let first = answers.next().await.expect("an answer").expect("taken before the revocation");
+    assert!(first.created && first.error.is_none(), "{first:?}");
+
+    std::fs::write(&c.tokens, format!("# app revoked\nops:admin:{ADMIN}\nnodes:peer:{PEER}\n")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c.graph(0, Some(CLIENT)).await.get_profile(by_id("email", "dave.ops@shop.example")).await;
+        if matches!(&r, Err(e) if e.code() == Code::Unauthenticated) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 0 still takes the revoked token 30 s after the file changed: {r:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    events.send(event("rev-2", &[("email", "frank.ops@shop.example")])).await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), answers.next()).await.expect("an answer within 10 s").expect("an answer");
+    let e = refused.expect_err("an event read after the revocation is refused");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("revoked") && e.message().contains("stream"), "{}", e.message());
+    let end = tokio::time::timeout(Duration::from_secs(10), answers.next()).await.expect("the stream ends within 10 s");
+    assert!(end.is_none(), "the stream goes on after the refusal: {end:?}");
+
+    let mut ops = c.graph(0, Some(ADMIN)).await;
+    let e = ops.get_profile(by_id("email", "frank.ops@shop.example")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "the refused event was applied: {e:?}");
+    let kept = ops.get_profile(by_id("email", "dave.ops@shop.example")).await.unwrap().into_inner();
+    assert_eq!(kept.profile_id, first.profile_id, "the event taken before the revocation stays");
+}

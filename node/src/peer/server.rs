@@ -30,9 +30,6 @@ pub struct RaftTransportService {
     pub metrics: Arc<crate::metrics::NodeMetrics>,
     /// Becomes true when the node shuts down: exchanges stop taking calls.
     pub stopping: tokio::sync::watch::Receiver<bool>,
-    /// The node's tokens: an open exchange is checked against them again
-    /// every second, so that a revoked peer token ends it.
-    pub tokens: Arc<crate::auth::Tokens>,
 }
 
 impl RaftTransportService {
@@ -117,9 +114,6 @@ fn failed_forward(failure: ShardFailure) -> Vec<u8> {
 /// How often an open exchange's token is checked again.
 const TOKEN_RECHECK: Duration = Duration::from_secs(1);
 
-/// The gRPC path of `RaftTransport.Exchange` (for the token check).
-const EXCHANGE_PATH: &str = "/idgraph.v1.RaftTransport/Exchange";
-
 /// Calls of one exchange served at once at most.
 const MAX_CALLS_IN_FLIGHT: usize = 1024;
 
@@ -171,9 +165,9 @@ impl RaftTransport for RaftTransportService {
     type ExchangeStream = Pin<Box<dyn Stream<Item = Result<PeerFrame, Status>> + Send>>;
 
     async fn exchange(&self, request: Request<Streaming<PeerFrame>>) -> Result<Response<Self::ExchangeStream>, Status> {
-        // The credentials it was opened with (checked then by the auth
-        // layer), to check again while it stays open.
-        let credentials = request.metadata().clone().into_headers();
+        // The token it was opened with (checked then by the auth layer),
+        // to check again while it stays open.
+        let grant = crate::auth::Caller::grant_of(&request);
         let mut inbound = request.into_inner();
         let (answers, ready) = mpsc::unbounded_channel::<PeerCall>();
         let service = self.clone();
@@ -212,7 +206,7 @@ impl RaftTransport for RaftTransportService {
                         _ = recheck.tick() => {
                             // The certificate was checked when the
                             // connection was made; the token may change.
-                            if let Err(status) = service.tokens.check(EXCHANGE_PATH, &credentials, true, false) {
+                            if let Some(Err(status)) = grant.as_ref().map(crate::auth::Grant::check) {
                                 warn!(reason = status.message(), "a peer's exchange no longer passes the token check; ending it");
                                 refusing = true;
                             }

@@ -4,7 +4,7 @@
 pub mod convert;
 pub mod status;
 
-use crate::auth::Caller;
+use crate::auth::{Caller, Grant};
 use crate::error::RequestError;
 use crate::router::ShardRouter;
 use futures::{Stream, StreamExt};
@@ -88,6 +88,27 @@ async fn identify(router: &ShardRouter, req: pb::IdentifyRequest) -> Result<pb::
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::IdentifyResponse, Status>> + Send>>;
 
+/// `stream` up to and including its first error.
+fn until_error<T>(stream: impl Stream<Item = Result<T, Status>>) -> impl Stream<Item = Result<T, Status>> {
+    stream.scan(false, |failed, r| {
+        if *failed {
+            return futures::future::ready(None);
+        }
+        *failed = r.is_err();
+        futures::future::ready(Some(r))
+    })
+}
+
+/// `stream` while the caller's token passes its check, made before each
+/// item: once it is revoked (or loses the role the call needs), the stream
+/// yields the refusal and ends. Unchanged on a node that checks no tokens.
+fn while_granted<T>(stream: impl Stream<Item = Result<T, Status>>, grant: Option<Grant>) -> impl Stream<Item = Result<T, Status>> {
+    until_error(stream.map(move |item| match &grant {
+        Some(g) => g.check().and(item),
+        None => item,
+    }))
+}
+
 #[tonic::async_trait]
 impl IdentityGraph for IdentityGraphService {
     async fn identify(&self, request: Request<pb::IdentifyRequest>) -> Result<Response<pb::IdentifyResponse>, Status> {
@@ -102,7 +123,10 @@ impl IdentityGraph for IdentityGraphService {
 
     async fn identify_stream(&self, request: Request<Streaming<pb::IdentifyRequest>>) -> Result<Response<ResponseStream>, Status> {
         let router = self.router.clone();
-        let inbound = request.into_inner();
+        let grant = Caller::grant_of(&request);
+        // An event read after the stream's token was revoked is not applied:
+        // the stream answers the refusal and ends.
+        let inbound = while_granted(request.into_inner(), grant);
         // Events are sent to the shard `stream_window` at a time (one fsync
         // covers many of them); responses keep request order.
         let out = inbound
@@ -120,14 +144,7 @@ impl IdentityGraph for IdentityGraphService {
             })
             .buffered(self.stream_window);
         // A broken inbound stream ends the response stream after its error.
-        let out = out.scan(false, |failed, r| {
-            if *failed {
-                return futures::future::ready(None);
-            }
-            *failed = r.is_err();
-            futures::future::ready(Some(r))
-        });
-        Ok(Response::new(Box::pin(out)))
+        Ok(Response::new(Box::pin(until_error(out))))
     }
 
     async fn get_profile(&self, request: Request<pb::GetProfileRequest>) -> Result<Response<pb::Profile>, Status> {
@@ -294,6 +311,7 @@ impl Admin for AdminService {
 
     async fn backup(&self, request: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
         let who = Caller::name_of(&request);
+        let grant = Caller::grant_of(&request);
         let id = ulid::Ulid::new().to_string();
         let router = self.router.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -329,12 +347,15 @@ impl Admin for AdminService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        // No piece leaves after the token was revoked: the stream ends, and
+        // the backup task stops at its next send.
+        Ok(Response::new(Box::pin(while_granted(tokio_stream::wrappers::ReceiverStream::new(rx), grant))))
     }
 
     async fn restore(&self, request: Request<Streaming<pb::BackupChunk>>) -> Result<Response<pb::RestoreResponse>, Status> {
         let who = Caller::name_of(&request);
-        let run = restore_backup(&self.router, request.into_inner());
+        let grant = Caller::grant_of(&request);
+        let run = restore_backup(&self.router, request.into_inner(), grant);
         audited(
             &self.router,
             who,
@@ -581,7 +602,11 @@ async fn send_backup(
 
 /// Takes a backup's chunks into this cluster: every shard's image, each
 /// checked against its digest, then the metadata.
-async fn restore_backup(router: &ShardRouter, mut inbound: Streaming<pb::BackupChunk>) -> Result<pb::RestoreResponse, Status> {
+async fn restore_backup(
+    router: &ShardRouter,
+    mut inbound: Streaming<pb::BackupChunk>,
+    grant: Option<Grant>,
+) -> Result<pb::RestoreResponse, Status> {
     let first = inbound.message().await?.ok_or_else(|| invalid_field("manifest_json", "the stream is empty"))?;
     let manifest: BackupManifest =
         serde_json::from_str(&first.manifest_json).map_err(|e| invalid_field("manifest_json", &format!("not a backup manifest: {e}")))?;
@@ -624,6 +649,8 @@ async fn restore_backup(router: &ShardRouter, mut inbound: Streaming<pb::BackupC
     let mut done = std::collections::BTreeSet::new();
     let mut bytes = 0u64;
     while let Some(chunk) = inbound.message().await? {
+        // No shard is restored from pieces read after the token was revoked.
+        grant.as_ref().map_or(Ok(()), Grant::check)?;
         if chunk.shard >= count {
             return Err(invalid_field("shard", &format!("{} is not a shard of this cluster", chunk.shard)));
         }
