@@ -64,6 +64,9 @@ pub struct NodeConfig {
     /// Proposals one shard has in flight at once: the writes that arrive
     /// meanwhile wait and go out together in the next entry.
     pub proposals_in_flight: usize,
+    /// Threads that serve requests and run the shards' Raft groups (the
+    /// async runtime's workers); 0: one per core.
+    pub worker_threads: usize,
     /// On shutdown, how long in-flight requests may take before connections
     /// are cut, in milliseconds.
     pub shutdown_grace_ms: u64,
@@ -147,6 +150,7 @@ impl Default for NodeConfig {
             request_timeout_ms: 30_000,
             max_waiting_writes: crate::shard::MAX_WAITING,
             proposals_in_flight: crate::shard::PROPOSALS_IN_FLIGHT,
+            worker_threads: 0,
             shutdown_grace_ms: 10_000,
             log_level: "info".into(),
             log_format: LogFormat::Text,
@@ -208,6 +212,7 @@ const ENV_FIELDS: &[&str] = &[
     "request_timeout_ms",
     "max_waiting_writes",
     "proposals_in_flight",
+    "worker_threads",
     "shutdown_grace_ms",
     "log_level",
     "log_format",
@@ -264,6 +269,9 @@ impl NodeConfig {
         }
         if !(1..=64).contains(&self.proposals_in_flight) {
             return bad("proposals_in_flight", "must be 1 to 64");
+        }
+        if self.worker_threads > 1024 {
+            return bad("worker_threads", "must be 0 (one per core) to 1024");
         }
         if self.request_timeout_ms < 100 {
             return bad("request_timeout_ms", "must be at least 100");
@@ -410,6 +418,7 @@ mod tests {
             ("stream_window = 0\n", "stream_window"),
             ("storage_cache_mb = 1\n", "storage_cache_mb"),
             ("proposals_in_flight = 0\n", "proposals_in_flight"),
+            ("worker_threads = 5000\n", "worker_threads"),
         ] {
             std::fs::write(&f, bad).unwrap();
             let err = NodeConfig::load(Some(&f), &Overrides::default()).unwrap_err().to_string();

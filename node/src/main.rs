@@ -85,8 +85,7 @@ async fn terminated() {
     let _ = ctrl_c.await;
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.print_default_rules {
         print!("{}", idgraph_core::rules::BUILTIN_RULES_TOML);
@@ -111,6 +110,15 @@ async fn main() -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen,
     };
     let config = NodeConfig::load(args.config.as_deref(), &overrides)?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        runtime.worker_threads(config.worker_threads);
+    }
+    runtime.enable_all().build().context("starting the async runtime")?.block_on(serve(config))
+}
+
+/// Runs the node until it is stopped (or restarts itself in place).
+async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     init_logs(&config);
     // Crash tests configure crash points with FAILPOINTS (see `idgraph_node::crash`).
     #[cfg(feature = "failpoints")]
