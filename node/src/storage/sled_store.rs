@@ -241,11 +241,17 @@ impl SledDb {
     /// Makes everything applied to the database's shards so far durable:
     /// waits for the writer to write what was handed to it, then fsyncs.
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.written_behind();
+        self.db.flush().map(|_| ()).map_err(io)
+    }
+
+    /// Waits until the writer thread has written every change set handed
+    /// to it so far (or given up on it after a failed write).
+    fn written_behind(&self) {
         let (done, written) = mpsc::sync_channel(1);
         if self.writer.send(WriteJob::Barrier(done)).is_ok() {
             let _ = written.recv();
         }
-        self.db.flush().map(|_| ()).map_err(io)
     }
 
     /// A group's Raft log as an older build kept it (a tree of this
@@ -284,8 +290,11 @@ impl SledDb {
         out
     }
 
-    /// Deletes a replica's log, Raft metadata and graph, durably.
+    /// Deletes a replica's log, Raft metadata and graph, durably. The
+    /// replica has stopped applying: what it applied last is written first,
+    /// so that no write of the writer thread lands in a dropped tree.
     pub fn discard(&self, group: GroupId) -> Result<(), StoreError> {
+        self.written_behind();
         self.db.drop_tree(format!("shard-{group}-raft")).map_err(io)?;
         self.db.drop_tree(format!("shard-{group}")).map_err(io)?;
         self.db.drop_tree(format!("shard-{group}-image")).map_err(io)?;
