@@ -674,6 +674,7 @@ async fn restore_backup(
     if let Some(missing) = (0..count).find(|s| !done.contains(s)) {
         return Err(invalid_field("shard", &format!("the backup ended before shard {missing}'s image")));
     }
+    grant.as_ref().map_or(Ok(()), Grant::check)?;
     router.change_cluster(MetaCommand::Restore(Box::new(manifest.meta))).await?;
     info!(backup = %manifest.backup_id, shards = count, bytes, "backup restored");
     Ok(pb::RestoreResponse { shards: count, bytes })

@@ -228,7 +228,12 @@ impl SledDb {
         Ok((SledDb { db, writer: spawn_writer()? }, shard_count))
     }
 
+    /// A shard's store. A replica reopened (its actor restarted) may leave
+    /// change sets of its last store with the writer: they are written
+    /// first, so that the new store reads its tree (and finishes a redo
+    /// record) with nothing of the old one still to land.
     pub fn shard(&self, group: GroupId) -> Result<SledStore, StoreError> {
+        self.written_behind();
         let tree = self.db.open_tree(format!("shard-{group}")).map_err(io)?;
         let image = self.db.open_tree(format!("shard-{group}-image")).map_err(io)?;
         SledStore::open(tree, image, self.writer.clone())
@@ -368,8 +373,9 @@ struct ShardTables {
     written: Condvar,
     /// Keys in `pending.values`: a read skips the lock at 0.
     pending_keys: AtomicUsize,
-    /// Shared by applies, exclusive for scans, `snapshot` and `restore`, so
-    /// that no change set arrives while they read.
+    /// Exclusive for an apply while it adds its change set (one shard's
+    /// applies never run at once anyway) and for `restore`; shared by scans
+    /// and `snapshot`, so that no change set arrives while they read.
     lock: RwLock<()>,
 }
 
@@ -399,11 +405,31 @@ enum WriteJob {
 /// than one, `bench/analysis.md`). Ends when the database and every store
 /// of it are dropped.
 fn write_applied(jobs: mpsc::Receiver<WriteJob>) {
-    while let Ok(job) = jobs.recv() {
+    let jobs = WriterJobs(jobs);
+    while let Ok(job) = jobs.0.recv() {
         match job {
-            WriteJob::ChangeSet { tables, number, writes } => tables.write_behind(number, &writes),
+            WriteJob::ChangeSet { tables, number, writes } => {
+                let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tables.write_behind(number, &writes)));
+                if written.is_err() {
+                    tables.fail(StoreError::Io("the storage writer panicked".into()));
+                }
+            }
             WriteJob::Barrier(done) => {
                 let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// The writer's queue. Should the thread end with jobs still queued, their
+/// shards fail rather than wait forever for them.
+struct WriterJobs(mpsc::Receiver<WriteJob>);
+
+impl Drop for WriterJobs {
+    fn drop(&mut self) {
+        while let Ok(job) = self.0.try_recv() {
+            if let WriteJob::ChangeSet { tables, .. } = job {
+                tables.fail(StoreError::Io("the storage writer thread has stopped".into()));
             }
         }
     }
@@ -514,8 +540,7 @@ impl ShardTables {
         if self.pending().failed.is_some() {
             return;
         }
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_change_set(writes)))
-            .unwrap_or_else(|_| Err(StoreError::Io("the storage writer panicked".into())));
+        let result = self.write_change_set(writes);
         let mut pending = self.pending();
         match result {
             Ok(()) => {
@@ -533,6 +558,13 @@ impl ShardTables {
             }
         }
         drop(pending);
+        self.written.notify_all();
+    }
+
+    /// Records a failure that ends the shard's writes (unless one is
+    /// recorded already), and wakes whoever waits for the writer.
+    fn fail(&self, e: StoreError) {
+        self.pending().failed.get_or_insert(e);
         self.written.notify_all();
     }
 
@@ -587,7 +619,7 @@ impl ShardTables {
     }
 
     /// Every record whose key starts with `prefix`, in key order, pending
-    /// writes laid over the tree. The caller holds the lock exclusively, so
+    /// writes laid over the tree. The caller holds the lock (shared), so
     /// no change set is added meanwhile; one being written into the tree is
     /// still pending, and its pending values are the ones taken.
     fn scan(&self, prefix: &[u8]) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
@@ -665,7 +697,7 @@ impl SledStore {
 
     /// [`ShardTables::scan`] with the lock held.
     fn scan(&self, prefix: &[u8]) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
-        let _scan = self.tables.exclusive();
+        let _scan = self.tables.shared();
         self.tables.scan(prefix)
     }
 }
@@ -739,7 +771,7 @@ impl GraphRead for SledStore {
 impl GraphStore for SledStore {
     fn apply(&self, cs: &ChangeSet) -> Result<(), StoreError> {
         let tables = &self.tables;
-        let _applying = tables.shared();
+        let _applying = tables.exclusive();
         let put = |k: Vec<u8>, v: Vec<u8>| (k, Some(v));
         let mut writes: Writes = cs
             .changes
@@ -778,17 +810,21 @@ impl GraphStore for SledStore {
             return Err(e.clone());
         }
         let number = pending.applied;
-        for (k, v) in &writes {
-            pending.values.insert(k.clone(), (number, v.clone()));
-        }
-        tables.pending_keys.store(pending.values.len(), Ordering::Release);
+        let values: Vec<(Vec<u8>, Option<Vec<u8>>)> = writes.clone();
         // Sent under the lock, so that change sets reach the writer in the
-        // order they are numbered.
+        // order they are numbered; the writer takes the lock before it lets
+        // go of pending values, so they are in place first.
         if self.writer.send(WriteJob::ChangeSet { tables: tables.clone(), number, writes }).is_err() {
             let e = StoreError::Io("the storage writer thread has stopped".into());
             pending.failed = Some(e.clone());
+            drop(pending);
+            tables.written.notify_all();
             return Err(e);
         }
+        for (k, v) in values {
+            pending.values.insert(k, (number, v));
+        }
+        tables.pending_keys.store(pending.values.len(), Ordering::Release);
         pending.applied += 1;
         Ok(())
     }
@@ -810,7 +846,7 @@ impl GraphStore for SledStore {
         let skip: Vec<Vec<u8>> = without_meta.iter().map(|k| str_key(b'x', k)).collect();
         // Applies wait while the tree is read, so the image is one point in
         // time, and it is all in the tree.
-        let _read = self.tables.exclusive();
+        let _read = self.tables.shared();
         self.tables.settle()?;
         // The image is the MessagePack of the list of (key, value) pairs,
         // written pair by pair as the tree is read: no list of the shard's
@@ -870,7 +906,7 @@ impl GraphStore for SledStore {
     }
 
     fn holds_records(&self) -> Result<bool, StoreError> {
-        let _read = self.tables.exclusive();
+        let _read = self.tables.shared();
         self.tables.settle()?;
         for k in self.tables.tree.iter().keys() {
             let k = k.map_err(io)?;
@@ -1276,5 +1312,55 @@ mod tests {
             let last = Identifier::new("email", format!("p{}@shop.com", 198 + i));
             assert_eq!(s.tables.tree.get(id_key(b'i', &last)).unwrap().as_deref(), Some(format!("p_{}", 198 + i).as_bytes()));
         }
+    }
+
+    /// A replica reopened while its last store still has change sets with
+    /// the writer (requests may hold the old store a while) reads all of
+    /// them from its tree.
+    #[test]
+    fn a_reopened_shard_reads_what_its_last_store_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SledDb::open(dir.path(), 1).unwrap();
+        let old = db.shard(GroupId::Shard(ShardId(0))).unwrap();
+        for n in 0..300 {
+            old.apply(&owner_change(n, &format!("p_{n}"))).unwrap();
+        }
+        let new = db.shard(GroupId::Shard(ShardId(0))).unwrap();
+        assert_eq!(new.counters().unwrap().events, 300);
+        assert_eq!(new.owner(&Identifier::new("email", "p299@shop.com")).unwrap().as_deref(), Some("p_299"));
+        assert_eq!(new.meta("raft.n2").unwrap().as_deref(), Some(&b"299"[..]));
+    }
+
+    /// A change set the writer cannot take is refused whole: reads do not
+    /// see it, and nothing waits for it.
+    #[test]
+    fn a_change_set_the_writer_cannot_take_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SledDb::open(dir.path(), 1).unwrap();
+        let (writer, jobs) = mpsc::channel();
+        drop(jobs);
+        let tree = db.db.open_tree("shard-lone").unwrap();
+        let image = db.db.open_tree("shard-lone-image").unwrap();
+        let s = SledStore::open(tree, image, writer).unwrap();
+        assert!(s.apply(&owner_change(1, "p_1")).is_err());
+        assert_eq!(s.owner(&Identifier::new("email", "p1@shop.com")).unwrap(), None);
+        assert!(s.flush().is_err(), "a flush reports the failure instead of waiting");
+    }
+
+    /// Jobs left in the writer's queue when its thread ends fail their
+    /// shard, so that nothing waits for them forever.
+    #[test]
+    fn jobs_left_when_the_writer_ends_fail_their_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SledDb::open(dir.path(), 1).unwrap();
+        let (writer, jobs) = mpsc::channel();
+        let tree = db.db.open_tree("shard-lone").unwrap();
+        let image = db.db.open_tree("shard-lone-image").unwrap();
+        let s = SledStore::open(tree, image, writer).unwrap();
+        s.apply(&owner_change(1, "p_1")).unwrap();
+        assert_eq!(s.owner(&Identifier::new("email", "p1@shop.com")).unwrap().as_deref(), Some("p_1"), "pending, and read");
+        drop(WriterJobs(jobs));
+        assert!(s.flush().is_err(), "the flush ends with the failure");
+        assert!(s.apply(&owner_change(2, "p_2")).is_err());
     }
 }
