@@ -59,7 +59,30 @@ fn io(e: sled::Error) -> StoreError {
 #[derive(Clone)]
 pub struct SledDb {
     db: sled::Db,
-    writer: mpsc::Sender<WriteJob>,
+    writer: Arc<Writer>,
+}
+
+/// The way to the writer thread. When the database's last handle goes, it
+/// waits until the writer has written (and let go of) everything handed to
+/// it, so that a reopen in the same process (a node restarting in place, a
+/// test) does not find the database still held by the writer.
+struct Writer(mpsc::Sender<WriteJob>);
+
+impl Writer {
+    /// Waits until the writer thread has written every change set handed
+    /// to it so far (or given up on it after a failed write).
+    fn wait(&self) {
+        let (done, written) = mpsc::sync_channel(1);
+        if self.0.send(WriteJob::Barrier(done)).is_ok() {
+            let _ = written.recv();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.wait();
+    }
 }
 
 /// How the node's sled database is opened.
@@ -122,13 +145,13 @@ fn stored_compression(db_dir: &Path) -> Option<bool> {
 }
 
 /// Starts the writer thread of a database being opened.
-fn spawn_writer() -> Result<mpsc::Sender<WriteJob>, StoreError> {
+fn spawn_writer() -> Result<Arc<Writer>, StoreError> {
     let (writer, jobs) = mpsc::channel();
     std::thread::Builder::new()
         .name("sled-writer".into())
         .spawn(move || write_applied(jobs))
         .map_err(|e| StoreError::Io(format!("cannot start the storage writer thread: {e}")))?;
-    Ok(writer)
+    Ok(Arc::new(Writer(writer)))
 }
 
 impl SledDb {
@@ -236,7 +259,7 @@ impl SledDb {
         self.written_behind();
         let tree = self.db.open_tree(format!("shard-{group}")).map_err(io)?;
         let image = self.db.open_tree(format!("shard-{group}-image")).map_err(io)?;
-        SledStore::open(tree, image, self.writer.clone())
+        SledStore::open(tree, image, self.writer.0.clone())
     }
 
     pub fn raft_log(&self, group: GroupId) -> Result<SledRaftLog, StoreError> {
@@ -250,13 +273,9 @@ impl SledDb {
         self.db.flush().map(|_| ()).map_err(io)
     }
 
-    /// Waits until the writer thread has written every change set handed
-    /// to it so far (or given up on it after a failed write).
+    /// [`Writer::wait`].
     fn written_behind(&self) {
-        let (done, written) = mpsc::sync_channel(1);
-        if self.writer.send(WriteJob::Barrier(done)).is_ok() {
-            let _ = written.recv();
-        }
+        self.writer.wait();
     }
 
     /// A group's Raft log as an older build kept it (a tree of this
