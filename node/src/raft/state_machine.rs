@@ -26,7 +26,17 @@ type Membership = StoredMembership<u64, BasicNode>;
 #[derive(Serialize, Deserialize)]
 struct SnapshotImage {
     meta: SnapshotMeta<u64, BasicNode>,
+    /// Written as a MessagePack byte string (`bin`). Builds before wrote
+    /// serde's form of a `Vec<u8>`, a list of integers in which each byte of
+    /// 128 or more takes two; rmp-serde reads either form into a `Vec<u8>`
+    /// (test `a_snapshot_image_reads_back_with_its_graph_as_integers_or_bytes`),
+    /// so followers on those builds install these images too.
+    #[serde(serialize_with = "as_byte_string")]
     graph: Vec<u8>,
+}
+
+fn as_byte_string<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bytes(bytes)
 }
 
 /// A digest of a replica's state, as `Admin.GetDigests` reports it.
@@ -447,5 +457,37 @@ impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<ShardRaft>, StorageError> {
         let (meta, bytes) = self.read_image()?;
         self.keep_image(meta, bytes)
+    }
+}
+
+#[cfg(test)]
+mod image_tests {
+    use super::*;
+
+    /// A snapshot image is written with its graph as a byte string, about a
+    /// third smaller than the list of integers that builds before wrote. A
+    /// reader like theirs (a plain `Vec<u8>`) reads it, and this build reads
+    /// theirs, in the compact and the named form.
+    #[test]
+    fn a_snapshot_image_reads_back_with_its_graph_as_integers_or_bytes() {
+        #[derive(Serialize, Deserialize)]
+        struct EarlierImage {
+            meta: SnapshotMeta<u64, BasicNode>,
+            graph: Vec<u8>,
+        }
+        let graph: Vec<u8> = (0..=255u8).chain([0x93, 0xc4, 0xff, 0]).collect();
+        let meta =
+            SnapshotMeta { last_log_id: Some(openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), 42)), ..Default::default() };
+        let now = encode(&SnapshotImage { meta: meta.clone(), graph: graph.clone() });
+        let earlier = encode(&EarlierImage { meta: meta.clone(), graph: graph.clone() });
+        let earlier_named = crate::storage::encode(&EarlierImage { meta: meta.clone(), graph: graph.clone() });
+        assert!(now.len() * 4 < earlier.len() * 3, "{} bytes as a byte string, {} as integers", now.len(), earlier.len());
+        for (form, bytes) in [("byte string", &now), ("integers", &earlier), ("named, integers", &earlier_named)] {
+            let img: SnapshotImage = decode(bytes).unwrap_or_else(|e| panic!("{form}: {e}"));
+            assert_eq!(img.graph, graph, "{form}");
+            assert_eq!(img.meta.last_log_id, meta.last_log_id, "{form}");
+        }
+        let by_earlier: EarlierImage = decode(&now).expect("a reader of earlier builds reads the byte string");
+        assert_eq!(by_earlier.graph, graph);
     }
 }
