@@ -464,8 +464,8 @@ impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
 mod image_tests {
     use super::*;
 
-    /// A snapshot image is written with its graph as a byte string, about a
-    /// third smaller than the list of integers that builds before wrote. A
+    /// A snapshot image is written with its graph as a byte string, smaller
+    /// than the list of integers that builds before wrote. A
     /// reader like theirs (a plain `Vec<u8>`) reads it, and this build reads
     /// theirs, in the compact and the named form.
     #[test]
