@@ -206,7 +206,7 @@ impl RaftTransport for RaftTransportService {
                         _ = recheck.tick() => {
                             // The certificate was checked when the
                             // connection was made; the token may change.
-                            if let Some(Err(status)) = grant.as_ref().map(crate::auth::Grant::check) {
+                            if let Err(status) = crate::auth::Grant::recheck(&grant) {
                                 warn!(reason = status.message(), "a peer's exchange no longer passes the token check; ending it");
                                 refusing = true;
                             }

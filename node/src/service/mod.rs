@@ -103,10 +103,7 @@ fn until_error<T>(stream: impl Stream<Item = Result<T, Status>>) -> impl Stream<
 /// item: once it is revoked (or loses the role the call needs), the stream
 /// yields the refusal and ends. Unchanged on a node that checks no tokens.
 fn while_granted<T>(stream: impl Stream<Item = Result<T, Status>>, grant: Option<Grant>) -> impl Stream<Item = Result<T, Status>> {
-    until_error(stream.map(move |item| match &grant {
-        Some(g) => g.check().and(item),
-        None => item,
-    }))
+    until_error(stream.map(move |item| Grant::recheck(&grant).and(item)))
 }
 
 #[tonic::async_trait]
@@ -650,7 +647,7 @@ async fn restore_backup(
     let mut bytes = 0u64;
     while let Some(chunk) = inbound.message().await? {
         // No shard is restored from pieces read after the token was revoked.
-        grant.as_ref().map_or(Ok(()), Grant::check)?;
+        Grant::recheck(&grant)?;
         if chunk.shard >= count {
             return Err(invalid_field("shard", &format!("{} is not a shard of this cluster", chunk.shard)));
         }
@@ -674,7 +671,7 @@ async fn restore_backup(
     if let Some(missing) = (0..count).find(|s| !done.contains(s)) {
         return Err(invalid_field("shard", &format!("the backup ended before shard {missing}'s image")));
     }
-    grant.as_ref().map_or(Ok(()), Grant::check)?;
+    Grant::recheck(&grant)?;
     router.change_cluster(MetaCommand::Restore(Box::new(manifest.meta))).await?;
     info!(backup = %manifest.backup_id, shards = count, bytes, "backup restored");
     Ok(pb::RestoreResponse { shards: count, bytes })

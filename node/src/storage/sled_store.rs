@@ -256,7 +256,7 @@ impl SledDb {
     /// first, so that the new store reads its tree (and finishes a redo
     /// record) with nothing of the old one still to land.
     pub fn shard(&self, group: GroupId) -> Result<SledStore, StoreError> {
-        self.written_behind();
+        self.writer.wait();
         let tree = self.db.open_tree(format!("shard-{group}")).map_err(io)?;
         let image = self.db.open_tree(format!("shard-{group}-image")).map_err(io)?;
         SledStore::open(tree, image, self.writer.0.clone())
@@ -269,13 +269,8 @@ impl SledDb {
     /// Makes everything applied to the database's shards so far durable:
     /// waits for the writer to write what was handed to it, then fsyncs.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.written_behind();
-        self.db.flush().map(|_| ()).map_err(io)
-    }
-
-    /// [`Writer::wait`].
-    fn written_behind(&self) {
         self.writer.wait();
+        self.db.flush().map(|_| ()).map_err(io)
     }
 
     /// A group's Raft log as an older build kept it (a tree of this
@@ -318,7 +313,7 @@ impl SledDb {
     /// replica has stopped applying: what it applied last is written first,
     /// so that no write of the writer thread lands in a dropped tree.
     pub fn discard(&self, group: GroupId) -> Result<(), StoreError> {
-        self.written_behind();
+        self.writer.wait();
         self.db.drop_tree(format!("shard-{group}-raft")).map_err(io)?;
         self.db.drop_tree(format!("shard-{group}")).map_err(io)?;
         self.db.drop_tree(format!("shard-{group}-image")).map_err(io)?;
@@ -721,14 +716,6 @@ impl SledStore {
     }
 }
 
-impl Drop for SledStore {
-    /// A store let go of (a replica closing) leaves nothing half-written
-    /// behind it for the writer: its tree may be dropped next.
-    fn drop(&mut self) {
-        let _ = self.tables.settle();
-    }
-}
-
 impl GraphRead for SledStore {
     fn owner(&self, id: &Identifier) -> Result<Option<ProfileId>, StoreError> {
         self.get_string(&id_key(b'i', id))
@@ -829,15 +816,14 @@ impl GraphStore for SledStore {
             return Err(e.clone());
         }
         let number = pending.applied;
-        let values: Vec<(Vec<u8>, Option<Vec<u8>>)> = writes.clone();
+        let values = writes.clone();
         // Sent under the lock, so that change sets reach the writer in the
         // order they are numbered; the writer takes the lock before it lets
         // go of pending values, so they are in place first.
         if self.writer.send(WriteJob::ChangeSet { tables: tables.clone(), number, writes }).is_err() {
             let e = StoreError::Io("the storage writer thread has stopped".into());
-            pending.failed = Some(e.clone());
             drop(pending);
-            tables.written.notify_all();
+            tables.fail(e.clone());
             return Err(e);
         }
         for (k, v) in values {
