@@ -498,36 +498,10 @@ fn encode_redo(writes: &Writes) -> Vec<u8> {
     out
 }
 
-/// Reads a redo record of this build ([`encode_redo`]) or of an older one.
+/// Reads a redo record of this build ([`encode_redo`]) or of an older one:
+/// rmp-serde reads a byte string or a list of integers into a `Vec<u8>`.
 fn decode_redo(bytes: &[u8]) -> Result<Writes, StoreError> {
-    fn bin<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
-        let len = rmp::decode::read_bin_len(rest).ok()? as usize;
-        let (bytes, after) = (rest.get(..len)?, rest.get(len..)?);
-        *rest = after;
-        Some(bytes)
-    }
-    fn compact(mut rest: &[u8]) -> Option<Writes> {
-        let count = rmp::decode::read_array_len(&mut rest).ok()?;
-        let mut writes = Vec::with_capacity(count.min(1 << 16) as usize);
-        for _ in 0..count {
-            if rmp::decode::read_array_len(&mut rest).ok()? != 2 {
-                return None;
-            }
-            let key = bin(&mut rest)?.to_vec();
-            let value = if rest.first() == Some(&0xc0) {
-                rest = &rest[1..];
-                None
-            } else {
-                Some(bin(&mut rest)?.to_vec())
-            };
-            writes.push((key, value));
-        }
-        rest.is_empty().then_some(writes)
-    }
-    match compact(bytes) {
-        Some(writes) => Ok(writes),
-        None => decode(REDO_KEY, bytes),
-    }
+    decode(REDO_KEY, bytes)
 }
 
 const COUNTERS_KEY: &[u8] = b"c";
