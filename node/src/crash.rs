@@ -16,6 +16,7 @@
 //! | `raft::before-fsync` | log records written to the node's log file, not yet fdatasync'd or acknowledged |
 //! | `raft::after-fsync` | log records fdatasync'd, not yet acknowledged to Raft |
 //! | `storage::mid-apply` | the storage writer wrote an applied entry's redo record, its records partly (the entry may be acknowledged already) |
+//! | `raft::mid-snapshot` | a snapshot image's records written to its partial file, its header not yet complete; the image not kept |
 //! | `raft::snapshot-install` | a received snapshot's records replaced the replica's, its log position not yet recorded |
 //! | `placement::after-begin-move` | the metadata leader recorded a replica move; the group's membership is unchanged |
 //! | `placement::after-membership-change` | the group's voters changed; the move is not yet recorded as finished |
@@ -23,7 +24,7 @@
 //! Without the feature a crash point compiles to nothing.
 
 /// Every crash point in the code (the table above).
-pub const CRASH_POINTS: [&str; 10] = [
+pub const CRASH_POINTS: [&str; 11] = [
     "txn::before-commit",
     "txn::after-commit",
     "txn::between-applies",
@@ -31,6 +32,7 @@ pub const CRASH_POINTS: [&str; 10] = [
     "raft::before-fsync",
     "raft::after-fsync",
     "storage::mid-apply",
+    "raft::mid-snapshot",
     "raft::snapshot-install",
     "placement::after-begin-move",
     "placement::after-membership-change",

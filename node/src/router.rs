@@ -219,6 +219,7 @@ impl ShardRouter {
             g.reset();
         }
         let mut hubs = 0;
+        let images = crate::storage::ImageFile::dir(data_dir);
         for r in self.local_replicas() {
             let s = r.status();
             let label = match r.group {
@@ -238,7 +239,7 @@ impl ShardRouter {
             m.raft_last_log_index.with_label_values(&label).set(s.last_log_index as i64);
             m.raft_applied_index.with_label_values(&label).set(s.applied_index as i64);
             m.raft_snapshot_index.with_label_values(&label).set(s.snapshot_index as i64);
-            m.snapshot_bytes.with_label_values(&label).set(r.store.image_bytes() as i64);
+            m.snapshot_bytes.with_label_values(&label).set(crate::storage::ImageFile::of(&images, r.group).bytes() as i64);
             let (leased, after_round) = r.lease.take_read_counts();
             m.linearizable_reads.with_label_values(&["lease"]).inc_by(leased);
             m.linearizable_reads.with_label_values(&["round"]).inc_by(after_round);

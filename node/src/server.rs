@@ -8,7 +8,7 @@ use crate::raft::{LogFlusher, Replicas, ShardLogStore, ShardReplica, ShardStateM
 use crate::router::{ShardMap, ShardRouter};
 use crate::service::{status, AdminService, IdentityGraphService};
 use crate::shard::{shard_actor_name, NodeSupervisor, ReplicaOpener, SupervisorArgs, SupervisorMsg};
-use crate::storage::{NodeLog, SledDb, StoreOptions};
+use crate::storage::{ImageFile, NodeLog, SledDb, StoreOptions};
 use idgraph_core::meta::ClusterMap;
 use idgraph_core::model::GroupId;
 use idgraph_core::rules::RuleSet;
@@ -230,6 +230,8 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, ServerError
 struct ReplicaSetup {
     db: SledDb,
     log: NodeLog,
+    /// Where the replicas keep their snapshot images.
+    images: std::path::PathBuf,
     node_id: u64,
     /// The groups this node initialises, with their first members: on the
     /// first start of a static cluster only, each taken at its first open
@@ -245,12 +247,14 @@ impl ReplicaSetup {
     /// Opens one shard replica (log, vote, state machine) from the node's
     /// database and starts its Raft instance.
     async fn open(self, shard: GroupId) -> Result<ShardReplica, String> {
-        let ReplicaSetup { db, log, node_id, initialise, raft_config, peers, rules, flusher } = self;
+        let ReplicaSetup { db, log, images, node_id, initialise, raft_config, peers, rules, flusher } = self;
         let raft_log = Arc::new(log.open_group(shard, &db).map_err(|e| e.to_string())?);
         let last_log_index = crate::storage::RaftLog::last(&*raft_log).map_err(|e| e.to_string())?.map(|(i, _)| i);
         let log = ShardLogStore::new(raft_log, flusher);
         let store = Arc::new(db.shard(shard).map_err(|e| e.to_string())?);
-        let mut sm = ShardStateMachine::new(store.clone(), rules.clone());
+        let image = ImageFile::of(&images, shard);
+        db.move_legacy_image(shard, &image).map_err(|e| e.to_string())?;
+        let mut sm = ShardStateMachine::new(store.clone(), rules.clone(), image);
         sm.repair_interrupted_install(last_log_index).await.map_err(|e| format!("shard {shard}: {e}"))?;
         let raft =
             openraft::Raft::new(node_id, raft_config, ShardNetworkFactory { shard, peers }, log, sm).await.map_err(|e| e.to_string())?;
@@ -316,6 +320,8 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         (None, None) => SledDb::open_adopting(&config.data_dir, config.shard_count(), &options)?,
     };
     let shards = ShardMap::new(count);
+    // Before the node listens: partial images a crash left are gone by then.
+    let images = ImageFile::open_dir(&config.data_dir)?;
     let node: Arc<str> = ulid::Ulid::new().to_string().to_lowercase().into();
 
     let listener =
@@ -350,13 +356,14 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     }
     let replicas: Replicas = Default::default();
     let raft_config = raft_config(config)?;
-    let (db_for_discard, log_for_discard) = (db.clone(), log.clone());
+    let (db_for_discard, log_for_discard, images_for_discard) = (db.clone(), log.clone(), images.clone());
     let open: ReplicaOpener = {
         // One fdatasync of the node's log makes every group's appends durable.
         let flusher = LogFlusher::node_log(log.clone());
         let setup = ReplicaSetup {
             db: db.clone(),
             log: log.clone(),
+            images,
             node_id: config.node_id,
             initialise: Arc::new(Mutex::new(initialise)),
             raft_config,
@@ -465,7 +472,8 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
             open,
             discard: Arc::new(move |shard| {
                 log_for_discard.drop_group(shard).map_err(|e| e.to_string())?;
-                db_for_discard.discard(shard).map_err(|e| e.to_string())
+                db_for_discard.discard(shard).map_err(|e| e.to_string())?;
+                ImageFile::of(&images_for_discard, shard).remove().map_err(|e| e.to_string())
             }),
             replicas: replicas.clone(),
             limits: crate::shard::WriteLimits { max_waiting: config.max_waiting_writes, in_flight: config.proposals_in_flight },

@@ -274,3 +274,73 @@ async fn a_move_interrupted_after_it_was_recorded_is_finished_by_the_next_metada
 async fn a_move_interrupted_after_the_membership_change_is_finished_by_the_next_metadata_leader() {
     move_interrupted_at("placement::after-membership-change").await;
 }
+
+/// The files in a data directory's snapshot directory.
+fn image_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("snapshots"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// A crash half-way through writing a snapshot image leaves a partial file
+/// and the last kept image (none here). The node restarts, deletes the
+/// partial file, holds every acknowledged event, and keeps the next image
+/// it builds; started again, it opens from that image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_a_snapshot_image_is_written_loses_nothing_and_leaves_no_partial_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--shards", "1"];
+    let crashing = launch(dir.path(), &args).env("FAILPOINTS", "raft::mid-snapshot=return").start().await.expect("the node starts");
+    let mut client = crashing.client().await;
+    // One event per entry: the shard snapshots after 100 (the tests'
+    // `IDGRAPH_RAFT_SNAPSHOT_LOGS`), and the node dies writing the image.
+    let mut acknowledged = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 0.. {
+        let email = format!("snap{i}@shop.com");
+        match client.identify(event(&format!("snap-{i}"), &[("email", &email)])).await {
+            Ok(_) => acknowledged.push(email),
+            Err(_) => break,
+        }
+        assert!(Instant::now() < deadline, "no snapshot was built after {i} events");
+    }
+    let mut crashing = crashing;
+    let status = crashing.wait().await.unwrap();
+    assert_eq!(status.code(), Some(idgraph_node::crash::CRASH_EXIT_CODE), "the node exited at raft::mid-snapshot");
+    // The log's first entries are the group's own (blank, membership).
+    assert!(acknowledged.len() >= 95, "{} events acknowledged before the snapshot", acknowledged.len());
+    let left = image_files(dir.path());
+    assert!(left.iter().any(|n| n.ends_with(".partial")), "the crash left a partial image: {left:?}");
+
+    let node = start_process(dir.path(), &args).await;
+    let partial_gone = image_files(dir.path());
+    assert!(!partial_gone.iter().any(|n| n.ends_with(".partial")), "the partial image is deleted at start: {partial_gone:?}");
+    let mut client = node.client().await;
+    for email in &acknowledged {
+        let p = client.get_profile(by_id("email", email)).await.unwrap_or_else(|s| panic!("an acknowledged event is lost: {s}"));
+        assert_eq!(p.into_inner().identifiers.len(), 1);
+    }
+    // More events: the next snapshot is kept.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut more = 0;
+    while !image_files(dir.path()).iter().any(|n| n == "shard-0000.image") {
+        let email = format!("more{more}@shop.com");
+        client.identify(event(&format!("more-{more}"), &[("email", &email)])).await.expect("an event after the restart");
+        acknowledged.push(email);
+        more += 1;
+        assert!(Instant::now() < deadline, "no image kept after {more} more events");
+    }
+    drop(client);
+    drop(node);
+    let node = start_process(dir.path(), &args).await;
+    let mut client = node.client().await;
+    let stats = node.admin().await.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner();
+    // The event sent as the node died may have been applied unanswered.
+    let events = stats.events as usize;
+    assert!(events == acknowledged.len() || events == acknowledged.len() + 1, "{events} events for {} acknowledged", acknowledged.len());
+    for email in acknowledged.iter().step_by(17) {
+        client.get_profile(by_id("email", email)).await.unwrap_or_else(|s| panic!("lost after opening from the image: {s}"));
+    }
+}

@@ -34,7 +34,6 @@ struct TablesImage {
 #[derive(Default, Debug)]
 pub struct MemStore {
     tables: Mutex<Tables>,
-    image: Mutex<Option<Vec<u8>>>,
 }
 
 impl MemStore {
@@ -124,15 +123,6 @@ impl GraphStore for MemStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
-    }
-
-    fn put_image(&self, image: &[u8]) -> Result<(), StoreError> {
-        *self.image.lock().map_err(|_| StoreError::Io("memory store lock poisoned".into()))? = Some(image.to_vec());
-        Ok(())
-    }
-
-    fn image(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.image.lock().map_err(|_| StoreError::Io("memory store lock poisoned".into()))?.clone())
     }
 
     fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError> {

@@ -5,7 +5,8 @@
 //! - [`GraphRead`]: point reads the engine needs to decide.
 //! - [`GraphStore`]: applies one [`ChangeSet`] atomically (all or nothing,
 //!   also across a crash) and makes everything applied so far durable with
-//!   [`GraphStore::flush`].
+//!   [`GraphStore::flush`]; [`GraphStore::snapshot_to`] writes its records
+//!   into an [`ImageSink`] (a snapshot image's file) as it reads them.
 //! - [`Staged`]: change sets staged over a store, read through, then
 //!   applied as one (a log entry's commands).
 //! - [`MemStore`]: the in-memory store of tests and property tests; the
@@ -79,8 +80,15 @@ pub trait GraphStore: GraphRead + Send + Sync + 'static {
     /// that [`Self::restore`] of the same implementation reads back. One
     /// point in time: no [`Self::apply`] lands half-way through it.
     fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError>;
-    /// Replaces everything the store holds with a snapshot's content (the
-    /// kept image, [`Self::put_image`], is not part of it).
+    /// [`Self::snapshot`] written to `out` from its current position, as
+    /// the records are read, for an image larger than memory should hold.
+    /// The bytes may differ from [`Self::snapshot`]'s (a header written
+    /// before its length was known), and [`Self::restore`] reads both.
+    fn snapshot_to(&self, without_meta: &[&str], out: &mut dyn ImageSink) -> Result<(), StoreError> {
+        let bytes = self.snapshot(without_meta)?;
+        out.write_all(&bytes).map_err(|e| StoreError::Io(format!("cannot write a snapshot: {e}")))
+    }
+    /// Replaces everything the store holds with a snapshot's content.
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError>;
     /// [`Self::restore`], then the `meta` values written, as one atomic
     /// write: a crash leaves the old content or all of the new. Durable
@@ -88,14 +96,12 @@ pub trait GraphStore: GraphRead + Send + Sync + 'static {
     fn restore_with_meta(&self, snapshot: &[u8], meta: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
     /// Whether the store holds any record besides meta values and counters.
     fn holds_records(&self) -> Result<bool, StoreError>;
-    /// Keeps the replica's current Raft snapshot image, replacing the last
-    /// one; durable after the next [`Self::flush`]. It is kept apart from
-    /// the records: it is as large as the graph, and among them every write
-    /// near it rewrote it.
-    fn put_image(&self, image: &[u8]) -> Result<(), StoreError>;
-    /// The image last kept by [`Self::put_image`].
-    fn image(&self) -> Result<Option<Vec<u8>>, StoreError>;
 }
+
+/// Where [`GraphStore::snapshot_to`] writes: a file, or a buffer in tests.
+pub trait ImageSink: std::io::Write + std::io::Seek {}
+
+impl<T: std::io::Write + std::io::Seek> ImageSink for T {}
 
 /// Encoding of stored records: MessagePack with field names, so that records
 /// survive added fields.

@@ -22,7 +22,9 @@
 //!   applied id the store kept.
 //! - A snapshot is the whole shard graph plus the last applied log id and
 //!   membership. The store is fsync'd before a snapshot is taken, so the log
-//!   it allows openraft to purge is never needed again.
+//!   it allows openraft to purge is never needed again. Its image is a file
+//!   (`image`), written as the records are read, sent and received in
+//!   chunks, and kept by an atomic rename.
 //! - Commands are proposed in batches ([`Proposal`]); the state machine runs
 //!   an entry's commands in order through one [`Staged`](crate::storage::Staged)
 //!   view (each sees the writes of those before it) and writes the entry's
@@ -46,6 +48,7 @@
 // return the same type rather than boxing and unboxing it.
 #![allow(clippy::result_large_err)]
 
+mod image;
 pub mod lease;
 mod log_store;
 mod read_barrier;
@@ -61,13 +64,13 @@ pub use state_machine::{replica_digest, ReplicaDigest, ShardStateMachine};
 
 use idgraph_core::engine::{EngineError, Outcome};
 use serde::{Deserialize, Serialize};
-use std::io::Cursor;
 
 openraft::declare_raft_types!(
     /// Types of a shard's Raft group.
     pub ShardRaft:
         D = Proposal,
         R = Vec<ShardResponse>,
+        SnapshotData = image::ImageData,
 );
 
 /// One log entry: the commands a shard leader batched together. Batching

@@ -1,8 +1,9 @@
 //! openraft's state machine: the pure engine applied to a shard's
 //! [`GraphStore`].
 
+use super::image::{read_image, read_meta, write_image, ImageData};
 use super::{decode, encode, read_err, write_err, LogId, Refusal, ShardCommand, ShardRaft, ShardResponse, StorageError};
-use crate::storage::{GraphStore, Staged};
+use crate::storage::{GraphStore, ImageFile, PartialImage, Staged};
 use crate::txn;
 use idgraph_core::engine;
 use idgraph_core::meta::MetaError;
@@ -10,8 +11,6 @@ use idgraph_core::model::{Change, ChangeSet};
 use idgraph_core::rules::RuleSet;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{BasicNode, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StoredMembership};
-use serde::{Deserialize, Serialize};
-use std::io::Cursor;
 use std::sync::Arc;
 
 const APPLIED: &str = "raft.applied";
@@ -21,23 +20,6 @@ const MEMBERSHIP: &str = "raft.membership";
 const SNAPSHOT: &str = "raft.snapshot";
 
 type Membership = StoredMembership<u64, BasicNode>;
-
-/// What a snapshot carries besides the graph.
-#[derive(Serialize, Deserialize)]
-struct SnapshotImage {
-    meta: SnapshotMeta<u64, BasicNode>,
-    /// Written as a MessagePack byte string (`bin`). Builds before wrote
-    /// serde's form of a `Vec<u8>`, a list of integers in which each byte of
-    /// 128 or more takes two; rmp-serde reads either form into a `Vec<u8>`
-    /// (test `a_snapshot_image_reads_back_with_its_graph_as_integers_or_bytes`),
-    /// so followers on those builds install these images too.
-    #[serde(serialize_with = "as_byte_string")]
-    graph: Vec<u8>,
-}
-
-fn as_byte_string<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_bytes(bytes)
-}
 
 /// A digest of a replica's state, as `Admin.GetDigests` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,22 +135,22 @@ struct KeptImage {
 }
 
 impl KeptImage {
-    /// Keeps `image` (at `position`) unless the store keeps a newer one;
-    /// whether it was kept.
-    fn keep<S: GraphStore>(&self, store: &S, position: Option<LogId>, image: &[u8]) -> Result<bool, crate::storage::StoreError> {
+    /// Keeps `partial` (an image at `position`) as `image` unless a newer
+    /// one is kept already; whether it was kept.
+    fn keep(&self, image: &ImageFile, position: Option<LogId>, partial: PartialImage) -> Result<bool, crate::storage::StoreError> {
         let mut at = self.at.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let current = match *at {
             Some(current) => current,
-            None => match store.image()? {
-                Some(bytes) if !bytes.is_empty() => decode::<SnapshotImage>(&bytes)?.meta.last_log_id,
-                _ => None,
+            None => match image.open()? {
+                Some(mut file) => read_meta(&mut file)?.last_log_id,
+                None => None,
             },
         };
         if current > position {
             *at = Some(current);
             return Ok(false);
         }
-        store.put_image(image)?;
+        image.keep(partial)?;
         *at = Some(position);
         Ok(true)
     }
@@ -178,13 +160,15 @@ impl KeptImage {
 pub struct ShardStateMachine<S: GraphStore> {
     store: Arc<S>,
     rules: Arc<RuleSet>,
+    /// Where the replica's snapshot image is kept.
+    image: ImageFile,
     snapshots_built: u64,
     kept: KeptImage,
 }
 
 impl<S: GraphStore> ShardStateMachine<S> {
-    pub fn new(store: Arc<S>, rules: Arc<RuleSet>) -> Self {
-        ShardStateMachine { store, rules, snapshots_built: 0, kept: KeptImage::default() }
+    pub fn new(store: Arc<S>, rules: Arc<RuleSet>, image: ImageFile) -> Self {
+        ShardStateMachine { store, rules, image, snapshots_built: 0, kept: KeptImage::default() }
     }
 
     pub fn store(&self) -> &Arc<S> {
@@ -202,21 +186,23 @@ impl<S: GraphStore> ShardStateMachine<S> {
         Ok((self.meta::<Option<LogId>>(APPLIED)?.flatten(), self.meta(MEMBERSHIP)?.unwrap_or_default()))
     }
 
-    /// The current snapshot, kept in the store so that it survives restarts
-    /// (a data directory written before images were kept apart has it as
-    /// the meta value `SNAPSHOT`).
+    /// The current snapshot, kept in its file so that it survives restarts.
+    /// A data directory of a build that kept it as the meta value
+    /// `SNAPSHOT` has it moved to the file first.
     fn stored_snapshot(&self) -> Result<Option<Snapshot<ShardRaft>>, StorageError> {
-        let kept = match self.store.image().map_err(read_err)? {
-            Some(image) => Some(image),
-            None => self.store.meta(SNAPSHOT).map_err(read_err)?,
-        };
-        match kept {
-            Some(bytes) if !bytes.is_empty() => {
-                let img: SnapshotImage = decode(&bytes).map_err(read_err)?;
-                Ok(Some(Snapshot { meta: img.meta, snapshot: Box::new(Cursor::new(bytes)) }))
+        let mut file = self.image.open().map_err(read_err)?;
+        if file.is_none() {
+            match self.store.meta(SNAPSHOT).map_err(read_err)? {
+                Some(bytes) if !bytes.is_empty() => {
+                    self.image.keep_bytes(&bytes).map_err(write_err)?;
+                    file = self.image.open().map_err(read_err)?;
+                }
+                _ => {}
             }
-            _ => Ok(None),
         }
+        let Some(mut file) = file else { return Ok(None) };
+        let meta = read_meta(&mut file).map_err(read_err)?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(ImageData::kept(file)) }))
     }
 }
 
@@ -338,21 +324,24 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
         ShardStateMachine {
             store: self.store.clone(),
             rules: self.rules.clone(),
+            image: self.image.clone(),
             snapshots_built: self.snapshots_built,
             kept: self.kept.clone(),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<ImageData>, StorageError> {
+        Ok(Box::new(ImageData::receiving(self.image.partial().map_err(write_err)?)))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta<u64, BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
-        let img: SnapshotImage = decode(snapshot.get_ref())
-            .map_err(|e| openraft::StorageIOError::read_snapshot(Some(meta.signature()), openraft::AnyError::new(&e)))?;
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<u64, BasicNode>, snapshot: Box<ImageData>) -> Result<(), StorageError> {
+        let read = |e: crate::storage::StoreError| -> StorageError {
+            openraft::StorageIOError::read_snapshot(Some(meta.signature()), openraft::AnyError::new(&e)).into()
+        };
         let write = |e: crate::storage::StoreError| -> StorageError {
             openraft::StorageIOError::write_snapshot(Some(meta.signature()), openraft::AnyError::new(&e)).into()
         };
+        let mut partial = snapshot.into_partial(&self.image).await?;
         // Never back: a snapshot older than the records (a restarted
         // follower offered the leader's older image while its own log was
         // already purged past it) is not installed over them. Restoring it
@@ -368,7 +357,9 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
             );
             return Ok(());
         }
+        let img = read_image(partial.file()).map_err(read)?;
         self.store.restore(&img.graph).map_err(write)?;
+        drop(img);
         crate::crash::crash_point("raft::snapshot-install");
         let mut cs = ChangeSet::default();
         cs.push(Change::PutMeta(APPLIED.into(), encode(&meta.last_log_id)));
@@ -376,8 +367,12 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
         // The restore removed any image kept the old way (as meta `SNAPSHOT`):
         // images never carry that value.
         self.store.apply(&cs).map_err(write)?;
-        self.kept.keep(&*self.store, meta.last_log_id, &encode(&SnapshotImage { meta: meta.clone(), graph: img.graph })).map_err(write)?;
-        self.store.flush().map_err(write)
+        // The records and their position are durable before the image is
+        // kept: a crash in between leaves the records ahead of the kept
+        // image, which `repair_interrupted_install` mends.
+        self.store.flush().map_err(write)?;
+        self.kept.keep(&self.image, meta.last_log_id, partial).map_err(write)?;
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<ShardRaft>>, StorageError> {
@@ -412,82 +407,62 @@ impl<S: GraphStore> ShardStateMachine<S> {
         Ok(true)
     }
 
-    /// The first half of a snapshot build: the records, durable, as an
-    /// image labelled with their log position.
-    pub(super) fn read_image(&mut self) -> Result<(SnapshotMeta<u64, BasicNode>, Vec<u8>), StorageError> {
+    /// The first half of a snapshot build: the records, durable, written
+    /// into a partial image labelled with their log position.
+    pub(super) fn write_image(&mut self) -> Result<(SnapshotMeta<u64, BasicNode>, PartialImage), StorageError> {
         // Durable first: the log this snapshot lets openraft purge must not be
         // needed to rebuild the graph after a crash.
         self.store.flush().map_err(write_err)?;
         // The image and the log position it is labelled with must match: a
         // follower installing it applies the entries after that position,
-        // and would apply twice any the image already holds.
-        let (graph, position) = image_at_position(&*self.store, &[SNAPSHOT], 1000)
-            .map_err(read_err)?
-            .ok_or_else(|| read_err(crate::storage::StoreError::Io("entries kept being applied while the snapshot was read".into())))?;
-        let (last_log_id, last_membership) = (position.applied().map_err(read_err)?, position.membership().map_err(read_err)?);
-        self.snapshots_built += 1;
-        let snapshot_id = match &last_log_id {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.snapshots_built),
-            None => format!("empty-{}", self.snapshots_built),
-        };
-        let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
-        // The image must not contain the previous image. The previous one
-        // stays the current snapshot until the new one replaces it: a
-        // lagging follower may be sent it meanwhile.
-        let img = SnapshotImage { meta: meta.clone(), graph };
-        Ok((meta, encode(&img)))
+        // and would apply twice any the image already holds. The store's
+        // records are one point in time, read between two reads of the
+        // position; when they differ, an apply slipped in between and the
+        // image is written again.
+        for _ in 0..1000 {
+            let position = Position::read(&*self.store).map_err(read_err)?;
+            let (last_log_id, last_membership) = (position.applied().map_err(read_err)?, position.membership().map_err(read_err)?);
+            let built = self.snapshots_built + 1;
+            let snapshot_id = match &last_log_id {
+                Some(l) => format!("{}-{}-{built}", l.leader_id, l.index),
+                None => format!("empty-{built}"),
+            };
+            let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
+            let mut partial = self.image.partial().map_err(write_err)?;
+            // The image must not contain the previous image (older builds
+            // kept it among the records). The previous one stays the current
+            // snapshot until the new one replaces it: a lagging follower may
+            // be sent it meanwhile.
+            write_image(&*self.store, &[SNAPSHOT], &meta, &mut partial).map_err(write_err)?;
+            if Position::read(&*self.store).map_err(read_err)? == position {
+                self.snapshots_built = built;
+                return Ok((meta, partial));
+            }
+        }
+        Err(read_err(crate::storage::StoreError::Io("entries kept being applied while the snapshot was read".into())))
     }
 
-    /// The second half: keeps the image as the current snapshot.
-    pub(super) fn keep_image(&mut self, meta: SnapshotMeta<u64, BasicNode>, bytes: Vec<u8>) -> Result<Snapshot<ShardRaft>, StorageError> {
-        // An install may have kept a newer image meanwhile: that one stays,
-        // and openraft, whose snapshot is then newer, ignores this one.
-        self.kept.keep(&*self.store, meta.last_log_id, &bytes).map_err(write_err)?;
+    /// The second half: keeps the image as the current snapshot, unless an
+    /// install kept a newer one meanwhile; the current snapshot either way.
+    pub(super) fn keep_image(
+        &mut self,
+        meta: SnapshotMeta<u64, BasicNode>,
+        partial: PartialImage,
+    ) -> Result<Snapshot<ShardRaft>, StorageError> {
+        self.kept.keep(&self.image, meta.last_log_id, partial).map_err(write_err)?;
         if self.store.meta(SNAPSHOT).map_err(read_err)?.is_some() {
             let mut cs = ChangeSet::default();
             cs.push(Change::DeleteMeta(SNAPSHOT.into()));
             self.store.apply(&cs).map_err(write_err)?;
+            self.store.flush().map_err(write_err)?;
         }
-        self.store.flush().map_err(write_err)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+        self.stored_snapshot()?.ok_or_else(|| read_err(crate::storage::StoreError::Io("the snapshot image just kept is gone".into())))
     }
 }
 
 impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<ShardRaft>, StorageError> {
-        let (meta, bytes) = self.read_image()?;
-        self.keep_image(meta, bytes)
-    }
-}
-
-#[cfg(test)]
-mod image_tests {
-    use super::*;
-
-    /// A snapshot image is written with its graph as a byte string, smaller
-    /// than the list of integers that builds before wrote. A
-    /// reader like theirs (a plain `Vec<u8>`) reads it, and this build reads
-    /// theirs, in the compact and the named form.
-    #[test]
-    fn a_snapshot_image_reads_back_with_its_graph_as_integers_or_bytes() {
-        #[derive(Serialize, Deserialize)]
-        struct EarlierImage {
-            meta: SnapshotMeta<u64, BasicNode>,
-            graph: Vec<u8>,
-        }
-        let graph: Vec<u8> = (0..=255u8).chain([0x93, 0xc4, 0xff, 0]).collect();
-        let meta =
-            SnapshotMeta { last_log_id: Some(openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), 42)), ..Default::default() };
-        let now = encode(&SnapshotImage { meta: meta.clone(), graph: graph.clone() });
-        let earlier = encode(&EarlierImage { meta: meta.clone(), graph: graph.clone() });
-        let earlier_named = crate::storage::encode(&EarlierImage { meta: meta.clone(), graph: graph.clone() });
-        assert!(now.len() * 4 < earlier.len() * 3, "{} bytes as a byte string, {} as integers", now.len(), earlier.len());
-        for (form, bytes) in [("byte string", &now), ("integers", &earlier), ("named, integers", &earlier_named)] {
-            let img: SnapshotImage = decode(bytes).unwrap_or_else(|e| panic!("{form}: {e}"));
-            assert_eq!(img.graph, graph, "{form}");
-            assert_eq!(img.meta.last_log_id, meta.last_log_id, "{form}");
-        }
-        let by_earlier: EarlierImage = decode(&now).expect("a reader of earlier builds reads the byte string");
-        assert_eq!(by_earlier.graph, graph);
+        let (meta, partial) = self.write_image()?;
+        self.keep_image(meta, partial)
     }
 }

@@ -2,11 +2,24 @@
 //! on sled and in memory.
 
 use super::{LogFlusher, ShardLogStore, ShardRaft, ShardStateMachine, StorageError};
-use crate::storage::{GroupLog, MemRaftLog, MemStore, NodeLog, SledDb, SledRaftLog, SledStore};
+use crate::storage::{GroupLog, ImageFile, MemRaftLog, MemStore, NodeLog, SledDb, SledRaftLog, SledStore};
 use idgraph_core::model::{GroupId, ShardId};
 use idgraph_core::rules::RuleSet;
 use openraft::testing::{StoreBuilder, Suite};
 use std::sync::Arc;
+
+/// A replica's image file, in a directory of its own that lives as long
+/// as the returned guard.
+fn image() -> (tempfile::TempDir, ImageFile) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let images = ImageFile::open_dir(dir.path()).expect("image directory");
+    (dir, ImageFile::of(&images, GroupId::Shard(ShardId(0))))
+}
+
+/// Group 0's image file in a data directory.
+fn image_in(data_dir: &std::path::Path) -> ImageFile {
+    ImageFile::of(&ImageFile::open_dir(data_dir).expect("image directory"), GroupId::Shard(ShardId(0)))
+}
 
 struct SledBuilder;
 
@@ -16,7 +29,11 @@ impl StoreBuilder<ShardRaft, ShardLogStore<SledRaftLog>, ShardStateMachine<SledS
         let db = SledDb::open(dir.path(), 1).expect("open sled");
         let log = Arc::new(db.raft_log(GroupId::Shard(ShardId(0))).expect("raft log"));
         let log = ShardLogStore::new(log.clone(), LogFlusher::for_log(log));
-        let sm = ShardStateMachine::new(Arc::new(db.shard(GroupId::Shard(ShardId(0))).expect("shard")), Arc::new(RuleSet::builtin()));
+        let sm = ShardStateMachine::new(
+            Arc::new(db.shard(GroupId::Shard(ShardId(0))).expect("shard")),
+            Arc::new(RuleSet::builtin()),
+            image_in(dir.path()),
+        );
         Ok((dir, log, sm))
     }
 }
@@ -31,22 +48,27 @@ impl StoreBuilder<ShardRaft, ShardLogStore<GroupLog>, ShardStateMachine<SledStor
         let log = NodeLog::open(&dir.path().join("log")).expect("open the node log");
         let group = Arc::new(log.open_group(GroupId::Shard(ShardId(0)), &db).expect("group log"));
         let log = ShardLogStore::new(group, LogFlusher::node_log(log));
-        let sm = ShardStateMachine::new(Arc::new(db.shard(GroupId::Shard(ShardId(0))).expect("shard")), Arc::new(RuleSet::builtin()));
+        let sm = ShardStateMachine::new(
+            Arc::new(db.shard(GroupId::Shard(ShardId(0))).expect("shard")),
+            Arc::new(RuleSet::builtin()),
+            image_in(dir.path()),
+        );
         Ok((dir, log, sm))
     }
 }
 
 struct MemBuilder;
 
-impl StoreBuilder<ShardRaft, ShardLogStore<MemRaftLog>, ShardStateMachine<MemStore>> for MemBuilder {
-    async fn build(&self) -> Result<((), ShardLogStore<MemRaftLog>, ShardStateMachine<MemStore>), StorageError> {
+impl StoreBuilder<ShardRaft, ShardLogStore<MemRaftLog>, ShardStateMachine<MemStore>, tempfile::TempDir> for MemBuilder {
+    async fn build(&self) -> Result<(tempfile::TempDir, ShardLogStore<MemRaftLog>, ShardStateMachine<MemStore>), StorageError> {
+        let (dir, image) = image();
         Ok((
-            (),
+            dir,
             {
                 let log = Arc::new(MemRaftLog::default());
                 ShardLogStore::new(log.clone(), LogFlusher::for_log(log))
             },
-            ShardStateMachine::new(Arc::new(MemStore::new()), Arc::new(RuleSet::builtin())),
+            ShardStateMachine::new(Arc::new(MemStore::new()), Arc::new(RuleSet::builtin()), image),
         ))
     }
 }
@@ -99,10 +121,14 @@ fn snapshots_do_not_contain_earlier_snapshots() {
     use openraft::RaftSnapshotBuilder;
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     rt.block_on(async {
-        let mut sm = ShardStateMachine::new(Arc::new(MemStore::new()), Arc::new(RuleSet::builtin()));
+        let (_dir, image) = image();
+        let mut sm = ShardStateMachine::new(Arc::new(MemStore::new()), Arc::new(RuleSet::builtin()), image.clone());
         sm.apply((1..=50).map(entry)).await.unwrap();
-        let first = sm.get_snapshot_builder().await.build_snapshot().await.unwrap().snapshot.into_inner().len();
-        let second = sm.get_snapshot_builder().await.build_snapshot().await.unwrap().snapshot.into_inner().len();
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let first = image.bytes();
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let second = image.bytes();
+        assert!(first > 0);
         assert!(second <= first + 64, "first {first} bytes, second {second}");
         let current = sm.get_current_snapshot().await.unwrap().expect("a current snapshot");
         assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(50));
@@ -122,7 +148,8 @@ fn replaying_a_partly_applied_entry_skips_the_commands_already_applied() {
     rt.block_on(async {
         let rules = Arc::new(RuleSet::builtin());
         let store = Arc::new(MemStore::new());
-        let mut sm = ShardStateMachine::new(store.clone(), rules.clone());
+        let (_dir, image) = image();
+        let mut sm = ShardStateMachine::new(store.clone(), rules.clone(), image);
         let cmd = identify;
         let log_id = LogId::new(CommittedLeaderId::new(1, 0), 7);
         // What the state machine had written for command 0 before a crash.
@@ -157,7 +184,12 @@ fn a_snapshot_built_while_entries_are_applied_matches_its_log_position() {
         let dir = tempfile::tempdir().unwrap();
         let db = SledDb::open(dir.path(), 2).unwrap();
         let rules = Arc::new(RuleSet::builtin());
-        let mut sm = ShardStateMachine::new(Arc::new(db.shard(GroupId::Shard(ShardId(0))).unwrap()), rules.clone());
+        let images = ImageFile::open_dir(dir.path()).unwrap();
+        let mut sm = ShardStateMachine::new(
+            Arc::new(db.shard(GroupId::Shard(ShardId(0))).unwrap()),
+            rules.clone(),
+            ImageFile::of(&images, GroupId::Shard(ShardId(0))),
+        );
         let mut builder = sm.get_snapshot_builder().await;
         let applier = tokio::spawn(async move {
             for i in 1..=400u64 {
@@ -168,7 +200,8 @@ fn a_snapshot_built_while_entries_are_applied_matches_its_log_position() {
         while !applier.is_finished() {
             let snap = builder.build_snapshot().await.unwrap();
             let follower_store = Arc::new(db.shard(GroupId::Shard(ShardId(1))).unwrap());
-            let mut follower = ShardStateMachine::new(follower_store.clone(), rules.clone());
+            let mut follower =
+                ShardStateMachine::new(follower_store.clone(), rules.clone(), ImageFile::of(&images, GroupId::Shard(ShardId(1))));
             follower.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
             let next = snap.meta.last_log_id.map_or(0, |l| l.index) + 1;
             follower.apply([entry(next)]).await.unwrap();
@@ -193,24 +226,29 @@ fn a_snapshot_built_before_an_install_does_not_replace_the_installed_image() {
     rt.block_on(async {
         let rules = Arc::new(RuleSet::builtin());
         // A leader's snapshot at 9, to be installed on the replica below.
-        let mut leader = ShardStateMachine::new(Arc::new(MemStore::new()), rules.clone());
+        let (_leader_dir, leader_image) = image();
+        let mut leader = ShardStateMachine::new(Arc::new(MemStore::new()), rules.clone(), leader_image);
         leader.apply((1..=9).map(entry)).await.unwrap();
         let newer = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
 
         let store = Arc::new(MemStore::new());
-        let mut sm = ShardStateMachine::new(store.clone(), rules.clone());
+        let (_dir, image) = image();
+        let mut sm = ShardStateMachine::new(store.clone(), rules.clone(), image.clone());
         sm.apply((1..=4).map(entry)).await.unwrap();
         let mut builder = sm.get_snapshot_builder().await;
-        let (older_meta, older_bytes) = builder.read_image().unwrap();
+        let (older_meta, older_image) = builder.write_image().unwrap();
         sm.install_snapshot(&newer.meta, newer.snapshot).await.unwrap();
-        builder.keep_image(older_meta, older_bytes).unwrap();
+        let kept = builder.keep_image(older_meta, older_image).unwrap();
+        assert_eq!(kept.meta.last_log_id.map(|l| l.index), Some(9), "the build answers with the image kept, the newer one");
 
         let at = |s: Option<openraft::storage::Snapshot<ShardRaft>>| s.and_then(|s| s.meta.last_log_id).map(|l| l.index);
         assert_eq!(at(sm.get_current_snapshot().await.unwrap()), Some(9), "the installed image stays current");
         // And so it is after a restart (a state machine that reads the kept
         // image back from the store).
-        let mut reopened = ShardStateMachine::new(store, rules);
+        let mut reopened = ShardStateMachine::new(store, rules, image.clone());
         assert_eq!(at(reopened.get_current_snapshot().await.unwrap()), Some(9));
+        let names: Vec<_> = std::fs::read_dir(image.path().parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "one image kept, the older build's partial image deleted: {names:?}");
         // A later build at a newer position still replaces it.
         reopened.apply((10..=12).map(entry)).await.unwrap();
         reopened.get_snapshot_builder().await.build_snapshot().await.unwrap();
@@ -232,19 +270,21 @@ fn an_interrupted_install_is_repaired_before_openraft_opens_the_replica() {
     rt.block_on(async {
         let rules = Arc::new(RuleSet::builtin());
         let leader_store = Arc::new(MemStore::new());
-        let mut leader = ShardStateMachine::new(leader_store.clone(), rules.clone());
+        let (_leader_dir, leader_image) = image();
+        let mut leader = ShardStateMachine::new(leader_store.clone(), rules.clone(), leader_image);
         leader.apply((1..=9).map(entry)).await.unwrap();
         leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
 
         let store = Arc::new(MemStore::new());
-        let mut sm = ShardStateMachine::new(store.clone(), rules.clone());
+        let (_dir, image) = image();
+        let mut sm = ShardStateMachine::new(store.clone(), rules.clone(), image.clone());
         sm.apply((1..=4).map(entry)).await.unwrap();
         sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
         // The install's first step, then the crash.
         store.restore(&leader_store.snapshot(&[]).unwrap()).unwrap();
 
         let at = |s: Option<openraft::storage::Snapshot<ShardRaft>>| s.and_then(|s| s.meta.last_log_id).map(|l| l.index);
-        let mut reopened = ShardStateMachine::new(store.clone(), rules.clone());
+        let mut reopened = ShardStateMachine::new(store.clone(), rules.clone(), image);
         // A log that reaches the applied position needs no repair.
         assert!(!reopened.repair_interrupted_install(Some(9)).await.unwrap());
         assert_eq!(at(reopened.get_current_snapshot().await.unwrap()), Some(4));
@@ -268,12 +308,14 @@ fn an_older_snapshot_is_not_installed_over_newer_records() {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     rt.block_on(async {
         let rules = Arc::new(RuleSet::builtin());
-        let mut leader = ShardStateMachine::new(Arc::new(MemStore::new()), rules.clone());
+        let (_leader_dir, leader_image) = image();
+        let mut leader = ShardStateMachine::new(Arc::new(MemStore::new()), rules.clone(), leader_image);
         leader.apply((1..=4).map(entry)).await.unwrap();
         let older = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
 
         let store = Arc::new(MemStore::new());
-        let mut sm = ShardStateMachine::new(store.clone(), rules.clone());
+        let (_dir, image) = image();
+        let mut sm = ShardStateMachine::new(store.clone(), rules.clone(), image);
         sm.apply((1..=9).map(entry)).await.unwrap();
         let before = store.counters().unwrap();
         sm.install_snapshot(&older.meta, older.snapshot).await.unwrap();

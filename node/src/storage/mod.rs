@@ -11,17 +11,20 @@
 //!   a [`GroupLog`] of the node's one log ([`NodeLog`], group commit, see
 //!   `docs/storage.md`). [`MemRaftLog`] for tests; [`SledRaftLog`] reads
 //!   logs of older data directories, moved into the node's log.
+//! - [`ImageFile`]: a replica's kept Raft snapshot image, a file of its own.
 //! - A change is acknowledged to a client once its Raft log entry is
 //!   durable; the graph is flushed before a snapshot lets the log go.
 //! - [`conformance`]: one suite run against every implementation.
 //! - A full disk: [`disk_full_seen`], [`disk_space`].
 
 pub mod conformance;
+mod image_file;
 mod mem_log;
 mod node_log;
 mod sled_store;
 
-pub use idgraph_core::graph::{decode, encode, encode_record, redact_key, GraphRead, GraphStore, MemStore, Staged, StoreError};
+pub use idgraph_core::graph::{decode, encode, encode_record, redact_key, GraphRead, GraphStore, ImageSink, MemStore, Staged, StoreError};
+pub use image_file::{ImageFile, PartialImage};
 pub use mem_log::MemRaftLog;
 pub use node_log::{Durable, GroupLog, LogLimits, NodeLog};
 pub use sled_store::{SledDb, SledRaftLog, SledStore, StoreOptions};

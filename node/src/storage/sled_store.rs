@@ -15,10 +15,10 @@
 //! | `c` | (empty)                  | [`Counters`]   |
 //! | `x` | name                     | bookkeeping of the layer above (e.g. last applied Raft log id) |
 //!
-//! A shard's current Raft snapshot image lives alone in tree
-//! `shard-NNNN-image`: in the shard's own tree, next to the applied log id
-//! written by every entry, each of sled's page rewrites wrote the whole
-//! image again. Raft logs live in the node's log ([`super::NodeLog`]);
+//! A shard's current Raft snapshot image is a file of its own
+//! ([`super::ImageFile`]); builds before kept it in tree `shard-NNNN-image`
+//! ([`SledDb::move_legacy_image`]), and before that in the shard's own tree.
+//! Raft logs live in the node's log ([`super::NodeLog`]);
 //! older builds kept each in a tree `shard-NNNN-raft` ([`SledRaftLog`]),
 //! which is moved there when its replica opens.
 //!
@@ -258,8 +258,26 @@ impl SledDb {
     pub fn shard(&self, group: GroupId) -> Result<SledStore, StoreError> {
         self.writer.wait();
         let tree = self.db.open_tree(format!("shard-{group}")).map_err(io)?;
-        let image = self.db.open_tree(format!("shard-{group}-image")).map_err(io)?;
-        SledStore::open(tree, image, self.writer.0.clone())
+        SledStore::open(tree, self.writer.0.clone())
+    }
+
+    /// Moves a group's snapshot image from where builds before image files
+    /// kept it (tree `shard-NNNN-image`) to `image`, then drops the tree;
+    /// whether there was one. A crash in between finds the tree again, and
+    /// the file already kept.
+    pub fn move_legacy_image(&self, group: GroupId, image: &super::ImageFile) -> Result<bool, StoreError> {
+        let name = format!("shard-{group}-image");
+        if !self.db.tree_names().iter().any(|n| n.as_ref() == name.as_bytes()) {
+            return Ok(false);
+        }
+        if image.bytes() == 0 {
+            if let Some(bytes) = self.db.open_tree(&name).map_err(io)?.get(LEGACY_IMAGE_KEY).map_err(io)? {
+                image.keep_bytes(&bytes)?;
+            }
+        }
+        self.db.drop_tree(name).map_err(io)?;
+        self.db.flush().map_err(io)?;
+        Ok(true)
     }
 
     pub fn raft_log(&self, group: GroupId) -> Result<SledRaftLog, StoreError> {
@@ -380,8 +398,6 @@ const MAX_PENDING: u64 = 4;
 
 struct ShardTables {
     tree: sled::Tree,
-    /// The kept snapshot image, under one key ([`GraphStore::put_image`]).
-    image: sled::Tree,
     pending: Mutex<PendingWrites>,
     /// Notified when the writer has written a change set, or failed.
     written: Condvar,
@@ -507,7 +523,8 @@ fn decode_redo(bytes: &[u8]) -> Result<Writes, StoreError> {
 const COUNTERS_KEY: &[u8] = b"c";
 /// The redo record of the change set being applied.
 const REDO_KEY: &[u8] = b"w";
-const IMAGE_KEY: &[u8] = b"image";
+/// The key of the image in an older build's tree `shard-NNNN-image`.
+const LEGACY_IMAGE_KEY: &[u8] = b"image";
 
 impl ShardTables {
     fn pending(&self) -> MutexGuard<'_, PendingWrites> {
@@ -642,11 +659,41 @@ impl ShardTables {
     }
 }
 
+fn snapshot_write_err(e: std::io::Error) -> StoreError {
+    if super::note_disk_full(&e) {
+        StoreError::DiskFull
+    } else {
+        StoreError::Io(format!("cannot write a snapshot: {e}"))
+    }
+}
+
+/// MessagePack's marker of a list with a four-byte length.
+const ARRAY32: u8 = 0xdd;
+
 impl SledStore {
-    fn open(tree: sled::Tree, image: sled::Tree, writer: mpsc::Sender<WriteJob>) -> Result<SledStore, StoreError> {
+    /// Writes the tree's records but the named meta values and the redo
+    /// record, each as a MessagePack (key, value) pair; how many. The caller
+    /// holds the store's lock and has settled the pending writes.
+    fn write_pairs<W: std::io::Write + ?Sized>(&self, without_meta: &[&str], out: &mut W) -> Result<u32, StoreError> {
+        let skip: Vec<Vec<u8>> = without_meta.iter().map(|k| str_key(b'x', k)).collect();
+        let mut pairs: u32 = 0;
+        let mut pair = Vec::new();
+        for kv in self.tables.tree.iter() {
+            let (k, v) = kv.map_err(io)?;
+            if k.as_ref() != REDO_KEY && !skip.iter().any(|s| s.as_slice() == k.as_ref()) {
+                pair.clear();
+                rmp_serde::encode::write(&mut pair, &(k.as_ref(), v.as_ref()))
+                    .map_err(|e| StoreError::Io(format!("cannot encode a snapshot record: {e}")))?;
+                out.write_all(&pair).map_err(snapshot_write_err)?;
+                pairs = pairs.checked_add(1).ok_or_else(|| StoreError::Io("a shard of more than 4 billion records".into()))?;
+            }
+        }
+        Ok(pairs)
+    }
+
+    fn open(tree: sled::Tree, writer: mpsc::Sender<WriteJob>) -> Result<SledStore, StoreError> {
         let tables = ShardTables {
             tree,
-            image,
             pending: Mutex::new(PendingWrites::default()),
             written: Condvar::new(),
             pending_keys: AtomicUsize::new(0),
@@ -660,11 +707,6 @@ impl SledStore {
             tables.write_all(&writes)?;
         }
         Ok(SledStore { tables: Arc::new(tables), writer })
-    }
-
-    /// Bytes of the kept snapshot image (0 before the first snapshot).
-    pub fn image_bytes(&self) -> u64 {
-        self.tables.image.get(IMAGE_KEY).ok().flatten().map_or(0, |v| v.len() as u64)
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -813,16 +855,7 @@ impl GraphStore for SledStore {
         self.tables.tree.flush().map(|_| ()).map_err(io)
     }
 
-    fn put_image(&self, image: &[u8]) -> Result<(), StoreError> {
-        self.tables.image.insert(IMAGE_KEY, image).map(|_| ()).map_err(io)
-    }
-
-    fn image(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tables.image.get(IMAGE_KEY).map_err(io)?.map(|v| v.to_vec()))
-    }
-
     fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError> {
-        let skip: Vec<Vec<u8>> = without_meta.iter().map(|k| str_key(b'x', k)).collect();
         // Applies wait while the tree is read, so the image is one point in
         // time, and it is all in the tree.
         let _read = self.tables.shared();
@@ -836,21 +869,30 @@ impl GraphStore for SledStore {
         // the pairs are counted; the bytes equal `encode` of the list.
         const HEADER_ROOM: usize = 5;
         let mut image = vec![0u8; HEADER_ROOM];
-        let mut pairs: u32 = 0;
-        for kv in self.tables.tree.iter() {
-            let (k, v) = kv.map_err(io)?;
-            if k.as_ref() != REDO_KEY && !skip.iter().any(|s| s.as_slice() == k.as_ref()) {
-                rmp_serde::encode::write(&mut image, &(k.as_ref(), v.as_ref()))
-                    .map_err(|e| StoreError::Io(format!("cannot encode a snapshot record: {e}")))?;
-                pairs += 1;
-            }
-        }
+        let pairs = self.write_pairs(without_meta, &mut image)?;
         let mut header = Vec::with_capacity(HEADER_ROOM);
         rmp::encode::write_array_len(&mut header, pairs).map_err(|e| StoreError::Io(format!("cannot encode a snapshot header: {e}")))?;
         let start = HEADER_ROOM - header.len();
         image[start..HEADER_ROOM].copy_from_slice(&header);
         image.drain(..start);
         Ok(image)
+    }
+
+    fn snapshot_to(&self, without_meta: &[&str], out: &mut dyn super::ImageSink) -> Result<(), StoreError> {
+        let failed = snapshot_write_err;
+        let _read = self.tables.shared();
+        self.tables.settle()?;
+        // As `snapshot`, into a file: the list's header takes its longest
+        // form (a marker and four bytes of length), written again once the
+        // pairs are counted.
+        let start = out.stream_position().map_err(failed)?;
+        out.write_all(&[ARRAY32, 0, 0, 0, 0]).map_err(failed)?;
+        let pairs = self.write_pairs(without_meta, out)?;
+        let end = out.stream_position().map_err(failed)?;
+        out.seek(std::io::SeekFrom::Start(start + 1)).map_err(failed)?;
+        out.write_all(&pairs.to_be_bytes()).map_err(failed)?;
+        out.seek(std::io::SeekFrom::Start(end)).map_err(failed)?;
+        Ok(())
     }
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
@@ -1123,6 +1165,27 @@ mod tests {
         assert_eq!(t.snapshot(&[]).unwrap(), s.snapshot(&[]).unwrap());
     }
 
+    /// A snapshot image kept in sled by an older build moves to its file,
+    /// once; the tree goes.
+    #[test]
+    fn an_image_kept_in_sled_by_an_older_build_moves_to_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = GroupId::Shard(ShardId(2));
+        let image = super::super::ImageFile::of(&super::super::ImageFile::open_dir(dir.path()).unwrap(), group);
+        {
+            let db = SledDb::open(&dir.path().join("db"), 4).unwrap();
+            db.db.open_tree("shard-0002-image").unwrap().insert(LEGACY_IMAGE_KEY, &b"an older image"[..]).unwrap();
+            db.flush().unwrap();
+        }
+        let db = SledDb::open(&dir.path().join("db"), 4).unwrap();
+        assert!(!db.move_legacy_image(GroupId::Shard(ShardId(1)), &image).unwrap(), "another group has none");
+        assert!(db.move_legacy_image(group, &image).unwrap());
+        assert_eq!(std::fs::read(image.path()).unwrap(), b"an older image");
+        assert!(!db.db.tree_names().iter().any(|n| n.as_ref() == b"shard-0002-image"), "the tree is dropped");
+        assert!(!db.move_legacy_image(group, &image).unwrap(), "moved once");
+        assert_eq!(std::fs::read(image.path()).unwrap(), b"an older image");
+    }
+
     /// The image written pair by pair is byte for byte what encoding the
     /// whole list of pairs wrote (older builds' images and replica digests
     /// stay comparable), with and without the skipped keys and at every
@@ -1158,7 +1221,23 @@ mod tests {
             assert_eq!(s.snapshot(&[]).unwrap(), listed(&s, &[]), "{target} records");
             let skip = vec![str_key(b'x', "raft.applied")];
             assert_eq!(s.snapshot(&["raft.applied"]).unwrap(), listed(&s, &skip), "{target} records, bookkeeping left out");
+            // Into a file (here a buffer after a prefix): the same records,
+            // the list's header in its longest form, the position at its end.
+            let mut file = std::io::Cursor::new(b"pre".to_vec());
+            file.set_position(3);
+            s.snapshot_to(&["raft.applied"], &mut file).unwrap();
+            assert_eq!(file.position() as usize, file.get_ref().len(), "{target} records: the writer is left at the end");
+            let written = &file.get_ref()[3..];
+            assert_eq!(written[0], ARRAY32);
+            let pairs: Vec<(Vec<u8>, Vec<u8>)> = crate::storage::decode(b"image", written).unwrap();
+            let expected: Vec<(Vec<u8>, Vec<u8>)> = crate::storage::decode(b"image", &listed(&s, &skip)).unwrap();
+            assert_eq!(pairs, expected, "{target} records written to a file");
         }
+        let mut file = std::io::Cursor::new(Vec::new());
+        s.snapshot_to(&[], &mut file).unwrap();
+        let from_file = SledDb::open(tempfile::tempdir().unwrap().path(), 1).unwrap().shard(GroupId::Shard(ShardId(0))).unwrap();
+        from_file.restore(file.get_ref()).unwrap();
+        assert_eq!(from_file.snapshot(&[]).unwrap(), s.snapshot(&[]).unwrap(), "an image written to a file restores the same records");
         let other = tempfile::tempdir().unwrap();
         let t = SledDb::open(other.path(), 1).unwrap().shard(GroupId::Shard(ShardId(0))).unwrap();
         t.apply(&ChangeSet {
@@ -1319,8 +1398,7 @@ mod tests {
         let (writer, jobs) = mpsc::channel();
         drop(jobs);
         let tree = db.db.open_tree("shard-lone").unwrap();
-        let image = db.db.open_tree("shard-lone-image").unwrap();
-        let s = SledStore::open(tree, image, writer).unwrap();
+        let s = SledStore::open(tree, writer).unwrap();
         assert!(s.apply(&owner_change(1, "p_1")).is_err());
         assert_eq!(s.owner(&Identifier::new("email", "p1@shop.com")).unwrap(), None);
         assert!(s.flush().is_err(), "a flush reports the failure instead of waiting");
@@ -1334,8 +1412,7 @@ mod tests {
         let db = SledDb::open(dir.path(), 1).unwrap();
         let (writer, jobs) = mpsc::channel();
         let tree = db.db.open_tree("shard-lone").unwrap();
-        let image = db.db.open_tree("shard-lone-image").unwrap();
-        let s = SledStore::open(tree, image, writer).unwrap();
+        let s = SledStore::open(tree, writer).unwrap();
         s.apply(&owner_change(1, "p_1")).unwrap();
         assert_eq!(s.owner(&Identifier::new("email", "p1@shop.com")).unwrap().as_deref(), Some("p_1"), "pending, and read");
         drop(WriterJobs(jobs));
