@@ -249,13 +249,14 @@ impl ReplicaSetup {
     async fn open(self, shard: GroupId) -> Result<ShardReplica, String> {
         let ReplicaSetup { db, log, images, node_id, initialise, raft_config, peers, rules, flusher } = self;
         let raft_log = Arc::new(log.open_group(shard, &db).map_err(|e| e.to_string())?);
-        let last_log_index = crate::storage::RaftLog::last(&*raft_log).map_err(|e| e.to_string())?.map(|(i, _)| i);
-        let log = ShardLogStore::new(raft_log, flusher);
+        let mut log = ShardLogStore::new(raft_log, flusher);
+        let state = openraft::storage::RaftLogStorage::get_log_state(&mut log).await.map_err(|e| e.to_string())?;
+        let (last_log_index, last_purged_index) = (state.last_log_id.map(|l| l.index), state.last_purged_log_id.map(|l| l.index));
         let store = Arc::new(db.shard(shard).map_err(|e| e.to_string())?);
         let image = ImageFile::of(&images, shard);
         db.move_legacy_image(shard, &image).map_err(|e| e.to_string())?;
         let mut sm = ShardStateMachine::new(store.clone(), rules.clone(), image);
-        sm.repair_interrupted_install(last_log_index).await.map_err(|e| format!("shard {shard}: {e}"))?;
+        sm.repair_interrupted_install(last_log_index, last_purged_index).await.map_err(|e| format!("shard {shard}: {e}"))?;
         let raft =
             openraft::Raft::new(node_id, raft_config, ShardNetworkFactory { shard, peers }, log, sm).await.map_err(|e| e.to_string())?;
         let members = initialise.lock().map_err(|_| "bootstrap table lock poisoned".to_string())?.remove(&shard);
@@ -471,9 +472,11 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
             shards: open_now.into_iter().collect(),
             open,
             discard: Arc::new(move |shard| {
+                // The image first: one left by a crash after the records went
+                // would be taken for the snapshot of a later replica.
+                ImageFile::of(&images_for_discard, shard).remove().map_err(|e| e.to_string())?;
                 log_for_discard.drop_group(shard).map_err(|e| e.to_string())?;
-                db_for_discard.discard(shard).map_err(|e| e.to_string())?;
-                ImageFile::of(&images_for_discard, shard).remove().map_err(|e| e.to_string())
+                db_for_discard.discard(shard).map_err(|e| e.to_string())
             }),
             replicas: replicas.clone(),
             limits: crate::shard::WriteLimits { max_waiting: config.max_waiting_writes, in_flight: config.proposals_in_flight },

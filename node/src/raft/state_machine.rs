@@ -120,40 +120,29 @@ pub fn replica_digest<S: GraphStore>(store: &S) -> Result<ReplicaDigest, crate::
     })
 }
 
-/// The log position of the image a replica keeps, shared by the state
-/// machine and its snapshot builders. openraft builds a snapshot in a task
-/// of its own, beside the applies and beside an install: a build that read
-/// the records before an install must not replace the installed (newer)
-/// image with its older one when it finishes. After a restart openraft
-/// takes the kept image as its snapshot, and a log already purged past it
-/// would break openraft's invariant that the log continues the snapshot.
-#[derive(Clone, Default)]
-struct KeptImage {
-    /// `None` until read from the store once; then the kept image's
-    /// position (`Some(None)`: no image, or one of an empty log).
-    at: Arc<std::sync::Mutex<Option<Option<LogId>>>>,
-}
-
-impl KeptImage {
-    /// Keeps `partial` (an image at `position`) as `image` unless a newer
-    /// one is kept already; whether it was kept.
-    fn keep(&self, image: &ImageFile, position: Option<LogId>, partial: PartialImage) -> Result<bool, crate::storage::StoreError> {
-        let mut at = self.at.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let current = match *at {
-            Some(current) => current,
-            None => match image.open()? {
-                Some(mut file) => read_meta(&mut file)?.last_log_id,
-                None => None,
-            },
-        };
-        if current > position {
-            *at = Some(current);
-            return Ok(false);
-        }
-        image.keep(partial)?;
-        *at = Some(position);
-        Ok(true)
+/// Keeps `partial` (an image at `position`) as `image` unless a newer one
+/// is kept already; whether it was kept. openraft builds a snapshot in a
+/// task of its own, beside the applies and beside an install, and does not
+/// wait for it when a replica shuts down: a build that read the records
+/// before an install (or before its replica was reopened) must not replace
+/// the newer image with its older one when it finishes. After a restart
+/// openraft takes the kept image as its snapshot, and a log already purged
+/// past it would break openraft's invariant that the log continues the
+/// snapshot. One lock for the whole process, so that replicas opened again
+/// on the same file share it; the kept image's position is read from the
+/// file under it.
+fn keep_unless_newer(image: &ImageFile, position: Option<LogId>, partial: PartialImage) -> Result<bool, crate::storage::StoreError> {
+    static KEEPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _keeping = KEEPING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let current = match image.open()? {
+        Some(mut file) => read_meta(&mut file)?.last_log_id,
+        None => None,
+    };
+    if current > position {
+        return Ok(false);
     }
+    image.keep(partial)?;
+    Ok(true)
 }
 
 /// A shard replica's state machine.
@@ -163,12 +152,11 @@ pub struct ShardStateMachine<S: GraphStore> {
     /// Where the replica's snapshot image is kept.
     image: ImageFile,
     snapshots_built: u64,
-    kept: KeptImage,
 }
 
 impl<S: GraphStore> ShardStateMachine<S> {
     pub fn new(store: Arc<S>, rules: Arc<RuleSet>, image: ImageFile) -> Self {
-        ShardStateMachine { store, rules, image, snapshots_built: 0, kept: KeptImage::default() }
+        ShardStateMachine { store, rules, image, snapshots_built: 0 }
     }
 
     pub fn store(&self) -> &Arc<S> {
@@ -326,7 +314,6 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
             rules: self.rules.clone(),
             image: self.image.clone(),
             snapshots_built: self.snapshots_built,
-            kept: self.kept.clone(),
         }
     }
 
@@ -371,7 +358,7 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
         // kept: a crash in between leaves the records ahead of the kept
         // image, which `repair_interrupted_install` mends.
         self.store.flush().map_err(write)?;
-        self.kept.keep(&self.image, meta.last_log_id, partial).map_err(write)?;
+        keep_unless_newer(&self.image, meta.last_log_id, partial).map_err(write)?;
         Ok(())
     }
 
@@ -381,21 +368,49 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
 }
 
 impl<S: GraphStore> ShardStateMachine<S> {
-    /// Run before openraft opens the replica, with the index of the log's
-    /// last entry. An install that crashed after restoring the records but
-    /// before keeping the new image leaves the records (and their applied
-    /// position) ahead of both the log and the kept image; openraft would
-    /// then purge the log up to the applied position and find no snapshot
-    /// covering it. The image is rebuilt from the records here. Whether it
-    /// had to be.
-    pub async fn repair_interrupted_install(&mut self, last_log_index: Option<u64>) -> Result<bool, StorageError> {
+    /// Run before openraft opens the replica, with the indexes of the log's
+    /// last entry and of its last purged one. Whether the kept image had to
+    /// be rebuilt.
+    ///
+    /// An install restores the records, makes them and their position
+    /// durable, then keeps the received image; openraft may purge the log
+    /// up to the installed position meanwhile. A crash in between leaves
+    /// the records ahead of the kept image, and the log either ends before
+    /// the records (openraft would purge it up to the applied position and
+    /// find no snapshot covering it) or is purged past the kept image (a
+    /// follower sent that image would need entries that are gone). Either
+    /// way the image is rebuilt from the records here.
+    ///
+    /// An image ahead of the records is one this replica never kept for
+    /// them: a build or install of an earlier replica of the group on this
+    /// node that finished after the replica was discarded (openraft does
+    /// not wait for a build at shutdown). A build flushes its records
+    /// before keeping its image and an install before keeping its own, so
+    /// a kept image is never ahead of durable records otherwise. It is
+    /// deleted.
+    pub async fn repair_interrupted_install(
+        &mut self,
+        last_log_index: Option<u64>,
+        last_purged_index: Option<u64>,
+    ) -> Result<bool, StorageError> {
         let (applied, _) = self.applied()?;
-        let Some(applied) = applied else { return Ok(false) };
-        if last_log_index.is_some_and(|last| last >= applied.index) {
+        let kept = self.stored_snapshot()?.and_then(|s| s.meta.last_log_id);
+        if kept.is_some() && kept > applied {
+            tracing::warn!(
+                applied = applied.map(|a| a.index),
+                kept = kept.map(|k| k.index),
+                "the kept snapshot image is ahead of the records; it belongs to an earlier replica and is deleted"
+            );
+            self.image.remove().map_err(write_err)?;
             return Ok(false);
         }
-        let kept = self.stored_snapshot()?.and_then(|s| s.meta.last_log_id);
+        let Some(applied) = applied else { return Ok(false) };
         if kept >= Some(applied) {
+            return Ok(false);
+        }
+        let log_behind = last_log_index.is_none_or(|last| last < applied.index);
+        let purged_past_image = last_purged_index.is_some_and(|purged| kept.is_none_or(|k| k.index < purged));
+        if !log_behind && !purged_past_image {
             return Ok(false);
         }
         tracing::warn!(
@@ -407,12 +422,9 @@ impl<S: GraphStore> ShardStateMachine<S> {
         Ok(true)
     }
 
-    /// The first half of a snapshot build: the records, durable, written
-    /// into a partial image labelled with their log position.
+    /// The first half of a snapshot build: the records written into a
+    /// partial image labelled with their log position, and made durable.
     pub(super) fn write_image(&mut self) -> Result<(SnapshotMeta<u64, BasicNode>, PartialImage), StorageError> {
-        // Durable first: the log this snapshot lets openraft purge must not be
-        // needed to rebuild the graph after a crash.
-        self.store.flush().map_err(write_err)?;
         // The image and the log position it is labelled with must match: a
         // follower installing it applies the entries after that position,
         // and would apply twice any the image already holds. The store's
@@ -435,6 +447,12 @@ impl<S: GraphStore> ShardStateMachine<S> {
             // be sent it meanwhile.
             write_image(&*self.store, &[SNAPSHOT], &meta, &mut partial).map_err(write_err)?;
             if Position::read(&*self.store).map_err(read_err)? == position {
+                // Durable before the image is kept: the log this snapshot
+                // lets openraft purge must not be needed to rebuild the
+                // records it holds (entries applied after a flush before
+                // the read would be in the image and not yet in sled's
+                // file).
+                self.store.flush().map_err(write_err)?;
                 self.snapshots_built = built;
                 return Ok((meta, partial));
             }
@@ -449,7 +467,7 @@ impl<S: GraphStore> ShardStateMachine<S> {
         meta: SnapshotMeta<u64, BasicNode>,
         partial: PartialImage,
     ) -> Result<Snapshot<ShardRaft>, StorageError> {
-        self.kept.keep(&self.image, meta.last_log_id, partial).map_err(write_err)?;
+        keep_unless_newer(&self.image, meta.last_log_id, partial).map_err(write_err)?;
         if self.store.meta(SNAPSHOT).map_err(read_err)?.is_some() {
             let mut cs = ChangeSet::default();
             cs.push(Change::DeleteMeta(SNAPSHOT.into()));

@@ -260,7 +260,8 @@ fn a_snapshot_built_before_an_install_does_not_replace_the_installed_image() {
 /// the new image was kept, leaves the records ahead of the log and of the
 /// kept image. openraft purges such a log up to the applied position at
 /// startup and then needs a snapshot that covers it: the replica rebuilds
-/// its image before openraft opens it.
+/// its image before openraft opens it. So it does when the log was purged
+/// past the kept image; and an image ahead of the records is deleted.
 #[test]
 fn an_interrupted_install_is_repaired_before_openraft_opens_the_replica() {
     use crate::storage::GraphStore;
@@ -284,13 +285,37 @@ fn an_interrupted_install_is_repaired_before_openraft_opens_the_replica() {
         store.restore(&leader_store.snapshot(&[]).unwrap()).unwrap();
 
         let at = |s: Option<openraft::storage::Snapshot<ShardRaft>>| s.and_then(|s| s.meta.last_log_id).map(|l| l.index);
-        let mut reopened = ShardStateMachine::new(store.clone(), rules.clone(), image);
-        // A log that reaches the applied position needs no repair.
-        assert!(!reopened.repair_interrupted_install(Some(9)).await.unwrap());
+        let mut reopened = ShardStateMachine::new(store.clone(), rules.clone(), image.clone());
+        // A log that reaches the applied position, purged no further than
+        // the kept image, needs no repair.
+        assert!(!reopened.repair_interrupted_install(Some(9), Some(3)).await.unwrap());
         assert_eq!(at(reopened.get_current_snapshot().await.unwrap()), Some(4));
-        assert!(reopened.repair_interrupted_install(Some(4)).await.unwrap());
+        assert!(reopened.repair_interrupted_install(Some(4), None).await.unwrap());
         assert_eq!(at(reopened.get_current_snapshot().await.unwrap()), Some(9), "the kept image covers the applied position");
-        assert!(!reopened.repair_interrupted_install(Some(4)).await.unwrap(), "repaired once");
+        assert!(!reopened.repair_interrupted_install(Some(4), None).await.unwrap(), "repaired once");
+
+        // openraft purges the log up to an installed position while the
+        // install runs: a crash after the records were made durable and
+        // before the image was kept leaves a log that goes on past the
+        // records but was purged past the kept image.
+        let store = Arc::new(MemStore::new());
+        let (_purged_dir, image) = self::image();
+        let mut sm = ShardStateMachine::new(store.clone(), rules.clone(), image.clone());
+        sm.apply((1..=4).map(entry)).await.unwrap();
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        store.restore(&leader_store.snapshot(&[]).unwrap()).unwrap();
+        let mut reopened = ShardStateMachine::new(store.clone(), rules.clone(), image.clone());
+        assert!(reopened.repair_interrupted_install(Some(12), Some(8)).await.unwrap(), "purged past the kept image");
+        assert_eq!(at(reopened.get_current_snapshot().await.unwrap()), Some(9));
+
+        // An image ahead of the records (left by an earlier replica of the
+        // group on this node, whose build finished after it was discarded)
+        // is deleted, not taken for the new replica's snapshot.
+        let fresh = Arc::new(MemStore::new());
+        let mut readded = ShardStateMachine::new(fresh.clone(), rules.clone(), image.clone());
+        assert!(!readded.repair_interrupted_install(None, None).await.unwrap());
+        assert_eq!(at(readded.get_current_snapshot().await.unwrap()), None, "the stale image is gone");
+        assert_eq!(image.bytes(), 0);
     });
 }
 
