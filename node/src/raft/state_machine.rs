@@ -309,12 +309,7 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        ShardStateMachine {
-            store: self.store.clone(),
-            rules: self.rules.clone(),
-            image: self.image.clone(),
-            snapshots_built: self.snapshots_built,
-        }
+        self.builder()
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<ImageData>, StorageError> {
@@ -422,6 +417,17 @@ impl<S: GraphStore> ShardStateMachine<S> {
         Ok(true)
     }
 
+    /// A state machine on the same store, to build snapshots beside the
+    /// applies.
+    fn builder(&self) -> Self {
+        ShardStateMachine {
+            store: self.store.clone(),
+            rules: self.rules.clone(),
+            image: self.image.clone(),
+            snapshots_built: self.snapshots_built,
+        }
+    }
+
     /// The first half of a snapshot build: the records written into a
     /// partial image labelled with their log position, and made durable.
     pub(super) fn write_image(&mut self) -> Result<(SnapshotMeta<u64, BasicNode>, PartialImage), StorageError> {
@@ -480,7 +486,18 @@ impl<S: GraphStore> ShardStateMachine<S> {
 
 impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<ShardRaft>, StorageError> {
-        let (meta, partial) = self.write_image()?;
-        self.keep_image(meta, partial)
+        // A build reads the whole shard and writes it to a file, with
+        // applies held off: seconds for a large shard. It runs on a thread
+        // of tokio's blocking pool, not on a runtime worker, where the Raft
+        // heartbeats and the requests of every group run.
+        let mut builder = self.builder();
+        let (built, result) = tokio::task::spawn_blocking(move || {
+            let result = builder.write_image().and_then(|(meta, partial)| builder.keep_image(meta, partial));
+            (builder.snapshots_built, result)
+        })
+        .await
+        .map_err(|e| write_err(crate::storage::StoreError::Io(format!("the snapshot build stopped: {e}"))))?;
+        self.snapshots_built = built;
+        result
     }
 }
