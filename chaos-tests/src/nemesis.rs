@@ -14,7 +14,7 @@
 //! An `overload` burst's operations are kept in [`Nemesis::burst_ops`]; the
 //! harness adds them to the run's history, so every checker covers them.
 
-use crate::cluster::{Cluster, UnexpectedExit};
+use crate::cluster::{Cluster, UnexpectedExit, CRASH_POINT_EXIT};
 use crate::workload::{self, Op, WorkloadSpec};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -218,8 +218,20 @@ impl Nemesis {
                 let (point, action) = CRASH_POINTS[self.rng.usize(0..CRASH_POINTS.len())];
                 cluster.kill(node).await;
                 let armed = format!("{point}={action}");
-                cluster.spawn(node, Some(&armed)).await?;
+                let started = cluster.spawn(node, Some(&armed)).await;
                 self.record(Some(kind), "start", format!("node {} restarted with {armed}", node + 1));
+                if let Err(e) = started {
+                    // The point can be reached while the node starts (a log
+                    // write, an image rebuilt at open), before it listens:
+                    // that is the crash this fault asked for. Any other
+                    // failure to start is one.
+                    let status = format!("{e:#}");
+                    anyhow::ensure!(status.contains(&format!("exit status: {CRASH_POINT_EXIT}")), "{status}");
+                    self.record(None, "exit", format!("node {} stopped at its crash point while starting", node + 1));
+                    cluster.spawn(node, None).await?;
+                    self.record(None, "restart", format!("node {}", node + 1));
+                    self.exits.push(UnexpectedExit { node, status, crash_point: true });
+                }
                 self.sleep_reaping(cluster, hold, until).await?;
             }
             FaultKind::DiskFull => {
