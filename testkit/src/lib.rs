@@ -206,9 +206,61 @@ impl Drop for NodeProcess {
     }
 }
 
-/// Free loopback ports, found by binding port 0 (all held at once, so
+/// Free loopback ports, each checked by binding it (all held at once, so
 /// they differ).
+///
+/// They are taken below the kernel's range of ephemeral ports
+/// (`net.ipv4.ip_local_port_range`), not from binding port 0, which hands
+/// out ports of that range: a node restarted on its port (its peers know
+/// the address) could find it taken by the local end of some client's
+/// outgoing connection ("Address already in use"). Where that range
+/// cannot be read, port 0 is bound as before.
 pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
-    let listeners: Vec<std::net::TcpListener> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()));
+    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    match ephemeral_low.filter(|low| *low > LOWEST_PORT + 1000) {
+        Some(low) => {
+            let mut tries = 0;
+            while listeners.len() < n {
+                tries += 1;
+                if tries > 10_000 {
+                    return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("no free port in {LOWEST_PORT}..{low}")));
+                }
+                if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", fastrand::u16(LOWEST_PORT..low))) {
+                    listeners.push(l);
+                }
+            }
+        }
+        None => {
+            for _ in 0..n {
+                listeners.push(std::net::TcpListener::bind("127.0.0.1:0")?);
+            }
+        }
+    }
     listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
+}
+
+/// The lowest port [`free_ports`] hands out: above the well-known and most
+/// registered service ports.
+const LOWEST_PORT: u16 = 20_000;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn free_ports_differ_bind_and_stay_below_the_ephemeral_range() {
+        let ports = super::free_ports(8).unwrap();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), 8, "{ports:?}");
+        for p in &ports {
+            drop(std::net::TcpListener::bind(("127.0.0.1", *p)).expect("a free port binds"));
+        }
+        if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
+            let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+            if low > super::LOWEST_PORT + 1000 {
+                assert!(ports.iter().all(|p| (super::LOWEST_PORT..low).contains(p)), "{ports:?} against {low}");
+            }
+        }
+    }
 }
