@@ -13,7 +13,7 @@
 //! An image's records must fit a `bin32`: 4 GiB per shard.
 
 use super::{decode, encode, StorageError};
-use crate::storage::{GraphStore, ImageFile, PartialImage, StoreError};
+use crate::storage::{io_error, GraphStore, ImageFile, PartialImage, StoreError};
 use openraft::{BasicNode, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -44,6 +44,10 @@ const BIN8: u8 = 0xc4;
 const BIN16: u8 = 0xc5;
 const BIN32: u8 = 0xc6;
 
+fn read_err(e: std::io::Error) -> StoreError {
+    io_error("cannot read a snapshot image", e)
+}
+
 fn corrupt(reason: String) -> StoreError {
     StoreError::Corrupt { key: "snapshot image".into(), reason }
 }
@@ -61,13 +65,7 @@ pub(super) fn write_image<S: GraphStore>(
     head.extend(encode(meta));
     let length_at = head.len() as u64 + 1;
     head.extend([BIN32, 0, 0, 0, 0]);
-    let write_err = |e: std::io::Error| {
-        if crate::storage::note_disk_full(&e) {
-            StoreError::DiskFull
-        } else {
-            StoreError::Io(format!("cannot write a snapshot image: {e}"))
-        }
-    };
+    let write_err = |e| io_error("cannot write a snapshot image", e);
     out.write_all(&head).map_err(write_err)?;
     store.snapshot_to(without_meta, &mut out)?;
     let end = out.stream_position().map_err(write_err)?;
@@ -107,15 +105,15 @@ fn read_head<R: Read>(r: &mut R) -> Result<(Option<SnapshotMeta<u64, BasicNode>>
 }
 
 fn read_whole(file: &mut std::fs::File) -> Result<SnapshotImage, StoreError> {
-    file.seek(SeekFrom::Start(0)).map_err(|e| StoreError::Io(format!("cannot read a snapshot image: {e}")))?;
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(|e| StoreError::Io(format!("cannot read a snapshot image: {e}")))?;
+    file.read_to_end(&mut bytes).map_err(read_err)?;
     decode(&bytes)
 }
 
 /// The metadata of the image in `file`.
 pub(super) fn read_meta(file: &mut std::fs::File) -> Result<SnapshotMeta<u64, BasicNode>, StoreError> {
-    file.seek(SeekFrom::Start(0)).map_err(|e| StoreError::Io(format!("cannot read a snapshot image: {e}")))?;
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     match read_head(&mut BufReader::new(&mut *file))? {
         (Some(meta), _) => Ok(meta),
         (None, _) => Ok(read_whole(file)?.meta),
@@ -125,8 +123,8 @@ pub(super) fn read_meta(file: &mut std::fs::File) -> Result<SnapshotMeta<u64, Ba
 /// The whole image in `file`, its records read into memory (a restore
 /// needs them whole).
 pub(super) fn read_image(file: &mut std::fs::File) -> Result<SnapshotImage, StoreError> {
-    file.seek(SeekFrom::Start(0)).map_err(|e| StoreError::Io(format!("cannot read a snapshot image: {e}")))?;
-    let size = file.metadata().map_err(|e| StoreError::Io(format!("cannot read a snapshot image: {e}")))?.len();
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
     let mut r = BufReader::new(&mut *file);
     match read_head(&mut r)? {
         (Some(meta), Records::Bytes(len)) => {

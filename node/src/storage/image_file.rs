@@ -20,7 +20,7 @@
 //!   if a newer one replaces it meanwhile (a rename does not change an open
 //!   file).
 
-use super::{note_disk_full, StoreError};
+use super::{io_error, StoreError};
 use idgraph_core::model::GroupId;
 use std::fs::File;
 use std::io::Write;
@@ -42,10 +42,7 @@ pub struct PartialImage {
 }
 
 fn file_err(what: &str, path: &Path, e: std::io::Error) -> StoreError {
-    if note_disk_full(&e) {
-        return StoreError::DiskFull;
-    }
-    StoreError::Io(format!("cannot {what} {}: {e}", path.display()))
+    io_error(format_args!("cannot {what} {}", path.display()), e)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {

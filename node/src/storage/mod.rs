@@ -58,6 +58,17 @@ pub(crate) fn note_disk_full(e: &std::io::Error) -> bool {
     full
 }
 
+/// An I/O error as a store error: [`StoreError::DiskFull`] when the disk
+/// is full (noted, see [`note_disk_full`]), otherwise [`StoreError::Io`]
+/// saying what failed.
+pub(crate) fn io_error(what: impl std::fmt::Display, e: std::io::Error) -> StoreError {
+    if note_disk_full(&e) {
+        StoreError::DiskFull
+    } else {
+        StoreError::Io(format!("{what}: {e}"))
+    }
+}
+
 /// Space on the file system holding a directory, in bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct DiskSpace {

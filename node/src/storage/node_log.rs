@@ -45,7 +45,7 @@
 //! most recent ones keep their bytes (a bounded cache per group, for
 //! replication), older ones are read back from the file.
 
-use super::{note_disk_full, RaftLog, StoreError};
+use super::{io_error, RaftLog, StoreError};
 use idgraph_core::model::GroupId;
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -338,14 +338,6 @@ fn segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
         .collect();
     numbers.sort();
     Ok(numbers)
-}
-
-fn io_error(what: &str, e: std::io::Error) -> StoreError {
-    if note_disk_full(&e) {
-        StoreError::DiskFull
-    } else {
-        StoreError::Io(format!("{what}: {e}"))
-    }
 }
 
 /// Takes the log directory's lock, waiting up to 2 s for a handle of this

@@ -660,11 +660,7 @@ impl ShardTables {
 }
 
 fn snapshot_write_err(e: std::io::Error) -> StoreError {
-    if super::note_disk_full(&e) {
-        StoreError::DiskFull
-    } else {
-        StoreError::Io(format!("cannot write a snapshot: {e}"))
-    }
+    super::io_error("cannot write a snapshot", e)
 }
 
 /// MessagePack's marker of a list with a four-byte length.
