@@ -74,22 +74,23 @@ impl Position {
     }
 }
 
-/// A replica's records and the log position they reflect, read while
-/// entries may be applied: openraft builds snapshots in a task of their
-/// own, beside the applies. The store's image is one point in time (it
-/// holds the store's write lock), and it is taken between two reads of the
-/// position; when they differ, an apply slipped in between and the image
-/// is taken again. `None` after `attempts` tries.
-fn image_at_position<S: GraphStore>(
+/// Something read from a replica's records (its image) and the log
+/// position they reflect, read while entries may be applied: openraft
+/// builds snapshots in a task of their own, beside the applies. `read`
+/// sees one point in time (the store holds applies off while it reads) and
+/// is given the position read just before; the position is read again
+/// after it, and when the two differ an apply slipped in between and
+/// `read` runs again. `None` after `attempts` tries.
+fn read_at_position<S: GraphStore, T>(
     store: &S,
-    without_meta: &[&str],
     attempts: usize,
-) -> Result<Option<(Vec<u8>, Position)>, crate::storage::StoreError> {
+    mut read: impl FnMut(&Position) -> Result<T, crate::storage::StoreError>,
+) -> Result<Option<(T, Position)>, crate::storage::StoreError> {
     for _ in 0..attempts {
         let before = Position::read(store)?;
-        let records = store.snapshot(without_meta)?;
+        let value = read(&before)?;
         if Position::read(store)? == before {
-            return Ok(Some((records, before)));
+            return Ok(Some((value, before)));
         }
     }
     Ok(None)
@@ -107,9 +108,10 @@ pub fn backup_image<S: GraphStore>(store: &S) -> Result<Vec<u8>, crate::storage:
 /// and snapshots brought them there. Not `settled` when entries kept being
 /// applied while it was read.
 pub fn replica_digest<S: GraphStore>(store: &S) -> Result<ReplicaDigest, crate::storage::StoreError> {
-    let (records, position, settled) = match image_at_position(store, &[APPLIED, APPLIED_COMMAND, SNAPSHOT], 3)? {
+    let without = [APPLIED, APPLIED_COMMAND, SNAPSHOT];
+    let (records, position, settled) = match read_at_position(store, 3, |_| store.snapshot(&without))? {
         Some((records, position)) => (records, position, true),
-        None => (store.snapshot(&[APPLIED, APPLIED_COMMAND, SNAPSHOT])?, Position::read(store)?, false),
+        None => (store.snapshot(&without)?, Position::read(store)?, false),
     };
     Ok(ReplicaDigest {
         applied_index: position.applied()?.map_or(0, |l| l.index),
@@ -433,37 +435,32 @@ impl<S: GraphStore> ShardStateMachine<S> {
     pub(super) fn write_image(&mut self) -> Result<(SnapshotMeta<u64, BasicNode>, PartialImage), StorageError> {
         // The image and the log position it is labelled with must match: a
         // follower installing it applies the entries after that position,
-        // and would apply twice any the image already holds. The store's
-        // records are one point in time, read between two reads of the
-        // position; when they differ, an apply slipped in between and the
-        // image is written again.
-        for _ in 0..1000 {
-            let position = Position::read(&*self.store).map_err(read_err)?;
-            let (last_log_id, last_membership) = (position.applied().map_err(read_err)?, position.membership().map_err(read_err)?);
-            let built = self.snapshots_built + 1;
+        // and would apply twice any the image already holds.
+        let built = self.snapshots_built + 1;
+        let ((meta, partial), _) = read_at_position(&*self.store, 1000, |position| {
+            let (last_log_id, last_membership) = (position.applied()?, position.membership()?);
             let snapshot_id = match &last_log_id {
                 Some(l) => format!("{}-{}-{built}", l.leader_id, l.index),
                 None => format!("empty-{built}"),
             };
             let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
-            let mut partial = self.image.partial().map_err(write_err)?;
+            let mut partial = self.image.partial()?;
             // The image must not contain the previous image (older builds
-            // kept it among the records). The previous one stays the current
-            // snapshot until the new one replaces it: a lagging follower may
-            // be sent it meanwhile.
-            write_image(&*self.store, &[SNAPSHOT], &meta, &mut partial).map_err(write_err)?;
-            if Position::read(&*self.store).map_err(read_err)? == position {
-                // Durable before the image is kept: the log this snapshot
-                // lets openraft purge must not be needed to rebuild the
-                // records it holds (entries applied after a flush before
-                // the read would be in the image and not yet in sled's
-                // file).
-                self.store.flush().map_err(write_err)?;
-                self.snapshots_built = built;
-                return Ok((meta, partial));
-            }
-        }
-        Err(read_err(crate::storage::StoreError::Io("entries kept being applied while the snapshot was read".into())))
+            // kept it among the records). The previous one stays the
+            // current snapshot until the new one replaces it: a lagging
+            // follower may be sent it meanwhile.
+            write_image(&*self.store, &[SNAPSHOT], &meta, &mut partial)?;
+            Ok((meta, partial))
+        })
+        .map_err(write_err)?
+        .ok_or_else(|| read_err(crate::storage::StoreError::Io("entries kept being applied while the snapshot was read".into())))?;
+        // Durable before the image is kept: the log this snapshot lets
+        // openraft purge must not be needed to rebuild the records it holds
+        // (entries applied after a flush before the read would be in the
+        // image and not yet in sled's file).
+        self.store.flush().map_err(write_err)?;
+        self.snapshots_built = built;
+        Ok((meta, partial))
     }
 
     /// The second half: keeps the image as the current snapshot, unless an
