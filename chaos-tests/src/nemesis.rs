@@ -225,8 +225,9 @@ impl Nemesis {
                     // write, an image rebuilt at open), before it listens:
                     // that is the crash this fault asked for. Any other
                     // failure to start is one.
+                    let ended = e.downcast_ref::<idgraph_testkit::NotStarted>().and_then(|n| n.status).and_then(|s| s.code());
                     let status = format!("{e:#}");
-                    anyhow::ensure!(status.contains(&format!("exit status: {CRASH_POINT_EXIT}")), "{status}");
+                    anyhow::ensure!(ended == Some(CRASH_POINT_EXIT), "{status}");
                     self.record(None, "exit", format!("node {} stopped at its crash point while starting", node + 1));
                     cluster.spawn(node, None).await?;
                     self.record(None, "restart", format!("node {}", node + 1));

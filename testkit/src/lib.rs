@@ -10,7 +10,7 @@
 //! waited for by the test. [`free_ports`] finds loopback ports by binding
 //! port 0.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -142,9 +142,11 @@ impl NodeLaunch {
         };
         let Some(addr) = addr else {
             let _ = child.start_kill();
-            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+            let status = child.wait().await.ok();
+            let shown = status.map(|s| s.to_string()).unwrap_or_default();
             let log = self.log.as_ref().map_or_else(|| "its stderr above".to_string(), |f| f.display().to_string());
-            bail!("the node on {} did not start ({status}, first line {line:?}); see {log}", self.data_dir.display());
+            let message = format!("the node on {} did not start ({shown}, first line {line:?}); see {log}", self.data_dir.display());
+            return Err(NotStarted { status, message }.into());
         };
         Ok(NodeProcess { child, addr, metrics_addr })
     }
@@ -206,6 +208,25 @@ impl Drop for NodeProcess {
     }
 }
 
+/// A node process that ended (or was ended) before it said where it
+/// listens: [`NodeLaunch::start`]'s error, so that a caller can tell how it
+/// ended (a chaos run's node stopped at an armed crash point while
+/// starting).
+#[derive(Debug)]
+pub struct NotStarted {
+    /// How the process ended, when that could be read.
+    pub status: Option<ExitStatus>,
+    message: String,
+}
+
+impl std::fmt::Display for NotStarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for NotStarted {}
+
 /// Free loopback ports, each checked by binding it (all held at once, so
 /// they differ).
 ///
@@ -248,6 +269,21 @@ const LOWEST_PORT: u16 = 20_000;
 
 #[cfg(test)]
 mod tests {
+    /// A process that ends before it listens is a [`super::NotStarted`]
+    /// carrying how it ended, also under context added by a caller.
+    #[test]
+    fn a_process_that_ends_before_listening_says_how_it_ended() {
+        use anyhow::Context;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = std::env::temp_dir();
+        let Err(e) = rt.block_on(super::NodeLaunch::new("/bin/false", &dir, "TESTKIT_UNUSED").start()).context("node 1") else {
+            panic!("/bin/false never listens");
+        };
+        let ended = e.downcast_ref::<super::NotStarted>().expect("a NotStarted under the context");
+        assert_eq!(ended.status.and_then(|s| s.code()), Some(1), "{e:#}");
+        assert!(format!("{e:#}").contains("did not start"), "{e:#}");
+    }
+
     #[test]
     fn free_ports_differ_bind_and_stay_below_the_ephemeral_range() {
         let ports = super::free_ports(8).unwrap();
