@@ -114,8 +114,9 @@ def main():
     w("- **etcd** (three members on loopback, Raft with fsync'd WAL) gets each event's normalised identifiers as one "
       "transaction of puts, one key per identifier, acknowledged once a quorum has it: the ceiling of a proven Raft "
       "store's replicated writes on this machine. It does no resolution, so it has no accuracy to score.")
-    w("- **growth** streams a larger world into one node in equal parts and reports each part's throughput with the "
-      "node's resident memory and data directory size after it.")
+    w("- **growth** streams a larger world into one node in parts of as many persons each and reports each part's "
+      "throughput with the node's resident memory and data directory size after it. The world is generated as it is "
+      "sent (the generator holds a few thousand events at a time, not the world), so the run can go to any size.")
     w("")
     w("## Results")
     w("")

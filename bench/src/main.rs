@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use idgraph_bench::peers::{BatchStitch, Idgraph, Peer, Postgres, SledCeiling};
 use idgraph_bench::run::{self, Measured, Workload};
-use idgraph_bench::world::{normalized_key, pairwise, raw_from_key, Accuracy, RawId, World, WorldSpec};
+use idgraph_bench::world::{normalized_key, pairwise, raw_from_key, Accuracy, Event, EventStream, RawId, World, WorldSpec};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -185,13 +185,15 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::World { world } => {
+            // Streamed: any size counts in bounded memory.
             let started = Instant::now();
-            let w = World::generate(&spec(&world));
+            let mut stream = EventStream::new(&spec(&world));
+            let events = stream.by_ref().count();
             println!(
                 "{} persons, {} events, {} identifiers with an owner (generated in {:.1} s)",
-                w.persons.len(),
-                w.events.len(),
-                w.identifier_count(),
+                world.persons,
+                events,
+                stream.identifiers_with_owner(),
                 started.elapsed().as_secs_f64()
             );
             Ok(())
@@ -206,19 +208,18 @@ fn spec(w: &WorldArgs) -> WorldSpec {
 
 async fn run_bench(args: RunArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
-    let world = World::generate(&spec(&args.world));
     let result = match args.target {
         Target::Idgraph => {
             let peer = Arc::new(Idgraph::connect(&args.endpoints, args.stale).await.map_err(anyhow::Error::msg)?);
-            measure(peer, &world, &args).await?
+            measure(peer, &args).await?
         }
         Target::Postgres => {
             let peer =
                 Arc::new(Postgres::connect(&args.pg, args.clients).await.map_err(anyhow::Error::msg).context("connecting to PostgreSQL")?);
             if args.workload == Workload::Batch {
-                batch(&peer, &world, &args).await?
+                batch(&peer, &World::generate(&spec(&args.world)), &args).await?
             } else {
-                measure(peer, &world, &args).await?
+                measure(peer, &args).await?
             }
         }
         #[cfg(feature = "etcd")]
@@ -229,7 +230,7 @@ async fn run_bench(args: RunArgs) -> anyhow::Result<()> {
                     .map_err(anyhow::Error::msg)
                     .context("connecting to etcd")?,
             );
-            measure(peer, &world, &args).await?
+            measure(peer, &args).await?
         }
         #[cfg(not(feature = "etcd"))]
         Target::Etcd => {
@@ -238,7 +239,7 @@ async fn run_bench(args: RunArgs) -> anyhow::Result<()> {
         Target::Sled => {
             anyhow::ensure!(!args.sled_dir.exists(), "{} exists; the ceiling starts from an empty database", args.sled_dir.display());
             let peer = Arc::new(SledCeiling::open(&args.sled_dir).map_err(anyhow::Error::msg)?);
-            let r = measure(peer, &world, &args).await;
+            let r = measure(peer, &args).await;
             let _ = std::fs::remove_dir_all(&args.sled_dir);
             r?
         }
@@ -268,9 +269,14 @@ async fn run_bench(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// Loads what the workload needs first (untimed), runs it, and measures
-/// accuracy afterwards.
-async fn measure<P: Peer>(peer: Arc<P>, world: &World, args: &RunArgs) -> anyhow::Result<Result> {
-    let (preload, timed) = run::split(world, args.workload);
+/// accuracy afterwards. An ingest with no accuracy to score streams its
+/// world as it is sent (memory holds one step, not the world); every other
+/// workload generates the whole world first.
+async fn measure<P: Peer>(peer: Arc<P>, args: &RunArgs) -> anyhow::Result<Result> {
+    let spec = spec(&args.world);
+    let streamed = args.workload == Workload::Ingest && args.accuracy_sample == 0;
+    let world = (!streamed).then(|| World::generate(&spec));
+    let (preload, timed) = world.as_ref().map(|w| run::split(w, args.workload)).unwrap_or_default();
     if !preload.is_empty() {
         let loaded = run::ingest_unary(peer.clone(), Arc::new(preload.clone()), args.clients.max(8)).await;
         anyhow::ensure!(loaded.errors == 0, "preloading failed: {:?}", loaded.first_error);
@@ -281,7 +287,7 @@ async fn measure<P: Peer>(peer: Arc<P>, world: &World, args: &RunArgs) -> anyhow
         preload.iter().flat_map(|e| e.ids.iter()).filter(|i| normalized_key(&rules, i.kind, &i.value).is_some()).cloned().collect(),
     );
     let timed = Arc::new(timed);
-    let ingest = |events: Arc<Vec<idgraph_bench::world::Event>>| {
+    let ingest = |events: Arc<Vec<Event>>| {
         let peer = peer.clone();
         async move {
             match (args.stream, args.target) {
@@ -294,25 +300,39 @@ async fn measure<P: Peer>(peer: Arc<P>, world: &World, args: &RunArgs) -> anyhow
             }
         }
     };
+    let mut stream = streamed.then(|| EventStream::new(&spec));
     let mut growth = Vec::new();
     let measured = match args.workload {
         Workload::Batch => anyhow::bail!("--workload batch applies to --target postgres only"),
-        Workload::Ingest | Workload::MergeHeavy if args.steps > 1 => {
-            let per_step = timed.len().div_ceil(args.steps).max(1);
-            let (mut seen, mut sent, mut last) = (std::collections::HashSet::new(), 0, None);
+        Workload::Ingest | Workload::MergeHeavy if args.steps > 1 || stream.is_some() => {
+            // The parts: of the streamed world, or of the timed events.
+            let parts: Box<dyn Iterator<Item = Vec<Event>> + '_> = match stream.as_mut() {
+                Some(stream) => Box::new(stream.parts(args.steps)),
+                None => Box::new(timed.chunks(timed.len().div_ceil(args.steps).max(1)).map(<[Event]>::to_vec)),
+            };
+            // Identifiers sent so far, as 64-bit hashes of their normalised
+            // keys: a tenth of the keys' memory, and about one chance in
+            // 3,700 that two of 100 million collide (n² / 2⁶⁵).
+            let (mut seen, mut sent, mut last) = (std::collections::HashSet::<u64>::new(), 0, None);
             let (mut ops, mut errors, mut seconds) = (0, 0, 0.0);
-            for chunk in timed.chunks(per_step) {
-                let m = ingest(Arc::new(chunk.to_vec())).await?;
-                sent += chunk.len();
-                seen.extend(chunk.iter().flat_map(|e| e.ids.iter()).filter_map(|i| normalized_key(&rules, i.kind, &i.value)));
-                growth.push(GrowthStep {
-                    events: sent,
-                    identifiers: seen.len(),
-                    ops_per_s: m.ops_per_s,
-                    p99_us: m.p99_us,
-                    rss_bytes: args.watch_pid.map_or(0, rss_bytes),
-                    disk_bytes: args.watch_dir.as_deref().map_or(0, disk_bytes),
-                });
+            for part in parts {
+                let hash = |key: String| {
+                    use std::hash::{BuildHasher, BuildHasherDefault};
+                    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key)
+                };
+                seen.extend(part.iter().flat_map(|e| e.ids.iter()).filter_map(|i| normalized_key(&rules, i.kind, &i.value)).map(hash));
+                sent += part.len();
+                let m = ingest(Arc::new(part)).await?;
+                if args.steps > 1 {
+                    growth.push(GrowthStep {
+                        events: sent,
+                        identifiers: seen.len(),
+                        ops_per_s: m.ops_per_s,
+                        p99_us: m.p99_us,
+                        rss_bytes: args.watch_pid.map_or(0, rss_bytes),
+                        disk_bytes: args.watch_dir.as_deref().map_or(0, disk_bytes),
+                    });
+                }
                 (ops, errors, seconds) = (ops + m.ops, errors + m.errors, seconds + m.seconds);
                 last = Some(m);
             }
@@ -327,10 +347,16 @@ async fn measure<P: Peer>(peer: Arc<P>, world: &World, args: &RunArgs) -> anyhow
     };
     // sled and etcd store identifiers without resolving them: no profiles to score.
     let resolves = !matches!(args.target, Target::Sled | Target::Etcd);
-    let accuracy = if args.accuracy_sample > 0 && resolves && args.workload != Workload::Mixed {
-        Some(accuracy(&*peer, world, args.accuracy_sample).await?)
-    } else {
-        None
+    let accuracy = match &world {
+        Some(world) if args.accuracy_sample > 0 && resolves && args.workload != Workload::Mixed => {
+            Some(accuracy(&*peer, world, args.accuracy_sample).await?)
+        }
+        _ => None,
+    };
+    let identifiers = match (&world, &stream) {
+        (Some(world), _) => world.identifier_count(),
+        (None, Some(stream)) => stream.identifiers_with_owner(),
+        (None, None) => 0,
     };
     Ok(Result {
         label: args.label.clone(),
@@ -340,8 +366,8 @@ async fn measure<P: Peer>(peer: Arc<P>, world: &World, args: &RunArgs) -> anyhow
         clients: args.clients,
         stream: args.stream,
         stale: args.stale,
-        persons: world.persons.len(),
-        identifiers: world.identifier_count(),
+        persons: spec.persons,
+        identifiers,
         preloaded_events: preload.len(),
         measured,
         accuracy,

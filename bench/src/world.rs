@@ -87,93 +87,237 @@ const PLACEHOLDERS: [(&str, &str); 4] =
     [("email", "test@test.com"), ("device_id", "unknown"), ("phone", "0000000000"), ("anonymous_id", "undefined")];
 
 impl World {
+    /// The whole world in memory: every event, every person and the truth
+    /// (what workloads that look identifiers up and score profiles need).
     pub fn generate(spec: &WorldSpec) -> World {
-        let mut rng = fastrand::Rng::with_seed(spec.seed);
-        let persons: Vec<Person> = (0..spec.persons).map(|p| person(&mut rng, p, spec.skew)).collect();
-        // Households of two to four consecutive persons; a third of them
-        // share a family tablet.
-        let mut family_device: HashMap<usize, String> = HashMap::new();
-        let mut p = 0;
-        while p < spec.persons {
-            let size = rng.usize(1..=4);
-            if size > 1 && rng.u8(0..3) == 0 {
-                for member in p..(p + size).min(spec.persons) {
-                    family_device.insert(member, format!("tablet-{p:x}"));
-                }
-            }
-            p += size;
-        }
-        let mut events = Vec::new();
-        let mut n = 0u64;
-        let mut push = |events: &mut Vec<Event>, rng: &mut fastrand::Rng, ids: Vec<RawId>| {
-            n += 1;
-            let e = Event { event_id: format!("e{}-{n}", spec.seed), ids };
-            if rng.f64() < spec.redelivery {
-                events.push(e.clone());
-            }
-            events.push(e);
-        };
-        for (p, person) in persons.iter().enumerate() {
-            for (s, session) in person.sessions.iter().enumerate() {
-                let device = &person.devices[s % person.devices.len()];
-                let device_seen = variant_case(&mut rng, device);
-                push(&mut events, &mut rng, vec![raw("anonymous_id", session), raw("device_id", &device_seen)]);
-                if s == 0 {
-                    if let Some(email) = person.emails.first() {
-                        let email_seen = variant_case(&mut rng, email);
-                        push(&mut events, &mut rng, vec![raw("email", &email_seen), raw("anonymous_id", session)]);
-                    }
-                }
-                if rng.u8(0..2) == 0 {
-                    let mut ids = vec![raw("user_id", &person.user_id), raw("device_id", device), raw("anonymous_id", session)];
-                    if let Some(tablet) = family_device.get(&p).filter(|_| rng.u8(0..4) == 0) {
-                        ids.push(raw("device_id", tablet));
-                    }
-                    if rng.u8(0..50) == 0 {
-                        let (kind, value) = PLACEHOLDERS[rng.usize(0..PLACEHOLDERS.len())];
-                        ids.push(raw(kind, value));
-                    }
-                    push(&mut events, &mut rng, ids);
-                }
-            }
-            for (i, email) in person.emails.iter().enumerate() {
-                let mut ids = vec![raw("user_id", &person.user_id), raw("email", &variant_case(&mut rng, email))];
-                if let Some(phone) = person.phones.get(i) {
-                    ids.push(raw("phone", &variant_phone(&mut rng, phone)));
-                }
-                push(&mut events, &mut rng, ids);
-            }
-        }
-        // Persons shop at the same time: interleave, keeping each person's
-        // events roughly in order.
-        let mut keyed: Vec<(u64, Event)> = events.into_iter().enumerate().map(|(i, e)| (i as u64 + rng.u64(0..2_000), e)).collect();
-        keyed.sort_by_key(|(k, _)| *k);
-        let events: Vec<Event> = keyed.into_iter().map(|(_, e)| e).collect();
-
-        let rules = RuleSet::builtin();
-        let mut truth = HashMap::new();
-        for (p, person) in persons.iter().enumerate() {
-            let mut own: Vec<(&str, &String)> = vec![("user_id", &person.user_id)];
-            own.extend(person.emails.iter().map(|v| ("email", v)));
-            own.extend(person.phones.iter().map(|v| ("phone", v)));
-            own.extend(person.devices.iter().map(|v| ("device_id", v)));
-            own.extend(person.sessions.iter().map(|v| ("anonymous_id", v)));
-            for (kind, value) in own {
-                if let Some(key) = normalized_key(&rules, kind, value) {
-                    truth.insert(key, p);
-                }
-            }
-        }
-        // Only what was sent can be found.
-        let sent: std::collections::HashSet<String> =
-            events.iter().flat_map(|e| e.ids.iter()).filter_map(|id| normalized_key(&rules, id.kind, &id.value)).collect();
-        truth.retain(|k, _| sent.contains(k));
+        let mut stream = EventStream::new(spec).keeping_truth();
+        let events: Vec<Event> = stream.by_ref().collect();
+        let (persons, truth) = stream.kept.take().unwrap_or_default();
         World { spec: spec.clone(), persons, events, truth }
     }
 
     /// Identifiers in the world.
     pub fn identifier_count(&self) -> usize {
         self.truth.len()
+    }
+}
+
+/// Events of a world jitter by up to this many places from the order they
+/// were generated in: persons shop at the same time, each person's events
+/// stay roughly in order.
+const INTERLEAVE: u64 = 2_000;
+
+/// A world's events in delivery order, generated person by person as they
+/// are taken: memory holds the events of about [`INTERLEAVE`] places, not
+/// the world, so an ingest-only run can go to any size. [`World::generate`]
+/// collects the same stream.
+pub struct EventStream {
+    spec: WorldSpec,
+    rng: fastrand::Rng,
+    rules: RuleSet,
+    /// The next person to generate.
+    next_person: usize,
+    /// The household being generated: the person after its last, and its
+    /// family tablet.
+    household_end: usize,
+    tablet: Option<String>,
+    /// Events generated so far (redeliveries included): each one's place
+    /// before the jitter.
+    generated: u64,
+    /// Event ids given out.
+    event_ids: u64,
+    /// Generated events not yet delivered, by delivery place.
+    pending: std::collections::BinaryHeap<std::cmp::Reverse<Placed>>,
+    /// Identifiers with an owner among the persons generated.
+    owned: usize,
+    /// With [`EventStream::keeping_truth`]: the persons and the truth.
+    kept: Option<(Vec<Person>, HashMap<String, usize>)>,
+}
+
+/// An event with its delivery place: its generated place plus a jitter, ties
+/// in generated order.
+struct Placed {
+    at: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Placed {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Placed {}
+impl PartialOrd for Placed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Placed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+impl EventStream {
+    pub fn new(spec: &WorldSpec) -> EventStream {
+        EventStream {
+            spec: spec.clone(),
+            rng: fastrand::Rng::with_seed(spec.seed),
+            rules: RuleSet::builtin(),
+            next_person: 0,
+            household_end: 0,
+            tablet: None,
+            generated: 0,
+            event_ids: 0,
+            pending: std::collections::BinaryHeap::new(),
+            owned: 0,
+            kept: None,
+        }
+    }
+
+    /// Also keeps every person and the truth (memory grows with the world).
+    pub fn keeping_truth(mut self) -> EventStream {
+        self.kept = Some((Vec::new(), HashMap::new()));
+        self
+    }
+
+    /// Events generated and not yet delivered.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Identifiers with an owner among the persons generated so far (the
+    /// world's [`World::identifier_count`] once the stream has ended).
+    pub fn identifiers_with_owner(&self) -> usize {
+        self.owned
+    }
+
+    /// The stream cut into `parts` consecutive parts of about as many
+    /// persons each (the last holds what is left); empty parts are skipped.
+    pub fn parts(&mut self, parts: usize) -> impl Iterator<Item = Vec<Event>> + '_ {
+        let parts = parts.max(1);
+        let persons = self.spec.persons;
+        (1..=parts).filter_map(move |k| {
+            let boundary = persons * k / parts;
+            let mut part = Vec::new();
+            loop {
+                while let Some(e) = self.pop_delivered() {
+                    part.push(e);
+                }
+                if self.next_person >= boundary || !self.generate_person() {
+                    break;
+                }
+            }
+            (!part.is_empty()).then_some(part)
+        })
+    }
+
+    /// The next event whose delivery place no event still to be generated
+    /// can come before.
+    fn pop_delivered(&mut self) -> Option<Event> {
+        let done = self.next_person >= self.spec.persons;
+        match self.pending.peek() {
+            Some(std::cmp::Reverse(p)) if done || p.at <= self.generated => self.pending.pop().map(|std::cmp::Reverse(p)| p.event),
+            _ => None,
+        }
+    }
+
+    /// Generates the next person's events into `pending`; false when every
+    /// person has been generated.
+    fn generate_person(&mut self) -> bool {
+        let p = self.next_person;
+        if p >= self.spec.persons {
+            return false;
+        }
+        self.next_person += 1;
+        let rng = &mut self.rng;
+        // Households of one to four consecutive persons; a third of those
+        // with two or more share a family tablet.
+        if p >= self.household_end {
+            let size = rng.usize(1..=4);
+            self.tablet = (size > 1 && rng.u8(0..3) == 0).then(|| format!("tablet-{p:x}"));
+            self.household_end = p + size;
+        }
+        let person = person(rng, p, self.spec.skew);
+        let mut events = Vec::new();
+        for (s, session) in person.sessions.iter().enumerate() {
+            let device = &person.devices[s % person.devices.len()];
+            let device_seen = variant_case(rng, device);
+            events.push(vec![raw("anonymous_id", session), raw("device_id", &device_seen)]);
+            if s == 0 {
+                if let Some(email) = person.emails.first() {
+                    let email_seen = variant_case(rng, email);
+                    events.push(vec![raw("email", &email_seen), raw("anonymous_id", session)]);
+                }
+            }
+            if rng.u8(0..2) == 0 {
+                let mut ids = vec![raw("user_id", &person.user_id), raw("device_id", device), raw("anonymous_id", session)];
+                if let Some(tablet) = self.tablet.as_ref().filter(|_| rng.u8(0..4) == 0) {
+                    ids.push(raw("device_id", tablet));
+                }
+                if rng.u8(0..50) == 0 {
+                    let (kind, value) = PLACEHOLDERS[rng.usize(0..PLACEHOLDERS.len())];
+                    ids.push(raw(kind, value));
+                }
+                events.push(ids);
+            }
+        }
+        for (i, email) in person.emails.iter().enumerate() {
+            let mut ids = vec![raw("user_id", &person.user_id), raw("email", &variant_case(rng, email))];
+            if let Some(phone) = person.phones.get(i) {
+                ids.push(raw("phone", &variant_phone(rng, phone)));
+            }
+            events.push(ids);
+        }
+        // The person's own identifiers that its events send are its truth
+        // (nobody else's events carry them).
+        let rules = &self.rules;
+        let sent: std::collections::HashSet<String> =
+            events.iter().flatten().filter_map(|id| normalized_key(rules, id.kind, &id.value)).collect();
+        let mut own: Vec<(&str, &String)> = vec![("user_id", &person.user_id)];
+        own.extend(person.emails.iter().map(|v| ("email", v)));
+        own.extend(person.phones.iter().map(|v| ("phone", v)));
+        own.extend(person.devices.iter().map(|v| ("device_id", v)));
+        own.extend(person.sessions.iter().map(|v| ("anonymous_id", v)));
+        let truth: std::collections::HashSet<String> =
+            own.into_iter().filter_map(|(kind, value)| normalized_key(rules, kind, value)).filter(|k| sent.contains(k)).collect();
+        self.owned += truth.len();
+        for ids in events {
+            self.event_ids += 1;
+            let event = Event { event_id: format!("e{}-{}", self.spec.seed, self.event_ids), ids };
+            if self.rng.f64() < self.spec.redelivery {
+                self.place(event.clone());
+            }
+            self.place(event);
+        }
+        if let Some((persons, all)) = &mut self.kept {
+            all.extend(truth.into_iter().map(|k| (k, p)));
+            persons.push(person);
+        }
+        true
+    }
+
+    fn place(&mut self, event: Event) {
+        let seq = self.generated;
+        self.generated += 1;
+        let at = seq + self.rng.u64(0..INTERLEAVE);
+        self.pending.push(std::cmp::Reverse(Placed { at, seq, event }));
+    }
+}
+
+impl Iterator for EventStream {
+    type Item = Event;
+
+    fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(e) = self.pop_delivered() {
+                return Some(e);
+            }
+            if !self.generate_person() {
+                return None;
+            }
+        }
     }
 }
 
@@ -304,6 +448,40 @@ mod tests {
         assert!(ids.len() < a.events.len(), "some events are delivered twice");
         let big = a.persons.iter().map(|p| p.sessions.len()).max().unwrap();
         assert!(big >= 40, "the skew knob makes large profiles");
+    }
+
+    #[test]
+    fn a_world_streamed_in_parts_is_the_world_generated_whole_with_few_events_held_at_once() {
+        let spec = WorldSpec { persons: 4_000, seed: 5, skew: 0.01, redelivery: 0.05 };
+        let whole = World::generate(&spec);
+        let mut stream = EventStream::new(&spec);
+        let mut streamed = Vec::new();
+        let mut sizes = Vec::new();
+        for part in stream.parts(7) {
+            sizes.push(part.len());
+            streamed.extend(part);
+        }
+        assert_eq!(streamed.len(), whole.events.len());
+        assert!(
+            streamed.iter().zip(&whole.events).all(|(x, y)| x.event_id == y.event_id && x.ids == y.ids),
+            "the same events in the same order"
+        );
+        assert_eq!(stream.identifiers_with_owner(), whole.identifier_count());
+        assert_eq!(stream.pending(), 0, "every generated event was delivered");
+        // Seven parts of about 570 persons (about 4,000 events) each.
+        assert_eq!(sizes.len(), 7, "{sizes:?}");
+        let mean = whole.events.len() / 7;
+        assert!(sizes.iter().all(|s| s.abs_diff(mean) < mean / 3), "{sizes:?}");
+        // Taken one by one, the stream holds about INTERLEAVE events, not the world.
+        let mut one_by_one = EventStream::new(&spec);
+        let mut held = 0;
+        while one_by_one.next().is_some() {
+            held = held.max(one_by_one.pending());
+        }
+        assert!(held > 0 && held < INTERLEAVE as usize + 1_000, "held {held} of {} events", whole.events.len());
+        // Delivery interleaves persons: some event comes before one generated earlier.
+        let seq = |e: &Event| e.event_id.rsplit('-').next().unwrap().parse::<u64>().unwrap();
+        assert!(whole.events.windows(2).any(|w| seq(&w[0]) > seq(&w[1])));
     }
 
     #[test]
