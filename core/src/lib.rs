@@ -17,6 +17,8 @@
 //! - [`txn`]: the participant steps of cross-shard transactions (prepare,
 //!   commit, apply, abort, resolve) as pure functions of a shard's store,
 //!   and the read set a coordinator runs the engine over.
+//! - [`retention`]: event dedup records forgotten once their retention has
+//!   passed.
 //! - [`meta`]: the cluster map (nodes, replica placement, moves under way)
 //!   and its placement planner.
 //! - [`canary`]: canary rollouts of rule-set versions: the plan, the KPI
@@ -30,5 +32,6 @@ pub mod engine;
 pub mod graph;
 pub mod meta;
 pub mod model;
+pub mod retention;
 pub mod rules;
 pub mod txn;

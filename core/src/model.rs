@@ -235,6 +235,9 @@ pub enum Change {
     /// log id), written in the same atomic batch as the graph changes.
     PutMeta(String, Vec<u8>),
     DeleteMeta(String),
+    /// Forgets an event's dedup record once its retention has passed (see
+    /// [`crate::retention`]); the engine never deletes one.
+    DeleteEvent(String),
 }
 
 /// The changes of one command plus the counter deltas they imply.

@@ -97,6 +97,11 @@ pub struct NodeConfig {
     /// by default. Fixed when a data directory is created; an existing one
     /// keeps its setting.
     pub storage_compression: bool,
+    /// How long an event's dedup record is kept, in seconds: a re-delivery
+    /// of the event within this window is answered as a duplicate, one
+    /// after it is applied again. 0: kept forever (a shard's disk then
+    /// grows with every event ever sent).
+    pub event_retention_secs: u64,
     /// Address of any member of a running cluster to join (instead of
     /// bootstrapping with `initial_cluster`).
     pub join: String,
@@ -160,6 +165,7 @@ impl Default for NodeConfig {
             raft_snapshot_logs: 10_000,
             storage_cache_mb: 1024,
             storage_compression: false,
+            event_retention_secs: DEFAULT_EVENT_RETENTION_SECS,
             join: String::new(),
             peer_routes: String::new(),
             advertise: String::new(),
@@ -199,6 +205,10 @@ pub struct Overrides {
     pub metrics_listen: Option<SocketAddr>,
 }
 
+/// Seven days: longer than senders' queues retry an event (mobile SDKs keep
+/// undelivered events for days).
+pub const DEFAULT_EVENT_RETENTION_SECS: u64 = 7 * 24 * 3600;
+
 /// Environment variables read (`IDGRAPH_` + the field name in capitals).
 const ENV_FIELDS: &[&str] = &[
     "listen",
@@ -222,6 +232,7 @@ const ENV_FIELDS: &[&str] = &[
     "raft_snapshot_logs",
     "storage_cache_mb",
     "storage_compression",
+    "event_retention_secs",
     "join",
     "peer_routes",
     "advertise",
@@ -290,6 +301,9 @@ impl NodeConfig {
         }
         if self.raft_snapshot_logs < 10 {
             return bad("raft_snapshot_logs", "must be at least 10");
+        }
+        if self.event_retention_secs > 100 * 365 * 24 * 3600 {
+            return bad("event_retention_secs", "must be at most 100 years (0 keeps records forever)");
         }
         if !(16..=1024 * 1024).contains(&self.storage_cache_mb) {
             return bad("storage_cache_mb", "must be 16 to 1048576");

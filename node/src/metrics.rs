@@ -63,6 +63,7 @@ pub struct NodeMetrics {
     pub new_profiles: IntCounter,
     pub txn_retries: IntCounter,
     pub txn_aborts: IntCounter,
+    pub events_forgotten: IntCounter,
     pub backup_held_steps: IntCounter,
     /// Linearizable reads on this node's leaders, by how leadership was
     /// confirmed: `lease` or `round` (a heartbeat round).
@@ -143,6 +144,10 @@ impl NodeMetrics {
             new_profiles: counter("idgraph_new_profiles_total", "profiles created by events"),
             txn_retries: counter("idgraph_txn_retries_total", "cross-shard transaction attempts that had to be run again"),
             txn_aborts: counter("idgraph_txn_aborts_total", "cross-shard transactions given up after conflicting too often"),
+            events_forgotten: counter(
+                "idgraph_events_forgotten_total",
+                "event dedup records forgotten by this node's shard leaders once past their retention",
+            ),
             backup_held_steps: counter(
                 "idgraph_backup_held_steps_total",
                 "cross-shard commit, apply and forget steps that waited for a backup's fence",

@@ -47,6 +47,12 @@ impl ShardMap {
     }
 }
 
+/// Dedup records a retention sweep reads per page of a shard.
+const RETENTION_PAGE: usize = 2_000;
+/// Pages a retention sweep reads of one shard in one step at most (while
+/// more than half of each is forgotten).
+const RETENTION_PAGES: usize = 10;
+
 /// The node's entry point for requests: picks the shard, stamps commands
 /// with time and an operation id, calls the local shard actor, and forwards
 /// to the shard's leader when this node is not it.
@@ -602,6 +608,47 @@ impl ShardRouter {
             tracing::info!(%shard, parts = stale.len(), "settling transaction parts abandoned by their coordinators");
             if let Err(e) = txn::coordinator::sweep(self, shard, stale).await {
                 tracing::warn!(%shard, error = %e, "settling abandoned transaction parts failed; will retry");
+            }
+        }
+    }
+
+    /// One step of the retention sweep on the shards this node leads (see
+    /// [`idgraph_core::retention`]): each shard's scan of its dedup records
+    /// goes on from `cursors` by a page, and by more pages while they hold
+    /// records to forget; those past `retention` are forgotten through the
+    /// shard's log. A new leader starts from the first record. Run every
+    /// second.
+    pub async fn forget_expired_events(&self, retention: Duration, cursors: &mut HashMap<ShardId, String>) {
+        for shard in self.map.shards().into_iter().filter(|s| self.hosts(GroupId::Shard(*s))) {
+            for _ in 0..RETENTION_PAGES {
+                let before_ms = self.now_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+                let after = cursors.get(&shard).cloned();
+                let req = ShardRequest::Read(ShardRead::ExpiredEvents { before_ms, after, scan: RETENTION_PAGE });
+                // Only the leader answers; followers leave it to their leader.
+                let Ok(ShardReply::ExpiredEvents { event_ids, next }) = self.local(shard.into(), &req).await else { break };
+                let found = event_ids.len();
+                if found > 0 {
+                    let forget = ShardCommand::ForgetEvents { before_ms, event_ids };
+                    match self.request(shard.into(), ShardRequest::Write(Box::new(forget))).await {
+                        Ok(ShardReply::Forgotten(n)) => {
+                            self.metrics.events_forgotten.inc_by(n);
+                            tracing::debug!(%shard, forgotten = n, "forgot event dedup records past their retention");
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            // The cursor stays: the next sweep scans the page again.
+                            tracing::warn!(%shard, error = %e, "forgetting event dedup records failed; will retry");
+                            break;
+                        }
+                    }
+                }
+                match next {
+                    Some(n) => drop(cursors.insert(shard, n)),
+                    None => drop(cursors.remove(&shard)),
+                }
+                if found < RETENTION_PAGE / 2 || !cursors.contains_key(&shard) {
+                    break;
+                }
             }
         }
     }

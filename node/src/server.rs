@@ -17,7 +17,7 @@ use idgraph_proto::v1::identity_graph_server::IdentityGraphServer;
 use idgraph_proto::v1::raft_transport_server::RaftTransportServer;
 use openraft::BasicNode;
 use ractor::{Actor, ActorRef};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -500,11 +500,16 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     }
     let sweeper = {
         let router = router.clone();
+        let retention = (config.event_retention_secs > 0).then(|| Duration::from_secs(config.event_retention_secs));
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_millis(1_000));
+            let mut cursors = HashMap::new();
             loop {
                 every.tick().await;
                 router.sweep_abandoned().await;
+                if let Some(retention) = retention {
+                    router.forget_expired_events(retention, &mut cursors).await;
+                }
             }
         })
     };

@@ -139,6 +139,8 @@ pub fn settle_delay(cmd: &ShardCommand) -> Option<std::time::Duration> {
     match cmd {
         ShardCommand::Txn(crate::txn::TxnOp::Apply { .. }) => Some(std::time::Duration::from_millis(20)),
         ShardCommand::Txn(crate::txn::TxnOp::Forget { .. }) => Some(std::time::Duration::from_millis(50)),
+        // Nobody waits on a retention sweep.
+        ShardCommand::ForgetEvents { .. } => Some(std::time::Duration::from_millis(500)),
         _ => None,
     }
 }
@@ -258,7 +260,7 @@ fn starts_work(cmd: &ShardCommand) -> bool {
     match cmd {
         ShardCommand::Engine(_) | ShardCommand::Restore(_) => true,
         ShardCommand::Txn(op) => matches!(op, crate::txn::TxnOp::Single { .. } | crate::txn::TxnOp::Prepare { .. }),
-        ShardCommand::Meta(_) => false,
+        ShardCommand::Meta(_) | ShardCommand::ForgetEvents { .. } => false,
     }
 }
 

@@ -15,6 +15,8 @@ struct Cluster {
     ports: Vec<u16>,
     nodes: Vec<Option<NodeProcess>>,
     shards: String,
+    /// More arguments for every node.
+    extra: Vec<String>,
 }
 
 impl Cluster {
@@ -23,9 +25,14 @@ impl Cluster {
     }
 
     async fn with_shards(n: usize, shards: u32) -> Cluster {
+        Cluster::with_args(n, shards, &[]).await
+    }
+
+    async fn with_args(n: usize, shards: u32, extra: &[&str]) -> Cluster {
         let ports = free_ports(n);
         let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
-        let mut c = Cluster { dirs, ports, nodes: (0..n).map(|_| None).collect(), shards: shards.to_string() };
+        let extra = extra.iter().map(|a| a.to_string()).collect();
+        let mut c = Cluster { dirs, ports, nodes: (0..n).map(|_| None).collect(), shards: shards.to_string(), extra };
         for i in 0..n {
             c.start_node(i).await;
         }
@@ -40,11 +47,20 @@ impl Cluster {
         let listen = format!("127.0.0.1:{}", self.ports[i]);
         let id = (i + 1).to_string();
         let members = self.initial_cluster();
-        let p = start_process(
-            self.dirs[i].path(),
-            &["--listen", &listen, "--id", &id, "--initial-cluster", &members, "--shards", &self.shards, "--metrics-listen", "127.0.0.1:0"],
-        )
-        .await;
+        let mut args = vec![
+            "--listen",
+            &listen,
+            "--id",
+            &id,
+            "--initial-cluster",
+            &members,
+            "--shards",
+            &self.shards,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        let p = start_process(self.dirs[i].path(), &args).await;
         self.nodes[i] = Some(p);
     }
 
@@ -574,5 +590,47 @@ async fn reads_on_the_leader_ride_its_lease_and_see_every_acknowledged_write() {
         let acked = deliver(&mut new_leader, person_event(i)).await;
         let p = reader.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap().into_inner();
         assert_eq!(p.profile_id, acked.profile_id, "the old leader answered read {i} from its own state after the transfer");
+    }
+}
+
+/// Dedup records past their retention (one second here) are forgotten
+/// through each shard's log: every replica forgets the same ones, and an
+/// event delivered again afterwards is applied again, to the same profile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_forgets_the_same_dedup_records_past_their_retention() {
+    let conf = tempfile::tempdir().unwrap();
+    let file = conf.path().join("node.toml");
+    std::fs::write(&file, "event_retention_secs = 1\n").unwrap();
+    let c = Cluster::with_args(3, 4, &["--config", file.to_str().unwrap()]).await;
+    c.leader().await;
+    let mut client = c.node(0).client().await;
+    let mut first = Vec::new();
+    for i in 0..60 {
+        first.push(deliver(&mut client, person_event(i)).await);
+    }
+    // Each record is forgotten once, by its shard's leader.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut forgotten = 0.0;
+        for n in 0..3 {
+            let s = scrape(c.node(n).metrics_addr.as_deref().expect("the node serves metrics")).await;
+            forgotten += value(&s, "idgraph_events_forgotten_total", &[]).unwrap_or(0.0);
+        }
+        if forgotten >= 60.0 {
+            assert_eq!(forgotten, 60.0, "a record is forgotten once");
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {forgotten} of 60 dedup records were forgotten");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    replicas_agree(&c, &[0, 1, 2]).await;
+    let mut client = c.node(1).client().await;
+    for (i, before) in first.iter().enumerate().take(10) {
+        let again = deliver(&mut client, person_event(i)).await;
+        assert!(!again.duplicate, "event c{i} past its retention is applied again");
+        assert_eq!(again.profile_id, before.profile_id, "and resolves as it did");
+        assert!(!again.created && !again.merged, "joining nothing new");
+        let kept = deliver(&mut client, person_event(i)).await;
+        assert!(kept.duplicate, "the new delivery's record is kept for its own window");
     }
 }

@@ -39,6 +39,36 @@ async fn identify_links_profiles_and_get_profile_resolves_by_any_identifier() {
     node.shutdown().await.unwrap();
 }
 
+/// A re-delivery is a duplicate while the event's dedup record is kept; the
+/// record goes once its retention has passed, and the event then applies
+/// again, to the same profile, leaving a record of its own.
+#[tokio::test]
+async fn a_redelivery_past_the_retention_applies_again_and_one_within_it_is_a_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = idgraph_node::config::NodeConfig { event_retention_secs: 1, ..config(dir.path()) };
+    let node = idgraph_node::server::start(&config).await.unwrap();
+    let mut g = graph(&node).await;
+    let ann = || event("e1", &[("email", "ann@shop.com"), ("anonymous_id", "anon-9")]);
+    let first = g.identify(ann()).await.unwrap().into_inner();
+    assert!(first.created && !first.duplicate);
+    assert!(g.identify(ann()).await.unwrap().into_inner().duplicate, "within the retention");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let again = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let r = g.identify(ann()).await.unwrap().into_inner();
+        if !r.duplicate {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "the dedup record was never forgotten");
+    };
+    assert_eq!(again.profile_id, first.profile_id);
+    assert!(!again.created && !again.merged);
+    assert!(g.identify(ann()).await.unwrap().into_inner().duplicate, "the new delivery's record is kept");
+    let p = g.get_profile(by_id("email", "ann@shop.com")).await.unwrap().into_inner();
+    assert_eq!(p.identifiers.len(), 2, "nothing joined twice");
+    node.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn merge_unmerge_and_delete_over_grpc() {
     let dir = tempfile::tempdir().unwrap();

@@ -27,8 +27,10 @@
 //!    in which events are applied: joining is union, and every trait policy
 //!    is a commutative, associative choice over (value, event time, event id).
 //! 5. An event id applied once is never applied again with the same
-//!    smallest usable identifier (its dedup record is kept beside that
-//!    identifier; a re-delivery carries the same identifiers).
+//!    smallest usable identifier while its dedup record is kept (beside
+//!    that identifier; a re-delivery carries the same identifiers). The
+//!    record is forgotten once its retention has passed
+//!    ([`crate::retention`]).
 //!
 //! # Merge protection
 //!

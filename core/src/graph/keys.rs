@@ -107,6 +107,9 @@ impl GraphKey {
                 Some(slot) => GraphKey::EventAt(e.clone(), slot),
                 None => GraphKey::Event(e.clone()),
             },
+            // Only a shard's retention sweep deletes a record, on the shard
+            // that holds it, whichever way it was placed.
+            Change::DeleteEvent(e) => GraphKey::Event(e.clone()),
             Change::PutMerge(m) => GraphKey::Merge(m.id.clone()),
             Change::DeleteMerge(m) => GraphKey::Merge(m.clone()),
             Change::PutMeta(..) | Change::DeleteMeta(_) => return None,

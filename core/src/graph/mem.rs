@@ -109,6 +109,7 @@ impl GraphStore for MemStore {
                 Change::PutAlias(k, v) => drop(t.aliases.insert(k.clone(), v.clone())),
                 Change::DeleteAlias(k) => drop(t.aliases.remove(k)),
                 Change::PutEvent(k, v) => drop(t.events.insert(k.clone(), v.clone())),
+                Change::DeleteEvent(k) => drop(t.events.remove(k)),
                 Change::PutMerge(m) => drop(t.merges.insert(m.id.clone(), m.clone())),
                 Change::DeleteMerge(id) => drop(t.merges.remove(id)),
                 Change::PutHub(k, v) => drop(t.hubs.insert(k.clone(), v.clone())),
@@ -144,6 +145,11 @@ impl GraphStore for MemStore {
         self.restore_with_meta(snapshot, &[])
     }
 
+    fn events_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, EventRecord)>, StoreError> {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_string()));
+        self.with(|t| t.events.range((start, Bound::Unbounded)).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
     fn holds_records(&self) -> Result<bool, StoreError> {
         let t = self.tables.lock().map_err(|_| StoreError::Io("memory store lock poisoned".into()))?;
         Ok(!(t.owners.is_empty()

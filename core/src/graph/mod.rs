@@ -96,6 +96,10 @@ pub trait GraphStore: GraphRead + Send + Sync + 'static {
     fn restore_with_meta(&self, snapshot: &[u8], meta: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
     /// Whether the store holds any record besides meta values and counters.
     fn holds_records(&self) -> Result<bool, StoreError>;
+    /// Event dedup records in event id order, those after `after` (from the
+    /// first when `None`), at most `limit`: a retention sweep's page of
+    /// candidates (see [`crate::retention`]).
+    fn events_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, EventRecord)>, StoreError>;
 }
 
 /// Where [`GraphStore::snapshot_to`] writes: a file, or a buffer in tests.

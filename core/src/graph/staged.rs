@@ -57,6 +57,7 @@ impl<'a, R: GraphRead + ?Sized> Staged<'a, R> {
                 Change::PutAlias(k, v) => drop(self.aliases.insert(k, Some(v))),
                 Change::DeleteAlias(k) => drop(self.aliases.insert(k, None)),
                 Change::PutEvent(k, v) => drop(self.events.insert(k, Some(v))),
+                Change::DeleteEvent(k) => drop(self.events.insert(k, None)),
                 Change::PutMerge(m) => drop(self.merges.insert(m.id.clone(), Some(m))),
                 Change::DeleteMerge(id) => drop(self.merges.insert(id, None)),
                 Change::PutHub(k, v) => drop(self.hubs.insert(k, Some(v))),
@@ -82,8 +83,10 @@ impl<'a, R: GraphRead + ?Sized> Staged<'a, R> {
             Some(v) => Change::PutAlias(k, v),
             None => Change::DeleteAlias(k),
         }));
-        // The engine never deletes a dedup record.
-        changes.extend(self.events.into_iter().filter_map(|(k, v)| v.map(|v| Change::PutEvent(k, v))));
+        changes.extend(self.events.into_iter().map(|(k, v)| match v {
+            Some(v) => Change::PutEvent(k, v),
+            None => Change::DeleteEvent(k),
+        }));
         changes.extend(self.merges.into_iter().map(|(k, v)| v.map_or(Change::DeleteMerge(k), Change::PutMerge)));
         changes.extend(self.hubs.into_iter().map(|(k, v)| match v {
             Some(v) => Change::PutHub(k, v),

@@ -95,6 +95,10 @@ pub enum ShardCommand {
     /// Replaces a shard's records, which must be empty, with a backup's
     /// image of them (`Admin.Restore`).
     Restore(Vec<u8>),
+    /// Forgets those of the named events' dedup records applied before
+    /// `before_ms` (see [`idgraph_core::retention`]); proposed by the
+    /// shard leader's retention sweep.
+    ForgetEvents { before_ms: i64, event_ids: Vec<String> },
 }
 
 /// What applying one log entry answered.
@@ -110,6 +114,8 @@ pub enum ShardResponse {
     Map(idgraph_core::meta::ClusterMap),
     /// A [`ShardCommand::Restore`] took the image: its size in bytes.
     Restored(u64),
+    /// A [`ShardCommand::ForgetEvents`] forgot this many records.
+    Forgotten(u64),
 }
 
 /// An engine refusal as it travels through Raft (the caller maps it to a

@@ -79,6 +79,14 @@ pub enum ShardRead {
     PreparedBefore {
         before_ms: i64,
     },
+    /// Of the next `scan` dedup records after event id `after`, those
+    /// applied before `before_ms` (for the retention sweep; read on the
+    /// leader).
+    ExpiredEvents {
+        before_ms: i64,
+        after: Option<String>,
+        scan: usize,
+    },
     /// Who this replica believes leads (no leadership check).
     Leader,
     /// The addresses of the shard's members, as this replica knows them.
@@ -118,7 +126,7 @@ impl ShardRead {
             // A stale read skips the leadership check: it reads this replica as is.
             ShardRead::StaleProfile(_) | ShardRead::Leader | ShardRead::Members => ReadMode::Local,
             ShardRead::Keys { mode, .. } | ShardRead::ClusterMap { mode } => *mode,
-            ShardRead::PreparedBefore { .. } => ReadMode::Leader,
+            ShardRead::PreparedBefore { .. } | ShardRead::ExpiredEvents { .. } => ReadMode::Leader,
             _ => ReadMode::Linearizable,
         }
     }
@@ -152,6 +160,15 @@ pub enum ShardReply {
     Image(Vec<u8>),
     MetaBackup(Box<idgraph_core::meta::MetaBackup>),
     Restored(u64),
+    /// Event dedup records forgotten by a retention sweep.
+    Forgotten(u64),
+    /// A page of a retention sweep: the ids of records past their
+    /// retention, and the id to continue after (`None`: the scan reached
+    /// the last record).
+    ExpiredEvents {
+        event_ids: Vec<String>,
+        next: Option<String>,
+    },
 }
 
 /// Why a shard did not answer a request.
@@ -529,6 +546,7 @@ impl ShardReplica {
                     ShardResponse::Txn(t) => Ok(ShardReply::Txn(t)),
                     ShardResponse::Map(m) => Ok(ShardReply::Map(m)),
                     ShardResponse::Restored(bytes) => Ok(ShardReply::Restored(bytes)),
+                    ShardResponse::Forgotten(n) => Ok(ShardReply::Forgotten(n)),
                     ShardResponse::Refused(r) => Err(ShardFailure::Refused(r)),
                     ShardResponse::Nothing => Err(self.unavailable("a command was answered as a blank entry")),
                 })
@@ -641,6 +659,13 @@ impl ShardReplica {
             }
             ShardRead::PreparedBefore { before_ms } => {
                 ShardReply::Locks(txn::prepared_before(store, *before_ms).map_err(|e| self.unavailable(e))?)
+            }
+            ShardRead::ExpiredEvents { before_ms, after, scan } => {
+                let page =
+                    idgraph_core::graph::GraphStore::events_after(store, after.as_deref(), *scan).map_err(|e| self.unavailable(e))?;
+                let next = (page.len() == *scan).then(|| page.last().map(|(id, _)| id.clone())).flatten();
+                let event_ids = page.into_iter().filter(|(_, r)| r.applied_ms < *before_ms).map(|(id, _)| id).collect();
+                ShardReply::ExpiredEvents { event_ids, next }
             }
         })
     }

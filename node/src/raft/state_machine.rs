@@ -267,6 +267,11 @@ impl<S: GraphStore> RaftStateMachine<ShardRaft> for ShardStateMachine<S> {
                                 Err(MetaError::Store(e)) => return Err(failed(e)),
                                 Err(e) => (ChangeSet::default(), ShardResponse::Refused(Refusal::from_meta(e))),
                             },
+                            ShardCommand::ForgetEvents { before_ms, event_ids } => {
+                                let cs = idgraph_core::retention::forget_events(&staged, *before_ms, event_ids).map_err(failed)?;
+                                let forgotten = cs.changes.len() as u64;
+                                (cs, ShardResponse::Forgotten(forgotten))
+                            }
                             ShardCommand::Restore(image) => {
                                 // Only into a shard without records, alone in its
                                 // entry's writes: nothing acknowledged is replaced.

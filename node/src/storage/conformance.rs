@@ -206,6 +206,55 @@ pub fn snapshot_written_to_a_file_restores<S: GraphStore>(a: &S, b: &S) {
     assert_eq!(b.meta("raft.applied").unwrap(), None, "the meta value left out stays out");
 }
 
+/// Event dedup records list in id order, page by page, with no other kind
+/// of record among them; a deleted one is gone from reads and listings.
+pub fn event_records_list_in_pages_and_are_forgotten<S: GraphStore>(s: &S) {
+    let ev = |at: i64| EventRecord { profile_id: "p_1".into(), applied_ms: at, slot: Some(1) };
+    // Written over several change sets, with neighbours of other kinds.
+    for chunk in (0..25).collect::<Vec<i64>>().chunks(7) {
+        let mut cs = ChangeSet::default();
+        for i in chunk {
+            cs.push(Change::PutEvent(format!("e{i:02}"), ev(*i)));
+        }
+        s.apply(&cs).unwrap();
+    }
+    s.apply(&ChangeSet {
+        changes: vec![
+            Change::PutOwner(Identifier::new("email", "e07"), "p_1".into()),
+            Change::PutAlias("e07".into(), "p_1".into()),
+            Change::PutMeta("e07".into(), b"x".to_vec()),
+        ],
+        counters: Counters::default(),
+    })
+    .unwrap();
+    let mut listed = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.events_after(after.as_deref(), 10).unwrap();
+        assert!(page.len() <= 10);
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        listed.extend(page);
+    }
+    let want: Vec<(String, EventRecord)> = (0..25).map(|i| (format!("e{i:02}"), ev(i))).collect();
+    assert_eq!(listed, want);
+
+    // Forgotten in one change set beside a new one.
+    s.apply(&ChangeSet {
+        changes: vec![Change::DeleteEvent("e03".into()), Change::DeleteEvent("e10".into()), Change::PutEvent("e99".into(), ev(99))],
+        counters: Counters::default(),
+    })
+    .unwrap();
+    assert_eq!(s.event("e03").unwrap(), None);
+    assert_eq!(s.event("e04").unwrap(), Some(ev(4)));
+    let ids: Vec<String> = s.events_after(Some("e02"), 3).unwrap().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["e04", "e05", "e06"]);
+    let all = s.events_after(None, usize::MAX).unwrap();
+    assert_eq!(all.len(), 24);
+    assert!(all.iter().all(|(id, _)| id != "e03" && id != "e10"));
+    assert_eq!(all.last().map(|(id, _)| id.as_str()), Some("e99"));
+}
+
 /// Runs the whole suite, each check on a fresh store.
 pub fn run_all<S: GraphStore>(mut fresh: impl FnMut() -> S) {
     records_round_trip(&fresh());
@@ -216,6 +265,7 @@ pub fn run_all<S: GraphStore>(mut fresh: impl FnMut() -> S) {
     meta_prefix_scans_and_deletes(&fresh());
     snapshot_written_to_a_file_restores(&fresh(), &fresh());
     restore_with_meta_replaces_and_writes(&fresh(), &fresh());
+    event_records_list_in_pages_and_are_forgotten(&fresh());
 }
 
 /// The Raft log conformance checks: append, range, last, truncate, purge,

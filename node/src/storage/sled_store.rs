@@ -628,10 +628,21 @@ impl ShardTables {
     /// no change set is added meanwhile; one being written into the tree is
     /// still pending, and its pending values are the ones taken.
     fn scan(&self, prefix: &[u8]) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
+        self.scan_after(prefix, None, usize::MAX)
+    }
+
+    /// [`Self::scan`] of the keys after `after` (all when `None`), at most
+    /// `limit` records.
+    fn scan_after(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
+        use std::ops::Bound;
+        let start = || match after {
+            Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),
+            _ => Bound::Included(prefix.to_vec()),
+        };
         let over: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
             .pending()
             .values
-            .range(prefix.to_vec()..)
+            .range((start(), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, (_, v))| (k.clone(), v.clone()))
             .collect();
@@ -642,8 +653,11 @@ impl ShardTables {
                 out.push((k.into(), v.into()));
             }
         };
-        for kv in self.tree.scan_prefix(prefix) {
+        for kv in self.tree.range::<Vec<u8>, _>((start(), Bound::Unbounded)) {
             let (k, v) = kv.map_err(io)?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
             while let Some(pending) = over.next_if(|(p, _)| p.as_slice() < k.as_ref()) {
                 take(&mut out, pending);
             }
@@ -655,6 +669,7 @@ impl ShardTables {
         for pending in over {
             take(&mut out, pending);
         }
+        out.truncate(limit);
         Ok(out)
     }
 }
@@ -802,6 +817,7 @@ impl GraphStore for SledStore {
                 Change::PutAlias(k, v) => put(str_key(b'a', k), v.as_bytes().to_vec()),
                 Change::DeleteAlias(k) => (str_key(b'a', k), None),
                 Change::PutEvent(k, v) => put(str_key(b'e', k), encode_record(v)),
+                Change::DeleteEvent(k) => (str_key(b'e', k), None),
                 Change::PutMerge(m) => put(str_key(b'm', &m.id), encode_record(m)),
                 Change::DeleteMerge(id) => (str_key(b'm', id), None),
                 Change::PutHub(k, v) => put(id_key(b'h', k), encode_record(v)),
@@ -922,6 +938,17 @@ impl GraphStore for SledStore {
         tree.apply_batch(batch).map_err(io)
     }
 
+    fn events_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, EventRecord)>, StoreError> {
+        let _scan = self.tables.shared();
+        let after = after.map(|a| str_key(b'e', a));
+        let mut out = Vec::new();
+        for (k, v) in self.tables.scan_after(b"e", after.as_deref(), limit)? {
+            let id = String::from_utf8(k[1..].to_vec())
+                .map_err(|_| StoreError::Corrupt { key: redact_key(&k), reason: "event key is not UTF-8".into() })?;
+            out.push((id, decode(&k, &v)?));
+        }
+        Ok(out)
+    }
     fn holds_records(&self) -> Result<bool, StoreError> {
         let _read = self.tables.shared();
         self.tables.settle()?;
