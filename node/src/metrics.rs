@@ -48,6 +48,7 @@ const METHODS: &[&str] = &[
     "Forward",
     "ClusterMap",
     "Kpis",
+    "Features",
     "Check",
     "Watch",
 ];

@@ -47,6 +47,10 @@ impl ShardMap {
     }
 }
 
+/// A peer's answer to "which log features do you apply" (`None`: it did not
+/// answer), and when it was asked.
+type PeerFeatures = (std::time::Instant, Option<Vec<String>>);
+
 /// Dedup records a retention sweep reads per page of a shard.
 const RETENTION_PAGE: usize = 2_000;
 /// Pages a retention sweep reads of one shard in one step at most (while
@@ -70,6 +74,9 @@ pub struct ShardRouter {
     kpis: KpiLedger,
     /// The node's Prometheus counters.
     metrics: Arc<NodeMetrics>,
+    /// What each peer answered when asked for the log features it applies,
+    /// and when (see [`ShardRouter::members_apply`]).
+    features: Arc<std::sync::Mutex<HashMap<String, PeerFeatures>>>,
     timeout: Duration,
     peers: Peers,
     /// The replicas this node holds.
@@ -141,6 +148,7 @@ impl ShardRouter {
             book,
             kpis: KpiLedger::default(),
             metrics: NodeMetrics::new(),
+            features: Arc::default(),
             timeout,
             peers,
             replicas,
@@ -624,9 +632,26 @@ impl ShardRouter {
                 let before_ms = self.now_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
                 let after = cursors.get(&shard).cloned();
                 let req = ShardRequest::Read(ShardRead::ExpiredEvents { before_ms, after, scan: RETENTION_PAGE });
-                // Only the leader answers; followers leave it to their leader.
-                let Ok(ShardReply::ExpiredEvents { event_ids, next }) = self.local(shard.into(), &req).await else { break };
+                let (event_ids, next) = match self.local(shard.into(), &req).await {
+                    Ok(ShardReply::ExpiredEvents { event_ids, next }) => (event_ids, next),
+                    // Only the leader sweeps; a later leadership starts over.
+                    Err(ShardFailure::NotLeader { .. } | ShardFailure::NoReplica { .. }) => {
+                        cursors.remove(&shard);
+                        break;
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(%shard, error = %e, "reading event dedup records for the retention sweep failed; will retry");
+                        break;
+                    }
+                };
                 let found = event_ids.len();
+                if found > 0 && !self.members_apply(shard.into(), crate::raft::FORGET_EVENTS).await {
+                    // A member runs an older build (a rolling upgrade) or
+                    // did not answer: it could not read the command.
+                    tracing::debug!(%shard, "a member of the shard cannot apply forget-events yet; sweep waits");
+                    break;
+                }
                 if found > 0 {
                     let forget = ShardCommand::ForgetEvents { before_ms, event_ids };
                     match self.request(shard.into(), ShardRequest::Write(Box::new(forget))).await {
@@ -651,6 +676,48 @@ impl ShardRouter {
                 }
             }
         }
+    }
+
+    /// Whether every other member of `group`'s Raft membership (voters and
+    /// learners: whoever receives its log) runs a build that applies the
+    /// log feature `feature` ([`crate::raft::LOG_FEATURES`]). Each peer's
+    /// answer is remembered for a minute, a failure to answer for ten
+    /// seconds (and counts as no).
+    async fn members_apply(&self, group: GroupId, feature: &str) -> bool {
+        let Some(replica) = self.replicas.read().ok().and_then(|r| r.get(&group).cloned()) else { return false };
+        let members: Vec<(u64, String)> = {
+            let m = replica.raft.metrics().borrow().clone();
+            m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+        };
+        for (id, addr) in members {
+            if id == self.node_id {
+                continue;
+            }
+            let known = self.features.lock().ok().and_then(|f| f.get(&addr).cloned());
+            let fresh = |(at, answer): &PeerFeatures| {
+                at.elapsed() < if answer.is_some() { Duration::from_secs(60) } else { Duration::from_secs(10) }
+            };
+            let answer = match known.filter(fresh) {
+                Some((_, answer)) => answer,
+                None => {
+                    let answer = match self.peers.features(&addr).await {
+                        Ok(f) => Some(f),
+                        Err(e) => {
+                            tracing::debug!(%addr, error = %e, "a peer did not say which log features it applies");
+                            None
+                        }
+                    };
+                    if let Ok(mut f) = self.features.lock() {
+                        f.insert(addr.clone(), (std::time::Instant::now(), answer.clone()));
+                    }
+                    answer
+                }
+            };
+            if !answer.is_some_and(|f| f.iter().any(|f| f == feature)) {
+                return false;
+            }
+        }
+        true
     }
 
     pub async fn list_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, RequestError> {

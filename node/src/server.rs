@@ -60,6 +60,9 @@ pub struct RunningNode {
     shutdown: Option<tokio::sync::watch::Sender<bool>>,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
     sweeper: JoinHandle<()>,
+    /// The retention sweep of event dedup records (none when they are kept
+    /// forever).
+    retention: Option<JoinHandle<()>>,
     placement: JoinHandle<()>,
     canary: JoinHandle<()>,
     /// Readiness, certificate and token reloads, the metrics endpoint.
@@ -162,6 +165,9 @@ impl RunningNode {
 
     async fn stop_actors(&self) {
         self.sweeper.abort();
+        if let Some(r) = &self.retention {
+            r.abort();
+        }
         self.placement.abort();
         self.canary.abort();
         for task in &self.background {
@@ -500,19 +506,29 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     }
     let sweeper = {
         let router = router.clone();
-        let retention = (config.event_retention_secs > 0).then(|| Duration::from_secs(config.event_retention_secs));
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_millis(1_000));
-            let mut cursors = HashMap::new();
             loop {
                 every.tick().await;
                 router.sweep_abandoned().await;
-                if let Some(retention) = retention {
-                    router.forget_expired_events(retention, &mut cursors).await;
-                }
             }
         })
     };
+    // Its own task: a page waits for its entry, and must not hold up the
+    // settling of abandoned locks.
+    let retention = (config.event_retention_secs > 0).then(|| {
+        let router = router.clone();
+        let retention = Duration::from_secs(config.event_retention_secs);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(1_000));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut cursors = HashMap::new();
+            loop {
+                every.tick().await;
+                router.forget_expired_events(retention, &mut cursors).await;
+            }
+        })
+    });
     info!(%addr, node_id = config.node_id, data_dir = %config.data_dir.display(), rule_version = rules.version(), shards = shards.count(), "idgraph node serving");
     Ok(RunningNode {
         addr,
@@ -527,6 +543,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         shutdown: Some(tx),
         serve,
         sweeper,
+        retention,
         placement,
         canary,
         background,

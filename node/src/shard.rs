@@ -139,8 +139,6 @@ pub fn settle_delay(cmd: &ShardCommand) -> Option<std::time::Duration> {
     match cmd {
         ShardCommand::Txn(crate::txn::TxnOp::Apply { .. }) => Some(std::time::Duration::from_millis(20)),
         ShardCommand::Txn(crate::txn::TxnOp::Forget { .. }) => Some(std::time::Duration::from_millis(50)),
-        // Nobody waits on a retention sweep.
-        ShardCommand::ForgetEvents { .. } => Some(std::time::Duration::from_millis(500)),
         _ => None,
     }
 }

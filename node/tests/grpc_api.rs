@@ -66,6 +66,11 @@ async fn a_redelivery_past_the_retention_applies_again_and_one_within_it_is_a_du
     assert!(g.identify(ann()).await.unwrap().into_inner().duplicate, "the new delivery's record is kept");
     let p = g.get_profile(by_id("email", "ann@shop.com")).await.unwrap().into_inner();
     assert_eq!(p.identifiers.len(), 2, "nothing joined twice");
+    // Peers ask before they propose the command: this build names it.
+    let mut peer = pb::raft_transport_client::RaftTransportClient::new(channel(&node).await);
+    let answer = peer.features(pb::RaftMessage { shard: 0, payload: Vec::new() }).await.unwrap().into_inner();
+    let features: Vec<String> = rmp_serde::from_slice(&answer.payload).unwrap();
+    assert_eq!(features, ["forget-events"]);
     node.shutdown().await.unwrap();
 }
 

@@ -94,8 +94,8 @@ impl GraphKey {
         })
     }
 
-    /// The record a change writes; `None` for bookkeeping (`PutMeta`) that
-    /// the engine never emits.
+    /// The record a change writes; `None` for bookkeeping (`PutMeta`) and
+    /// retention (`DeleteEvent`) that the engine never emits.
     pub fn written_by(c: &Change) -> Option<GraphKey> {
         Some(match c {
             Change::PutOwner(id, _) | Change::DeleteOwner(id) => GraphKey::Owner(id.clone()),
@@ -107,9 +107,10 @@ impl GraphKey {
                 Some(slot) => GraphKey::EventAt(e.clone(), slot),
                 None => GraphKey::Event(e.clone()),
             },
-            // Only a shard's retention sweep deletes a record, on the shard
-            // that holds it, whichever way it was placed.
-            Change::DeleteEvent(e) => GraphKey::Event(e.clone()),
+            // Only a shard's retention sweep deletes a dedup record, through
+            // its own log: never part of a transaction (whose check refuses
+            // a change without a key).
+            Change::DeleteEvent(_) => return None,
             Change::PutMerge(m) => GraphKey::Merge(m.id.clone()),
             Change::DeleteMerge(m) => GraphKey::Merge(m.clone()),
             Change::PutMeta(..) | Change::DeleteMeta(_) => return None,

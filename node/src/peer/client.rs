@@ -164,6 +164,17 @@ impl Peers {
         peer_answer(addr, "its KPI counts", asked)
     }
 
+    /// The log features the node at `addr` applies (see
+    /// [`crate::raft::LOG_FEATURES`]); none for an older build that does not
+    /// know the question.
+    pub async fn features(&self, addr: &str) -> Result<Vec<String>, String> {
+        let mut client = self.client(addr)?;
+        match tokio::time::timeout(PEER_QUERY, client.features(RaftMessage { shard: 0, payload: Vec::new() })).await {
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => Ok(Vec::new()),
+            asked => peer_answer(addr, "the log features it applies", asked),
+        }
+    }
+
     /// Sends a shard request to the node at `addr`, which serves it itself.
     pub async fn forward(&self, addr: &str, shard: GroupId, req: &ShardRequest, timeout: Duration) -> Result<ShardReply, ShardFailure> {
         let unavailable = |reason: String| ShardFailure::Unavailable { shard, reason };
@@ -472,6 +483,9 @@ mod tests {
         async fn kpis(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
             Err(Status::unimplemented("not used"))
         }
+        async fn features(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented("an older version"))
+        }
         async fn cluster_map(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
             Err(Status::unimplemented("not used"))
         }
@@ -553,6 +567,10 @@ mod tests {
         assert!(matches!(forwarded, Err(ShardFailure::NoReplica { .. })), "the older peer's NOT_FOUND is kept: {forwarded:?}");
         assert_eq!(peer.unary.load(Ordering::SeqCst), 21, "each call went one by one");
         assert_eq!(peer.frames.load(Ordering::SeqCst), 0);
+        // Nor does it know the question about log features: it applies none.
+        assert_eq!(peers.features(&addr).await, Ok(Vec::new()));
         server.abort();
+        // A peer that cannot be reached says nothing (not "none").
+        assert!(peers.features("127.0.0.1:1").await.is_err());
     }
 }

@@ -244,6 +244,10 @@ impl RaftTransport for RaftTransportService {
         reply(0, &self.kpis.drain())
     }
 
+    async fn features(&self, _request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        reply(0, &crate::raft::LOG_FEATURES)
+    }
+
     async fn cluster_map(&self, _request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let map = self.cluster.read().map_err(|_| Status::internal("cluster map lock poisoned"))?.clone();
         reply(0, &map)

@@ -101,6 +101,15 @@ pub enum ShardCommand {
     ForgetEvents { before_ms: i64, event_ids: Vec<String> },
 }
 
+/// Log commands a build applies beyond those every build applies, as the
+/// peer transport's `Features` answers them: a leader proposes such a
+/// command only once every member of its group names it (an older follower
+/// could not read the entry, and would refuse every later one).
+pub const LOG_FEATURES: &[&str] = &[FORGET_EVENTS];
+
+/// [`ShardCommand::ForgetEvents`].
+pub const FORGET_EVENTS: &str = "forget-events";
+
 /// What applying one log entry answered.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ShardResponse {

@@ -1336,6 +1336,19 @@ mod tests {
             .collect();
         let expected = [("xa0", "new"), ("xa1", "tree"), ("xa5", "new"), ("xa6", "new")];
         assert_eq!(scanned, expected.map(|(k, v)| (k.to_string(), v.to_string())).to_vec());
+        // Pages: after a key (tree or pending, present or removed), at most
+        // a limit, across both.
+        let page = |after: Option<&str>, limit: usize| -> Vec<String> {
+            let rows = s.tables.scan_after(b"xa", after.map(str::as_bytes), limit).unwrap();
+            rows.into_iter().map(|(k, _)| String::from_utf8(k.to_vec()).unwrap()).collect()
+        };
+        assert_eq!(page(None, 2), ["xa0", "xa1"]);
+        assert_eq!(page(Some("xa1"), 2), ["xa5", "xa6"], "the removed xa3 is skipped");
+        assert_eq!(page(Some("xa3"), 1), ["xa5"]);
+        assert_eq!(page(Some("xa0"), 10), ["xa1", "xa5", "xa6"]);
+        assert_eq!(page(Some("xa5"), 10), ["xa6"], "a pending key after the tree's last");
+        assert!(page(Some("xa6"), 10).is_empty());
+        assert_eq!(page(Some("x"), 1), ["xa0"], "a cursor before the prefix starts at it");
         assert_eq!(s.meta("a3").unwrap(), None, "a pending removal hides the record");
         assert_eq!(s.meta("a1").unwrap().as_deref(), Some(&b"tree"[..]));
         // Let the store go without waiting for the hand-made pending values.
