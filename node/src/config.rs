@@ -83,9 +83,10 @@ pub struct NodeConfig {
     /// Raft heartbeat interval, in milliseconds; elections time out after 3
     /// to 6 heartbeats without a leader.
     pub raft_heartbeat_ms: u64,
-    /// A shard replica snapshots its graph after this many log entries and
-    /// then compacts its log; a replica that fell further behind catches up
-    /// from the snapshot.
+    /// A shard replica snapshots its graph after this many log entries (but
+    /// no sooner after its last build than nine times that build's length,
+    /// `raft::pace`) and then compacts its log; a replica that fell further
+    /// behind catches up from the snapshot.
     pub raft_snapshot_logs: u64,
     /// Memory sled may use to cache the node's data, in MiB. It is not a
     /// bound on the node's memory, which grows with the graph beyond it

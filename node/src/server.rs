@@ -60,6 +60,8 @@ pub struct RunningNode {
     shutdown: Option<tokio::sync::watch::Sender<bool>>,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
     sweeper: JoinHandle<()>,
+    /// Asks each replica's Raft for a snapshot when one is due.
+    pacer: JoinHandle<()>,
     /// The retention sweep of event dedup records (none when they are kept
     /// forever).
     retention: Option<JoinHandle<()>>,
@@ -165,6 +167,7 @@ impl RunningNode {
 
     async fn stop_actors(&self) {
         self.sweeper.abort();
+        self.pacer.abort();
         if let Some(r) = &self.retention {
             r.abort();
         }
@@ -221,7 +224,10 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, ServerError
         heartbeat_interval: hb,
         election_timeout_min: hb * 3,
         election_timeout_max: hb * 6,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft_snapshot_logs),
+        // Each replica asks for its builds itself (`raft::pace`): after
+        // `raft_snapshot_logs` entries, and not while builds would take more
+        // than a tenth of the time.
+        snapshot_policy: openraft::SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: config.raft_snapshot_logs / 10,
         // Purged in batches: each purge is a write to the log's tree, and
         // one per applied entry used to cost an entry's worth of I/O again.
@@ -262,20 +268,21 @@ impl ReplicaSetup {
         let image = ImageFile::of(&images, shard);
         db.move_legacy_image(shard, &image).map_err(|e| e.to_string())?;
         let mut sm = ShardStateMachine::new(store.clone(), rules.clone(), image);
+        let pace = sm.pace();
         sm.repair_interrupted_install(last_log_index, last_purged_index).await.map_err(|e| format!("shard {shard}: {e}"))?;
         let raft =
             openraft::Raft::new(node_id, raft_config, ShardNetworkFactory { shard, peers }, log, sm).await.map_err(|e| e.to_string())?;
         let members = initialise.lock().map_err(|_| "bootstrap table lock poisoned".to_string())?.remove(&shard);
         if let Some(members) = members.filter(|m| !m.is_empty()) {
             if raft.is_initialized().await.map_err(|e| e.to_string())? {
-                return Ok(ShardReplica::new(shard, raft, store, rules));
+                return Ok(ShardReplica::new(shard, raft, store, rules).paced(pace));
             }
             match raft.initialize(members).await {
                 Ok(()) | Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
                 Err(e) => return Err(format!("initialising shard {shard}: {e}")),
             }
         }
-        Ok(ShardReplica::new(shard, raft, store, rules))
+        Ok(ShardReplica::new(shard, raft, store, rules).paced(pace))
     }
 }
 
@@ -514,6 +521,21 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
             }
         })
     };
+    // Snapshots as each replica's pace says (`raft::pace`).
+    let pacer = {
+        let replicas = replicas.clone();
+        let every = config.raft_snapshot_logs;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let all: Vec<ShardReplica> = replicas.read().map(|r| r.values().cloned().collect()).unwrap_or_default();
+                for r in all {
+                    r.snapshot_if_due(every).await;
+                }
+            }
+        })
+    };
     // Its own task: a page waits for its entry, and must not hold up the
     // settling of abandoned locks.
     let retention = (config.event_retention_secs > 0).then(|| {
@@ -543,6 +565,7 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
         shutdown: Some(tx),
         serve,
         sweeper,
+        pacer,
         retention,
         placement,
         canary,

@@ -51,6 +51,7 @@
 mod image;
 pub mod lease;
 mod log_store;
+pub mod pace;
 mod read_barrier;
 pub mod replica;
 mod state_machine;

@@ -215,6 +215,8 @@ pub struct ShardReplica {
     /// Checks, inside the Raft core, that the lease's vote is still this
     /// replica's, shared by the reads served under the lease meanwhile.
     vote_checks: ReadBarrier<ShardFailure>,
+    /// When its next snapshot is due ([`super::pace`]).
+    pub pace: Arc<super::pace::SnapshotPace>,
 }
 
 /// A replica's role in its Raft group.
@@ -336,7 +338,34 @@ fn leader_of(node: Option<(u64, BasicNode)>) -> Option<(u64, String)> {
 impl ShardReplica {
     pub fn new(group: GroupId, raft: Raft<ShardRaft>, store: Arc<SledStore>, rules: Arc<RuleSet>) -> ShardReplica {
         let lease = Arc::new(LeaderLease::for_election_timeout(std::time::Duration::from_millis(raft.config().election_timeout_min)));
-        ShardReplica { group, raft, store, rules, reads: ReadBarrier::default(), lease, vote_checks: ReadBarrier::default() }
+        let pace = Arc::default();
+        ShardReplica { group, raft, store, rules, reads: ReadBarrier::default(), lease, vote_checks: ReadBarrier::default(), pace }
+    }
+
+    /// The replica with the state machine's snapshot pace.
+    pub fn paced(mut self, pace: Arc<super::pace::SnapshotPace>) -> ShardReplica {
+        self.pace = pace;
+        self
+    }
+
+    /// Asks openraft for a snapshot when one is due ([`super::pace`]): at
+    /// least `every` entries applied since the last, and long enough after
+    /// the last build. openraft ignores the ask while a build runs.
+    pub async fn snapshot_if_due(&self, every: u64) {
+        let (applied, snapshot) = {
+            let m = self.raft.metrics().borrow().clone();
+            (m.last_applied.map(|l| l.index), m.snapshot.map(|l| l.index))
+        };
+        let Some(applied) = applied else { return };
+        let entries = match snapshot {
+            Some(s) => applied.saturating_sub(s),
+            None => applied + 1,
+        };
+        if self.pace.due(entries, every, std::time::Instant::now()) {
+            if let Err(e) = self.raft.trigger().snapshot().await {
+                tracing::warn!(shard = %self.group, error = %e, "asking for a snapshot failed");
+            }
+        }
     }
 
     fn unavailable(&self, reason: impl ToString) -> ShardFailure {

@@ -154,11 +154,18 @@ pub struct ShardStateMachine<S: GraphStore> {
     /// Where the replica's snapshot image is kept.
     image: ImageFile,
     snapshots_built: u64,
+    /// When builds end and how long they take ([`super::pace`]).
+    pace: Arc<super::pace::SnapshotPace>,
 }
 
 impl<S: GraphStore> ShardStateMachine<S> {
     pub fn new(store: Arc<S>, rules: Arc<RuleSet>, image: ImageFile) -> Self {
-        ShardStateMachine { store, rules, image, snapshots_built: 0 }
+        ShardStateMachine { store, rules, image, snapshots_built: 0, pace: Arc::default() }
+    }
+
+    /// What decides when the replica's next build is due.
+    pub fn pace(&self) -> Arc<super::pace::SnapshotPace> {
+        self.pace.clone()
     }
 
     pub fn store(&self) -> &Arc<S> {
@@ -432,6 +439,7 @@ impl<S: GraphStore> ShardStateMachine<S> {
             rules: self.rules.clone(),
             image: self.image.clone(),
             snapshots_built: self.snapshots_built,
+            pace: self.pace.clone(),
         }
     }
 
@@ -493,8 +501,12 @@ impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
         // of tokio's blocking pool, not on a runtime worker, where the Raft
         // heartbeats and the requests of every group run.
         let mut builder = self.builder();
+        let started = std::time::Instant::now();
         let (built, result) = tokio::task::spawn_blocking(move || {
             let result = builder.write_image().and_then(|(meta, partial)| builder.keep_image(meta, partial));
+            if result.is_ok() {
+                builder.pace.built(started);
+            }
             (builder.snapshots_built, result)
         })
         .await
