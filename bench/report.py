@@ -115,8 +115,9 @@ def main():
       "transaction of puts, one key per identifier, acknowledged once a quorum has it: the ceiling of a proven Raft "
       "store's replicated writes on this machine. It does no resolution, so it has no accuracy to score.")
     w("- **growth** streams a larger world into one node in parts of as many persons each and reports each part's "
-      "throughput with the node's resident memory and data directory size after it. The world is generated as it is "
-      "sent (the generator holds a few thousand events at a time, not the world), so the run can go to any size.")
+      "throughput with the node's resident memory and data directory size after it. Since 6d6416e the world is "
+      "generated as it is sent (the generator holds a few thousand events at a time, not the world), so the run can go "
+      "to any size; generation is outside the timed parts either way.")
     w("")
     w("## Results")
     w("")

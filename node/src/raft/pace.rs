@@ -2,9 +2,9 @@
 //!
 //! A build writes the whole shard into an image file with the shard's
 //! applies held off (`docs/storage.md`, *Snapshot images*): its length grows
-//! with the shard, from milliseconds to tens of seconds (18 s at about six
-//! million identifiers, 47 s at twelve million on a 2-core machine,
-//! `bench/analysis.md`). openraft's own policy builds after a fixed number
+//! with the shard, from milliseconds to over a minute (14 s at about 5.5
+//! million identifiers, 39 s at 11.5 million, 83 s at 17.5 million on a
+//! 2-core machine, `bench/analysis.md`). openraft's own policy builds after a fixed number
 //! of log entries, so as a shard grows its builds would take an ever larger
 //! share of the time, and a shard of a hundred million identifiers would
 //! spend most of it building.
@@ -18,8 +18,8 @@
 //!   so that builds hold applies off at most a tenth of the time, however
 //!   large the shard.
 //!
-//! The log grows meanwhile: between two builds of a 47 s build, about eight
-//! minutes of entries. That costs disk, not safety: an entry leaves the log
+//! The log grows meanwhile: after a 39 s build, about six minutes of
+//! entries until the next. That costs disk, not safety: an entry leaves the log
 //! only once a snapshot holds it, whichever policy asks for the snapshot.
 
 use std::sync::Mutex;
