@@ -105,7 +105,7 @@ impl World {
 /// Events of a world jitter by up to this many places from the order they
 /// were generated in: persons shop at the same time, each person's events
 /// stay roughly in order.
-const INTERLEAVE: u64 = 2_000;
+pub const INTERLEAVE: u64 = 2_000;
 
 /// A world's events in delivery order, generated person by person as they
 /// are taken: memory holds the events of about [`INTERLEAVE`] places, not
