@@ -315,11 +315,11 @@ async fn measure<P: Peer>(peer: Arc<P>, args: &RunArgs) -> anyhow::Result<Result
             // 3,700 that two of 100 million collide (n² / 2⁶⁵).
             let (mut seen, mut sent, mut last) = (std::collections::HashSet::<u64>::new(), 0, None);
             let (mut ops, mut errors, mut seconds) = (0, 0, 0.0);
+            let hash = |key: String| {
+                use std::hash::{BuildHasher, BuildHasherDefault};
+                BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key)
+            };
             for part in parts {
-                let hash = |key: String| {
-                    use std::hash::{BuildHasher, BuildHasherDefault};
-                    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key)
-                };
                 seen.extend(part.iter().flat_map(|e| e.ids.iter()).filter_map(|i| normalized_key(&rules, i.kind, &i.value)).map(hash));
                 sent += part.len();
                 let m = ingest(Arc::new(part)).await?;

@@ -29,11 +29,7 @@ pub fn forget_events<R: GraphRead + ?Sized>(r: &R, before_ms: i64, event_ids: &[
         if rec.applied_ms >= before_ms {
             continue;
         }
-        let key = match rec.slot {
-            Some(slot) => GraphKey::EventAt(id.clone(), slot),
-            None => GraphKey::Event(id.clone()),
-        };
-        if crate::txn::lock_on(r, &key)?.is_some() {
+        if crate::txn::lock_on(r, &GraphKey::of_event(id, &rec))?.is_some() {
             continue;
         }
         cs.push(Change::DeleteEvent(id.clone()));

@@ -646,13 +646,13 @@ impl ShardRouter {
                     }
                 };
                 let found = event_ids.len();
-                if found > 0 && !self.members_apply(shard.into(), crate::raft::FORGET_EVENTS).await {
-                    // A member runs an older build (a rolling upgrade) or
-                    // did not answer: it could not read the command.
-                    tracing::debug!(%shard, "a member of the shard cannot apply forget-events yet; sweep waits");
-                    break;
-                }
                 if found > 0 {
+                    if !self.members_apply(shard.into(), crate::raft::FORGET_EVENTS).await {
+                        // A member runs an older build (a rolling upgrade) or
+                        // did not answer: it could not read the command.
+                        tracing::debug!(%shard, "a member of the shard cannot apply forget-events yet; sweep waits");
+                        break;
+                    }
                     let forget = ShardCommand::ForgetEvents { before_ms, event_ids };
                     match self.request(shard.into(), ShardRequest::Write(Box::new(forget))).await {
                         Ok(ShardReply::Forgotten(n)) => {
@@ -686,7 +686,8 @@ impl ShardRouter {
     async fn members_apply(&self, group: GroupId, feature: &str) -> bool {
         let Some(replica) = self.replicas.read().ok().and_then(|r| r.get(&group).cloned()) else { return false };
         let members: Vec<(u64, String)> = {
-            let m = replica.raft.metrics().borrow().clone();
+            let metrics = replica.raft.metrics();
+            let m = metrics.borrow();
             m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
         };
         for (id, addr) in members {

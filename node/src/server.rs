@@ -275,14 +275,14 @@ impl ReplicaSetup {
         let members = initialise.lock().map_err(|_| "bootstrap table lock poisoned".to_string())?.remove(&shard);
         if let Some(members) = members.filter(|m| !m.is_empty()) {
             if raft.is_initialized().await.map_err(|e| e.to_string())? {
-                return Ok(ShardReplica::new(shard, raft, store, rules).paced(pace));
+                return Ok(ShardReplica::new(shard, raft, store, rules, pace));
             }
             match raft.initialize(members).await {
                 Ok(()) | Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
                 Err(e) => return Err(format!("initialising shard {shard}: {e}")),
             }
         }
-        Ok(ShardReplica::new(shard, raft, store, rules).paced(pace))
+        Ok(ShardReplica::new(shard, raft, store, rules, pace))
     }
 }
 

@@ -75,6 +75,16 @@ impl GraphKey {
         ShardId(shard_of_slot(self.slot(), count))
     }
 
+    /// The key of event `event_id`'s dedup record `rec`: at the slot the
+    /// record names, or by the hash of the event id for a record written
+    /// before events were placed by identifier.
+    pub fn of_event(event_id: &str, rec: &EventRecord) -> GraphKey {
+        match rec.slot {
+            Some(slot) => GraphKey::EventAt(event_id.to_string(), slot),
+            None => GraphKey::Event(event_id.to_string()),
+        }
+    }
+
     /// A fixed-size name for the key (locks are kept under it): a 128-bit
     /// hash, so identity values never appear in lock tables or logs. Two keys
     /// that collided would only share a lock.
@@ -103,10 +113,7 @@ impl GraphKey {
             Change::PutProfile(p) => GraphKey::Profile(p.id.clone()),
             Change::DeleteProfile(p) => GraphKey::Profile(p.clone()),
             Change::PutAlias(p, _) | Change::DeleteAlias(p) => GraphKey::Alias(p.clone()),
-            Change::PutEvent(e, rec) => match rec.slot {
-                Some(slot) => GraphKey::EventAt(e.clone(), slot),
-                None => GraphKey::Event(e.clone()),
-            },
+            Change::PutEvent(e, rec) => GraphKey::of_event(e, rec),
             // Only a shard's retention sweep deletes a dedup record, through
             // its own log: never part of a transaction (whose check refuses
             // a change without a key).

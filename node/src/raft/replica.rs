@@ -336,16 +336,16 @@ fn leader_of(node: Option<(u64, BasicNode)>) -> Option<(u64, String)> {
 }
 
 impl ShardReplica {
-    pub fn new(group: GroupId, raft: Raft<ShardRaft>, store: Arc<SledStore>, rules: Arc<RuleSet>) -> ShardReplica {
+    /// `pace` is the state machine's ([`super::ShardStateMachine::pace`]).
+    pub fn new(
+        group: GroupId,
+        raft: Raft<ShardRaft>,
+        store: Arc<SledStore>,
+        rules: Arc<RuleSet>,
+        pace: Arc<super::pace::SnapshotPace>,
+    ) -> ShardReplica {
         let lease = Arc::new(LeaderLease::for_election_timeout(std::time::Duration::from_millis(raft.config().election_timeout_min)));
-        let pace = Arc::default();
         ShardReplica { group, raft, store, rules, reads: ReadBarrier::default(), lease, vote_checks: ReadBarrier::default(), pace }
-    }
-
-    /// The replica with the state machine's snapshot pace.
-    pub fn paced(mut self, pace: Arc<super::pace::SnapshotPace>) -> ShardReplica {
-        self.pace = pace;
-        self
     }
 
     /// Asks openraft for a snapshot when one is due ([`super::pace`]): at
@@ -353,7 +353,8 @@ impl ShardReplica {
     /// the last build. openraft ignores the ask while a build runs.
     pub async fn snapshot_if_due(&self, every: u64) {
         let (applied, snapshot) = {
-            let m = self.raft.metrics().borrow().clone();
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
             (m.last_applied.map(|l| l.index), m.snapshot.map(|l| l.index))
         };
         let Some(applied) = applied else { return };
