@@ -73,7 +73,7 @@ const OVERLOAD_CLIENTS: usize = 10_000;
 
 /// Crash points a `crash-point` fault arms, with how often each fires when
 /// reached (`idgraph_node::crash` lists them).
-const CRASH_POINTS: [(&str, &str); 9] = [
+const CRASH_POINTS: [(&str, &str); 10] = [
     ("txn::before-commit", "20%return"),
     ("txn::after-commit", "20%return"),
     ("txn::between-applies", "20%return"),
@@ -81,6 +81,7 @@ const CRASH_POINTS: [(&str, &str); 9] = [
     ("raft::before-fsync", "2%return"),
     ("raft::after-fsync", "2%return"),
     ("storage::mid-apply", "1%return"),
+    ("storage::mid-drain", "20%return"),
     ("raft::mid-snapshot", "20%return"),
     ("raft::snapshot-install", "return"),
 ];

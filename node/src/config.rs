@@ -98,6 +98,11 @@ pub struct NodeConfig {
     /// by default. Fixed when a data directory is created; an existing one
     /// keeps its setting.
     pub storage_compression: bool,
+    /// How much of a shard's applied writes may wait in memory while a
+    /// snapshot build reads the shard, in MiB: entries go on being applied
+    /// during a build, and their writes reach sled's tree once it has been
+    /// read. Applies wait beyond it until the build ends.
+    pub storage_snapshot_backlog_mb: u64,
     /// How long an event's dedup record is kept, in seconds: a re-delivery
     /// of the event within this window is answered as a duplicate, one
     /// after it is applied again. 0: kept forever (a shard's disk then
@@ -166,6 +171,7 @@ impl Default for NodeConfig {
             raft_snapshot_logs: 10_000,
             storage_cache_mb: 1024,
             storage_compression: false,
+            storage_snapshot_backlog_mb: 1024,
             event_retention_secs: DEFAULT_EVENT_RETENTION_SECS,
             join: String::new(),
             peer_routes: String::new(),
@@ -233,6 +239,7 @@ const ENV_FIELDS: &[&str] = &[
     "raft_snapshot_logs",
     "storage_cache_mb",
     "storage_compression",
+    "storage_snapshot_backlog_mb",
     "event_retention_secs",
     "join",
     "peer_routes",
@@ -308,6 +315,9 @@ impl NodeConfig {
         }
         if !(16..=1024 * 1024).contains(&self.storage_cache_mb) {
             return bad("storage_cache_mb", "must be 16 to 1048576");
+        }
+        if !(16..=1024 * 1024).contains(&self.storage_snapshot_backlog_mb) {
+            return bad("storage_snapshot_backlog_mb", "must be 16 to 1048576");
         }
         if !self.join.is_empty() && !self.initial_cluster.is_empty() {
             return bad("join", "give either join or initial_cluster, not both");
@@ -432,6 +442,7 @@ mod tests {
         for (bad, field) in [
             ("stream_window = 0\n", "stream_window"),
             ("storage_cache_mb = 1\n", "storage_cache_mb"),
+            ("storage_snapshot_backlog_mb = 0\n", "storage_snapshot_backlog_mb"),
             ("proposals_in_flight = 0\n", "proposals_in_flight"),
             ("worker_threads = 5000\n", "worker_threads"),
         ] {

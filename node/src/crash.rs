@@ -16,6 +16,7 @@
 //! | `raft::before-fsync` | log records written to the node's log file, not yet fdatasync'd or acknowledged |
 //! | `raft::after-fsync` | log records fdatasync'd, not yet acknowledged to Raft |
 //! | `storage::mid-apply` | the storage writer wrote an applied entry's redo record, its records partly (the entry may be acknowledged already) |
+//! | `storage::mid-drain` | a snapshot build has read its shard; the writer is about to write one of the change sets it held back meanwhile (some earlier ones may be in the tree) |
 //! | `raft::mid-snapshot` | a snapshot image's records written to its partial file, its header not yet complete; the image not kept |
 //! | `raft::snapshot-install` | a received snapshot's records replaced the replica's, its log position not yet recorded |
 //! | `placement::after-begin-move` | the metadata leader recorded a replica move; the group's membership is unchanged |
@@ -24,7 +25,7 @@
 //! Without the feature a crash point compiles to nothing.
 
 /// Every crash point in the code (the table above).
-pub const CRASH_POINTS: [&str; 11] = [
+pub const CRASH_POINTS: [&str; 12] = [
     "txn::before-commit",
     "txn::after-commit",
     "txn::between-applies",
@@ -32,6 +33,7 @@ pub const CRASH_POINTS: [&str; 11] = [
     "raft::before-fsync",
     "raft::after-fsync",
     "storage::mid-apply",
+    "storage::mid-drain",
     "raft::mid-snapshot",
     "raft::snapshot-install",
     "placement::after-begin-move",

@@ -81,6 +81,9 @@ pub struct NodeMetrics {
     pub raft_applied_index: IntGaugeVec,
     pub raft_snapshot_index: IntGaugeVec,
     pub snapshot_bytes: IntGaugeVec,
+    /// Memory held by a replica's applied writes not yet in sled's tree
+    /// (they pile up while a snapshot build reads the shard).
+    pub pending_write_bytes: IntGaugeVec,
     pub log_bytes: IntGauge,
     pub storage_bytes: IntGauge,
     pub ready: IntGauge,
@@ -163,6 +166,10 @@ impl NodeMetrics {
             raft_applied_index: group_gauge("idgraph_raft_applied_index", "index of the last entry this replica applied"),
             raft_snapshot_index: group_gauge("idgraph_raft_snapshot_index", "index of this replica's last snapshot"),
             snapshot_bytes: group_gauge("idgraph_snapshot_bytes", "size of this replica's kept snapshot image"),
+            pending_write_bytes: group_gauge(
+                "idgraph_pending_write_bytes",
+                "memory held by this replica's applied writes not yet in the graph store (they wait while a snapshot build reads the shard)",
+            ),
             log_bytes: gauge("idgraph_log_bytes", "size of the node's Raft log files"),
             storage_bytes: gauge("idgraph_storage_bytes", "size of the node's graph store on disk"),
             ready: gauge("idgraph_ready", "1 when the node serves its shards (the health service says SERVING)"),
@@ -283,7 +290,7 @@ mod tests {
         // Vectors show up once they have a labelled child.
         m.observe("Identify", "OK", 0.001);
         m.raft_role.with_label_values(&["meta"]).set(2);
-        for v in [&m.raft_term, &m.raft_last_log_index, &m.raft_applied_index, &m.raft_snapshot_index, &m.snapshot_bytes] {
+        for v in [&m.raft_term, &m.raft_last_log_index, &m.raft_applied_index, &m.raft_snapshot_index, &m.snapshot_bytes, &m.pending_write_bytes] {
             v.with_label_values(&["meta"]).set(1);
         }
         let mut exposed: Vec<String> = m.registry.gather().iter().map(|f| f.name().to_string()).collect();

@@ -227,7 +227,15 @@ impl ShardRouter {
         use crate::raft::RaftRole;
         use idgraph_core::graph::GraphRead;
         let m = &self.metrics;
-        let groups = [&m.raft_role, &m.raft_term, &m.raft_last_log_index, &m.raft_applied_index, &m.raft_snapshot_index, &m.snapshot_bytes];
+        let groups = [
+            &m.raft_role,
+            &m.raft_term,
+            &m.raft_last_log_index,
+            &m.raft_applied_index,
+            &m.raft_snapshot_index,
+            &m.snapshot_bytes,
+            &m.pending_write_bytes,
+        ];
         // Groups this node no longer holds drop out.
         for g in groups {
             g.reset();
@@ -254,6 +262,7 @@ impl ShardRouter {
             m.raft_applied_index.with_label_values(&label).set(s.applied_index as i64);
             m.raft_snapshot_index.with_label_values(&label).set(s.snapshot_index as i64);
             m.snapshot_bytes.with_label_values(&label).set(crate::storage::ImageFile::of(&images, r.group).bytes() as i64);
+            m.pending_write_bytes.with_label_values(&label).set(r.store.pending_bytes() as i64);
             let (leased, after_round) = r.lease.take_read_counts();
             m.linearizable_reads.with_label_values(&["lease"]).inc_by(leased);
             m.linearizable_reads.with_label_values(&["round"]).inc_by(after_round);

@@ -327,7 +327,11 @@ pub async fn start_with_rules(config: &NodeConfig, rules: Arc<RuleSet>) -> Resul
     // The shard count is fixed when a cluster is created: a joining node
     // takes the cluster's, a restarted one its data directory's unless one
     // is configured (then they must agree).
-    let options = StoreOptions { cache_bytes: config.storage_cache_mb << 20, compression: config.storage_compression };
+    let options = StoreOptions {
+        cache_bytes: config.storage_cache_mb << 20,
+        compression: config.storage_compression,
+        snapshot_backlog_bytes: config.storage_snapshot_backlog_mb << 20,
+    };
     let (db, count) = match (&joined, config.shards) {
         (Some(map), _) => (SledDb::open_with(&config.data_dir, map.shard_count, &options)?, map.shard_count),
         (None, Some(n)) => (SledDb::open_with(&config.data_dir, n, &options)?, n),

@@ -31,6 +31,21 @@ struct TablesImage {
     counters: Counters,
 }
 
+impl Tables {
+    fn image(&self, without_meta: &[&str]) -> Vec<u8> {
+        super::encode(&TablesImage {
+            owners: self.owners.clone().into_iter().collect(),
+            profiles: self.profiles.values().cloned().collect(),
+            aliases: self.aliases.clone().into_iter().collect(),
+            events: self.events.clone().into_iter().collect(),
+            merges: self.merges.values().cloned().collect(),
+            hubs: self.hubs.clone().into_iter().collect(),
+            meta: self.meta.iter().filter(|(k, _)| !without_meta.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect(),
+            counters: self.counters,
+        })
+    }
+}
+
 #[derive(Default, Debug)]
 pub struct MemStore {
     tables: Mutex<Tables>,
@@ -127,18 +142,12 @@ impl GraphStore for MemStore {
     }
 
     fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError> {
-        self.with(|t| {
-            super::encode(&TablesImage {
-                owners: t.owners.clone().into_iter().collect(),
-                profiles: t.profiles.values().cloned().collect(),
-                aliases: t.aliases.clone().into_iter().collect(),
-                events: t.events.clone().into_iter().collect(),
-                merges: t.merges.values().cloned().collect(),
-                hubs: t.hubs.clone().into_iter().collect(),
-                meta: t.meta.iter().filter(|(k, _)| !without_meta.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect(),
-                counters: t.counters,
-            })
-        })
+        self.with(|t| t.image(without_meta))
+    }
+
+    fn frozen(&self, without_meta: &[&str]) -> Result<Box<dyn super::FrozenImage>, StoreError> {
+        // One lock for both: the meta values are those of the records.
+        self.with(|t| -> Box<dyn super::FrozenImage> { Box::new(super::CopiedImage { meta: t.meta.clone(), records: t.image(without_meta) }) })
     }
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {

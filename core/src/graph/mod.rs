@@ -5,8 +5,9 @@
 //! - [`GraphRead`]: point reads the engine needs to decide.
 //! - [`GraphStore`]: applies one [`ChangeSet`] atomically (all or nothing,
 //!   also across a crash) and makes everything applied so far durable with
-//!   [`GraphStore::flush`]; [`GraphStore::snapshot_to`] writes its records
-//!   into an [`ImageSink`] (a snapshot image's file) as it reads them.
+//!   [`GraphStore::flush`]; [`GraphStore::frozen`] holds its records as
+//!   they are at one point in time ([`FrozenImage`]) while applies go on,
+//!   and writes them into an [`ImageSink`] (a snapshot image's file).
 //! - [`Staged`]: change sets staged over a store, read through, then
 //!   applied as one (a log entry's commands).
 //! - [`MemStore`]: the in-memory store of tests and property tests; the
@@ -20,6 +21,7 @@ mod staged;
 pub use keys::{GraphKey, GraphValue, SLOTS};
 pub use mem::MemStore;
 pub use staged::Staged;
+
 
 use crate::model::{ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId};
 
@@ -80,14 +82,11 @@ pub trait GraphStore: GraphRead + Send + Sync + 'static {
     /// that [`Self::restore`] of the same implementation reads back. One
     /// point in time: no [`Self::apply`] lands half-way through it.
     fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError>;
-    /// [`Self::snapshot`] written to `out` from its current position, as
-    /// the records are read, for an image larger than memory should hold.
-    /// The bytes may differ from [`Self::snapshot`]'s (a header written
-    /// before its length was known), and [`Self::restore`] reads both.
-    fn snapshot_to(&self, without_meta: &[&str], out: &mut dyn ImageSink) -> Result<(), StoreError> {
-        let bytes = self.snapshot(without_meta)?;
-        out.write_all(&bytes).map_err(|e| StoreError::Io(format!("cannot write a snapshot: {e}")))
-    }
+    /// The store's records as they are now, held so while later applies go
+    /// on: a snapshot build reads a shard for seconds, and must neither
+    /// stop its writes nor see them. Reads of the store keep seeing every
+    /// apply. The image leaves out the named meta values.
+    fn frozen(&self, without_meta: &[&str]) -> Result<Box<dyn FrozenImage>, StoreError>;
     /// Replaces everything the store holds with a snapshot's content.
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError>;
     /// [`Self::restore`], then the `meta` values written, as one atomic
@@ -102,10 +101,42 @@ pub trait GraphStore: GraphRead + Send + Sync + 'static {
     fn events_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, EventRecord)>, StoreError>;
 }
 
-/// Where [`GraphStore::snapshot_to`] writes: a file, or a buffer in tests.
+/// Where [`FrozenImage::write_to`] writes: a file, or a buffer in tests.
 pub trait ImageSink: std::io::Write + std::io::Seek {}
 
 impl<T: std::io::Write + std::io::Seek> ImageSink for T {}
+
+/// A store's records at one point in time ([`GraphStore::frozen`]), for as
+/// long as it is held.
+pub trait FrozenImage: Send {
+    /// A meta value as it was at that point (the Raft position an image is
+    /// labelled with is read here, never from the live store).
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The records but the meta values left out, written to `out` from its
+    /// current position as they are read (an image may be larger than
+    /// memory should hold). [`GraphStore::restore`] of the same
+    /// implementation reads the bytes back; they may differ from
+    /// [`GraphStore::snapshot`]'s (a header written before its length was
+    /// known).
+    fn write_to(&self, out: &mut dyn ImageSink) -> Result<(), StoreError>;
+}
+
+/// A [`FrozenImage`] as a copy: the meta values and the encoded records,
+/// taken together (the memory store's).
+pub struct CopiedImage {
+    pub meta: std::collections::BTreeMap<String, Vec<u8>>,
+    pub records: Vec<u8>,
+}
+
+impl FrozenImage for CopiedImage {
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(key).cloned())
+    }
+
+    fn write_to(&self, out: &mut dyn ImageSink) -> Result<(), StoreError> {
+        out.write_all(&self.records).map_err(|e| StoreError::Io(format!("cannot write a snapshot: {e}")))
+    }
+}
 
 /// Encoding of stored records: MessagePack with field names, so that records
 /// survive added fields.

@@ -3,7 +3,7 @@
 //!
 //! Format: the MessagePack of [`SnapshotImage`], a list of two: the
 //! snapshot's metadata, then the shard's records as one byte string (what
-//! `GraphStore::snapshot_to` wrote). A new image writes the byte string's
+//! `FrozenImage::write_to` wrote). A new image writes the byte string's
 //! header in its longest form (`bin32`), with its length filled in once the
 //! records are written, so an image is written as the records are read,
 //! and never held in memory. Any MessagePack reader, older builds' included,
@@ -13,7 +13,7 @@
 //! An image's records must fit a `bin32`: 4 GiB per shard.
 
 use super::{decode, encode, StorageError};
-use crate::storage::{io_error, GraphStore, ImageFile, PartialImage, StoreError};
+use crate::storage::{io_error, FrozenImage, ImageFile, PartialImage, StoreError};
 use openraft::{BasicNode, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -52,14 +52,8 @@ fn corrupt(reason: String) -> StoreError {
     StoreError::Corrupt { key: "snapshot image".into(), reason }
 }
 
-/// Writes an image of `store` (its records but the meta values named) into
-/// `partial`, labelled `meta`.
-pub(super) fn write_image<S: GraphStore>(
-    store: &S,
-    without_meta: &[&str],
-    meta: &SnapshotMeta<u64, BasicNode>,
-    partial: &mut PartialImage,
-) -> Result<(), StoreError> {
+/// Writes `records` into `partial`, labelled `meta`.
+pub(super) fn write_image(records: &dyn FrozenImage, meta: &SnapshotMeta<u64, BasicNode>, partial: &mut PartialImage) -> Result<(), StoreError> {
     let mut out = BufWriter::with_capacity(1 << 20, partial.file());
     let mut head = vec![LIST_OF_TWO];
     head.extend(encode(meta));
@@ -67,7 +61,7 @@ pub(super) fn write_image<S: GraphStore>(
     head.extend([BIN32, 0, 0, 0, 0]);
     let write_err = |e| io_error("cannot write a snapshot image", e);
     out.write_all(&head).map_err(write_err)?;
-    store.snapshot_to(without_meta, &mut out)?;
+    records.write_to(&mut out)?;
     let end = out.stream_position().map_err(write_err)?;
     let length = u32::try_from(end - head.len() as u64)
         .map_err(|_| StoreError::Io("a shard's records take more than 4 GiB: too large for one snapshot image".into()))?;
@@ -278,7 +272,8 @@ mod tests {
         let data = tempfile::tempdir().unwrap();
         let image = ImageFile::of(&ImageFile::open_dir(data.path()).unwrap(), GroupId::Meta);
         let mut partial = image.partial().unwrap();
-        write_image(&store, &["raft.snapshot"], &meta_at(7), &mut partial).unwrap();
+        let frozen = crate::storage::GraphStore::frozen(&store, &["raft.snapshot"]).unwrap();
+        write_image(&*frozen, &meta_at(7), &mut partial).unwrap();
         image.keep(partial).unwrap();
         let bytes = std::fs::read(image.path()).unwrap();
         let whole: SnapshotImage = decode(&bytes).unwrap();

@@ -1,13 +1,14 @@
 //! When a replica builds its next snapshot.
 //!
-//! A build writes the whole shard into an image file with the shard's
-//! applies held off (`docs/storage.md`, *Snapshot images*): its length grows
-//! with the shard, from milliseconds to over a minute (14 s at about 5.5
-//! million identifiers, 39 s at 11.5 million, 83 s at 17.5 million on a
-//! 2-core machine, `bench/analysis.md`). openraft's own policy builds after a fixed number
-//! of log entries, so as a shard grows its builds would take an ever larger
-//! share of the time, and a shard of a hundred million identifiers would
-//! spend most of it building.
+//! A build writes the whole shard into an image file (`docs/storage.md`,
+//! *Snapshot images*): its length grows with the shard, from milliseconds
+//! to over a minute (14 s at about 5.5 million identifiers, 39 s at 11.5
+//! million, 83 s at 17.5 million on a 2-core machine, `bench/analysis.md`).
+//! Writes go on meanwhile, but the build takes a core and the disk, and the
+//! writes it holds back must be stored after it. openraft's own policy
+//! builds after a fixed number of log entries, so as a shard grows its
+//! builds would take an ever larger share of the time, and a shard of a
+//! hundred million identifiers would spend most of it building.
 //!
 //! So openraft's policy is off (`SnapshotPolicy::Never`), and each replica
 //! asks for a build ([`SnapshotPace::due`], checked twice a second) once
@@ -15,8 +16,8 @@
 //! - at least `raft_snapshot_logs` entries were applied since the last
 //!   snapshot (the old rule, which keeps a small shard's log short);
 //! - the last build ended at least [`IDLE_PER_BUILD`] times its length ago,
-//!   so that builds hold applies off at most a tenth of the time, however
-//!   large the shard.
+//!   so that builds take at most a tenth of the time, however large the
+//!   shard.
 //!
 //! The log grows meanwhile: after a 39 s build, about six minutes of
 //! entries until the next. That costs disk, not safety: an entry leaves the log

@@ -45,7 +45,11 @@ struct Position {
 
 impl Position {
     fn read<S: GraphStore>(store: &S) -> Result<Position, crate::storage::StoreError> {
-        Ok(Position { applied: store.meta(APPLIED)?, applied_command: store.meta(APPLIED_COMMAND)?, membership: store.meta(MEMBERSHIP)? })
+        Position::read_from(|key| store.meta(key))
+    }
+
+    fn read_from(meta: impl Fn(&str) -> Result<Option<Vec<u8>>, crate::storage::StoreError>) -> Result<Position, crate::storage::StoreError> {
+        Ok(Position { applied: meta(APPLIED)?, applied_command: meta(APPLIED_COMMAND)?, membership: meta(MEMBERSHIP)? })
     }
 
     fn applied(&self) -> Result<Option<LogId>, crate::storage::StoreError> {
@@ -75,10 +79,10 @@ impl Position {
 }
 
 /// Something read from a replica's records (its image) and the log
-/// position they reflect, read while entries may be applied: openraft
-/// builds snapshots in a task of their own, beside the applies. `read`
-/// sees one point in time (the store holds applies off while it reads) and
-/// is given the position read just before; the position is read again
+/// position they reflect, read while entries may be applied (a digest is
+/// taken while its replica serves). `read` sees one point in time (a
+/// frozen view of the store) and is given the position read just before;
+/// the position is read again
 /// after it, and when the two differ an apply slipped in between and
 /// `read` runs again. `None` after `attempts` tries.
 fn read_at_position<S: GraphStore, T>(
@@ -445,32 +449,36 @@ impl<S: GraphStore> ShardStateMachine<S> {
 
     /// The first half of a snapshot build: the records written into a
     /// partial image labelled with their log position, and made durable.
+    /// Entries go on being applied meanwhile: the records are read frozen
+    /// ([`GraphStore::frozen`]).
     pub(super) fn write_image(&mut self) -> Result<(SnapshotMeta<u64, BasicNode>, PartialImage), StorageError> {
+        let built = self.snapshots_built + 1;
+        // The image must not contain the previous image (older builds kept
+        // it among the records). The previous one stays the current
+        // snapshot until the new one replaces it: a lagging follower may be
+        // sent it meanwhile.
+        let records = self.store.frozen(&[SNAPSHOT]).map_err(read_err)?;
         // The image and the log position it is labelled with must match: a
         // follower installing it applies the entries after that position,
-        // and would apply twice any the image already holds.
-        let built = self.snapshots_built + 1;
-        let ((meta, partial), _) = read_at_position(&*self.store, 1000, |position| {
-            let (last_log_id, last_membership) = (position.applied()?, position.membership()?);
-            let snapshot_id = match &last_log_id {
-                Some(l) => format!("{}-{}-{built}", l.leader_id, l.index),
-                None => format!("empty-{built}"),
-            };
-            let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
-            let mut partial = self.image.partial()?;
-            // The image must not contain the previous image (older builds
-            // kept it among the records). The previous one stays the
-            // current snapshot until the new one replaces it: a lagging
-            // follower may be sent it meanwhile.
-            write_image(&*self.store, &[SNAPSHOT], &meta, &mut partial)?;
-            Ok((meta, partial))
-        })
-        .map_err(write_err)?
-        .ok_or_else(|| read_err(crate::storage::StoreError::Io("entries kept being applied while the snapshot was read".into())))?;
+        // and would apply twice any the image already holds. Both are read
+        // from the frozen records. The position is a change set's, never
+        // half of one; half an entry (a restore splits its entry) is
+        // labelled with the entry before and carries the marker of the
+        // commands applied (`APPLIED_COMMAND`), as on the replica itself.
+        let position = Position::read_from(|key| records.meta(key)).map_err(read_err)?;
+        let (last_log_id, last_membership) = (position.applied().map_err(read_err)?, position.membership().map_err(read_err)?);
+        let snapshot_id = match &last_log_id {
+            Some(l) => format!("{}-{}-{built}", l.leader_id, l.index),
+            None => format!("empty-{built}"),
+        };
+        let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
+        let mut partial = self.image.partial().map_err(write_err)?;
+        write_image(&*records, &meta, &mut partial).map_err(write_err)?;
+        drop(records);
         // Durable before the image is kept: the log this snapshot lets
         // openraft purge must not be needed to rebuild the records it holds
-        // (entries applied after a flush before the read would be in the
-        // image and not yet in sled's file).
+        // (the flush waits until the writes held back while the records
+        // were read are in the tree, then syncs).
         self.store.flush().map_err(write_err)?;
         self.snapshots_built = built;
         Ok((meta, partial))
@@ -496,10 +504,10 @@ impl<S: GraphStore> ShardStateMachine<S> {
 
 impl<S: GraphStore> RaftSnapshotBuilder<ShardRaft> for ShardStateMachine<S> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<ShardRaft>, StorageError> {
-        // A build reads the whole shard and writes it to a file, with
-        // applies held off: seconds for a large shard. It runs on a thread
-        // of tokio's blocking pool, not on a runtime worker, where the Raft
-        // heartbeats and the requests of every group run.
+        // A build reads the whole shard and writes it to a file: seconds for
+        // a large shard, while entries go on being applied. It runs on a
+        // thread of tokio's blocking pool, not on a runtime worker, where
+        // the Raft heartbeats and the requests of every group run.
         let mut builder = self.builder();
         let started = std::time::Instant::now();
         let (built, result) = tokio::task::spawn_blocking(move || {

@@ -190,20 +190,47 @@ pub fn meta_prefix_scans_and_deletes<S: GraphStore>(s: &S) {
     assert_eq!(s.meta("txn.lock/a").unwrap(), None);
 }
 
-/// What [`GraphStore::snapshot_to`] writes into a file, from wherever the
-/// file stands, restores the same records as [`GraphStore::snapshot`].
-pub fn snapshot_written_to_a_file_restores<S: GraphStore>(a: &S, b: &S) {
-    a.apply(&one(Change::PutOwner(Identifier::new("email", "x@y.zz"), "p_1".into()))).unwrap();
+/// A frozen image keeps the records of the moment it was taken while later
+/// applies go on and are read at once; what it writes into a file, from
+/// wherever the file stands, restores exactly those records; once it is
+/// dropped, the later applies are all there.
+pub fn a_frozen_image_stays_as_it_was_while_applies_go_on<S: GraphStore>(a: &S, b: &S) {
+    let (kept, gone, added) = (Identifier::new("email", "x@y.zz"), Identifier::new("email", "gone@y.zz"), Identifier::new("email", "new@y.zz"));
+    a.apply(&one(Change::PutOwner(kept.clone(), "p_1".into()))).unwrap();
+    a.apply(&one(Change::PutOwner(gone.clone(), "p_1".into()))).unwrap();
     a.apply(&one(Change::PutMeta("raft.applied".into(), vec![0xff, 7]))).unwrap();
-    b.apply(&one(Change::PutOwner(Identifier::new("email", "gone@y.zz"), "p_2".into()))).unwrap();
+    a.apply(&one(Change::PutMeta("raft.membership".into(), vec![1]))).unwrap();
+    let before = a.snapshot(&["raft.applied"]).unwrap();
+    let frozen = a.frozen(&["raft.applied"]).unwrap();
+    // More applies than the sled store lets wait for its writer otherwise.
+    for i in 0..20u8 {
+        let mut cs = one(Change::PutOwner(added.clone(), format!("p_{i}")));
+        cs.push(Change::DeleteOwner(gone.clone()));
+        cs.push(Change::PutMeta("raft.applied".into(), vec![i]));
+        a.apply(&cs).unwrap();
+    }
+    assert_eq!(a.owner(&added).unwrap().as_deref(), Some("p_19"), "reads see the applies at once");
+    assert_eq!(a.owner(&gone).unwrap(), None);
+    assert_eq!(a.meta("raft.applied").unwrap(), Some(vec![19]));
+    assert_eq!(frozen.meta("raft.applied").unwrap(), Some(vec![0xff, 7]), "the frozen position is the one of its records");
+    assert_eq!(frozen.meta("raft.membership").unwrap(), Some(vec![1]));
+    b.apply(&one(Change::PutOwner(Identifier::new("email", "other@y.zz"), "p_2".into()))).unwrap();
     let mut file = std::io::Cursor::new(b"header".to_vec());
     file.set_position(6);
-    a.snapshot_to(&["raft.applied"], &mut file).unwrap();
+    frozen.write_to(&mut file).unwrap();
     assert_eq!(&file.get_ref()[..6], b"header", "what came before is left alone");
+    drop(frozen);
     b.restore(&file.get_ref()[6..]).unwrap();
-    assert_eq!(b.snapshot(&[]).unwrap(), a.snapshot(&["raft.applied"]).unwrap());
-    assert_eq!(b.owner(&Identifier::new("email", "gone@y.zz")).unwrap(), None);
+    assert_eq!(b.snapshot(&[]).unwrap(), before, "the image holds the records as they were frozen, and only those");
+    assert_eq!(b.owner(&gone).unwrap().as_deref(), Some("p_1"));
+    assert_eq!(b.owner(&added).unwrap(), None);
     assert_eq!(b.meta("raft.applied").unwrap(), None, "the meta value left out stays out");
+    a.flush().unwrap();
+    assert_eq!(a.owner(&added).unwrap().as_deref(), Some("p_19"), "after the image is dropped");
+    assert_eq!(a.owner(&gone).unwrap(), None);
+    assert_eq!(a.owner(&kept).unwrap().as_deref(), Some("p_1"));
+    let after = a.frozen(&[]).unwrap();
+    assert_eq!(after.meta("raft.applied").unwrap(), Some(vec![19]), "a new image starts from every apply");
 }
 
 /// Event dedup records list in id order, page by page, with no other kind
@@ -263,7 +290,7 @@ pub fn run_all<S: GraphStore>(mut fresh: impl FnMut() -> S) {
     counters_accumulate_and_unlisted_hubs_hide(&fresh());
     snapshot_restores_everything(&fresh(), &fresh());
     meta_prefix_scans_and_deletes(&fresh());
-    snapshot_written_to_a_file_restores(&fresh(), &fresh());
+    a_frozen_image_stays_as_it_was_while_applies_go_on(&fresh(), &fresh());
     restore_with_meta_replaces_and_writes(&fresh(), &fresh());
     event_records_list_in_pages_and_are_forgotten(&fresh());
 }

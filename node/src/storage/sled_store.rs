@@ -33,7 +33,7 @@ use super::{decode, encode_record, redact_key, GraphRead, GraphStore, StoreError
 use idgraph_core::model::{
     Change, ChangeSet, Counters, EventRecord, GroupId, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -43,8 +43,10 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, 
 /// shard count, the same placement for a single shard.
 const LAYOUT_VERSION: &str = "idgraph-layout-2";
 const LAYOUT_MODULO: &str = "idgraph-layout-1";
-/// 20 ms waits for a data directory's lock before opening it fails.
-const LOCK_WAITS: u32 = 100;
+/// 20 ms waits for a data directory's lock before opening it fails (sled's
+/// flusher thread lets go of it up to a flush interval after the last
+/// handle is dropped, later on a loaded machine).
+const LOCK_WAITS: u32 = 250;
 
 fn io(e: sled::Error) -> StoreError {
     match &e {
@@ -60,6 +62,8 @@ fn io(e: sled::Error) -> StoreError {
 pub struct SledDb {
     db: sled::Db,
     writer: Arc<Writer>,
+    /// [`StoreOptions::snapshot_backlog_bytes`].
+    backlog_bytes: usize,
 }
 
 /// The way to the writer thread. When the database's last handle goes, it
@@ -70,7 +74,8 @@ struct Writer(mpsc::Sender<WriteJob>);
 
 impl Writer {
     /// Waits until the writer thread has written every change set handed
-    /// to it so far (or given up on it after a failed write).
+    /// to it so far (or given up on it after a failed write), those it holds
+    /// back while a snapshot reads their shard included.
     fn wait(&self) {
         let (done, written) = mpsc::sync_channel(1);
         if self.0.send(WriteJob::Barrier(done)).is_ok() {
@@ -95,11 +100,15 @@ pub struct StoreOptions {
     /// Applies to new data directories; an existing one keeps the setting it
     /// was created with.
     pub compression: bool,
+    /// How much of a shard's applied writes may wait in memory while a
+    /// snapshot reads the shard (they reach the tree once it is read);
+    /// applies wait beyond it.
+    pub snapshot_backlog_bytes: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { cache_bytes: 1 << 30, compression: false }
+        StoreOptions { cache_bytes: 1 << 30, compression: false, snapshot_backlog_bytes: 1 << 30 }
     }
 }
 
@@ -142,6 +151,13 @@ fn stored_compression(db_dir: &Path) -> Option<bool> {
         let (k, v) = l.split_once(':')?;
         (k.trim() == "use_compression").then(|| v.trim() == "true")
     })
+}
+
+/// Whether opening a database failed because its lock is held. sled 0.34
+/// reports it as an error of kind `Other` whose text names the lock (the
+/// lock's own `WouldBlock` only in its text).
+fn lock_taken(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || (e.kind() == std::io::ErrorKind::Other && e.to_string().starts_with("could not acquire lock"))
 }
 
 /// Starts the writer thread of a database being opened.
@@ -191,6 +207,7 @@ impl SledDb {
             None => options.compression,
         };
         remove_partial_snapshots(&path)?;
+        let backlog_bytes = usize::try_from(options.snapshot_backlog_bytes).unwrap_or(usize::MAX);
         let config = sled::Config::new()
             .path(&path)
             .cache_capacity(options.cache_bytes)
@@ -203,7 +220,7 @@ impl SledDb {
         let mut waits = 0;
         let db = loop {
             match config.open() {
-                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && waits < LOCK_WAITS => {
+                Err(sled::Error::Io(e)) if lock_taken(&e) && waits < LOCK_WAITS => {
                     waits += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -245,10 +262,10 @@ impl SledDb {
                     meta.insert("layout", LAYOUT_VERSION).map_err(io)?;
                     db.flush().map_err(io)?;
                 }
-                return Ok((SledDb { db, writer: spawn_writer()? }, stored));
+                return Ok((SledDb { db, writer: spawn_writer()?, backlog_bytes }, stored));
             }
         }
-        Ok((SledDb { db, writer: spawn_writer()? }, shard_count))
+        Ok((SledDb { db, writer: spawn_writer()?, backlog_bytes }, shard_count))
     }
 
     /// A shard's store. A replica reopened (its actor restarted) may leave
@@ -258,7 +275,7 @@ impl SledDb {
     pub fn shard(&self, group: GroupId) -> Result<SledStore, StoreError> {
         self.writer.wait();
         let tree = self.db.open_tree(format!("shard-{group}")).map_err(io)?;
-        SledStore::open(tree, self.writer.0.clone())
+        SledStore::open(tree, self.writer.0.clone(), self.backlog_bytes)
     }
 
     /// Moves a group's snapshot image from where builds before image files
@@ -386,8 +403,33 @@ impl SledDb {
 ///   with its error, while reads keep being served, pending writes
 ///   included.
 ///
-/// Scans merge the pending writes over the tree. `snapshot` and `restore`
-/// wait until nothing is pending, and hold applies off meanwhile.
+/// Scans merge the pending writes over the tree. `restore` waits until
+/// nothing is pending, and holds applies off meanwhile.
+///
+/// **Frozen while a snapshot reads it.** A snapshot build reads the whole
+/// tree: tens of seconds for a shard of ten million identifiers. Holding
+/// applies off that long failed the writes waiting for them
+/// (`bench/analysis.md`). Instead [`GraphStore::frozen`] waits until
+/// nothing is pending, then marks the shard frozen: applies go on, and
+/// their writes stay pending (where every read finds them) instead of
+/// reaching the tree, which keeps the one point in time the snapshot reads.
+/// The writer holds the shard's change sets back until the last frozen view
+/// is dropped, then writes them in order as it writes any change set, one
+/// between two other jobs, so the tree keeps holding a prefix of the
+/// applied change sets and the other shards' writes go on. (Writing every
+/// pending value as one `sled::Batch` was tried: sled applies a batch
+/// under its database-wide write lock and one epoch guard, so every read of
+/// every shard waited for it, 10 to 46 s, and the node's memory grew by
+/// gigabytes.) Meanwhile:
+/// - `MAX_PENDING` does not bound the applies; `snapshot_backlog_bytes` of
+///   pending keys and values does (applies wait beyond it, as they all
+///   did before);
+/// - once thawed, applies go on at about half the writer's pace until it
+///   has written the held change sets (`PendingWrites::catch_up`);
+/// - a second frozen view shares the first one's point in time;
+/// - [`GraphStore::flush`], `restore` and the writer's barrier
+///   ([`SledDb::flush`], opening a shard's store again) wait until the
+///   held change sets are written.
 pub struct SledStore {
     tables: Arc<ShardTables>,
     writer: mpsc::Sender<WriteJob>,
@@ -398,6 +440,8 @@ const MAX_PENDING: u64 = 4;
 
 struct ShardTables {
     tree: sled::Tree,
+    /// Pending bytes beyond which applies wait while the shard is frozen.
+    backlog_bytes: usize,
     pending: Mutex<PendingWrites>,
     /// Notified when the writer has written a change set, or failed.
     written: Condvar,
@@ -420,6 +464,78 @@ struct PendingWrites {
     written: u64,
     /// The error the writer met; nothing is written after it.
     failed: Option<StoreError>,
+    /// Frozen views of the tree ([`FrozenTree`]) still held.
+    frozen: u32,
+    /// Change sets the writer holds back, in order: those it got while the
+    /// shard was frozen, and every later one until these are written. It
+    /// writes them ([`ShardTables::drain_one`]) once no view is held.
+    held: VecDeque<(u64, Writes)>,
+    /// How many times the held change sets were all written (a barrier
+    /// waits for the next time).
+    drains: u64,
+    /// When the writer began writing the held change sets, and how many
+    /// there were by then.
+    drain_began: Option<(std::time::Instant, usize)>,
+    /// About how much memory `values` and `held` take.
+    bytes: usize,
+    /// Once thawed, how many change sets may wait for the writer while it
+    /// writes the held ones: as many as waited at the thaw, one less for
+    /// every two it writes. Applies thus go on at about half the writer's
+    /// pace until it has caught up, instead of keeping the backlog (and
+    /// every read's walk through it) as long as they keep coming.
+    catch_up: u64,
+    /// Held change sets written since the thaw.
+    caught_up: u64,
+}
+
+/// What a pending value costs besides its key and value: the map's node
+/// and the two vectors' headers, about.
+const ENTRY_OVERHEAD: usize = 64;
+
+/// About how much memory a change set's writes take.
+fn writes_size(writes: &Writes) -> usize {
+    writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD).sum()
+}
+
+/// What [`ShardTables::drain_one`] left.
+#[derive(Debug, PartialEq, Eq)]
+enum Drain {
+    /// More held change sets to write.
+    More,
+    /// None left (or the shard failed).
+    Done,
+    /// The shard was frozen again: its next thaw resumes.
+    Paused,
+}
+
+impl PendingWrites {
+    fn put(&mut self, key: Vec<u8>, number: u64, value: Option<Vec<u8>>) {
+        let size = value.as_ref().map_or(0, Vec::len);
+        let key_size = key.len();
+        match self.values.insert(key, (number, value)) {
+            Some((_, old)) => self.bytes = self.bytes + size - old.map_or(0, |v| v.len()),
+            None => self.bytes += key_size + size + ENTRY_OVERHEAD,
+        }
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        if let Some((_, old)) = self.values.remove(key) {
+            self.bytes -= key.len() + old.map_or(0, |v| v.len()) + ENTRY_OVERHEAD;
+        }
+    }
+
+    /// Whether an apply must wait for the writer before it adds a change
+    /// set.
+    fn full(&self, backlog_bytes: usize) -> bool {
+        let waiting = self.applied - self.written;
+        if self.frozen > 0 {
+            self.bytes >= backlog_bytes
+        } else if !self.held.is_empty() {
+            self.bytes >= backlog_bytes || waiting >= self.catch_up.max(MAX_PENDING)
+        } else {
+            waiting >= MAX_PENDING
+        }
+    }
 }
 
 /// Work for the writer thread.
@@ -428,6 +544,9 @@ enum WriteJob {
     ChangeSet { tables: Arc<ShardTables>, number: u64, writes: Writes },
     /// Answered once every change set handed over before it is written.
     Barrier(mpsc::SyncSender<()>),
+    /// A shard's last frozen view was dropped: write what was held back,
+    /// a change set at a time between other jobs.
+    Thawed(Arc<ShardTables>),
 }
 
 /// The node's writer thread: writes every shard's applied change sets into
@@ -436,18 +555,88 @@ enum WriteJob {
 /// of it are dropped.
 fn write_applied(jobs: mpsc::Receiver<WriteJob>) {
     let jobs = WriterJobs(jobs);
-    while let Ok(job) = jobs.0.recv() {
+    let mut writer = WriterState::default();
+    loop {
+        // Held change sets are written one between two jobs, or one after
+        // another while no job waits, so that the other shards' writes go
+        // on while a frozen shard catches up.
+        let job = if writer.draining.is_empty() {
+            match jobs.0.recv() {
+                Ok(job) => job,
+                Err(_) => break,
+            }
+        } else {
+            writer.drain_step();
+            match jobs.0.try_recv() {
+                Ok(job) => job,
+                Err(mpsc::TryRecvError::Empty) => continue,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+            }
+        };
+        writer.run(job);
+    }
+}
+
+fn panicked() -> StoreError {
+    StoreError::Io("the storage writer panicked".into())
+}
+
+/// What the writer thread keeps between jobs.
+#[derive(Default)]
+struct WriterState {
+    /// Shards that hold change sets back.
+    holding: Vec<Arc<ShardTables>>,
+    /// Thawed shards whose held change sets are being written.
+    draining: Vec<Arc<ShardTables>>,
+    /// Barriers waiting for held change sets: each with the shards holding
+    /// some when it came, and their drain counts then.
+    barriers: Vec<(mpsc::SyncSender<()>, Vec<(Arc<ShardTables>, u64)>)>,
+}
+
+impl WriterState {
+    fn run(&mut self, job: WriteJob) {
         match job {
             WriteJob::ChangeSet { tables, number, writes } => {
-                let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tables.write_behind(number, &writes)));
-                if written.is_err() {
-                    tables.fail(StoreError::Io("the storage writer panicked".into()));
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tables.write_behind(number, writes))) {
+                    Err(_) => tables.fail(panicked()),
+                    Ok(true) if !self.holding.iter().any(|t| Arc::ptr_eq(t, &tables)) => self.holding.push(tables),
+                    Ok(_) => {}
+                }
+            }
+            WriteJob::Thawed(tables) => {
+                if !self.draining.iter().any(|t| Arc::ptr_eq(t, &tables)) {
+                    self.draining.push(tables);
                 }
             }
             WriteJob::Barrier(done) => {
-                let _ = done.send(());
+                self.holding.retain(|t| t.holds_back());
+                if self.holding.is_empty() {
+                    let _ = done.send(());
+                } else {
+                    self.barriers.push((done, self.holding.iter().map(|t| (t.clone(), t.pending().drains)).collect()));
+                }
             }
         }
+    }
+
+    /// Writes one held change set of each draining shard.
+    fn drain_step(&mut self) {
+        self.draining.retain(|tables| match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tables.drain_one())) {
+            Ok(Drain::More) => true,
+            Ok(Drain::Done | Drain::Paused) => false,
+            Err(_) => {
+                tables.fail(panicked());
+                false
+            }
+        });
+        self.holding.retain(|t| t.holds_back());
+        self.barriers.retain(|(done, waiting)| {
+            let passed = waiting.iter().all(|(t, drains)| t.drained_since(*drains));
+            if passed {
+                let _ = done.send(());
+            }
+            !passed
+        });
     }
 }
 
@@ -539,19 +728,35 @@ impl ShardTables {
         self.lock.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes change set `number` into the tree (on the writer thread),
-    /// then lets go of its pending values that no later change set replaced.
-    fn write_behind(&self, number: u64, writes: &Writes) {
-        if self.pending().failed.is_some() {
-            return;
+    /// Writes change set `number` into the tree (on the writer thread); or,
+    /// while the shard is frozen or earlier ones are held, holds it back
+    /// (true).
+    fn write_behind(&self, number: u64, writes: Writes) -> bool {
+        {
+            let mut pending = self.pending();
+            if pending.failed.is_some() {
+                return false;
+            }
+            if pending.frozen > 0 || !pending.held.is_empty() {
+                pending.bytes += writes_size(&writes);
+                pending.held.push_back((number, writes));
+                return true;
+            }
         }
+        self.write_numbered(number, &writes);
+        false
+    }
+
+    /// Writes change set `number`, then lets go of its pending values that
+    /// no later change set replaced.
+    fn write_numbered(&self, number: u64, writes: &Writes) {
         let result = self.write_change_set(writes);
         let mut pending = self.pending();
         match result {
             Ok(()) => {
                 for (k, _) in writes {
                     if pending.values.get(k).is_some_and(|(n, _)| *n == number) {
-                        pending.values.remove(k);
+                        pending.remove(k);
                     }
                 }
                 pending.written = number + 1;
@@ -564,6 +769,95 @@ impl ShardTables {
         }
         drop(pending);
         self.written.notify_all();
+    }
+
+    /// Writes the oldest change set held back (on the writer thread), unless
+    /// the shard is frozen again.
+    fn drain_one(&self) -> Drain {
+        let (number, writes) = {
+            let mut pending = self.pending();
+            if pending.failed.is_some() {
+                return Drain::Done;
+            }
+            if pending.frozen > 0 {
+                return Drain::Paused;
+            }
+            let held = pending.held.len();
+            pending.drain_began.get_or_insert((std::time::Instant::now(), held));
+            match pending.held.pop_front() {
+                Some(job) => {
+                    pending.bytes -= writes_size(&job.1);
+                    job
+                }
+                None => return Drain::Done,
+            }
+        };
+        crate::crash::crash_point("storage::mid-drain");
+        self.write_numbered(number, &writes);
+        let mut pending = self.pending();
+        pending.caught_up += 1;
+        if pending.caught_up % 2 == 0 {
+            pending.catch_up = pending.catch_up.saturating_sub(1);
+        }
+        if !pending.held.is_empty() && pending.failed.is_none() {
+            return Drain::More;
+        }
+        pending.drains += 1;
+        if let Some((began, held)) = pending.drain_began.take() {
+            tracing::debug!(
+                held,
+                elapsed_ms = began.elapsed().as_millis() as u64,
+                "wrote the change sets held back while a snapshot read the shard"
+            );
+        }
+        drop(pending);
+        self.written.notify_all();
+        Drain::Done
+    }
+
+    /// Whether change sets are held back and not written yet.
+    fn holds_back(&self) -> bool {
+        let pending = self.pending();
+        !pending.held.is_empty() && pending.failed.is_none()
+    }
+
+    /// Whether held change sets were written since the drain count was
+    /// `drains` (or nothing more will be).
+    fn drained_since(&self, drains: u64) -> bool {
+        let pending = self.pending();
+        pending.drains > drains || pending.held.is_empty() || pending.failed.is_some()
+    }
+
+    /// Holds the tree as it is until [`Self::thaw`]: waits until every
+    /// applied change set is in it, unless another view holds it already.
+    fn freeze(&self) -> Result<(), StoreError> {
+        let _applying = self.exclusive();
+        {
+            let mut pending = self.pending();
+            if pending.frozen > 0 {
+                pending.frozen += 1;
+                return Ok(());
+            }
+        }
+        self.settle()?.frozen += 1;
+        Ok(())
+    }
+
+    /// Lets go of one frozen view; the last one asks the writer to write
+    /// what it held back.
+    fn thaw(self: &Arc<Self>, writer: &mpsc::Sender<WriteJob>) {
+        let mut pending = self.pending();
+        pending.frozen -= 1;
+        if pending.frozen > 0 || pending.held.is_empty() {
+            return;
+        }
+        pending.catch_up = pending.applied - pending.written;
+        pending.caught_up = 0;
+        if writer.send(WriteJob::Thawed(self.clone())).is_err() {
+            pending.failed.get_or_insert(StoreError::Io("the storage writer thread has stopped".into()));
+            drop(pending);
+            self.written.notify_all();
+        }
     }
 
     /// Records a failure that ends the shard's writes (unless one is
@@ -600,8 +894,9 @@ impl ShardTables {
         Ok(())
     }
 
-    /// Waits until every change set applied so far is in the tree.
-    fn settle(&self) -> Result<(), StoreError> {
+    /// Waits until every change set applied so far is in the tree; the
+    /// pending writes, still locked.
+    fn settle(&self) -> Result<MutexGuard<'_, PendingWrites>, StoreError> {
         let mut pending = self.pending();
         let target = pending.applied;
         while pending.written < target && pending.failed.is_none() {
@@ -609,7 +904,7 @@ impl ShardTables {
         }
         match &pending.failed {
             Some(e) => Err(e.clone()),
-            None => Ok(()),
+            None => Ok(pending),
         }
     }
 
@@ -681,17 +976,23 @@ fn snapshot_write_err(e: std::io::Error) -> StoreError {
 /// MessagePack's marker of a list with a four-byte length.
 const ARRAY32: u8 = 0xdd;
 
-impl SledStore {
-    /// Writes the tree's records but the named meta values and the redo
-    /// record, each as a MessagePack (key, value) pair; how many. The caller
-    /// holds the store's lock and has settled the pending writes.
-    fn write_pairs<W: std::io::Write + ?Sized>(&self, without_meta: &[&str], out: &mut W) -> Result<u32, StoreError> {
-        let skip: Vec<Vec<u8>> = without_meta.iter().map(|k| str_key(b'x', k)).collect();
+/// A shard's tree held as it is ([`GraphStore::frozen`]) until dropped.
+struct FrozenTree {
+    tables: Arc<ShardTables>,
+    writer: mpsc::Sender<WriteJob>,
+    /// Keys of the meta values the image leaves out.
+    skip: Vec<Vec<u8>>,
+}
+
+impl FrozenTree {
+    /// Writes the tree's records but the meta values left out and the redo
+    /// record, each as a MessagePack (key, value) pair; how many.
+    fn write_pairs<W: std::io::Write + ?Sized>(&self, out: &mut W) -> Result<u32, StoreError> {
         let mut pairs: u32 = 0;
         let mut pair = Vec::new();
         for kv in self.tables.tree.iter() {
             let (k, v) = kv.map_err(io)?;
-            if k.as_ref() != REDO_KEY && !skip.iter().any(|s| s.as_slice() == k.as_ref()) {
+            if k.as_ref() != REDO_KEY && !self.skip.iter().any(|s| s.as_slice() == k.as_ref()) {
                 pair.clear();
                 rmp_serde::encode::write(&mut pair, &(k.as_ref(), v.as_ref()))
                     .map_err(|e| StoreError::Io(format!("cannot encode a snapshot record: {e}")))?;
@@ -701,10 +1002,54 @@ impl SledStore {
         }
         Ok(pairs)
     }
+}
 
-    fn open(tree: sled::Tree, writer: mpsc::Sender<WriteJob>) -> Result<SledStore, StoreError> {
+impl super::FrozenImage for FrozenTree {
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        // The tree, not the pending writes: they came after.
+        Ok(self.tables.tree.get(str_key(b'x', key)).map_err(io)?.map(|v| v.to_vec()))
+    }
+
+    fn write_to(&self, out: &mut dyn super::ImageSink) -> Result<(), StoreError> {
+        let failed = snapshot_write_err;
+        // As `snapshot`, into a file: the list's header takes its longest
+        // form (a marker and four bytes of length), written again once the
+        // pairs are counted.
+        let start = out.stream_position().map_err(failed)?;
+        out.write_all(&[ARRAY32, 0, 0, 0, 0]).map_err(failed)?;
+        let pairs = self.write_pairs(out)?;
+        let end = out.stream_position().map_err(failed)?;
+        out.seek(std::io::SeekFrom::Start(start + 1)).map_err(failed)?;
+        out.write_all(&pairs.to_be_bytes()).map_err(failed)?;
+        out.seek(std::io::SeekFrom::Start(end)).map_err(failed)?;
+        Ok(())
+    }
+}
+
+impl Drop for FrozenTree {
+    fn drop(&mut self) {
+        self.tables.thaw(&self.writer);
+    }
+}
+
+impl SledStore {
+    /// About how much memory the applied writes not yet in the tree take
+    /// (those held back while a snapshot reads the shard included).
+    pub fn pending_bytes(&self) -> usize {
+        self.tables.pending().bytes
+    }
+
+    /// The shard's tree, frozen ([`GraphStore::frozen`]).
+    fn freeze(&self, without_meta: &[&str]) -> Result<FrozenTree, StoreError> {
+        self.tables.freeze()?;
+        let skip = without_meta.iter().map(|k| str_key(b'x', k)).collect();
+        Ok(FrozenTree { tables: self.tables.clone(), writer: self.writer.clone(), skip })
+    }
+
+    fn open(tree: sled::Tree, writer: mpsc::Sender<WriteJob>, backlog_bytes: usize) -> Result<SledStore, StoreError> {
         let tables = ShardTables {
             tree,
+            backlog_bytes,
             pending: Mutex::new(PendingWrites::default()),
             written: Condvar::new(),
             pending_keys: AtomicUsize::new(0),
@@ -837,7 +1182,7 @@ impl GraphStore for SledStore {
             return Ok(());
         }
         let mut pending = tables.pending();
-        while pending.applied - pending.written >= MAX_PENDING && pending.failed.is_none() {
+        while pending.full(tables.backlog_bytes) && pending.failed.is_none() {
             pending = tables.written.wait(pending).unwrap_or_else(|p| p.into_inner());
         }
         if let Some(e) = &pending.failed {
@@ -855,7 +1200,7 @@ impl GraphStore for SledStore {
             return Err(e);
         }
         for (k, v) in values {
-            pending.values.insert(k, (number, v));
+            pending.put(k, number, v);
         }
         tables.pending_keys.store(pending.values.len(), Ordering::Release);
         pending.applied += 1;
@@ -863,25 +1208,23 @@ impl GraphStore for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.tables.settle()?;
+        drop(self.tables.settle()?);
         self.tables.tree.flush().map(|_| ()).map_err(io)
     }
 
     fn snapshot(&self, without_meta: &[&str]) -> Result<Vec<u8>, StoreError> {
-        // Applies wait while the tree is read, so the image is one point in
-        // time, and it is all in the tree.
-        let _read = self.tables.shared();
-        self.tables.settle()?;
         // The image is the MessagePack of the list of (key, value) pairs,
-        // written pair by pair as the tree is read: no list of the shard's
-        // records is held besides the image (a list of pairs, each two
-        // allocations, took about twice the image's memory at 10 million
+        // written pair by pair as the frozen tree is read: no list of the
+        // shard's records is held besides the image (a list of pairs, each
+        // two allocations, took about twice the image's memory at 10 million
         // identifiers). The list's length comes first in MessagePack, so
         // room for the longest header is kept and the header written once
         // the pairs are counted; the bytes equal `encode` of the list.
+        let frozen = self.freeze(without_meta)?;
         const HEADER_ROOM: usize = 5;
         let mut image = vec![0u8; HEADER_ROOM];
-        let pairs = self.write_pairs(without_meta, &mut image)?;
+        let pairs = frozen.write_pairs(&mut image)?;
+        drop(frozen);
         let mut header = Vec::with_capacity(HEADER_ROOM);
         rmp::encode::write_array_len(&mut header, pairs).map_err(|e| StoreError::Io(format!("cannot encode a snapshot header: {e}")))?;
         let start = HEADER_ROOM - header.len();
@@ -890,21 +1233,8 @@ impl GraphStore for SledStore {
         Ok(image)
     }
 
-    fn snapshot_to(&self, without_meta: &[&str], out: &mut dyn super::ImageSink) -> Result<(), StoreError> {
-        let failed = snapshot_write_err;
-        let _read = self.tables.shared();
-        self.tables.settle()?;
-        // As `snapshot`, into a file: the list's header takes its longest
-        // form (a marker and four bytes of length), written again once the
-        // pairs are counted.
-        let start = out.stream_position().map_err(failed)?;
-        out.write_all(&[ARRAY32, 0, 0, 0, 0]).map_err(failed)?;
-        let pairs = self.write_pairs(without_meta, out)?;
-        let end = out.stream_position().map_err(failed)?;
-        out.seek(std::io::SeekFrom::Start(start + 1)).map_err(failed)?;
-        out.write_all(&pairs.to_be_bytes()).map_err(failed)?;
-        out.seek(std::io::SeekFrom::Start(end)).map_err(failed)?;
-        Ok(())
+    fn frozen(&self, without_meta: &[&str]) -> Result<Box<dyn super::FrozenImage>, StoreError> {
+        Ok(Box::new(self.freeze(without_meta)?))
     }
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
@@ -921,7 +1251,7 @@ impl GraphStore for SledStore {
         let mut de = rmp_serde::Deserializer::from_read_ref(rest);
         let _write = self.tables.exclusive();
         // Nothing applied before may land over the restored records.
-        self.tables.settle()?;
+        drop(self.tables.settle()?);
         let tree = &self.tables.tree;
         // One sled batch: atomic, whatever a crash interrupts.
         let mut batch = sled::Batch::default();
@@ -951,7 +1281,7 @@ impl GraphStore for SledStore {
     }
     fn holds_records(&self) -> Result<bool, StoreError> {
         let _read = self.tables.shared();
-        self.tables.settle()?;
+        drop(self.tables.settle()?);
         for k in self.tables.tree.iter().keys() {
             let k = k.map_err(io)?;
             if !(k.first() == Some(&b'x') || k.as_ref() == COUNTERS_KEY || k.as_ref() == REDO_KEY) {
@@ -1248,7 +1578,7 @@ mod tests {
             // the list's header in its longest form, the position at its end.
             let mut file = std::io::Cursor::new(b"pre".to_vec());
             file.set_position(3);
-            s.snapshot_to(&["raft.applied"], &mut file).unwrap();
+            s.frozen(&["raft.applied"]).unwrap().write_to(&mut file).unwrap();
             assert_eq!(file.position() as usize, file.get_ref().len(), "{target} records: the writer is left at the end");
             let written = &file.get_ref()[3..];
             assert_eq!(written[0], ARRAY32);
@@ -1257,7 +1587,7 @@ mod tests {
             assert_eq!(pairs, expected, "{target} records written to a file");
         }
         let mut file = std::io::Cursor::new(Vec::new());
-        s.snapshot_to(&[], &mut file).unwrap();
+        s.frozen(&[]).unwrap().write_to(&mut file).unwrap();
         let from_file = SledDb::open(tempfile::tempdir().unwrap().path(), 1).unwrap().shard(GroupId::Shard(ShardId(0))).unwrap();
         from_file.restore(file.get_ref()).unwrap();
         assert_eq!(from_file.snapshot(&[]).unwrap(), s.snapshot(&[]).unwrap(), "an image written to a file restores the same records");
@@ -1272,6 +1602,122 @@ mod tests {
         assert_eq!(t.snapshot(&[]).unwrap(), s.snapshot(&[]).unwrap(), "the restored shard holds the same records, and only those");
         assert_eq!(t.owner(&Identifier::new("email", "p42@shop.com")).unwrap().as_deref(), Some("p_\u{e9}42"));
         assert!(t.restore(&[0x93, 0x01]).is_err(), "a truncated image is refused");
+    }
+
+    /// While a shard is frozen its tree does not change: applies beyond
+    /// `MAX_PENDING` go on, are read at once and wait in memory; a second
+    /// view shares the first one's point in time; the database's flush
+    /// waits for the last view to go. Then every held write is in the
+    /// tree, and a reopened database reads them.
+    #[test]
+    fn a_frozen_shard_takes_applies_and_writes_them_once_the_last_view_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SledDb::open(dir.path(), 1).unwrap();
+        let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
+        for n in 0..10 {
+            s.apply(&owner_change(n, "p_before")).unwrap();
+        }
+        let tree_of = |s: &SledStore| -> Vec<(sled::IVec, sled::IVec)> { s.tables.tree.iter().map(|kv| kv.unwrap()).collect() };
+        let first = s.frozen(&[]).unwrap();
+        let at_freeze = tree_of(&s);
+        assert_eq!(first.meta("raft.n0").unwrap(), Some(b"9".to_vec()));
+        for n in 0..200 {
+            s.apply(&owner_change(n, &format!("p_{n}"))).unwrap();
+        }
+        assert_eq!(s.owner(&Identifier::new("email", "p3@shop.com")).unwrap().as_deref(), Some("p_3"), "reads see the applies");
+        assert_eq!(s.counters().unwrap().events, 210);
+        let second = s.frozen(&[]).unwrap();
+        assert_eq!(second.meta("raft.n0").unwrap(), Some(b"9".to_vec()), "a second view shares the first one's point in time");
+        drop(first);
+        s.apply(&owner_change(200, "p_200")).unwrap();
+        assert_eq!(tree_of(&s), at_freeze, "nothing reaches the tree while a view is held");
+        let (done, flushed) = mpsc::channel();
+        let flushing = db.clone();
+        let flush = std::thread::spawn(move || {
+            flushing.flush().unwrap();
+            done.send(()).unwrap();
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(flushed.try_recv().is_err(), "the database's flush waits for the held writes");
+        drop(second);
+        flushed.recv().unwrap();
+        flush.join().unwrap();
+        assert_eq!(s.tables.pending_keys.load(Ordering::Acquire), 0, "every held write is in the tree");
+        assert_eq!(s.tables.tree.get(str_key(b'x', "raft.n2")).unwrap().as_deref(), Some(b"200".as_slice()));
+        drop((s, db));
+        let db = SledDb::open(dir.path(), 1).unwrap();
+        let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
+        assert_eq!(s.owner(&Identifier::new("email", "p199@shop.com")).unwrap().as_deref(), Some("p_199"));
+        assert_eq!(s.owner(&Identifier::new("email", "p200@shop.com")).unwrap().as_deref(), Some("p_200"));
+        assert_eq!(s.counters().unwrap().events, 211);
+    }
+
+    /// Beyond `snapshot_backlog_bytes` of held writes, applies wait until
+    /// the view is dropped, then go on.
+    #[test]
+    fn applies_wait_once_the_held_writes_reach_the_backlog_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions { snapshot_backlog_bytes: 2_000, ..StoreOptions::default() };
+        let db = SledDb::open_with(dir.path(), 1, &options).unwrap();
+        let s = Arc::new(db.shard(GroupId::Shard(ShardId(0))).unwrap());
+        let frozen = s.frozen(&[]).unwrap();
+        let (applied, applies) = mpsc::channel();
+        let applying = s.clone();
+        let writer = std::thread::spawn(move || {
+            for n in 0..100 {
+                applying.apply(&owner_change(n, &format!("p_{n}"))).unwrap();
+                applied.send(n).unwrap();
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let before_thaw: Vec<usize> = applies.try_iter().collect();
+        assert!(!before_thaw.is_empty() && before_thaw.len() < 100, "{} applies before the view went", before_thaw.len());
+        assert!(s.tables.pending().bytes >= 2_000, "the applies stopped at the bound: {} bytes held", s.tables.pending().bytes);
+        drop(frozen);
+        writer.join().unwrap();
+        assert_eq!(before_thaw.len() + applies.try_iter().count(), 100, "every apply went through once the view was dropped");
+        s.flush().unwrap();
+        assert_eq!(s.owner(&Identifier::new("email", "p99@shop.com")).unwrap().as_deref(), Some("p_99"));
+    }
+
+    /// Frozen, only the backlog's bytes bound the applies; thawed with
+    /// change sets still held, the backlog may not grow: one apply for
+    /// every two change sets the writer stores; caught up, `MAX_PENDING`.
+    #[test]
+    fn a_thawed_shard_lets_applies_in_at_half_the_writers_pace_until_it_has_caught_up() {
+        let mut p = PendingWrites { frozen: 1, applied: 50, ..PendingWrites::default() };
+        p.held = (0..50).map(|n| (n, Writes::new())).collect();
+        assert!(!p.full(1_000), "frozen: 50 change sets wait, far below the bytes bound");
+        p.bytes = 1_000;
+        assert!(p.full(1_000), "frozen, at the bytes bound");
+        p.bytes = 0;
+        // Thawed (as `thaw` sets it): the backlog is the bound.
+        p.frozen = 0;
+        p.catch_up = p.applied - p.written;
+        assert!(p.full(1_000), "no apply until the writer has stored some");
+        let mut applies = 0;
+        for _ in 0..40 {
+            // The writer stores one (as `drain_one` counts it) ...
+            p.held.pop_front();
+            p.written += 1;
+            p.caught_up += 1;
+            if p.caught_up % 2 == 0 {
+                p.catch_up -= 1;
+            }
+            // ... and applies go in while there is room.
+            while !p.full(1_000) {
+                p.applied += 1;
+                p.held.push_back((p.applied, Writes::new()));
+                applies += 1;
+            }
+        }
+        assert_eq!(applies, 20, "one apply for two change sets stored");
+        assert_eq!(p.applied - p.written, 30, "the backlog shrank from 50 to 30");
+        p.held.clear();
+        p.written = p.applied - 3;
+        assert!(!p.full(1_000), "caught up: MAX_PENDING again");
+        p.written = p.applied - MAX_PENDING;
+        assert!(p.full(1_000));
     }
 
     fn owner_change(n: usize, profile: &str) -> ChangeSet {
@@ -1434,7 +1880,7 @@ mod tests {
         let (writer, jobs) = mpsc::channel();
         drop(jobs);
         let tree = db.db.open_tree("shard-lone").unwrap();
-        let s = SledStore::open(tree, writer).unwrap();
+        let s = SledStore::open(tree, writer, usize::MAX).unwrap();
         assert!(s.apply(&owner_change(1, "p_1")).is_err());
         assert_eq!(s.owner(&Identifier::new("email", "p1@shop.com")).unwrap(), None);
         assert!(s.flush().is_err(), "a flush reports the failure instead of waiting");
@@ -1448,7 +1894,7 @@ mod tests {
         let db = SledDb::open(dir.path(), 1).unwrap();
         let (writer, jobs) = mpsc::channel();
         let tree = db.db.open_tree("shard-lone").unwrap();
-        let s = SledStore::open(tree, writer).unwrap();
+        let s = SledStore::open(tree, writer, usize::MAX).unwrap();
         s.apply(&owner_change(1, "p_1")).unwrap();
         assert_eq!(s.owner(&Identifier::new("email", "p1@shop.com")).unwrap().as_deref(), Some("p_1"), "pending, and read");
         drop(WriterJobs(jobs));
