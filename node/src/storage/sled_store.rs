@@ -524,6 +524,15 @@ impl PendingWrites {
         }
     }
 
+    /// Counts a held change set stored since the thaw: every second one
+    /// lowers the catch-up bound.
+    fn stored_held(&mut self) {
+        self.caught_up += 1;
+        if self.caught_up.is_multiple_of(2) {
+            self.catch_up = self.catch_up.saturating_sub(1);
+        }
+    }
+
     /// Whether an apply must wait for the writer before it adds a change
     /// set.
     fn full(&self, backlog_bytes: usize) -> bool {
@@ -590,8 +599,11 @@ struct WriterState {
     draining: Vec<Arc<ShardTables>>,
     /// Barriers waiting for held change sets: each with the shards holding
     /// some when it came, and their drain counts then.
-    barriers: Vec<(mpsc::SyncSender<()>, Vec<(Arc<ShardTables>, u64)>)>,
+    barriers: Vec<WaitingBarrier>,
 }
+
+/// A barrier's answer, and the shards it waits for with their drain counts.
+type WaitingBarrier = (mpsc::SyncSender<()>, Vec<(Arc<ShardTables>, u64)>);
 
 impl WriterState {
     fn run(&mut self, job: WriteJob) {
@@ -795,10 +807,7 @@ impl ShardTables {
         crate::crash::crash_point("storage::mid-drain");
         self.write_numbered(number, &writes);
         let mut pending = self.pending();
-        pending.caught_up += 1;
-        if pending.caught_up % 2 == 0 {
-            pending.catch_up = pending.catch_up.saturating_sub(1);
-        }
+        pending.stored_held();
         if !pending.held.is_empty() && pending.failed.is_none() {
             return Drain::More;
         }
@@ -1700,10 +1709,7 @@ mod tests {
             // The writer stores one (as `drain_one` counts it) ...
             p.held.pop_front();
             p.written += 1;
-            p.caught_up += 1;
-            if p.caught_up % 2 == 0 {
-                p.catch_up -= 1;
-            }
+            p.stored_held();
             // ... and applies go in while there is room.
             while !p.full(1_000) {
                 p.applied += 1;
