@@ -290,7 +290,9 @@ mod tests {
         // Vectors show up once they have a labelled child.
         m.observe("Identify", "OK", 0.001);
         m.raft_role.with_label_values(&["meta"]).set(2);
-        for v in [&m.raft_term, &m.raft_last_log_index, &m.raft_applied_index, &m.raft_snapshot_index, &m.snapshot_bytes, &m.pending_write_bytes] {
+        for v in
+            [&m.raft_term, &m.raft_last_log_index, &m.raft_applied_index, &m.raft_snapshot_index, &m.snapshot_bytes, &m.pending_write_bytes]
+        {
             v.with_label_values(&["meta"]).set(1);
         }
         let mut exposed: Vec<String> = m.registry.gather().iter().map(|f| f.name().to_string()).collect();

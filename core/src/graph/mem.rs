@@ -147,7 +147,9 @@ impl GraphStore for MemStore {
 
     fn frozen(&self, without_meta: &[&str]) -> Result<Box<dyn super::FrozenImage>, StoreError> {
         // One lock for both: the meta values are those of the records.
-        self.with(|t| -> Box<dyn super::FrozenImage> { Box::new(super::CopiedImage { meta: t.meta.clone(), records: t.image(without_meta) }) })
+        self.with(|t| -> Box<dyn super::FrozenImage> {
+            Box::new(super::CopiedImage { meta: t.meta.clone(), records: t.image(without_meta) })
+        })
     }
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {

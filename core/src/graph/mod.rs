@@ -22,7 +22,6 @@ pub use keys::{GraphKey, GraphValue, SLOTS};
 pub use mem::MemStore;
 pub use staged::Staged;
 
-
 use crate::model::{ChangeSet, Counters, EventRecord, HubRecord, Identifier, MergeRecord, Profile, ProfileId};
 
 #[derive(Clone, Debug, thiserror::Error)]

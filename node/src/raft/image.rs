@@ -53,7 +53,11 @@ fn corrupt(reason: String) -> StoreError {
 }
 
 /// Writes `records` into `partial`, labelled `meta`.
-pub(super) fn write_image(records: &dyn FrozenImage, meta: &SnapshotMeta<u64, BasicNode>, partial: &mut PartialImage) -> Result<(), StoreError> {
+pub(super) fn write_image(
+    records: &dyn FrozenImage,
+    meta: &SnapshotMeta<u64, BasicNode>,
+    partial: &mut PartialImage,
+) -> Result<(), StoreError> {
     let mut out = BufWriter::with_capacity(1 << 20, partial.file());
     let mut head = vec![LIST_OF_TWO];
     head.extend(encode(meta));

@@ -48,7 +48,9 @@ impl Position {
         Position::read_from(|key| store.meta(key))
     }
 
-    fn read_from(meta: impl Fn(&str) -> Result<Option<Vec<u8>>, crate::storage::StoreError>) -> Result<Position, crate::storage::StoreError> {
+    fn read_from(
+        meta: impl Fn(&str) -> Result<Option<Vec<u8>>, crate::storage::StoreError>,
+    ) -> Result<Position, crate::storage::StoreError> {
         Ok(Position { applied: meta(APPLIED)?, applied_command: meta(APPLIED_COMMAND)?, membership: meta(MEMBERSHIP)? })
     }
 

@@ -195,7 +195,8 @@ pub fn meta_prefix_scans_and_deletes<S: GraphStore>(s: &S) {
 /// wherever the file stands, restores exactly those records; once it is
 /// dropped, the later applies are all there.
 pub fn a_frozen_image_stays_as_it_was_while_applies_go_on<S: GraphStore>(a: &S, b: &S) {
-    let (kept, gone, added) = (Identifier::new("email", "x@y.zz"), Identifier::new("email", "gone@y.zz"), Identifier::new("email", "new@y.zz"));
+    let (kept, gone, added) =
+        (Identifier::new("email", "x@y.zz"), Identifier::new("email", "gone@y.zz"), Identifier::new("email", "new@y.zz"));
     a.apply(&one(Change::PutOwner(kept.clone(), "p_1".into()))).unwrap();
     a.apply(&one(Change::PutOwner(gone.clone(), "p_1".into()))).unwrap();
     a.apply(&one(Change::PutMeta("raft.applied".into(), vec![0xff, 7]))).unwrap();

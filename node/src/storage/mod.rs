@@ -23,7 +23,9 @@ mod mem_log;
 mod node_log;
 mod sled_store;
 
-pub use idgraph_core::graph::{decode, encode, encode_record, redact_key, FrozenImage, GraphRead, GraphStore, ImageSink, MemStore, Staged, StoreError};
+pub use idgraph_core::graph::{
+    decode, encode, encode_record, redact_key, FrozenImage, GraphRead, GraphStore, ImageSink, MemStore, Staged, StoreError,
+};
 pub use image_file::{ImageFile, PartialImage};
 pub use mem_log::MemRaftLog;
 pub use node_log::{Durable, GroupLog, LogLimits, NodeLog};

@@ -157,7 +157,8 @@ fn stored_compression(db_dir: &Path) -> Option<bool> {
 /// reports it as an error of kind `Other` whose text names the lock (the
 /// lock's own `WouldBlock` only in its text).
 fn lock_taken(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::WouldBlock || (e.kind() == std::io::ErrorKind::Other && e.to_string().starts_with("could not acquire lock"))
+    e.kind() == std::io::ErrorKind::WouldBlock
+        || (e.kind() == std::io::ErrorKind::Other && e.to_string().starts_with("could not acquire lock"))
 }
 
 /// Starts the writer thread of a database being opened.
