@@ -427,7 +427,10 @@ impl SledDb {
 ///   did before);
 /// - once thawed, applies go on at about half the writer's pace until it
 ///   has written the held change sets (`PendingWrites::catch_up`);
-/// - a second frozen view shares the first one's point in time;
+/// - a build's view joins one held already (its image is labelled from the
+///   frozen tree); a digest's or backup's (`snapshot`) waits until none is
+///   held, since its position is read from the live store, and a restore
+///   waits too, since it replaces the tree a view may be reading;
 /// - [`GraphStore::flush`], `restore` and the writer's barrier
 ///   ([`SledDb::flush`], opening a shard's store again) wait until the
 ///   held change sets are written.
@@ -471,9 +474,6 @@ struct PendingWrites {
     /// shard was frozen, and every later one until these are written. It
     /// writes them ([`ShardTables::drain_one`]) once no view is held.
     held: VecDeque<(u64, Writes)>,
-    /// How many times the held change sets were all written (a barrier
-    /// waits for the next time).
-    drains: u64,
     /// When the writer began writing the held change sets, and how many
     /// there were by then.
     drain_began: Option<(std::time::Instant, usize)>,
@@ -580,7 +580,14 @@ fn write_applied(jobs: mpsc::Receiver<WriteJob>) {
             match jobs.0.try_recv() {
                 Ok(job) => job,
                 Err(mpsc::TryRecvError::Empty) => continue,
-                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    // Every store is gone: the held change sets still go
+                    // into the tree (a reopen would replay them otherwise).
+                    while !writer.draining.is_empty() {
+                        writer.drain_step();
+                    }
+                    break;
+                }
             }
         };
         writer.run(job);
@@ -599,11 +606,12 @@ struct WriterState {
     /// Thawed shards whose held change sets are being written.
     draining: Vec<Arc<ShardTables>>,
     /// Barriers waiting for held change sets: each with the shards holding
-    /// some when it came, and their drain counts then.
+    /// some when it came, and the last one each held then.
     barriers: Vec<WaitingBarrier>,
 }
 
-/// A barrier's answer, and the shards it waits for with their drain counts.
+/// A barrier's answer, and the shards it waits for with the number of the
+/// last change set each held when it came.
 type WaitingBarrier = (mpsc::SyncSender<()>, Vec<(Arc<ShardTables>, u64)>);
 
 impl WriterState {
@@ -626,7 +634,8 @@ impl WriterState {
                 if self.holding.is_empty() {
                     let _ = done.send(());
                 } else {
-                    self.barriers.push((done, self.holding.iter().map(|t| (t.clone(), t.pending().drains)).collect()));
+                    let waiting = self.holding.iter().filter_map(|t| Some((t.clone(), t.last_held()?))).collect();
+                    self.barriers.push((done, waiting));
                 }
             }
         }
@@ -644,7 +653,7 @@ impl WriterState {
         });
         self.holding.retain(|t| t.holds_back());
         self.barriers.retain(|(done, waiting)| {
-            let passed = waiting.iter().all(|(t, drains)| t.drained_since(*drains));
+            let passed = waiting.iter().all(|(t, number)| t.stored(*number));
             if passed {
                 let _ = done.send(());
             }
@@ -812,7 +821,6 @@ impl ShardTables {
         if !pending.held.is_empty() && pending.failed.is_none() {
             return Drain::More;
         }
-        pending.drains += 1;
         if let Some((began, held)) = pending.drain_began.take() {
             tracing::debug!(
                 held,
@@ -831,26 +839,63 @@ impl ShardTables {
         !pending.held.is_empty() && pending.failed.is_none()
     }
 
-    /// Whether held change sets were written since the drain count was
-    /// `drains` (or nothing more will be).
-    fn drained_since(&self, drains: u64) -> bool {
-        let pending = self.pending();
-        pending.drains > drains || pending.held.is_empty() || pending.failed.is_some()
+    /// The number of the last change set held back now, if any.
+    fn last_held(&self) -> Option<u64> {
+        self.pending().held.back().map(|(n, _)| *n)
     }
 
-    /// Holds the tree as it is until [`Self::thaw`]: waits until every
-    /// applied change set is in it, unless another view holds it already.
-    fn freeze(&self) -> Result<(), StoreError> {
-        let _applying = self.exclusive();
-        {
-            let mut pending = self.pending();
-            if pending.frozen > 0 {
-                pending.frozen += 1;
+    /// Whether change set `number` is in the tree (or never will be).
+    fn stored(&self, number: u64) -> bool {
+        let pending = self.pending();
+        pending.written > number || pending.failed.is_some()
+    }
+
+    /// Holds the tree as it is until [`Self::thaw`], once every applied
+    /// change set is in it. With `join`, a view held already lends its
+    /// point in time (a snapshot build: its image is labelled from the
+    /// frozen tree itself); without, it waits until no view is held, so the
+    /// point in time is now (a digest or backup, whose position is read
+    /// from the live store). The wait is not under the lock: applies go on.
+    fn freeze(&self, join: bool) -> Result<(), StoreError> {
+        loop {
+            if !join {
+                let mut pending = self.pending();
+                while pending.frozen > 0 && pending.failed.is_none() {
+                    pending = self.written.wait(pending).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+            let _applying = self.exclusive();
+            {
+                let mut pending = self.pending();
+                if pending.frozen > 0 {
+                    if join {
+                        pending.frozen += 1;
+                        return Ok(());
+                    }
+                    // Another view came first: wait for it again.
+                    continue;
+                }
+            }
+            // No view can start meanwhile: it would need the lock.
+            self.settle()?.frozen += 1;
+            return Ok(());
+        }
+    }
+
+    /// Waits, under the lock the caller holds, until no view is held and
+    /// every applied change set is in the tree: a restore replaces the tree,
+    /// and must not do it under a view still reading it.
+    fn settle_thawed(&self) -> Result<(), StoreError> {
+        let mut pending = self.pending();
+        loop {
+            if let Some(e) = &pending.failed {
+                return Err(e.clone());
+            }
+            if pending.frozen == 0 && pending.written >= pending.applied {
                 return Ok(());
             }
+            pending = self.written.wait(pending).unwrap_or_else(|p| p.into_inner());
         }
-        self.settle()?.frozen += 1;
-        Ok(())
     }
 
     /// Lets go of one frozen view; the last one asks the writer to write
@@ -858,7 +903,12 @@ impl ShardTables {
     fn thaw(self: &Arc<Self>, writer: &mpsc::Sender<WriteJob>) {
         let mut pending = self.pending();
         pending.frozen -= 1;
-        if pending.frozen > 0 || pending.held.is_empty() {
+        if pending.frozen > 0 {
+            return;
+        }
+        // A restore or an unjoined freeze may wait for no view to be held.
+        self.written.notify_all();
+        if pending.held.is_empty() {
             return;
         }
         pending.catch_up = pending.applied - pending.written;
@@ -1049,9 +1099,10 @@ impl SledStore {
         self.tables.pending().bytes
     }
 
-    /// The shard's tree, frozen ([`GraphStore::frozen`]).
-    fn freeze(&self, without_meta: &[&str]) -> Result<FrozenTree, StoreError> {
-        self.tables.freeze()?;
+    /// The shard's tree, frozen ([`GraphStore::frozen`]; `join`: see
+    /// [`ShardTables::freeze`]).
+    fn freeze(&self, without_meta: &[&str], join: bool) -> Result<FrozenTree, StoreError> {
+        self.tables.freeze(join)?;
         let skip = without_meta.iter().map(|k| str_key(b'x', k)).collect();
         Ok(FrozenTree { tables: self.tables.clone(), writer: self.writer.clone(), skip })
     }
@@ -1230,7 +1281,7 @@ impl GraphStore for SledStore {
         // identifiers). The list's length comes first in MessagePack, so
         // room for the longest header is kept and the header written once
         // the pairs are counted; the bytes equal `encode` of the list.
-        let frozen = self.freeze(without_meta)?;
+        let frozen = self.freeze(without_meta, false)?;
         const HEADER_ROOM: usize = 5;
         let mut image = vec![0u8; HEADER_ROOM];
         let pairs = frozen.write_pairs(&mut image)?;
@@ -1244,7 +1295,7 @@ impl GraphStore for SledStore {
     }
 
     fn frozen(&self, without_meta: &[&str]) -> Result<Box<dyn super::FrozenImage>, StoreError> {
-        Ok(Box::new(self.freeze(without_meta)?))
+        Ok(Box::new(self.freeze(without_meta, true)?))
     }
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
@@ -1260,8 +1311,9 @@ impl GraphStore for SledStore {
         let pairs = rmp::decode::read_array_len(&mut rest).map_err(|e| corrupt(format!("no list of records: {e}")))?;
         let mut de = rmp_serde::Deserializer::from_read_ref(rest);
         let _write = self.tables.exclusive();
-        // Nothing applied before may land over the restored records.
-        drop(self.tables.settle()?);
+        // Nothing applied before may land over the restored records, and
+        // no snapshot may be reading the tree it replaces.
+        self.tables.settle_thawed()?;
         let tree = &self.tables.tree;
         // One sled batch: atomic, whatever a crash interrupts.
         let mut batch = sled::Batch::default();
@@ -1660,6 +1712,57 @@ mod tests {
         assert_eq!(s.owner(&Identifier::new("email", "p199@shop.com")).unwrap().as_deref(), Some("p_199"));
         assert_eq!(s.owner(&Identifier::new("email", "p200@shop.com")).unwrap().as_deref(), Some("p_200"));
         assert_eq!(s.counters().unwrap().events, 211);
+    }
+
+    /// A restore replaces the tree: it waits until no view reads it. A
+    /// digest's or backup's `snapshot` does not share an older view's point
+    /// in time: it waits for it and sees every apply.
+    #[test]
+    fn a_restore_and_a_digest_wait_for_the_view_a_build_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SledDb::open(dir.path(), 1).unwrap();
+        let s = Arc::new(db.shard(GroupId::Shard(ShardId(0))).unwrap());
+        s.apply(&owner_change(0, "p_0")).unwrap();
+        let image = s.snapshot(&[]).unwrap();
+        let view = s.frozen(&[]).unwrap();
+        s.apply(&owner_change(1, "p_1")).unwrap();
+        let (done, finished) = mpsc::channel();
+        let digesting = (s.clone(), done.clone());
+        let digest = std::thread::spawn(move || {
+            let records = digesting.0.snapshot(&[]).unwrap();
+            digesting.1.send("digest").unwrap();
+            records
+        });
+        let other_dir = tempfile::tempdir().unwrap();
+        let other_store = SledDb::open(other_dir.path(), 1).unwrap().shard(GroupId::Shard(ShardId(0))).unwrap();
+        other_store.apply(&owner_change(9, "p_9")).unwrap();
+        let other = other_store.snapshot(&[]).unwrap();
+        let restoring = (s.clone(), other.clone(), done);
+        let restore = std::thread::spawn(move || {
+            restoring.0.restore(&restoring.1).unwrap();
+            restoring.2.send("restore").unwrap();
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(finished.try_recv().is_err(), "neither the digest nor the restore went ahead under the view");
+        let mut file = std::io::Cursor::new(Vec::new());
+        view.write_to(&mut file).unwrap();
+        let held = SledDb::open(tempfile::tempdir().unwrap().path(), 1).unwrap().shard(GroupId::Shard(ShardId(0))).unwrap();
+        held.restore(file.get_ref()).unwrap();
+        assert_eq!(held.snapshot(&[]).unwrap(), image, "the view read the records of its point in time, whole");
+        drop(view);
+        let records = digest.join().unwrap();
+        restore.join().unwrap();
+        assert_eq!(finished.try_iter().count(), 2);
+        // Whichever went first, the digest saw the apply made under the
+        // view (then the restore came after it) or the restored records,
+        // never the view's older point in time.
+        let same_dir = tempfile::tempdir().unwrap();
+        let same = SledDb::open(same_dir.path(), 1).unwrap().shard(GroupId::Shard(ShardId(0))).unwrap();
+        same.apply(&owner_change(0, "p_0")).unwrap();
+        same.apply(&owner_change(1, "p_1")).unwrap();
+        let with_apply = same.snapshot(&[]).unwrap();
+        assert!(records == with_apply || records == other, "the digest did not take the view's older point in time");
+        assert_eq!(s.snapshot(&[]).unwrap(), other, "the restore replaced the records");
     }
 
     /// Beyond `snapshot_backlog_bytes` of held writes, applies wait until
