@@ -859,10 +859,7 @@ impl ShardTables {
     fn freeze(&self, join: bool) -> Result<(), StoreError> {
         loop {
             if !join {
-                let mut pending = self.pending();
-                while pending.frozen > 0 && pending.failed.is_none() {
-                    pending = self.written.wait(pending).unwrap_or_else(|p| p.into_inner());
-                }
+                drop(self.wait_while(self.pending(), |p| p.frozen > 0));
             }
             let _applying = self.exclusive();
             {
@@ -886,15 +883,10 @@ impl ShardTables {
     /// every applied change set is in the tree: a restore replaces the tree,
     /// and must not do it under a view still reading it.
     fn settle_thawed(&self) -> Result<(), StoreError> {
-        let mut pending = self.pending();
-        loop {
-            if let Some(e) = &pending.failed {
-                return Err(e.clone());
-            }
-            if pending.frozen == 0 && pending.written >= pending.applied {
-                return Ok(());
-            }
-            pending = self.written.wait(pending).unwrap_or_else(|p| p.into_inner());
+        let pending = self.wait_while(self.pending(), |p| p.frozen > 0 || p.written < p.applied);
+        match &pending.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
         }
     }
 
@@ -957,15 +949,23 @@ impl ShardTables {
     /// Waits until every change set applied so far is in the tree; the
     /// pending writes, still locked.
     fn settle(&self) -> Result<MutexGuard<'_, PendingWrites>, StoreError> {
-        let mut pending = self.pending();
+        let pending = self.pending();
         let target = pending.applied;
-        while pending.written < target && pending.failed.is_none() {
-            pending = self.written.wait(pending).unwrap_or_else(|p| p.into_inner());
-        }
+        let pending = self.wait_while(pending, |p| p.written < target);
         match &pending.failed {
             Some(e) => Err(e.clone()),
             None => Ok(pending),
         }
+    }
+
+    /// Waits on `written` (the writer stored something or failed, or a view
+    /// was dropped) while `waiting` holds and the writer has not failed.
+    fn wait_while<'a>(
+        &self,
+        pending: MutexGuard<'a, PendingWrites>,
+        mut waiting: impl FnMut(&PendingWrites) -> bool,
+    ) -> MutexGuard<'a, PendingWrites> {
+        self.written.wait_while(pending, |p| p.failed.is_none() && waiting(p)).unwrap_or_else(|p| p.into_inner())
     }
 
     /// A key's newest applied value: pending, or in the tree.
@@ -1242,10 +1242,7 @@ impl GraphStore for SledStore {
         if writes.is_empty() {
             return Ok(());
         }
-        let mut pending = tables.pending();
-        while pending.full(tables.backlog_bytes) && pending.failed.is_none() {
-            pending = tables.written.wait(pending).unwrap_or_else(|p| p.into_inner());
-        }
+        let mut pending = tables.wait_while(tables.pending(), |p| p.full(tables.backlog_bytes));
         if let Some(e) = &pending.failed {
             return Err(e.clone());
         }
