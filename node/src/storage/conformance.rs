@@ -23,7 +23,8 @@ fn profile(id: &str, ids: &[(&str, &str)]) -> Profile {
     }
 }
 
-fn one(c: Change) -> ChangeSet {
+/// A change set of one change.
+pub fn one(c: Change) -> ChangeSet {
     ChangeSet { changes: vec![c], counters: Counters::default() }
 }
 
@@ -134,6 +135,7 @@ pub fn snapshot_restores_everything<S: GraphStore>(a: &S, b: &S) {
         changes: vec![
             Change::PutOwner(id.clone(), "p_1".into()),
             Change::PutProfile(profile("p_1", &[("email", "snap@shop.co")])),
+            Change::PutHub(id.clone(), HubRecord { colliding_profiles: vec!["p_0".into()], ..Default::default() }),
             Change::PutMeta("applied".into(), vec![1, 2, 3]),
         ],
         counters: Counters { profiles: 1, identifiers: 1, ..Default::default() },
@@ -144,6 +146,8 @@ pub fn snapshot_restores_everything<S: GraphStore>(a: &S, b: &S) {
     b.restore(&a.snapshot(&["private"]).unwrap()).unwrap();
     assert_eq!(b.meta("private").unwrap(), None, "excluded meta values stay out");
     assert_eq!(b.owner(&id).unwrap().as_deref(), Some("p_1"));
+    assert_eq!(b.hub(&id).unwrap(), a.hub(&id).unwrap());
+    assert!(b.hub(&id).unwrap().is_some());
     assert_eq!(b.owner(&Identifier::new("user_id", "stale")).unwrap(), None, "restore replaces");
     assert_eq!(b.all_profiles().unwrap(), a.all_profiles().unwrap());
     assert_eq!(b.meta("applied").unwrap(), Some(vec![1, 2, 3]));

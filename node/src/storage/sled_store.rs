@@ -455,6 +455,60 @@ struct ShardTables {
     /// applies never run at once anyway) and for `restore`; shared by scans
     /// and `snapshot`, so that no change set arrives while they read.
     lock: RwLock<()>,
+    /// The hub records the shard holds, so that a look-up of a value that
+    /// never collided skips sled.
+    hub_keys: RwLock<HubKeys>,
+}
+
+/// Hub records a shard holds or has held, by the hash of their key.
+///
+/// The engine looks up the hub record of every identifier of every event,
+/// and nearly every value has none: in the streamed ingest those look-ups
+/// were a tenth of the apply's time, each a walk down sled's tree to find
+/// nothing (`bench/analysis.md`). A key whose hash is not here has no
+/// record, so its look-up answers at once. The set only grows: a key's hash
+/// is added before its record is (by an apply, a restore, or the store's
+/// opening), and a removal leaves it, since another key may share it; an
+/// extra hash only costs a look-up in sled. Past [`HUB_KEYS_MAX`] hashes
+/// the set is dropped and every look-up goes to sled, so its memory stays
+/// bounded (about 16 bytes a hash) on a graph of many hubs.
+struct HubKeys {
+    /// `None` once more than `limit` were added.
+    hashes: Option<std::collections::HashSet<u64>>,
+    limit: usize,
+}
+
+/// Hub keys a shard keeps hashes of, at most ([`HubKeys`]).
+const HUB_KEYS_MAX: usize = 1 << 18;
+
+impl HubKeys {
+    fn new(limit: usize) -> Self {
+        HubKeys { hashes: Some(std::collections::HashSet::new()), limit }
+    }
+
+    fn hash(key: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(key)
+    }
+
+    /// Whether a record may be stored under `key` (false: there is none).
+    fn may_hold(&self, key: &[u8]) -> bool {
+        self.hashes.as_ref().is_none_or(|h| h.contains(&Self::hash(key)))
+    }
+
+    fn add(&mut self, key: &[u8]) {
+        if let Some(hashes) = &mut self.hashes {
+            hashes.insert(Self::hash(key));
+            if hashes.len() > self.limit {
+                tracing::info!(limit = self.limit, "a shard holds more hub records than it keeps hashes of; hub look-ups go to the store");
+                self.hashes = None;
+            }
+        }
+    }
+
+    /// Whether `key` names a hub record.
+    fn is_hub(key: &[u8]) -> bool {
+        key.first() == Some(&b'h')
+    }
 }
 
 #[derive(Default)]
@@ -748,6 +802,19 @@ impl ShardTables {
 
     fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
         self.lock.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds the hashes of the hub keys among `keys` ([`HubKeys`]).
+    fn add_hub_keys<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+        let mut keys = keys.into_iter().filter(|k| HubKeys::is_hub(k)).peekable();
+        if keys.peek().is_some() {
+            let mut hub_keys = self.hub_keys.write().unwrap_or_else(|p| p.into_inner());
+            keys.for_each(|k| hub_keys.add(k));
+        }
+    }
+
+    fn may_hold_hub(&self, key: &[u8]) -> bool {
+        self.hub_keys.read().unwrap_or_else(|p| p.into_inner()).may_hold(key)
     }
 
     /// Writes change set `number` into the tree (on the writer thread); or,
@@ -1115,6 +1182,7 @@ impl SledStore {
             written: Condvar::new(),
             pending_keys: AtomicUsize::new(0),
             lock: RwLock::new(()),
+            hub_keys: RwLock::new(HubKeys::new(HUB_KEYS_MAX)),
         };
         // A change set interrupted by a crash is finished before anything
         // reads the store.
@@ -1122,6 +1190,9 @@ impl SledStore {
             let writes = decode_redo(&redo)?;
             tracing::info!(writes = writes.len(), "finishing a change set interrupted by a crash");
             tables.write_all(&writes)?;
+        }
+        for k in tables.tree.scan_prefix(b"h").keys() {
+            tables.add_hub_keys([k.map_err(io)?.as_ref()]);
         }
         Ok(SledStore { tables: Arc::new(tables), writer })
     }
@@ -1166,7 +1237,11 @@ impl GraphRead for SledStore {
         self.get(&str_key(b'm', id))
     }
     fn hub(&self, id: &Identifier) -> Result<Option<HubRecord>, StoreError> {
-        self.get(&id_key(b'h', id))
+        let key = id_key(b'h', id);
+        if !self.tables.may_hold_hub(&key) {
+            return Ok(None);
+        }
+        self.get(&key)
     }
     fn listed_hubs(&self, limit: usize) -> Result<Vec<(Identifier, HubRecord)>, StoreError> {
         let mut out = Vec::new();
@@ -1247,6 +1322,9 @@ impl GraphStore for SledStore {
             return Err(e.clone());
         }
         let number = pending.applied;
+        // Before the records: a read that finds a hub record's hash may
+        // still find no record, never the other way round.
+        tables.add_hub_keys(writes.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| k.as_slice()));
         let values = writes.clone();
         // Sent under the lock, so that change sets reach the writer in the
         // order they are numbered; the writer takes the lock before it lets
@@ -1319,6 +1397,9 @@ impl GraphStore for SledStore {
         }
         for _ in 0..pairs {
             let (k, v): (Vec<u8>, Vec<u8>) = serde::Deserialize::deserialize(&mut de).map_err(|e| corrupt(e.to_string()))?;
+            // Added before the batch lands (the hashes of the records it
+            // replaces stay: more hashes only cost look-ups).
+            self.tables.add_hub_keys([k.as_slice()]);
             batch.insert(k, v);
         }
         for (k, v) in meta {
@@ -1533,9 +1614,12 @@ mod tests {
     fn a_change_set_interrupted_by_a_crash_is_finished_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let alice = Identifier::new("email", "a@b.c");
+        let hub =
+            HubRecord { colliding_profiles: vec!["p_0".into()], limit_type: "email".into(), listed_at_ms: None, reason: String::new() };
         let mut cs = ChangeSet::default();
         cs.push(Change::PutOwner(alice.clone(), "p_2".into()));
         cs.push(Change::DeleteAlias("p_1".into()));
+        cs.push(Change::PutHub(alice.clone(), hub.clone()));
         cs.push(Change::PutMeta("raft.applied".into(), b"7".to_vec()));
         cs.counters.events = 1;
         {
@@ -1552,6 +1636,7 @@ mod tests {
             let writes: Writes = vec![
                 (id_key(b'i', &alice), Some(b"p_2".to_vec())),
                 (str_key(b'a', "p_1"), None),
+                (id_key(b'h', &alice), Some(encode_record(&hub))),
                 (str_key(b'x', "raft.applied"), Some(b"7".to_vec())),
                 (COUNTERS_KEY.to_vec(), Some(encode_record(&Counters { events: 1, ..Default::default() }))),
             ];
@@ -1563,6 +1648,7 @@ mod tests {
         let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
         assert_eq!(s.owner(&alice).unwrap().as_deref(), Some("p_2"));
         assert_eq!(s.alias("p_1").unwrap(), None);
+        assert_eq!(s.hub(&alice).unwrap(), Some(hub), "a hub record the redo wrote is found");
         assert_eq!(s.meta("raft.applied").unwrap().as_deref(), Some(&b"7"[..]));
         assert_eq!(s.counters().unwrap().events, 1);
         assert_eq!(s.tables.tree.get(REDO_KEY).unwrap(), None);
@@ -1575,6 +1661,67 @@ mod tests {
         t.apply(&before).unwrap();
         t.apply(&cs).unwrap();
         assert_eq!(t.snapshot(&[]).unwrap(), s.snapshot(&[]).unwrap());
+    }
+
+    /// A shard keeps hashes of its hub keys only: a value that never
+    /// collided is answered without a look-up in the tree, one that did is
+    /// found whether it was applied, restored or in the tree at open, and a
+    /// removed record's hash stays.
+    #[test]
+    fn hub_look_ups_skip_the_tree_only_for_values_without_a_hub_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub_id, restored_id, plain) =
+            (Identifier::new("device_id", "shared"), Identifier::new("device_id", "restored"), Identifier::new("email", "a@b.c"));
+        let hub =
+            HubRecord { colliding_profiles: vec!["p_1".into()], limit_type: "device_id".into(), listed_at_ms: None, reason: String::new() };
+        let hashed = |s: &SledStore, id: &Identifier| s.tables.may_hold_hub(&id_key(b'h', id));
+        {
+            let db = SledDb::open(dir.path(), 2).unwrap();
+            let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
+            assert!(!hashed(&s, &hub_id));
+            let mut cs = ChangeSet::default();
+            cs.push(Change::PutOwner(plain.clone(), "p_1".into()));
+            cs.push(Change::PutHub(hub_id.clone(), hub.clone()));
+            s.apply(&cs).unwrap();
+            assert!(hashed(&s, &hub_id), "an apply adds its hub keys");
+            assert!(!hashed(&s, &plain), "owner keys are not hub keys");
+            assert_eq!(s.hub(&hub_id).unwrap(), Some(hub.clone()));
+            assert_eq!(s.hub(&plain).unwrap(), None);
+
+            // A restore adds the hub keys of the image it writes.
+            let other = db.shard(GroupId::Shard(ShardId(1))).unwrap();
+            other.apply(&crate::storage::conformance::one(Change::PutHub(restored_id.clone(), hub.clone()))).unwrap();
+            s.restore(&other.snapshot(&[]).unwrap()).unwrap();
+            assert_eq!(s.hub(&restored_id).unwrap(), Some(hub.clone()));
+            assert_eq!(s.hub(&hub_id).unwrap(), None, "the restore replaced it");
+            assert!(hashed(&s, &hub_id), "a hash outlives its record");
+            s.apply(&crate::storage::conformance::one(Change::PutHub(hub_id.clone(), hub.clone()))).unwrap();
+            s.apply(&crate::storage::conformance::one(Change::DeleteHub(restored_id.clone()))).unwrap();
+            db.flush().unwrap();
+        }
+        // The store's opening reads the hub keys in the tree.
+        let db = SledDb::open(dir.path(), 2).unwrap();
+        let s = db.shard(GroupId::Shard(ShardId(0))).unwrap();
+        assert!(hashed(&s, &hub_id));
+        assert!(!hashed(&s, &restored_id), "a removed record is not in the tree at open");
+        assert!(!hashed(&s, &plain));
+        assert_eq!(s.hub(&hub_id).unwrap(), Some(hub));
+        assert_eq!(s.hub(&restored_id).unwrap(), None);
+    }
+
+    /// Past its limit a shard's hub-key set is dropped, and every key may
+    /// have a record.
+    #[test]
+    fn hub_keys_past_their_limit_send_every_look_up_to_the_tree() {
+        let mut keys = HubKeys::new(2);
+        assert!(!keys.may_hold(b"h1"));
+        keys.add(b"h1");
+        keys.add(b"h2");
+        assert!(keys.may_hold(b"h1") && keys.may_hold(b"h2"));
+        assert!(!keys.may_hold(b"h3"));
+        keys.add(b"h3");
+        assert!(keys.hashes.is_none());
+        assert!(keys.may_hold(b"h4"), "no set: every key may hold a record");
     }
 
     /// A snapshot image kept in sled by an older build moves to its file,
