@@ -23,6 +23,15 @@
 //! | `placement::after-membership-change` | the group's voters changed; the move is not yet recorded as finished |
 //!
 //! Without the feature a crash point compiles to nothing.
+//!
+//! Wait points ([`WAIT_POINTS`]) hold a state open that is otherwise brief,
+//! so that tests can act while it lasts: `FAILPOINTS="<name>=sleep(MS)"`
+//! makes the process wait there MS milliseconds, once it has printed
+//! `wait point <name> reached` to its log.
+//!
+//! | name | where |
+//! |---|---|
+//! | `raft::snapshot-view` | a snapshot build holds its frozen view of the shard, its image not yet written |
 
 /// Every crash point in the code (the table above).
 pub const CRASH_POINTS: [&str; 12] = [
@@ -61,6 +70,23 @@ pub fn crash_point(name: &str) {
         eprintln!("crash point {name} reached: exiting");
         std::process::exit(CRASH_EXIT_CODE)
     });
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}
+
+/// Every wait point in the code (the second table above).
+pub const WAIT_POINTS: [&str; 1] = ["raft::snapshot-view"];
+
+/// Waits here when the wait point `name` is configured.
+pub fn wait_point(name: &str) {
+    debug_assert!(WAIT_POINTS.contains(&name), "wait point {name} is not listed in WAIT_POINTS");
+    #[cfg(feature = "failpoints")]
+    {
+        if fail::list().iter().any(|(point, _)| point == name) {
+            eprintln!("wait point {name} reached");
+        }
+        fail::fail_point!(name);
+    }
     #[cfg(not(feature = "failpoints"))]
     let _ = name;
 }

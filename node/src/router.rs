@@ -199,11 +199,17 @@ impl ShardRouter {
     }
 
     /// The state digest of every replica this node holds, in group order.
-    pub fn replica_digests(&self) -> Result<Vec<(GroupId, ReplicaDigest)>, RequestError> {
+    /// Each reads its whole shard (and may wait for a snapshot build's view
+    /// of the tree), so it is read on the blocking pool.
+    pub async fn replica_digests(&self) -> Result<Vec<(GroupId, ReplicaDigest)>, RequestError> {
         let mut out = Vec::new();
         for r in self.local_replicas() {
-            let d = crate::raft::replica_digest(&*r.store)
-                .map_err(|e| RequestError::Unavailable { shard: r.group.to_string(), reason: e.to_string() })?;
+            let unavailable = |reason: String| RequestError::Unavailable { shard: r.group.to_string(), reason };
+            let store = r.store.clone();
+            let d = tokio::task::spawn_blocking(move || crate::raft::replica_digest(&*store))
+                .await
+                .map_err(|e| unavailable(format!("the digest stopped: {e}")))?
+                .map_err(|e| unavailable(e.to_string()))?;
             out.push((r.group, d));
         }
         out.sort_by_key(|(shard, _)| *shard);

@@ -400,3 +400,53 @@ async fn a_crash_while_writes_held_during_a_snapshot_are_stored_loses_nothing() 
     let events = stats.events as usize;
     assert!((acknowledged.len()..=acknowledged.len() + 8).contains(&events), "{events} events for {} acknowledged", acknowledged.len());
 }
+
+/// The replicas' digests and a backup's images read whole shards, and wait
+/// while a snapshot build holds its view of one. They wait on the blocking
+/// pool, not on a runtime worker: a node with one worker goes on answering
+/// meanwhile. (The build holds its view for 10 s here, at the wait point
+/// `raft::snapshot-view`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_shard_reads_waiting_for_a_snapshot_build_leave_the_node_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("node.log");
+    let node = launch(&dir.path().join("data"), &["--shards", "1"])
+        .env("IDGRAPH_WORKER_THREADS", "1")
+        .env("FAILPOINTS", "raft::snapshot-view=sleep(10000)")
+        .log_to(&log)
+        .start()
+        .await
+        .expect("the node starts");
+    let mut client = node.client().await;
+    // A build comes every 100 entries in tests: write until one holds its
+    // view.
+    let holding = || std::fs::read_to_string(&log).unwrap_or_default().contains("wait point raft::snapshot-view reached");
+    let mut written = 0;
+    while !holding() {
+        let email = format!("view{written}@shop.com");
+        client.identify(event(&format!("view-{written}"), &[("email", &email)])).await.unwrap();
+        written += 1;
+        assert!(written < 3000, "no snapshot build began in {written} events");
+    }
+    let mut admin = node.admin().await;
+    let digests = tokio::spawn(async move { admin.get_digests(pb::GetDigestsRequest {}).await });
+    let mut admin = node.admin().await;
+    let backup = tokio::spawn(async move {
+        let mut chunks = admin.backup(pb::BackupRequest {}).await?.into_inner();
+        let mut bytes = 0;
+        while let Some(chunk) = chunks.message().await? {
+            bytes += chunk.data.len();
+        }
+        Ok::<usize, tonic::Status>(bytes)
+    });
+    // Both reach the node and wait for the view.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let p = client.get_profile(by_id("email", "view0@shop.com")).await.expect("a look-up is served while they wait").into_inner();
+    assert_eq!(p.identifiers.len(), 1);
+    client.identify(event("view-after", &[("email", "after@shop.com")])).await.expect("a write is served while they wait");
+    assert!(!digests.is_finished(), "the digests wait for the build's view");
+    assert!(!backup.is_finished(), "the backup waits for the build's view");
+    let digests = digests.await.unwrap().expect("the digests answer once the build lets go").into_inner();
+    assert!(!digests.shards.is_empty());
+    assert!(backup.await.unwrap().expect("the backup ends once the build lets go") > 0);
+}

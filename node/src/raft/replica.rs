@@ -130,6 +130,14 @@ impl ShardRead {
             _ => ReadMode::Linearizable,
         }
     }
+
+    /// Whether the read walks a whole table of the shard (seconds on a
+    /// large one, and a backup's image also waits for a snapshot build's
+    /// view of the tree): served on the blocking pool, not a runtime
+    /// worker.
+    fn reads_whole_shard(&self) -> bool {
+        matches!(self, ShardRead::Image | ShardRead::MetaBackup | ShardRead::MergesUnder { .. })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -619,12 +627,12 @@ impl ShardReplica {
             self.check_leader()?;
         }
         if mode != ReadMode::Linearizable {
-            return self.read_here(&r);
+            return self.read_now(r).await;
         }
         // Under a lease: read, then make sure the lease still held once
         // read (a read that outlasted it is served again after a round).
         if self.leased() {
-            let answer = self.read_here(&r);
+            let answer = self.read_now(r.clone()).await;
             if self.leased() && self.vote_kept().await {
                 self.lease.count_read(true);
                 if self.lease.claim_renewal(std::time::Instant::now()) {
@@ -640,7 +648,20 @@ impl ShardReplica {
         }
         self.confirm_leadership().await?;
         self.lease.count_read(false);
-        self.read_here(&r)
+        self.read_now(r).await
+    }
+
+    /// [`Self::read_here`], on the blocking pool for a read of the whole
+    /// shard ([`ShardRead::reads_whole_shard`]), so that it holds none of
+    /// the runtime's few workers meanwhile.
+    async fn read_now(&self, r: ShardRead) -> Result<ShardReply, ShardFailure> {
+        if !r.reads_whole_shard() {
+            return self.read_here(&r);
+        }
+        let replica = self.clone();
+        tokio::task::spawn_blocking(move || replica.read_here(&r))
+            .await
+            .unwrap_or_else(|e| Err(self.unavailable(format!("the read stopped: {e}"))))
     }
 
     /// Reads this replica's state as it is.

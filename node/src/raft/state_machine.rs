@@ -460,6 +460,7 @@ impl<S: GraphStore> ShardStateMachine<S> {
         // snapshot until the new one replaces it: a lagging follower may be
         // sent it meanwhile.
         let records = self.store.frozen(&[SNAPSHOT]).map_err(read_err)?;
+        crate::crash::wait_point("raft::snapshot-view");
         // The image and the log position it is labelled with must match: a
         // follower installing it applies the entries after that position,
         // and would apply twice any the image already holds. Both are read

@@ -378,7 +378,7 @@ impl Admin for AdminService {
     }
 
     async fn get_digests(&self, _request: Request<pb::GetDigestsRequest>) -> Result<Response<pb::ReplicaDigests>, Status> {
-        Ok(Response::new(convert::replica_digests(self.router.node_id(), self.router.replica_digests()?)))
+        Ok(Response::new(convert::replica_digests(self.router.node_id(), self.router.replica_digests().await?)))
     }
 
     async fn get_cluster(&self, _request: Request<pb::GetClusterRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
