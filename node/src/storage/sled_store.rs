@@ -33,6 +33,7 @@ use super::{decode, encode_record, redact_key, GraphRead, GraphStore, StoreError
 use idgraph_core::model::{
     Change, ChangeSet, Counters, EventRecord, GroupId, HubRecord, Identifier, MergeRecord, Profile, ProfileId, ShardId,
 };
+use sled::IVec;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -423,8 +424,9 @@ impl SledDb {
 /// every shard waited for it, 10 to 46 s, and the node's memory grew by
 /// gigabytes.) Meanwhile:
 /// - `MAX_PENDING` does not bound the applies; `snapshot_backlog_bytes` of
-///   pending keys and values does (applies wait beyond it, as they all
-///   did before);
+///   writes not yet in the tree does (applies wait beyond it, as they all
+///   did before); the pending values and the held change sets share those
+///   bytes;
 /// - once thawed, applies go on at about half the writer's pace until it
 ///   has written the held change sets (`PendingWrites::catch_up`);
 /// - a build's view joins one held already (its image is labelled from the
@@ -515,7 +517,7 @@ impl HubKeys {
 struct PendingWrites {
     /// The newest pending value of each key (`None`: removed) and the
     /// number of the change set that wrote it.
-    values: BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+    values: BTreeMap<IVec, (u64, Option<IVec>)>,
     /// Change sets applied so far; those numbered below `written` are in
     /// the tree.
     applied: u64,
@@ -531,7 +533,10 @@ struct PendingWrites {
     /// When the writer began writing the held change sets, and how many
     /// there were by then.
     drain_began: Option<(std::time::Instant, usize)>,
-    /// About how much memory `values` and `held` take.
+    /// About how much memory the writes of change sets applied and not
+    /// yet in the tree take (pending values, the writer's queue and `held`
+    /// share their bytes; a replaced value counts until its change set is
+    /// written).
     bytes: usize,
     /// Once thawed, how many change sets may wait for the writer while it
     /// writes the held ones: as many as waited at the thaw, one less for
@@ -547,9 +552,9 @@ struct PendingWrites {
 /// and the two vectors' headers, about.
 const ENTRY_OVERHEAD: usize = 64;
 
-/// About how much memory a change set's writes take.
-fn writes_size(writes: &Writes) -> usize {
-    writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD).sum()
+/// About how much memory one write takes.
+fn write_size(key: &[u8], value: &Option<IVec>) -> usize {
+    key.len() + value.as_ref().map_or(0, |v| v.len()) + ENTRY_OVERHEAD
 }
 
 /// What [`ShardTables::drain_one`] left.
@@ -564,19 +569,24 @@ enum Drain {
 }
 
 impl PendingWrites {
-    fn put(&mut self, key: Vec<u8>, number: u64, value: Option<Vec<u8>>) {
-        let size = value.as_ref().map_or(0, Vec::len);
-        let key_size = key.len();
-        match self.values.insert(key, (number, value)) {
-            Some((_, old)) => self.bytes = self.bytes + size - old.map_or(0, |v| v.len()),
-            None => self.bytes += key_size + size + ENTRY_OVERHEAD,
-        }
+    /// Adds a write of change set `number`. Its bytes are taken until the
+    /// change set is in the tree, even once a later write replaces its
+    /// pending value: the writer's queue still holds them.
+    fn put(&mut self, key: IVec, number: u64, value: Option<IVec>) {
+        self.bytes += write_size(&key, &value);
+        self.values.insert(key, (number, value));
     }
 
-    fn remove(&mut self, key: &[u8]) {
-        if let Some((_, old)) = self.values.remove(key) {
-            self.bytes -= key.len() + old.map_or(0, |v| v.len()) + ENTRY_OVERHEAD;
+    /// Lets go of change set `number`, now in the tree: its writes' bytes,
+    /// and its pending values that no later change set replaced.
+    fn let_go(&mut self, number: u64, writes: &Writes) {
+        for (k, v) in writes {
+            self.bytes = self.bytes.saturating_sub(write_size(k, v));
+            if self.values.get(k).is_some_and(|(n, _)| *n == number) {
+                self.values.remove(k);
+            }
         }
+        self.written = number + 1;
     }
 
     /// Counts a held change set stored since the thaw: every second one
@@ -730,8 +740,10 @@ impl Drop for WriterJobs {
     }
 }
 
-/// A change set's writes, in order: a put, or a removal (`None`).
-type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+/// A change set's writes, in order: a put, or a removal (`None`). The
+/// bytes are shared (`sled::IVec` counts references): the pending values,
+/// the writer's queue and sled's page cache hold one copy.
+type Writes = Vec<(IVec, Option<IVec>)>;
 
 fn id_key(tag: u8, id: &Identifier) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + id.kind.len() + id.value.len());
@@ -760,7 +772,7 @@ fn parse_id_key(key: &[u8]) -> Option<Identifier> {
 /// builds wrote the bytes as lists of integers (each byte of 128 or more
 /// taking two, and slow to write), which [`decode_redo`] still reads.
 fn encode_redo(writes: &Writes) -> Vec<u8> {
-    let size: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 11).sum();
+    let size: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()) + 11).sum();
     let mut out = Vec::with_capacity(size + 5);
     // Writing into a Vec cannot fail, and no write is 4 GiB long.
     let _ = rmp::encode::write_array_len(&mut out, writes.len() as u32);
@@ -782,7 +794,12 @@ fn encode_redo(writes: &Writes) -> Vec<u8> {
 /// Reads a redo record of this build ([`encode_redo`]) or of an older one:
 /// rmp-serde reads a byte string or a list of integers into a `Vec<u8>`.
 fn decode_redo(bytes: &[u8]) -> Result<Writes, StoreError> {
-    decode(REDO_KEY, bytes)
+    decode(REDO_KEY, bytes).map(shared_writes)
+}
+
+/// Writes of owned bytes as the store keeps them.
+fn shared_writes(writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Writes {
+    writes.into_iter().map(|(k, v)| (IVec::from(k), v.map(IVec::from))).collect()
 }
 
 const COUNTERS_KEY: &[u8] = b"c";
@@ -827,7 +844,6 @@ impl ShardTables {
                 return false;
             }
             if pending.frozen > 0 || !pending.held.is_empty() {
-                pending.bytes += writes_size(&writes);
                 pending.held.push_back((number, writes));
                 return true;
             }
@@ -843,12 +859,7 @@ impl ShardTables {
         let mut pending = self.pending();
         match result {
             Ok(()) => {
-                for (k, _) in writes {
-                    if pending.values.get(k).is_some_and(|(n, _)| *n == number) {
-                        pending.remove(k);
-                    }
-                }
-                pending.written = number + 1;
+                pending.let_go(number, writes);
                 self.pending_keys.store(pending.values.len(), Ordering::Release);
             }
             Err(e) => {
@@ -874,10 +885,7 @@ impl ShardTables {
             let held = pending.held.len();
             pending.drain_began.get_or_insert((std::time::Instant::now(), held));
             match pending.held.pop_front() {
-                Some(job) => {
-                    pending.bytes -= writes_size(&job.1);
-                    job
-                }
+                Some(job) => job,
                 None => return Drain::Done,
             }
         };
@@ -991,7 +999,7 @@ impl ShardTables {
         match writes.as_slice() {
             [] => Ok(()),
             // One write is atomic by itself.
-            [(k, Some(v))] => self.tree.insert(k, v.as_slice()).map(|_| ()).map_err(io),
+            [(k, Some(v))] => self.tree.insert(k, v.clone()).map(|_| ()).map_err(io),
             [(k, None)] => self.tree.remove(k).map(|_| ()).map_err(io),
             _ => {
                 self.tree.insert(REDO_KEY, encode_redo(writes)).map_err(io)?;
@@ -1005,7 +1013,7 @@ impl ShardTables {
     fn write_all(&self, writes: &Writes) -> Result<(), StoreError> {
         for (k, v) in writes {
             match v {
-                Some(v) => self.tree.insert(k, v.as_slice()).map_err(io)?,
+                Some(v) => self.tree.insert(k, v.clone()).map_err(io)?,
                 None => self.tree.remove(k).map_err(io)?,
             };
         }
@@ -1039,7 +1047,7 @@ impl ShardTables {
     fn value(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
         if self.pending_keys.load(Ordering::Acquire) > 0 {
             if let Some((_, v)) = self.pending().values.get(key) {
-                return Ok(v.as_deref().map(sled::IVec::from));
+                return Ok(v.clone());
             }
         }
         self.tree.get(key).map_err(io)
@@ -1058,32 +1066,32 @@ impl ShardTables {
     fn scan_after(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
         use std::ops::Bound;
         let start = || match after {
-            Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),
-            _ => Bound::Included(prefix.to_vec()),
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
         };
-        let over: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
+        let over: Vec<(IVec, Option<IVec>)> = self
             .pending()
             .values
-            .range((start(), Bound::Unbounded))
+            .range::<[u8], _>((start(), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, (_, v))| (k.clone(), v.clone()))
             .collect();
         let mut over = over.into_iter().peekable();
         let mut out = Vec::new();
-        let take = |out: &mut Vec<(sled::IVec, sled::IVec)>, (k, v): (Vec<u8>, Option<Vec<u8>>)| {
+        let take = |out: &mut Vec<(IVec, IVec)>, (k, v): (IVec, Option<IVec>)| {
             if let Some(v) = v {
-                out.push((k.into(), v.into()));
+                out.push((k, v));
             }
         };
-        for kv in self.tree.range::<Vec<u8>, _>((start(), Bound::Unbounded)) {
+        for kv in self.tree.range::<&[u8], _>((start(), Bound::Unbounded)) {
             let (k, v) = kv.map_err(io)?;
             if !k.starts_with(prefix) || out.len() >= limit {
                 break;
             }
-            while let Some(pending) = over.next_if(|(p, _)| p.as_slice() < k.as_ref()) {
+            while let Some(pending) = over.next_if(|(p, _)| p[..] < k[..]) {
                 take(&mut out, pending);
             }
-            match over.next_if(|(p, _)| p.as_slice() == k.as_ref()) {
+            match over.next_if(|(p, _)| p[..] == k[..]) {
                 Some(pending) => take(&mut out, pending),
                 None => out.push((k, v)),
             }
@@ -1286,25 +1294,26 @@ impl GraphStore for SledStore {
     fn apply(&self, cs: &ChangeSet) -> Result<(), StoreError> {
         let tables = &self.tables;
         let _applying = tables.exclusive();
-        let put = |k: Vec<u8>, v: Vec<u8>| (k, Some(v));
+        let put = |k: Vec<u8>, v: Vec<u8>| (IVec::from(k), Some(IVec::from(v)));
+        let del = |k: Vec<u8>| (IVec::from(k), None);
         let mut writes: Writes = cs
             .changes
             .iter()
             .map(|c| match c {
                 Change::PutOwner(k, v) => put(id_key(b'i', k), v.as_bytes().to_vec()),
-                Change::DeleteOwner(k) => (id_key(b'i', k), None),
+                Change::DeleteOwner(k) => del(id_key(b'i', k)),
                 Change::PutProfile(p) => put(str_key(b'p', &p.id), encode_record(p)),
-                Change::DeleteProfile(id) => (str_key(b'p', id), None),
+                Change::DeleteProfile(id) => del(str_key(b'p', id)),
                 Change::PutAlias(k, v) => put(str_key(b'a', k), v.as_bytes().to_vec()),
-                Change::DeleteAlias(k) => (str_key(b'a', k), None),
+                Change::DeleteAlias(k) => del(str_key(b'a', k)),
                 Change::PutEvent(k, v) => put(str_key(b'e', k), encode_record(v)),
-                Change::DeleteEvent(k) => (str_key(b'e', k), None),
+                Change::DeleteEvent(k) => del(str_key(b'e', k)),
                 Change::PutMerge(m) => put(str_key(b'm', &m.id), encode_record(m)),
-                Change::DeleteMerge(id) => (str_key(b'm', id), None),
+                Change::DeleteMerge(id) => del(str_key(b'm', id)),
                 Change::PutHub(k, v) => put(id_key(b'h', k), encode_record(v)),
-                Change::DeleteHub(k) => (id_key(b'h', k), None),
+                Change::DeleteHub(k) => del(id_key(b'h', k)),
                 Change::PutMeta(k, v) => put(str_key(b'x', k), v.clone()),
-                Change::DeleteMeta(k) => (str_key(b'x', k), None),
+                Change::DeleteMeta(k) => del(str_key(b'x', k)),
             })
             .collect();
         if cs.counters != Counters::default() {
@@ -1324,7 +1333,7 @@ impl GraphStore for SledStore {
         let number = pending.applied;
         // Before the records: a read that finds a hub record's hash may
         // still find no record, never the other way round.
-        tables.add_hub_keys(writes.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| k.as_slice()));
+        tables.add_hub_keys(writes.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| &k[..]));
         let values = writes.clone();
         // Sent under the lock, so that change sets reach the writer in the
         // order they are numbered; the writer takes the lock before it lets
@@ -1633,13 +1642,13 @@ mod tests {
             s.flush().unwrap();
             // What the writer writes before a change set's first record:
             // the redo record; then the crash, after one of the writes.
-            let writes: Writes = vec![
+            let writes = shared_writes(vec![
                 (id_key(b'i', &alice), Some(b"p_2".to_vec())),
                 (str_key(b'a', "p_1"), None),
                 (id_key(b'h', &alice), Some(encode_record(&hub))),
                 (str_key(b'x', "raft.applied"), Some(b"7".to_vec())),
                 (COUNTERS_KEY.to_vec(), Some(encode_record(&Counters { events: 1, ..Default::default() }))),
-            ];
+            ]);
             s.tables.tree.insert(REDO_KEY, encode_redo(&writes)).unwrap();
             s.tables.tree.insert(&writes[0].0, writes[0].1.clone().unwrap()).unwrap();
             s.flush().unwrap();
@@ -1937,6 +1946,30 @@ mod tests {
         assert_eq!(s.owner(&Identifier::new("email", "p99@shop.com")).unwrap().as_deref(), Some("p_99"));
     }
 
+    /// A write's bytes count from its apply until its change set is in the
+    /// tree, also once a later change set replaced its pending value (the
+    /// writer's queue still holds it); all are let go once all are written.
+    #[test]
+    fn pending_bytes_count_each_write_until_its_change_set_is_written() {
+        let mut p = PendingWrites::default();
+        let long = "a value longer than sled keeps inline".to_string();
+        let writes = |v: &str| shared_writes(vec![(b"k".to_vec(), Some(v.as_bytes().to_vec())), (b"j".to_vec(), None)]);
+        let (first, second) = (writes(&long), writes("two"));
+        let size = |w: &Writes| w.iter().map(|(k, v)| write_size(k, v)).sum::<usize>();
+        for (n, w) in [(0, &first), (1, &second)] {
+            for (k, v) in w {
+                p.put(k.clone(), n, v.clone());
+            }
+        }
+        assert_eq!(p.bytes, size(&first) + size(&second), "a replaced value still counts");
+        assert_eq!(p.values.get(&b"k"[..]).and_then(|(_, v)| v.as_deref()), Some(&b"two"[..]));
+        p.let_go(0, &first);
+        assert_eq!(p.bytes, size(&second));
+        assert_eq!(p.values.len(), 2, "the later change set's values stay pending");
+        p.let_go(1, &second);
+        assert_eq!((p.bytes, p.values.len(), p.written), (0, 0, 2));
+    }
+
     /// Frozen, only the backlog's bytes bound the applies; thawed with
     /// change sets still held, the backlog may not grow: one apply for
     /// every two change sets the writer stores; caught up, `MAX_PENDING`.
@@ -2023,7 +2056,7 @@ mod tests {
         {
             let mut pending = s.tables.pending();
             for (k, v) in [("xa0", Some("new")), ("xa3", None), ("xa5", Some("new")), ("xa6", Some("new")), ("xc", Some("new"))] {
-                pending.values.insert(k.as_bytes().to_vec(), (0, v.map(|v| v.as_bytes().to_vec())));
+                pending.values.insert(IVec::from(k.as_bytes()), (0, v.map(|v| IVec::from(v.as_bytes()))));
             }
             s.tables.pending_keys.store(pending.values.len(), Ordering::Release);
         }
@@ -2076,13 +2109,14 @@ mod tests {
     /// build (integer lists) still reads; this build's is the smaller.
     #[test]
     fn redo_records_of_this_and_older_builds_read_back() {
-        let writes: Writes = vec![
+        let raw = vec![
             (b"iemail\0ann@shop.com".to_vec(), Some(vec![0x92, 0xff, 0x80, 0x00, 0x7f])),
             (b"ap_1".to_vec(), None),
             (Vec::new(), Some(Vec::new())),
             (vec![0xc0], Some(vec![0xc0; 300])),
         ];
-        let (new, old) = (encode_redo(&writes), encode(&writes));
+        let writes = shared_writes(raw.clone());
+        let (new, old) = (encode_redo(&writes), encode(&raw));
         assert_eq!(decode_redo(&new).unwrap(), writes);
         assert_eq!(decode_redo(&old).unwrap(), writes);
         assert!(new.len() < old.len(), "{} bytes against {}", new.len(), old.len());
