@@ -548,9 +548,11 @@ struct PendingWrites {
     caught_up: u64,
 }
 
-/// What a pending value costs besides its key and value: the map's node
-/// and the two vectors' headers, about.
-const ENTRY_OVERHEAD: usize = 64;
+/// What a write costs besides its key's and value's bytes, about: its entry
+/// in the pending map and in the writer's queue, each a key and a value
+/// `IVec` (which hold a key or value of up to 22 bytes themselves, a copy
+/// each, instead of sharing it).
+const ENTRY_OVERHEAD: usize = 128;
 
 /// About how much memory one write takes.
 fn write_size(key: &[u8], value: &Option<IVec>) -> usize {
@@ -828,6 +830,11 @@ impl ShardTables {
             let mut hub_keys = self.hub_keys.write().unwrap_or_else(|p| p.into_inner());
             keys.for_each(|k| hub_keys.add(k));
         }
+    }
+
+    /// Whether the hub-key set is kept (not dropped past its limit).
+    fn keeps_hub_keys(&self) -> bool {
+        self.hub_keys.read().unwrap_or_else(|p| p.into_inner()).hashes.is_some()
     }
 
     fn may_hold_hub(&self, key: &[u8]) -> bool {
@@ -1201,6 +1208,9 @@ impl SledStore {
         }
         for k in tables.tree.scan_prefix(b"h").keys() {
             tables.add_hub_keys([k.map_err(io)?.as_ref()]);
+            if !tables.keeps_hub_keys() {
+                break;
+            }
         }
         Ok(SledStore { tables: Arc::new(tables), writer })
     }
