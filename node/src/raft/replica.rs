@@ -136,7 +136,7 @@ impl ShardRead {
     /// view of the tree): served on the blocking pool, not a runtime
     /// worker.
     fn reads_whole_shard(&self) -> bool {
-        matches!(self, ShardRead::Image | ShardRead::MetaBackup | ShardRead::MergesUnder { .. })
+        matches!(self, ShardRead::Image | ShardRead::MetaBackup | ShardRead::MergesUnder { .. } | ShardRead::Hubs(_))
     }
 }
 
