@@ -941,7 +941,7 @@ impl ShardTables {
     fn freeze(&self, join: bool) -> Result<(), StoreError> {
         loop {
             if !join {
-                drop(self.wait_while(self.pending(), |p| p.frozen > 0));
+                drop(self.wait_while(self.pending(), |p| p.frozen > 0)?);
             }
             let _applying = self.exclusive();
             {
@@ -965,11 +965,7 @@ impl ShardTables {
     /// every applied change set is in the tree: a restore replaces the tree,
     /// and must not do it under a view still reading it.
     fn settle_thawed(&self) -> Result<(), StoreError> {
-        let pending = self.wait_while(self.pending(), |p| p.frozen > 0 || p.written < p.applied);
-        match &pending.failed {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
-        }
+        self.wait_while(self.pending(), |p| p.frozen > 0 || p.written < p.applied).map(drop)
     }
 
     /// Lets go of one frozen view; the last one asks the writer to write
@@ -1033,21 +1029,22 @@ impl ShardTables {
     fn settle(&self) -> Result<MutexGuard<'_, PendingWrites>, StoreError> {
         let pending = self.pending();
         let target = pending.applied;
-        let pending = self.wait_while(pending, |p| p.written < target);
-        match &pending.failed {
-            Some(e) => Err(e.clone()),
-            None => Ok(pending),
-        }
+        self.wait_while(pending, |p| p.written < target)
     }
 
     /// Waits on `written` (the writer stored something or failed, or a view
-    /// was dropped) while `waiting` holds and the writer has not failed.
+    /// was dropped) while `waiting` holds; the pending writes, still
+    /// locked, or the error the writer failed with.
     fn wait_while<'a>(
         &self,
         pending: MutexGuard<'a, PendingWrites>,
         mut waiting: impl FnMut(&PendingWrites) -> bool,
-    ) -> MutexGuard<'a, PendingWrites> {
-        self.written.wait_while(pending, |p| p.failed.is_none() && waiting(p)).unwrap_or_else(|p| p.into_inner())
+    ) -> Result<MutexGuard<'a, PendingWrites>, StoreError> {
+        let pending = self.written.wait_while(pending, |p| p.failed.is_none() && waiting(p)).unwrap_or_else(|p| p.into_inner());
+        match &pending.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(pending),
+        }
     }
 
     /// A key's newest applied value: pending, or in the tree.
@@ -1336,10 +1333,7 @@ impl GraphStore for SledStore {
         if writes.is_empty() {
             return Ok(());
         }
-        let mut pending = tables.wait_while(tables.pending(), |p| p.full(tables.backlog_bytes));
-        if let Some(e) = &pending.failed {
-            return Err(e.clone());
-        }
+        let mut pending = tables.wait_while(tables.pending(), |p| p.full(tables.backlog_bytes))?;
         let number = pending.applied;
         // Before the records: a read that finds a hub record's hash may
         // still find no record, never the other way round.
