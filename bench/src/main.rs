@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use idgraph_bench::peers::{BatchStitch, Idgraph, Peer, Postgres, SledCeiling};
+use idgraph_bench::peers::{BatchStitch, Idgraph, Peer, Postgres, Routing, SledCeiling};
 use idgraph_bench::run::{self, Measured, Workload};
 use idgraph_bench::world::{normalized_key, pairwise, raw_from_key, Accuracy, Event, EventStream, RawId, World, WorldSpec};
 use serde::Serialize;
@@ -83,6 +83,11 @@ struct RunArgs {
     /// idgraph: stale reads from any replica instead of linearizable ones.
     #[arg(long)]
     stale: bool,
+    /// idgraph: how clients pick a node: `leader` (each request to the node
+    /// leading its home shard, as the client library does) or `spread`
+    /// (client c to endpoint c, the node forwarding what it does not lead).
+    #[arg(long, value_enum, default_value = "leader")]
+    routing: Routing,
     /// PostgreSQL connection string.
     #[arg(long, default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres")]
     pg: String,
@@ -132,6 +137,8 @@ struct Result {
     clients: usize,
     stream: bool,
     stale: bool,
+    /// idgraph: how clients picked a node.
+    routing: Option<Routing>,
     persons: usize,
     identifiers: usize,
     preloaded_events: usize,
@@ -210,7 +217,7 @@ async fn run_bench(args: RunArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
     let result = match args.target {
         Target::Idgraph => {
-            let peer = Arc::new(Idgraph::connect(&args.endpoints, args.stale).await.map_err(anyhow::Error::msg)?);
+            let peer = Arc::new(Idgraph::connect(&args.endpoints, args.routing, args.stale).await.map_err(anyhow::Error::msg)?);
             measure(peer, &args).await?
         }
         Target::Postgres => {
@@ -292,7 +299,7 @@ async fn measure<P: Peer>(peer: Arc<P>, args: &RunArgs) -> anyhow::Result<Result
         async move {
             match (args.stream, args.target) {
                 (true, Target::Idgraph) => {
-                    let idgraph = Idgraph::connect(&args.endpoints, args.stale).await.map_err(anyhow::Error::msg)?;
+                    let idgraph = Idgraph::connect(&args.endpoints, args.routing, args.stale).await.map_err(anyhow::Error::msg)?;
                     Ok(run::ingest_stream(&idgraph, events, args.clients, args.window).await)
                 }
                 (true, _) => anyhow::bail!("--stream applies to idgraph only"),
@@ -366,6 +373,7 @@ async fn measure<P: Peer>(peer: Arc<P>, args: &RunArgs) -> anyhow::Result<Result
         clients: args.clients,
         stream: args.stream,
         stale: args.stale,
+        routing: (args.target == Target::Idgraph).then_some(args.routing),
         persons: spec.persons,
         identifiers,
         preloaded_events: preload.len(),
@@ -397,6 +405,7 @@ async fn batch(peer: &Postgres, world: &World, args: &RunArgs) -> anyhow::Result
         clients: 1,
         stream: false,
         stale: false,
+        routing: None,
         persons: world.persons.len(),
         identifiers: world.identifier_count(),
         preloaded_events: 0,

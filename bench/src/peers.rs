@@ -30,14 +30,30 @@ pub fn to_request(e: &Event) -> pb::IdentifyRequest {
     }
 }
 
-/// idgraph through its gRPC API, clients spread over the given nodes.
+/// How the benchmark's idgraph clients pick a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    /// As the client library does ([`idgraph_client::Cluster`]): each
+    /// request to the node leading its home shard.
+    Leader,
+    /// Client `c` sends everything to endpoint `c` modulo their number (the
+    /// node forwards what it does not lead), as a client unaware of the
+    /// cluster's layout does.
+    Spread,
+}
+
+/// idgraph through its gRPC API.
 pub struct Idgraph {
+    cluster: idgraph_client::Cluster,
+    /// One connection per endpoint, in the order given (`Routing::Spread`).
     channels: Vec<Channel>,
+    routing: Routing,
     stale: bool,
 }
 
 impl Idgraph {
-    pub async fn connect(endpoints: &[String], stale: bool) -> Result<Idgraph, String> {
+    pub async fn connect(endpoints: &[String], routing: Routing, stale: bool) -> Result<Idgraph, String> {
         let mut channels = Vec::new();
         for e in endpoints {
             let ch = tonic::transport::Endpoint::from_shared(e.clone())
@@ -51,12 +67,31 @@ impl Idgraph {
         if channels.is_empty() {
             return Err("no endpoint".into());
         }
-        Ok(Idgraph { channels, stale })
+        let cluster =
+            idgraph_client::Cluster::connect(endpoints, &idgraph_client::Credentials::default()).await.map_err(|e| e.to_string())?;
+        Ok(Idgraph { cluster, channels, routing, stale })
     }
 
-    pub fn channel(&self, client: usize) -> Channel {
-        self.channels[client % self.channels.len()].clone()
+    /// The connection stream `client` sends its events over: by
+    /// `Routing::Leader`, the leader of shard `client` modulo the shard
+    /// count (a stream carries events of every shard).
+    pub fn stream_channel(&self, client: usize) -> Channel {
+        match self.routing {
+            Routing::Leader => {
+                let shards = self.cluster.shard_count().max(1) as usize;
+                self.cluster.for_shard((client % shards) as u32).channel()
+            }
+            Routing::Spread => self.channels[client % self.channels.len()].clone(),
+        }
     }
+
+    fn spread(&self, client: usize) -> pb::identity_graph_client::IdentityGraphClient<Channel> {
+        pb::identity_graph_client::IdentityGraphClient::new(self.channels[client % self.channels.len()].clone())
+    }
+}
+
+fn status_text(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
 }
 
 impl Peer for Idgraph {
@@ -65,21 +100,27 @@ impl Peer for Idgraph {
     }
 
     async fn ingest(&self, client: usize, event: &Event) -> Result<(), String> {
-        let mut g = pb::identity_graph_client::IdentityGraphClient::new(self.channel(client));
-        g.identify(to_request(event)).await.map(|_| ()).map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        let request = to_request(event);
+        match self.routing {
+            Routing::Leader => self.cluster.identify(request).await.map(|_| ()).map_err(status_text),
+            Routing::Spread => self.spread(client).identify(request).await.map(|_| ()).map_err(status_text),
+        }
     }
 
     async fn lookup(&self, client: usize, id: &RawId) -> Result<Option<String>, String> {
-        let mut g = pb::identity_graph_client::IdentityGraphClient::new(self.channel(client));
         let consistency = if self.stale { pb::ReadConsistency::Stale } else { pb::ReadConsistency::Linearizable };
         let req = pb::GetProfileRequest {
             key: Some(pb::get_profile_request::Key::Identifier(pb::Identifier { r#type: id.kind.into(), value: id.value.clone() })),
             consistency: consistency as i32,
         };
-        match g.get_profile(req).await {
-            Ok(p) => Ok(Some(p.into_inner().profile_id)),
+        let answer = match self.routing {
+            Routing::Leader => self.cluster.get_profile(req).await,
+            Routing::Spread => self.spread(client).get_profile(req).await.map(|r| r.into_inner()),
+        };
+        match answer {
+            Ok(p) => Ok(Some(p.profile_id)),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-            Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+            Err(s) => Err(status_text(s)),
         }
     }
 }

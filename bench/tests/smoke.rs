@@ -3,7 +3,7 @@
 //! the profiles idgraph builds score as the truth says they should.
 
 use idgraph_bench::peers::Peer;
-use idgraph_bench::peers::{Idgraph, SledCeiling};
+use idgraph_bench::peers::{Idgraph, Routing, SledCeiling};
 use idgraph_bench::run::{self, Workload};
 use idgraph_bench::world::{normalized_key, pairwise, raw_from_key, World, WorldSpec};
 use idgraph_node::config::NodeConfig;
@@ -17,7 +17,7 @@ async fn workloads_run_against_a_node_and_the_profiles_match_the_truth() {
     let node = idgraph_node::server::start(&config).await.unwrap();
     let endpoint = format!("http://{}", node.addr());
     let world = World::generate(&WorldSpec { persons: 300, seed: 3, ..WorldSpec::default() });
-    let peer = Arc::new(Idgraph::connect(std::slice::from_ref(&endpoint), false).await.unwrap());
+    let peer = Arc::new(Idgraph::connect(std::slice::from_ref(&endpoint), Routing::Leader, false).await.unwrap());
 
     let (preload, timed) = run::split(&world, Workload::MergeHeavy);
     assert!(!preload.is_empty() && !timed.is_empty());

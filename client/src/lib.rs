@@ -3,6 +3,8 @@
 //!
 //! - [`Client`]: connects to a node and exposes the generated
 //!   `IdentityGraph` and `Admin` clients.
+//! - [`Cluster`] (`routing`): a whole cluster, each request sent to the
+//!   node leading its home shard.
 //! - [`EventLine`]: one identity event as a JSON line, the format of
 //!   `idgraphctl load`.
 //! - [`load`]: bulk ingest over `IdentifyStream` with a summary.
@@ -21,6 +23,9 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 pub use idgraph_proto;
+pub use routing::Cluster;
+
+pub mod routing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -69,13 +74,30 @@ impl Client {
 
     /// Connects to `endpoint` with `credentials`.
     pub async fn connect_with(endpoint: &str, credentials: &Credentials) -> Result<Client, ClientError> {
+        let (ep, token) = Client::endpoint(endpoint, credentials)?;
+        let channel = ep.connect_timeout(Duration::from_secs(5)).connect().await.map_err(|e| ClientError::Connect {
+            endpoint: endpoint.into(),
+            reason: format!("{e} ({})", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()),
+        })?;
+        Ok(Client::over(channel, token))
+    }
+
+    /// A client of `endpoint` that dials it when first used (and again
+    /// after the connection is lost).
+    pub fn connect_lazy(endpoint: &str, credentials: &Credentials) -> Result<Client, ClientError> {
+        let (ep, token) = Client::endpoint(endpoint, credentials)?;
+        Ok(Client::over(ep.connect_timeout(Duration::from_secs(5)).connect_lazy(), token))
+    }
+
+    /// The endpoint to dial for `endpoint` and the token to send.
+    fn endpoint(endpoint: &str, credentials: &Credentials) -> Result<(Endpoint, BearerToken), ClientError> {
         let bad = |reason: String| ClientError::Endpoint { endpoint: endpoint.into(), reason };
         let tls = credentials.ca_cert.is_some() || endpoint.starts_with("https://");
         // A CA certificate means TLS: an http:// endpoint is not dialled in
         // plain text with the token in it.
         let bare = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")).unwrap_or(endpoint);
         let uri = if tls { format!("https://{bare}") } else { format!("http://{bare}") };
-        let mut ep = Endpoint::from_shared(uri).map_err(|e| bad(e.to_string()))?;
+        let mut ep = Endpoint::from_shared(uri).map_err(|e| bad(e.to_string()))?.tcp_nodelay(true);
         if tls {
             let mut config = ClientTlsConfig::new().with_webpki_roots();
             if let Some(ca) = &credentials.ca_cert {
@@ -91,16 +113,16 @@ impl Client {
             Some(t) => BearerToken::new(t.trim()).map_err(|e| bad(format!("--token: {e}")))?,
             None => BearerToken::none(),
         };
-        let channel = ep.connect_timeout(Duration::from_secs(5)).connect().await.map_err(|e| ClientError::Connect {
-            endpoint: endpoint.into(),
-            reason: format!("{e} ({})", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()),
-        })?;
+        Ok((ep, token))
+    }
+
+    fn over(channel: Channel, token: BearerToken) -> Client {
         let max = 64 * 1024 * 1024;
-        Ok(Client {
+        Client {
             graph: IdentityGraphClient::with_interceptor(channel.clone(), token.clone()).max_decoding_message_size(max),
             admin: AdminClient::with_interceptor(channel.clone(), token).max_decoding_message_size(max),
             channel,
-        })
+        }
     }
 
     pub fn graph(&mut self) -> &mut IdentityGraphClient<Transport> {
@@ -109,6 +131,12 @@ impl Client {
 
     pub fn admin(&mut self) -> &mut AdminClient<Transport> {
         &mut self.admin
+    }
+
+    /// The connection itself, without the token (for a caller that builds
+    /// its own generated client over it).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// The node's health (`grpc.health.v1`, no token needed): whether it

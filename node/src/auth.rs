@@ -5,7 +5,7 @@
 //! Each token has a name (recorded in the audit log as the caller) and a
 //! role:
 //! - `client`: what a backend service needs: `Identify`, `IdentifyStream`,
-//!   `GetProfile`, `GetMergeRecord` (and reflection);
+//!   `GetProfile`, `GetMergeRecord`, `GetRoutes` (and reflection);
 //! - `admin`: everything a client may, plus `Merge`, `Unmerge`,
 //!   `DeleteProfile` and the whole `Admin` service;
 //! - `peer`: the nodes themselves (the Raft transport, and joining); a node
@@ -74,7 +74,7 @@ pub fn needed_role(path: &str) -> Option<Role> {
         "grpc.health.v1.Health" => None,
         "grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection" => Some(Role::Client),
         "idgraph.v1.IdentityGraph" => match method {
-            "Identify" | "IdentifyStream" | "GetProfile" | "GetMergeRecord" => Some(Role::Client),
+            "Identify" | "IdentifyStream" | "GetProfile" | "GetMergeRecord" | "GetRoutes" => Some(Role::Client),
             _ => Some(Role::Admin),
         },
         "idgraph.v1.RaftTransport" => Some(Role::Peer),

@@ -634,3 +634,74 @@ async fn every_replica_forgets_the_same_dedup_records_past_their_retention() {
         assert!(kept.duplicate, "the new delivery's record is kept for its own window");
     }
 }
+
+/// Calls that other nodes forwarded to `node` so far.
+async fn forwards_received(node: &NodeProcess) -> f64 {
+    let s = scrape(node.metrics_addr.as_deref().expect("the node serves metrics")).await;
+    value(&s, "idgraph_peer_calls_total", &[("kind", "forward")]).unwrap_or(0.0)
+}
+
+async fn forwards_in_all(c: &Cluster) -> f64 {
+    let mut n = 0.0;
+    for i in 0..c.nodes.len() {
+        n += forwards_received(c.node(i)).await;
+    }
+    n
+}
+
+/// `GetRoutes` names every node and each shard's leader, and the client
+/// library's `Cluster` sends each request straight to that leader: writes
+/// and reads through it cause no forwarded call, where the same traffic
+/// spread over the nodes does. After a leadership transfer it finds the
+/// new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_client_sends_requests_to_the_shard_leader_without_a_hop() {
+    let c = Cluster::with_shards(3, 1).await;
+    let leader = c.leader().await;
+    let mut graph = c.node((leader + 1) % 3).client().await;
+    let routes = graph.get_routes(pb::GetRoutesRequest {}).await.unwrap().into_inner();
+    assert_eq!(routes.shard_count, 1);
+    let mut addrs: Vec<(u64, String)> = routes.nodes.iter().map(|n| (n.node_id, n.addr.clone())).collect();
+    addrs.sort();
+    let expected: Vec<(u64, String)> = c.ports.iter().enumerate().map(|(i, p)| (i as u64 + 1, format!("127.0.0.1:{p}"))).collect();
+    assert_eq!(addrs, expected, "every node with the address it serves at");
+    assert_eq!(routes.shards.len(), 1);
+    assert_eq!((routes.shards[0].shard, routes.shards[0].leader_id), (0, leader as u64 + 1), "a follower names the leader");
+    assert!(routes.shards[0].term > 0);
+
+    let endpoints: Vec<String> = c.ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let cluster = idgraph_client::Cluster::connect(&endpoints, &idgraph_client::Credentials::default()).await.unwrap();
+    assert_eq!(cluster.leaders(), [(0u32, leader as u64 + 1)].into_iter().collect());
+
+    // The same 60 events and look-ups, first spread over the three nodes,
+    // then through the cluster client.
+    let before = forwards_in_all(&c).await;
+    for i in 0..60 {
+        let mut node = c.node(i % 3).client().await;
+        deliver(&mut node, person_event(i)).await;
+        node.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap();
+    }
+    let spread = forwards_in_all(&c).await - before;
+    assert!(spread >= 40.0, "two calls in three reach a follower and are forwarded: {spread} forwards");
+    let before = forwards_in_all(&c).await;
+    for i in 60..120 {
+        let acked = cluster.identify(person_event(i)).await.unwrap();
+        let found = cluster.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap();
+        assert_eq!(found.profile_id, acked.profile_id);
+    }
+    let routed = forwards_in_all(&c).await - before;
+    assert!(routed < spread / 10.0, "{routed} forwards through the cluster client against {spread} spread");
+
+    // A new leader is found by the next refresh.
+    let to = ((leader + 1) % 3) as u64 + 1;
+    let moved = c.node(leader).admin().await.transfer_leader(pb::TransferLeaderRequest { shard: 0, node_id: to }).await.unwrap();
+    assert_eq!(moved.into_inner().leader_id, to);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.leaders().get(&0) != Some(&to) {
+        assert!(Instant::now() < deadline, "the cluster client still routes to {:?}", cluster.leaders());
+        cluster.refresh().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let acked = cluster.identify(person_event(500)).await.unwrap();
+    assert_eq!(cluster.get_profile(by_id("anonymous_id", "anon-500")).await.unwrap().profile_id, acked.profile_id);
+}

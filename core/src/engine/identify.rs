@@ -2,10 +2,11 @@
 
 use super::operator::{check_limits, merge_into, oldest_first, Violation};
 use super::{
-    invalid, known_types, make_id_near, traits, Conflict, ConflictKind, EngineError, IdentifyEvent, IdentifyOutcome, Ignored, IgnoredReason,
+    invalid, known_types, make_id_near, traits, Conflict, ConflictKind, EngineError, IdentifyEvent, IdentifyOutcome, Ignored,
+    IgnoredReason, RawIdentifier,
 };
 use crate::graph::{GraphKey, GraphRead};
-use crate::model::{Change, ChangeSet, EventRecord, HubRecord, Identifier, MergeCause, Profile, ProfileId};
+use crate::model::{Change, ChangeSet, EventRecord, HubRecord, Identifier, MergeCause, Profile, ProfileId, ShardId};
 use crate::rules::{Rejection, RuleSet, UnknownTypePolicy};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,6 +17,22 @@ pub const MAX_SOURCE_BYTES: usize = 256;
 pub const MAX_TRAITS: usize = 256;
 pub const MAX_TRAIT_KEY_BYTES: usize = 256;
 pub const MAX_TRAITS_BYTES: usize = 64 * 1024;
+
+/// The home shard of an event with identifiers `ids`: the shard of its
+/// smallest usable identifier under `rules` (by type, then value), where
+/// [`identify`] puts the event's own records (its dedup record, a new
+/// profile, a merge record); None when no identifier is usable. A client
+/// that sends the event to this shard's leader saves a hop between nodes.
+pub fn home_shard(rules: &RuleSet, ids: &[RawIdentifier], shard_count: u32) -> Option<ShardId> {
+    ids.iter()
+        .filter_map(|raw| {
+            let kind = raw.kind.trim().to_ascii_lowercase();
+            let rule = rules.type_rule(&kind)?;
+            rules.normalize(rule, &raw.value).ok().map(|value| Identifier::new(kind, value))
+        })
+        .min()
+        .map(|id| GraphKey::Owner(id).shard(shard_count))
+}
 
 /// Checks the shape of an event before anything is read.
 fn validate(ev: &IdentifyEvent) -> Result<(), EngineError> {

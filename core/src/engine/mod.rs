@@ -59,6 +59,7 @@ use crate::model::{ChangeSet, Identifier, MergeRecord, Profile, ProfileId};
 use crate::rules::RuleSet;
 use std::collections::BTreeMap;
 
+pub use identify::home_shard;
 pub use identify::MAX_IDENTIFIERS_PER_EVENT;
 pub use identify::MAX_VALUE_BYTES;
 

@@ -225,6 +225,23 @@ pub fn shard_status(r: &ReplicaStatus) -> pb::ShardStatus {
     }
 }
 
+/// Where to send requests, as `IdentityGraph.GetRoutes` answers: the
+/// map's nodes, and who leads each shard this node holds a replica of.
+pub fn routes(map: &idgraph_core::meta::ClusterMap, replicas: &[ReplicaStatus]) -> pb::Routes {
+    let mut shards: Vec<pb::ShardRoute> = replicas
+        .iter()
+        .filter(|r| r.group != GroupId::Meta)
+        .map(|r| pb::ShardRoute { shard: r.group.wire(), leader_id: r.leader_id, term: r.term })
+        .collect();
+    shards.sort_by_key(|s| s.shard);
+    pb::Routes {
+        shard_count: map.shard_count,
+        map_version: map.version,
+        nodes: map.nodes.iter().map(|(id, e)| pb::RouteNode { node_id: *id, addr: e.addr.clone() }).collect(),
+        shards,
+    }
+}
+
 /// The cluster map and this node's replicas, as `Admin.GetCluster` answers.
 pub fn cluster_status(node_id: u64, map: &idgraph_core::meta::ClusterMap, replicas: &[ReplicaStatus]) -> pb::ClusterStatus {
     let mut shards: Vec<pb::ShardStatus> = replicas.iter().filter(|r| r.group != GroupId::Meta).map(shard_status).collect();

@@ -224,6 +224,10 @@ impl IdentityGraph for IdentityGraphService {
         let rec = self.router.get_merge(request.into_inner().merge_id).await?;
         Ok(Response::new(convert::merge_record(rec)))
     }
+
+    async fn get_routes(&self, _request: Request<pb::GetRoutesRequest>) -> Result<Response<pb::Routes>, Status> {
+        Ok(Response::new(convert::routes(&self.router.cluster(), &self.router.replica_statuses())))
+    }
 }
 
 /// How long `RemoveNode` waits for the node's replicas to move away.
