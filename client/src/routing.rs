@@ -14,16 +14,22 @@
 //!
 //! Routes are hints, never needed for a right answer. They are fetched when
 //! the cluster is connected, every [`REFRESH`] after, and after a call that
-//! could not reach its node; until a shard's leader is known, its requests
-//! go to the endpoints given, in turn. A leader's address is the one the
-//! nodes reach each other at (the same port serves clients), dialled with
-//! the scheme and credentials of the endpoints given.
+//! could not reach its node (one fetch at a time: callers that fail
+//! meanwhile wait for the fetch under way). A request goes to a shard's
+//! leader only if that node answered the last fetch itself, so an address
+//! the client cannot reach (one inside another network, say) is never
+//! used; a node a call could not reach is left out until it answers a
+//! fetch again. Until a shard's leader is known, its requests go to the
+//! endpoints given, in turn, skipping those that did not answer the last
+//! fetch. A leader's address is the one the nodes reach each other at (the
+//! same port serves clients), dialled with the scheme and credentials of
+//! the endpoints given.
 
 use crate::{Client, ClientError, Credentials};
 use idgraph_core::engine::{home_shard, RawIdentifier};
 use idgraph_core::rules::RuleSet;
 use idgraph_proto::v1 as pb;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -50,6 +56,8 @@ struct Inner {
     rules: RuleSet,
     routes: RwLock<Routes>,
     next_seed: AtomicUsize,
+    /// Held while routes are fetched: one fetch at a time.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 /// What the nodes said about where shards are led.
@@ -58,8 +66,14 @@ struct Routes {
     shard_count: u32,
     /// Per shard: the leading node and the term it was seen leading in.
     leaders: BTreeMap<u32, (u64, u64)>,
-    /// A connection per node the routes named, by node id.
-    nodes: HashMap<u64, Client>,
+    /// A connection per node the routes named, by node id, with its
+    /// address (dialled again if the address changes).
+    nodes: HashMap<u64, (String, Client)>,
+    /// Nodes that answered the last fetch and no call failed to reach
+    /// since: the only ones requests are routed to.
+    reachable: HashSet<u64>,
+    /// Endpoints given (by `host:port`) that did not answer the last fetch.
+    seeds_down: HashSet<String>,
 }
 
 fn bare(endpoint: &str) -> &str {
@@ -89,6 +103,7 @@ impl Cluster {
             rules: RuleSet::builtin(),
             routes: RwLock::new(Routes::default()),
             next_seed: AtomicUsize::new(0),
+            fetching: tokio::sync::Mutex::new(()),
         });
         inner.refresh().await;
         let weak = Arc::downgrade(&inner);
@@ -104,7 +119,7 @@ impl Cluster {
         Ok(Cluster { inner })
     }
 
-    /// Fetches the routes again now.
+    /// Fetches the routes again now, or waits for the fetch under way.
     pub async fn refresh(&self) {
         self.inner.refresh().await
     }
@@ -112,8 +127,7 @@ impl Cluster {
     /// Where an event with identifiers `ids` goes: the leader of its home
     /// shard, or one of the endpoints given.
     pub fn for_event(&self, ids: &[pb::Identifier]) -> Client {
-        let raw: Vec<RawIdentifier> = ids.iter().map(|i| RawIdentifier::new(i.r#type.as_str(), i.value.as_str())).collect();
-        self.for_identifiers(&raw)
+        self.home(ids).map_or_else(|| self.any(), |s| self.for_shard(s))
     }
 
     /// Where a look-up of profile `key` goes: for an identifier, the leader
@@ -125,23 +139,31 @@ impl Cluster {
         }
     }
 
-    /// The leader of shard `shard` if known, otherwise one of the endpoints
-    /// given.
+    /// The leader of shard `shard` if known and reachable, otherwise one of
+    /// the endpoints given.
     pub fn for_shard(&self, shard: u32) -> Client {
-        let routes = self.inner.routes.read().unwrap_or_else(|p| p.into_inner());
-        match routes.leaders.get(&shard).and_then(|(node, _)| routes.nodes.get(node)) {
-            Some(c) => c.clone(),
-            None => {
-                drop(routes);
-                self.any()
-            }
-        }
+        self.routed(shard).map_or_else(|| self.any(), |(_, c)| c)
     }
 
-    /// One of the endpoints given, in turn.
+    /// Shard `shard`'s leader and a connection to it, if known and
+    /// reachable.
+    fn routed(&self, shard: u32) -> Option<(u64, Client)> {
+        let routes = self.inner.routes.read().unwrap_or_else(|p| p.into_inner());
+        let (node, _) = routes.leaders.get(&shard)?;
+        if !routes.reachable.contains(node) {
+            return None;
+        }
+        routes.nodes.get(node).map(|(_, c)| (*node, c.clone()))
+    }
+
+    /// One of the endpoints given, in turn, skipping those that did not
+    /// answer the last fetch of routes (unless none did).
     pub fn any(&self) -> Client {
-        let i = self.inner.next_seed.fetch_add(1, Ordering::Relaxed);
-        self.inner.seeds[i % self.inner.seeds.len()].1.clone()
+        let down = self.inner.routes.read().unwrap_or_else(|p| p.into_inner()).seeds_down.clone();
+        let n = self.inner.seeds.len();
+        let start = self.inner.next_seed.fetch_add(1, Ordering::Relaxed);
+        let up = (0..n).map(|k| &self.inner.seeds[(start + k) % n]).find(|(addr, _)| !down.contains(addr));
+        up.unwrap_or(&self.inner.seeds[start % n]).1.clone()
     }
 
     /// How many shards the routes say the cluster has (0 before any node
@@ -150,88 +172,134 @@ impl Cluster {
         self.inner.routes.read().unwrap_or_else(|p| p.into_inner()).shard_count
     }
 
-    /// The node leading each shard, as far as the routes know.
+    /// The node each shard's requests go to: its leader, as far as the
+    /// routes know, if that node answered the last fetch.
     pub fn leaders(&self) -> BTreeMap<u32, u64> {
         let routes = self.inner.routes.read().unwrap_or_else(|p| p.into_inner());
-        routes.leaders.iter().map(|(s, (node, _))| (*s, *node)).collect()
+        routes.leaders.iter().filter(|(_, (node, _))| routes.reachable.contains(node)).map(|(s, (node, _))| (*s, *node)).collect()
     }
 
-    fn for_identifiers(&self, raw: &[RawIdentifier]) -> Client {
+    /// The home shard of an event with identifiers `ids` (None before any
+    /// node answered, or when no identifier normalises).
+    fn home(&self, ids: &[pb::Identifier]) -> Option<u32> {
         let count = self.shard_count();
-        match home_shard(&self.inner.rules, raw, count.max(1)) {
-            Some(shard) if count > 0 => self.for_shard(shard.0),
-            _ => self.any(),
+        if count == 0 {
+            return None;
         }
+        let raw: Vec<RawIdentifier> = ids.iter().map(|i| RawIdentifier::new(i.r#type.as_str(), i.value.as_str())).collect();
+        home_shard(&self.inner.rules, &raw, count).map(|s| s.0)
     }
 
-    /// Applies one identity event at the leader of its home shard. A call
-    /// that cannot reach that node is sent once more, to an endpoint given,
-    /// after the routes are fetched again (an event id is applied once).
-    pub async fn identify(&self, request: pb::IdentifyRequest) -> Result<pb::IdentifyResponse, tonic::Status> {
-        let mut routed = self.for_event(&request.identifiers);
-        match routed.graph().identify(request.clone()).await {
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                self.refresh().await;
-                self.any().graph().identify(request).await.map(|r| r.into_inner())
-            }
-            other => other.map(|r| r.into_inner()),
-        }
-    }
-
-    /// Looks a profile up at the leader of its identifier's shard, retried
-    /// as [`Cluster::identify`] is.
-    pub async fn get_profile(&self, request: pb::GetProfileRequest) -> Result<pb::Profile, tonic::Status> {
-        let mut routed = match &request.key {
-            Some(key) => self.for_lookup(key),
-            None => self.any(),
+    /// Sends `call` to the leader of `shard` (or an endpoint given). If
+    /// that node cannot be reached, it is left out of the routes, the
+    /// routes are fetched again, and the call is sent once more where they
+    /// now point.
+    async fn call<T, F, Fut>(&self, shard: Option<u32>, call: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let target = || shard.and_then(|s| self.routed(s));
+        let (node, client) = match target() {
+            Some((node, c)) => (Some(node), c),
+            None => (None, self.any()),
         };
-        match routed.graph().get_profile(request.clone()).await {
+        match call(client).await {
             Err(s) if s.code() == tonic::Code::Unavailable => {
+                if let Some(node) = node {
+                    self.inner.routes.write().unwrap_or_else(|p| p.into_inner()).reachable.remove(&node);
+                }
                 self.refresh().await;
-                self.any().graph().get_profile(request).await.map(|r| r.into_inner())
+                call(target().map_or_else(|| self.any(), |(_, c)| c)).await
             }
-            other => other.map(|r| r.into_inner()),
+            other => other,
         }
+    }
+
+    /// Applies one identity event at the leader of its home shard, sent
+    /// once more if that node cannot be reached (an event id is applied
+    /// once: a second delivery of an applied event answers `duplicate`).
+    pub async fn identify(&self, request: pb::IdentifyRequest) -> Result<pb::IdentifyResponse, tonic::Status> {
+        let shard = self.home(&request.identifiers);
+        self.call(shard, |mut c| {
+            let request = request.clone();
+            async move { c.graph().identify(request).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Looks a profile up at the leader of its identifier's shard (by
+    /// profile id: at an endpoint given), retried as [`Cluster::identify`]
+    /// is.
+    pub async fn get_profile(&self, request: pb::GetProfileRequest) -> Result<pb::Profile, tonic::Status> {
+        let shard = match &request.key {
+            Some(pb::get_profile_request::Key::Identifier(id)) => self.home(std::slice::from_ref(id)),
+            _ => None,
+        };
+        self.call(shard, |mut c| {
+            let request = request.clone();
+            async move { c.graph().get_profile(request).await.map(|r| r.into_inner()) }
+        })
+        .await
     }
 }
 
 impl Inner {
-    /// Asks every endpoint given and every node known for its routes, and
-    /// keeps, per shard, the leader seen in the highest term. A node that
-    /// does not answer keeps nothing from changing.
+    /// Fetches the routes, unless a fetch is under way: then waits for it.
     async fn refresh(&self) {
-        let mut asked: Vec<Client> = self.seeds.iter().map(|(_, c)| c.clone()).collect();
-        asked.extend(self.routes.read().unwrap_or_else(|p| p.into_inner()).nodes.values().cloned());
-        let answers = futures::future::join_all(asked.into_iter().map(|mut c| async move {
-            tokio::time::timeout(ROUTES_TIMEOUT, c.graph().get_routes(pb::GetRoutesRequest {})).await.ok()?.ok().map(|r| r.into_inner())
+        match self.fetching.try_lock() {
+            Ok(_fetching) => self.fetch().await,
+            Err(_) => drop(self.fetching.lock().await),
+        }
+    }
+
+    /// Asks every endpoint given and every node known for its routes, and
+    /// keeps, per shard, the leader seen in the highest term. Only nodes
+    /// that answered are routed to; if none answered, the routes stay.
+    async fn fetch(&self) {
+        let mut asked: Vec<(Option<String>, Client)> = self.seeds.iter().map(|(a, c)| (Some(a.clone()), c.clone())).collect();
+        asked.extend(self.routes.read().unwrap_or_else(|p| p.into_inner()).nodes.values().map(|(_, c)| (None, c.clone())));
+        let answers = futures::future::join_all(asked.into_iter().map(|(seed, mut c)| async move {
+            let answer = tokio::time::timeout(ROUTES_TIMEOUT, c.graph().get_routes(pb::GetRoutesRequest {})).await;
+            (seed, answer.ok().and_then(Result::ok).map(|r| r.into_inner()))
         }))
         .await;
         let mut shard_count = 0;
         let mut leaders: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
         let mut addrs: HashMap<u64, String> = HashMap::new();
-        for routes in answers.into_iter().flatten() {
+        let mut answered = HashSet::new();
+        let mut seeds_down = HashSet::new();
+        for (seed, routes) in answers {
+            let Some(routes) = routes else {
+                seeds_down.extend(seed);
+                continue;
+            };
+            answered.insert(routes.node_id);
             shard_count = shard_count.max(routes.shard_count);
             addrs.extend(routes.nodes.into_iter().map(|n| (n.node_id, n.addr)));
             for s in routes.shards.into_iter().filter(|s| s.leader_id != 0) {
-                let newer = leaders.get(&s.shard).is_none_or(|(_, term)| s.term > *term);
-                if newer {
+                if leaders.get(&s.shard).is_none_or(|(_, term)| s.term > *term) {
                     leaders.insert(s.shard, (s.leader_id, s.term));
                 }
             }
         }
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        routes.seeds_down = seeds_down;
         if shard_count == 0 {
+            routes.reachable.clear();
             return;
         }
-        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
         for (node, addr) in &addrs {
-            if !routes.nodes.contains_key(node) {
-                if let Some(c) = self.client_for(addr) {
-                    routes.nodes.insert(*node, c);
-                }
+            if routes.nodes.get(node).is_none_or(|(known, _)| known != addr) {
+                match self.client_for(addr) {
+                    Some(c) => routes.nodes.insert(*node, (addr.clone(), c)),
+                    None => routes.nodes.remove(node),
+                };
             }
         }
         routes.nodes.retain(|node, _| addrs.contains_key(node));
-        routes.leaders = leaders.into_iter().filter(|(_, (node, _))| routes.nodes.contains_key(node)).collect();
+        routes.leaders = leaders;
+        routes.reachable = answered.into_iter().filter(|n| routes.nodes.contains_key(n)).collect();
         routes.shard_count = shard_count;
     }
 

@@ -649,59 +649,103 @@ async fn forwards_in_all(c: &Cluster) -> f64 {
     n
 }
 
+/// Sends an event through the cluster client until it is acknowledged (as
+/// [`deliver`] does).
+async fn deliver_routed(cluster: &idgraph_client::Cluster, req: pb::IdentifyRequest) -> pb::IdentifyResponse {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match cluster.identify(req.clone()).await {
+            Ok(r) => return r,
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{}", s.message());
+                assert!(Instant::now() < deadline, "event {} never acknowledged: {}", req.event_id, s.message());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// An event whose one identifier puts all its records on one shard.
+fn solo_event(i: usize) -> pb::IdentifyRequest {
+    event(&format!("solo{i}"), &[("anonymous_id", &format!("solo-{i}"))])
+}
+
 /// `GetRoutes` names every node and each shard's leader, and the client
-/// library's `Cluster` sends each request straight to that leader: writes
-/// and reads through it cause no forwarded call, where the same traffic
-/// spread over the nodes does. After a leadership transfer it finds the
-/// new leader.
+/// library's `Cluster` sends each request straight to its home shard's
+/// leader: with the four shards led by different nodes, events of one
+/// identifier and look-ups through it cause no forwarded call, where the
+/// same traffic spread over the nodes does. After a leadership transfer its
+/// background refresh finds the new leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_client_sends_requests_to_the_shard_leader_without_a_hop() {
-    let c = Cluster::with_shards(3, 1).await;
-    let leader = c.leader().await;
-    let mut graph = c.node((leader + 1) % 3).client().await;
-    let routes = graph.get_routes(pb::GetRoutesRequest {}).await.unwrap().into_inner();
-    assert_eq!(routes.shard_count, 1);
-    let mut addrs: Vec<(u64, String)> = routes.nodes.iter().map(|n| (n.node_id, n.addr.clone())).collect();
-    addrs.sort();
-    let expected: Vec<(u64, String)> = c.ports.iter().enumerate().map(|(i, p)| (i as u64 + 1, format!("127.0.0.1:{p}"))).collect();
-    assert_eq!(addrs, expected, "every node with the address it serves at");
-    assert_eq!(routes.shards.len(), 1);
-    assert_eq!((routes.shards[0].shard, routes.shards[0].leader_id), (0, leader as u64 + 1), "a follower names the leader");
-    assert!(routes.shards[0].term > 0);
+    let c = Cluster::with_shards(3, 4).await;
+    c.leader().await;
+    let expected: std::collections::BTreeMap<u32, u64> = (0..4u32).map(|s| (s, u64::from(s % 3) + 1)).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (&shard, &to) in &expected {
+        loop {
+            let moved = c.node(0).admin().await.transfer_leader(pb::TransferLeaderRequest { shard, node_id: to }).await;
+            if moved.is_ok_and(|m| m.into_inner().leader_id == to) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "shard {shard}'s leadership did not move to node {to}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Every node names the same leaders (a follower learns of a new leader
+    // from its first append), and every node with its address.
+    let want: Vec<(u64, String)> = c.ports.iter().enumerate().map(|(i, p)| (i as u64 + 1, format!("127.0.0.1:{p}"))).collect();
+    for n in 0..3 {
+        loop {
+            let routes = c.node(n).client().await.get_routes(pb::GetRoutesRequest {}).await.unwrap().into_inner();
+            assert_eq!((routes.node_id, routes.shard_count), (n as u64 + 1, 4));
+            let mut addrs: Vec<(u64, String)> = routes.nodes.iter().map(|x| (x.node_id, x.addr.clone())).collect();
+            addrs.sort();
+            assert_eq!(addrs, want, "every node with the address it serves at");
+            let named: std::collections::BTreeMap<u32, u64> = routes.shards.iter().map(|s| (s.shard, s.leader_id)).collect();
+            if named == expected {
+                assert!(routes.shards.iter().all(|s| s.term > 0));
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {} names leaders {named:?}, not {expected:?}", n + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
     let endpoints: Vec<String> = c.ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
     let cluster = idgraph_client::Cluster::connect(&endpoints, &idgraph_client::Credentials::default()).await.unwrap();
-    assert_eq!(cluster.leaders(), [(0u32, leader as u64 + 1)].into_iter().collect());
+    assert_eq!(cluster.leaders(), expected);
 
-    // The same 60 events and look-ups, first spread over the three nodes,
-    // then through the cluster client.
+    // Events of one identifier (one shard each, over all four shards) and
+    // look-ups through it: first spread over the three nodes, then through
+    // the cluster client.
     let before = forwards_in_all(&c).await;
     for i in 0..60 {
         let mut node = c.node(i % 3).client().await;
-        deliver(&mut node, person_event(i)).await;
-        node.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap();
+        let acked = deliver(&mut node, solo_event(i)).await;
+        let found = node.get_profile(by_id("anonymous_id", &format!("solo-{i}"))).await.unwrap().into_inner();
+        assert_eq!(found.profile_id, acked.profile_id);
     }
     let spread = forwards_in_all(&c).await - before;
-    assert!(spread >= 40.0, "two calls in three reach a follower and are forwarded: {spread} forwards");
+    assert!(spread >= 40.0, "two calls in three reach a node that does not lead their shard: {spread} forwards");
     let before = forwards_in_all(&c).await;
     for i in 60..120 {
-        let acked = cluster.identify(person_event(i)).await.unwrap();
-        let found = cluster.get_profile(by_id("anonymous_id", &format!("anon-{i}"))).await.unwrap();
+        let acked = deliver_routed(&cluster, solo_event(i)).await;
+        let found = cluster.get_profile(by_id("anonymous_id", &format!("solo-{i}"))).await.unwrap();
         assert_eq!(found.profile_id, acked.profile_id);
     }
     let routed = forwards_in_all(&c).await - before;
     assert!(routed < spread / 10.0, "{routed} forwards through the cluster client against {spread} spread");
 
-    // A new leader is found by the next refresh.
-    let to = ((leader + 1) % 3) as u64 + 1;
-    let moved = c.node(leader).admin().await.transfer_leader(pb::TransferLeaderRequest { shard: 0, node_id: to }).await.unwrap();
+    // A new leader is found by the background refresh.
+    let to = expected[&0] % 3 + 1;
+    let moved = c.node(0).admin().await.transfer_leader(pb::TransferLeaderRequest { shard: 0, node_id: to }).await.unwrap();
     assert_eq!(moved.into_inner().leader_id, to);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(15);
     while cluster.leaders().get(&0) != Some(&to) {
-        assert!(Instant::now() < deadline, "the cluster client still routes to {:?}", cluster.leaders());
-        cluster.refresh().await;
+        assert!(Instant::now() < deadline, "the cluster client still routes shard 0 by {:?}", cluster.leaders());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let acked = cluster.identify(person_event(500)).await.unwrap();
-    assert_eq!(cluster.get_profile(by_id("anonymous_id", "anon-500")).await.unwrap().profile_id, acked.profile_id);
+    let acked = deliver_routed(&cluster, solo_event(500)).await;
+    assert_eq!(cluster.get_profile(by_id("anonymous_id", "solo-500")).await.unwrap().profile_id, acked.profile_id);
 }

@@ -23,6 +23,8 @@ pub const MAX_TRAITS_BYTES: usize = 64 * 1024;
 /// [`identify`] puts the event's own records (its dedup record, a new
 /// profile, a merge record); None when no identifier is usable. A client
 /// that sends the event to this shard's leader saves a hop between nodes.
+/// It does not check the rest of the event: one the engine refuses (say, for
+/// an identifier of a type the rules reject) may still have a home shard.
 pub fn home_shard(rules: &RuleSet, ids: &[RawIdentifier], shard_count: u32) -> Option<ShardId> {
     ids.iter()
         .filter_map(|raw| {

@@ -227,7 +227,7 @@ pub fn shard_status(r: &ReplicaStatus) -> pb::ShardStatus {
 
 /// Where to send requests, as `IdentityGraph.GetRoutes` answers: the
 /// map's nodes, and who leads each shard this node holds a replica of.
-pub fn routes(map: &idgraph_core::meta::ClusterMap, replicas: &[ReplicaStatus]) -> pb::Routes {
+pub fn routes(node_id: u64, map: &idgraph_core::meta::ClusterMap, replicas: &[ReplicaStatus]) -> pb::Routes {
     let mut shards: Vec<pb::ShardRoute> = replicas
         .iter()
         .filter(|r| r.group != GroupId::Meta)
@@ -239,6 +239,7 @@ pub fn routes(map: &idgraph_core::meta::ClusterMap, replicas: &[ReplicaStatus]) 
         map_version: map.version,
         nodes: map.nodes.iter().map(|(id, e)| pb::RouteNode { node_id: *id, addr: e.addr.clone() }).collect(),
         shards,
+        node_id,
     }
 }
 

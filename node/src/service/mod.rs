@@ -226,7 +226,7 @@ impl IdentityGraph for IdentityGraphService {
     }
 
     async fn get_routes(&self, _request: Request<pb::GetRoutesRequest>) -> Result<Response<pb::Routes>, Status> {
-        Ok(Response::new(convert::routes(&self.router.cluster(), &self.router.replica_statuses())))
+        Ok(Response::new(convert::routes(self.router.node_id(), &self.router.cluster(), &self.router.replica_statuses())))
     }
 }
 
