@@ -20,7 +20,7 @@ pub const MAX_TRAITS_BYTES: usize = 64 * 1024;
 
 /// The home shard of an event with identifiers `ids`: the shard of its
 /// smallest usable identifier under `rules` (by type, then value), where
-/// [`identify`] puts the event's own records (its dedup record, a new
+/// the engine puts the event's own records (its dedup record, a new
 /// profile, a merge record); None when no identifier is usable. A client
 /// that sends the event to this shard's leader saves a hop between nodes.
 /// It does not check the rest of the event: one the engine refuses (say, for
