@@ -748,4 +748,17 @@ async fn the_cluster_client_sends_requests_to_the_shard_leader_without_a_hop() {
     }
     let acked = deliver_routed(&cluster, solo_event(500)).await;
     assert_eq!(cluster.get_profile(by_id("anonymous_id", "solo-500")).await.unwrap().profile_id, acked.profile_id);
+
+    // kill -9 of a node that leads shards: calls routed to it fail, it is
+    // left out of the routes, and events of every shard are acknowledged
+    // again once its shards have new leaders.
+    let dead = to;
+    let mut c = c;
+    c.nodes[dead as usize - 1].as_mut().unwrap().signal(Signal::SIGKILL).unwrap();
+    c.nodes[dead as usize - 1] = None;
+    for i in 600..640 {
+        let acked = deliver_routed(&cluster, solo_event(i)).await;
+        assert!(!acked.profile_id.is_empty());
+    }
+    assert!(cluster.leaders().values().all(|n| *n != dead), "the killed node is still routed to: {:?}", cluster.leaders());
 }
