@@ -16,14 +16,16 @@
 //! the cluster is connected, every [`REFRESH`] after, and after a call that
 //! could not reach its node (one fetch at a time: callers that fail
 //! meanwhile wait for the fetch under way). A request goes to a shard's
-//! leader only if that node answered the last fetch itself, so an address
-//! the client cannot reach (one inside another network, say) is never
-//! used; a node a call could not reach is left out until it answers a
-//! fetch again. Until a shard's leader is known, its requests go to the
-//! endpoints given, in turn, skipping those that did not answer the last
-//! fetch. A leader's address is the one the nodes reach each other at (the
-//! same port serves clients), dialled with the scheme and credentials of
-//! the endpoints given.
+//! leader only if that node answered the last fetch, and over the
+//! connection it answered on: an endpoint given reaches its node even when
+//! the address the node advertises does not (one inside another network,
+//! say), and an address no connection reaches is never used. A node a call
+//! could not reach is left out until it answers a fetch again. Until a
+//! shard's leader is known, its requests go to the endpoints given, in
+//! turn, skipping those that did not answer the last fetch. A node that is
+//! not among the endpoints given is dialled at the address the nodes reach
+//! each other at (the same port serves clients), with the scheme and
+//! credentials of the endpoints given.
 
 use crate::{Client, ClientError, Credentials};
 use idgraph_core::engine::{home_shard, RawIdentifier};
@@ -255,26 +257,33 @@ impl Inner {
 
     /// Asks every endpoint given and every node known for its routes, and
     /// keeps, per shard, the leader seen in the highest term. Only nodes
-    /// that answered are routed to; if none answered, the routes stay.
+    /// that answered are routed to, each over the connection it answered
+    /// on (an endpoint given reaches its node even when the address the
+    /// node advertises does not); if none answered, the routes stay.
     async fn fetch(&self) {
-        let mut asked: Vec<(Option<String>, Client)> = self.seeds.iter().map(|(a, c)| (Some(a.clone()), c.clone())).collect();
-        asked.extend(self.routes.read().unwrap_or_else(|p| p.into_inner()).nodes.values().map(|(_, c)| (None, c.clone())));
-        let answers = futures::future::join_all(asked.into_iter().map(|(seed, mut c)| async move {
-            let answer = tokio::time::timeout(ROUTES_TIMEOUT, c.graph().get_routes(pb::GetRoutesRequest {})).await;
-            (seed, answer.ok().and_then(Result::ok).map(|r| r.into_inner()))
+        let known: Vec<(u64, Client)> =
+            self.routes.read().unwrap_or_else(|p| p.into_inner()).nodes.iter().map(|(n, (_, c))| (*n, c.clone())).collect();
+        let asked = self.seeds.iter().map(|(a, c)| (Some(a.clone()), c.clone())).chain(known.into_iter().map(|(_, c)| (None, c)));
+        let answers = futures::future::join_all(asked.map(|(seed, c)| async move {
+            let mut call = c.clone();
+            let answer = tokio::time::timeout(ROUTES_TIMEOUT, call.graph().get_routes(pb::GetRoutesRequest {})).await;
+            (seed, c, answer.ok().and_then(Result::ok).map(|r| r.into_inner()))
         }))
         .await;
         let mut shard_count = 0;
         let mut leaders: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
         let mut addrs: HashMap<u64, String> = HashMap::new();
-        let mut answered = HashSet::new();
+        // Node -> the connection it answered on; an endpoint given first.
+        let mut answered: HashMap<u64, Client> = HashMap::new();
         let mut seeds_down = HashSet::new();
-        for (seed, routes) in answers {
+        for (seed, client, routes) in answers {
             let Some(routes) = routes else {
                 seeds_down.extend(seed);
                 continue;
             };
-            answered.insert(routes.node_id);
+            if seed.is_some() || !answered.contains_key(&routes.node_id) {
+                answered.insert(routes.node_id, client);
+            }
             shard_count = shard_count.max(routes.shard_count);
             addrs.extend(routes.nodes.into_iter().map(|n| (n.node_id, n.addr)));
             for s in routes.shards.into_iter().filter(|s| s.leader_id != 0) {
@@ -290,7 +299,9 @@ impl Inner {
             return;
         }
         for (node, addr) in &addrs {
-            if routes.nodes.get(node).is_none_or(|(known, _)| known != addr) {
+            if let Some(c) = answered.get(node) {
+                routes.nodes.insert(*node, (addr.clone(), c.clone()));
+            } else if routes.nodes.get(node).is_none_or(|(known, _)| known != addr) {
                 match self.client_for(addr) {
                     Some(c) => routes.nodes.insert(*node, (addr.clone(), c)),
                     None => routes.nodes.remove(node),
@@ -299,7 +310,7 @@ impl Inner {
         }
         routes.nodes.retain(|node, _| addrs.contains_key(node));
         routes.leaders = leaders;
-        routes.reachable = answered.into_iter().filter(|n| routes.nodes.contains_key(n)).collect();
+        routes.reachable = answered.into_keys().filter(|n| routes.nodes.contains_key(n)).collect();
         routes.shard_count = shard_count;
     }
 

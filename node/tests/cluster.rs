@@ -762,3 +762,35 @@ async fn the_cluster_client_sends_requests_to_the_shard_leader_without_a_hop() {
     }
     assert!(cluster.leaders().values().all(|n| *n != dead), "the killed node is still routed to: {:?}", cluster.leaders());
 }
+
+/// A node that advertises an address the client cannot reach (another
+/// network's, say) is still reached over the endpoint the client was given:
+/// the cluster client routes over the connection a node answered on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_client_routes_over_the_endpoint_given_when_the_advertised_address_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    // A free port: nothing listens there.
+    let unreachable = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let node = idgraph_node::server::start(&idgraph_node::config::NodeConfig { advertise: unreachable.clone(), ..config(dir.path()) })
+        .await
+        .expect("node starts");
+    let endpoint = format!("http://{}", node.addr());
+    let cluster = idgraph_client::Cluster::connect(std::slice::from_ref(&endpoint), &idgraph_client::Credentials::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.leaders().get(&0) != Some(&1) {
+        assert!(Instant::now() < deadline, "no route to shard 0's leader: {:?}", cluster.leaders());
+        cluster.refresh().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let routes = graph(&node).await.get_routes(pb::GetRoutesRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        routes.nodes.iter().map(|n| n.addr.as_str()).collect::<Vec<_>>(),
+        [unreachable.as_str()],
+        "the node advertises the dead address"
+    );
+    for i in 0..20 {
+        let acked = deliver_routed(&cluster, solo_event(i)).await;
+        let found = cluster.get_profile(by_id("anonymous_id", &format!("solo-{i}"))).await.unwrap();
+        assert_eq!(found.profile_id, acked.profile_id);
+    }
+}
