@@ -45,48 +45,57 @@ pub enum Routing {
 
 /// idgraph through its gRPC API.
 pub struct Idgraph {
-    cluster: idgraph_client::Cluster,
-    /// One connection per endpoint, in the order given (`Routing::Spread`).
-    channels: Vec<Channel>,
-    routing: Routing,
+    nodes: Nodes,
+    /// How many endpoints were given.
+    endpoints: usize,
     stale: bool,
+}
+
+/// The connections of [`Idgraph`], by its [`Routing`].
+enum Nodes {
+    Leader(idgraph_client::Cluster),
+    /// One connection per endpoint, in the order given.
+    Spread(Vec<Channel>),
 }
 
 impl Idgraph {
     pub async fn connect(endpoints: &[String], routing: Routing, stale: bool) -> Result<Idgraph, String> {
-        let mut channels = Vec::new();
-        for e in endpoints {
-            let ch = tonic::transport::Endpoint::from_shared(e.clone())
-                .map_err(|e| e.to_string())?
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .map_err(|err| format!("{e}: {err}"))?;
-            channels.push(ch);
-        }
-        if channels.is_empty() {
+        if endpoints.is_empty() {
             return Err("no endpoint".into());
         }
-        let cluster =
-            idgraph_client::Cluster::connect(endpoints, &idgraph_client::Credentials::default()).await.map_err(|e| e.to_string())?;
-        Ok(Idgraph { cluster, channels, routing, stale })
-    }
-
-    /// The connection stream `client` sends its events over: by
-    /// `Routing::Leader`, the leader of shard `client` modulo the shard
-    /// count (a stream carries events of every shard).
-    pub fn stream_channel(&self, client: usize) -> Channel {
-        match self.routing {
-            Routing::Leader => {
-                let shards = self.cluster.shard_count().max(1) as usize;
-                self.cluster.for_shard((client % shards) as u32).channel()
+        let nodes = match routing {
+            Routing::Leader => Nodes::Leader(
+                idgraph_client::Cluster::connect(endpoints, &idgraph_client::Credentials::default()).await.map_err(|e| e.to_string())?,
+            ),
+            Routing::Spread => {
+                let mut channels = Vec::new();
+                for e in endpoints {
+                    let ch = tonic::transport::Endpoint::from_shared(e.clone())
+                        .map_err(|e| e.to_string())?
+                        .tcp_nodelay(true)
+                        .connect()
+                        .await
+                        .map_err(|err| format!("{e}: {err}"))?;
+                    channels.push(ch);
+                }
+                Nodes::Spread(channels)
             }
-            Routing::Spread => self.channels[client % self.channels.len()].clone(),
-        }
+        };
+        Ok(Idgraph { nodes, endpoints: endpoints.len(), stale })
     }
 
-    fn spread(&self, client: usize) -> pb::identity_graph_client::IdentityGraphClient<Channel> {
-        pb::identity_graph_client::IdentityGraphClient::new(self.channels[client % self.channels.len()].clone())
+    /// The one connection client `client` sends over when it keeps one (a
+    /// stream, or any call when spread): spread, endpoint `client` modulo
+    /// their number; routed, the leader of shard `client` modulo the shard
+    /// count (a stream carries events of every shard).
+    pub fn channel_of(&self, client: usize) -> Channel {
+        match &self.nodes {
+            Nodes::Leader(cluster) => {
+                let shards = cluster.shard_count().max(1) as usize;
+                cluster.for_shard((client % shards) as u32).channel()
+            }
+            Nodes::Spread(channels) => channels[client % channels.len()].clone(),
+        }
     }
 }
 
@@ -96,15 +105,18 @@ fn status_text(s: tonic::Status) -> String {
 
 impl Peer for Idgraph {
     fn name(&self) -> String {
-        format!("idgraph ({} node{})", self.channels.len(), if self.channels.len() == 1 { "" } else { "s" })
+        format!("idgraph ({} node{})", self.endpoints, if self.endpoints == 1 { "" } else { "s" })
     }
 
     async fn ingest(&self, client: usize, event: &Event) -> Result<(), String> {
         let request = to_request(event);
-        match self.routing {
-            Routing::Leader => self.cluster.identify(request).await.map(|_| ()).map_err(status_text),
-            Routing::Spread => self.spread(client).identify(request).await.map(|_| ()).map_err(status_text),
-        }
+        let answer = match &self.nodes {
+            Nodes::Leader(cluster) => cluster.identify(request).await,
+            Nodes::Spread(_) => {
+                pb::identity_graph_client::IdentityGraphClient::new(self.channel_of(client)).identify(request).await.map(|r| r.into_inner())
+            }
+        };
+        answer.map(|_| ()).map_err(status_text)
     }
 
     async fn lookup(&self, client: usize, id: &RawId) -> Result<Option<String>, String> {
@@ -113,9 +125,11 @@ impl Peer for Idgraph {
             key: Some(pb::get_profile_request::Key::Identifier(pb::Identifier { r#type: id.kind.into(), value: id.value.clone() })),
             consistency: consistency as i32,
         };
-        let answer = match self.routing {
-            Routing::Leader => self.cluster.get_profile(req).await,
-            Routing::Spread => self.spread(client).get_profile(req).await.map(|r| r.into_inner()),
+        let answer = match &self.nodes {
+            Nodes::Leader(cluster) => cluster.get_profile(req).await,
+            Nodes::Spread(_) => {
+                pb::identity_graph_client::IdentityGraphClient::new(self.channel_of(client)).get_profile(req).await.map(|r| r.into_inner())
+            }
         };
         match answer {
             Ok(p) => Ok(Some(p.profile_id)),

@@ -153,7 +153,7 @@ pub async fn ingest_stream(peer: &Idgraph, events: Arc<Vec<Event>>, clients: usi
     let per = events.len().div_ceil(clients.max(1));
     drive(clients, |c, rec| {
         let chunk: Vec<Event> = events.iter().skip(c * per).take(per).cloned().collect();
-        let channel = peer.stream_channel(c);
+        let channel = peer.channel_of(c);
         async move {
             let (tx, rx) = tokio::sync::mpsc::channel::<pb::IdentifyRequest>(window);
             let permits = Arc::new(tokio::sync::Semaphore::new(window));

@@ -95,7 +95,7 @@ impl Client {
         let tls = credentials.ca_cert.is_some() || endpoint.starts_with("https://");
         // A CA certificate means TLS: an http:// endpoint is not dialled in
         // plain text with the token in it.
-        let bare = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")).unwrap_or(endpoint);
+        let bare = bare_address(endpoint);
         let uri = if tls { format!("https://{bare}") } else { format!("http://{bare}") };
         let mut ep = Endpoint::from_shared(uri).map_err(|e| bad(e.to_string()))?.tcp_nodelay(true);
         if tls {
@@ -146,6 +146,12 @@ impl Client {
         let answer = health.check(HealthCheckRequest { service: String::new() }).await?.into_inner();
         Ok(answer.status == ServingStatus::Serving as i32)
     }
+}
+
+/// An endpoint's `host:port`: without its `http://` or `https://` and a
+/// trailing slash.
+fn bare_address(endpoint: &str) -> &str {
+    endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")).unwrap_or(endpoint).trim_end_matches('/')
 }
 
 /// `type=value` as an identifier.

@@ -27,7 +27,7 @@
 //! each other at (the same port serves clients), with the scheme and
 //! credentials of the endpoints given.
 
-use crate::{Client, ClientError, Credentials};
+use crate::{bare_address, Client, ClientError, Credentials};
 use idgraph_core::engine::{home_shard, RawIdentifier};
 use idgraph_core::rules::RuleSet;
 use idgraph_proto::v1 as pb;
@@ -78,10 +78,6 @@ struct Routes {
     seeds_down: HashSet<String>,
 }
 
-fn bare(endpoint: &str) -> &str {
-    endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")).unwrap_or(endpoint).trim_end_matches('/')
-}
-
 impl Cluster {
     /// Connects to every endpoint of `endpoints` that answers (an error if
     /// none does), fetches the routes, and keeps them fresh.
@@ -90,7 +86,7 @@ impl Cluster {
         let mut last_error = None;
         for e in endpoints {
             match Client::connect_with(e, credentials).await {
-                Ok(c) => seeds.push((bare(e).to_string(), c)),
+                Ok(c) => seeds.push((bare_address(e).to_string(), c)),
                 Err(err) => last_error = Some(err),
             }
         }
@@ -135,9 +131,15 @@ impl Cluster {
     /// Where a look-up of profile `key` goes: for an identifier, the leader
     /// of its shard; for a profile id, any endpoint given.
     pub fn for_lookup(&self, key: &pb::get_profile_request::Key) -> Client {
+        self.lookup_home(key).map_or_else(|| self.any(), |s| self.for_shard(s))
+    }
+
+    /// The shard a look-up of `key` starts on: its identifier's (None for a
+    /// profile id, which names no shard a client can compute).
+    fn lookup_home(&self, key: &pb::get_profile_request::Key) -> Option<u32> {
         match key {
-            pb::get_profile_request::Key::Identifier(id) => self.for_event(std::slice::from_ref(id)),
-            pb::get_profile_request::Key::ProfileId(_) => self.any(),
+            pb::get_profile_request::Key::Identifier(id) => self.home(std::slice::from_ref(id)),
+            pb::get_profile_request::Key::ProfileId(_) => None,
         }
     }
 
@@ -234,10 +236,7 @@ impl Cluster {
     /// profile id: at an endpoint given), retried as [`Cluster::identify`]
     /// is.
     pub async fn get_profile(&self, request: pb::GetProfileRequest) -> Result<pb::Profile, tonic::Status> {
-        let shard = match &request.key {
-            Some(pb::get_profile_request::Key::Identifier(id)) => self.home(std::slice::from_ref(id)),
-            _ => None,
-        };
+        let shard = request.key.as_ref().and_then(|k| self.lookup_home(k));
         self.call(shard, |mut c| {
             let request = request.clone();
             async move { c.graph().get_profile(request).await.map(|r| r.into_inner()) }
@@ -261,9 +260,8 @@ impl Inner {
     /// on (an endpoint given reaches its node even when the address the
     /// node advertises does not); if none answered, the routes stay.
     async fn fetch(&self) {
-        let known: Vec<(u64, Client)> =
-            self.routes.read().unwrap_or_else(|p| p.into_inner()).nodes.iter().map(|(n, (_, c))| (*n, c.clone())).collect();
-        let asked = self.seeds.iter().map(|(a, c)| (Some(a.clone()), c.clone())).chain(known.into_iter().map(|(_, c)| (None, c)));
+        let known: Vec<Client> = self.routes.read().unwrap_or_else(|p| p.into_inner()).nodes.values().map(|(_, c)| c.clone()).collect();
+        let asked = self.seeds.iter().map(|(a, c)| (Some(a.clone()), c.clone())).chain(known.into_iter().map(|c| (None, c)));
         let answers = futures::future::join_all(asked.map(|(seed, c)| async move {
             let mut call = c.clone();
             let answer = tokio::time::timeout(ROUTES_TIMEOUT, call.graph().get_routes(pb::GetRoutesRequest {})).await;
@@ -317,10 +315,10 @@ impl Inner {
     /// A connection to the node at `addr`: the endpoint given for it, if
     /// any, otherwise a new one dialled when first used.
     fn client_for(&self, addr: &str) -> Option<Client> {
-        if let Some((_, c)) = self.seeds.iter().find(|(a, _)| a == bare(addr)) {
+        if let Some((_, c)) = self.seeds.iter().find(|(a, _)| a == bare_address(addr)) {
             return Some(c.clone());
         }
         let scheme = if self.tls { "https" } else { "http" };
-        Client::connect_lazy(&format!("{scheme}://{}", bare(addr)), &self.credentials).ok()
+        Client::connect_lazy(&format!("{scheme}://{}", bare_address(addr)), &self.credentials).ok()
     }
 }

@@ -98,10 +98,30 @@ async fn deliver(
     client: &mut pb::identity_graph_client::IdentityGraphClient<tonic::transport::Channel>,
     req: pb::IdentifyRequest,
 ) -> pb::IdentifyResponse {
+    acknowledged(req, |req| {
+        let mut client = client.clone();
+        async move { client.identify(req).await.map(|r| r.into_inner()) }
+    })
+    .await
+}
+
+/// Sends an event through the cluster client until it is acknowledged (as
+/// [`deliver`] does).
+async fn deliver_routed(cluster: &idgraph_client::Cluster, req: pb::IdentifyRequest) -> pb::IdentifyResponse {
+    acknowledged(req, |req| cluster.identify(req)).await
+}
+
+/// Calls `send` with `req` until it is acknowledged; only UNAVAILABLE is
+/// retried.
+async fn acknowledged<F, Fut>(req: pb::IdentifyRequest, send: F) -> pb::IdentifyResponse
+where
+    F: Fn(pb::IdentifyRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<pb::IdentifyResponse, tonic::Status>>,
+{
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match client.identify(req.clone()).await {
-            Ok(r) => return r.into_inner(),
+        match send(req.clone()).await {
+            Ok(r) => return r,
             Err(s) => {
                 assert_eq!(s.code(), tonic::Code::Unavailable, "{}", s.message());
                 assert!(Instant::now() < deadline, "event {} never acknowledged: {}", req.event_id, s.message());
@@ -647,22 +667,6 @@ async fn forwards_in_all(c: &Cluster) -> f64 {
         n += forwards_received(c.node(i)).await;
     }
     n
-}
-
-/// Sends an event through the cluster client until it is acknowledged (as
-/// [`deliver`] does).
-async fn deliver_routed(cluster: &idgraph_client::Cluster, req: pb::IdentifyRequest) -> pb::IdentifyResponse {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match cluster.identify(req.clone()).await {
-            Ok(r) => return r,
-            Err(s) => {
-                assert_eq!(s.code(), tonic::Code::Unavailable, "{}", s.message());
-                assert!(Instant::now() < deadline, "event {} never acknowledged: {}", req.event_id, s.message());
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
 }
 
 /// An event whose one identifier puts all its records on one shard.

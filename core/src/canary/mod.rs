@@ -46,7 +46,7 @@ pub use plan::{CanaryPlan, Direction, Kpi, KpiSpec, PlanError, StepSpec};
 pub use rollout::{CanaryCommand, CanaryRefusal, Decision, Phase, Rollout};
 pub use sample::{identifier_hash, Components, IntervalSample, KpiCounts};
 
-use crate::engine::RawIdentifier;
+use crate::engine::{normalize_raw, RawIdentifier};
 use crate::graph::GraphKey;
 use crate::model::{Identifier, ShardId};
 use crate::rules::RuleSet;
@@ -80,12 +80,7 @@ pub fn rollback_order(merges: &mut [MergeStamp]) {
 /// `rules`, the one of highest priority, then smallest type and value.
 pub fn anchor(rules: &RuleSet, ids: &[RawIdentifier]) -> Option<Identifier> {
     ids.iter()
-        .filter_map(|raw| {
-            let kind = raw.kind.trim().to_ascii_lowercase();
-            let rule = rules.type_rule(&kind)?;
-            let value = rules.normalize(rule, &raw.value).ok()?;
-            Some((rule.priority, Identifier { kind, value }))
-        })
+        .filter_map(|raw| normalize_raw(rules, raw).map(|(rule, id)| (rule.priority, id)))
         .min_by(|a, b| (a.0, &a.1.kind, &a.1.value).cmp(&(b.0, &b.1.kind, &b.1.value)))
         .map(|(_, id)| id)
 }

@@ -7,7 +7,7 @@ use super::{
 };
 use crate::graph::{GraphKey, GraphRead};
 use crate::model::{Change, ChangeSet, EventRecord, HubRecord, Identifier, MergeCause, Profile, ProfileId, ShardId};
-use crate::rules::{Rejection, RuleSet, UnknownTypePolicy};
+use crate::rules::{Rejection, RuleSet, TypeRule, UnknownTypePolicy};
 use std::collections::{BTreeMap, BTreeSet};
 
 pub const MAX_IDENTIFIERS_PER_EVENT: usize = 64;
@@ -26,14 +26,16 @@ pub const MAX_TRAITS_BYTES: usize = 64 * 1024;
 /// It does not check the rest of the event: one the engine refuses (say, for
 /// an identifier of a type the rules reject) may still have a home shard.
 pub fn home_shard(rules: &RuleSet, ids: &[RawIdentifier], shard_count: u32) -> Option<ShardId> {
-    ids.iter()
-        .filter_map(|raw| {
-            let kind = raw.kind.trim().to_ascii_lowercase();
-            let rule = rules.type_rule(&kind)?;
-            rules.normalize(rule, &raw.value).ok().map(|value| Identifier::new(kind, value))
-        })
-        .min()
-        .map(|id| GraphKey::Owner(id).shard(shard_count))
+    ids.iter().filter_map(|raw| normalize_raw(rules, raw)).map(|(_, id)| id).min().map(|id| GraphKey::Owner(id).shard(shard_count))
+}
+
+/// `raw` normalised under `rules`, with its type's rule; None when the
+/// rules do not know its type or its value does not normalise (blocked or
+/// invalid; an identity event says which in its ignored identifiers).
+pub fn normalize_raw<'r>(rules: &'r RuleSet, raw: &RawIdentifier) -> Option<(&'r TypeRule, Identifier)> {
+    let kind = raw.kind.trim().to_ascii_lowercase();
+    let rule = rules.type_rule(&kind)?;
+    rules.normalize(rule, &raw.value).ok().map(|value| (rule, Identifier::new(kind, value)))
 }
 
 /// Checks the shape of an event before anything is read.

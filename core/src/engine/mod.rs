@@ -59,9 +59,9 @@ use crate::model::{ChangeSet, Identifier, MergeRecord, Profile, ProfileId};
 use crate::rules::RuleSet;
 use std::collections::BTreeMap;
 
-pub use identify::home_shard;
 pub use identify::MAX_IDENTIFIERS_PER_EVENT;
 pub use identify::MAX_VALUE_BYTES;
+pub use identify::{home_shard, normalize_raw};
 
 /// Profile and merge ids are 28 characters; anything much longer is not one.
 pub const MAX_ID_BYTES: usize = 128;
