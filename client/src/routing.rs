@@ -195,9 +195,11 @@ impl Cluster {
     }
 
     /// Sends `call` to the leader of `shard` (or an endpoint given). If
-    /// that node cannot be reached, it is left out of the routes, the
-    /// routes are fetched again, and the call is sent once more where they
-    /// now point.
+    /// that node cannot be reached or drops the connection during the call
+    /// ([`node_lost`]), it is left out of the routes, the routes are
+    /// fetched again, and the call is sent once more where they now point;
+    /// a second lost connection is answered as UNAVAILABLE (outcome
+    /// unknown, retry), as the API promises.
     async fn call<T, F, Fut>(&self, shard: Option<u32>, call: F) -> Result<T, tonic::Status>
     where
         F: Fn(Client) -> Fut,
@@ -209,12 +211,20 @@ impl Cluster {
             None => (None, self.any()),
         };
         match call(client).await {
-            Err(s) if s.code() == tonic::Code::Unavailable => {
+            Err(s) if node_lost(&s) => {
                 if let Some(node) = node {
                     self.inner.routes.write().unwrap_or_else(|p| p.into_inner()).reachable.remove(&node);
                 }
                 self.refresh().await;
-                call(target().map_or_else(|| self.any(), |(_, c)| c)).await
+                call(target().map_or_else(|| self.any(), |(_, c)| c)).await.map_err(|s| {
+                    if node_lost(&s) && s.code() != tonic::Code::Unavailable {
+                        let why =
+                            format!("the connection to the node was lost during the call, so its outcome is unknown: {}", s.message());
+                        tonic::Status::unavailable(why)
+                    } else {
+                        s
+                    }
+                })
             }
             other => other,
         }
@@ -243,6 +253,17 @@ impl Cluster {
         })
         .await
     }
+}
+
+/// Whether a call failed for want of its node, so that its outcome is
+/// unknown and it may be sent again: UNAVAILABLE; CANCELLED, which a caller
+/// still awaiting the call did not ask for (the connection ended with the
+/// call pending, or the node reset it while shutting down); or the
+/// connection lost during the call (tonic's transport error, which it
+/// reports as UNKNOWN).
+fn node_lost(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+        || (s.code() == tonic::Code::Unknown && std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>()))
 }
 
 impl Inner {
