@@ -9,6 +9,7 @@
 #
 # Systems: idgraph on one node (one shard; unary and streaming), idgraph on
 # three nodes on loopback (replication factor 3; 16 shards, and 1 shard),
+# GetProfile at half its maximum rate on one node and on three,
 # PostgreSQL 15 doing online resolution and batch stitching by label
 # propagation (installed from Debian's packages if missing,
 # started in target/bench/pg with fsync and synchronous_commit on), and
@@ -24,7 +25,7 @@ PERSONS="${PERSONS:-20000}"
 REPS="${REPS:-3}"
 CLIENTS="${CLIENTS:-16}"
 PROFILE="${PROFILE:-release}"
-STAGES="${STAGES:-single cluster sled postgres etcd growth}"
+STAGES="${STAGES:-single cluster latency sled postgres etcd growth}"
 GROWTH_PERSONS="${GROWTH_PERSONS:-150000}"
 GROWTH_STEPS="${GROWTH_STEPS:-10}"
 work="$root/target/bench"
@@ -106,6 +107,39 @@ start_nodes 3 1; run "3 nodes, 1 shard" --target idgraph --endpoints "$endpoints
 start_nodes 3 1; run "3 nodes, 1 shard, spread" --target idgraph --endpoints "$endpoints" --workload ingest --clients "$CLIENTS" --routing spread; stop_nodes
 start_nodes 3 1; run "3 nodes, 1 shard" --target idgraph --endpoints "$endpoints" --workload ingest --clients 4 --stream --window 256; stop_nodes
 start_nodes 3 1; run "3 nodes, 1 shard, clients" --target idgraph --endpoints "$endpoints" --workload ingest --clients 64 --accuracy-sample 0; stop_nodes
+fi
+
+# The median ops/s of this run's rows with LABEL and WORKLOAD, at full load
+# (no --rate), or nothing.
+median_rate() {
+  python3 - "$results" "$1" "$2" <<'PY'
+import json, statistics, sys
+path, label, workload = sys.argv[1:]
+rows = [json.loads(line) for line in open(path) if line.strip()]
+xs = [r["measured"]["ops_per_s"] for r in rows
+      if r["label"] == label and r["workload"] == workload and not r["stream"] and not r["stale"] and r.get("rate") is None]
+print(round(statistics.median(xs)) if xs else "")
+PY
+}
+
+if stage latency; then
+# GetProfile's latency at half the lookup workload's maximum rate (open
+# loop: look-ups released at evenly spaced moments), on one node and on
+# three. The maximum is this run's median at full load, measured here if
+# an earlier stage did not.
+echo "== GetProfile at half load, one node and three nodes on one shard"
+for layout in "1 1 1 node" "3 1 3 nodes, 1 shard"; do
+  read -r n shards label <<< "$layout"
+  if [[ -z "$(median_rate "$label" lookup)" ]]; then
+    start_nodes "$n" "$shards"; run "$label" --target idgraph --endpoints "$endpoints" --workload lookup --clients "$CLIENTS"; stop_nodes
+  fi
+  full="$(median_rate "$label" lookup)"
+  start_nodes "$n" "$shards"
+  # Eight seconds of look-ups at half the rate, for a steadier tail.
+  run "$label, half load" --target idgraph --endpoints "$endpoints" --workload lookup --clients "$CLIENTS" \
+    --rate "$((full / 2))" --lookups "$((full / 2 * 8))" --accuracy-sample 0
+  stop_nodes
+done
 fi
 
 if stage sled; then

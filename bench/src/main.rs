@@ -139,6 +139,10 @@ struct Result {
     stale: bool,
     /// idgraph: how clients picked a node.
     routing: Option<Routing>,
+    /// The lookup workload's pace, look-ups a second in all (unset: as
+    /// fast as the clients go).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate: Option<f64>,
     persons: usize,
     identifiers: usize,
     preloaded_events: usize,
@@ -374,6 +378,7 @@ async fn measure<P: Peer>(peer: Arc<P>, args: &RunArgs) -> anyhow::Result<Result
         stream: args.stream,
         stale: args.stale,
         routing: (args.target == Target::Idgraph).then_some(args.routing),
+        rate: args.rate.filter(|_| args.workload == Workload::Lookup),
         persons: spec.persons,
         identifiers,
         preloaded_events: preload.len(),
@@ -406,6 +411,7 @@ async fn batch(peer: &Postgres, world: &World, args: &RunArgs) -> anyhow::Result
         stream: false,
         stale: false,
         routing: None,
+        rate: None,
         persons: world.persons.len(),
         identifiers: world.identifier_count(),
         preloaded_events: 0,
