@@ -5,17 +5,16 @@
 //!   `IdentityGraph` and `Admin` clients.
 //! - [`Cluster`] (`routing`): a whole cluster, each request sent to the
 //!   node leading its home shard.
-//! - [`EventLine`]: one identity event as a JSON line, the format of
-//!   `idgraphctl load`.
-//! - [`load`]: bulk ingest over `IdentifyStream` with a summary.
+//! - [`load`](mod@load): bulk loading, each event over an `IdentifyStream`
+//!   to its home shard's leader, sent again if its node is lost, with a
+//!   summary; [`EventLine`] is one identity event as a JSON line, the
+//!   format of `idgraphctl load`.
 
-use futures::StreamExt;
 use idgraph_proto::auth::BearerToken;
 use idgraph_proto::v1 as pb;
 use pb::admin_client::AdminClient;
 use pb::identity_graph_client::IdentityGraphClient;
-use serde::{Deserialize, Serialize};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -23,8 +22,10 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 pub use idgraph_proto;
+pub use load::{count_events, load, EventLine, EventLines, IdentifierLine, LoadOptions, LoadSummary};
 pub use routing::Cluster;
 
+pub mod load;
 pub mod routing;
 
 #[derive(Debug, thiserror::Error)]
@@ -162,110 +163,6 @@ pub fn parse_identifier(s: &str) -> Result<pb::Identifier, String> {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct IdentifierLine {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub value: String,
-}
-
-/// One identity event as a line of JSON:
-/// `{"event_id":"e1","timestamp_ms":1700000000000,"identifiers":[{"type":"email","value":"ann@shop.com"}],"traits":{"plan":"pro"},"source":"web"}`
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct EventLine {
-    pub event_id: String,
-    #[serde(default)]
-    pub timestamp_ms: i64,
-    pub identifiers: Vec<IdentifierLine>,
-    #[serde(default)]
-    pub traits: serde_json::Map<String, serde_json::Value>,
-    #[serde(default)]
-    pub source: String,
-}
-
-impl EventLine {
-    pub fn to_request(&self) -> pb::IdentifyRequest {
-        pb::IdentifyRequest {
-            event_id: self.event_id.clone(),
-            timestamp_ms: self.timestamp_ms,
-            identifiers: self.identifiers.iter().map(|i| pb::Identifier { r#type: i.kind.clone(), value: i.value.clone() }).collect(),
-            traits: (!self.traits.is_empty()).then(|| idgraph_proto::json::to_struct(&self.traits)),
-            source: self.source.clone(),
-        }
-    }
-}
-
-/// What a bulk load did.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct LoadSummary {
-    pub events: u64,
-    pub profiles_created: u64,
-    pub merges: u64,
-    pub conflicts: u64,
-    pub duplicates: u64,
-    pub ignored_identifiers: u64,
-    pub failed: u64,
-    /// The first few per-event errors, with their line numbers.
-    pub errors: Vec<String>,
-    pub seconds: f64,
-    pub events_per_second: f64,
-}
-
-impl LoadSummary {
-    fn count(&mut self, line: usize, r: &pb::IdentifyResponse) {
-        self.events += 1;
-        if let Some(e) = &r.error {
-            self.failed += 1;
-            if self.errors.len() < 20 {
-                self.errors.push(format!("line {line}: {} ({})", e.message, tonic::Code::from(e.code)));
-            }
-            return;
-        }
-        self.profiles_created += r.created as u64;
-        self.merges += r.merged as u64;
-        self.conflicts += r.conflicts.len() as u64;
-        self.duplicates += r.duplicate as u64;
-        self.ignored_identifiers += r.ignored.len() as u64;
-    }
-}
-
-/// Parses JSONL (blank lines and `#` comments skipped) into events, with
-/// line numbers. A malformed line is an error naming it.
-pub fn parse_jsonl(text: &str) -> Result<Vec<(usize, EventLine)>, ClientError> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if t.is_empty() || t.starts_with('#') {
-            continue;
-        }
-        let ev: EventLine = serde_json::from_str(t).map_err(|e| ClientError::BadLine { line: i + 1, reason: e.to_string() })?;
-        out.push((i + 1, ev));
-    }
-    Ok(out)
-}
-
-/// Sends `events` through one `IdentifyStream` call and tallies the
-/// responses; `progress` is called with the number of responses so far.
-pub async fn load(client: &mut Client, events: Vec<(usize, EventLine)>, mut progress: impl FnMut(u64)) -> Result<LoadSummary, ClientError> {
-    let started = Instant::now();
-    let lines: Vec<usize> = events.iter().map(|(l, _)| *l).collect();
-    let requests = futures::stream::iter(events.into_iter().map(|(_, e)| e.to_request()));
-    let mut responses = client.graph().identify_stream(requests).await?.into_inner();
-    let mut summary = LoadSummary::default();
-    let mut n = 0usize;
-    while let Some(r) = responses.next().await {
-        let r = r?;
-        summary.count(lines.get(n).copied().unwrap_or(0), &r);
-        n += 1;
-        progress(n as u64);
-    }
-    summary.seconds = started.elapsed().as_secs_f64();
-    summary.events_per_second = if summary.seconds > 0.0 { summary.events as f64 / summary.seconds } else { 0.0 };
-    Ok(summary)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,18 +173,5 @@ mod tests {
         assert_eq!((id.r#type.as_str(), id.value.as_str()), ("email", "a=b@c.de"));
         assert!(parse_identifier("novalue").is_err());
         assert!(parse_identifier("=x").is_err());
-    }
-
-    #[test]
-    fn jsonl_lines_parse_and_bad_lines_are_named() {
-        let text = "# comment\n{\"event_id\":\"e1\",\"identifiers\":[{\"type\":\"email\",\"value\":\"a@b.co\"}],\"traits\":{\"n\":1}}\n\n{\"event_id\":\"e2\"}\n";
-        let err = parse_jsonl(text).unwrap_err().to_string();
-        assert!(err.starts_with("line 4:"), "{err}");
-        let ok = parse_jsonl(&text.replace("{\"event_id\":\"e2\"}", "")).unwrap();
-        assert_eq!(ok.len(), 1);
-        assert_eq!(ok[0].0, 2);
-        let req = ok[0].1.to_request();
-        assert_eq!(req.identifiers[0].value, "a@b.co");
-        assert!(req.traits.unwrap().fields.contains_key("n"));
     }
 }

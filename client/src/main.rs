@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use idgraph_client::idgraph_proto::json;
 use idgraph_client::idgraph_proto::v1 as pb;
-use idgraph_client::{load, parse_identifier, parse_jsonl, Client};
+use idgraph_client::{count_events, load, parse_identifier, Client, Cluster, EventLines, LoadOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use render::{show, Output};
 
@@ -41,7 +41,7 @@ struct Cli {
 enum Command {
     /// Send one identity event.
     Identify(IdentifyArgs),
-    /// Bulk-load identity events from a JSON-lines file through IdentifyStream.
+    /// Bulk-load identity events from a JSON-lines file through IdentifyStream, to each event's shard leader.
     Load(LoadArgs),
     /// Show a profile, by identifier or profile id.
     Get(GetArgs),
@@ -151,8 +151,14 @@ struct IdentifyArgs {
 
 #[derive(Args)]
 struct LoadArgs {
-    /// JSON-lines file, one event per line (see README).
+    /// JSON-lines file, one event per line (see README). Every line is
+    /// checked before any is sent; each event goes to its home shard's
+    /// leader (`--endpoint` may name several nodes, comma-separated), and
+    /// is sent again if its node is lost.
     file: std::path::PathBuf,
+    /// Events in flight per node, at most.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -298,8 +304,12 @@ async fn main() {
 async fn run(cli: Cli) -> Result<()> {
     let output = cli.output;
     let credentials = idgraph_client::Credentials { token: cli.token, ca_cert: cli.ca_cert, tls_domain: cli.tls_domain };
+    let command = match cli.command {
+        Command::Load(a) => return load_file(&cli.endpoint, &credentials, a, output).await,
+        other => other,
+    };
     let mut client = Client::connect_with(&cli.endpoint, &credentials).await?;
-    match cli.command {
+    match command {
         Command::Identify(a) => {
             let req = pb::IdentifyRequest {
                 event_id: a.event_id.unwrap_or_else(|| format!("ctl-{}", ulid::Ulid::new())),
@@ -310,25 +320,8 @@ async fn run(cli: Cli) -> Result<()> {
             };
             show(&client.graph().identify(req).await?.into_inner(), output)
         }
-        Command::Load(a) => {
-            let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
-            let events = parse_jsonl(&text)?;
-            let bar = if a.quiet || output == Output::Json { ProgressBar::hidden() } else { ProgressBar::new(events.len() as u64) };
-            bar.set_style(ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events ({per_sec}, eta {eta})",
-            )?);
-            let s = load(&mut client, events, |n| bar.set_position(n)).await?;
-            bar.finish_and_clear();
-            show(&s, output)?;
-            if output == Output::Table {
-                // JSON lists them in its `errors` field.
-                s.errors.iter().for_each(|e| eprintln!("error: {e}"));
-            }
-            if s.failed > 0 {
-                std::process::exit(2);
-            }
-            Ok(())
-        }
+        // Taken above, before a single node is connected.
+        Command::Load(_) => bail!("load takes the endpoints itself"),
         Command::Get(GetArgs { key: k, stale }) => {
             let key = match key_of(k) {
                 (Some(id), _) => pb::get_profile_request::Key::Identifier(id),
@@ -415,6 +408,28 @@ async fn run(cli: Cli) -> Result<()> {
             show(&c, output)
         }
     }
+}
+
+/// `idgraphctl load`: every line checked, then each event sent to its home
+/// shard's leader among the nodes `endpoints` (comma-separated) lead to.
+async fn load_file(endpoints: &str, credentials: &idgraph_client::Credentials, a: LoadArgs, output: Output) -> Result<()> {
+    let count = count_events(EventLines::open(&a.file)?).with_context(|| format!("checking {}", a.file.display()))?;
+    let endpoints: Vec<String> = endpoints.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+    let cluster = Cluster::connect(&endpoints, credentials).await?;
+    let bar = if a.quiet || output == Output::Json { ProgressBar::hidden() } else { ProgressBar::new(count) };
+    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events ({per_sec}, eta {eta})")?);
+    let options = LoadOptions { window: a.window, ..LoadOptions::default() };
+    let s = load(&cluster, EventLines::open(&a.file)?, &options, |n| bar.set_position(n)).await?;
+    bar.finish_and_clear();
+    show(&s, output)?;
+    if output == Output::Table {
+        // JSON lists them in its `errors` field.
+        s.errors.iter().for_each(|e| eprintln!("error: {e}"));
+    }
+    if s.failed > 0 {
+        std::process::exit(2);
+    }
+    Ok(())
 }
 
 async fn rules(client: &mut Client, cmd: RulesCmd, output: Output) -> Result<()> {

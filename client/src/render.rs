@@ -105,7 +105,8 @@ impl Render for pb::Profile {
 impl Render for LoadSummary {
     fn human(&self) -> String {
         let s = self;
-        let mut t = table(&["events", "profiles created", "merges", "conflicts", "duplicates", "ignored ids", "failed", "events/s"]);
+        let mut t =
+            table(&["events", "profiles created", "merges", "conflicts", "duplicates", "ignored ids", "failed", "sent again", "events/s"]);
         t.add_row(vec![
             s.events.to_string(),
             s.profiles_created.to_string(),
@@ -114,6 +115,7 @@ impl Render for LoadSummary {
             s.duplicates.to_string(),
             s.ignored_identifiers.to_string(),
             s.failed.to_string(),
+            s.resent.to_string(),
             format!("{:.0}", s.events_per_second),
         ]);
         t.to_string()

@@ -125,7 +125,23 @@ impl Cluster {
     /// Where an event with identifiers `ids` goes: the leader of its home
     /// shard, or one of the endpoints given.
     pub fn for_event(&self, ids: &[pb::Identifier]) -> Client {
-        self.home(ids).map_or_else(|| self.any(), |s| self.for_shard(s))
+        self.route_event(ids).1
+    }
+
+    /// Where an event with identifiers `ids` goes, as [`Cluster::for_event`]
+    /// says, and the node that is (None: one of the endpoints given, no
+    /// route being known).
+    pub fn route_event(&self, ids: &[pb::Identifier]) -> (Option<u64>, Client) {
+        match self.home(ids).and_then(|s| self.routed(s)) {
+            Some((node, client)) => (Some(node), client),
+            None => (None, self.any()),
+        }
+    }
+
+    /// Leaves `node` out of the routes until it answers a fetch of routes
+    /// again: a call could not reach it, or lost its connection to it.
+    pub fn lost(&self, node: u64) {
+        self.inner.routes.write().unwrap_or_else(|p| p.into_inner()).reachable.remove(&node);
     }
 
     /// Where a look-up of profile `key` goes: for an identifier, the leader
@@ -213,7 +229,7 @@ impl Cluster {
         match call(client).await {
             Err(s) if node_lost(&s) => {
                 if let Some(node) = node {
-                    self.inner.routes.write().unwrap_or_else(|p| p.into_inner()).reachable.remove(&node);
+                    self.lost(node);
                 }
                 self.refresh().await;
                 call(target().map_or_else(|| self.any(), |(_, c)| c)).await.map_err(|s| {

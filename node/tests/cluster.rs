@@ -683,19 +683,8 @@ fn solo_event(i: usize) -> pb::IdentifyRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_client_sends_requests_to_the_shard_leader_without_a_hop() {
     let c = Cluster::with_shards(3, 4).await;
-    c.leader().await;
-    let expected: std::collections::BTreeMap<u32, u64> = (0..4u32).map(|s| (s, u64::from(s % 3) + 1)).collect();
+    let expected = lead_shards_round_robin(&c, 4).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    for (&shard, &to) in &expected {
-        loop {
-            let moved = c.node(0).admin().await.transfer_leader(pb::TransferLeaderRequest { shard, node_id: to }).await;
-            if moved.is_ok_and(|m| m.into_inner().leader_id == to) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "shard {shard}'s leadership did not move to node {to}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
     // Every node names the same leaders (a follower learns of a new leader
     // from its first append), and every node with its address.
     let want: Vec<(u64, String)> = c.ports.iter().enumerate().map(|(i, p)| (i as u64 + 1, format!("127.0.0.1:{p}"))).collect();
@@ -765,6 +754,85 @@ async fn the_cluster_client_sends_requests_to_the_shard_leader_without_a_hop() {
         assert!(!acked.profile_id.is_empty());
     }
     assert!(cluster.leaders().values().all(|n| *n != dead), "the killed node is still routed to: {:?}", cluster.leaders());
+}
+
+/// Moves the leadership of shard s of `shards` to node s % 3 + 1, so that
+/// every node of three leads one or two shards; returns who leads which.
+async fn lead_shards_round_robin(c: &Cluster, shards: u32) -> std::collections::BTreeMap<u32, u64> {
+    c.leader().await;
+    let leaders: std::collections::BTreeMap<u32, u64> = (0..shards).map(|s| (s, u64::from(s % 3) + 1)).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (&shard, &to) in &leaders {
+        loop {
+            let moved = c.node(0).admin().await.transfer_leader(pb::TransferLeaderRequest { shard, node_id: to }).await;
+            if moved.is_ok_and(|m| m.into_inner().leader_id == to) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "shard {shard}'s leadership did not move to node {to}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    leaders
+}
+
+/// A bulk load (`idgraph_client::load`, what `idgraphctl load` runs) goes
+/// on through `kill -9` of a node it streams to: the events that node's
+/// stream had not answered are sent again where the routes then point, and
+/// the load ends with every event answered, none failed, and every event's
+/// profile readable. Each event creates a profile of its own, so each is
+/// answered either as created or, if its first send had been applied before
+/// the node died, as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_load_goes_on_through_kill_9_of_a_node_it_streams_to() {
+    let mut c = Cluster::with_shards(3, 4).await;
+    let leaders = lead_shards_round_robin(&c, 4).await;
+    let n = 4000u64;
+    let line = |i: u64| {
+        let e = idgraph_client::EventLine {
+            event_id: format!("bulk{i}"),
+            timestamp_ms: 1_700_000_000_000,
+            identifiers: vec![
+                idgraph_client::IdentifierLine { kind: "anonymous_id".into(), value: format!("bulk-{i}") },
+                idgraph_client::IdentifierLine { kind: "email".into(), value: format!("bulk{i}@shop.com") },
+            ],
+            traits: Default::default(),
+            source: "bulk".into(),
+        };
+        serde_json::to_string(&e).unwrap() + "\n"
+    };
+    let text: String = (0..n).map(line).collect();
+    let endpoints: Vec<String> = c.ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let cluster = idgraph_client::Cluster::connect(&endpoints, &idgraph_client::Credentials::default()).await.unwrap();
+    assert_eq!(cluster.leaders(), leaders);
+    let (answered, mut progress) = tokio::sync::watch::channel(0u64);
+    let loading = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let events = idgraph_client::EventLines::new(std::io::Cursor::new(text));
+            idgraph_client::load(&cluster, events, &idgraph_client::LoadOptions::default(), move |k| {
+                answered.send_replace(k);
+            })
+            .await
+        })
+    };
+    progress.wait_for(|k| *k >= 500).await.expect("the load answers events");
+    // Node 1 leads shard 0 (and shard 3).
+    c.nodes[0].as_mut().unwrap().signal(Signal::SIGKILL).unwrap();
+    c.nodes[0] = None;
+    let at_kill = *progress.borrow();
+    let summary = tokio::time::timeout(Duration::from_secs(180), loading).await.expect("the load ends").unwrap().unwrap();
+    eprintln!("bulk load: {at_kill} answered when node 1 was killed; {summary:?}");
+    assert!(at_kill < n, "the load was still running when the node was killed");
+    assert_eq!(summary.events, n, "{summary:?}");
+    assert_eq!(summary.failed, 0, "{:?}", summary.errors);
+    assert!(summary.resent > 0, "the dead node's unanswered events were sent again: {summary:?}");
+    assert_eq!(summary.profiles_created + summary.duplicates, n, "each event created its profile once: {summary:?}");
+    assert!(summary.duplicates <= summary.resent, "only events sent again can be duplicates: {summary:?}");
+    for i in (0..n).step_by(20) {
+        let found = cluster.get_profile(by_id("anonymous_id", &format!("bulk-{i}"))).await.unwrap();
+        let emails: Vec<&str> = found.identifiers.iter().filter(|x| x.r#type == "email").map(|x| x.value.as_str()).collect();
+        assert_eq!(emails, [format!("bulk{i}@shop.com")], "event bulk{i}'s profile");
+    }
 }
 
 /// A node that advertises an address the client cannot reach (another

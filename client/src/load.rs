@@ -1,0 +1,432 @@
+//! Bulk loading: a file of identity events sent to a cluster through
+//! `IdentifyStream`, as `idgraphctl load` does.
+//!
+//! # How a load goes
+//!
+//! - The file is read twice, line by line: once to check every line (a bad
+//!   line stops the load before anything is sent, and names the line) and
+//!   to count the events, then again to send them. Memory holds the events
+//!   in flight, not the file, so a load may be larger than memory.
+//! - Each event goes to the node leading its home shard ([`Cluster`]), over
+//!   one `IdentifyStream` per node ("lane"), with at most
+//!   [`LoadOptions::window`] events of a lane unanswered; a lane's answers
+//!   come in the order its events were sent.
+//! - A lane whose stream fails (the node was lost, restarted or stopped
+//!   answering for [`LANE_TIMEOUT`]) is closed; its unanswered events are
+//!   sent again, wherever the routes then point, after a pause that doubles
+//!   with each attempt. So is an event answered UNAVAILABLE (its shard had
+//!   no leader for a moment). An event id is applied once: an event that
+//!   had been applied before its answer was lost is answered `duplicate`
+//!   the second time, which is why the summary counts the events sent
+//!   again (`resent`) beside the duplicates.
+//! - An event still unanswered after [`LoadOptions::attempts`] sends counts
+//!   as failed, with its line and the last error; its outcome is unknown
+//!   (it may have been applied). Any other error an event is answered with
+//!   (a bad identifier, a limit) counts as failed at once: sending it again
+//!   would not change the answer.
+
+use crate::{ClientError, Cluster};
+use futures::StreamExt;
+use idgraph_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::io::BufRead;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How long a lane with events in flight may go without an answer before
+/// it is taken for lost.
+pub const LANE_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest pause before events are sent again.
+const MAX_PAUSE: Duration = Duration::from_secs(2);
+
+/// One identity event as a JSON line (the format of `idgraphctl load`):
+/// `{"event_id":"e1","timestamp_ms":1700000000000,"identifiers":[{"type":"email","value":"ann@shop.com"}],"traits":{"plan":"pro"},"source":"web"}`
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EventLine {
+    pub event_id: String,
+    #[serde(default)]
+    pub timestamp_ms: i64,
+    pub identifiers: Vec<IdentifierLine>,
+    #[serde(default)]
+    pub traits: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifierLine {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: String,
+}
+
+impl EventLine {
+    pub fn to_request(&self) -> pb::IdentifyRequest {
+        pb::IdentifyRequest {
+            event_id: self.event_id.clone(),
+            timestamp_ms: self.timestamp_ms,
+            identifiers: self.identifiers.iter().map(|i| pb::Identifier { r#type: i.kind.clone(), value: i.value.clone() }).collect(),
+            traits: (!self.traits.is_empty()).then(|| idgraph_proto::json::to_struct(&self.traits)),
+            source: self.source.clone(),
+        }
+    }
+}
+
+/// The events of JSON-lines input, with their line numbers, read as they
+/// are asked for. Blank lines and `#` comments are skipped; a malformed
+/// line is an error naming it.
+pub struct EventLines<R> {
+    lines: std::io::Lines<R>,
+    line: usize,
+}
+
+impl<R: BufRead> EventLines<R> {
+    pub fn new(input: R) -> EventLines<R> {
+        EventLines { lines: input.lines(), line: 0 }
+    }
+}
+
+impl EventLines<std::io::BufReader<std::fs::File>> {
+    /// The events of the file at `path`.
+    pub fn open(path: &std::path::Path) -> Result<Self, ClientError> {
+        let file =
+            std::fs::File::open(path).map_err(|e| ClientError::Io(std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))))?;
+        Ok(EventLines::new(std::io::BufReader::new(file)))
+    }
+}
+
+impl<R: BufRead> Iterator for EventLines<R> {
+    type Item = Result<(usize, EventLine), ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let text = match self.lines.next()? {
+                Ok(text) => text,
+                Err(e) => return Some(Err(ClientError::Io(e))),
+            };
+            self.line += 1;
+            let t = text.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            let parsed = serde_json::from_str(t).map_err(|e| ClientError::BadLine { line: self.line, reason: e.to_string() });
+            return Some(parsed.map(|ev| (self.line, ev)));
+        }
+    }
+}
+
+/// Checks every event of `events` and counts them, keeping none.
+pub fn count_events<R: BufRead>(events: EventLines<R>) -> Result<u64, ClientError> {
+    let mut count = 0;
+    for event in events {
+        event?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// What a bulk load did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct LoadSummary {
+    pub events: u64,
+    pub profiles_created: u64,
+    pub merges: u64,
+    pub conflicts: u64,
+    pub duplicates: u64,
+    pub ignored_identifiers: u64,
+    pub failed: u64,
+    /// Sends beyond each event's first: after its node was lost or while
+    /// its shard had no leader (an event applied before its answer was
+    /// lost is answered `duplicate` the next time, so these may add to
+    /// `duplicates`).
+    pub resent: u64,
+    /// The first few per-event errors, with their line numbers.
+    pub errors: Vec<String>,
+    pub seconds: f64,
+    pub events_per_second: f64,
+}
+
+impl LoadSummary {
+    fn count(&mut self, line: usize, r: &pb::IdentifyResponse) {
+        self.events += 1;
+        if let Some(e) = &r.error {
+            self.fail(line, format!("{} ({})", e.message, tonic::Code::from(e.code)));
+            return;
+        }
+        self.profiles_created += r.created as u64;
+        self.merges += r.merged as u64;
+        self.conflicts += r.conflicts.len() as u64;
+        self.duplicates += r.duplicate as u64;
+        self.ignored_identifiers += r.ignored.len() as u64;
+    }
+
+    /// One event that failed, counted, and listed among the first errors.
+    fn fail(&mut self, line: usize, why: String) {
+        self.failed += 1;
+        if self.errors.len() < 20 {
+            self.errors.push(format!("line {line}: {why}"));
+        }
+    }
+}
+
+/// How a load sends.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Events of one node's stream sent and not yet answered, at most.
+    pub window: usize,
+    /// Sends of one event, at most, while its node is lost or its shard
+    /// has no leader.
+    pub attempts: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> LoadOptions {
+        LoadOptions { window: 256, attempts: 8 }
+    }
+}
+
+/// An event sent, or to be sent again.
+struct Pending {
+    line: usize,
+    request: pb::IdentifyRequest,
+    /// Sends so far.
+    sends: u32,
+}
+
+/// One node's `IdentifyStream`.
+struct Lane {
+    /// The node it goes to (None: an endpoint given, no route known).
+    node: Option<u64>,
+    /// Where its events go; None once it takes no more.
+    requests: Option<mpsc::Sender<pb::IdentifyRequest>>,
+    /// Sent and not answered, oldest first.
+    in_flight: VecDeque<Pending>,
+    last_answer: Instant,
+}
+
+/// What a lane's reader saw.
+enum LaneEvent {
+    Answer(u64, pb::IdentifyResponse),
+    /// The stream ended: cleanly (None) or with an error.
+    Ended(u64, Option<tonic::Status>),
+}
+
+/// Sends `events` to `cluster` (see the module doc) and tallies the
+/// answers; `progress` is called with the number of events answered so
+/// far. An error reading `events` stops the load with that error (events
+/// already sent stay sent).
+pub async fn load(
+    cluster: &Cluster,
+    events: impl Iterator<Item = Result<(usize, EventLine), ClientError>>,
+    options: &LoadOptions,
+    mut progress: impl FnMut(u64),
+) -> Result<LoadSummary, ClientError> {
+    let started = Instant::now();
+    let window = options.window.max(1);
+    let mut events = events.fuse();
+    let mut summary = LoadSummary::default();
+    let (seen, mut answers) = mpsc::unbounded_channel();
+    let mut lanes: HashMap<u64, Lane> = HashMap::new();
+    // The lane taking events for each node.
+    let mut open: HashMap<Option<u64>, u64> = HashMap::new();
+    let mut next_lane = 0u64;
+    let mut again: VecDeque<Pending> = VecDeque::new();
+    let mut paused_until: Option<Instant> = None;
+    let mut input_done = false;
+    let mut answered = 0u64;
+    loop {
+        // Send what may be sent: events to send again first, once their
+        // pause is over, then new ones, until a lane's window is full.
+        loop {
+            let pause_over = paused_until.is_none_or(|t| Instant::now() >= t);
+            let next = if !again.is_empty() && pause_over {
+                again.pop_front()
+            } else if !again.is_empty() || input_done {
+                None
+            } else {
+                match events.next() {
+                    Some(Ok((line, e))) => Some(Pending { line, request: e.to_request(), sends: 0 }),
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        input_done = true;
+                        None
+                    }
+                }
+            };
+            let Some(mut p) = next else { break };
+            let (node, client) = cluster.route_event(&p.request.identifiers);
+            let id = *open.entry(node).or_insert_with(|| {
+                next_lane += 1;
+                lanes.insert(next_lane, open_lane(next_lane, node, client, window, seen.clone()));
+                next_lane
+            });
+            let lane = lanes.get_mut(&id).expect("an open lane is a lane");
+            if lane.in_flight.len() >= window {
+                again.push_front(p);
+                break;
+            }
+            p.sends += 1;
+            if lane.in_flight.is_empty() {
+                lane.last_answer = Instant::now();
+            }
+            // A closed stream loses the event; its reader reports the end,
+            // and the event is sent again then.
+            if let Some(tx) = &lane.requests {
+                let _ = tx.try_send(p.request.clone());
+            }
+            lane.in_flight.push_back(p);
+        }
+        if input_done && again.is_empty() {
+            // Nothing more to send: let every stream end once answered.
+            open.clear();
+            lanes.values_mut().for_each(|l| l.requests = None);
+            if lanes.values().all(|l| l.in_flight.is_empty()) {
+                break;
+            }
+        }
+        let wake = lanes
+            .values()
+            .filter(|l| !l.in_flight.is_empty())
+            .map(|l| l.last_answer + LANE_TIMEOUT)
+            .chain(paused_until.filter(|_| !again.is_empty()))
+            .min();
+        let event = match wake {
+            Some(at) => tokio::time::timeout_at(at.into(), answers.recv()).await.ok(),
+            None => Some(answers.recv().await),
+        };
+        let mut lost = Vec::new();
+        match event {
+            Some(Some(LaneEvent::Answer(id, r))) => {
+                let Some(lane) = lanes.get_mut(&id) else { continue };
+                let Some(p) = lane.in_flight.pop_front() else { continue };
+                lane.last_answer = Instant::now();
+                let unavailable = r.error.as_ref().is_some_and(|e| tonic::Code::from(e.code) == tonic::Code::Unavailable);
+                if unavailable && p.sends < options.attempts {
+                    summary.resent += 1;
+                    again.push_back(p);
+                    paused_until = Some(Instant::now() + pause(1));
+                } else {
+                    summary.count(p.line, &r);
+                    answered += 1;
+                    progress(answered);
+                }
+            }
+            Some(Some(LaneEvent::Ended(id, status))) => lost.push((id, status)),
+            // Cannot happen: this function holds a sender of the channel.
+            Some(None) => {}
+            None => {
+                // Woken by the clock: lanes silent for too long are lost.
+                let now = Instant::now();
+                lost.extend(
+                    lanes
+                        .iter()
+                        .filter(|(_, l)| !l.in_flight.is_empty() && now >= l.last_answer + LANE_TIMEOUT)
+                        .map(|(id, _)| (*id, Some(tonic::Status::unavailable("no answer for 15 s")))),
+                );
+            }
+        }
+        for (id, status) in lost {
+            let Some(lane) = lanes.remove(&id) else { continue };
+            open.retain(|_, l| *l != id);
+            if lane.in_flight.is_empty() {
+                continue;
+            }
+            // The stream ended with events unanswered: whatever it said,
+            // their outcome is unknown. Send them again elsewhere.
+            let why =
+                status.map_or_else(|| "the stream ended with events unanswered".to_string(), |s| format!("{}: {}", s.code(), s.message()));
+            if let Some(node) = lane.node {
+                cluster.lost(node);
+            }
+            let mut most = 0;
+            for p in lane.in_flight {
+                if p.sends >= options.attempts {
+                    summary.events += 1;
+                    summary.fail(p.line, format!("not answered after {} sends, outcome unknown: {why}", p.sends));
+                    answered += 1;
+                    progress(answered);
+                } else {
+                    most = most.max(p.sends);
+                    summary.resent += 1;
+                    again.push_back(p);
+                }
+            }
+            cluster.refresh().await;
+            paused_until = Some(Instant::now() + pause(most));
+        }
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.events_per_second = if summary.seconds > 0.0 { summary.events as f64 / summary.seconds } else { 0.0 };
+    Ok(summary)
+}
+
+/// The pause before events sent `sends` times are sent again: 100 ms,
+/// doubling, at most [`MAX_PAUSE`].
+fn pause(sends: u32) -> Duration {
+    (Duration::from_millis(100) * 2u32.saturating_pow(sends.saturating_sub(1).min(8))).min(MAX_PAUSE)
+}
+
+/// Opens a stream to `client` and a task that reports its answers and its
+/// end as lane `id`'s.
+fn open_lane(id: u64, node: Option<u64>, mut client: crate::Client, window: usize, seen: mpsc::UnboundedSender<LaneEvent>) -> Lane {
+    let (tx, rx) = mpsc::channel(window);
+    tokio::spawn(async move {
+        let answers = client.graph().identify_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        let mut answers = match answers {
+            Ok(a) => a.into_inner(),
+            Err(s) => {
+                let _ = seen.send(LaneEvent::Ended(id, Some(s)));
+                return;
+            }
+        };
+        loop {
+            match answers.next().await {
+                Some(Ok(r)) => {
+                    if seen.send(LaneEvent::Answer(id, r)).is_err() {
+                        return;
+                    }
+                }
+                Some(Err(s)) => {
+                    let _ = seen.send(LaneEvent::Ended(id, Some(s)));
+                    return;
+                }
+                None => {
+                    let _ = seen.send(LaneEvent::Ended(id, None));
+                    return;
+                }
+            }
+        }
+    });
+    Lane { node, requests: Some(tx), in_flight: VecDeque::new(), last_answer: Instant::now() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_lines_parse_and_bad_lines_are_named() {
+        let text = "# comment\n{\"event_id\":\"e1\",\"identifiers\":[{\"type\":\"email\",\"value\":\"a@b.co\"}],\"traits\":{\"n\":1}}\n\n{\"event_id\":\"e2\"}\n";
+        let err = count_events(EventLines::new(text.as_bytes())).unwrap_err().to_string();
+        assert!(err.starts_with("line 4:"), "{err}");
+        let ok: Vec<_> = EventLines::new(text.replace("{\"event_id\":\"e2\"}", "").as_bytes()).collect::<Result<_, _>>().unwrap();
+        assert_eq!(ok.len(), 1);
+        assert_eq!(ok[0].0, 2);
+        let req = ok[0].1.to_request();
+        assert_eq!(req.identifiers[0].value, "a@b.co");
+        assert!(req.traits.unwrap().fields.contains_key("n"));
+        assert_eq!(count_events(EventLines::new(text.replace("{\"event_id\":\"e2\"}", "").as_bytes())).unwrap(), 1);
+    }
+
+    #[test]
+    fn pauses_double_up_to_two_seconds() {
+        assert_eq!(pause(1), Duration::from_millis(100));
+        assert_eq!(pause(2), Duration::from_millis(200));
+        assert_eq!(pause(4), Duration::from_millis(800));
+        assert_eq!(pause(6), MAX_PAUSE);
+        assert_eq!(pause(u32::MAX), MAX_PAUSE);
+    }
+}
