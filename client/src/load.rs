@@ -11,19 +11,27 @@
 //!   one `IdentifyStream` per node ("lane"), with at most
 //!   [`LoadOptions::window`] events of a lane unanswered; a lane's answers
 //!   come in the order its events were sent.
-//! - A lane whose stream fails (the node was lost, restarted or stopped
-//!   answering for [`LANE_TIMEOUT`]) is closed; its unanswered events are
-//!   sent again, wherever the routes then point, after a pause that doubles
-//!   with each attempt. So is an event answered UNAVAILABLE (its shard had
-//!   no leader for a moment). An event id is applied once: an event that
-//!   had been applied before its answer was lost is answered `duplicate`
-//!   the second time, which is why the summary counts the events sent
-//!   again (`resent`) beside the duplicates.
+//! - A lane whose node is lost (the stream broke, or was silent for
+//!   [`LANE_TIMEOUT`] with events unanswered) is closed and its node left
+//!   out of the routes; its unanswered events are sent again, wherever the
+//!   routes then point, each after a pause of its own that doubles with
+//!   each send (100 ms to 2 s). So is an event answered UNAVAILABLE (its
+//!   shard had no leader for a moment), RESOURCE_EXHAUSTED (the node was
+//!   over its queue bounds or its disk full) or ABORTED (concurrent
+//!   requests kept changing the same profiles). An event id is applied once: an
+//!   event that had been applied before its answer was lost is answered
+//!   `duplicate` the next time, which is why the summary counts the sends
+//!   beyond the first (`resent`) beside the duplicates.
 //! - An event still unanswered after [`LoadOptions::attempts`] sends counts
 //!   as failed, with its line and the last error; its outcome is unknown
 //!   (it may have been applied). Any other error an event is answered with
 //!   (a bad identifier, a limit) counts as failed at once: sending it again
-//!   would not change the answer.
+//!   would not change the answer. A stream the node ends because of a
+//!   message (a line over its message size limit, or one it cannot decode)
+//!   fails its oldest unanswered event, the one the node refused, and
+//!   sends the rest again at once; one that ends with UNAUTHENTICATED or
+//!   PERMISSION_DENIED stops the load; any other end counts as the node
+//!   lost.
 
 use crate::{ClientError, Cluster};
 use futures::StreamExt;
@@ -194,6 +202,8 @@ struct Pending {
     request: pb::IdentifyRequest,
     /// Sends so far.
     sends: u32,
+    /// Not sent again before this.
+    not_before: Instant,
 }
 
 /// One node's `IdentifyStream`.
@@ -214,10 +224,67 @@ enum LaneEvent {
     Ended(u64, Option<tonic::Status>),
 }
 
+/// The lanes of a load, by lane id, and which takes each node's events.
+struct Lanes {
+    lanes: HashMap<u64, Lane>,
+    /// The lane taking events for each node (None: no route known).
+    open: HashMap<Option<u64>, u64>,
+    next: u64,
+    window: usize,
+    seen: mpsc::UnboundedSender<LaneEvent>,
+}
+
+impl Lanes {
+    /// Sends `p` over the lane of the node its route names (opened if
+    /// none is), or gives it back if that lane's window is full.
+    fn send(&mut self, cluster: &Cluster, mut p: Pending) -> Option<Pending> {
+        let (node, client) = cluster.route_event(&p.request.identifiers);
+        let id = match self.open.get(&node) {
+            Some(id) => *id,
+            None => {
+                self.next += 1;
+                self.lanes.insert(self.next, open_lane(self.next, node, client, self.window, self.seen.clone()));
+                self.open.insert(node, self.next);
+                self.next
+            }
+        };
+        let Some(lane) = self.lanes.get_mut(&id) else { return Some(p) };
+        if lane.in_flight.len() >= self.window {
+            return Some(p);
+        }
+        if let Some(tx) = &lane.requests {
+            match tx.try_send(p.request.clone()) {
+                // A closed stream loses the event: its reader reports the
+                // end, and the event is sent again then.
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => return Some(p),
+            }
+        }
+        if lane.in_flight.is_empty() {
+            lane.last_answer = Instant::now();
+        }
+        p.sends += 1;
+        lane.in_flight.push_back(p);
+        None
+    }
+
+    /// Takes no more events: every stream ends once answered.
+    fn close_all(&mut self) {
+        self.open.clear();
+        self.lanes.values_mut().for_each(|l| l.requests = None);
+    }
+
+    /// Removes lane `id`.
+    fn remove(&mut self, id: u64) -> Option<Lane> {
+        self.open.retain(|_, l| *l != id);
+        self.lanes.remove(&id)
+    }
+}
+
 /// Sends `events` to `cluster` (see the module doc) and tallies the
 /// answers; `progress` is called with the number of events answered so
-/// far. An error reading `events` stops the load with that error (events
-/// already sent stay sent).
+/// far. An error reading `events` stops the load with that error, and so
+/// does a node refusing the credentials (events already sent stay sent).
 pub async fn load(
     cluster: &Cluster,
     events: impl Iterator<Item = Result<(usize, EventLine), ClientError>>,
@@ -229,138 +296,157 @@ pub async fn load(
     let mut events = events.fuse();
     let mut summary = LoadSummary::default();
     let (seen, mut answers) = mpsc::unbounded_channel();
-    let mut lanes: HashMap<u64, Lane> = HashMap::new();
-    // The lane taking events for each node.
-    let mut open: HashMap<Option<u64>, u64> = HashMap::new();
-    let mut next_lane = 0u64;
-    let mut again: VecDeque<Pending> = VecDeque::new();
-    let mut paused_until: Option<Instant> = None;
+    let mut lanes = Lanes { lanes: HashMap::new(), open: HashMap::new(), next: 0, window, seen };
+    // Events to send (again), each once its pause is over and its lane has
+    // room; new events are read while fewer than a window's worth wait.
+    let mut waiting: Vec<Pending> = Vec::new();
     let mut input_done = false;
     let mut answered = 0u64;
+    // Counts an event's outcome, once: its answer, or why it failed.
+    let mut done = |summary: &mut LoadSummary, outcome: Result<&pb::IdentifyResponse, String>, line: usize| {
+        match outcome {
+            Ok(r) => summary.count(line, r),
+            Err(why) => {
+                summary.events += 1;
+                summary.fail(line, why);
+            }
+        }
+        answered += 1;
+        progress(answered);
+    };
     loop {
-        // Send what may be sent: events to send again first, once their
-        // pause is over, then new ones, until a lane's window is full.
-        loop {
-            let pause_over = paused_until.is_none_or(|t| Instant::now() >= t);
-            let next = if !again.is_empty() && pause_over {
-                again.pop_front()
-            } else if !again.is_empty() || input_done {
-                None
-            } else {
-                match events.next() {
-                    Some(Ok((line, e))) => Some(Pending { line, request: e.to_request(), sends: 0 }),
-                    Some(Err(e)) => return Err(e),
-                    None => {
-                        input_done = true;
-                        None
+        let now = Instant::now();
+        let mut still = Vec::new();
+        for p in std::mem::take(&mut waiting) {
+            if p.not_before > now {
+                still.push(p);
+            } else if let Some(p) = lanes.send(cluster, p) {
+                still.push(p);
+            }
+        }
+        waiting = still;
+        while !input_done && waiting.len() < window {
+            match events.next() {
+                Some(Ok((line, e))) => {
+                    let p = Pending { line, request: e.to_request(), sends: 0, not_before: now };
+                    if let Some(p) = lanes.send(cluster, p) {
+                        waiting.push(p);
+                        break;
                     }
                 }
-            };
-            let Some(mut p) = next else { break };
-            let (node, client) = cluster.route_event(&p.request.identifiers);
-            let id = *open.entry(node).or_insert_with(|| {
-                next_lane += 1;
-                lanes.insert(next_lane, open_lane(next_lane, node, client, window, seen.clone()));
-                next_lane
-            });
-            let lane = lanes.get_mut(&id).expect("an open lane is a lane");
-            if lane.in_flight.len() >= window {
-                again.push_front(p);
-                break;
+                Some(Err(e)) => return Err(e),
+                None => input_done = true,
             }
-            p.sends += 1;
-            if lane.in_flight.is_empty() {
-                lane.last_answer = Instant::now();
-            }
-            // A closed stream loses the event; its reader reports the end,
-            // and the event is sent again then.
-            if let Some(tx) = &lane.requests {
-                let _ = tx.try_send(p.request.clone());
-            }
-            lane.in_flight.push_back(p);
         }
-        if input_done && again.is_empty() {
-            // Nothing more to send: let every stream end once answered.
-            open.clear();
-            lanes.values_mut().for_each(|l| l.requests = None);
-            if lanes.values().all(|l| l.in_flight.is_empty()) {
+        if input_done && waiting.is_empty() {
+            lanes.close_all();
+            if lanes.lanes.values().all(|l| l.in_flight.is_empty()) {
                 break;
             }
         }
+        // Wait for an answer, a lane's time-out, or the end of a pause
+        // (events whose pause is over wait for room: for an answer).
         let wake = lanes
+            .lanes
             .values()
             .filter(|l| !l.in_flight.is_empty())
             .map(|l| l.last_answer + LANE_TIMEOUT)
-            .chain(paused_until.filter(|_| !again.is_empty()))
+            .chain(waiting.iter().map(|p| p.not_before).filter(|t| *t > now))
             .min();
         let event = match wake {
             Some(at) => tokio::time::timeout_at(at.into(), answers.recv()).await.ok(),
             None => Some(answers.recv().await),
         };
-        let mut lost = Vec::new();
+        let mut ended = Vec::new();
         match event {
             Some(Some(LaneEvent::Answer(id, r))) => {
-                let Some(lane) = lanes.get_mut(&id) else { continue };
-                let Some(p) = lane.in_flight.pop_front() else { continue };
+                // Answers of a lane given up for lost are not counted: its
+                // events were sent again.
+                let Some(lane) = lanes.lanes.get_mut(&id) else { continue };
+                let Some(mut p) = lane.in_flight.pop_front() else { continue };
                 lane.last_answer = Instant::now();
-                let unavailable = r.error.as_ref().is_some_and(|e| tonic::Code::from(e.code) == tonic::Code::Unavailable);
-                if unavailable && p.sends < options.attempts {
+                let retry = r.error.as_ref().is_some_and(|e| {
+                    matches!(tonic::Code::from(e.code), tonic::Code::Unavailable | tonic::Code::ResourceExhausted | tonic::Code::Aborted)
+                });
+                if retry && p.sends < options.attempts {
                     summary.resent += 1;
-                    again.push_back(p);
-                    paused_until = Some(Instant::now() + pause(1));
+                    p.not_before = Instant::now() + pause(p.sends);
+                    waiting.push(p);
                 } else {
-                    summary.count(p.line, &r);
-                    answered += 1;
-                    progress(answered);
+                    done(&mut summary, Ok(&r), p.line);
                 }
             }
-            Some(Some(LaneEvent::Ended(id, status))) => lost.push((id, status)),
+            Some(Some(LaneEvent::Ended(id, status))) => ended.push((id, status)),
             // Cannot happen: this function holds a sender of the channel.
             Some(None) => {}
             None => {
                 // Woken by the clock: lanes silent for too long are lost.
                 let now = Instant::now();
-                lost.extend(
+                ended.extend(
                     lanes
+                        .lanes
                         .iter()
                         .filter(|(_, l)| !l.in_flight.is_empty() && now >= l.last_answer + LANE_TIMEOUT)
                         .map(|(id, _)| (*id, Some(tonic::Status::unavailable("no answer for 15 s")))),
                 );
             }
         }
-        for (id, status) in lost {
-            let Some(lane) = lanes.remove(&id) else { continue };
-            open.retain(|_, l| *l != id);
+        let mut refresh = false;
+        for (id, status) in ended {
+            let Some(lane) = lanes.remove(id) else { continue };
             if lane.in_flight.is_empty() {
                 continue;
             }
-            // The stream ended with events unanswered: whatever it said,
-            // their outcome is unknown. Send them again elsewhere.
-            let why =
-                status.map_or_else(|| "the stream ended with events unanswered".to_string(), |s| format!("{}: {}", s.code(), s.message()));
-            if let Some(node) = lane.node {
-                cluster.lost(node);
+            if let Some(s) = status.as_ref().filter(|s| matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)) {
+                return Err(ClientError::Rpc(s.clone()));
             }
-            let mut most = 0;
-            for p in lane.in_flight {
+            let why = status
+                .as_ref()
+                .map_or_else(|| "the stream ended with events unanswered".to_string(), |s| format!("{}: {}", s.code(), s.message()));
+            let mut unanswered = lane.in_flight;
+            // A stream the node ended because of a message (one over its
+            // size limit, or one it could not decode) was refused at its
+            // oldest unanswered event: that one fails, the rest go again.
+            // Any other end is taken for a lost node.
+            let refused = status.as_ref().is_some_and(refused_a_message);
+            let node_lost = !refused;
+            if node_lost {
+                if let Some(node) = lane.node {
+                    cluster.lost(node);
+                }
+                refresh = true;
+            } else if let Some(p) = unanswered.pop_front() {
+                done(&mut summary, Err(why.clone()), p.line);
+            }
+            let now = Instant::now();
+            for mut p in unanswered {
                 if p.sends >= options.attempts {
-                    summary.events += 1;
-                    summary.fail(p.line, format!("not answered after {} sends, outcome unknown: {why}", p.sends));
-                    answered += 1;
-                    progress(answered);
+                    done(&mut summary, Err(format!("not answered after {} sends, outcome unknown: {why}", p.sends)), p.line);
                 } else {
-                    most = most.max(p.sends);
                     summary.resent += 1;
-                    again.push_back(p);
+                    p.not_before = if node_lost { now + pause(p.sends) } else { now };
+                    waiting.push(p);
                 }
             }
+        }
+        if refresh {
             cluster.refresh().await;
-            paused_until = Some(Instant::now() + pause(most));
         }
     }
     summary.seconds = started.elapsed().as_secs_f64();
     summary.events_per_second = if summary.seconds > 0.0 { summary.events as f64 / summary.seconds } else { 0.0 };
     Ok(summary)
+}
+
+/// Whether a stream ended because the node refused one of its messages:
+/// over its size limit (RESOURCE_EXHAUSTED saying so; tonic's own
+/// OUT_OF_RANGE from older nodes) or not decodable (INVALID_ARGUMENT).
+fn refused_a_message(s: &tonic::Status) -> bool {
+    match s.code() {
+        tonic::Code::OutOfRange | tonic::Code::InvalidArgument => true,
+        tonic::Code::ResourceExhausted => s.message().contains("message length too large"),
+        _ => false,
+    }
 }
 
 /// The pause before events sent `sends` times are sent again: 100 ms,
@@ -419,6 +505,16 @@ mod tests {
         assert_eq!(req.identifiers[0].value, "a@b.co");
         assert!(req.traits.unwrap().fields.contains_key("n"));
         assert_eq!(count_events(EventLines::new(text.replace("{\"event_id\":\"e2\"}", "").as_bytes())).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_stream_refused_for_a_message_is_told_from_a_lost_node() {
+        assert!(refused_a_message(&tonic::Status::resource_exhausted("Error, decoded message length too large: found 70000 bytes")));
+        assert!(refused_a_message(&tonic::Status::out_of_range("Error, decoded message length too large")));
+        assert!(refused_a_message(&tonic::Status::invalid_argument("failed to decode")));
+        assert!(!refused_a_message(&tonic::Status::resource_exhausted("shard 3 has 2048 writes waiting")));
+        assert!(!refused_a_message(&tonic::Status::unknown("h2 protocol error: error reading a body from connection")));
+        assert!(!refused_a_message(&tonic::Status::unavailable("connection refused")));
     }
 
     #[test]
