@@ -200,6 +200,8 @@ impl Default for LoadOptions {
 struct Pending {
     line: usize,
     request: pb::IdentifyRequest,
+    /// Its home shard (None: no route can be computed).
+    home: Option<u32>,
     /// Sends so far.
     sends: u32,
     /// Not sent again before this.
@@ -238,11 +240,12 @@ impl Lanes {
     /// Sends `p` over the lane of the node its route names (opened if
     /// none is), or gives it back if that lane's window is full.
     fn send(&mut self, cluster: &Cluster, mut p: Pending) -> Option<Pending> {
-        let (node, client) = cluster.route_event(&p.request.identifiers);
+        let node = cluster.shard_node(p.home);
         let id = match self.open.get(&node) {
             Some(id) => *id,
             None => {
                 self.next += 1;
+                let client = cluster.node_client(node);
                 self.lanes.insert(self.next, open_lane(self.next, node, client, self.window, self.seen.clone()));
                 self.open.insert(node, self.next);
                 self.next
@@ -315,23 +318,29 @@ pub async fn load(
         progress(answered);
     };
     loop {
+        // Events whose pause is over go to their lanes while the lanes have
+        // room; new events are read only while none waits for room.
         let now = Instant::now();
         let mut still = Vec::new();
+        let mut blocked = false;
         for p in std::mem::take(&mut waiting) {
             if p.not_before > now {
                 still.push(p);
             } else if let Some(p) = lanes.send(cluster, p) {
+                blocked = true;
                 still.push(p);
             }
         }
         waiting = still;
-        while !input_done && waiting.len() < window {
+        while !input_done && !blocked && waiting.len() < window {
             match events.next() {
                 Some(Ok((line, e))) => {
-                    let p = Pending { line, request: e.to_request(), sends: 0, not_before: now };
+                    let request = e.to_request();
+                    let home = cluster.event_home(&request.identifiers);
+                    let p = Pending { line, request, home, sends: 0, not_before: now };
                     if let Some(p) = lanes.send(cluster, p) {
                         waiting.push(p);
-                        break;
+                        blocked = true;
                     }
                 }
                 Some(Err(e)) => return Err(e),

@@ -138,6 +138,36 @@ impl Cluster {
         }
     }
 
+    /// The home shard of an event with identifiers `ids` (None before any
+    /// node answered, or when no identifier normalises): where
+    /// [`Cluster::for_event`] sends it, computed once for an event that may
+    /// be sent several times.
+    pub fn event_home(&self, ids: &[pb::Identifier]) -> Option<u32> {
+        self.home(ids)
+    }
+
+    /// The node requests of shard `shard` go to now: its leader, if known
+    /// and reachable (None: one of the endpoints given, as
+    /// [`Cluster::node_client`] picks).
+    pub fn shard_node(&self, shard: Option<u32>) -> Option<u64> {
+        let routes = self.inner.routes.read().unwrap_or_else(|p| p.into_inner());
+        let (node, _) = routes.leaders.get(&shard?)?;
+        (routes.reachable.contains(node) && routes.nodes.contains_key(node)).then_some(*node)
+    }
+
+    /// A connection to `node` (None, or a node the routes no longer name:
+    /// one of the endpoints given).
+    pub fn node_client(&self, node: Option<u64>) -> Client {
+        let routes = self.inner.routes.read().unwrap_or_else(|p| p.into_inner());
+        match node.and_then(|n| routes.nodes.get(&n)) {
+            Some((_, c)) => c.clone(),
+            None => {
+                drop(routes);
+                self.any()
+            }
+        }
+    }
+
     /// Leaves `node` out of the routes until it answers a fetch of routes
     /// again: a call could not reach it, or lost its connection to it.
     pub fn lost(&self, node: u64) {
