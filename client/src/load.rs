@@ -146,10 +146,10 @@ pub struct LoadSummary {
     pub duplicates: u64,
     pub ignored_identifiers: u64,
     pub failed: u64,
-    /// Sends beyond each event's first: after its node was lost or while
-    /// its shard had no leader (an event applied before its answer was
-    /// lost is answered `duplicate` the next time, so these may add to
-    /// `duplicates`).
+    /// Sends beyond each event's first: after its node was lost, or after
+    /// an answer of UNAVAILABLE, RESOURCE_EXHAUSTED or ABORTED (an event
+    /// applied before its answer was lost is answered `duplicate` the next
+    /// time, so these may add to `duplicates`).
     pub resent: u64,
     /// The first few per-event errors, with their line numbers.
     pub errors: Vec<String>,
@@ -185,8 +185,8 @@ impl LoadSummary {
 pub struct LoadOptions {
     /// Events of one node's stream sent and not yet answered, at most.
     pub window: usize,
-    /// Sends of one event, at most, while its node is lost or its shard
-    /// has no leader.
+    /// Sends of one event, at most (see [`LoadSummary::resent`] for what
+    /// sends an event again).
     pub attempts: u32,
 }
 
@@ -196,6 +196,79 @@ impl Default for LoadOptions {
     }
 }
 
+/// Events to send (again): those whose pause is not over, by the end of
+/// their pause, and those due, oldest first, waiting for room in their
+/// lane.
+#[derive(Default)]
+struct Waiting {
+    paused: std::collections::BinaryHeap<std::cmp::Reverse<Paused>>,
+    due: VecDeque<Pending>,
+    /// Breaks ties between equal pauses.
+    seq: u64,
+}
+
+/// An event in its pause.
+struct Paused {
+    until: Instant,
+    seq: u64,
+    event: Pending,
+}
+
+impl PartialEq for Paused {
+    fn eq(&self, other: &Paused) -> bool {
+        (self.until, self.seq) == (other.until, other.seq)
+    }
+}
+impl Eq for Paused {}
+impl PartialOrd for Paused {
+    fn partial_cmp(&self, other: &Paused) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Paused {
+    fn cmp(&self, other: &Paused) -> std::cmp::Ordering {
+        (self.until, self.seq).cmp(&(other.until, other.seq))
+    }
+}
+
+impl Waiting {
+    fn len(&self) -> usize {
+        self.paused.len() + self.due.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds `event`, due at once or after `pause`.
+    fn push(&mut self, event: Pending, pause: Duration) {
+        if pause.is_zero() {
+            self.due.push_back(event);
+        } else {
+            self.seq += 1;
+            self.paused.push(std::cmp::Reverse(Paused { until: Instant::now() + pause, seq: self.seq, event }));
+        }
+    }
+
+    /// Moves the events whose pause is over to the due ones.
+    fn wake(&mut self, now: Instant) {
+        while self.paused.peek().is_some_and(|p| p.0.until <= now) {
+            if let Some(std::cmp::Reverse(p)) = self.paused.pop() {
+                self.due.push_back(p.event);
+            }
+        }
+    }
+
+    /// When the next pause ends, if one is running.
+    fn next_wake(&self) -> Option<Instant> {
+        self.paused.peek().map(|p| p.0.until)
+    }
+}
+
+/// Due events examined in one pass, at most: a pass after an answer has
+/// about one free place to fill, so the rest of a backlog waits its turn.
+const MAX_SCAN: usize = 64;
+
 /// An event sent, or to be sent again.
 struct Pending {
     line: usize,
@@ -204,8 +277,6 @@ struct Pending {
     home: Option<u32>,
     /// Sends so far.
     sends: u32,
-    /// Not sent again before this.
-    not_before: Instant,
 }
 
 /// One node's `IdentifyStream`.
@@ -237,10 +308,9 @@ struct Lanes {
 }
 
 impl Lanes {
-    /// Sends `p` over the lane of the node its route names (opened if
-    /// none is), or gives it back if that lane's window is full.
-    fn send(&mut self, cluster: &Cluster, mut p: Pending) -> Option<Pending> {
-        let node = cluster.shard_node(p.home);
+    /// Sends `p` over the lane of `node` (opened if none is), or gives it
+    /// back if that lane's window is full.
+    fn send(&mut self, cluster: &Cluster, node: Option<u64>, mut p: Pending) -> Option<Pending> {
         let id = match self.open.get(&node) {
             Some(id) => *id,
             None => {
@@ -300,9 +370,9 @@ pub async fn load(
     let mut summary = LoadSummary::default();
     let (seen, mut answers) = mpsc::unbounded_channel();
     let mut lanes = Lanes { lanes: HashMap::new(), open: HashMap::new(), next: 0, window, seen };
-    // Events to send (again), each once its pause is over and its lane has
-    // room; new events are read while fewer than a window's worth wait.
-    let mut waiting: Vec<Pending> = Vec::new();
+    // Events to send (again); new events are read while fewer than a
+    // window's worth wait.
+    let mut waiting = Waiting::default();
     let mut input_done = false;
     let mut answered = 0u64;
     // Counts an event's outcome, once: its answer, or why it failed.
@@ -318,28 +388,31 @@ pub async fn load(
         progress(answered);
     };
     loop {
-        // Events whose pause is over go to their lanes while the lanes have
-        // room; new events are read only while none waits for room.
+        // Due events go to their lanes while the lanes have room (a few at
+        // a time, skipping the nodes found full); new events are read only
+        // while none waits for room.
         let now = Instant::now();
-        let mut still = Vec::new();
-        let mut blocked = false;
-        for p in std::mem::take(&mut waiting) {
-            if p.not_before > now {
-                still.push(p);
-            } else if let Some(p) = lanes.send(cluster, p) {
-                blocked = true;
-                still.push(p);
+        waiting.wake(now);
+        let mut full = std::collections::HashSet::new();
+        for _ in 0..waiting.due.len().min(MAX_SCAN) {
+            let Some(p) = waiting.due.pop_front() else { break };
+            let node = cluster.shard_node(p.home);
+            if full.contains(&node) {
+                waiting.due.push_back(p);
+            } else if let Some(p) = lanes.send(cluster, node, p) {
+                full.insert(node);
+                waiting.due.push_back(p);
             }
         }
-        waiting = still;
+        let mut blocked = !waiting.due.is_empty();
         while !input_done && !blocked && waiting.len() < window {
             match events.next() {
                 Some(Ok((line, e))) => {
                     let request = e.to_request();
                     let home = cluster.event_home(&request.identifiers);
-                    let p = Pending { line, request, home, sends: 0, not_before: now };
-                    if let Some(p) = lanes.send(cluster, p) {
-                        waiting.push(p);
+                    let p = Pending { line, request, home, sends: 0 };
+                    if let Some(p) = lanes.send(cluster, cluster.shard_node(home), p) {
+                        waiting.due.push_back(p);
                         blocked = true;
                     }
                 }
@@ -355,13 +428,8 @@ pub async fn load(
         }
         // Wait for an answer, a lane's time-out, or the end of a pause
         // (events whose pause is over wait for room: for an answer).
-        let wake = lanes
-            .lanes
-            .values()
-            .filter(|l| !l.in_flight.is_empty())
-            .map(|l| l.last_answer + LANE_TIMEOUT)
-            .chain(waiting.iter().map(|p| p.not_before).filter(|t| *t > now))
-            .min();
+        let wake =
+            lanes.lanes.values().filter(|l| !l.in_flight.is_empty()).map(|l| l.last_answer + LANE_TIMEOUT).chain(waiting.next_wake()).min();
         let event = match wake {
             Some(at) => tokio::time::timeout_at(at.into(), answers.recv()).await.ok(),
             None => Some(answers.recv().await),
@@ -372,15 +440,15 @@ pub async fn load(
                 // Answers of a lane given up for lost are not counted: its
                 // events were sent again.
                 let Some(lane) = lanes.lanes.get_mut(&id) else { continue };
-                let Some(mut p) = lane.in_flight.pop_front() else { continue };
+                let Some(p) = lane.in_flight.pop_front() else { continue };
                 lane.last_answer = Instant::now();
                 let retry = r.error.as_ref().is_some_and(|e| {
                     matches!(tonic::Code::from(e.code), tonic::Code::Unavailable | tonic::Code::ResourceExhausted | tonic::Code::Aborted)
                 });
                 if retry && p.sends < options.attempts {
                     summary.resent += 1;
-                    p.not_before = Instant::now() + pause(p.sends);
-                    waiting.push(p);
+                    let wait = pause(p.sends);
+                    waiting.push(p, wait);
                 } else {
                     done(&mut summary, Ok(&r), p.line);
                 }
@@ -427,14 +495,18 @@ pub async fn load(
             } else if let Some(p) = unanswered.pop_front() {
                 done(&mut summary, Err(why.clone()), p.line);
             }
-            let now = Instant::now();
             for mut p in unanswered {
-                if p.sends >= options.attempts {
+                if !node_lost {
+                    // The node read none of these: their send is not
+                    // charged.
+                    p.sends = p.sends.saturating_sub(1);
+                    waiting.push(p, Duration::ZERO);
+                } else if p.sends >= options.attempts {
                     done(&mut summary, Err(format!("not answered after {} sends, outcome unknown: {why}", p.sends)), p.line);
                 } else {
                     summary.resent += 1;
-                    p.not_before = if node_lost { now + pause(p.sends) } else { now };
-                    waiting.push(p);
+                    let wait = pause(p.sends);
+                    waiting.push(p, wait);
                 }
             }
         }
@@ -524,6 +596,25 @@ mod tests {
         assert!(!refused_a_message(&tonic::Status::resource_exhausted("shard 3 has 2048 writes waiting")));
         assert!(!refused_a_message(&tonic::Status::unknown("h2 protocol error: error reading a body from connection")));
         assert!(!refused_a_message(&tonic::Status::unavailable("connection refused")));
+    }
+
+    #[test]
+    fn waiting_events_come_due_in_the_order_their_pauses_end() {
+        let event = |line| Pending { line, request: pb::IdentifyRequest::default(), home: None, sends: 1 };
+        let due = |w: &Waiting| w.due.iter().map(|p| p.line).collect::<Vec<_>>();
+        let mut w = Waiting::default();
+        w.push(event(1), Duration::from_secs(60));
+        w.push(event(2), Duration::ZERO);
+        w.push(event(3), Duration::from_secs(30));
+        assert_eq!((w.len(), due(&w)), (3, vec![2]));
+        let first_end = w.next_wake().expect("two pauses run");
+        w.wake(Instant::now());
+        assert_eq!(due(&w), [2], "no pause is over yet");
+        w.wake(first_end);
+        assert_eq!(due(&w), [2, 3]);
+        w.wake(first_end + Duration::from_secs(30));
+        assert_eq!(due(&w), [2, 3, 1]);
+        assert_eq!(w.next_wake(), None);
     }
 
     #[test]
