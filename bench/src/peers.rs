@@ -70,13 +70,7 @@ impl Idgraph {
             Routing::Spread => {
                 let mut channels = Vec::new();
                 for e in endpoints {
-                    let ch = tonic::transport::Endpoint::from_shared(e.clone())
-                        .map_err(|e| e.to_string())?
-                        .tcp_nodelay(true)
-                        .connect()
-                        .await
-                        .map_err(|err| format!("{e}: {err}"))?;
-                    channels.push(ch);
+                    channels.push(idgraph_client::Client::connect(e).await.map_err(|err| err.to_string())?.channel());
                 }
                 Nodes::Spread(channels)
             }

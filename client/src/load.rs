@@ -201,34 +201,10 @@ impl Default for LoadOptions {
 /// lane.
 #[derive(Default)]
 struct Waiting {
-    paused: std::collections::BinaryHeap<std::cmp::Reverse<Paused>>,
+    /// By the end of their pause, then a sequence number (ties).
+    paused: std::collections::BTreeMap<(Instant, u64), Pending>,
     due: VecDeque<Pending>,
-    /// Breaks ties between equal pauses.
     seq: u64,
-}
-
-/// An event in its pause.
-struct Paused {
-    until: Instant,
-    seq: u64,
-    event: Pending,
-}
-
-impl PartialEq for Paused {
-    fn eq(&self, other: &Paused) -> bool {
-        (self.until, self.seq) == (other.until, other.seq)
-    }
-}
-impl Eq for Paused {}
-impl PartialOrd for Paused {
-    fn partial_cmp(&self, other: &Paused) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Paused {
-    fn cmp(&self, other: &Paused) -> std::cmp::Ordering {
-        (self.until, self.seq).cmp(&(other.until, other.seq))
-    }
 }
 
 impl Waiting {
@@ -246,22 +222,20 @@ impl Waiting {
             self.due.push_back(event);
         } else {
             self.seq += 1;
-            self.paused.push(std::cmp::Reverse(Paused { until: Instant::now() + pause, seq: self.seq, event }));
+            self.paused.insert((Instant::now() + pause, self.seq), event);
         }
     }
 
     /// Moves the events whose pause is over to the due ones.
     fn wake(&mut self, now: Instant) {
-        while self.paused.peek().is_some_and(|p| p.0.until <= now) {
-            if let Some(std::cmp::Reverse(p)) = self.paused.pop() {
-                self.due.push_back(p.event);
-            }
+        while let Some(entry) = self.paused.first_entry().filter(|e| e.key().0 <= now) {
+            self.due.push_back(entry.remove());
         }
     }
 
     /// When the next pause ends, if one is running.
     fn next_wake(&self) -> Option<Instant> {
-        self.paused.peek().map(|p| p.0.until)
+        self.paused.first_key_value().map(|((until, _), _)| *until)
     }
 }
 

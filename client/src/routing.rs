@@ -125,25 +125,7 @@ impl Cluster {
     /// Where an event with identifiers `ids` goes: the leader of its home
     /// shard, or one of the endpoints given.
     pub fn for_event(&self, ids: &[pb::Identifier]) -> Client {
-        self.route_event(ids).1
-    }
-
-    /// Where an event with identifiers `ids` goes, as [`Cluster::for_event`]
-    /// says, and the node that is (None: one of the endpoints given, no
-    /// route being known).
-    pub fn route_event(&self, ids: &[pb::Identifier]) -> (Option<u64>, Client) {
-        match self.home(ids).and_then(|s| self.routed(s)) {
-            Some((node, client)) => (Some(node), client),
-            None => (None, self.any()),
-        }
-    }
-
-    /// The home shard of an event with identifiers `ids` (None before any
-    /// node answered, or when no identifier normalises): where
-    /// [`Cluster::for_event`] sends it, computed once for an event that may
-    /// be sent several times.
-    pub fn event_home(&self, ids: &[pb::Identifier]) -> Option<u32> {
-        self.home(ids)
+        self.node_client(self.shard_node(self.event_home(ids)))
     }
 
     /// The node requests of shard `shard` go to now: its leader, if known
@@ -177,14 +159,14 @@ impl Cluster {
     /// Where a look-up of profile `key` goes: for an identifier, the leader
     /// of its shard; for a profile id, any endpoint given.
     pub fn for_lookup(&self, key: &pb::get_profile_request::Key) -> Client {
-        self.lookup_home(key).map_or_else(|| self.any(), |s| self.for_shard(s))
+        self.node_client(self.shard_node(self.lookup_home(key)))
     }
 
     /// The shard a look-up of `key` starts on: its identifier's (None for a
     /// profile id, which names no shard a client can compute).
     fn lookup_home(&self, key: &pb::get_profile_request::Key) -> Option<u32> {
         match key {
-            pb::get_profile_request::Key::Identifier(id) => self.home(std::slice::from_ref(id)),
+            pb::get_profile_request::Key::Identifier(id) => self.event_home(std::slice::from_ref(id)),
             pb::get_profile_request::Key::ProfileId(_) => None,
         }
     }
@@ -192,18 +174,7 @@ impl Cluster {
     /// The leader of shard `shard` if known and reachable, otherwise one of
     /// the endpoints given.
     pub fn for_shard(&self, shard: u32) -> Client {
-        self.routed(shard).map_or_else(|| self.any(), |(_, c)| c)
-    }
-
-    /// Shard `shard`'s leader and a connection to it, if known and
-    /// reachable.
-    fn routed(&self, shard: u32) -> Option<(u64, Client)> {
-        let routes = self.inner.routes.read().unwrap_or_else(|p| p.into_inner());
-        let (node, _) = routes.leaders.get(&shard)?;
-        if !routes.reachable.contains(node) {
-            return None;
-        }
-        routes.nodes.get(node).map(|(_, c)| (*node, c.clone()))
+        self.node_client(self.shard_node(Some(shard)))
     }
 
     /// One of the endpoints given, in turn, skipping those that did not
@@ -230,8 +201,10 @@ impl Cluster {
     }
 
     /// The home shard of an event with identifiers `ids` (None before any
-    /// node answered, or when no identifier normalises).
-    fn home(&self, ids: &[pb::Identifier]) -> Option<u32> {
+    /// node answered, or when no identifier normalises): where
+    /// [`Cluster::for_event`] sends it, kept by a caller that sends an event
+    /// several times.
+    pub fn event_home(&self, ids: &[pb::Identifier]) -> Option<u32> {
         let count = self.shard_count();
         if count == 0 {
             return None;
@@ -251,18 +224,14 @@ impl Cluster {
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let target = || shard.and_then(|s| self.routed(s));
-        let (node, client) = match target() {
-            Some((node, c)) => (Some(node), c),
-            None => (None, self.any()),
-        };
-        match call(client).await {
+        let node = self.shard_node(shard);
+        match call(self.node_client(node)).await {
             Err(s) if node_lost(&s) => {
                 if let Some(node) = node {
                     self.lost(node);
                 }
                 self.refresh().await;
-                call(target().map_or_else(|| self.any(), |(_, c)| c)).await.map_err(|s| {
+                call(self.node_client(self.shard_node(shard))).await.map_err(|s| {
                     if node_lost(&s) && s.code() != tonic::Code::Unavailable {
                         let why =
                             format!("the connection to the node was lost during the call, so its outcome is unknown: {}", s.message());
@@ -280,7 +249,7 @@ impl Cluster {
     /// once more if that node cannot be reached (an event id is applied
     /// once: a second delivery of an applied event answers `duplicate`).
     pub async fn identify(&self, request: pb::IdentifyRequest) -> Result<pb::IdentifyResponse, tonic::Status> {
-        let shard = self.home(&request.identifiers);
+        let shard = self.event_home(&request.identifiers);
         self.call(shard, |mut c| {
             let request = request.clone();
             async move { c.graph().identify(request).await.map(|r| r.into_inner()) }
